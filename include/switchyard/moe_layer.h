@@ -1,0 +1,77 @@
+// switchyard/moe_layer.h: one MoE layer, forward.
+//
+//   y[t] = sum_j w[t, j] * Expert_{id[t, j]}(x[t])  (+ Shared(x[t]))
+//   Expert_e(a) = W2_e · act(W13_e · a),  act per MoEConfig::activation
+//
+// Numerics (the contract every backend keeps, written out in src/ref/moe_ref.cpp):
+// products accumulate exactly (double on the CPU, fp32 on the GPU); the values a stage stores are
+// rounded to the layer dtype: the activation output h (one rounding after act(gate) * up), each expert
+// output row, the shared expert's output, and y. Router logits and weights are fp32.
+// The combine sums slots in order j = 0..k-1, then adds the shared expert: bitwise reproducible.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "switchyard/config.h"
+#include "switchyard/routing.h"
+#include "switchyard/tensor.h"
+
+namespace switchyard {
+
+// Weights in the layout checkpoints use (nn.Linear: [out, in]). Optional ones are left default.
+// Every weight carries its own dtype (fp32, bf16, fp16); quantised weights will add scale tensors.
+struct MoEWeights {
+    TensorRef gate;        // [E, H]       router weight
+    TensorRef score_bias;  // [E] fp32     selection-only bias (required when cfg.use_score_bias)
+    TensorRef w13;         // [E, 2F, H]   gated: gate rows [0, F), up rows [F, 2F); ungated: [E, F, H]
+    TensorRef w2;          // [E, H, F]    down projection
+    TensorRef shared_w13;  // [2S, H] or [S, H] with S = num_shared_experts * shared_ffn_size
+    TensorRef shared_w2;   // [H, S]
+    TensorRef w13_scale;   // reserved for quantised experts; must be left undefined for now
+    TensorRef w2_scale;    // reserved for quantised experts; must be left undefined for now
+};
+
+// Optional outputs of a forward. Each defined TensorRef is filled; each non-null pointer too.
+struct ForwardOutputs {
+    TensorRef logits;        // [T, E] fp32
+    TensorRef topk_ids;      // [T, k] int32
+    TensorRef topk_weights;  // [T, k] fp32
+    TensorRef slot_row;      // [T, k] int32 (see RoutingPlan)
+    LoadStats* stats = nullptr;  // host struct; on CUDA filling it synchronises the stream (not for graphs)
+};
+
+class MoELayer {
+ public:
+    // Validates the config and every weight's shape, dtype and device; throws switchyard::Error.
+    MoELayer(const MoEConfig& cfg, const MoEWeights& weights);
+    ~MoELayer();
+    MoELayer(MoELayer&&) noexcept;
+    MoELayer& operator=(MoELayer&&) noexcept;
+
+    const MoEConfig& config() const { return cfg_; }
+    const MoEWeights& weights() const { return w_; }
+    Device device() const { return w_.w13.device; }
+
+    // Bytes of workspace forward() needs for num_tokens tokens on this layer's device.
+    size_t workspace_size(int64_t num_tokens) const;
+
+    // x [T, H] and y [T, H] of cfg.dtype, contiguous, on the layer's device. No allocation, no host
+    // synchronisation (unless out->stats is set on CUDA). The workspace must hold workspace_size(T) bytes
+    // on the same device (256-byte aligned).
+    void forward(const TensorRef& x, const TensorRef& y, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream = nullptr, ForwardOutputs* out = nullptr) const;
+
+    // Convenience for the CPU backend: allocates its own workspace.
+    void forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out = nullptr) const;
+
+ private:
+    MoEConfig cfg_;
+    MoEWeights w_;
+};
+
+// Throws unless x is [T, H] of cfg.dtype, contiguous, on `dev`. Shared by every entry point.
+void validate_activation(const MoEConfig& cfg, const TensorRef& x, const char* name, Device dev);
+
+}  // namespace switchyard

@@ -1,0 +1,9 @@
+// switchyard/switchyard.h: the whole public API.
+#pragma once
+#include "switchyard/config.h"
+#include "switchyard/dtype.h"
+#include "switchyard/error.h"
+#include "switchyard/moe_layer.h"
+#include "switchyard/routing.h"
+#include "switchyard/tensor.h"
+#include "switchyard/version.h"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need, once; quiet and quick when everything is already there.
+# Debian packages: compiler tool chain pieces and the C++ libraries (see README "Dependencies").
+# PyPI: numpy (end-to-end tests, plots' data), nvidia-cutlass (CUTLASS headers, only when nvcc exists),
+#       matplotlib (report plots).
+# On a machine without a package registry (the GPU machine) missing pieces are reported, not fatal:
+# there they come from the git-ignored .deps/ folder (scripts/pack_device_deps.sh).
+set -uo pipefail
+
+CUTLASS_PIN="nvidia-cutlass==4.2.0.0"
+missing_debs=()
+have_header() { [ -e "/usr/include/$1" ] || [ -e "$(pwd)/.deps/root/usr/include/$1" ]; }
+command -v cmake >/dev/null || missing_debs+=(cmake)
+command -v ninja >/dev/null || missing_debs+=(ninja-build)
+command -v g++ >/dev/null || missing_debs+=(g++)
+have_header gtest/gtest.h || missing_debs+=(libgtest-dev)
+have_header benchmark/benchmark.h || missing_debs+=(libbenchmark-dev)
+have_header CLI/CLI.hpp || missing_debs+=(libcli11-dev)
+have_header nlohmann/json.hpp || missing_debs+=(nlohmann-json3-dev)
+have_header fmt/core.h || missing_debs+=(libfmt-dev)
+[ -e /usr/lib/gcc/x86_64-linux-gnu/12/include/omp.h ] || ls /usr/lib/gcc/*/*/include/omp.h >/dev/null 2>&1 || missing_debs+=(libgomp1)
+command -v python3 >/dev/null || missing_debs+=(python3 python3-pip)
+
+if [ ${#missing_debs[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian packages: ${missing_debs[*]}"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing_debs[@]}") >/tmp/switchyard-apt.log 2>&1 || {
+      echo "setup: apt-get failed (see /tmp/switchyard-apt.log); continuing with what is there" >&2; }
+  else
+    echo "setup: missing Debian packages (${missing_debs[*]}) and no root apt-get; continuing" >&2
+  fi
+fi
+
+pip_install() {
+  python3 -m pip install -q --disable-pip-version-check "$@" >/tmp/switchyard-pip.log 2>&1 ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >>/tmp/switchyard-pip.log 2>&1 ||
+    echo "setup: pip install $* failed (see /tmp/switchyard-pip.log); continuing" >&2
+}
+py_has() { python3 -c "import $1" >/dev/null 2>&1; }
+if ! py_has numpy; then echo "setup: pip install numpy"; pip_install "numpy>=1.24"; fi
+if ! py_has matplotlib; then echo "setup: pip install matplotlib"; pip_install "matplotlib>=3.6"; fi
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  if [ ! -e .deps/cutlass/include/cutlass/cutlass.h ] && ! python3 -c \
+      "import cutlass_library, importlib.metadata as m; assert m.version('nvidia-cutlass')=='4.2.0.0'" >/dev/null 2>&1; then
+    echo "setup: pip install $CUTLASS_PIN (CUTLASS headers)"
+    pip_install --no-deps "$CUTLASS_PIN"
+  fi
+fi
+exit 0

@@ -1,0 +1,81 @@
+// src/ref/ref.h: the CPU backend, which is the executable specification of every stage.
+//
+// All functions here are host-only, take contiguous row-major arrays and never allocate on behalf of
+// the caller except through the returned std::vectors. Products accumulate in double; a value that a
+// stage stores in the layer dtype is rounded with switchyard::round_to (exactly as CUDA rounds).
+// Multi-threaded with OpenMP over tokens / rows; results do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/config.h"
+#include "switchyard/moe_layer.h"
+#include "switchyard/routing.h"
+
+namespace switchyard {
+namespace ref {
+
+// Routing plan in host memory; same meaning as switchyard::RoutingPlan (routing.h).
+struct HostPlan {
+    int64_t num_tokens = 0, top_k = 0, num_experts = 0, capacity = 0;
+    std::vector<int32_t> topk_ids;        // [T*k]
+    std::vector<float> topk_weights;      // [T*k]
+    std::vector<int32_t> expert_counts;   // [E]   before drops
+    std::vector<int32_t> expert_offsets;  // [E+1] kept rows, exclusive scan
+    std::vector<int32_t> slot_row;        // [T*k] row or -1
+    std::vector<int32_t> row_token;       // [T*k] token of row r, -1 past offsets[E]
+    std::vector<int32_t> row_slot;        // [T*k] t*k+j of row r, -1 past offsets[E]
+    int64_t num_rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
+    int64_t dropped() const { return num_tokens * top_k - num_rows(); }
+};
+
+// Reads element i of a contiguous tensor of dtype t as float (bf16/fp16 decoded exactly).
+float load_as_float(const void* data, DType t, int64_t i);
+// Converts a whole contiguous tensor to float.
+std::vector<float> to_float(const TensorRef& t);
+// Stores v rounded to dtype t at element i.
+void store_from_float(void* data, DType t, int64_t i, float v);
+
+// logits [T, E] fp32 = x [T, H] . gate[E, H]^T, double accumulation, rounded once to fp32.
+std::vector<float> router_logits(const std::vector<float>& x, const std::vector<float>& gate, int64_t num_tokens,
+                                 int64_t hidden, int64_t num_experts);
+
+// Top-k selection and weights for every token from fp32 logits (routing.h gives the rules).
+// bias: [E] or empty (only used when cfg.use_score_bias). Fills topk_ids/topk_weights of a fresh plan.
+void route(const MoEConfig& cfg, const std::vector<float>& logits, const std::vector<float>& bias,
+           int64_t num_tokens, std::vector<int32_t>& topk_ids, std::vector<float>& topk_weights);
+
+// Router probabilities used by the aux loss (softmax over E; sigmoid normalised to sum 1) and z-loss.
+// Fills stats.expert_counts (from topk_ids), stats.mean_prob, stats.z_loss, num_tokens, top_k, and the
+// derived fields via finalize_load_stats.
+void router_stats(const MoEConfig& cfg, const std::vector<float>& logits, const std::vector<int32_t>& topk_ids,
+                  int64_t num_tokens, LoadStats& stats);
+
+// Counts, capacity and drop policy, offsets, stable ranks (token order inside an expert).
+HostPlan build_plan(const MoEConfig& cfg, int64_t num_tokens, const std::vector<int32_t>& topk_ids,
+                    const std::vector<float>& topk_weights);
+
+// Elementwise activations in double (gelu is the tanh approximation, as in GeGLU / gelu_pytorch_tanh).
+double silu(double v);
+double gelu_tanh(double v);
+// h = act(gate) * up (gated) or act(up), already rounded to dtype by the caller's choice.
+double apply_activation(Activation a, double gate, double up);
+
+// One expert MLP on `rows` rows: in [rows, H] -> out [rows, H], with w13 [R13, H], w2 [H, F] as floats.
+// Intermediate h rounded to `dtype`, output rounded to `dtype`.
+void expert_mlp(Activation act, DType dtype, const float* in, int64_t rows, int64_t hidden, int64_t ffn,
+                const float* w13, const float* w2, float* out);
+
+// y[t] = round_dtype( sum_j w[t,j] * expert_out[slot_row[t,j]] (+ shared[t]) ), j in order, in double.
+// shared may be null.
+void combine(const HostPlan& plan, const std::vector<float>& expert_out, const float* shared, int64_t hidden,
+             DType dtype, float* y);
+
+// The whole layer on the CPU (what MoELayer::forward runs for Device::kCPU).
+// x, y: TensorRefs on the host of cfg.dtype; out may be null. plan_out receives the plan if not null.
+void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
+                 ForwardOutputs* out, HostPlan* plan_out = nullptr);
+
+}  // namespace ref
+}  // namespace switchyard
