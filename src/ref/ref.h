@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "switchyard/config.h"
@@ -15,6 +16,27 @@
 
 namespace switchyard {
 namespace ref {
+
+// ---- dense products (every GEMM of the CPU backend goes through gemm_nt) ----------------------------
+
+// Read-only view of a contiguous row-major matrix [rows, cols] of fp32, bf16 or fp16 (weights keep their
+// checkpoint dtype; the GEMM converts them to double while packing, so nothing is converted twice).
+struct MatView {
+    const void* data = nullptr;
+    DType dtype = DType::kF32;
+    int64_t rows = 0;
+    int64_t cols = 0;
+};
+
+// c[i, n] = sum_{kk < k} a[i, kk] * b[n, kk] for i < m, n < b.rows (b.cols must equal k); c is row-major
+// [m, b.rows] double. Products of floats are exact in double and every c[i, n] is summed in increasing kk
+// starting from 0.0, so the result is bitwise equal to the naive triple loop, whatever the kernel (AVX-512,
+// AVX2, portable) and the thread count. Cache-blocked and OpenMP-parallel over column blocks.
+void gemm_nt(const float* a, int64_t m, int64_t k, const MatView& b, double* c);
+// Names of the micro-kernels this CPU can run, best first ("avx512", "avx2", "generic"), and gemm_nt with a
+// named one (for tests that check every kernel against the naive loop). Throws on an unavailable name.
+std::vector<std::string> available_gemm_kernels();
+void gemm_nt_kernel(const std::string& kernel, const float* a, int64_t m, int64_t k, const MatView& b, double* c);
 
 // Routing plan in host memory; same meaning as switchyard::RoutingPlan (routing.h).
 struct HostPlan {
@@ -41,7 +63,10 @@ void store_from_float(void* data, DType t, int64_t i, float v);
 std::vector<float> router_logits(const std::vector<float>& x, const std::vector<float>& gate, int64_t num_tokens,
                                  int64_t hidden, int64_t num_experts);
 
-// Top-k selection and weights for every token from fp32 logits (routing.h gives the rules).
+// Top-k selection and weights for every token from fp32 logits (routing.h gives the rules; src/ref/router.cpp
+// writes out the cases routing.h leaves open: a NaN logit gets probability NaN and is left out of the softmax
+// normaliser, so the other experts keep finite weights; exp(v - max) is taken as 1 when v == max, so rows of
+// -inf are uniform; scores, selection and renormalisation run in double, weights are rounded to fp32 last).
 // bias: [E] or empty (only used when cfg.use_score_bias). Fills topk_ids/topk_weights of a fresh plan.
 void route(const MoEConfig& cfg, const std::vector<float>& logits, const std::vector<float>& bias,
            int64_t num_tokens, std::vector<int32_t>& topk_ids, std::vector<float>& topk_weights);
@@ -66,6 +91,10 @@ double apply_activation(Activation a, double gate, double up);
 // Intermediate h rounded to `dtype`, output rounded to `dtype`.
 void expert_mlp(Activation act, DType dtype, const float* in, int64_t rows, int64_t hidden, int64_t ffn,
                 const float* w13, const float* w2, float* out);
+
+// expert_mlp with weights in their own dtype: w13 [R13, hidden], w2 [hidden, ffn] (R13 = 2*ffn gated, else ffn).
+void expert_mlp(Activation act, DType dtype, const float* in, int64_t rows, int64_t hidden, int64_t ffn,
+                const MatView& w13, const MatView& w2, float* out);
 
 // y[t] = round_dtype( sum_j w[t,j] * expert_out[slot_row[t,j]] (+ shared[t]) ), j in order, in double.
 // shared may be null.
