@@ -1,0 +1,222 @@
+// tools/switchyard/bench.cpp: `switchyard bench`: times the layer for given shapes and token counts.
+//
+// For each (shape, T): seeded random weights and inputs; the whole layer (MoELayer::forward) and, on the CPU,
+// each stage (stages.h); the dense baseline when --impl dense|both (skipped, with the bytes it would need,
+// past --dense-limit-gib). Times are the median of --reps runs after --warmup runs (host wall clock; on CUDA
+// the stream is synchronised before the clock stops). Beside each time: the floor
+// max(FLOPs / rate, bytes / bandwidth), FLOPs counting the kept rows and bytes the weights of the experts that
+// receive a row plus x and y once (stages.h). Rates: --peak-tflops / --peak-gbps when given; otherwise
+// measured on the CPU (ref::gemm_nt's rate and an OpenMP memcpy: "what this backend can reach", not the
+// chip's peak), and DESIGN.md's H100 ceilings (785 TFLOP/s bf16, 3.0 TB/s) on CUDA.
+// --json FILE writes every number.
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "baseline/dense.h"
+#include "cli_common.h"
+#include "commands.h"
+#include "io/file_util.h"
+#include "io/weights.h"
+#include "shapes.h"
+#include "stages.h"
+#include "switchyard/error.h"
+
+#ifdef SWITCHYARD_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace switchyard {
+namespace cli {
+
+namespace {
+
+struct BenchOptions {
+    LayerFlags layer;
+    std::string shape;  // named shape (shapes.h); else the layer flags
+    std::vector<int64_t> tokens = {16, 64, 256};
+    std::string device = "cpu";
+    std::string impl = "sparse";
+    int warmup = 1, reps = 5;
+    double peak_tflops = 0, peak_gbps = 0;
+    double dense_limit_gib = 4.0;
+    std::string json;
+    uint64_t seed = 1;
+};
+
+int run_bench(const BenchOptions& o) {
+    const Device dev = parse_device(o.device);
+    MoEConfig cfg = o.shape.empty() ? make_config(o.layer) : named_shape(o.shape, parse_dtype(o.layer.dtype));
+    cfg.validate();
+    SWITCHYARD_CHECK(o.impl == "sparse" || o.impl == "dense" || o.impl == "both",
+                     "--impl must be sparse, dense or both, got '", o.impl, "'");
+    SWITCHYARD_CHECK(o.reps > 0 && o.warmup >= 0, "--reps must be > 0 and --warmup >= 0");
+    require_finite(o.peak_tflops, "--peak-tflops");
+    require_finite(o.peak_gbps, "--peak-gbps");
+    for (int64_t t : o.tokens) SWITCHYARD_CHECK(t >= 0, "--tokens entries must be >= 0, got ", t);
+
+    double tflops = o.peak_tflops, gbps = o.peak_gbps;
+    std::string rate_src;
+    if (tflops <= 0 || gbps <= 0) {
+        if (dev == Device::kCPU) {
+            if (tflops <= 0) tflops = measure_cpu_gemm_gflops() / 1e3;
+            if (gbps <= 0) gbps = measure_host_bandwidth_gbs();
+            rate_src = "measured on this host (ref::gemm_nt rate, OpenMP memcpy)";
+        } else {
+            if (tflops <= 0) tflops = 785;
+            if (gbps <= 0) gbps = 3000;
+            rate_src = "DESIGN.md's H100 SXM ceilings";
+#ifdef SWITCHYARD_WITH_CUDA
+            cudaDeviceProp p;
+            if (cudaGetDeviceProperties(&p, 0) == cudaSuccess && std::string(p.name).find("H100") == std::string::npos)
+                rate_src +=
+                    std::string("; this device is ") + p.name + ": pass --peak-tflops/--peak-gbps for its own ceilings";
+#endif
+        }
+    } else {
+        rate_src = "given by flags";
+    }
+
+    io::OwnedWeights w = io::random_weights(cfg, o.seed);
+    if (!cfg.use_score_bias) w.w.score_bias = TensorRef();
+    std::printf("bench: %s on %s; rates %.3f TFLOP/s, %.1f GB/s (%s); median of %d after %d warm-up\n",
+                cfg.to_string().c_str(), to_string(dev), tflops, gbps, rate_src.c_str(), o.reps, o.warmup);
+    nlohmann::ordered_json j;
+    j["config"] = cfg.to_string();
+    j["device"] = to_string(dev);
+    j["rate_tflops"] = tflops;
+    j["bandwidth_gbs"] = gbps;
+    j["rate_source"] = rate_src;
+    j["warmup"] = o.warmup;
+    j["reps"] = o.reps;
+    j["runs"] = nlohmann::ordered_json::array();
+
+#ifdef SWITCHYARD_WITH_CUDA
+    std::unique_ptr<DeviceWeights> dw;
+    if (dev == Device::kCUDA) dw = std::make_unique<DeviceWeights>(to_device(w.w));
+#endif
+    for (int64_t T : o.tokens) {
+        const int64_t H = cfg.hidden_size;
+        std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed + static_cast<uint64_t>(T));
+        std::vector<uint8_t> y(x.size());
+        TensorRef xh = io::host_tensor(x.data(), cfg.dtype, {T, H}), yh = io::host_tensor(y.data(), cfg.dtype, {T, H});
+        nlohmann::ordered_json r;
+        r["tokens"] = T;
+        // Routing statistics (host reference) for the floor: kept rows and experts hit.
+        LoadStats st;
+        {
+            ForwardOutputs out;
+            out.stats = &st;
+            MoELayer(cfg, w.w).forward(xh, yh, &out);
+        }
+        int64_t kept = 0, hit = 0;
+        for (int64_t c : st.kept_counts) kept += c, hit += c > 0;
+        const double flops = layer_flops(cfg, T, kept), bytes = layer_bytes(cfg, T, hit, w.w.w13.dtype);
+        const double floor_ms = std::max(flops / (tflops * 1e12), bytes / (gbps * 1e9)) * 1e3;
+        r["flops"] = flops;
+        r["bytes"] = bytes;
+        r["experts_hit"] = hit;
+        r["floor_ms"] = floor_ms;
+        std::printf("T=%-6lld floor %.4f ms (%.3g GFLOP, %s)\n", static_cast<long long>(T), floor_ms, flops / 1e9,
+                    human_bytes(bytes).c_str());
+        if (o.impl != "dense") {
+            double ms = 0;
+            if (dev == Device::kCPU) {
+                MoELayer layer(cfg, w.w);
+                ms = median_ms([&] { layer.forward(xh, yh); }, o.warmup, o.reps);
+                StageTimes s = time_cpu_stages(cfg, w.w, xh, o.warmup, o.reps);
+                r["stages_ms"] = {{"router", s.router_ms},   {"plan", s.plan_ms},     {"dispatch", s.dispatch_ms},
+                                  {"experts", s.experts_ms}, {"shared", s.shared_ms}, {"combine", s.combine_ms},
+                                  {"sum", s.total_ms()}};
+                std::printf(
+                    "  sparse %10.3f ms  (%5.1f%% of floor)  stages: router %.3f, plan %.3f, dispatch %.3f, "
+                    "experts %.3f, shared %.3f, combine %.3f ms\n",
+                    ms, 100 * floor_ms / ms, s.router_ms, s.plan_ms, s.dispatch_ms, s.experts_ms, s.shared_ms,
+                    s.combine_ms);
+            } else {
+#ifdef SWITCHYARD_WITH_CUDA
+                std::vector<DeviceBuffer> keep;
+                TensorRef xd = to_device(xh, keep), yd = to_device(yh, keep);
+                MoELayer layer(cfg, dw->w);
+                DeviceBuffer ws(layer.workspace_size(T));
+                ms = median_ms([&] { layer.forward(xd, yd, ws.get(), ws.size(), nullptr, nullptr); }, o.warmup, o.reps,
+                               [] { device_synchronize(); });
+                std::printf("  sparse %10.3f ms  (%5.1f%% of floor; host-timed with a sync per run)\n", ms,
+                            100 * floor_ms / ms);
+#endif
+            }
+            r["sparse_ms"] = ms;
+            r["sparse_pct_of_floor"] = ms > 0 ? 100 * floor_ms / ms : 0.0;
+        }
+        if (o.impl != "sparse") {
+            const size_t limit = static_cast<size_t>(o.dense_limit_gib * double(1ull << 30));
+            DenseResult d;
+            double ms = 0;
+            if (dev == Device::kCPU) {
+                d = dense_forward_cpu(cfg, w.w, xh, yh, limit);  // once: refused runs are not repeated
+                if (d.ran) ms = median_ms([&] { d = dense_forward_cpu(cfg, w.w, xh, yh, limit); }, o.warmup, o.reps);
+            } else {
+#ifdef SWITCHYARD_WITH_CUDA
+                std::vector<DeviceBuffer> keep;
+                TensorRef xd = to_device(xh, keep), yd = to_device(yh, keep);
+                d = dense_forward_cuda(cfg, dw->w, xd, yd, limit);
+                if (d.ran)
+                    ms = median_ms([&] { d = dense_forward_cuda(cfg, dw->w, xd, yd, limit); }, o.warmup, o.reps,
+                                   [] { device_synchronize(); });
+#endif
+            }
+            r["dense_ran"] = d.ran;
+            r["dense_bytes_needed"] = d.bytes_needed;
+            r["dense_capacity"] = d.capacity;
+            if (d.ran) {
+                r["dense_ms"] = ms;
+                std::printf("  dense  %10.3f ms  (arena %s, C=%lld)\n", ms, human_bytes(double(d.bytes_needed)).c_str(),
+                            static_cast<long long>(d.capacity));
+            } else {
+                r["dense_reason"] = d.reason;
+                std::printf("  dense  not run: %s\n", d.reason.c_str());
+            }
+        }
+        j["runs"].push_back(r);
+    }
+    if (!o.json.empty()) {
+        std::string text = j.dump(1) + "\n";
+        io::write_file_atomic(o.json, [&](std::ostream& os) { os << text; });
+    }
+    return kExitOk;
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app, int* exit_code) {
+    auto o = std::make_shared<BenchOptions>();
+    o->layer.hidden = 512;
+    o->layer.ffn = 1792;
+    o->layer.experts = 8;
+    o->layer.top_k = 2;
+    CLI::App* sub = app.add_subcommand("bench", "time the layer (and its CPU stages) beside its floor");
+    sub->add_option("--shape", o->shape,
+                    "named shape: mixtral | qwen3 | deepseek-v3 | small | small-many "
+                    "(overrides the size/routing flags; --dtype still applies)");
+    sub->add_option("--top-k", o->layer.top_k, "experts per token k")->capture_default_str();
+    sub->add_option("--tokens", o->tokens, "token counts (space or comma separated)")
+        ->delimiter(',')
+        ->capture_default_str();
+    sub->add_option("--device", o->device, "cpu | cuda")->capture_default_str();
+    sub->add_option("--impl", o->impl, "sparse | dense | both")->capture_default_str();
+    sub->add_option("--warmup", o->warmup, "warm-up runs")->capture_default_str();
+    sub->add_option("--reps", o->reps, "timed runs (median reported)")->capture_default_str();
+    sub->add_option("--peak-tflops", o->peak_tflops, "matrix rate for the floor (default: measured / DESIGN.md)");
+    sub->add_option("--peak-gbps", o->peak_gbps, "memory bandwidth for the floor (default: measured / DESIGN.md)");
+    sub->add_option("--dense-limit-gib", o->dense_limit_gib, "memory limit of the dense baseline")
+        ->capture_default_str();
+    sub->add_option("--seed", o->seed, "seed of weights and inputs")->capture_default_str();
+    sub->add_option("--json", o->json, "write every number to this JSON file");
+    add_layer_flags(sub, o->layer, /*random_weights=*/true);
+    sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
+}
+
+}  // namespace cli
+}  // namespace switchyard
