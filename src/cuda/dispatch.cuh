@@ -1,0 +1,75 @@
+// src/cuda/dispatch.cuh: the one place where a runtime DType becomes a compile-time element type.
+//
+//   dispatch_float_dtype(dtype, "name", [&](auto tag) { using T = typename decltype(tag)::type; ... });
+// calls the lambda with TypeTag<float>, TypeTag<__nv_bfloat16> or TypeTag<__half> and throws
+// switchyard::Error naming `what` and the dtype for any other DType. Conversions to and from fp32 for the
+// three types are here too (round to nearest even, as the host conversions in switchyard/dtype.h).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "switchyard/dtype.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace cuda {
+
+template <typename T>
+struct TypeTag {
+    using type = T;
+};
+
+template <typename F>
+void dispatch_float_dtype(DType dtype, const char* what, F&& f) {
+    switch (dtype) {
+        case DType::kF32: f(TypeTag<float>{}); return;
+        case DType::kBF16: f(TypeTag<__nv_bfloat16>{}); return;
+        case DType::kF16: f(TypeTag<__half>{}); return;
+        default: break;
+    }
+    SWITCHYARD_FAIL(what, ": dtype=", to_string(dtype), " is not supported (fp32, bf16, fp16)");
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) {
+    return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+    return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+    return __float2half_rn(v);
+}
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
+
+// 16 bytes of T, loaded and stored as one uint4.
+template <typename T>
+struct alignas(16) Vec16 {
+    T v[kVecElems<T>];
+};
+
+}  // namespace cuda
+}  // namespace switchyard

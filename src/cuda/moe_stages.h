@@ -1,0 +1,95 @@
+// src/cuda/moe_stages.h: the stages of the CUDA forward as separate host-callable launchers (host-only header).
+//
+// Every function takes raw device pointers and a stream, allocates nothing, never synchronises with the host
+// and checks each launch. They are what moe_forward (moe_cuda.cu) strings together, exposed for the GPU tests
+// and for timing stages separately (moe_forward_staged, used by `switchyard bench`).
+// Layouts (row-major, contiguous): logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32;
+// plan arrays as switchyard::RoutingPlan; activations [rows, width] of the layer dtype.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+#include "switchyard/config.h"
+#include "switchyard/moe_layer.h"
+#include "switchyard/routing.h"
+
+namespace switchyard {
+namespace cuda {
+
+// ---- router (router.cu) ---------------------------------------------------------------------------------
+// Bytes of cuBLAS workspace reserved for the gate GEMM (set with cublasSetWorkspace: graph capture safe).
+constexpr size_t kCublasWorkspaceBytes = size_t(4) << 20;
+
+// logits [T, E] fp32 = x [T, H] . gate [E, H]^T with cuBLAS (fp32 accumulation, no TF32 for fp32 inputs).
+// x and gate share `dtype`. cublas_workspace: kCublasWorkspaceBytes bytes of device memory.
+void router_gemm(DType dtype, const void* x, const void* gate, int64_t num_tokens, int64_t hidden,
+                 int64_t num_experts, float* logits, void* cublas_workspace, cudaStream_t stream);
+
+// Number of per-block partial rows the router kernel writes for the statistics (a function of T only).
+int router_stat_blocks(int64_t num_tokens);
+
+// Scores, selection-only bias, group-limited top-k, top-k, weights (routing.h), one warp per token.
+// bias: [E] fp32 or null. When prob_partials is not null, also writes per-block partial sums of the router
+// probabilities prob_partials [router_stat_blocks(T), E] fp64 and of logsumexp^2 z_partials [blocks] fp64.
+void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
+                cudaStream_t stream);
+
+// Sums the partials over blocks in a fixed order: prob_sum [E] fp64, z_sum [1] fp64 (deterministic).
+void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
+                         double* prob_sum, double* z_sum, cudaStream_t stream);
+
+// ---- routing plan (plan.cu) -------------------------------------------------------------------------------
+struct PlanArgs {
+    int64_t num_tokens = 0;
+    int64_t top_k = 0;
+    int64_t num_experts = 0;
+    int64_t capacity = 0;  // 0 = dropless
+    DropPolicy drop_policy = DropPolicy::kPosition;
+    const int32_t* topk_ids = nullptr;      // [T*k]
+    const float* topk_weights = nullptr;    // [T*k] (read only for DropPolicy::kProbability)
+    int32_t* expert_counts = nullptr;       // [E]   out: pairs per expert before drops
+    int32_t* expert_offsets = nullptr;      // [E+1] out: exclusive scan of kept counts
+    int32_t* slot_row = nullptr;            // [T*k] out: row of pair (t, j) or -1
+    int32_t* row_token = nullptr;           // [T*k] out: -1 past offsets[E]
+    int32_t* row_slot = nullptr;            // [T*k] out: -1 past offsets[E]
+};
+size_t plan_workspace_size(int64_t num_tokens, int64_t top_k, int64_t num_experts);
+void build_plan(const PlanArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// expert_counts [E] int32 of topk_ids [n] (zeroes the counts first).
+void count_experts(const int32_t* topk_ids, int64_t n, int64_t num_experts, int32_t* expert_counts,
+                   cudaStream_t stream);
+
+// ---- dispatch, activation, combine (permute.cu, activation.cu, combine.cu) ----------------------------------
+// xp[r, :] = x[row_token[r], :] for r < max_rows with row_token[r] >= 0 (other rows are left untouched).
+void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t max_rows, int64_t hidden,
+                  void* xp, cudaStream_t stream);
+
+// out [rows, F] = act(in[:, :F]) * in[:, F:2F] (gated, in [rows, 2F]) or act(in) (in [rows, F]); computed in
+// fp32, rounded once to dtype. Rows r >= *num_rows (when num_rows is not null) or r >= max_rows are skipped.
+void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
+                     int64_t ffn, void* out, cudaStream_t stream);
+
+// y[t] = dtype( (sum_{j=0..k-1, slot_row[t,j] >= 0} w[t,j] * expert_out[slot_row[t,j]]) + shared[t] ), fp32.
+// shared [T, H] of dtype or null. One block per token, no atomics: bitwise reproducible.
+void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, const float* topk_weights,
+                  const void* shared, int64_t num_tokens, int64_t top_k, int64_t hidden, void* y,
+                  cudaStream_t stream);
+
+// Writes offsets = {0, n} (device int32 [2]), the one-group offsets of the shared expert GEMMs.
+void write_single_group_offsets(int32_t* offsets, int64_t n, cudaStream_t stream);
+
+// ---- the whole forward, stage by stage (moe_cuda.cu) -------------------------------------------------------
+// Called on the host after the work of each stage has been enqueued on `stream` (e.g. to record an event),
+// with the stage names router, plan, dispatch, gemm1, activation, gemm2, shared, combine, in that order
+// (shared is skipped when the layer has no shared expert); "begin" is called before the first stage.
+using StageCallback = std::function<void(const char* stage, cudaStream_t stream)>;
+void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream, ForwardOutputs* out,
+                        const StageCallback& on_stage);
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,440 @@
+// src/cuda/router.cu: the router on the GPU: gate GEMM (cuBLAS) + one fused scoring / top-k / statistics kernel.
+//
+// Inputs:  x [T, H] and gate [E, H] of one dtype (fp32 / bf16 / fp16), row-major; bias [E] fp32 (optional).
+// Outputs: logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32 (slot j = j-th choice);
+//          optionally per-block partial sums of the router probabilities [blocks, E] fp64 and of
+//          logsumexp(logits[t])^2 [blocks] fp64, reduced in a fixed order by reduce_router_stats.
+// Rules (switchyard/routing.h, reference src/ref/router.cpp): scores and weights are computed in fp64 from the
+// fp32 logits, so selection agrees with the reference on the same logits; ties go to the lower expert index; a
+// NaN ranks below every number; an expert is never selected twice; group-limited routing keeps the topk_groups
+// groups with the largest sum of their two best biased scores (ties: lower group index).
+// Layout inside the kernel: one warp per token; lane l holds experts e = l + 32*i, i < kPerLane, in registers;
+// after round r of the k warp-argmax rounds lane r holds slot r. Grouped routing stages the biased scores of the
+// warp's token in shared memory ([E] fp64 per warp) so that one lane per group can find the group's best two.
+// Determinism: no float atomics; each warp owns a fixed set of tokens (grid-stride with a grid that depends on T
+// only) and the block sums its warps' statistics in warp order.
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+#include "cuda/moe_stages.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
+constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 32;
+
+// ---- cuBLAS handle: one per device, created on first use, guarded by a mutex (stream set per call) ----------
+struct HandleSlot {
+    std::mutex mu;
+    cublasHandle_t handle = nullptr;
+};
+
+HandleSlot& handle_slot(int device) {
+    static std::mutex map_mu;
+    static auto* slots = new std::map<int, std::unique_ptr<HandleSlot>>();  // never destroyed (exit order)
+    std::lock_guard<std::mutex> lock(map_mu);
+    auto& slot = (*slots)[device];
+    if (!slot) slot.reset(new HandleSlot());
+    return *slot;
+}
+
+cudaDataType_t cuda_data_type(DType t) {
+    switch (t) {
+        case DType::kF32: return CUDA_R_32F;
+        case DType::kBF16: return CUDA_R_16BF;
+        case DType::kF16: return CUDA_R_16F;
+        default: break;
+    }
+    SWITCHYARD_FAIL("router gate GEMM: dtype=", to_string(t), " is not supported");
+}
+
+// ---- the fused routing kernel --------------------------------------------------------------------------------
+struct RouterParams {
+    const float* logits;   // [T, E]
+    const float* bias;     // [E] or null
+    int32_t* topk_ids;     // [T, k]
+    float* topk_weights;   // [T, k]
+    double* prob_partials; // [gridDim.x, E] or null (no statistics)
+    double* z_partials;    // [gridDim.x]
+    int num_tokens;
+    int num_experts;
+    int top_k;
+    int num_groups;
+    int topk_groups;
+    int group_size;
+    int score_function;  // ScoreFunction
+    int renormalize;
+    double routed_scale;
+};
+
+// Candidate order: class first (kNumber > kNaN > kMasked > kTaken), then value (larger first), then index.
+constexpr int kTaken = 0, kMasked = 1, kNaN = 2, kNumber = 3;
+
+struct Cand {
+    int cls;
+    int idx;
+    double v;      // selection value
+    double score;  // unbiased score (or logit for top-k softmax)
+};
+
+__device__ __forceinline__ bool better(const Cand& a, const Cand& b) {
+    if (a.cls != b.cls) return a.cls > b.cls;
+    if (a.cls == kNumber && a.v != b.v) return a.v > b.v;
+    return a.idx < b.idx;
+}
+
+__device__ __forceinline__ Cand shfl_xor_cand(const Cand& c, int mask) {
+    Cand o;
+    o.cls = __shfl_xor_sync(0xffffffffu, c.cls, mask);
+    o.idx = __shfl_xor_sync(0xffffffffu, c.idx, mask);
+    o.v = __shfl_xor_sync(0xffffffffu, c.v, mask);
+    o.score = __shfl_xor_sync(0xffffffffu, c.score, mask);
+    return o;
+}
+
+// Every lane returns the warp's best candidate.
+__device__ __forceinline__ Cand warp_best(Cand c) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) {
+        Cand o = shfl_xor_cand(c, m);
+        if (better(o, c)) c = o;
+    }
+    return c;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+}
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, m));
+    return v;
+}
+
+// kPerLane: experts per lane (E <= 32 * kPerLane). kGrouped: group-limited routing (uses dynamic shared memory).
+template <int kPerLane, bool kGrouped>
+__global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterParams p) {
+    extern __shared__ double smem[];  // grouped: [warps][E] sel, [warps][G] group score, [warps][G] keep flag
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int E = p.num_experts;
+    const bool stats = p.prob_partials != nullptr;
+
+    double prob_acc[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) prob_acc[i] = 0.0;
+    double z_acc = 0.0;
+
+    for (int t = blockIdx.x * kRouterWarps + warp; t < p.num_tokens; t += gridDim.x * kRouterWarps) {
+        const float* lrow = p.logits + static_cast<int64_t>(t) * E;
+        double logit[kPerLane];
+        bool valid[kPerLane], isnan_[kPerLane];
+        double lmax = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int e = lane + 32 * i;
+            valid[i] = e < E;
+            logit[i] = valid[i] ? static_cast<double>(lrow[e]) : 0.0;
+            isnan_[i] = valid[i] && isnan(logit[i]);
+            if (valid[i] && !isnan_[i]) lmax = fmax(lmax, logit[i]);
+        }
+        lmax = warp_max(lmax);
+        // Softmax over all E (NaN logits excluded: their probability is NaN, the others sum to 1).
+        // lmax = +inf or all -inf/NaN is handled by the reference's rules: exp(-inf - -inf) = NaN etc.
+        double ex[kPerLane];
+        double esum = 0.0;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            // exp(l - m) is exactly 1 when l == m, so rows of -inf are uniform and +inf entries share the mass.
+            ex[i] = (valid[i] && !isnan_[i]) ? (logit[i] == lmax ? 1.0 : exp(logit[i] - lmax)) : 0.0;
+            esum += ex[i];
+        }
+        esum = warp_sum(esum);
+
+        double score[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+                score[i] = isnan_[i] ? logit[i] : ex[i] / esum;
+            } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+                score[i] = 1.0 / (1.0 + exp(-logit[i]));
+            } else {
+                score[i] = logit[i];
+            }
+        }
+
+        if (stats) {
+            // Router probabilities for the aux loss: softmax over E (a NaN logit's probability is NaN), or
+            // sigmoid normalised to sum 1 (a NaN logit makes the token's whole row NaN), as ref::router_stats.
+            const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
+            double ssum = 0.0;
+            bool any_nan = false;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                any_nan |= isnan_[i];
+                if (sig && valid[i]) ssum += score[i];
+            }
+            any_nan = __any_sync(0xffffffffu, any_nan);
+            if (sig) ssum = warp_sum(ssum);
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                if (!valid[i]) continue;
+                prob_acc[i] += sig ? score[i] / ssum : (isnan_[i] ? logit[i] : ex[i] / esum);
+            }
+            if (lane == 0) {
+                const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+                z_acc += lse * lse;
+            }
+        }
+
+        // Selection values and classes.
+        Cand c[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int e = lane + 32 * i;
+            c[i].idx = e;
+            c[i].score = score[i];
+            c[i].v = (p.bias != nullptr && valid[i]) ? score[i] + static_cast<double>(p.bias[e]) : score[i];
+            c[i].cls = !valid[i] ? kTaken : (isnan(c[i].v) ? kNaN : kNumber);
+        }
+
+        if constexpr (kGrouped) {
+            const int G = p.num_groups;
+            double* sel_s = smem + static_cast<size_t>(warp) * E;
+            double* gscore_s = smem + static_cast<size_t>(kRouterWarps) * E + static_cast<size_t>(warp) * G;
+            int* keep_s = reinterpret_cast<int*>(smem + static_cast<size_t>(kRouterWarps) * (E + G)) + warp * G;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].cls != kTaken) sel_s[c[i].idx] = c[i].v;
+            __syncwarp();
+            // Group score: sum of the two best selection values (NaN ranks lowest), or the best for size 1.
+            for (int g = lane; g < G; g += 32) {
+                Cand b1{kTaken, 0, 0.0, 0.0}, b2{kTaken, 0, 0.0, 0.0};
+                for (int q = 0; q < p.group_size; ++q) {
+                    const int e = g * p.group_size + q;
+                    const double v = sel_s[e];
+                    Cand x{isnan(v) ? kNaN : kNumber, e, v, 0.0};
+                    if (better(x, b1)) {
+                        b2 = b1;
+                        b1 = x;
+                    } else if (better(x, b2)) {
+                        b2 = x;
+                    }
+                }
+                gscore_s[g] = p.group_size == 1 ? b1.v : b1.v + b2.v;
+                keep_s[g] = 0;
+            }
+            __syncwarp();
+            for (int r = 0; r < p.topk_groups; ++r) {
+                Cand best{kTaken, 0x7fffffff, 0.0, 0.0};
+                for (int g = lane; g < G; g += 32) {
+                    if (keep_s[g]) continue;
+                    const double v = gscore_s[g];
+                    Cand x{isnan(v) ? kNaN : kNumber, g, v, 0.0};
+                    if (better(x, best)) best = x;
+                }
+                best = warp_best(best);
+                __syncwarp();
+                if (lane == 0 && best.cls != kTaken) keep_s[best.idx] = 1;
+                __syncwarp();
+            }
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].cls != kTaken && !keep_s[c[i].idx / p.group_size]) c[i].cls = kMasked;
+            __syncwarp();  // shared memory is reused by the next token of this warp
+        }
+
+        // k rounds of warp argmax; lane r keeps slot r.
+        int my_id = -1;
+        double my_score = 0.0;
+        for (int r = 0; r < p.top_k; ++r) {
+            Cand best = c[0];
+#pragma unroll
+            for (int i = 1; i < kPerLane; ++i)
+                if (better(c[i], best)) best = c[i];
+            best = warp_best(best);
+            if (lane == r) {
+                my_id = best.idx;
+                my_score = best.score;
+            }
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].idx == best.idx) c[i].cls = kTaken;
+        }
+
+        // Weights from the unbiased scores.
+        const bool active = lane < p.top_k;
+        double w = my_score;
+        if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
+            // Softmax over the k chosen logits with ref's NaN rule (NaN entries: weight NaN, not in the sum).
+            double m = active && !isnan(my_score) ? my_score : -INFINITY;
+            m = warp_max(m);
+            const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
+            double s = 0.0;
+            for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
+                const double v = __shfl_sync(0xffffffffu, ew, j);
+                if (!isnan(v)) s += v;
+            }
+            w = isnan(my_score) ? my_score : ew / s;
+        }
+        if (p.renormalize) {
+            double s = 0.0;
+            for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(0xffffffffu, w, j);  // slot order
+            if (s != 0.0) w = w / s;
+        }
+        w *= p.routed_scale;
+        if (active) {
+            p.topk_ids[static_cast<int64_t>(t) * p.top_k + lane] = my_id;
+            p.topk_weights[static_cast<int64_t>(t) * p.top_k + lane] = static_cast<float>(w);
+        }
+    }
+
+    if (stats) {
+        // Block partials in warp order: deterministic.
+        __shared__ double red[kRouterWarps][kPerLane * 32];
+        __shared__ double zred[kRouterWarps];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) red[warp][lane + 32 * i] = prob_acc[i];
+        if (lane == 0) zred[warp] = z_acc;
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2) s += red[w2][e];
+            p.prob_partials[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+        }
+        if (threadIdx.x == 0) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2) s += zred[w2];
+            p.z_partials[blockIdx.x] = s;
+        }
+    }
+}
+
+__global__ void reduce_router_stats_kernel(const double* prob_partials, const double* z_partials, int blocks,
+                                           int num_experts, double* prob_sum, double* z_sum) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        double s = 0.0;
+        for (int b = 0; b < blocks; ++b) s += prob_partials[static_cast<int64_t>(b) * num_experts + e];
+        prob_sum[e] = s;
+    }
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int b = 0; b < blocks; ++b) s += z_partials[b];
+        *z_sum = s;
+    }
+}
+
+template <int kPerLane>
+void launch_route(const RouterParams& params, bool grouped, int blocks, cudaStream_t stream) {
+    if (grouped) {
+        const size_t smem = static_cast<size_t>(kRouterWarps) *
+                            (static_cast<size_t>(params.num_experts + params.num_groups) * sizeof(double) +
+                             static_cast<size_t>(params.num_groups) * sizeof(int));
+        route_topk_kernel<kPerLane, true><<<blocks, kRouterWarps * 32, smem, stream>>>(params);
+    } else {
+        route_topk_kernel<kPerLane, false><<<blocks, kRouterWarps * 32, 0, stream>>>(params);
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void router_gemm(DType dtype, const void* x, const void* gate, int64_t num_tokens, int64_t hidden,
+                 int64_t num_experts, float* logits, void* cublas_workspace, cudaStream_t stream) {
+    if (num_tokens == 0) return;
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX && hidden <= INT32_MAX, "router GEMM: num_tokens=", num_tokens,
+                     " hidden_size=", hidden, " exceed int32");
+    int device = 0;
+    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&device));
+    HandleSlot& slot = handle_slot(device);
+    std::lock_guard<std::mutex> lock(slot.mu);
+    if (slot.handle == nullptr) {
+        SWITCHYARD_CUBLAS_CHECK(cublasCreate(&slot.handle));
+        // Default math: fp32 inputs are multiplied in fp32 (no TF32), 16-bit inputs use tensor cores.
+        SWITCHYARD_CUBLAS_CHECK(cublasSetMathMode(slot.handle, CUBLAS_DEFAULT_MATH));
+    }
+    SWITCHYARD_CUBLAS_CHECK(cublasSetStream(slot.handle, stream));
+    SWITCHYARD_CUBLAS_CHECK(cublasSetWorkspace(slot.handle, cublas_workspace, kCublasWorkspaceBytes));
+    // Column-major view: logits^T [E, T] (ld E) = gate^T^T ... i.e. C(E x T) = op(A)(E x H) * B(H x T) where
+    // A = gate stored [E, H] row-major (= col-major H x E, transposed), B = x stored [T, H] (= col-major H x T).
+    const float alpha = 1.0f, beta = 0.0f;
+    const cudaDataType_t t = cuda_data_type(dtype);
+    SWITCHYARD_CUBLAS_CHECK(cublasGemmEx(slot.handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_experts),
+                                         static_cast<int>(num_tokens), static_cast<int>(hidden), &alpha, gate, t,
+                                         static_cast<int>(hidden), x, t, static_cast<int>(hidden), &beta, logits,
+                                         CUDA_R_32F, static_cast<int>(num_experts), CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT));
+}
+
+int router_stat_blocks(int64_t num_tokens) {
+    const int64_t b = ceil_div<int64_t>(num_tokens, kRouterWarps);
+    return static_cast<int>(b < kRouterMaxBlocks ? b : kRouterMaxBlocks);
+}
+
+void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
+                cudaStream_t stream) {
+    SWITCHYARD_CHECK(cfg.num_experts >= 1 && cfg.num_experts <= kMaxExperts, "CUDA router: num_experts=",
+                     cfg.num_experts, " must be in [1, ", kMaxExperts, "]");
+    SWITCHYARD_CHECK(cfg.top_k >= 1 && cfg.top_k <= kMaxTopK && cfg.top_k <= cfg.num_experts, "CUDA router: top_k=",
+                     cfg.top_k, " must be in [1, min(", kMaxTopK, ", num_experts=", cfg.num_experts, ")]");
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "CUDA router: num_tokens=", num_tokens, " exceeds int32");
+    const bool grouped = cfg.num_groups > 1;
+    if (grouped) {
+        SWITCHYARD_CHECK(cfg.num_experts % cfg.num_groups == 0, "CUDA router: num_groups=", cfg.num_groups,
+                         " must divide num_experts=", cfg.num_experts);
+        SWITCHYARD_CHECK(cfg.topk_groups >= 1 && cfg.topk_groups <= cfg.num_groups, "CUDA router: topk_groups=",
+                         cfg.topk_groups, " must be in [1, num_groups=", cfg.num_groups, "]");
+    }
+    if (num_tokens == 0) return;
+    RouterParams params{};
+    params.logits = logits;
+    params.bias = cfg.use_score_bias ? bias : nullptr;
+    SWITCHYARD_CHECK(!cfg.use_score_bias || bias != nullptr, "CUDA router: use_score_bias=true but bias is null");
+    params.topk_ids = topk_ids;
+    params.topk_weights = topk_weights;
+    params.prob_partials = prob_partials;
+    params.z_partials = z_partials;
+    params.num_tokens = static_cast<int>(num_tokens);
+    params.num_experts = static_cast<int>(cfg.num_experts);
+    params.top_k = static_cast<int>(cfg.top_k);
+    params.num_groups = grouped ? static_cast<int>(cfg.num_groups) : 1;
+    params.topk_groups = grouped ? static_cast<int>(cfg.topk_groups) : 1;
+    params.group_size = static_cast<int>(cfg.num_experts / params.num_groups);
+    params.score_function = static_cast<int>(cfg.score_function);
+    params.renormalize = cfg.renormalize ? 1 : 0;
+    params.routed_scale = cfg.routed_scale;
+    const int blocks = router_stat_blocks(num_tokens);
+    const int64_t E = cfg.num_experts;
+    if (E <= 32) {
+        launch_route<1>(params, grouped, blocks, stream);
+    } else if (E <= 64) {
+        launch_route<2>(params, grouped, blocks, stream);
+    } else if (E <= 128) {
+        launch_route<4>(params, grouped, blocks, stream);
+    } else if (E <= 256) {
+        launch_route<8>(params, grouped, blocks, stream);
+    } else {
+        launch_route<16>(params, grouped, blocks, stream);
+    }
+}
+
+void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
+                         double* prob_sum, double* z_sum, cudaStream_t stream) {
+    reduce_router_stats_kernel<<<1, 256, 0, stream>>>(prob_partials, z_partials, blocks,
+                                                      static_cast<int>(num_experts), prob_sum, z_sum);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,248 @@
+// tests/gpu_test_router.cpp: the CUDA router (gate GEMM + fused scoring / top-k / statistics) against the CPU
+// reference (src/ref/router.cpp).
+//
+// Logits are compared with a tolerance (cuBLAS sums in fp32, the reference in double); routing is compared
+// EXACTLY by feeding the reference the GPU's own fp32 logits, so ties and near-ties agree. Weights are fp32
+// values computed in fp64 on both sides: compared to 1e-6 relative. Statistics: counts exact, sums to 1e-9.
+// A second test feeds hand-made logits full of ties, NaN and +-inf straight into the routing kernel.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cuda/moe_cuda.h"
+#include "cuda/moe_stages.h"
+#include "gpu_test_util.h"
+#include "ref/ref.h"
+
+namespace switchyard {
+namespace {
+
+using testing::all_close;
+using testing::all_equal;
+using testing::DeviceBuffer;
+
+struct RouterCase {
+    DType dtype;
+    int64_t num_tokens, hidden, num_experts, top_k;
+    ScoreFunction score;
+    bool renormalize;
+    double scale;
+    int64_t groups, topk_groups;
+    bool bias;
+};
+
+std::string case_name(const RouterCase& c) {
+    std::ostringstream os;
+    os << to_string(c.dtype) << "_T" << c.num_tokens << "_H" << c.hidden << "_E" << c.num_experts << "_k"
+       << c.top_k << "_" << (c.score == ScoreFunction::kSoftmax ? "softmax"
+                             : c.score == ScoreFunction::kSigmoid ? "sigmoid"
+                                                                  : "topksoftmax")
+       << (c.renormalize ? "_renorm" : "") << (c.scale != 1.0 ? "_scaled" : "") << "_G" << c.groups << "_"
+       << c.topk_groups << (c.bias ? "_bias" : "");
+    return os.str();
+}
+
+MoEConfig make_config(const RouterCase& c) {
+    MoEConfig cfg;
+    cfg.hidden_size = c.hidden;
+    cfg.ffn_size = 64;
+    cfg.num_experts = c.num_experts;
+    cfg.top_k = c.top_k;
+    cfg.score_function = c.score;
+    cfg.renormalize = c.renormalize;
+    cfg.routed_scale = c.scale;
+    cfg.num_groups = c.groups;
+    cfg.topk_groups = c.topk_groups;
+    cfg.use_score_bias = c.bias;
+    cfg.dtype = c.dtype;
+    return cfg;
+}
+
+void expect_stats_equal(const LoadStats& got, const LoadStats& ref) {
+    EXPECT_EQ(got.num_tokens, ref.num_tokens);
+    EXPECT_EQ(got.top_k, ref.top_k);
+    EXPECT_EQ(got.expert_counts, ref.expert_counts);
+    EXPECT_EQ(got.kept_counts, ref.kept_counts);
+    EXPECT_EQ(got.dropped, ref.dropped);
+    ASSERT_EQ(got.mean_prob.size(), ref.mean_prob.size());
+    auto close = [](double g, double r) {
+        if (std::isnan(r) || std::isnan(g)) return std::isnan(r) && std::isnan(g);
+        if (std::isinf(r) || std::isinf(g)) return g == r;
+        return std::fabs(g - r) <= 1e-12 + 1e-9 * std::fabs(r);
+    };
+    for (size_t e = 0; e < ref.mean_prob.size(); ++e)
+        EXPECT_TRUE(close(got.mean_prob[e], ref.mean_prob[e]))
+            << "mean_prob[" << e << "]: got " << got.mean_prob[e] << ", expected " << ref.mean_prob[e];
+    EXPECT_TRUE(close(got.z_loss, ref.z_loss)) << "z_loss: got " << got.z_loss << ", expected " << ref.z_loss;
+    EXPECT_TRUE(close(got.aux_loss, ref.aux_loss)) << "aux_loss: got " << got.aux_loss << ", expected "
+                                                   << ref.aux_loss;
+    EXPECT_TRUE(close(got.cv, ref.cv)) << "cv: got " << got.cv << ", expected " << ref.cv;
+}
+
+class GpuRouter : public ::testing::TestWithParam<RouterCase> {};
+
+TEST_P(GpuRouter, MatchesReference) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    const RouterCase c = GetParam();
+    const uint64_t seed = 1000 + static_cast<uint64_t>(c.num_tokens * 7 + c.num_experts * 13 + c.top_k);
+    SCOPED_TRACE("seed=" + std::to_string(seed) + " case=" + case_name(c));
+    const MoEConfig cfg = make_config(c);
+    const int64_t T = c.num_tokens, H = c.hidden, E = c.num_experts, k = c.top_k;
+
+    // Logits with a standard deviation near 2: x ~ U(-1, 1), gate ~ U(-a, a), a = 6 / sqrt(H).
+    const float a = 6.0f / std::sqrt(static_cast<float>(H));
+    const std::vector<float> x = testing::random_values(T * H, c.dtype, -1.0f, 1.0f, seed);
+    const std::vector<float> gate = testing::random_values(E * H, c.dtype, -a, a, seed + 1);
+    const std::vector<float> bias = c.bias ? testing::random_values(E, DType::kF32, -0.1f, 0.1f, seed + 2)
+                                           : std::vector<float>();
+    DeviceBuffer d_x, d_gate, d_bias, d_ids(T * k * 4 + 4), d_w(T * k * 4 + 4), d_logits(T * E * 4 + 4);
+    testing::upload(d_x, x, c.dtype);
+    testing::upload(d_gate, gate, c.dtype);
+    if (c.bias) testing::upload(d_bias, bias, DType::kF32);
+    const size_t ws_bytes = cuda::router_workspace_size(cfg, T);
+    DeviceBuffer ws(ws_bytes);
+
+    TensorRef tx(d_x.get(), c.dtype, {T, H}, Device::kCUDA);
+    TensorRef tgate(d_gate.get(), c.dtype, {E, H}, Device::kCUDA);
+    TensorRef tbias = c.bias ? TensorRef(d_bias.get(), DType::kF32, {E}, Device::kCUDA) : TensorRef();
+    TensorRef tids(d_ids.get(), DType::kI32, {T, k}, Device::kCUDA);
+    TensorRef tw(d_w.get(), DType::kF32, {T, k}, Device::kCUDA);
+    TensorRef tlogits(d_logits.get(), DType::kF32, {T, E}, Device::kCUDA);
+
+    std::vector<std::vector<uint8_t>> runs_ids, runs_w;
+    LoadStats stats;
+    for (int run = 0; run < 2; ++run) {
+        d_ids.poison();
+        d_w.poison();
+        d_logits.poison();
+        ws.poison();
+        cuda::router_forward(cfg, tgate, tbias, tx, tids, tw, tlogits, ws.get(), ws_bytes, nullptr, &stats);
+        GPU_CHECK(cudaDeviceSynchronize());
+        runs_ids.push_back(testing::download_raw<uint8_t>(d_ids.get(), T * k * 4));
+        runs_w.push_back(testing::download_raw<uint8_t>(d_w.get(), T * k * 4));
+    }
+    EXPECT_TRUE(testing::bitwise_equal(runs_ids[0], runs_ids[1], "topk_ids run to run"));
+    EXPECT_TRUE(testing::bitwise_equal(runs_w[0], runs_w[1], "topk_weights run to run"));
+
+    const std::vector<float> logits = testing::download_raw<float>(d_logits.get(), T * E);
+    const std::vector<float> ref_logits = ref::router_logits(x, gate, T, H, E);
+    // fp32 accumulation over H terms of size <= a: error far below 2e-5 absolute for these magnitudes.
+    EXPECT_TRUE(all_close(logits, ref_logits, 2e-5, 1e-5, "logits", E));
+
+    std::vector<int32_t> ref_ids;
+    std::vector<float> ref_w;
+    ref::route(cfg, logits, bias, T, ref_ids, ref_w);
+    EXPECT_TRUE(all_equal(testing::download_raw<int32_t>(d_ids.get(), T * k), ref_ids, "topk_ids", k));
+    EXPECT_TRUE(all_close(testing::download_raw<float>(d_w.get(), T * k), ref_w, 1e-7, 1e-6, "topk_weights", k));
+
+    LoadStats ref_stats;
+    ref::router_stats(cfg, logits, ref_ids, T, ref_stats);
+    expect_stats_equal(stats, ref_stats);
+}
+
+const RouterCase kRouterCases[] = {
+    // dtype, T, H, E, k, score, renorm, scale, groups, topk_groups, bias
+    {DType::kBF16, 4097, 4096, 8, 2, ScoreFunction::kSoftmax, false, 1.0, 1, 1, false},      // Mixtral
+    {DType::kBF16, 129, 2880, 128, 8, ScoreFunction::kSoftmax, true, 1.0, 1, 1, false},      // Qwen3-like
+    {DType::kBF16, 4097, 128, 256, 8, ScoreFunction::kSigmoid, true, 2.5, 8, 4, true},       // DeepSeek-V3-like
+    {DType::kBF16, 129, 2880, 128, 4, ScoreFunction::kTopkSoftmax, false, 1.0, 1, 1, false}, // gpt-oss-like
+    {DType::kF16, 7, 128, 60, 6, ScoreFunction::kTopkSoftmax, false, 1.0, 1, 1, false},
+    {DType::kF32, 129, 128, 64, 6, ScoreFunction::kSoftmax, false, 1.0, 1, 1, true},
+    {DType::kF32, 1, 128, 512, 8, ScoreFunction::kSigmoid, false, 1.0, 1, 1, false},
+    {DType::kBF16, 7, 128, 512, 32, ScoreFunction::kSoftmax, true, 1.0, 16, 8, true},
+    {DType::kBF16, 0, 128, 64, 2, ScoreFunction::kSoftmax, false, 1.0, 1, 1, false},
+    {DType::kBF16, 129, 128, 60, 1, ScoreFunction::kSigmoid, false, 1.0, 6, 2, false},
+    {DType::kF32, 7, 128, 32, 4, ScoreFunction::kSigmoid, true, 1.0, 32, 8, true},  // groups of one expert
+    {DType::kF16, 4097, 4096, 64, 6, ScoreFunction::kSoftmax, false, 1.0, 1, 1, false},
+};
+
+INSTANTIATE_TEST_SUITE_P(Cases, GpuRouter, ::testing::ValuesIn(kRouterCases),
+                         [](const ::testing::TestParamInfo<RouterCase>& info) { return case_name(info.param); });
+
+// Ties, NaN and +-inf: hand-made logits (small integers) straight into the routing kernel.
+TEST(GpuRouterKernel, TiesNaNAndInfinities) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    const int64_t T = 257, E = 64, k = 8;
+    const ScoreFunction scores[] = {ScoreFunction::kSoftmax, ScoreFunction::kSigmoid, ScoreFunction::kTopkSoftmax};
+    for (ScoreFunction sf : scores) {
+        for (int variant = 0; variant < 4; ++variant) {
+            const uint64_t seed = 77 + variant * 10 + static_cast<int>(sf);
+            SCOPED_TRACE("seed=" + std::to_string(seed) + " score=" + to_string(sf) + " variant=" +
+                         std::to_string(variant));
+            MoEConfig cfg;
+            cfg.hidden_size = 8;
+            cfg.ffn_size = 8;
+            cfg.num_experts = E;
+            cfg.top_k = k;
+            cfg.score_function = sf;
+            cfg.renormalize = variant % 2 == 1;
+            cfg.use_score_bias = variant >= 2;
+            cfg.num_groups = variant == 3 ? 8 : 1;
+            cfg.topk_groups = variant == 3 ? 3 : 1;
+            std::mt19937_64 rng(seed);
+            std::vector<float> logits(T * E);
+            for (int64_t t = 0; t < T; ++t) {
+                for (int64_t e = 0; e < E; ++e) {
+                    const int r = static_cast<int>(rng() % 100);
+                    float v = static_cast<float>(static_cast<int>(rng() % 5) - 2);  // many exact ties
+                    if (r < 8) v = std::numeric_limits<float>::quiet_NaN();
+                    else if (r < 12) v = -std::numeric_limits<float>::infinity();
+                    else if (r < 13 && t % 5 == 0) v = std::numeric_limits<float>::infinity();
+                    logits[t * E + e] = v;
+                }
+                if (t % 17 == 3)  // a token whose logits are all NaN but one
+                    for (int64_t e = 1; e < E; ++e) logits[t * E + e] = std::numeric_limits<float>::quiet_NaN();
+                if (t % 19 == 4)  // a token whose logits are all -inf
+                    for (int64_t e = 0; e < E; ++e) logits[t * E + e] = -std::numeric_limits<float>::infinity();
+            }
+            std::vector<float> bias(E);
+            for (auto& b : bias) b = 0.25f * static_cast<float>(static_cast<int>(rng() % 3));  // ties survive
+            DeviceBuffer d_logits, d_bias, d_ids(T * k * 4), d_w(T * k * 4);
+            const int blocks = cuda::router_stat_blocks(T);
+            DeviceBuffer d_part(blocks * E * 8), d_z(blocks * 8), d_sums((E + 1) * 8), d_counts(E * 4);
+            testing::upload_raw(d_logits, logits);
+            testing::upload_raw(d_bias, bias);
+            d_ids.poison();
+            d_w.poison();
+            cuda::route_topk(cfg, d_logits.get<float>(), d_bias.get<float>(), T, d_ids.get<int32_t>(),
+                             d_w.get<float>(), d_part.get<double>(), d_z.get<double>(), nullptr);
+            cuda::reduce_router_stats(d_part.get<double>(), d_z.get<double>(), blocks, E, d_sums.get<double>(),
+                                      d_sums.get<double>() + E, nullptr);
+            cuda::count_experts(d_ids.get<int32_t>(), T * k, E, d_counts.get<int32_t>(), nullptr);
+            GPU_CHECK(cudaDeviceSynchronize());
+            std::vector<int32_t> ref_ids;
+            std::vector<float> ref_w;
+            ref::route(cfg, logits, bias, T, ref_ids, ref_w);
+            const auto ids = testing::download_raw<int32_t>(d_ids.get(), T * k);
+            EXPECT_TRUE(all_equal(ids, ref_ids, "topk_ids", k));
+            EXPECT_TRUE(all_close(testing::download_raw<float>(d_w.get(), T * k), ref_w, 1e-7, 1e-6,
+                                  "topk_weights", k));
+            for (int64_t t = 0; t < T; ++t)  // never the same expert twice
+                for (int64_t j = 0; j < k; ++j)
+                    for (int64_t i = 0; i < j; ++i) ASSERT_NE(ids[t * k + i], ids[t * k + j]) << "token " << t;
+            LoadStats ref_stats;
+            ref::router_stats(cfg, logits, ref_ids, T, ref_stats);
+            const auto counts = testing::download_raw<int32_t>(d_counts.get(), E);
+            const auto sums = testing::download_raw<double>(d_sums.get(), E + 1);
+            for (int64_t e = 0; e < E; ++e) {
+                EXPECT_EQ(counts[e], ref_stats.expert_counts[e]) << "expert " << e;
+                const double got = sums[e] / T, want = ref_stats.mean_prob[e];
+                EXPECT_TRUE(std::isnan(want) ? std::isnan(got) : std::fabs(got - want) <= 1e-12 + 1e-9 * std::fabs(want))
+                    << "mean_prob[" << e << "]: got " << got << ", expected " << want;
+            }
+            const double z = sums[E] / T;
+            EXPECT_TRUE(std::isnan(ref_stats.z_loss) ? std::isnan(z) : z == ref_stats.z_loss ||
+                        std::fabs(z - ref_stats.z_loss) <= 1e-9 * std::fabs(ref_stats.z_loss))
+                << "z_loss: got " << z << ", expected " << ref_stats.z_loss;
+        }
+    }
+}
+
+}  // namespace
+}  // namespace switchyard
