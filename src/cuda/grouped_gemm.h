@@ -6,6 +6,9 @@
 // C: [total_rows, N] row-major (dtype). fp32 accumulation. offsets: device int32 [E+1].
 // No host synchronisation: problem sizes and pointer arrays are built on the device from offsets.
 // max_rows bounds offsets[E] (T*k); it sizes the workspace and the launch.
+// Implementation: bf16/fp16 run a CUTLASS sm90 ptr-array grouped GEMM (grouped_gemm_sm90*.cu), fp32 a tiled SIMT
+// kernel (grouped_gemm.cu). Each output element is computed by one thread block over the whole K: results are
+// bitwise reproducible run to run. Empty groups are valid.
 #pragma once
 
 #include <cstddef>
@@ -18,6 +21,16 @@
 namespace switchyard {
 namespace cuda {
 
+// Tile configuration of the 16-bit path. kAuto picks from the average rows per group (max_rows / E), N and K
+// (grouped_gemm.cu, choose_tile): kSmall for <= 32 rows or N <= 128, kMedium for <= 128 rows or K <= 1024 (bf16),
+// else kLarge. The override exists for tests and benchmarks.
+enum class GroupedGemmTile : int {
+    kAuto = 0,
+    kLarge = 1,  // Cooperative 128x256x64, cluster 2x1x1
+    kSmall = 2,  // Pingpong 64x128x128, cluster 1x1x1
+    kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
+};
+
 struct GroupedGemmArgs {
     const void* a = nullptr;
     const void* b = nullptr;
@@ -28,6 +41,7 @@ struct GroupedGemmArgs {
     int64_t k = 0;
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1]
+    GroupedGemmTile tile = GroupedGemmTile::kAuto;  // ignored for fp32
 };
 
 // Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).
@@ -35,6 +49,8 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
 // True when the dtype/sizes are supported by the CUTLASS path (K and N multiples of 8 for 16-bit types).
 bool grouped_gemm_supported(const GroupedGemmArgs& args);
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// The kernel grouped_gemm would run for these args (after the kAuto heuristic), for logs and benchmarks.
+const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
 
 }  // namespace cuda
 }  // namespace switchyard

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""bench/compare_torch.py: PyTorch peers beside Switchyard, measured in one run on the GPU machine.
+
+Two modes:
+
+  GEMM mode (default): the expert GEMMs of the DESIGN.md shapes, Switchyard's grouped GEMM beside
+  torch._grouped_mm on identical problems (same per-expert row counts, same N/K, random bf16 data).
+      python3 bench/compare_torch.py --grouped-bench build/bench/grouped_gemm_bench --tokens 16,4096
+  runs the Switchyard benchmark first (it writes JSON with the per-expert counts), then times
+  torch._grouped_mm(a [rows,K], w.transpose(-2,-1) for w [E,N,K], offs=int32 cumulative row ends) on the same
+  counts, and prints both with the floor. Without --grouped-bench (or with --gemm-json FILE from an earlier
+  run of the benchmark) it uses that file, or routes on its own and shows PyTorch alone.
+
+  Layer mode (--layers): whole MoE layers (router, experts with SwiGLU, combine) in PyTorch:
+    dense : the seed study's GShard baseline: one-hot dispatch/combine tensors [T,E,C], combine by broadcast
+            multiply, materialising [T,E,C,H]; an out-of-memory is caught and reported with the bytes needed;
+    loop  : the Hugging Face style loop over experts (a host synchronisation per expert);
+    sort  : sort by expert, permute, torch._grouped_mm, SwiGLU, torch._grouped_mm, weighted un-permute;
+  and Switchyard's whole layer through run_switchyard_layer_bench() (the CLI's `bench --json`) when the CLI is
+  present. Each is reported as ms, TFLOP/s, % of floor and peak extra memory (torch.cuda.max_memory_allocated
+  beyond inputs and weights).
+
+Floors: max(FLOPs / measured bf16 ceiling, bytes / measured copy bandwidth); the ceiling is a torch 8192^3 bf16
+matmul and the copy bandwidth a 1 GiB device copy, both measured in this run (the GEMM mode takes the
+Switchyard benchmark's own measurements when it has them). Bytes: weights of every expert that receives a row,
+plus activations read and written once. Timings: CUDA events, warm-up, median; a comparison is valid only within
+one run (run-to-run spread on these machines reaches 20%).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+MODELS = {
+    # name: (hidden H, ffn F, experts E, top_k)
+    "mixtral": (4096, 14336, 8, 2),
+    "qwen3": (2048, 768, 128, 8),
+    "deepseek": (7168, 2048, 256, 8),
+}
+
+
+def time_cuda(fn, warmup=5, iters=20):
+    """Median milliseconds of fn() between CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_ceilings():
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: a @ b, warmup=5, iters=20)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    del a, b
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=12)
+    tbps = 2 * src.numel() / (ms * 1e-3) / 1e12
+    del src, dst
+    torch.cuda.empty_cache()
+    return tflops, tbps
+
+
+def route_counts(experts, top_k, tokens, gen):
+    """Each token picks top_k distinct experts uniformly at random; per-expert row counts."""
+    scores = torch.rand(tokens, experts, generator=gen)
+    ids = scores.topk(top_k, dim=1).indices
+    return torch.bincount(ids.flatten(), minlength=experts).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM mode
+# ---------------------------------------------------------------------------------------------------------------
+def run_grouped_bench(path, models, tokens, iters, warmup):
+    """Runs bench/grouped_gemm_bench with --json; returns its parsed output (or None when absent)."""
+    if not path or not os.path.exists(path):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "gg.json")
+        cmd = [path, "--models", ",".join(models), "--tokens", ",".join(str(t) for t in tokens), "--iters",
+               str(iters), "--warmup", str(warmup), "--json", out]
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def gemm_mode(args):
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    sy = None
+    if args.gemm_json:
+        with open(args.gemm_json) as f:
+            sy = json.load(f)
+    else:
+        sy = run_grouped_bench(args.grouped_bench, models, tokens, args.iters, args.warmup)
+    if sy is not None:
+        ceiling, copy_tbps = sy["bf16_ceiling_tflops"], sy["copy_tbps"]
+        problems = [(r["model"], r["tokens"], r["gemm"], r["n"], r["k"], r["counts"], r) for r in sy["rows"]]
+    else:
+        ceiling, copy_tbps = measure_ceilings()
+        gen = torch.Generator().manual_seed(args.seed)
+        problems = []
+        for m in models:
+            h, f, e, k = MODELS[m]
+            for t in tokens:
+                counts = route_counts(e, k, t, gen)
+                problems.append((m, t, "up", 2 * f, h, counts, None))
+                problems.append((m, t, "down", h, f, counts, None))
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"ceilings: bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s"
+          + (" (from the Switchyard benchmark, same run)" if sy is not None else " (measured here)"))
+    hdr = (f"{'model':<9}{'T':>6} {'gemm':<5}{'rows':>8}{'N':>7}{'K':>7} {'floor ms':>9} {'switchyard ms':>14}"
+           f" {'%floor':>7} {'torch ms':>9} {'%floor':>7} {'sy/torch':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    results = []
+    for model, t, gemm, n, k, counts, syrow in problems:
+        e = len(counts)
+        rows = sum(counts)
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).cuda()
+        # Rotate operand sets when one set is small against the L2 (the DESIGN shapes' weights are larger).
+        set_bytes = 2 * (rows * k + e * n * k + rows * n)
+        sets = max(1, min(64, math.ceil(4 * 50e6 / max(set_bytes, 1))))
+        a_sets = [torch.empty(rows, k, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1) for _ in range(sets)]
+        w_sets = [torch.empty(e, n, k, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1) for _ in range(sets)]
+        state = {"i": 0}
+
+        def call():
+            i = state["i"] % sets
+            state["i"] += 1
+            return torch._grouped_mm(a_sets[i], w_sets[i].transpose(-2, -1), offs=offs)
+
+        torch_ms = time_cuda(call, args.warmup, args.iters)
+        flops = 2.0 * rows * n * k
+        hit = sum(1 for c in counts if c > 0)
+        bytes_ = hit * n * k * 2 + rows * k * 2 + rows * n * 2
+        floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+        sy_ms = syrow["ms"] if syrow else float("nan")
+        print(f"{model:<9}{t:>6} {gemm:<5}{rows:>8}{n:>7}{k:>7} {floor_ms:>9.4f} {sy_ms:>14.4f} "
+              f"{100 * floor_ms / sy_ms:>6.1f}% {torch_ms:>9.4f} {100 * floor_ms / torch_ms:>6.1f}% "
+              f"{sy_ms / torch_ms:>8.3f}", flush=True)
+        results.append(dict(model=model, tokens=t, gemm=gemm, rows=rows, n=n, k=k, floor_ms=floor_ms,
+                            switchyard_ms=sy_ms, switchyard_kernel=syrow["kernel"] if syrow else None,
+                            torch_ms=torch_ms))
+        del a_sets, w_sets
+        torch.cuda.empty_cache()
+    return dict(mode="gemm", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
+                rows=results)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer mode
+# ---------------------------------------------------------------------------------------------------------------
+def router(x, wg, top_k):
+    logits = (x @ wg.t()).float()
+    probs = logits.softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    return weights, ids
+
+
+def layer_dense(x, wg, w13, w2, top_k, capacity_factor):
+    """The seed's GShard baseline: one-hot dispatch/combine [T,E,C] and a broadcast-multiply combine."""
+    t, h = x.shape
+    e = w13.shape[0]
+    f = w2.shape[2]
+    weights, ids = router(x, wg, top_k)
+    cap = max(1, math.ceil(capacity_factor * t * top_k / e))
+    onehot = F.one_hot(ids, e).to(torch.int32)                   # [T, k, E]
+    flat = onehot.permute(1, 0, 2).reshape(t * top_k, e)         # slot-major priority (GShard)
+    pos = (flat.cumsum(0) - 1).reshape(top_k, t, e).permute(1, 0, 2)  # [T, k, E] position inside the expert
+    pos_k = pos.gather(2, ids.unsqueeze(-1)).squeeze(-1)         # [T, k]
+    keep = pos_k < cap
+    tok = torch.arange(t, device=x.device)[:, None].expand(t, top_k)
+    dispatch = torch.zeros(t, e, cap, device=x.device, dtype=x.dtype)  # one-hot [T, E, C]
+    combine = torch.zeros(t, e, cap, device=x.device, dtype=x.dtype)   # weights [T, E, C]
+    dispatch[tok[keep], ids[keep], pos_k[keep]] = 1
+    combine[tok[keep], ids[keep], pos_k[keep]] = weights[keep].to(x.dtype)
+    expert_in = torch.einsum("tec,th->ech", dispatch, x)         # [E, C, H]
+    g = torch.bmm(expert_in, w13.transpose(1, 2))                # [E, C, 2F]
+    act = F.silu(g[..., :f]) * g[..., f:]
+    expert_out = torch.bmm(act, w2.transpose(1, 2))              # [E, C, H]
+    y = (expert_out.unsqueeze(0) * combine.unsqueeze(-1)).sum(dim=(1, 2))  # materialises [T, E, C, H]
+    return y
+
+
+def layer_loop(x, wg, w13, w2, top_k):
+    """Hugging Face style: loop over experts, index_add the weighted outputs (host sync per expert)."""
+    t, h = x.shape
+    e = w13.shape[0]
+    f = w2.shape[2]
+    weights, ids = router(x, wg, top_k)
+    y = torch.zeros_like(x)
+    mask = F.one_hot(ids, e).permute(2, 1, 0)  # [E, k, T]
+    for ei in range(e):
+        slot, tok = torch.where(mask[ei])
+        if tok.numel() == 0:
+            continue
+        xi = x[tok]
+        g = xi @ w13[ei].t()
+        out = (F.silu(g[:, :f]) * g[:, f:]) @ w2[ei].t()
+        y.index_add_(0, tok, (out * weights[tok, slot].unsqueeze(1)).to(x.dtype))
+    return y
+
+
+def layer_sort(x, wg, w13, w2, top_k):
+    """Sort by expert, permute, grouped GEMM, SwiGLU, grouped GEMM, weighted un-permute (no host sync)."""
+    t, h = x.shape
+    e = w13.shape[0]
+    f = w2.shape[2]
+    weights, ids = router(x, wg, top_k)
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    xp = x[order // top_k]
+    g = torch._grouped_mm(xp, w13.transpose(-2, -1), offs=offs)
+    act = F.silu(g[:, :f]) * g[:, f:]
+    out = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)
+    unperm = torch.empty_like(out)
+    unperm[order] = out
+    y = (unperm.view(t, top_k, h).float() * weights[..., None]).sum(1).to(x.dtype)
+    return y
+
+
+def run_switchyard_layer_bench(cli, model, tokens, dtype="bf16"):
+    """Hook for Switchyard's whole layer: runs `<cli> bench ... --json` when the CLI is present.
+
+    The lead wires the exact flags of `switchyard bench`; this calls it with the layer's shape and reads back a
+    JSON object, expected to hold at least {"ms": float} and optionally {"peak_bytes": int}. Returns None (and
+    says why) when the CLI is missing or fails.
+    """
+    if not cli or not os.path.exists(cli):
+        return None
+    h, f, e, k = MODELS[model]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "sy.json")
+        cmd = [cli, "bench", "--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k),
+               "--tokens", str(tokens), "--dtype", dtype, "--device", "cuda", "--json", out]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+            with open(out) as fh:
+                return json.load(fh)
+        except (subprocess.SubprocessError, OSError, ValueError) as err:
+            print(f"  switchyard bench failed ({' '.join(cmd)}): {err}", file=sys.stderr)
+            return None
+
+
+def layer_mode(args):
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    impls = args.impls.split(",")
+    ceiling, copy_tbps = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    hdr = f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note"
+    print(hdr)
+    print("-" * len(hdr))
+    results = []
+    torch.manual_seed(args.seed)
+    for m in models:
+        h, f, e, k = MODELS[m]
+        wg = torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w13 = torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w2 = torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                _, ids = router(x, wg, k)
+            hit = int(torch.unique(ids).numel())
+            flops = 2.0 * t * h * e + t * k * 6.0 * h * f
+            bytes_ = hit * 3 * h * f * 2 + 2 * t * h * 2
+            floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+            for impl in impls:
+                note = ""
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                ms = float("nan")
+                peak = float("nan")
+                with torch.no_grad():
+                    try:
+                        if impl == "dense":
+                            fn = lambda: layer_dense(x, wg, w13, w2, k, args.capacity_factor)
+                        elif impl == "loop":
+                            fn = lambda: layer_loop(x, wg, w13, w2, k)
+                        elif impl == "sort":
+                            fn = lambda: layer_sort(x, wg, w13, w2, k)
+                        elif impl == "switchyard":
+                            fn = None
+                        else:
+                            raise ValueError(f"unknown impl {impl}")
+                        if fn is not None:
+                            ms = time_cuda(fn, args.warmup, args.iters)
+                            peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+                        else:
+                            r = run_switchyard_layer_bench(args.switchyard_cli, m, t)
+                            if r is None:
+                                note = "switchyard CLI not present or failed"
+                            else:
+                                ms = float(r.get("ms", float("nan")))
+                                peak = float(r.get("peak_bytes", float("nan"))) / 1e9
+                    except torch.cuda.OutOfMemoryError:
+                        cap = max(1, math.ceil(args.capacity_factor * t * k / e))
+                        need = t * e * cap * h * 2
+                        note = f"OOM: the [T,E,C,H] combine alone needs {need / 1e9:.1f} GB"
+                        torch.cuda.empty_cache()
+                tfl = flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
+                print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
+                      f"{note}", flush=True)
+                results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
+                                    peak_extra_gb=peak, note=note))
+            del x
+        del wg, w13, w2
+        torch.cuda.empty_cache()
+    return dict(mode="layers", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
+                rows=results)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mixtral,qwen3,deepseek")
+    p.add_argument("--tokens", default="16,256,4096,16384")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--grouped-bench", default="build/bench/grouped_gemm_bench",
+                   help="Switchyard grouped GEMM benchmark binary (GEMM mode)")
+    p.add_argument("--gemm-json", default="", help="read Switchyard's GEMM results from this file instead")
+    p.add_argument("--layers", action="store_true", help="time whole-layer PyTorch peers instead of the GEMMs")
+    p.add_argument("--impls", default="dense,loop,sort,switchyard", help="layer mode: which implementations")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="dense baseline capacity factor")
+    p.add_argument("--switchyard-cli", default="build/switchyard", help="layer mode: Switchyard CLI")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("compare_torch.py: no CUDA device", file=sys.stderr)
+        return 1
+    res = layer_mode(args) if args.layers else gemm_mode(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+// src/cuda/grouped_gemm.cu: the grouped GEMM entry points of grouped_gemm.h: validation, workspace sizing, the
+// tile heuristic for the 16-bit CUTLASS path (grouped_gemm_sm90*.cu), and the fp32 path (a tiled SIMT kernel).
+//
+// fp32 kernel layout: for group e with rows [offsets[e], offsets[e+1]) of A [rows, K] and B_e = B[e] [N, K]
+// (both row-major, K contiguous), C[r, n] = sum_k A[r, k] * B_e[n, k], C [rows, N] row-major.
+// Each 64x64 output tile is one thread block; blocks are numbered over all groups' row tiles (a group of m rows
+// has ceil(m / 64) of them; at most ceil(max_rows / 64) + E in total), so the grid is sized from max_rows alone and
+// the kernel reads the group sizes from the device offsets (no host synchronisation). Each thread accumulates a
+// 4x4 micro-tile in fp32 over k = 0..K-1 in order: bitwise reproducible. Any N, K >= 1 (bounds-checked loads).
+// Reference: a product accumulated in double (src/ref), rounded to fp32.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/grouped_gemm.h"
+#include "cuda/grouped_gemm_sm90.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kSimtBM = 64;
+constexpr int kSimtBN = 64;
+constexpr int kSimtBK = 16;
+constexpr int kSimtThreads = 256;  // 16 x 16 threads, each a 4x4 micro-tile
+
+struct SimtParams {
+    const float* a;
+    const float* b;
+    float* c;
+    const int32_t* offsets;
+    int num_groups;
+    int n;
+    int k;
+};
+
+__global__ void __launch_bounds__(kSimtThreads) grouped_gemm_f32_kernel(SimtParams p) {
+    static_assert(kSimtBM * kSimtBK == 4 * kSimtThreads && kSimtBN * kSimtBK == 4 * kSimtThreads,
+                  "each thread loads 4 elements of A and 4 of B per k-step");
+    __shared__ float as[kSimtBK][kSimtBM + 4];  // k-major so that a row of the micro-tile reads one float4 row
+    __shared__ float bs[kSimtBK][kSimtBN + 4];
+    __shared__ int s_group, s_row0, s_rows;
+
+    // Map this block's linear row tile onto (group, tile within group). Tiles past the last group exit.
+    if (threadIdx.x == 0) {
+        int64_t tile = blockIdx.x;
+        int group = -1, row0 = 0, rows = 0;
+        for (int e = 0; e < p.num_groups; ++e) {
+            int begin = p.offsets[e];
+            int m = p.offsets[e + 1] - begin;
+            int64_t tiles = (m + kSimtBM - 1) / kSimtBM;
+            if (tile < tiles) {
+                group = e;
+                row0 = begin + static_cast<int>(tile) * kSimtBM;
+                rows = min(kSimtBM, m - static_cast<int>(tile) * kSimtBM);
+                break;
+            }
+            tile -= tiles;
+        }
+        s_group = group;
+        s_row0 = row0;
+        s_rows = rows;
+    }
+    __syncthreads();
+    const int group = s_group;
+    if (group < 0) return;
+    const int row0 = s_row0;
+    const int rows = s_rows;
+    const int col0 = blockIdx.y * kSimtBN;
+
+    const float* a = p.a + static_cast<int64_t>(row0) * p.k;
+    const float* b = p.b + (static_cast<int64_t>(group) * p.n) * p.k;
+    const int tx = threadIdx.x % 16;  // column micro-tile
+    const int ty = threadIdx.x / 16;  // row micro-tile
+    // Loader mapping: thread loads rows lr + 16*i (i < 4) at column lk of the 64 x 16 slab.
+    const int lk = threadIdx.x % kSimtBK;
+    const int lr = threadIdx.x / kSimtBK;
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < p.k; k0 += kSimtBK) {
+        const int kk = k0 + lk;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int r = lr + 16 * i;
+            as[lk][r] = (r < rows && kk < p.k) ? a[static_cast<int64_t>(r) * p.k + kk] : 0.0f;
+            int cn = col0 + r;
+            bs[lk][r] = (cn < p.n && kk < p.k) ? b[static_cast<int64_t>(cn) * p.k + kk] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < kSimtBK; ++q) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                av[i] = as[q][ty * 4 + i];
+                bv[i] = bs[q][tx * 4 + i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int r = ty * 4 + i;
+        if (r >= rows) continue;
+        float* crow = p.c + static_cast<int64_t>(row0 + r) * p.n;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int cn = col0 + tx * 4 + j;
+            if (cn < p.n) crow[cn] = acc[i][j];
+        }
+    }
+}
+
+// Per-device facts read once (SM count, compute capability); graph capture and the hot path then only launch.
+struct DeviceFacts {
+    int sm_count;
+    int cc_major;
+};
+
+DeviceFacts device_facts() {
+    static std::array<std::atomic<int>, 64> cached_sm{};
+    static std::array<std::atomic<int>, 64> cached_cc{};
+    int device = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
+    if (device >= 0 && device < 64) {
+        int sm = cached_sm[device].load(std::memory_order_acquire);
+        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
+    }
+    int sm = 0, major = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (device >= 0 && device < 64) {
+        cached_cc[device].store(major, std::memory_order_release);
+        cached_sm[device].store(sm, std::memory_order_release);
+    }
+    return {sm, major};
+}
+
+bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
+
+void check_sizes(const GroupedGemmArgs& g) {
+    SWITCHYARD_CHECK(g.dtype == DType::kF32 || is_16bit(g.dtype), "grouped_gemm: dtype=", to_string(g.dtype),
+                     " is not supported (fp32, bf16, fp16)");
+    SWITCHYARD_CHECK(g.num_groups >= 1 && g.num_groups <= INT_MAX, "grouped_gemm: num_groups=", g.num_groups,
+                     " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(g.n >= 1 && g.n <= INT_MAX, "grouped_gemm: n=", g.n, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(g.k >= 1 && g.k <= INT_MAX, "grouped_gemm: k=", g.k, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(g.max_rows >= 0 && g.max_rows <= INT_MAX, "grouped_gemm: max_rows=", g.max_rows,
+                     " must be in [0, 2^31)");
+    if (is_16bit(g.dtype)) {
+        SWITCHYARD_CHECK(g.k % 8 == 0, "grouped_gemm: k=", g.k, " must be a multiple of 8 for ", to_string(g.dtype),
+                         " (16-byte TMA row alignment)");
+        SWITCHYARD_CHECK(g.n % 8 == 0, "grouped_gemm: n=", g.n, " must be a multiple of 8 for ", to_string(g.dtype),
+                         " (16-byte TMA row alignment)");
+    }
+}
+
+sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
+    switch (g.tile) {
+        case GroupedGemmTile::kLarge: return sm90::TileConfig::kCooperative128x256;
+        case GroupedGemmTile::kSmall: return sm90::TileConfig::kPingpong64x128;
+        case GroupedGemmTile::kMedium: return sm90::TileConfig::kPingpong128x128;
+        case GroupedGemmTile::kAuto: break;
+    }
+    // Measured on an H200 (bench/NOTES.md, change 2) over the DESIGN.md expert shapes: with few rows per group the
+    // 64-row Pingpong tile wastes the least MMA work and streams the weights fastest; up to 128 rows, and for short K
+    // (<= 1024: few k-steps per tile, so the epilogue matters) the 128x128 Pingpong tile, whose two warpgroups
+    // overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest MMA rate).
+    // fp16 has no 128x128 instantiation: it keeps the two-way rule.
+    const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
+    const bool has_medium = g.dtype == DType::kBF16;
+    if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
+    if (avg_rows <= 128) return has_medium ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
+    if (g.k <= 1024 && has_medium) return sm90::TileConfig::kPingpong128x128;
+    return sm90::TileConfig::kCooperative128x256;
+}
+
+}  // namespace
+
+bool grouped_gemm_supported(const GroupedGemmArgs& args) {
+    try {
+        check_sizes(args);
+    } catch (const Error&) {
+        return false;
+    }
+    return true;
+}
+
+size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return 0;
+    const int sm_count = device_facts().sm_count;
+    // The largest over the tile configurations, so a caller may size once and let kAuto choose per call.
+    size_t bytes = 0;
+    for (auto tile : {sm90::TileConfig::kCooperative128x256, sm90::TileConfig::kPingpong64x128,
+                      sm90::TileConfig::kPingpong128x128}) {
+        bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
+    }
+    return bytes;
+}
+
+const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 64x64x16";
+    return sm90::ops_for(args.dtype, choose_tile(args)).name;
+}
+
+void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm: offsets is null");
+    SWITCHYARD_CHECK(args.b != nullptr, "grouped_gemm: b is null");
+    if (args.max_rows > 0) {
+        SWITCHYARD_CHECK(args.a != nullptr, "grouped_gemm: a is null with max_rows=", args.max_rows);
+        SWITCHYARD_CHECK(args.c != nullptr, "grouped_gemm: c is null with max_rows=", args.max_rows);
+    }
+    if (args.max_rows == 0) return;  // offsets[E] <= max_rows: no rows, nothing to compute
+
+    if (args.dtype == DType::kF32) {
+        SimtParams p{static_cast<const float*>(args.a), static_cast<const float*>(args.b), static_cast<float*>(args.c),
+                     args.offsets, static_cast<int>(args.num_groups), static_cast<int>(args.n),
+                     static_cast<int>(args.k)};
+        const int64_t row_tiles = (args.max_rows + kSimtBM - 1) / kSimtBM + args.num_groups;
+        const int64_t col_tiles = (args.n + kSimtBN - 1) / kSimtBN;
+        SWITCHYARD_CHECK(row_tiles <= INT_MAX && col_tiles <= 65535, "grouped_gemm: fp32 grid too large (row tiles ",
+                         row_tiles, ", column tiles ", col_tiles, ")");
+        dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+        grouped_gemm_f32_kernel<<<grid, kSimtThreads, 0, stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts = device_facts();
+    SWITCHYARD_CHECK(facts.cc_major == 9, "grouped_gemm: the ", to_string(args.dtype),
+                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ",
+                     facts.cc_major);
+    auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+    SWITCHYARD_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c),
+                     "grouped_gemm: a, b and c must be 16-byte aligned for TMA (a=", args.a, ", b=", args.b,
+                     ", c=", args.c, ")");
+    const size_t need = grouped_gemm_workspace_size(args);
+    SWITCHYARD_CHECK(workspace != nullptr || need == 0, "grouped_gemm: workspace is null, need ", need, " bytes");
+    SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm: workspace_bytes=", workspace_bytes, " < required ",
+                     need);
+    SWITCHYARD_CHECK(aligned16(workspace), "grouped_gemm: workspace must be 16-byte aligned (got ", workspace, ")");
+    sm90::ops_for(args.dtype, choose_tile(args)).run(args, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+}  // namespace cuda
+}  // namespace switchyard
