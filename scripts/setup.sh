@@ -47,4 +47,18 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
     pip_install --no-deps "$CUTLASS_PIN"
   fi
 fi
+# ---- PyTorch binding (bindings/torch, tests/python/test_torch_*.py) ----------------------- [torch block begin]
+# torch from PyPI, pinned: 2.11.0 is the cu130 build (the same CUDA 13.0 as nvcc here and on the GPU machine).
+# Its Linux wheel pulls about 2.6 GB of NVIDIA runtime wheels (cuBLAS, cuDNN, NCCL, ...); measured on the 2-core
+# machine: download 22 s, install 25 s, so CI stays well inside its budget. import torch needs those libraries even
+# for CPU work, so they are installed rather than skipped. Set SWITCHYARD_NO_TORCH=1 to skip (binding then OFF).
+TORCH_PIN="torch==2.11.0"
+if [ "${SWITCHYARD_NO_TORCH:-0}" != 1 ]; then
+  if ! python3 -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.11.0' else 1)" >/dev/null 2>&1; then
+    echo "setup: pip install $TORCH_PIN (about 3 GB with its CUDA runtime wheels)"
+    pip_install "$TORCH_PIN"
+  fi
+  if ! py_has pytest; then echo "setup: pip install pytest"; pip_install "pytest>=8"; fi
+fi
+# ------------------------------------------------------------------------------------------ [torch block end]
 exit 0

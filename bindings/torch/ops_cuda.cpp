@@ -1,0 +1,335 @@
+// bindings/torch/ops_cuda.cpp: CUDA implementations of the `switchyard` torch ops (schemas in ops.cpp).
+//
+// Every op runs on the tensor's device and torch's current stream, allocates its outputs (and any workspace) with
+// the caching allocator, and never synchronises with the host, so forward and backward capture in CUDA graphs.
+// Kernels: route_topk (router.cu), build_plan (plan.cu), permute_rows (permute.cu), grouped_gemm (grouped_gemm.h),
+// activation_rows (activation.cu), combine_rows (combine.cu), and the backward kernels of src/cuda/backward.h.
+// Router losses and their gradient are short ATen expressions (no kernel of ours; no .item(), so no sync).
+// GEMM gradients: Switchyard's grouped GEMM does not yet offer the two layouts they need (B as [E, K, N] for the
+// input gradient; per-expert K = rows for the weight gradient). Until it does, bf16 uses torch._grouped_mm (CUTLASS,
+// device-side offsets, no host sync); other dtypes raise an error that says so.
+// dtypes: activations fp32 / bf16 / fp16; logits and routing weights fp32; ids and plan arrays int32.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/backward.h"
+#include "cuda/grouped_gemm.h"
+#include "cuda/moe_stages.h"
+#include "ops.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace torch_ops {
+namespace {
+
+template <typename F>
+auto guarded(F&& f) -> decltype(f()) {
+    try {
+        return f();
+    } catch (const Error& e) {
+        TORCH_CHECK(false, "switchyard: ", e.what());
+    }
+}
+
+DType dtype_of(const at::Tensor& t, const char* name) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return DType::kF32;
+        case at::kBFloat16: return DType::kBF16;
+        case at::kHalf: return DType::kF16;
+        default: TORCH_CHECK(false, "switchyard: ", name, " must be fp32, bf16 or fp16 on CUDA, got ", t.scalar_type());
+    }
+}
+
+void check_cuda(const at::Tensor& t, const char* name, at::ScalarType want = at::ScalarType::Undefined) {
+    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "switchyard: ", name, " must be a contiguous CUDA tensor");
+    if (want != at::ScalarType::Undefined)
+        TORCH_CHECK(t.scalar_type() == want, "switchyard: ", name, " must be ", want, ", got ", t.scalar_type());
+}
+
+cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& logits_in, const c10::optional<at::Tensor>& bias,
+                                              int64_t top_k, int64_t score_function, bool renormalize,
+                                              double routed_scale, int64_t num_groups, int64_t topk_groups) {
+    return guarded([&] {
+        const at::Tensor logits = logits_in.contiguous();
+        check_cuda(logits, "logits", at::kFloat);
+        c10::cuda::CUDAGuard guard(logits.device());
+        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+        const bool use_bias = bias.has_value() && bias->defined();
+        const MoEConfig cfg = router_config(num_experts, top_k, score_function, renormalize, routed_scale,
+                                            num_groups, topk_groups, use_bias);
+        cfg.validate();
+        at::Tensor b;
+        if (use_bias) {
+            b = bias->to(at::kFloat).contiguous();
+            check_cuda(b, "score_bias", at::kFloat);
+        }
+        at::Tensor ids = at::empty({num_tokens, top_k}, logits.options().dtype(at::kInt));
+        at::Tensor w = at::empty({num_tokens, top_k}, logits.options());
+        if (num_tokens > 0)
+            cuda::route_topk(cfg, logits.data_ptr<float>(), use_bias ? b.data_ptr<float>() : nullptr, num_tokens,
+                             ids.data_ptr<int32_t>(), w.data_ptr<float>(), nullptr, nullptr, stream_of(logits));
+        return std::make_tuple(ids, w);
+    });
+}
+
+at::Tensor route_backward_cuda(const at::Tensor& logits_in, const at::Tensor& ids_in, const at::Tensor& dw_in,
+                               int64_t score_function, bool renormalize, double routed_scale) {
+    return guarded([&] {
+        const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous();
+        const at::Tensor dw = dw_in.to(at::kFloat).contiguous();
+        check_cuda(logits, "logits", at::kFloat);
+        check_cuda(ids, "topk_ids", at::kInt);
+        c10::cuda::CUDAGuard guard(logits.device());
+        const MoEConfig cfg = router_config(logits.size(1), ids.size(1), score_function, renormalize, routed_scale, 1,
+                                            1, false);
+        at::Tensor dl = at::empty_like(logits);
+        cuda::route_backward(cfg, logits.data_ptr<float>(), ids.data_ptr<int32_t>(), dw.data_ptr<float>(),
+                             logits.size(0), dl.data_ptr<float>(), stream_of(logits));
+        return dl;
+    });
+}
+
+// f_e * E / (T*k) expressed as a [E] tensor from the ids, without a host round trip.
+at::Tensor expert_fraction(const at::Tensor& ids, int64_t num_experts) {
+    const at::Tensor flat = ids.reshape({-1}).to(at::kLong);
+    at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kFloat));
+    counts.scatter_add_(0, flat, at::ones_like(flat, counts.options()));
+    return counts / static_cast<double>(std::max<int64_t>(flat.numel(), 1));
+}
+
+at::Tensor router_prob(const at::Tensor& l, int64_t score_function) {
+    if (score_function == static_cast<int64_t>(ScoreFunction::kSigmoid)) {
+        const at::Tensor s = at::sigmoid(l);
+        return s / s.sum(1, true);
+    }
+    return at::softmax(l, 1);
+}
+
+at::Tensor router_losses_cuda(const at::Tensor& logits, const at::Tensor& ids, int64_t score_function) {
+    check_cuda(logits.contiguous(), "logits", at::kFloat);
+    const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+    if (num_tokens == 0) return at::zeros({2}, logits.options());
+    const at::Tensor f = expert_fraction(ids, num_experts);
+    const at::Tensor aux = (f * router_prob(logits, score_function).mean(0)).sum() * static_cast<double>(num_experts);
+    const at::Tensor z = at::logsumexp(logits, {1}).square().mean();
+    return at::stack({aux, z});
+}
+
+at::Tensor router_losses_backward_cuda(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& d_losses,
+                                       int64_t score_function) {
+    const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+    if (num_tokens == 0) return at::zeros_like(logits);
+    const double inv_t = 1.0 / static_cast<double>(num_tokens);
+    const at::Tensor gp = (d_losses.select(0, 0) * expert_fraction(ids, num_experts) *
+                           (static_cast<double>(num_experts) * inv_t)).unsqueeze(0);  // [1, E]
+    at::Tensor dl;
+    if (score_function == static_cast<int64_t>(ScoreFunction::kSigmoid)) {
+        const at::Tensor s = at::sigmoid(logits);
+        const at::Tensor sum = s.sum(1, true);
+        const at::Tensor ds = (gp - (gp * (s / sum)).sum(1, true)) / sum;
+        dl = ds * s * (1.0 - s);
+    } else {
+        const at::Tensor p = at::softmax(logits, 1);
+        dl = p * (gp - (gp * p).sum(1, true));
+    }
+    const at::Tensor lse = at::logsumexp(logits, {1}, true);
+    return dl + d_losses.select(0, 1) * (2.0 * inv_t) * lse * at::softmax(logits, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(const at::Tensor& ids_in,
+                                                                     const at::Tensor& w_in, int64_t num_experts,
+                                                                     double capacity_factor, int64_t min_capacity,
+                                                                     int64_t drop_policy) {
+    return guarded([&] {
+        const at::Tensor ids = ids_in.contiguous(), w = w_in.to(at::kFloat).contiguous();
+        check_cuda(ids, "topk_ids", at::kInt);
+        c10::cuda::CUDAGuard guard(ids.device());
+        const int64_t num_tokens = ids.size(0), k = ids.size(1);
+        MoEConfig cfg = router_config(num_experts, k, 0, false, 1.0, 1, 1, false);
+        cfg.capacity_factor = capacity_factor;
+        cfg.min_capacity = min_capacity;
+        SWITCHYARD_CHECK(drop_policy == 0 || drop_policy == 1, "drop_policy=", drop_policy);
+        const auto opt = ids.options();
+        at::Tensor offsets = at::empty({num_experts + 1}, opt), slot_row = at::empty({num_tokens, k}, opt);
+        at::Tensor row_token = at::empty({num_tokens * k}, opt), row_slot = at::empty({num_tokens * k}, opt);
+        at::Tensor counts = at::empty({num_experts}, opt);
+        cuda::PlanArgs a;
+        a.num_tokens = num_tokens;
+        a.top_k = k;
+        a.num_experts = num_experts;
+        a.capacity = cfg.capacity(num_tokens);
+        a.drop_policy = static_cast<DropPolicy>(drop_policy);
+        a.topk_ids = ids.data_ptr<int32_t>();
+        a.topk_weights = w.data_ptr<float>();
+        a.expert_counts = counts.data_ptr<int32_t>();
+        a.expert_offsets = offsets.data_ptr<int32_t>();
+        a.slot_row = slot_row.data_ptr<int32_t>();
+        a.row_token = row_token.data_ptr<int32_t>();
+        a.row_slot = row_slot.data_ptr<int32_t>();
+        const size_t ws_bytes = cuda::plan_workspace_size(num_tokens, k, num_experts);
+        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, opt.dtype(at::kByte));
+        cuda::build_plan(a, ws.data_ptr(), ws_bytes, stream_of(ids));
+        return std::make_tuple(offsets, slot_row, row_token, counts);
+    });
+}
+
+at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& row_token_in) {
+    return guarded([&] {
+        const at::Tensor x = x_in.contiguous(), rt = row_token_in.contiguous();
+        check_cuda(rt, "row_token", at::kInt);
+        c10::cuda::CUDAGuard guard(x.device());
+        const int64_t rows = rt.numel(), hidden = x.size(1);
+        at::Tensor xp = at::zeros({rows, hidden}, x.options());  // rows past offsets[E] stay zero
+        cuda::permute_rows(dtype_of(x, "x"), x.data_ptr(), rt.data_ptr<int32_t>(), rows, hidden, xp.data_ptr(),
+                           stream_of(x));
+        return xp;
+    });
+}
+
+at::Tensor gather_backward_cuda(const at::Tensor& d_xp_in, const at::Tensor& slot_row_in) {
+    return guarded([&] {
+        const at::Tensor g = d_xp_in.contiguous(), sr = slot_row_in.contiguous();
+        check_cuda(sr, "slot_row", at::kInt);
+        c10::cuda::CUDAGuard guard(g.device());
+        at::Tensor dx = at::empty({sr.size(0), g.size(1)}, g.options());
+        cuda::gather_backward_rows(dtype_of(g, "d_xp"), g.data_ptr(), sr.data_ptr<int32_t>(), sr.size(0), sr.size(1),
+                                   g.size(1), dx.data_ptr(), stream_of(g));
+        return dx;
+    });
+}
+
+at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets_in) {
+    return guarded([&] {
+        const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), off = offsets_in.contiguous();
+        check_cuda(off, "offsets", at::kInt);
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(2) && a.scalar_type() == b.scalar_type(),
+                    "switchyard.grouped_mm: a [R, K] and b [E, N, K] of one dtype expected, got a ", a.sizes(), " b ",
+                    b.sizes());
+        TORCH_CHECK(off.numel() == b.size(0) + 1, "switchyard.grouped_mm: offsets must have E+1 elements");
+        c10::cuda::CUDAGuard guard(a.device());
+        at::Tensor c = at::zeros({a.size(0), b.size(1)}, a.options());  // rows past offsets[E] stay zero
+        cuda::GroupedGemmArgs g;
+        g.a = a.data_ptr();
+        g.b = b.data_ptr();
+        g.c = c.data_ptr();
+        g.dtype = dtype_of(a, "a");
+        g.num_groups = b.size(0);
+        g.n = b.size(1);
+        g.k = b.size(2);
+        g.max_rows = a.size(0);
+        g.offsets = off.data_ptr<int32_t>();
+        SWITCHYARD_CHECK(cuda::grouped_gemm_supported(g), "grouped_mm: unsupported sizes N=", g.n, " K=", g.k,
+                         " for dtype ", to_string(g.dtype), " (16-bit types need N and K multiples of 8)");
+        if (a.size(0) == 0) return c;
+        const size_t ws_bytes = cuda::grouped_gemm_workspace_size(g);
+        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, a.options().dtype(at::kByte));
+        cuda::grouped_gemm(g, ws.data_ptr(), ws_bytes, stream_of(a));
+        return c;
+    });
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& dc_in, const at::Tensor& a_in,
+                                                            const at::Tensor& b_in, const at::Tensor& offsets_in) {
+    const at::Tensor dc = dc_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+    TORCH_CHECK(a.scalar_type() == at::kBFloat16,
+                "switchyard.grouped_mm_backward on CUDA supports bf16 only for now: the fp32/fp16 GEMM gradients "
+                "wait for grouped GEMM variants with B as [E, K, N] and per-expert K in src/cuda/grouped_gemm.h; got ",
+                a.scalar_type());
+    c10::cuda::CUDAGuard guard(a.device());
+    const int64_t num_experts = b.size(0);
+    const at::Tensor ends = offsets_in.slice(0, 1, num_experts + 1).contiguous();  // cumulative row ends, int32
+    // da [R, K] = dc [R, N] . b[e] [N, K] per expert (rows past offsets[E] zeroed below).
+    at::Tensor da = at::_grouped_mm(dc, b, ends);
+    const at::Tensor used = offsets_in.slice(0, num_experts, num_experts + 1);  // [1] device scalar, no sync
+    const at::Tensor row = at::arange(a.size(0), offsets_in.options()).unsqueeze(1);
+    da = da.masked_fill(row.ge(used), 0.0);
+    // db [E, N, K] = dc_e^T [N, rows_e] . a_e [rows_e, K]: K of this grouped GEMM is the expert's row count.
+    at::Tensor db = at::_grouped_mm(dc.t(), a, ends);
+    return std::make_tuple(da, db);
+}
+
+int64_t ffn_of(const at::Tensor& g, int64_t act) {
+    TORCH_CHECK(act >= 0 && act <= 3, "switchyard.activation: activation=", act);
+    return is_gated(static_cast<Activation>(act)) ? g.size(1) / 2 : g.size(1);
+}
+
+at::Tensor activation_cuda(const at::Tensor& g_in, int64_t act) {
+    return guarded([&] {
+        const at::Tensor g = g_in.contiguous();
+        c10::cuda::CUDAGuard guard(g.device());
+        const int64_t ffn = ffn_of(g, act);
+        at::Tensor h = at::empty({g.size(0), ffn}, g.options());
+        cuda::activation_rows(static_cast<Activation>(act), dtype_of(g, "g"), g.data_ptr(), g.size(0), nullptr, ffn,
+                              h.data_ptr(), stream_of(g));
+        return h;
+    });
+}
+
+at::Tensor activation_backward_cuda(const at::Tensor& g_in, const at::Tensor& dh_in, int64_t act) {
+    return guarded([&] {
+        const at::Tensor g = g_in.contiguous(), dh = dh_in.to(g.scalar_type()).contiguous();
+        c10::cuda::CUDAGuard guard(g.device());
+        at::Tensor dg = at::empty_like(g);
+        cuda::activation_backward_rows(static_cast<Activation>(act), dtype_of(g, "g"), g.data_ptr(), dh.data_ptr(),
+                                       g.size(0), ffn_of(g, act), dg.data_ptr(), stream_of(g));
+        return dg;
+    });
+}
+
+at::Tensor combine_cuda(const at::Tensor& out_in, const at::Tensor& slot_row_in, const at::Tensor& w_in,
+                        const c10::optional<at::Tensor>& shared) {
+    return guarded([&] {
+        const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = w_in.contiguous();
+        check_cuda(sr, "slot_row", at::kInt);
+        check_cuda(w, "weights", at::kFloat);
+        c10::cuda::CUDAGuard guard(out.device());
+        at::Tensor s;
+        if (shared.has_value() && shared->defined()) s = shared->to(out.scalar_type()).contiguous();
+        at::Tensor y = at::empty({sr.size(0), out.size(1)}, out.options());
+        cuda::combine_rows(dtype_of(out, "expert_out"), out.data_ptr(), sr.data_ptr<int32_t>(), w.data_ptr<float>(),
+                           s.defined() ? s.data_ptr() : nullptr, sr.size(0), sr.size(1), out.size(1), y.data_ptr(),
+                           stream_of(out));
+        return y;
+    });
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& dy_in, const at::Tensor& out_in,
+                                                         const at::Tensor& slot_row_in, const at::Tensor& w_in) {
+    return guarded([&] {
+        const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = w_in.contiguous();
+        const at::Tensor dy = dy_in.to(out.scalar_type()).contiguous();
+        check_cuda(w, "weights", at::kFloat);
+        c10::cuda::CUDAGuard guard(out.device());
+        at::Tensor d_out = at::zeros_like(out);  // rows no pair points at get zero gradient
+        at::Tensor d_w = at::empty({sr.size(0), sr.size(1)}, w.options());
+        cuda::combine_backward_rows(dtype_of(out, "expert_out"), dy.data_ptr(), out.data_ptr(),
+                                    sr.data_ptr<int32_t>(), w.data_ptr<float>(), sr.size(0), sr.size(1), out.size(1),
+                                    d_out.data_ptr(), d_w.data_ptr<float>(), stream_of(out));
+        return std::make_tuple(d_out, d_w);
+    });
+}
+
+}  // namespace
+}  // namespace torch_ops
+}  // namespace switchyard
+
+TORCH_LIBRARY_IMPL(switchyard, CUDA, m) {
+    using namespace switchyard::torch_ops;
+    m.impl("route", &route_cuda);
+    m.impl("route_backward", &route_backward_cuda);
+    m.impl("router_losses", &router_losses_cuda);
+    m.impl("router_losses_backward", &router_losses_backward_cuda);
+    m.impl("plan", &plan_cuda);
+    m.impl("gather", &gather_cuda);
+    m.impl("gather_backward", &gather_backward_cuda);
+    m.impl("grouped_mm", &grouped_mm_cuda);
+    m.impl("grouped_mm_backward", &grouped_mm_backward_cuda);
+    m.impl("activation", &activation_cuda);
+    m.impl("activation_backward", &activation_backward_cuda);
+    m.impl("combine", &combine_cuda);
+    m.impl("combine_backward", &combine_backward_cuda);
+}
