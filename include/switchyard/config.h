@@ -21,6 +21,12 @@ enum class DropPolicy : int {
     kProbability = 1,  // keep the `capacity` pairs with the largest routing weight (ties: lower token index)
 };
 
+// How tokens and experts are matched (balance.h documents expert choice in full).
+enum class RoutingMode : int {
+    kTokenChoice = 0,   // each token picks its top_k experts (capacity may drop some of those pairs)
+    kExpertChoice = 1,  // each expert picks its top-C tokens by score (Zhou et al., 2022); a token gets 0..E experts
+};
+
 enum class Activation : int {
     kSwiGLU = 0,  // silu(gate) * up   (gated: W13 holds gate rows then up rows)
     kGeGLU = 1,   // gelu_tanh(gate) * up
@@ -31,6 +37,8 @@ enum class Activation : int {
 const char* to_string(ScoreFunction s);
 const char* to_string(DropPolicy p);
 const char* to_string(Activation a);
+const char* to_string(RoutingMode m);
+RoutingMode parse_routing_mode(const std::string& s);     // token-choice | expert-choice
 ScoreFunction parse_score_function(const std::string& s);  // softmax | topk-softmax | sigmoid
 DropPolicy parse_drop_policy(const std::string& s);        // position | probability
 Activation parse_activation(const std::string& s);         // swiglu | geglu | gelu | relu
@@ -60,6 +68,18 @@ struct MoEConfig {
     double capacity_factor = 0.0;
     int64_t min_capacity = 0;
     DropPolicy drop_policy = DropPolicy::kPosition;
+    // Capacity factor for evaluation (< 0: the same as capacity_factor). eval_config() gives the config an
+    // evaluation forward runs with; the layer itself always uses capacity_factor.
+    double eval_capacity_factor = -1.0;
+
+    // Token choice (top_k per token, the default) or expert choice (top-C tokens per expert, where
+    // C = expert_choice_capacity(T); capacity_factor is then the mean number of experts per token, 0 = top_k).
+    // Expert choice takes softmax or sigmoid scores, no selection bias, no groups, no drop policy.
+    RoutingMode routing_mode = RoutingMode::kTokenChoice;
+
+    // Aux-loss-free balancing (DeepSeek-V3): after a step, score_bias[e] += bias_update_rate * sign(mean - load_e)
+    // (switchyard::update_score_bias in balance.h). Not used inside forward().
+    double bias_update_rate = 1e-3;
 
     Activation activation = Activation::kSwiGLU;
 
@@ -77,8 +97,17 @@ struct MoEConfig {
     void validate() const;
     int64_t shared_width() const { return num_shared_experts * shared_ffn_size; }
     int64_t w13_rows() const { return is_gated(activation) ? 2 * ffn_size : ffn_size; }
-    // Capacity per expert for a batch of num_tokens tokens (0 when dropless).
+    // Capacity per expert for a batch of num_tokens tokens (0 when dropless). Token choice only.
     int64_t capacity(int64_t num_tokens) const;
+    // Expert choice: tokens each expert takes, min(T, max(min_capacity, ceil(c * T / E))), c = capacity_factor
+    // or top_k when capacity_factor is 0.
+    int64_t expert_choice_capacity(int64_t num_tokens) const;
+    bool expert_choice() const { return routing_mode == RoutingMode::kExpertChoice; }
+    // Routing slots per token in the plan arrays (topk_ids, topk_weights, slot_row are [T, route_slots()]):
+    // top_k under token choice, E under expert choice (slot e = expert e, -1 / 0 where e did not pick the token).
+    int64_t route_slots() const { return expert_choice() ? num_experts : top_k; }
+    // The config an evaluation forward uses: capacity_factor replaced by eval_capacity_factor when that is >= 0.
+    MoEConfig eval_config() const;
     std::string to_string() const;  // one line, for logs and reports
 };
 

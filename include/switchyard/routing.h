@@ -52,10 +52,23 @@ struct LoadStats {
     double z_loss = 0.0;     // mean over tokens of logsumexp(logits[t])^2; 0 if T=0
     double weighted_loss = 0.0;  // aux_loss_coef * aux_loss + z_loss_coef * z_loss
     double max_load = 0.0;       // max_e expert_counts
-    double mean_load = 0.0;      // T*k / E
+    double mean_load = 0.0;      // routed pairs / E (T*k / E under token choice, C under expert choice)
     double cv = 0.0;             // coefficient of variation of expert_counts (population std / mean)
-    double entropy = 0.0;        // entropy (nats) of the distribution counts_e / (T*k)
+    double entropy = 0.0;        // entropy (nats) of the distribution counts_e / (routed pairs)
     double max_over_mean() const { return mean_load > 0 ? max_load / mean_load : 0.0; }
+    // Expert choice: tokens that no expert picked (their routed output is zero). 0 under token choice.
+    int64_t unrouted_tokens = 0;
+    // Routed pairs: sum_e expert_counts (T*k under token choice, E*C under expert choice).
+    int64_t num_pairs() const {
+        int64_t n = 0;
+        for (int64_t c : expert_counts) n += c;
+        return n;
+    }
+    // dropped / routed pairs (0 when nothing was routed).
+    double dropped_fraction() const {
+        const int64_t n = num_pairs();
+        return n > 0 ? static_cast<double>(dropped) / static_cast<double>(n) : 0.0;
+    }
 };
 
 // Fills the derived fields (max_load, mean_load, cv, entropy, aux_loss, weighted_loss) from

@@ -1,5 +1,6 @@
 // switchyard/switchyard.h: the whole public API.
 #pragma once
+#include "switchyard/balance.h"
 #include "switchyard/config.h"
 #include "switchyard/dtype.h"
 #include "switchyard/error.h"

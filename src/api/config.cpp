@@ -62,6 +62,23 @@ const char* to_string(Activation a) {
     return "unknown-activation";
 }
 
+const char* to_string(RoutingMode m) {
+    switch (m) {
+        case RoutingMode::kTokenChoice:
+            return "token-choice";
+        case RoutingMode::kExpertChoice:
+            return "expert-choice";
+    }
+    return "unknown-routing-mode";
+}
+
+RoutingMode parse_routing_mode(const std::string& s) {
+    const std::string v = lower(s);
+    if (v == "token-choice" || v == "token_choice" || v == "token") return RoutingMode::kTokenChoice;
+    if (v == "expert-choice" || v == "expert_choice" || v == "expert") return RoutingMode::kExpertChoice;
+    SWITCHYARD_FAIL("routing='", s, "' is not one of token-choice|expert-choice");
+}
+
 ScoreFunction parse_score_function(const std::string& s) {
     const std::string v = lower(s);
     if (v == "softmax") return ScoreFunction::kSoftmax;
@@ -113,6 +130,22 @@ void MoEConfig::validate() const {
     SWITCHYARD_CHECK(min_capacity >= 0, "min_capacity=", min_capacity, " must be >= 0");
     SWITCHYARD_CHECK(static_cast<int>(drop_policy) >= 0 && static_cast<int>(drop_policy) <= 1,
                      "drop_policy=", static_cast<int>(drop_policy), " is not a DropPolicy");
+    SWITCHYARD_CHECK(std::isfinite(eval_capacity_factor), "eval_capacity_factor=", eval_capacity_factor,
+                     " must be finite (< 0: same as capacity_factor)");
+    SWITCHYARD_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0.0, "bias_update_rate=", bias_update_rate,
+                     " must be finite and >= 0");
+    SWITCHYARD_CHECK(static_cast<int>(routing_mode) >= 0 && static_cast<int>(routing_mode) <= 1,
+                     "routing_mode=", static_cast<int>(routing_mode), " is not a RoutingMode");
+    if (routing_mode == RoutingMode::kExpertChoice) {
+        SWITCHYARD_CHECK(score_function != ScoreFunction::kTopkSoftmax,
+                         "score_function=topk-softmax is not defined under expert-choice routing (use softmax or "
+                         "sigmoid)");
+        SWITCHYARD_CHECK(!use_score_bias,
+                         "use_score_bias=true has no effect under expert-choice routing (a per-expert bias does not "
+                         "change which tokens an expert ranks first); turn it off");
+        SWITCHYARD_CHECK(num_groups == 1, "num_groups=", num_groups,
+                         ": group-limited routing is a token-choice option; expert-choice routing needs num_groups=1");
+    }
     SWITCHYARD_CHECK(static_cast<int>(activation) >= 0 && static_cast<int>(activation) <= 3,
                      "activation=", static_cast<int>(activation), " is not an Activation");
     SWITCHYARD_CHECK(num_shared_experts >= 0, "num_shared_experts=", num_shared_experts, " must be >= 0");
@@ -135,6 +168,18 @@ int64_t MoEConfig::capacity(int64_t num_tokens) const {
     return std::max(min_capacity, static_cast<int64_t>(c));
 }
 
+int64_t MoEConfig::expert_choice_capacity(int64_t num_tokens) const {
+    const double per_token = capacity_factor > 0.0 ? capacity_factor : static_cast<double>(top_k);
+    const double c = std::ceil(per_token * static_cast<double>(num_tokens) / static_cast<double>(num_experts));
+    return std::min(num_tokens, std::max(min_capacity, static_cast<int64_t>(c)));
+}
+
+MoEConfig MoEConfig::eval_config() const {
+    MoEConfig c = *this;
+    if (eval_capacity_factor >= 0.0) c.capacity_factor = eval_capacity_factor;
+    return c;
+}
+
 std::string MoEConfig::to_string() const {
     std::ostringstream os;
     os << "H=" << hidden_size << " F=" << ffn_size << " E=" << num_experts << " k=" << top_k
@@ -142,11 +187,14 @@ std::string MoEConfig::to_string() const {
        << " scale=" << routed_scale;
     if (num_groups > 1) os << " groups=" << topk_groups << "/" << num_groups;
     if (use_score_bias) os << " bias=1";
-    if (capacity_factor > 0)
+    if (routing_mode == RoutingMode::kExpertChoice)
+        os << " routing=expert-choice capacity_factor=" << capacity_factor << " min_capacity=" << min_capacity;
+    else if (capacity_factor > 0)
         os << " capacity_factor=" << capacity_factor << " min_capacity=" << min_capacity
            << " drop=" << switchyard::to_string(drop_policy);
     else
         os << " dropless";
+    if (eval_capacity_factor >= 0) os << " eval_capacity_factor=" << eval_capacity_factor;
     os << " act=" << switchyard::to_string(activation);
     if (num_shared_experts > 0) os << " shared=" << num_shared_experts << "x" << shared_ffn_size;
     if (aux_loss_coef != 0 || z_loss_coef != 0) os << " aux_coef=" << aux_loss_coef << " z_coef=" << z_loss_coef;

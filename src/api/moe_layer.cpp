@@ -137,10 +137,18 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
                      cfg_.hidden_size, "] like x");
     if (out != nullptr) {
         if (out->logits.defined()) check_output(out->logits, DType::kF32, num_tokens, cfg_.num_experts, "logits", dev);
-        if (out->topk_ids.defined()) check_output(out->topk_ids, DType::kI32, num_tokens, cfg_.top_k, "topk_ids", dev);
+        const int64_t slots = cfg_.route_slots();  // top_k, or E under expert-choice routing
+        if (out->topk_ids.defined()) check_output(out->topk_ids, DType::kI32, num_tokens, slots, "topk_ids", dev);
         if (out->topk_weights.defined())
-            check_output(out->topk_weights, DType::kF32, num_tokens, cfg_.top_k, "topk_weights", dev);
-        if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, num_tokens, cfg_.top_k, "slot_row", dev);
+            check_output(out->topk_weights, DType::kF32, num_tokens, slots, "topk_weights", dev);
+        if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, num_tokens, slots, "slot_row", dev);
+        if (out->expert_counts.defined()) {
+            const TensorRef& c = out->expert_counts;
+            SWITCHYARD_CHECK(c.dtype == DType::kI32 && c.rank == 1 && c.shape[0] == cfg_.num_experts && c.device == dev,
+                             "expert_counts ", c.shape_string(), " ", to_string(c.dtype), " on ", to_string(c.device),
+                             ", expected [", cfg_.num_experts, "] int32 on ", to_string(dev));
+            SWITCHYARD_CHECK(c.data != nullptr, "expert_counts has null data");
+        }
     }
     const size_t need = workspace_size(num_tokens);
     if (need > 0) {

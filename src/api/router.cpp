@@ -32,6 +32,9 @@ void check_router_output(const TensorRef& t, DType dtype, int64_t d0, int64_t d1
 Router::Router(const MoEConfig& cfg, const TensorRef& gate, const TensorRef& score_bias)
     : cfg_(cfg), gate_(gate), bias_(score_bias) {
     cfg_.validate();
+    SWITCHYARD_CHECK(!cfg_.expert_choice(),
+                     "Router: routing=expert-choice gives [T, E] routing arrays, not top-k ones; run it through MoELayer "
+                     "(ForwardOutputs) instead");
     SWITCHYARD_CHECK(gate_.defined(), "gate is required but undefined");
     SWITCHYARD_CHECK(gate_.dtype == DType::kF32 || gate_.dtype == DType::kBF16 || gate_.dtype == DType::kF16,
                      "gate dtype=", to_string(gate_.dtype), " must be fp32, bf16 or fp16");

@@ -14,10 +14,14 @@
 // fp32 and store g1 in the layer dtype (one rounding more than the reference, which keeps g1 in double before the
 // activation); h, expert outputs, shared output and y are rounded once to the layer dtype as in the reference.
 // Workspace layout: forward_layout() below, every slice 256-byte aligned, in one fixed order.
+// Expert-choice routing (cfg.routing_mode, src/cuda/balance.cu): the router stage computes the logits and
+// expert_choice_plan builds ids / weights / slot_row [T, E] and the plan (E*C rows) in one go; the plan stage is then
+// empty and every later stage runs unchanged with E slots per token.
 #include <nvtx3/nvToolsExt.h>
 
 #include <vector>
 
+#include "cuda/balance.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.h"
 #include "cuda/moe_cuda.h"
@@ -103,18 +107,20 @@ struct ForwardLayout {
 
 ForwardLayout forward_layout(WorkspaceCarver& wc, const MoEConfig& cfg, int64_t num_tokens) {
     const int64_t T = num_tokens, k = cfg.top_k, E = cfg.num_experts, H = cfg.hidden_size;
-    const int64_t rows = T * k;
+    // slots: (token, slot) pairs of the routing arrays; rows: expert rows computed (E*C under expert choice).
+    const int64_t slots = T * cfg.route_slots();
+    const int64_t rows = cfg.expert_choice() ? E * cfg.expert_choice_capacity(T) : T * k;
     const size_t es = dtype_size(cfg.dtype);
     ForwardLayout l{};
     l.logits = wc.take<float>(T * E);
-    l.topk_ids = wc.take<int32_t>(rows);
-    l.topk_weights = wc.take<float>(rows);
+    l.topk_ids = wc.take<int32_t>(slots);
+    l.topk_weights = wc.take<float>(slots);
     l.expert_counts = wc.take<int32_t>(E);
     l.expert_offsets = wc.take<int32_t>(E + 1);
-    l.slot_row = wc.take<int32_t>(rows);
-    l.row_token = wc.take<int32_t>(rows);
-    l.row_slot = wc.take<int32_t>(rows);
-    l.plan_ws_bytes = plan_workspace_size(T, k, E);
+    l.slot_row = wc.take<int32_t>(slots);
+    l.row_token = wc.take<int32_t>(slots);
+    l.row_slot = wc.take<int32_t>(slots);
+    l.plan_ws_bytes = cfg.expert_choice() ? expert_choice_workspace_size(T, E) : plan_workspace_size(T, k, E);
     l.plan_ws = wc.take_bytes(l.plan_ws_bytes);
     l.xp_out = wc.take_bytes(rows * H * es);
     l.g1 = wc.take_bytes(rows * cfg.w13_rows() * es);
@@ -234,8 +240,10 @@ size_t router_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
 void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream, ForwardOutputs* out,
                         const StageCallback& on_stage) {
-    const int64_t T = x.shape[0], k = cfg.top_k, E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size;
-    const int64_t rows = T * k;
+    const int64_t T = x.shape[0], k = cfg.route_slots(), E = cfg.num_experts, H = cfg.hidden_size,
+                  F = cfg.ffn_size;
+    const bool ec = cfg.expert_choice();
+    const int64_t rows = ec ? E * cfg.expert_choice_capacity(T) : T * k;
     check_same_dtype(cfg, x, "x");
     check_same_dtype(cfg, w.gate, "gate");
     check_same_dtype(cfg, w.w13, "w13");
@@ -252,6 +260,7 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
     int32_t* ids = out_or(out ? &out->topk_ids : nullptr, l.topk_ids);
     float* weights = out_or(out ? &out->topk_weights : nullptr, l.topk_weights);
     int32_t* slot_row = out_or(out ? &out->slot_row : nullptr, l.slot_row);
+    int32_t* counts = out_or(out ? &out->expert_counts : nullptr, l.expert_counts);
     auto stage_done = [&](const char* name) {
         if (on_stage) on_stage(name, stream);
     };
@@ -259,11 +268,30 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
     {
         NvtxRange r("router");
         router_gemm(cfg.dtype, x.data, w.gate.data, T, H, E, logits, l.cublas_ws, stream);
-        route_topk(cfg, logits, cfg.use_score_bias ? w.score_bias.ptr<float>() : nullptr, T, ids, weights,
-                   want_stats ? l.prob_partials : nullptr, l.z_partials, stream);
+        if (!ec) {
+            route_topk(cfg, logits, cfg.use_score_bias ? w.score_bias.ptr<float>() : nullptr, T, ids, weights,
+                       want_stats ? l.prob_partials : nullptr, l.z_partials, stream);
+        } else {
+            if (want_stats) {  // mean_prob / z partials from the top-k router (its ids are overwritten below)
+                MoEConfig tc = cfg;
+                tc.routing_mode = RoutingMode::kTokenChoice;
+                route_topk(tc, logits, nullptr, T, ids, weights, l.prob_partials, l.z_partials, stream);
+            }
+            ExpertChoiceArgs ea;
+            ea.num_tokens = T;
+            ea.logits = logits;
+            ea.topk_ids = ids;
+            ea.topk_weights = weights;
+            ea.expert_counts = counts;
+            ea.expert_offsets = l.expert_offsets;
+            ea.slot_row = slot_row;
+            ea.row_token = l.row_token;
+            ea.row_slot = l.row_slot;
+            expert_choice_plan(cfg, ea, l.plan_ws, l.plan_ws_bytes, stream);
+        }
         stage_done("router");
     }
-    {
+    if (!ec) {
         NvtxRange r("plan");
         PlanArgs pa;
         pa.num_tokens = T;
@@ -273,13 +301,15 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
         pa.drop_policy = cfg.drop_policy;
         pa.topk_ids = ids;
         pa.topk_weights = weights;
-        pa.expert_counts = l.expert_counts;
+        pa.expert_counts = counts;
         pa.expert_offsets = l.expert_offsets;
         pa.slot_row = slot_row;
         pa.row_token = l.row_token;
         pa.row_slot = l.row_slot;
         build_plan(pa, l.plan_ws, l.plan_ws_bytes, stream);
         stage_done("plan");
+    } else {
+        stage_done("plan");  // built with the routing above
     }
     {
         NvtxRange r("dispatch");
@@ -337,8 +367,23 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
         stage_done("combine");
     }
     if (want_stats) {
-        fill_stats(cfg, T, l.expert_counts, l.expert_offsets, l.prob_partials, l.z_partials, l.stat_sums, stream,
+        fill_stats(cfg, T, counts, l.expert_offsets, l.prob_partials, l.z_partials, l.stat_sums, stream,
                    *out->stats);
+        if (ec) {  // nothing is dropped; count the tokens no expert took (fill_stats synchronised already)
+            std::vector<int32_t> h_slot(static_cast<size_t>(T * k));
+            if (T > 0)
+                SWITCHYARD_CUDA_CHECK(cudaMemcpy(h_slot.data(), slot_row, sizeof(int32_t) * T * k,
+                                                 cudaMemcpyDeviceToHost));
+            LoadStats& st = *out->stats;
+            st.dropped = 0;
+            st.unrouted_tokens = 0;
+            for (int64_t t = 0; t < T; ++t) {
+                bool any = false;
+                for (int64_t e = 0; e < k && !any; ++e) any = h_slot[t * k + e] >= 0;
+                if (!any) ++st.unrouted_tokens;
+            }
+            finalize_load_stats(cfg, st);
+        }
     }
 }
 

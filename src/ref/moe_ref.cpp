@@ -4,6 +4,7 @@
 //   1. logits [T, E] fp32      router_logits (double sums of x . gate^T, rounded once to fp32)
 //   2. ids/weights [T, k]      route (routing.h rules; weights fp32)
 //   3. plan                    build_plan (counts, capacity and drop policy, offsets, rows in token order)
+//      (expert-choice routing replaces 2 and 3 by route_expert_choice: ids/weights/slot_row [T, E], balance.cpp)
 //   4. experts                 for each expert with kept rows: gather its rows of x (expert order), expert_mlp
 //                              (h rounded to cfg.dtype, output rows rounded to cfg.dtype)
 //   5. shared expert           one MLP of width S = num_shared_experts * shared_ffn_size on all T rows
@@ -51,7 +52,7 @@ MatView expert_view(const TensorRef& t, int64_t e, int64_t rows, int64_t cols) {
 
 void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y, ForwardOutputs* out,
                  HostPlan* plan_out) {
-    const int64_t hidden = cfg.hidden_size, ffn = cfg.ffn_size, num_experts = cfg.num_experts, k = cfg.top_k;
+    const int64_t hidden = cfg.hidden_size, ffn = cfg.ffn_size, num_experts = cfg.num_experts;
     SWITCHYARD_CHECK(x.rank == 2 && x.shape[1] == hidden, "x shape=", x.shape_string(), ", expected [T, ", hidden, "]");
     const int64_t num_tokens = x.shape[0];
     check_host_out(x, cfg.dtype, num_tokens, hidden, "x");
@@ -72,8 +73,16 @@ void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, 
     if (cfg.use_score_bias) bias = to_float(w.score_bias);
     std::vector<int32_t> ids;
     std::vector<float> weights;
-    route(cfg, logits, bias, num_tokens, ids, weights);
-    HostPlan plan = build_plan(cfg, num_tokens, ids, weights);
+    HostPlan plan;
+    if (cfg.expert_choice()) {  // expert choice: [T, E] slots (balance.cpp), same experts / combine path
+        plan = route_expert_choice(cfg, logits, num_tokens);
+        ids = plan.topk_ids;
+        weights = plan.topk_weights;
+    } else {
+        route(cfg, logits, bias, num_tokens, ids, weights);
+        plan = build_plan(cfg, num_tokens, ids, weights);
+    }
+    const int64_t slots = cfg.route_slots();  // k, or E under expert choice
 
     // Routed experts: rows in expert order, each expert's block computed by one expert_mlp call.
     const int64_t r13 = cfg.w13_rows();
@@ -115,23 +124,34 @@ void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, 
             if (!logits.empty()) std::memcpy(out->logits.data, logits.data(), logits.size() * sizeof(float));
         }
         if (out->topk_ids.defined()) {
-            check_host_out(out->topk_ids, DType::kI32, num_tokens, k, "topk_ids");
+            check_host_out(out->topk_ids, DType::kI32, num_tokens, slots, "topk_ids");
             if (!ids.empty()) std::memcpy(out->topk_ids.data, ids.data(), ids.size() * sizeof(int32_t));
         }
         if (out->topk_weights.defined()) {
-            check_host_out(out->topk_weights, DType::kF32, num_tokens, k, "topk_weights");
+            check_host_out(out->topk_weights, DType::kF32, num_tokens, slots, "topk_weights");
             if (!weights.empty()) std::memcpy(out->topk_weights.data, weights.data(), weights.size() * sizeof(float));
         }
         if (out->slot_row.defined()) {
-            check_host_out(out->slot_row, DType::kI32, num_tokens, k, "slot_row");
+            check_host_out(out->slot_row, DType::kI32, num_tokens, slots, "slot_row");
             if (!plan.slot_row.empty())
                 std::memcpy(out->slot_row.data, plan.slot_row.data(), plan.slot_row.size() * sizeof(int32_t));
         }
+        if (out->expert_counts.defined()) {
+            const TensorRef& c = out->expert_counts;
+            SWITCHYARD_CHECK(c.device == Device::kCPU && c.dtype == DType::kI32 && c.numel() == num_experts &&
+                                 c.data != nullptr,
+                             "expert_counts ", c.shape_string(), " must be [", num_experts, "] int32 on the cpu");
+            std::memcpy(c.data, plan.expert_counts.data(), plan.expert_counts.size() * sizeof(int32_t));
+        }
         if (out->stats != nullptr) {
-            router_stats(cfg, logits, ids, num_tokens, *out->stats);
-            for (int64_t e = 0; e < num_experts; ++e)
-                out->stats->kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
-            out->stats->dropped = plan.dropped();
+            if (cfg.expert_choice()) {
+                expert_choice_stats(cfg, logits, plan, *out->stats);
+            } else {
+                router_stats(cfg, logits, ids, num_tokens, *out->stats);
+                for (int64_t e = 0; e < num_experts; ++e)
+                    out->stats->kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
+                out->stats->dropped = plan.dropped();
+            }
         }
     }
     if (plan_out != nullptr) *plan_out = std::move(plan);

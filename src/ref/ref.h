@@ -48,8 +48,11 @@ struct HostPlan {
     std::vector<int32_t> slot_row;        // [T*k] row or -1
     std::vector<int32_t> row_token;       // [T*k] token of row r, -1 past offsets[E]
     std::vector<int32_t> row_slot;        // [T*k] t*k+j of row r, -1 past offsets[E]
+    // Expert-choice plan (route_expert_choice): top_k holds E (slot e = expert e), topk_ids is -1 and slot_row -1
+    // where expert e did not pick the token; nothing is ever dropped.
+    bool expert_choice = false;
     int64_t num_rows() const { return expert_offsets.empty() ? 0 : expert_offsets.back(); }
-    int64_t dropped() const { return num_tokens * top_k - num_rows(); }
+    int64_t dropped() const { return expert_choice ? 0 : num_tokens * top_k - num_rows(); }
 };
 
 // Reads element i of a contiguous tensor of dtype t as float (bf16/fp16 decoded exactly).
@@ -105,6 +108,67 @@ void combine(const HostPlan& plan, const std::vector<float>& expert_out, const f
 // x, y: TensorRefs on the host of cfg.dtype; out may be null. plan_out receives the plan if not null.
 void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
                  ForwardOutputs* out, HostPlan* plan_out = nullptr);
+
+// ---- load balancing and routing variants (src/ref/balance.cpp; public forms in switchyard/balance.h) --------
+
+// Aux-loss-free bias update (DeepSeek-V3): bias[e] = fp32(double(bias[e]) + rate * sign(N - E * counts[e])) with
+// N = sum_e counts[e] (so sign(mean - load_e), decided exactly in integers; sign(0) = 0).
+void update_score_bias(double rate, const int64_t* counts, int64_t num_experts, float* bias);
+
+// Router probabilities of one token as the aux losses use them (router_stats): softmax over E with router.cpp's
+// NaN rule (softmax, top-k-softmax) or sigmoid normalised to sum 1 (sigmoid). p has E entries.
+void aux_probabilities(ScoreFunction score, const float* logits_row, int64_t num_experts, double* p);
+
+// Sequence-level Switch loss (DeepSeek-V3's sequence-wise balance loss without its coefficient): tokens are split
+// into consecutive sequences of seq_lens[s] tokens (sum = T); per non-empty sequence
+//   L_s = E * sum_e f_e * P_e,  f_e = (pairs of the sequence on e) / (T_s * k),  P_e = mean_{t in s} p[t, e];
+// the result is the mean of L_s over the non-empty sequences (0 when there is none). One sequence of T tokens
+// gives LoadStats::aux_loss. Token-choice topk_ids [T*k]. Sums in double, tokens and sequences in order.
+double sequence_aux_loss(const MoEConfig& cfg, const std::vector<float>& logits, const std::vector<int32_t>& topk_ids,
+                         int64_t num_tokens, const std::vector<int64_t>& seq_lens);
+
+// Expert-choice routing (Zhou et al., 2022), the specification of the GPU kernels:
+//   score[t, e]  softmax over E (router.cpp's NaN rule) or sigmoid, in double; C = cfg.expert_choice_capacity(T).
+//   each expert e picks the C tokens of largest score[:, e]; ties to the lower token, NaN below every number.
+//   weights      score[t, e] for picked pairs; renormalize divides by the token's sum over its picked experts
+//                (summed e = 0..E-1, skipped when 0); then * routed_scale; rounded to fp32 last.
+//   plan         top_k = E slots per token (see HostPlan::expert_choice), expert_counts[e] = C, offsets e*C,
+//                rows in expert order and, inside an expert, in token order; row_slot = t*E + e.
+HostPlan route_expert_choice(const MoEConfig& cfg, const std::vector<float>& logits, int64_t num_tokens);
+
+// LoadStats of an expert-choice plan: counts = kept = C per expert, dropped 0, unrouted_tokens, mean_prob and
+// z_loss as router_stats computes them, derived fields by finalize_load_stats.
+void expert_choice_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan,
+                         LoadStats& stats);
+
+// Balance simulation (`switchyard balance`): routing over many steps where the logits of token t are
+//   l[t, e] = -zipf * ln(e + 1) + noise * z[t, e],  z ~ N(0, 1) i.i.d. (fresh tokens every step, fixed seed),
+// i.e. a persistent Zipf-shaped preference for low expert indices. Per step the tokens are routed with top_k of
+// `score` and one of three balancing modes acts on a per-expert bias b:
+//   kNone     no balancing (b = 0);
+//   kAuxLoss  b is a logit bias (selection and weights): after the step, b -= aux_lr * dL/db for the Switch loss
+//             L = E sum_e f_e P_e with f held fixed (its usual straight-through treatment);
+//   kAuxFree  b is the selection-only score bias, updated by update_score_bias(bias_rate, counts).
+// Records max/mean load, the coefficient of variation and the aux loss of every step (the loads before the update).
+enum class BalanceMode : int { kNone = 0, kAuxLoss = 1, kAuxFree = 2 };
+const char* to_string(BalanceMode m);
+struct BalanceSimOptions {
+    int64_t num_experts = 16;
+    int64_t top_k = 4;
+    int64_t tokens = 4096;  // tokens per step
+    int64_t steps = 300;
+    double zipf = 1.0;
+    double noise = 1.0;
+    ScoreFunction score = ScoreFunction::kSigmoid;
+    double bias_rate = 0.002;
+    double aux_lr = 1.0;
+    uint64_t seed = 1;
+};
+struct BalanceSimResult {
+    std::vector<double> max_over_mean, cv, aux_loss;  // [steps]
+    std::vector<float> final_bias;                    // [E]
+};
+BalanceSimResult simulate_balance(const BalanceSimOptions& opt, BalanceMode mode);
 
 }  // namespace ref
 }  // namespace switchyard

@@ -105,7 +105,9 @@ int run_check(const CheckOptions& o) {
         finish(r, y, false);
         results.push_back(r);
     }
-    if (want("dense-cpu")) {
+    // The dense GShard baseline is token-choice only: under expert-choice routing there is nothing to compare.
+    const bool dense_ok = !cfg.expert_choice();
+    if (want("dense-cpu") && dense_ok) {
         Result r("dense-cpu");
         std::vector<uint8_t> y(x.size());
         t0 = now_seconds();
@@ -137,7 +139,7 @@ int run_check(const CheckOptions& o) {
             finish(r, y, true);
             results.push_back(r);
         }
-        if (want("dense-cuda")) {
+        if (want("dense-cuda") && dense_ok) {
             Result r("dense-cuda");
             std::vector<uint8_t> y(x.size());
             DeviceWeights dw = to_device(w.w);

@@ -54,6 +54,13 @@ void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights) {
     app->add_option("--dtype", f.dtype, "activation dtype: fp32 | bf16 | fp16")->capture_default_str();
     app->add_option("--aux-loss-coef", f.aux_loss_coef, "weight of the load-balancing loss in weighted_loss");
     app->add_option("--z-loss-coef", f.z_loss_coef, "weight of the router z-loss in weighted_loss");
+    app->add_option("--routing", f.routing,
+                    "token-choice (top-k experts per token) | expert-choice (top-C tokens per expert, "
+                    "C = ceil(capacity_factor * T / E), capacity_factor 0 meaning top_k)")
+        ->capture_default_str();
+    app->add_option("--eval-capacity-factor", f.eval_capacity_factor,
+                    "capacity factor of evaluation forwards (< 0: same as --capacity-factor)");
+    app->add_flag("--eval", f.eval, "run as an evaluation forward (uses --eval-capacity-factor)");
     if (random_weights) {
         app->add_option("--shared-ffn", f.shared_ffn, "width of one shared expert (default: --ffn)");
         app->add_flag("--use-bias", f.use_bias, "use the (random) per-expert selection bias");
@@ -92,6 +99,10 @@ MoEConfig make_config(const LayerFlags& f) {
     c.aux_loss_coef = f.aux_loss_coef;
     c.z_loss_coef = f.z_loss_coef;
     c.use_score_bias = f.use_bias;
+    require_finite(f.eval_capacity_factor, "--eval-capacity-factor");
+    c.routing_mode = parse_routing_mode(f.routing);
+    c.eval_capacity_factor = f.eval_capacity_factor;
+    if (f.eval) c = c.eval_config();
     if (f.shared_experts > 0) {
         c.num_shared_experts = f.shared_experts;
         c.shared_ffn_size = f.shared_ffn > 0 ? f.shared_ffn : f.ffn;

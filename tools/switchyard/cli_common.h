@@ -40,6 +40,9 @@ struct LayerFlags {
     bool no_bias = false;
     bool use_bias = false;  // random weights: use the (random) selection bias
     double aux_loss_coef = 0.0, z_loss_coef = 0.0;
+    std::string routing = "token-choice";  // token-choice | expert-choice
+    double eval_capacity_factor = -1.0;    // < 0: same as --capacity-factor
+    bool eval = false;                     // use the evaluation capacity factor
 };
 
 // Adds the layer flags to a subcommand. with_sizes: --hidden/--ffn/--experts; sizes_default: whether they have

@@ -12,6 +12,7 @@ void add_forward(CLI::App& app, int* exit_code);
 void add_check(CLI::App& app, int* exit_code);
 void add_bench(CLI::App& app, int* exit_code);
 void add_profile(CLI::App& app, int* exit_code);
+void add_balance(CLI::App& app, int* exit_code);
 
 }  // namespace cli
 }  // namespace switchyard

@@ -45,8 +45,12 @@ nlohmann::ordered_json stats_json(const MoEConfig& cfg, const LoadStats& s, cons
     j["expert_counts"] = s.expert_counts;
     j["kept_counts"] = s.kept_counts;
     j["dropped"] = s.dropped;
-    j["dropped_fraction"] =
-        T * cfg.top_k > 0 ? static_cast<double>(s.dropped) / static_cast<double>(T * cfg.top_k) : 0.0;
+    j["dropped_fraction"] = s.dropped_fraction();
+    j["routing"] = to_string(cfg.routing_mode);
+    if (cfg.expert_choice()) {
+        j["expert_choice_capacity"] = cfg.expert_choice_capacity(T);
+        j["unrouted_tokens"] = s.unrouted_tokens;
+    }
     j["aux_loss"] = s.aux_loss;
     j["z_loss"] = s.z_loss;
     j["weighted_loss"] = s.weighted_loss;
@@ -57,7 +61,7 @@ nlohmann::ordered_json stats_json(const MoEConfig& cfg, const LoadStats& s, cons
     j["entropy"] = s.entropy;
     j["max_entropy"] = cfg.num_experts > 0 ? std::log(static_cast<double>(cfg.num_experts)) : 0.0;
     j["mean_prob"] = s.mean_prob;
-    const int64_t k = cfg.top_k;
+    const int64_t k = cfg.route_slots();  // top_k, or E under expert choice ([T, E] arrays, -1 / 0 where not picked)
     if (T <= kFullTopkMaxTokens) {
         nlohmann::ordered_json jid = nlohmann::ordered_json::array(), jw = nlohmann::ordered_json::array();
         for (int64_t t = 0; t < T; ++t) {
@@ -119,7 +123,7 @@ int run_forward(const ForwardOptions& o) {
     SWITCHYARD_CHECK(!x.shape.empty() && x.shape.back() == cfg.hidden_size, o.input, ": input shape ",
                      io::shape_to_string(x.shape), " must end in the hidden size ", cfg.hidden_size);
     const int64_t T = x.numel() / cfg.hidden_size;
-    const int64_t H = cfg.hidden_size, k = cfg.top_k;
+    const int64_t H = cfg.hidden_size, k = cfg.route_slots();
 
     std::vector<uint8_t> y(x.data.size());
     std::vector<int32_t> ids(static_cast<size_t>(T * k));
