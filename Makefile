@@ -5,6 +5,7 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
 PROFILE_ARGS ?=
+PROFILE_OUT ?= report
 DEPS_PREFIX := $(wildcard $(CURDIR)/.deps/root/usr)
 ifneq ($(DEPS_PREFIX),)
   CMAKE_ARGS += -DCMAKE_PREFIX_PATH=$(DEPS_PREFIX)
@@ -33,8 +34,10 @@ test: build
 test-gpu: build
 	@ctest --test-dir $(BUILD_DIR) --output-on-failure -L gpu
 
+# The report (PROFILE.md, profile.json), then its plots (skipped with a message when matplotlib is missing).
 profile: build
-	@$(BUILD_DIR)/switchyard profile --out report $(PROFILE_ARGS)
+	@$(BUILD_DIR)/switchyard profile --out $(PROFILE_OUT) $(PROFILE_ARGS)
+	@python3 scripts/plot_profile.py $(PROFILE_OUT) --check || echo "profile: plots or the report check failed (see above)"
 
 clean:
 	rm -rf $(BUILD_DIR) $(BUILD_DIR).configure.log

@@ -15,9 +15,12 @@
 //                            (Gumbel-max sampling), max/mean, cv, entropy, dropped fraction at capacity factors
 //                            1.0, 1.25, 2.0; and the random-weights router of the timed runs
 //   Next Steps               the seed's five steps, each with the numbers of this run that motivate it
-// profile.json holds every number. --device cuda times the full layer (sparse and dense) on the GPU; router,
-// stage and utilisation sections stay on the CPU (labelled). Progress lines go to stderr.
+// profile.json holds every number the text prints (scripts/plot_profile.py --check verifies it). That is the CPU
+// report; --device cuda (or auto with a visible GPU) runs the GPU report instead: measurements in profile_gpu.cpp,
+// text in profile_report.cpp, rendered from the JSON object only. --render-json re-renders a GPU report from its
+// profile.json; --ncu-child is the process `ncu` profiles. Progress goes to stderr (ProgressBar, profile_common.h).
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -34,6 +37,8 @@
 #include "io/weights.h"
 #include "ref/ref.h"
 #include "shapes.h"
+#include "profile_common.h"
+#include "profile_gpu.h"
 #include "stages.h"
 #include "switchyard/error.h"
 
@@ -51,19 +56,141 @@ struct ProfileOptions {
     bool quick = false;
     std::vector<std::string> shapes = {"small", "small-many"};
     std::vector<int64_t> tokens = {16, 64, 256};
-    std::string device = "cpu";
+    std::string device = "auto";
     std::string dtype = "fp32";
     int warmup = 1, reps = 3;
     double dense_limit_gib = 4.0;
     double budget_s = 1.0;
     uint64_t seed = 1;
+    bool ncu = false;
+    std::string torch = "auto";
+    std::string ncu_child;   // hidden: the process ncu profiles
+    int64_t ncu_tokens = 0;
+    std::string render_json;  // re-render PROFILE.md of a GPU profile.json
+    // Which options the command line gave (GPU runs have their own defaults otherwise).
+    bool shapes_given = false, tokens_given = false, dtype_given = false, reps_given = false, warmup_given = false;
 };
 
-std::string fmt(const char* f, double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, f, v);
-    return buf;
+// Aux-loss-free balancing in the utilisation section: batches of kBalanceTokens tokens, kBalanceSteps updates.
+constexpr int kBalanceSteps = 300;
+constexpr int64_t kBalanceTokens = 512;
+constexpr double kBalanceRate = 1e-3;
+constexpr double kRouterTargetUs = 15;  // DESIGN.md: router alone at 4096 tokens
+
+std::vector<UtilRow> util_rows(const std::vector<std::string>& names, const std::vector<MoEConfig>& cfgs, int64_t T,
+                               uint64_t seed) {
+    std::vector<UtilRow> util;
+    for (size_t si = 0; si < cfgs.size(); ++si) {
+        util.push_back(utilisation(names[si], cfgs[si], "uniform", 0.0, T, seed + 77));
+        util.push_back(utilisation(names[si], cfgs[si], "Zipf s=1.0", 1.0, T, seed + 78));
+        MoEConfig c = cfgs[si];
+        c.num_groups = 1;  // the bias balances experts; group limits would mask its effect
+        c.topk_groups = 1;
+        util.push_back(utilisation_balanced(names[si], c, 1.0, T, seed + 78, kBalanceSteps, kBalanceRate));
+        util.push_back(utilisation(names[si], cfgs[si], "Zipf s=1.5", 1.5, T, seed + 79));
+    }
+    return util;
 }
+
+nlohmann::ordered_json util_json(const std::vector<UtilRow>& util) {
+    nlohmann::ordered_json a = nlohmann::ordered_json::array();
+    for (const UtilRow& u : util) {
+        const double ln_e = std::log(static_cast<double>(std::max<size_t>(2, u.stats.expert_counts.size())));
+        a.push_back({{"shape", u.shape},
+                     {"logits", u.dist},
+                     {"zipf_s", u.zipf_s},
+                     {"balanced", u.dist.find("selection bias") != std::string::npos},
+                     {"tokens", u.T},
+                     {"expert_counts", u.stats.expert_counts},
+                     {"max_over_mean", u.stats.max_over_mean()},
+                     {"cv", u.stats.cv},
+                     {"entropy", u.stats.entropy},
+                     {"entropy_over_ln_e", u.stats.entropy / ln_e},
+                     {"dropped_fraction",
+                      {{"1.0", u.dropped_frac[0]}, {"1.25", u.dropped_frac[1]}, {"2.0", u.dropped_frac[2]}}},
+                     {"dropped_pct",
+                      {{"1.0", 100 * u.dropped_frac[0]}, {"1.25", 100 * u.dropped_frac[1]},
+                       {"2.0", 100 * u.dropped_frac[2]}}}});
+    }
+    return a;
+}
+
+nlohmann::ordered_json constants_json() {
+    return {{"capacity_factors", {kCapacityFactors[0], kCapacityFactors[1], kCapacityFactors[2]}},
+            {"zipf_s", {1.0, 1.5}},
+            {"router_target_us", kRouterTargetUs},
+            {"balance_steps", kBalanceSteps},
+            {"balance_tokens", kBalanceTokens},
+            {"balance_rate", kBalanceRate},
+            {"gpu_memory_reference_gb", 80},
+            {"design_h100_tflops", 785},
+            {"design_h100_tbps", 3.0},
+            {"max_adaptive_reps", kMaxAdaptiveReps}};
+}
+
+void write_report(const std::string& out, const std::string& text, const std::string& jtext) {
+    SWITCHYARD_CHECK(text.find("[To be filled") == std::string::npos, "internal: an unfilled template blank remains");
+    io::AtomicFileSet files;
+    files.add(out + "/PROFILE.md", [&](std::ostream& os) { os << text; });
+    files.add(out + "/profile.json", [&](std::ostream& os) { os << jtext; });
+    files.commit();
+}
+
+int run_profile_gpu(const ProfileOptions& o, const std::string& cmdline) {
+    GpuProfileOptions g;
+    g.shapes = o.shapes_given ? o.shapes : std::vector<std::string>{"mixtral", "qwen3", "deepseek-v3"};
+    g.tokens = o.tokens_given ? o.tokens : std::vector<int64_t>{16, 256, 4096, 16384};
+    if (o.quick && !o.tokens_given) g.tokens = {16, 4096};
+    g.dtype = o.dtype_given ? parse_dtype(o.dtype) : DType::kBF16;
+    g.reps = o.reps_given ? o.reps : (o.quick ? 10 : 20);
+    g.warmup = o.warmup_given ? o.warmup : (o.quick ? 2 : 5);
+    g.seed = o.seed;
+    g.quick = o.quick;
+    g.ncu = o.ncu;
+    g.torch = o.torch;
+    g.out_dir = o.out;
+    g.command = cmdline;
+    g.util_tokens = o.quick ? 1024 : 4096;
+    {
+        char buf[4096];
+        const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+        g.self_exe = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "switchyard";
+    }
+    SWITCHYARD_CHECK(!g.tokens.empty() && !g.shapes.empty(), "--tokens and --shapes must not be empty");
+    for (int64_t t : g.tokens) SWITCHYARD_CHECK(t > 0, "--tokens entries must be > 0, got ", t);
+    SWITCHYARD_CHECK(g.reps > 0 && g.warmup >= 0, "--reps must be > 0 and --warmup >= 0");
+    std::vector<MoEConfig> cfgs;
+    for (const auto& s : g.shapes) {
+        cfgs.push_back(named_shape(s, g.dtype));
+        cfgs.back().validate();
+    }
+    ProgressBar bar(gpu_profile_steps(g) + 1, now_seconds());
+    nlohmann::ordered_json j;
+    j["generated"] = now_utc();
+    j["command"] = cmdline;
+    j["device"] = "cuda";
+    j["dtype"] = to_string(g.dtype);
+    j["warmup"] = g.warmup;
+    j["reps"] = g.reps;
+    j["seed"] = g.seed;
+    j["constants"] = constants_json();
+    j["shape_configs"] = nlohmann::ordered_json::array();
+    for (size_t i = 0; i < cfgs.size(); ++i)
+        j["shape_configs"].push_back({{"shape", g.shapes[i]}, {"config", cfgs[i].to_string()}});
+    nlohmann::ordered_json m = run_gpu_profile(
+        g, [&](const std::string& w) { bar.step(w); }, [&](const std::string& w) { bar.note(w); });
+    for (auto it = m.begin(); it != m.end(); ++it) j[it.key()] = it.value();
+    bar.step("expert utilisation (uniform, Zipf-skewed, selection-bias balancing)");
+    j["utilisation"] = util_json(util_rows(g.shapes, cfgs, g.util_tokens, o.seed));
+    add_gpu_next_steps(j);
+    write_report(o.out, render_gpu_report(j), j.dump(1) + "\n");
+    bar.finish();
+    std::fprintf(stderr, "profile: wrote %s/PROFILE.md and %s/profile.json (%zu failures recorded)\n", o.out.c_str(),
+                 o.out.c_str(), j["failures"].size());
+    return kExitOk;
+}
+
+std::string fmt(const char* f, double v) { return fmt_num(f, v); }
 
 struct LayerRow {
     std::string shape;
@@ -79,57 +206,29 @@ struct LayerRow {
     LoadStats stats;
 };
 
-struct UtilRow {
-    std::string shape, dist;
-    int64_t T = 0;
-    LoadStats stats;
-    double dropped_frac[3] = {0, 0, 0};
-};
-constexpr double kCapacityFactors[3] = {1.0, 1.25, 2.0};
-
-// Routing of T synthetic tokens whose top-1 expert follows p (Gumbel-max: logits = log p + Gumbel noise).
-UtilRow utilisation(const std::string& shape, const MoEConfig& base, const std::string& dist, double zipf_s, int64_t T,
-                    uint64_t seed) {
-    MoEConfig cfg = base;
-    cfg.use_score_bias = false;
-    cfg.capacity_factor = 0;
-    const int64_t E = cfg.num_experts;
-    std::vector<double> logp(static_cast<size_t>(E));
-    double z = 0;
-    for (int64_t e = 0; e < E; ++e) z += std::pow(static_cast<double>(e + 1), -zipf_s);
-    for (int64_t e = 0; e < E; ++e) logp[e] = std::log(std::pow(static_cast<double>(e + 1), -zipf_s) / z);
-    io::SplitMix64 rng(seed);
-    std::vector<float> logits(static_cast<size_t>(T * E));
-    for (int64_t i = 0; i < T * E; ++i) {
-        double u = std::max(rng.uniform(), 1e-300);
-        logits[i] = static_cast<float>(logp[i % E] - std::log(-std::log(u)));
-    }
-    std::vector<int32_t> ids;
-    std::vector<float> tw;
-    ref::route(cfg, logits, {}, T, ids, tw);
-    UtilRow r;
-    r.shape = shape;
-    r.dist = dist;
-    r.T = T;
-    ref::router_stats(cfg, logits, ids, T, r.stats);
-    for (int i = 0; i < 3; ++i) {
-        MoEConfig c2 = cfg;
-        c2.capacity_factor = kCapacityFactors[i];
-        ref::HostPlan plan = ref::build_plan(c2, T, ids, tw);
-        r.dropped_frac[i] = static_cast<double>(plan.dropped()) / static_cast<double>(T * cfg.top_k);
-    }
-    return r;
-}
-
-std::string now_utc() {
-    std::time_t t = std::time(nullptr);
-    char buf[64];
-    std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M UTC", std::gmtime(&t));
-    return buf;
-}
-
 int run_profile(const ProfileOptions& o, const std::string& cmdline) {
-    const Device dev = parse_device(o.device);
+    if (!o.ncu_child.empty()) return run_ncu_child(o.ncu_child, o.ncu_tokens, parse_dtype(o.dtype), o.seed);
+    if (!o.render_json.empty()) {
+        std::ifstream f(o.render_json);
+        SWITCHYARD_CHECK(f.good(), "--render-json: cannot read '", o.render_json, "'");
+        nlohmann::ordered_json j = nlohmann::ordered_json::parse(f);
+        SWITCHYARD_CHECK(j.value("device", "") == "cuda", "--render-json: only GPU reports re-render (device=",
+                         j.value("device", ""), ")");
+        ::mkdir(o.out.c_str(), 0755);
+        add_gpu_next_steps(j);
+        write_report(o.out, render_gpu_report(j), j.dump(1) + "\n");
+        return kExitOk;
+    }
+    std::string device = o.device;
+    if (device == "auto") device = has_cuda_backend() && cuda_device_count() > 0 ? "cuda" : "cpu";
+    const Device dev = parse_device(device);
+    if (dev == Device::kCUDA) {
+        ::mkdir(o.out.c_str(), 0755);
+        struct stat st;
+        SWITCHYARD_CHECK(::stat(o.out.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--out '", o.out,
+                         "' is not a folder and cannot be created");
+        return run_profile_gpu(o, cmdline);
+    }
     const DType dtype = parse_dtype(o.dtype);
     std::vector<int64_t> tokens = o.tokens;
     int reps = o.reps, warmup = o.warmup;
@@ -152,13 +251,9 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
     SWITCHYARD_CHECK(::stat(o.out.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--out '", o.out,
                      "' is not a folder and cannot be created");
 
-    const double t_start = now_seconds();
-    const int total_steps = static_cast<int>(cfgs.size() * tokens.size()) + 4;
-    int step = 0;
-    auto progress = [&](const std::string& what) {
-        std::fprintf(stderr, "profile: [%d/%d] %s (%.0f s)\n", ++step, total_steps, what.c_str(),
-                     now_seconds() - t_start);
-    };
+    const int total_steps = static_cast<int>(cfgs.size() * tokens.size()) + 3;
+    ProgressBar bar(total_steps, now_seconds());
+    auto progress = [&](const std::string& what) { bar.step(what); };
 
     // ---- hardware ----
     progress("hardware probes");
@@ -266,12 +361,7 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
     // ---- utilisation ----
     progress("expert utilisation (uniform and Zipf-skewed logits)");
     const int64_t util_T = o.quick ? 1024 : 4096;
-    std::vector<UtilRow> util;
-    for (size_t si = 0; si < cfgs.size(); ++si) {
-        util.push_back(utilisation(o.shapes[si], cfgs[si], "uniform", 0.0, util_T, o.seed + 77));
-        util.push_back(utilisation(o.shapes[si], cfgs[si], "Zipf s=1.0", 1.0, util_T, o.seed + 78));
-        util.push_back(utilisation(o.shapes[si], cfgs[si], "Zipf s=1.5", 1.5, util_T, o.seed + 79));
-    }
+    const std::vector<UtilRow> util = util_rows(o.shapes, cfgs, util_T, o.seed);
 
     // ---- full-size memory (computed, nothing allocated) ----
     progress("memory at full model sizes (computed)");
@@ -551,7 +641,26 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
         l["dense_reason"] = r.dense_reason;
         l["floor_ms"] = r.floor_ms;
         l["flops"] = r.flops;
+        l["gflop"] = r.flops / 1e9;
         l["bytes"] = r.bytes;
+        // Derived numbers the text prints (so that every number of PROFILE.md is in this file).
+        l["pct_of_floor"] = 100 * r.floor_ms / std::max(r.sparse_ms, 1e-9);
+        if (r.dense_ran) l["dense_over_sparse"] = r.dense_ms / std::max(r.sparse_ms, 1e-9);
+        {
+            const StageTimes& s = r.stages;
+            const double tot = std::max(s.total_ms(), 1e-9);
+            l["stage_share_pct"] = {{"experts", 100 * s.experts_ms / tot},
+                                    {"router", 100 * s.router_ms / tot},
+                                    {"dispatch_combine", 100 * (s.dispatch_ms + s.combine_ms) / tot},
+                                    {"router_plan_dispatch_combine",
+                                     100 * (s.router_ms + s.plan_ms + s.dispatch_ms + s.combine_ms) / tot}};
+        }
+        l["seed_router_extra_ms"] = std::max(0.0, r.router.seed_ms - r.router.switchyard_ms);
+        l["dense_product_pct"] = 100.0 * double(r.dense_mem.product) / std::max(1.0, double(r.dense_mem.total));
+        l["dense_over_sparse_bytes"] = double(r.dense_mem.total) / std::max(1.0, double(r.sparse_bytes));
+        l["seed_router_bytes"] = r.dense_mem.router + r.router.seed_onehot_bytes;
+        l["seed_over_switchyard_router_bytes"] =
+            double(r.router.seed_onehot_bytes + r.dense_mem.router) / std::max(1.0, double(r.router.switchyard_bytes));
         l["stages_ms"] = {{"router", r.stages.router_ms},     {"plan", r.stages.plan_ms},
                           {"dispatch", r.stages.dispatch_ms}, {"experts", r.stages.experts_ms},
                           {"shared", r.stages.shared_ms},     {"combine", r.stages.combine_ms}};
@@ -559,7 +668,8 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                        {"seed_ms", r.router.seed_ms},
                        {"seed_capacity", r.router.seed_capacity},
                        {"seed_onehot_bytes", r.router.seed_onehot_bytes},
-                       {"switchyard_bytes", r.router.switchyard_bytes}};
+                       {"switchyard_bytes", r.router.switchyard_bytes},
+                       {"speedup", r.router.seed_ms / std::max(r.router.switchyard_ms, 1e-9)}};
         l["memory"] = {{"dense_total", r.dense_mem.total},
                        {"dense_product", r.dense_mem.product},
                        {"dense_router", r.dense_mem.router},
@@ -575,18 +685,8 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                      {"z_loss", r.stats.z_loss}};
         j["layers"].push_back(l);
     }
-    j["utilisation"] = nlohmann::ordered_json::array();
-    for (const UtilRow& u : util)
-        j["utilisation"].push_back(
-            {{"shape", u.shape},
-             {"logits", u.dist},
-             {"tokens", u.T},
-             {"expert_counts", u.stats.expert_counts},
-             {"max_over_mean", u.stats.max_over_mean()},
-             {"cv", u.stats.cv},
-             {"entropy", u.stats.entropy},
-             {"dropped_fraction",
-              {{"1.0", u.dropped_frac[0]}, {"1.25", u.dropped_frac[1]}, {"2.0", u.dropped_frac[2]}}}});
+    j["utilisation"] = util_json(util);
+    j["constants"] = constants_json();
     j["full_size_memory"] = nlohmann::ordered_json::array();
     for (const FullMem& f : full)
         j["full_size_memory"].push_back({{"shape", f.shape},
@@ -597,13 +697,9 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                                          {"gpu_budget", f.budget},
                                          {"gpu_fused_goal", f.goal}});
 
-    io::AtomicFileSet files;
-    const std::string text = md.str(), jtext = j.dump(1) + "\n";
-    SWITCHYARD_CHECK(text.find("[To be filled") == std::string::npos, "internal: an unfilled template blank remains");
-    files.add(o.out + "/PROFILE.md", [&](std::ostream& os) { os << text; });
-    files.add(o.out + "/profile.json", [&](std::ostream& os) { os << jtext; });
-    files.commit();
-    progress("wrote " + o.out + "/PROFILE.md and " + o.out + "/profile.json");
+    write_report(o.out, md.str(), j.dump(1) + "\n");
+    bar.finish();
+    std::fprintf(stderr, "profile: wrote %s/PROFILE.md and %s/profile.json\n", o.out.c_str(), o.out.c_str());
     return kExitOk;
 }
 
@@ -613,25 +709,55 @@ void add_profile(CLI::App& app, int* exit_code) {
     auto o = std::make_shared<ProfileOptions>();
     CLI::App* sub = app.add_subcommand("profile", "measure and write <out>/PROFILE.md and <out>/profile.json");
     sub->add_option("--out", o->out, "output folder")->capture_default_str();
-    sub->add_flag("--quick", o->quick, "fewer tokens and runs (T in {16, 64}, at most 3 runs)");
-    sub->add_option("--shapes", o->shapes, "named shapes (small, small-many, mixtral, qwen3, deepseek-v3)")
-        ->delimiter(',')
-        ->capture_default_str();
-    sub->add_option("--tokens", o->tokens, "token counts")->delimiter(',')->capture_default_str();
-    sub->add_option("--device", o->device, "backend of the full-layer timings: cpu | cuda")->capture_default_str();
-    sub->add_option("--dtype", o->dtype, "activation and weight dtype: fp32 | bf16 | fp16")->capture_default_str();
-    sub->add_option("--reps", o->reps, "timed runs per measurement (median)")->capture_default_str();
-    sub->add_option("--warmup", o->warmup, "warm-up runs")->capture_default_str();
-    sub->add_option("--dense-limit-gib", o->dense_limit_gib, "memory limit of the dense baseline runs")
+    sub->add_flag("--quick", o->quick,
+                  "fewer points: CPU T in {16, 64} and at most 3 runs; GPU T in {16, 4096}, 10 runs, shorter peers");
+    auto* shapes = sub->add_option("--shapes", o->shapes,
+                                   "named shapes (small, small-many, mixtral, qwen3, deepseek-v3); default: small,"
+                                   "small-many on the CPU, mixtral,qwen3,deepseek-v3 on the GPU")
+                       ->delimiter(',');
+    auto* tokens =
+        sub->add_option("--tokens", o->tokens, "token counts; default: 16,64,256 (CPU), 16,256,4096,16384 (GPU)")
+            ->delimiter(',');
+    sub->add_option("--device", o->device, "auto (cuda when a GPU is visible) | cpu | cuda")->capture_default_str();
+    auto* dtype = sub->add_option("--dtype", o->dtype, "activation and weight dtype: fp32 | bf16 | fp16 (default: fp32 "
+                                                       "on the CPU, bf16 on the GPU)");
+    auto* reps = sub->add_option("--reps", o->reps, "timed runs per measurement (median; default 3 CPU, 20 GPU)");
+    auto* warmup = sub->add_option("--warmup", o->warmup, "warm-up runs (default 1 CPU, 5 GPU)");
+    sub->add_option("--dense-limit-gib", o->dense_limit_gib, "memory limit of the dense baseline runs (CPU)")
         ->capture_default_str();
     sub->add_option("--budget", o->budget_s,
-                    "seconds per measurement: cheap ones repeat past --reps until this is spent (at most 101 runs)")
+                    "seconds per measurement: cheap ones repeat past --reps until this is spent (at most 101 runs; CPU)")
         ->capture_default_str();
     sub->add_option("--seed", o->seed, "seed of weights and inputs")->capture_default_str();
-    sub->callback([o, exit_code] {
+    sub->add_flag("--ncu", o->ncu, "GPU: run Nsight Compute (ncu) on one forward when ncu is on PATH");
+    sub->add_option("--torch", o->torch,
+                    "GPU: auto (PyTorch peers through bench/compare_torch.py when torch with CUDA imports) | off")
+        ->capture_default_str();
+    sub->add_option("--render-json", o->render_json, "re-render <out>/PROFILE.md from a GPU run's profile.json");
+    sub->add_option("--ncu-child", o->ncu_child, "internal: the one forward ncu profiles")->group("");
+    sub->add_option("--ncu-tokens", o->ncu_tokens, "internal: tokens of --ncu-child")->group("");
+    sub->callback([o, exit_code, shapes, tokens, dtype, reps, warmup] {
+        o->shapes_given = shapes->count() > 0;
+        o->tokens_given = tokens->count() > 0;
+        o->dtype_given = dtype->count() > 0;
+        o->reps_given = reps->count() > 0;
+        o->warmup_given = warmup->count() > 0;
+        SWITCHYARD_CHECK(o->torch == "auto" || o->torch == "off", "--torch must be auto or off, got '", o->torch, "'");
         std::ostringstream c;
-        c << "switchyard profile --out " << o->out << (o->quick ? " --quick" : "") << " --device " << o->device
-          << " --dtype " << o->dtype;
+        c << "switchyard profile --out " << o->out << (o->quick ? " --quick" : "") << " --device " << o->device;
+        if (o->dtype_given) c << " --dtype " << o->dtype;
+        if (o->shapes_given) {
+            c << " --shapes ";
+            for (size_t i = 0; i < o->shapes.size(); ++i) c << (i ? "," : "") << o->shapes[i];
+        }
+        if (o->tokens_given) {
+            c << " --tokens ";
+            for (size_t i = 0; i < o->tokens.size(); ++i) c << (i ? "," : "") << o->tokens[i];
+        }
+        if (o->reps_given) c << " --reps " << o->reps;
+        if (o->warmup_given) c << " --warmup " << o->warmup;
+        if (o->ncu) c << " --ncu";
+        if (o->torch != "auto") c << " --torch " << o->torch;
         *exit_code = run_profile(*o, c.str());
     });
 }
