@@ -39,6 +39,15 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
+try:  # vLLM's Triton fused-MoE kernel as layer impl `vllm` (bench/vllm_peer.py; needs .deps/vllm and triton)
+    from vllm_peer import PeerUnavailable, vllm_layer_fn
+except ImportError as _vllm_import_error:
+    class PeerUnavailable(Exception):
+        pass
+
+    def vllm_layer_fn(*_args, _why=str(_vllm_import_error), **_kwargs):
+        raise PeerUnavailable(f"bench/vllm_peer.py not importable: {_why}")
+
 MODELS = {
     # name: (hidden H, ffn F, experts E, top_k)
     "mixtral": (4096, 14336, 8, 2),
@@ -243,27 +252,66 @@ def layer_sort(x, wg, w13, w2, top_k):
     return y
 
 
-def run_switchyard_layer_bench(cli, model, tokens, dtype="bf16"):
-    """Hook for Switchyard's whole layer: runs `<cli> bench ... --json` when the CLI is present.
+def run_switchyard_layer_bench(cli, model, tokens, ceiling_tflops, copy_tbps, warmup=5, iters=20, dtype="bf16"):
+    """Switchyard's whole layer through `<cli> bench --device cuda --json`, with the same shape and routing rule
+    as the PyTorch peers (softmax over E, top-k, no renormalisation, SwiGLU) and the ceilings measured here.
 
-    The lead wires the exact flags of `switchyard bench`; this calls it with the layer's shape and reads back a
-    JSON object, expected to hold at least {"ms": float} and optionally {"peak_bytes": int}. Returns None (and
+    Returns the CLI's run entry: sparse_ms (CUDA events, inputs rotated past L2), graph_ms (CUDA-graph replay),
+    stages_ms, workspace_bytes (the only memory a forward uses beyond x, y and weights), floor fields. None (and
     says why) when the CLI is missing or fails.
     """
     if not cli or not os.path.exists(cli):
+        print(f"  switchyard CLI not found at {cli}", file=sys.stderr)
         return None
     h, f, e, k = MODELS[model]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sy.json")
         cmd = [cli, "bench", "--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k),
-               "--tokens", str(tokens), "--dtype", dtype, "--device", "cuda", "--json", out]
+               "--score", "softmax", "--activation", "swiglu", "--tokens", str(tokens), "--dtype", dtype,
+               "--device", "cuda", "--warmup", str(warmup), "--reps", str(iters),
+               "--peak-tflops", f"{ceiling_tflops:.1f}", "--peak-gbps", f"{copy_tbps * 1e3:.1f}", "--json", out]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
             with open(out) as fh:
-                return json.load(fh)
-        except (subprocess.SubprocessError, OSError, ValueError) as err:
+                return json.load(fh)["runs"][0]
+        except subprocess.CalledProcessError as err:
+            print(f"  switchyard bench failed ({' '.join(cmd)}): {err.stderr.strip()[-400:]}", file=sys.stderr)
+        except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError) as err:
             print(f"  switchyard bench failed ({' '.join(cmd)}): {err}", file=sys.stderr)
+        return None
+
+
+def check_switchyard_output(cli, x, wg, w13, w2, top_k):
+    """Runs `switchyard forward --device cuda` on the SAME weights and input as the PyTorch sort path (written as a
+    Mixtral-named safetensors layer and an .npy input) and returns the relative L2 error of its output against
+    layer_sort's, or None (with the reason printed) when that cannot run."""
+    try:
+        from safetensors.torch import save_file
+        import numpy as np
+    except ImportError as err:
+        print(f"  output check skipped: {err}", file=sys.stderr)
+        return None
+    e, f = w13.shape[0], w2.shape[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = {"block_sparse_moe.gate.weight": wg.contiguous()}
+        for i in range(e):
+            tensors[f"block_sparse_moe.experts.{i}.w1.weight"] = w13[i, :f].contiguous()
+            tensors[f"block_sparse_moe.experts.{i}.w3.weight"] = w13[i, f:].contiguous()
+            tensors[f"block_sparse_moe.experts.{i}.w2.weight"] = w2[i].contiguous()
+        wpath, xpath, ypath = (os.path.join(tmp, n) for n in ("w.safetensors", "x.npy", "y.npy"))
+        save_file(tensors, wpath)
+        del tensors
+        np.save(xpath, x.view(torch.uint16).cpu().numpy())  # bf16 as <u2, as the CLI reads it
+        cmd = [cli, "forward", "--weights", wpath, "--input", xpath, "--output", ypath, "--device", "cuda",
+               "--dtype", "bf16", "--top-k", str(top_k), "--score", "softmax", "--activation", "swiglu"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            print(f"  output check: switchyard forward failed: {r.stderr.strip()[-400:]}", file=sys.stderr)
             return None
+        y_sy = torch.from_numpy(np.load(ypath).astype(np.int16)).view(torch.bfloat16).to(x.device).float()
+    with torch.no_grad():
+        y_ref = layer_sort(x, wg, w13, w2, top_k).float()
+    return float((y_sy - y_ref).norm() / y_ref.norm())
 
 
 def layer_mode(args):
@@ -293,6 +341,7 @@ def layer_mode(args):
             floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
             for impl in impls:
                 note = ""
+                extra = {}
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
@@ -309,18 +358,32 @@ def layer_mode(args):
                             fn = lambda: layer_sort(x, wg, w13, w2, k)
                         elif impl == "switchyard":
                             fn = None
+                        elif impl == "vllm":
+                            fn, note = vllm_layer_fn(x, wg, w13, w2, k, router_fn=router)
                         else:
                             raise ValueError(f"unknown impl {impl}")
                         if fn is not None:
                             ms = time_cuda(fn, args.warmup, args.iters)
                             peak = (torch.cuda.max_memory_allocated() - base) / 1e9
                         else:
-                            r = run_switchyard_layer_bench(args.switchyard_cli, m, t)
+                            r = run_switchyard_layer_bench(args.switchyard_cli, m, t, ceiling, copy_tbps,
+                                                           args.warmup, args.iters)
                             if r is None:
                                 note = "switchyard CLI not present or failed"
                             else:
-                                ms = float(r.get("ms", float("nan")))
-                                peak = float(r.get("peak_bytes", float("nan"))) / 1e9
+                                ms = float(r.get("sparse_ms", float("nan")))
+                                peak = float(r.get("workspace_bytes", float("nan"))) / 1e9
+                                st = r.get("stages_ms", {})
+                                note = (f"graph {r.get('graph_ms', float('nan')):.3f} ms; stages " +
+                                        " ".join(f"{n} {v:.3f}" for n, v in st.items() if n != "sum"))
+                                if args.check and t == min(tokens) and m != "deepseek":
+                                    err = check_switchyard_output(args.switchyard_cli, x, wg, w13, w2, k)
+                                    note += f"; output vs sort path: rel L2 {err:.2e}" if err is not None else \
+                                        "; output check failed to run"
+                                extra = dict(graph_ms=r.get("graph_ms"), stages_ms=st,
+                                             experts_hit=r.get("experts_hit"), floor_ms_cli=r.get("floor_ms"))
+                    except PeerUnavailable as err:
+                        note = f"vllm peer not run: {err}"
                     except torch.cuda.OutOfMemoryError:
                         cap = max(1, math.ceil(args.capacity_factor * t * k / e))
                         need = t * e * cap * h * 2
@@ -330,7 +393,7 @@ def layer_mode(args):
                 print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
                       f"{note}", flush=True)
                 results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
-                                    peak_extra_gb=peak, note=note))
+                                    peak_extra_gb=peak, note=note, **extra))
             del x
         del wg, w13, w2
         torch.cuda.empty_cache()
@@ -353,6 +416,9 @@ def main():
     p.add_argument("--capacity-factor", type=float, default=1.25, help="dense baseline capacity factor")
     p.add_argument("--switchyard-cli", default="build/switchyard", help="layer mode: Switchyard CLI")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--check", action="store_true",
+                   help="layer mode: also check Switchyard's output against the sort path on the same weights "
+                        "(smallest T of each model; DeepSeek-V3 skipped: its weights are 22 GB)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("compare_torch.py: no CUDA device", file=sys.stderr)

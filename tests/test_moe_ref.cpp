@@ -158,7 +158,7 @@ std::vector<float> naive_mlp(const MoEConfig& c, const float* x, const HostTenso
         double acc = 0.0;
         for (int64_t h = 0; h < hidden; ++h)
             acc += static_cast<double>(x[h]) * static_cast<double>(w13.get((e * r13 + r) * hidden + h));
-        g[r] = acc;
+        g[r] = round_to(c.dtype, static_cast<float>(acc));  // GEMM1's outputs are stored in the layer dtype
     }
     std::vector<float> hv(ffn);
     for (int64_t f = 0; f < ffn; ++f) {

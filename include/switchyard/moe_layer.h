@@ -5,8 +5,8 @@
 //
 // Numerics (the contract every backend keeps, written out in src/ref/moe_ref.cpp):
 // products accumulate exactly (double on the CPU, fp32 on the GPU); the values a stage stores are
-// rounded to the layer dtype: the activation output h (one rounding after act(gate) * up), each expert
-// output row, the shared expert's output, and y. Router logits and weights are fp32.
+// rounded to the layer dtype: GEMM1's outputs (gate and up), the activation output h = act(gate) * up,
+// each expert output row, the shared expert's output, and y. Router logits and weights are fp32.
 // The combine sums slots in order j = 0..k-1, then adds the shared expert: bitwise reproducible.
 #pragma once
 
@@ -39,6 +39,10 @@ struct ForwardOutputs {
     TensorRef topk_ids;      // [T, k] int32
     TensorRef topk_weights;  // [T, k] fp32
     TensorRef slot_row;      // [T, k] int32 (see RoutingPlan)
+    TensorRef expert_counts; // [E] int32: pairs routed to each expert before drops (stays on the device: the
+                             //     input of update_score_bias, balance.h, with no host synchronisation)
+    // Under expert-choice routing (MoEConfig::routing_mode) topk_ids, topk_weights and slot_row are [T, E]
+    // (MoEConfig::route_slots()): slot e is expert e, with id -1, weight 0 and row -1 where e did not pick t.
     LoadStats* stats = nullptr;  // host struct; on CUDA filling it synchronises the stream (not for graphs)
 };
 

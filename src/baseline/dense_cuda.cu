@@ -78,7 +78,7 @@ __device__ __forceinline__ float gelu_tanh_f(float v) {
     return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
 }
 
-// h[r, f] = dtype(act(pre[r, f]) * pre[r, F + f]) (gated) or dtype(act(pre[r, f])); pre fp32 [rows, R].
+// h[r, f] = dtype(act(g) * u) (gated) or dtype(act(u)), g = dtype(pre[r, f]), u = dtype(pre[r, F + f]); pre fp32 [rows, R].
 template <typename T>
 __global__ void activation_kernel(const float* __restrict__ pre, int64_t rows, int64_t ffn, int act,
                                   T* __restrict__ h) {
@@ -88,15 +88,17 @@ __global__ void activation_kernel(const float* __restrict__ pre, int64_t rows, i
     const Activation a = static_cast<Activation>(act);
     const bool gated = a == Activation::kSwiGLU || a == Activation::kGeGLU;
     const int64_t R = gated ? 2 * ffn : ffn;
-    const float up = pre[r * R + (gated ? ffn + f : f)];
+    // GEMM1's outputs are stored in the layer dtype (the sparse path's rounding point, src/ref/experts.cpp).
+    auto stored = [](float v) { return to_f32(from_f32<T>(v)); };
+    const float up = stored(pre[r * R + (gated ? ffn + f : f)]);
     float v;
     switch (a) {
         case Activation::kSwiGLU: {
-            const float g = pre[r * R + f];
+            const float g = stored(pre[r * R + f]);
             v = g / (1.0f + expf(-g)) * up;
             break;
         }
-        case Activation::kGeGLU: v = gelu_tanh_f(pre[r * R + f]) * up; break;
+        case Activation::kGeGLU: v = gelu_tanh_f(stored(pre[r * R + f])) * up; break;
         case Activation::kGELU: v = gelu_tanh_f(up); break;
         default: v = up < 0.0f ? 0.0f : up; break;  // ReLU; NaN stays NaN
     }

@@ -120,10 +120,11 @@ void dense_mlp(Activation act, DType dt, const uint8_t* in_bytes, int64_t rows, 
     ref::gemm_nt(a.data(), rows, hidden, w13, acc.data());
 #pragma omp parallel for schedule(static) if (rows * R > kParallelMin)
     for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t n = 0; n < R; ++n) pre[r * R + n] = static_cast<float>(acc[r * R + n]);
+        // GEMM1's outputs are stored in the layer dtype, as in the sparse path (src/ref/experts.cpp).
+        for (int64_t n = 0; n < R; ++n) pre[r * R + n] = round_double(dt, acc[r * R + n]);
         for (int64_t f = 0; f < ffn; ++f) {
-            const double up = acc[r * R + (gated ? ffn + f : f)];
-            const double gate = gated ? acc[r * R + f] : 0.0;
+            const double up = pre[r * R + (gated ? ffn + f : f)];
+            const double gate = gated ? pre[r * R + f] : 0.0;
             const float hv = round_double(dt, ref::apply_activation(act, gate, up));
             st(h, dt, r * ffn + f, hv);
             a[r * ffn + f] = hv;

@@ -1,12 +1,13 @@
 // src/ref/experts.cpp: one expert MLP of the CPU backend (routed or shared).
 //
-//   g   [rows, R13] = in [rows, H] . w13 [R13, H]^T       double (gemm_nt), R13 = 2F gated, F otherwise
+//   g   [rows, R13] = round_dtype(float(in [rows, H] . w13 [R13, H]^T))   double (gemm_nt), R13 = 2F gated, F otherwise
 //   h   [rows, F]   = round_dtype(float(act(gate, up)))    gated: gate = g[:, f], up = g[:, F + f]
 //                                                         ungated: up = g[:, f]
 //   out [rows, H]   = round_dtype(float(h . w2 [H, F]^T))  double (gemm_nt)
-// act is evaluated in double on the unrounded sums; "round_dtype(float(v))" means v is first rounded to
-// fp32 (nearest even) and then to the layer dtype with switchyard::round_to, exactly as a GPU kernel that
-// holds the value in fp32 and stores it in the layer dtype.
+// GEMM1's outputs are stored in the layer dtype (as a grouped GEMM writing bf16 does, and as PyTorch's
+// grouped_mm path does); act is evaluated in double on those stored values. "round_dtype(float(v))" means v is
+// first rounded to fp32 (nearest even) and then to the layer dtype with switchyard::round_to, exactly as a GPU
+// kernel that holds the value in fp32 and stores it in the layer dtype.
 #include <cmath>
 #include <vector>
 
@@ -52,8 +53,10 @@ void expert_mlp(Activation act, DType dtype, const float* in, int64_t rows, int6
 #pragma omp parallel for schedule(static) if (rows * ffn >= (1 << 16))
     for (int64_t r = 0; r < rows; ++r) {
         const double* gr = g.data() + r * r13;
+        auto stored = [&](int64_t n) { return static_cast<double>(round_to(dtype, static_cast<float>(gr[n]))); };
         for (int64_t f = 0; f < ffn; ++f) {
-            const double v = gated ? apply_activation(act, gr[f], gr[ffn + f]) : apply_activation(act, 0.0, gr[f]);
+            const double v =
+                gated ? apply_activation(act, stored(f), stored(ffn + f)) : apply_activation(act, 0.0, stored(f));
             h[r * ffn + f] = round_to(dtype, static_cast<float>(v));
         }
     }

@@ -119,8 +119,8 @@ def gated(name):
 
 
 def mlp(a, w13, w2, act, dtype):
-    """a [n, H]; w13 [2F or F, H]; w2 [H, F]: output [n, H] with h and the output rounded to dtype."""
-    pre = a @ w13.T
+    """a [n, H]; w13 [2F or F, H]; w2 [H, F]: output [n, H] with GEMM1's outputs, h and the output rounded to dtype."""
+    pre = round_to(a @ w13.T, dtype)  # GEMM1's outputs are stored in the layer dtype
     f = w2.shape[1]
     h = activation(act, pre[:, :f], pre[:, f:]) if gated(act) else activation(act, None, pre)
     h = round_to(h, dtype)

@@ -1,9 +1,13 @@
 // tools/switchyard/bench.cpp: `switchyard bench`: times the layer for given shapes and token counts.
 //
-// For each (shape, T): seeded random weights and inputs; the whole layer (MoELayer::forward) and, on the CPU,
-// each stage (stages.h); the dense baseline when --impl dense|both (skipped, with the bytes it would need,
-// past --dense-limit-gib). Times are the median of --reps runs after --warmup runs (host wall clock; on CUDA
-// the stream is synchronised before the clock stops). Beside each time: the floor
+// For each (shape, T): seeded random weights and inputs; the whole layer (MoELayer::forward) and each stage;
+// the dense baseline when --impl dense|both (skipped, with the bytes it would need, past --dense-limit-gib).
+// CPU: host wall clock, median of --reps runs after --warmup runs, stages from stages.h.
+// CUDA (bench_cuda.h): weights generated on the GPU; CUDA events around each forward on inputs rotated past L2,
+// median; the same forward replayed from a CUDA graph (--graph); the stage breakdown with an event after each
+// stage (each stage is also an NVTX range for Nsight); the routing read back once for the floor; the workspace
+// (all memory a forward uses beyond x, y and the weights) reported as the peak extra memory.
+// Beside each time: the floor
 // max(FLOPs / rate, bytes / bandwidth), FLOPs counting the kept rows and bytes the weights of the experts that
 // receive a row plus x and y once (stages.h). Rates: --peak-tflops / --peak-gbps when given; otherwise
 // measured on the CPU (ref::gemm_nt's rate and an OpenMP memcpy: "what this backend can reach", not the
@@ -16,6 +20,7 @@
 #include <sstream>
 
 #include "baseline/dense.h"
+#include "bench_cuda.h"
 #include "cli_common.h"
 #include "commands.h"
 #include "io/file_util.h"
@@ -44,7 +49,142 @@ struct BenchOptions {
     double dense_limit_gib = 4.0;
     std::string json;
     uint64_t seed = 1;
+    bool graph = true;    // CUDA: also time graph replays
+    bool stages = true;   // CUDA: also time each stage
 };
+
+
+void record_dense(const DenseResult& d, double ms, nlohmann::ordered_json& r) {
+    r["dense_ran"] = d.ran;
+    r["dense_bytes_needed"] = d.bytes_needed;
+    r["dense_capacity"] = d.capacity;
+    if (d.ran) {
+        r["dense_ms"] = ms;
+        std::printf("  dense  %10.3f ms  (arena %s, C=%lld)\n", ms, human_bytes(double(d.bytes_needed)).c_str(),
+                    static_cast<long long>(d.capacity));
+    } else {
+        r["dense_reason"] = d.reason;
+        std::printf("  dense  not run: %s\n", d.reason.c_str());
+    }
+}
+
+// Floor of one run from the routing actually used: FLOPs over the kept rows, bytes of the experts hit.
+nlohmann::ordered_json floor_entry(const MoEConfig& cfg, int64_t T, int64_t kept, int64_t hit, DType wdt,
+                                   double tflops, double gbps, double* floor_ms) {
+    const double flops = layer_flops(cfg, T, kept), bytes = layer_bytes(cfg, T, hit, wdt);
+    *floor_ms = std::max(flops / (tflops * 1e12), bytes / (gbps * 1e9)) * 1e3;
+    nlohmann::ordered_json r;
+    r["tokens"] = T;
+    r["flops"] = flops;
+    r["bytes"] = bytes;
+    r["kept_rows"] = kept;
+    r["experts_hit"] = hit;
+    r["floor_ms"] = *floor_ms;
+    r["floor_bound"] = flops / (tflops * 1e12) >= bytes / (gbps * 1e9) ? "compute" : "memory";
+    std::printf("T=%-6lld floor %.4f ms (%.3g GFLOP, %s, %lld experts hit)\n", static_cast<long long>(T), *floor_ms,
+                flops / 1e9, human_bytes(bytes).c_str(), static_cast<long long>(hit));
+    return r;
+}
+
+void bench_cpu(const BenchOptions& o, const MoEConfig& cfg, double tflops, double gbps, nlohmann::ordered_json& j) {
+    io::OwnedWeights w = io::random_weights(cfg, o.seed);
+    if (!cfg.use_score_bias) w.w.score_bias = TensorRef();
+    for (int64_t T : o.tokens) {
+        const int64_t H = cfg.hidden_size;
+        std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed + static_cast<uint64_t>(T));
+        std::vector<uint8_t> y(x.size());
+        TensorRef xh = io::host_tensor(x.data(), cfg.dtype, {T, H}), yh = io::host_tensor(y.data(), cfg.dtype, {T, H});
+        // Routing statistics (host reference) for the floor: kept rows and experts hit.
+        LoadStats st;
+        {
+            ForwardOutputs out;
+            out.stats = &st;
+            MoELayer(cfg, w.w).forward(xh, yh, &out);
+        }
+        int64_t kept = 0, hit = 0;
+        for (int64_t c : st.kept_counts) kept += c, hit += c > 0;
+        double floor_ms = 0;
+        nlohmann::ordered_json r = floor_entry(cfg, T, kept, hit, w.w.w13.dtype, tflops, gbps, &floor_ms);
+        if (o.impl != "dense") {
+            MoELayer layer(cfg, w.w);
+            const double ms = median_ms([&] { layer.forward(xh, yh); }, o.warmup, o.reps);
+            StageTimes s = time_cpu_stages(cfg, w.w, xh, o.warmup, o.reps);
+            r["stages_ms"] = {{"router", s.router_ms},   {"plan", s.plan_ms},     {"dispatch", s.dispatch_ms},
+                              {"experts", s.experts_ms}, {"shared", s.shared_ms}, {"combine", s.combine_ms},
+                              {"sum", s.total_ms()}};
+            std::printf(
+                "  sparse %10.3f ms  (%5.1f%% of floor)  stages: router %.3f, plan %.3f, dispatch %.3f, "
+                "experts %.3f, shared %.3f, combine %.3f ms\n",
+                ms, 100 * floor_ms / ms, s.router_ms, s.plan_ms, s.dispatch_ms, s.experts_ms, s.shared_ms,
+                s.combine_ms);
+            r["sparse_ms"] = ms;
+            r["sparse_pct_of_floor"] = ms > 0 ? 100 * floor_ms / ms : 0.0;
+        }
+        if (o.impl != "sparse") {
+            const size_t limit = static_cast<size_t>(o.dense_limit_gib * double(1ull << 30));
+            DenseResult d = dense_forward_cpu(cfg, w.w, xh, yh, limit);  // once: refused runs are not repeated
+            double ms = 0;
+            if (d.ran) ms = median_ms([&] { d = dense_forward_cpu(cfg, w.w, xh, yh, limit); }, o.warmup, o.reps);
+            record_dense(d, ms, r);
+        }
+        j["runs"].push_back(r);
+    }
+}
+
+#ifdef SWITCHYARD_WITH_CUDA
+void bench_cuda(const BenchOptions& o, const MoEConfig& cfg, double tflops, double gbps, nlohmann::ordered_json& j) {
+    DeviceWeights dw = random_device_weights(cfg, o.seed);
+    for (int64_t T : o.tokens) {
+        nlohmann::ordered_json r;
+        double floor_ms = 0;
+        if (o.impl != "dense") {
+            const CudaLayerTiming t = time_cuda_layer(cfg, dw.w, T, o.warmup, o.reps, o.seed + T, o.graph, o.stages);
+            r = floor_entry(cfg, T, t.kept_rows, t.experts_hit, dw.w.w13.dtype, tflops, gbps, &floor_ms);
+            r["sparse_ms"] = t.eager_ms;
+            r["sparse_pct_of_floor"] = t.eager_ms > 0 ? 100 * floor_ms / t.eager_ms : 0.0;
+            r["workspace_bytes"] = t.workspace_bytes;
+            r["input_copies"] = t.input_copies;
+            std::printf("  sparse %10.4f ms eager (%5.1f%% of floor)", t.eager_ms, 100 * floor_ms / t.eager_ms);
+            if (o.graph) {
+                r["graph_ms"] = t.graph_ms;
+                r["graph_pct_of_floor"] = t.graph_ms > 0 ? 100 * floor_ms / t.graph_ms : 0.0;
+                std::printf(", %.4f ms graph (%5.1f%%)", t.graph_ms, 100 * floor_ms / t.graph_ms);
+            }
+            std::printf(", workspace %s\n", human_bytes(double(t.workspace_bytes)).c_str());
+            if (!t.stages.empty()) {
+                nlohmann::ordered_json sj;
+                double sum = 0;
+                std::printf("  stages:");
+                for (const auto& [name, ms] : t.stages) {
+                    sj[name] = ms;
+                    sum += ms;
+                    std::printf(" %s %.4f", name.c_str(), ms);
+                }
+                sj["sum"] = sum;
+                std::printf(" ms\n");
+                r["stages_ms"] = sj;
+            }
+        } else {
+            r["tokens"] = T;
+        }
+        if (o.impl != "sparse") {
+            const size_t limit = static_cast<size_t>(o.dense_limit_gib * double(1ull << 30));
+            std::vector<DeviceBuffer> keep;
+            const int64_t H = cfg.hidden_size;
+            std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed + static_cast<uint64_t>(T));
+            TensorRef xd = to_device(io::host_tensor(x.data(), cfg.dtype, {T, H}), keep);
+            TensorRef yd = to_device(io::host_tensor(x.data(), cfg.dtype, {T, H}), keep);
+            DenseResult d = dense_forward_cuda(cfg, dw.w, xd, yd, limit);
+            double ms = 0;
+            if (d.ran)
+                ms = median_ms([&] { d = dense_forward_cuda(cfg, dw.w, xd, yd, limit); }, o.warmup, o.reps,
+                               [] { device_synchronize(); });
+            record_dense(d, ms, r);
+        }
+        j["runs"].push_back(r);
+    }
+}
+#endif
 
 int run_bench(const BenchOptions& o) {
     const Device dev = parse_device(o.device);
@@ -79,8 +219,6 @@ int run_bench(const BenchOptions& o) {
         rate_src = "given by flags";
     }
 
-    io::OwnedWeights w = io::random_weights(cfg, o.seed);
-    if (!cfg.use_score_bias) w.w.score_bias = TensorRef();
     std::printf("bench: %s on %s; rates %.3f TFLOP/s, %.1f GB/s (%s); median of %d after %d warm-up\n",
                 cfg.to_string().c_str(), to_string(dev), tflops, gbps, rate_src.c_str(), o.reps, o.warmup);
     nlohmann::ordered_json j;
@@ -92,94 +230,12 @@ int run_bench(const BenchOptions& o) {
     j["warmup"] = o.warmup;
     j["reps"] = o.reps;
     j["runs"] = nlohmann::ordered_json::array();
-
+    if (dev == Device::kCUDA) {
 #ifdef SWITCHYARD_WITH_CUDA
-    std::unique_ptr<DeviceWeights> dw;
-    if (dev == Device::kCUDA) dw = std::make_unique<DeviceWeights>(to_device(w.w));
+        bench_cuda(o, cfg, tflops, gbps, j);
 #endif
-    for (int64_t T : o.tokens) {
-        const int64_t H = cfg.hidden_size;
-        std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed + static_cast<uint64_t>(T));
-        std::vector<uint8_t> y(x.size());
-        TensorRef xh = io::host_tensor(x.data(), cfg.dtype, {T, H}), yh = io::host_tensor(y.data(), cfg.dtype, {T, H});
-        nlohmann::ordered_json r;
-        r["tokens"] = T;
-        // Routing statistics (host reference) for the floor: kept rows and experts hit.
-        LoadStats st;
-        {
-            ForwardOutputs out;
-            out.stats = &st;
-            MoELayer(cfg, w.w).forward(xh, yh, &out);
-        }
-        int64_t kept = 0, hit = 0;
-        for (int64_t c : st.kept_counts) kept += c, hit += c > 0;
-        const double flops = layer_flops(cfg, T, kept), bytes = layer_bytes(cfg, T, hit, w.w.w13.dtype);
-        const double floor_ms = std::max(flops / (tflops * 1e12), bytes / (gbps * 1e9)) * 1e3;
-        r["flops"] = flops;
-        r["bytes"] = bytes;
-        r["experts_hit"] = hit;
-        r["floor_ms"] = floor_ms;
-        std::printf("T=%-6lld floor %.4f ms (%.3g GFLOP, %s)\n", static_cast<long long>(T), floor_ms, flops / 1e9,
-                    human_bytes(bytes).c_str());
-        if (o.impl != "dense") {
-            double ms = 0;
-            if (dev == Device::kCPU) {
-                MoELayer layer(cfg, w.w);
-                ms = median_ms([&] { layer.forward(xh, yh); }, o.warmup, o.reps);
-                StageTimes s = time_cpu_stages(cfg, w.w, xh, o.warmup, o.reps);
-                r["stages_ms"] = {{"router", s.router_ms},   {"plan", s.plan_ms},     {"dispatch", s.dispatch_ms},
-                                  {"experts", s.experts_ms}, {"shared", s.shared_ms}, {"combine", s.combine_ms},
-                                  {"sum", s.total_ms()}};
-                std::printf(
-                    "  sparse %10.3f ms  (%5.1f%% of floor)  stages: router %.3f, plan %.3f, dispatch %.3f, "
-                    "experts %.3f, shared %.3f, combine %.3f ms\n",
-                    ms, 100 * floor_ms / ms, s.router_ms, s.plan_ms, s.dispatch_ms, s.experts_ms, s.shared_ms,
-                    s.combine_ms);
-            } else {
-#ifdef SWITCHYARD_WITH_CUDA
-                std::vector<DeviceBuffer> keep;
-                TensorRef xd = to_device(xh, keep), yd = to_device(yh, keep);
-                MoELayer layer(cfg, dw->w);
-                DeviceBuffer ws(layer.workspace_size(T));
-                ms = median_ms([&] { layer.forward(xd, yd, ws.get(), ws.size(), nullptr, nullptr); }, o.warmup, o.reps,
-                               [] { device_synchronize(); });
-                std::printf("  sparse %10.3f ms  (%5.1f%% of floor; host-timed with a sync per run)\n", ms,
-                            100 * floor_ms / ms);
-#endif
-            }
-            r["sparse_ms"] = ms;
-            r["sparse_pct_of_floor"] = ms > 0 ? 100 * floor_ms / ms : 0.0;
-        }
-        if (o.impl != "sparse") {
-            const size_t limit = static_cast<size_t>(o.dense_limit_gib * double(1ull << 30));
-            DenseResult d;
-            double ms = 0;
-            if (dev == Device::kCPU) {
-                d = dense_forward_cpu(cfg, w.w, xh, yh, limit);  // once: refused runs are not repeated
-                if (d.ran) ms = median_ms([&] { d = dense_forward_cpu(cfg, w.w, xh, yh, limit); }, o.warmup, o.reps);
-            } else {
-#ifdef SWITCHYARD_WITH_CUDA
-                std::vector<DeviceBuffer> keep;
-                TensorRef xd = to_device(xh, keep), yd = to_device(yh, keep);
-                d = dense_forward_cuda(cfg, dw->w, xd, yd, limit);
-                if (d.ran)
-                    ms = median_ms([&] { d = dense_forward_cuda(cfg, dw->w, xd, yd, limit); }, o.warmup, o.reps,
-                                   [] { device_synchronize(); });
-#endif
-            }
-            r["dense_ran"] = d.ran;
-            r["dense_bytes_needed"] = d.bytes_needed;
-            r["dense_capacity"] = d.capacity;
-            if (d.ran) {
-                r["dense_ms"] = ms;
-                std::printf("  dense  %10.3f ms  (arena %s, C=%lld)\n", ms, human_bytes(double(d.bytes_needed)).c_str(),
-                            static_cast<long long>(d.capacity));
-            } else {
-                r["dense_reason"] = d.reason;
-                std::printf("  dense  not run: %s\n", d.reason.c_str());
-            }
-        }
-        j["runs"].push_back(r);
+    } else {
+        bench_cpu(o, cfg, tflops, gbps, j);
     }
     if (!o.json.empty()) {
         std::string text = j.dump(1) + "\n";
@@ -214,6 +270,8 @@ void add_bench(CLI::App& app, int* exit_code) {
         ->capture_default_str();
     sub->add_option("--seed", o->seed, "seed of weights and inputs")->capture_default_str();
     sub->add_option("--json", o->json, "write every number to this JSON file");
+    sub->add_flag("--graph,!--no-graph", o->graph, "CUDA: also time CUDA-graph replays (default on)");
+    sub->add_flag("--stages,!--no-stages", o->stages, "CUDA: also time each stage with events (default on)");
     add_layer_flags(sub, o->layer, /*random_weights=*/true);
     sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
 }

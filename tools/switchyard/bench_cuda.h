@@ -1,0 +1,47 @@
+// tools/switchyard/bench_cuda.h: timing of the CUDA layer with CUDA events (CUDA builds only).
+//
+// time_cuda_layer runs MoELayer::forward on a private stream: `warmup` runs, then `reps` runs each between two
+// events (median reported), over `copies` input buffers rotated so that the inputs read exceed twice the L2;
+// then the same forward captured in CUDA graphs (one per input copy) and replayed (median); then, when asked,
+// the stage breakdown through cuda::moe_forward_staged with an event after each stage (median per stage).
+// Every stage also sits in an NVTX range of its name (moe_cuda.cu), so Nsight shows them. The routing that the
+// timed forwards use is read back once (LoadStats) for the floor: kept rows and experts actually hit.
+#pragma once
+
+#ifdef SWITCHYARD_WITH_CUDA
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cli_common.h"
+#include "switchyard/switchyard.h"
+
+namespace switchyard {
+namespace cli {
+
+struct CudaLayerTiming {
+    int64_t num_tokens = 0;
+    double eager_ms = 0;  // median over reps, CUDA events around each forward
+    double graph_ms = 0;  // median over reps of one graph replay (0 when not measured)
+    std::vector<std::pair<std::string, double>> stages;  // median ms per stage, in forward order
+    size_t workspace_bytes = 0;  // all the memory a forward uses beyond x, y and the weights
+    int64_t kept_rows = 0;
+    int64_t experts_hit = 0;
+    int input_copies = 1;
+    LoadStats stats;
+};
+
+// nn.Linear-like random weights generated on the current device: uniform(-1/sqrt(in), 1/sqrt(in)) in the
+// config's dtype, score bias uniform(-0.1, 0.1) fp32 when cfg.use_score_bias.
+DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed);
+
+CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
+                                int warmup, int reps, uint64_t seed, bool graph, bool stages);
+
+// Median of a vector (copy).
+double median_of(std::vector<double> v);
+
+}  // namespace cli
+}  // namespace switchyard
+#endif
