@@ -1,55 +1,78 @@
 #!/usr/bin/env bash
 # scripts/gpu_run.sh: the GPU machine's part of the work, in one call (device time is scarce).
 #   bash scripts/gpu_run.sh [BUILD_DIR] [STEPS]
-# BUILD_DIR: a CUDA build (default build-cuda; built here when missing, with .deps/ for the libraries).
-# STEPS: comma list of tests,memcheck,racecheck,layers,gemm,profile (default tests,memcheck,layers).
-# Logs and JSON go to $OUT (or ./gpu-out); a short summary is printed last.
+# BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
+#            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
+# STEPS: comma list, run in this order: tests,torch,balance,layers,gemm,memcheck,racecheck,profile
+#        (default tests,torch,balance,layers,memcheck).
+# Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
+# itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
 set -uo pipefail
 BUILD=${1:-build-cuda}
-STEPS=${2:-tests,memcheck,layers}
-FINAL=${OUT:-$PWD/gpu-out}
-OUT="$FINAL/work"   # everything lands here, then one archive comes back (the device returns at most 8 files)
+STEPS=${2:-tests,torch,balance,layers,memcheck}
+OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
-summary=()
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
-card=$(head -1 "$OUT/card.txt")
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+note "card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)"
+note "date: $(date -u +%FT%TZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [ ! -x "$BUILD/switchyard" ]; then
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PWD/.deps/root/usr" \
-    -DSWITCHYARD_CUTLASS_DIR="$PWD/.deps/cutlass/include" >"$OUT/configure.log" 2>&1 &&
-    cmake --build "$BUILD" -j16 >"$OUT/build.log" 2>&1 || { echo "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+    -DSWITCHYARD_CUTLASS_DIR="$PWD/.deps/cutlass/include" >"$OUT/build.log" 2>&1 &&
+    cmake --build "$BUILD" -j16 >>"$OUT/build.log" 2>&1 || { note "build failed"; tail -30 "$OUT/build.log"; exit 1; }
 fi
 if has tests; then
   "$BUILD/tests/switchyard_gpu_tests" >"$OUT/gpu_tests.log" 2>&1
-  summary+=("gpu tests: $(grep -E '^\[  (PASSED|FAILED)  \]|tests ran' "$OUT/gpu_tests.log" | tr '\n' ' ')")
+  note "gpu tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|tests? ran' "$OUT/gpu_tests.log" | tr '\n' ' ')"
   grep -E "^\[  FAILED  \]" "$OUT/gpu_tests.log" | head -20
 fi
-if has memcheck; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
-    --gtest_filter="${MEMCHECK_FILTER:-*T7*:*T129*:*Small*:*Graph*:*Ties*:*Edge*:*Stage*}" >"$OUT/memcheck.log" 2>&1
-  summary+=("memcheck: rc=$? $(grep -E 'ERROR SUMMARY|^\[  PASSED' "$OUT/memcheck.log" | tr '\n' ' ')")
+if has torch; then
+  SWITCHYARD_TORCH_LIB="$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH=python \
+    python3 -m pytest -q -m gpu tests/python/test_torch_gpu.py >"$OUT/torch_gpu.log" 2>&1
+  note "torch gpu tests: rc=$? $(tail -1 "$OUT/torch_gpu.log")"
 fi
-if has racecheck; then
-  compute-sanitizer --tool racecheck "$BUILD/tests/switchyard_gpu_tests" \
-    --gtest_filter="${RACECHECK_FILTER:-*T7*:*Stage*}" >"$OUT/racecheck.log" 2>&1
-  summary+=("racecheck: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^\[  PASSED' "$OUT/racecheck.log" | tr '\n' ' ')")
+if has balance; then
+  {
+    "$BUILD/switchyard" check --routing expert-choice --tokens 1000 --dtype bf16 && echo "check1 ok"
+    "$BUILD/switchyard" check --routing expert-choice --score sigmoid --renormalize --capacity-factor 1.5 --tokens 777 && echo "check2 ok"
+    "$BUILD/switchyard" check --capacity-factor 1 --eval-capacity-factor 2 --eval --drop-policy probability --tokens 4096 && echo "check3 ok"
+    "$BUILD/switchyard" check --shape deepseek-v3 --dtype bf16 --tokens 129 2>/dev/null && echo "check4 ok" || true
+    for extra in "" "--routing expert-choice" "--capacity-factor 1.25" "--use-bias"; do
+      echo "== bench qwen3-like cost of option: '${extra:-none}'"
+      "$BUILD/switchyard" bench --hidden 2048 --ffn 768 --experts 128 --top-k 8 --score sigmoid --dtype bf16 \
+        --device cuda --tokens 4096 --no-stages $extra
+    done
+  } >"$OUT/balance.log" 2>&1
+  note "balance/check: $(grep -cE '^check[0-9] ok' "$OUT/balance.log") checks ok; $(grep -E 'sparse' "$OUT/balance.log" | tr -s ' ' | cut -c1-60 | tr '\n' '|')"
 fi
 if has layers; then
   python3 bench/compare_torch.py --layers --check --switchyard-cli "$BUILD/switchyard" \
-    --impls "${LAYER_IMPLS:-dense,loop,sort,switchyard}" --models "${MODELS:-mixtral,qwen3,deepseek}" \
+    --impls "${LAYER_IMPLS:-dense,loop,sort,vllm,switchyard}" --models "${MODELS:-mixtral,qwen3,deepseek}" \
     --tokens "${TOKENS:-16,256,4096,16384}" --json "$OUT/layers.json" >"$OUT/layers.log" 2>&1
-  summary+=("layers: rc=$?")
+  note "layers: rc=$?"
 fi
 if has gemm; then
   "$BUILD/bench/grouped_gemm_bench" --json "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
-  summary+=("gemm bench: rc=$?")
+  note "gemm bench: rc=$?"
+fi
+if has memcheck; then
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
+    --gtest_filter="${MEMCHECK_FILTER:-*T7_*:*T129_*:*T1_*:*T0_*:*Graph*:*Kernel*:*Stage*:GpuBalance.*:GpuGroupedGemm.*Small*}" \
+    >"$OUT/memcheck.log" 2>&1
+  note "memcheck: rc=$? $(grep -E 'ERROR SUMMARY|^\[  PASSED|^\[  FAILED' "$OUT/memcheck.log" | tr '\n' ' ')"
+fi
+if has racecheck; then
+  compute-sanitizer --tool racecheck "$BUILD/tests/switchyard_gpu_tests" \
+    --gtest_filter="${RACECHECK_FILTER:-*T7_*:*Stage*}" >"$OUT/racecheck.log" 2>&1
+  note "racecheck: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^\[  PASSED' "$OUT/racecheck.log" | tr '\n' ' ')"
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
-  summary+=("profile: rc=$?")
+  note "profile: rc=$?"
+  python3 scripts/plot_profile.py "$OUT/report" --check >>"$OUT/profile.log" 2>&1
+  tar -czf "$OUT/report.tar.gz" -C "$OUT" report && rm -rf "$OUT/report"
 fi
-echo "== $card"
-printf '%s\n' "${summary[@]}"
-[ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | tail -40
-tar -czf "$FINAL/gpu-run.tar.gz" -C "$OUT" . && rm -rf "$OUT"
+echo "================ summary"
+cat "$OUT/summary.txt"
+[ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | tail -70
 exit 0

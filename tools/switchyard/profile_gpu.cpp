@@ -401,7 +401,7 @@ J run_torch(const GpuProfileOptions& o) {
     const std::string json_path = o.out_dir + "/torch_layers.json", log_path = o.out_dir + "/torch_layers.log";
     std::remove(json_path.c_str());
     const std::string cmd = "timeout " + std::to_string(o.quick ? 180 : 300) + " python3 " + shell_quote(script) +
-                            " --layers --impls dense,loop,sort --models " + m + " --tokens " + tk + " --iters " +
+                            " --layers --impls dense,loop,sort,vllm --models " + m + " --tokens " + tk + " --iters " +
                             std::to_string(o.quick ? 10 : 20) + " --warmup " + std::to_string(o.quick ? 2 : 5) +
                             " --json " + shell_quote(json_path) + " >" + shell_quote(log_path) + " 2>&1";
     t["command"] = cmd;
