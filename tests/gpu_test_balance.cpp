@@ -303,6 +303,7 @@ struct LayerCase {
     DropPolicy policy;
     DType dtype;
     int64_t T;
+    int64_t E = 8;  // expert choice gives every token E slots: E > 32 exercises the combine's wide-slot path
 };
 
 TEST(GpuBalance, LayerExpertChoiceAndCapacityMatchReference) {
@@ -313,15 +314,16 @@ TEST(GpuBalance, LayerExpertChoiceAndCapacityMatchReference) {
         {RoutingMode::kTokenChoice, 1.0, 2.0, false, DropPolicy::kPosition, DType::kBF16, 512},
         {RoutingMode::kTokenChoice, 1.0, 2.0, true, DropPolicy::kPosition, DType::kBF16, 512},
         {RoutingMode::kTokenChoice, 0.5, -1, false, DropPolicy::kProbability, DType::kF16, 257},
+        {RoutingMode::kExpertChoice, 2.0, -1, false, DropPolicy::kPosition, DType::kBF16, 513, 128},
     };
     for (const LayerCase& c : cases) {
         const uint64_t seed = 400 + c.T + static_cast<int>(c.mode) * 7 + c.eval;
         SCOPED_TRACE("seed=" + std::to_string(seed) + " routing=" + to_string(c.mode) + " cf=" + std::to_string(c.cf) +
-                     " eval=" + std::to_string(c.eval) + " dtype=" + to_string(c.dtype));
+                     " eval=" + std::to_string(c.eval) + " dtype=" + to_string(c.dtype) + " E=" + std::to_string(c.E));
         MoEConfig cfg;
         cfg.hidden_size = 128;
         cfg.ffn_size = 64;
-        cfg.num_experts = 8;
+        cfg.num_experts = c.E;
         cfg.top_k = 2;
         cfg.routing_mode = c.mode;
         cfg.capacity_factor = c.cf;

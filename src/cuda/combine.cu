@@ -16,7 +16,8 @@ namespace cuda {
 namespace {
 
 constexpr int kCombineThreads = 128;
-constexpr int kCombineMaxTopK = 32;
+// Slots per token: top_k under token choice (<= 32), E under expert choice (<= 512).
+constexpr int kCombineMaxTopK = 512;
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kCombineThreads)
@@ -26,9 +27,9 @@ __global__ void __launch_bounds__(kCombineThreads)
     __shared__ int32_t rows_s[kCombineMaxTopK];
     __shared__ float w_s[kCombineMaxTopK];
     const int64_t t = blockIdx.x;
-    if (threadIdx.x < top_k) {
-        rows_s[threadIdx.x] = slot_row[t * top_k + threadIdx.x];
-        w_s[threadIdx.x] = weights[t * top_k + threadIdx.x];
+    for (int j = threadIdx.x; j < top_k; j += kCombineThreads) {
+        rows_s[j] = slot_row[t * top_k + j];
+        w_s[j] = weights[t * top_k + j];
     }
     __syncthreads();
     T* dst = y + t * hidden;
