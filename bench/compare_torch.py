@@ -425,8 +425,16 @@ def main():
         return 1
     res = layer_mode(args) if args.layers else gemm_mode(args)
     if args.json:
+        def finite(v):  # strict JSON: a value that could not be measured (NaN) is written as null
+            if isinstance(v, float) and v != v:
+                return None
+            if isinstance(v, dict):
+                return {k: finite(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [finite(x) for x in v]
+            return v
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump(finite(res), f, indent=1, allow_nan=False)
     return 0
 
 

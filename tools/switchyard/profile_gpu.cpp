@@ -804,6 +804,7 @@ J run_gpu_profile(const GpuProfileOptions& o, const std::function<void(const std
                     J sj = rate_fields(median(samples[n]), w.flops, w.bytes, tflops, gbs);
                     sj["stage"] = n;
                     sj["flops"] = w.flops;
+                    sj["gflop"] = w.flops / 1e9;  // the unit the report's stage table prints
                     sj["bytes"] = w.bytes;
                     sj["share_pct"] = sum > 0 ? 100.0 * median(samples[n]) / sum : 0.0;
                     sj["gap_ms"] = std::max(0.0, sj["ms"].get<double>() - sj["floor_ms"].get<double>());

@@ -451,7 +451,7 @@ std::string render_gpu_report(const J& j) {
         for (const J& s : (*big)["stages"])
             md << "| " << sh << " | " << I(*big, "tokens") << " | " << str(s, "stage") << " | " << F(s, "ms", "%.4f")
                << " | " << F(s, "floor_ms", "%.4f") << " | " << F(s, "pct_of_floor", "%.1f") << "% | "
-               << str(s, "bound") << " | " << fmt_num("%.3f", get(s, "flops") / 1e9) << " | " << Bytes(s, "bytes")
+               << str(s, "bound") << " | " << fmt_num("%.3f", get(s, "gflop")) << " | " << Bytes(s, "bytes")
                << " | " << F(s, "share_pct", "%.1f") << "% |\n";
     }
     md << "\n";
