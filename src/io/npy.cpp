@@ -16,21 +16,7 @@
 namespace switchyard {
 namespace io {
 
-const char* dtype_name(DType t) {
-    switch (t) {
-        case DType::kF32:
-            return "fp32";
-        case DType::kBF16:
-            return "bf16";
-        case DType::kF16:
-            return "fp16";
-        case DType::kI32:
-            return "int32";
-        case DType::kI64:
-            return "int64";
-    }
-    return "?";
-}
+const char* dtype_name(DType t) { return to_string(t); }
 
 std::string shape_to_string(const std::vector<int64_t>& shape) {
     std::ostringstream os;

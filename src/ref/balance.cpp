@@ -21,41 +21,11 @@
 #include <vector>
 
 #include "ref/ref.h"
+#include "ref/scoring.h"
 #include "switchyard/error.h"
 
 namespace switchyard {
 namespace ref {
-namespace {
-
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-
-// Larger first, NaN last, ties to the lower index (router.cpp's ranking).
-inline bool ranks_before(double a, int64_t ia, double b, int64_t ib) {
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na != nb) return nb;
-    if (!na && a != b) return a > b;
-    return ia < ib;
-}
-
-// Softmax with router.cpp's rules (NaN entries get NaN and are left out of the normaliser).
-void softmax_skip_nan(const float* l, int64_t n, double* out) {
-    double m = kNegInf;
-    for (int64_t i = 0; i < n; ++i)
-        if (!std::isnan(l[i])) m = std::max(m, static_cast<double>(l[i]));
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const double v = l[i];
-        if (std::isnan(v)) continue;
-        out[i] = v == m ? 1.0 : std::exp(v - m);
-        sum += out[i];
-    }
-    for (int64_t i = 0; i < n; ++i) out[i] = std::isnan(l[i]) ? kNaN : out[i] / sum;
-}
-
-double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
-
-}  // namespace
 
 void update_score_bias(double rate, const int64_t* counts, int64_t num_experts, float* bias) {
     SWITCHYARD_CHECK(std::isfinite(rate) && rate >= 0.0, "update_score_bias: rate=", rate,

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "ref/ref.h"
+#include "ref/scoring.h"
 #include "switchyard/error.h"
 
 namespace switchyard {
@@ -34,29 +35,6 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
-// True when (a, ia) ranks before (b, ib): larger value first, NaN last, ties to the lower index.
-inline bool ranks_before(double a, int64_t ia, double b, int64_t ib) {
-    const bool na = std::isnan(a), nb = std::isnan(b);
-    if (na != nb) return nb;
-    if (!na && a != b) return a > b;
-    return ia < ib;
-}
-
-// The softmax of the header comment (NaN entries excluded from the normaliser and given NaN).
-void softmax_skip_nan(const double* v, int64_t n, double* out) {
-    double m = kNegInf;
-    for (int64_t i = 0; i < n; ++i)
-        if (!std::isnan(v[i])) m = std::max(m, v[i]);
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        if (std::isnan(v[i])) continue;
-        out[i] = v[i] == m ? 1.0 : std::exp(v[i] - m);
-        sum += out[i];
-    }
-    for (int64_t i = 0; i < n; ++i) out[i] = std::isnan(v[i]) ? kNaN : out[i] / sum;
-}
-
-double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
 
 // Routes one token: logits l [E] -> ids [k], weights [k]. scratch holds 3E doubles and E+G int64.
 void route_token(const MoEConfig& cfg, const float* l, const float* bias, int32_t* ids, float* weights,
