@@ -4,6 +4,8 @@
 // for dropless routing and for both drop policies over several capacities. Inputs: random distinct experts per
 // token drawn from a skewed distribution (some experts get nothing, some most of the tokens), weights on a coarse
 // grid (many exact ties) with a few NaNs; plus all tokens on one expert. Outputs are poisoned before each run.
+// Paths covered: the sort-free chunked path (dropless and position drops, E <= 1024; one chunk, many chunks,
+// chunks longer than 1024 pairs) and the CUB sort path (probability drops; every policy when E > 1024).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -131,6 +133,10 @@ const PlanCase kPlanCases[] = {
     {0, 8, 2, false},    {1, 8, 1, false},     {7, 60, 6, false},   {129, 64, 8, false},
     {129, 8, 2, false},  {4097, 256, 8, false}, {4097, 60, 6, false}, {4097, 8, 1, true},
     {129, 128, 2, true}, {16384, 128, 8, false},
+    // fast path: chunks longer than 1024 pairs (n > 512 * 1024), a partial last tile and chunk
+    {65537, 8, 8, false},
+    // E > 1024: the CUB sort path for every policy
+    {129, 1100, 2, false},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, GpuPlan, ::testing::ValuesIn(kPlanCases),

@@ -9,6 +9,10 @@
 //                topk_groups best groups survive and experts of other groups cannot be selected.
 //                The top_k largest sel are chosen, in descending order of sel. Ties go to the lower expert
 //                index. A NaN ranks below every number (-inf included); no expert is selected twice.
+//                A tie is equality of the computed values. Scores that differ only in their last bits because
+//                exp() or a sum was rounded differently (softmax on the CPU vs the GPU; two different sums that are
+//                equal in exact arithmetic) may rank differently between backends: the selection of each backend is
+//                exact for its own computed scores, and the GPU tests compare decisions on identical fp32 logits.
 //   weights:     from the unbiased scores: p[sel] (softmax), s[sel] (sigmoid), or softmax over the k chosen
 //                logits (top-k then softmax). Then, when renormalize, w /= sum_j w (skipped when the sum
 //                is 0). Then w *= routed_scale.

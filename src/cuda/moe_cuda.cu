@@ -2,7 +2,8 @@
 // orchestration of a whole MoE forward and of the router alone.
 //
 // Stages (each in an NVTX range of the same name, all on the caller's stream, no allocation, no host sync):
-//   router     logits [T, E] fp32 (cuBLAS), ids / weights [T, k] (route_topk), statistics partials if asked
+//   router     logits [T, E] fp32 (cuBLAS; or router_fused: one kernel for E <= 16), ids / weights [T, k]
+//              (route_topk), statistics partials if asked
 //   plan       expert_counts, expert_offsets, slot_row, row_token, row_slot (build_plan)
 //   dispatch   xp [T*k, H] = x rows in expert order
 //   gemm1      g1 [T*k, R13] = xp . w13[e]^T per expert (grouped_gemm, device offsets)
@@ -267,10 +268,14 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
     stage_done("begin");
     {
         NvtxRange r("router");
-        router_gemm(cfg.dtype, x.data, w.gate.data, T, H, E, logits, l.cublas_ws, stream);
+        const float* sbias = cfg.use_score_bias ? w.score_bias.ptr<float>() : nullptr;
+        const bool fused = !ec && router_fused(cfg, x.data, w.gate.data, sbias, T, logits, ids, weights,
+                                               want_stats ? l.prob_partials : nullptr, l.z_partials, stream);
+        if (!fused) router_gemm(cfg.dtype, x.data, w.gate.data, T, H, E, logits, l.cublas_ws, stream);
         if (!ec) {
-            route_topk(cfg, logits, cfg.use_score_bias ? w.score_bias.ptr<float>() : nullptr, T, ids, weights,
-                       want_stats ? l.prob_partials : nullptr, l.z_partials, stream);
+            if (!fused)
+                route_topk(cfg, logits, sbias, T, ids, weights, want_stats ? l.prob_partials : nullptr,
+                           l.z_partials, stream);
         } else {
             if (want_stats) {  // mean_prob / z partials from the top-k router (its ids are overwritten below)
                 MoEConfig tc = cfg;
@@ -403,9 +408,13 @@ void router_forward(const MoEConfig& cfg, const TensorRef& gate, const TensorRef
     const RouterLayout l = router_layout(wc, cfg, T);
     float* lg = logits.defined() ? logits.ptr<float>() : l.logits;
     NvtxRange r("router");
-    router_gemm(cfg.dtype, x.data, gate.data, T, cfg.hidden_size, cfg.num_experts, lg, l.cublas_ws, stream);
-    route_topk(cfg, lg, cfg.use_score_bias ? bias.ptr<float>() : nullptr, T, topk_ids.ptr<int32_t>(),
-               topk_weights.ptr<float>(), stats ? l.prob_partials : nullptr, l.z_partials, stream);
+    const float* sbias = cfg.use_score_bias ? bias.ptr<float>() : nullptr;
+    if (!router_fused(cfg, x.data, gate.data, sbias, T, lg, topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(),
+                      stats ? l.prob_partials : nullptr, l.z_partials, stream)) {
+        router_gemm(cfg.dtype, x.data, gate.data, T, cfg.hidden_size, cfg.num_experts, lg, l.cublas_ws, stream);
+        route_topk(cfg, lg, sbias, T, topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(),
+                   stats ? l.prob_partials : nullptr, l.z_partials, stream);
+    }
     if (stats != nullptr) {
         count_experts(topk_ids.ptr<int32_t>(), T * cfg.top_k, cfg.num_experts, l.expert_counts, stream);
         fill_stats(cfg, T, l.expert_counts, nullptr, l.prob_partials, l.z_partials, l.stat_sums, stream, *stats);

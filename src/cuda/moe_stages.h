@@ -37,6 +37,16 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
                 int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
                 cudaStream_t stream);
 
+// Fused router for small E (one launch, no cuBLAS): logits [T, E] fp32 = x . gate^T computed by the kernel
+// (fp32 accumulation), then exactly route_topk's scoring / top-k / statistics on those logits. Supported when
+// 1 <= E <= 16, no group-limited routing, dtype fp32 / bf16 / fp16, hidden_size a multiple of 16 bytes and x,
+// gate 16-byte aligned (router_fused_supported); otherwise router_fused launches nothing and returns false, and
+// the caller runs router_gemm + route_topk. Partials as route_topk (router_stat_blocks(T) rows).
+bool router_fused_supported(const MoEConfig& cfg, const void* x, const void* gate);
+bool router_fused(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t num_tokens,
+                  float* logits, int32_t* topk_ids, float* topk_weights, double* prob_partials,
+                  double* z_partials, cudaStream_t stream);
+
 // Sums the partials over blocks in a fixed order: prob_sum [E] fp64, z_sum [1] fp64 (deterministic).
 void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
                          double* prob_sum, double* z_sum, cudaStream_t stream);

@@ -5,14 +5,26 @@
 // Outputs: expert_counts [E] (pairs per expert before drops), expert_offsets [E+1] (exclusive scan of the kept
 //          counts min(count, C)), slot_row [T*k] (row of pair i or -1), row_token / row_slot [T*k] (token and
 //          pair of each row, -1 at and past offsets[E]). Matches ref::build_plan exactly.
-// Method: a stable radix sort of the pairs by expert (CUB; values = pair index, so pairs of one expert stay in
-//   token order) gives each pair its rank inside its expert. Position policy: kept = rank < C. Probability
+// Fast path (dropless and the position policy, E <= kFastMaxExperts): no sort. What the plan needs is the stable
+//   rank of each pair inside its expert in pair (= token) order. The pairs are cut into chunks of consecutive
+//   pairs (chunk size a function of n only); three launches:
+//     1. chunk_hist_kernel: one block per chunk, a shared-memory histogram -> hist [chunks, E];
+//     2. plan_scan_kernel (one block): per expert an exclusive scan of hist over chunks (in place: each chunk's
+//        base rank inside the expert), the totals = expert_counts, and expert_offsets (scan of min(count, C));
+//     3. plan_assign_kernel: one block per chunk walks its pairs in tiles of 256 in order; inside a warp
+//        __match_any_sync groups equal experts (rank inside the warp = popc of the lower lanes of the group), a
+//        per-warp [8][E] table of tagged group sizes gives the counts of the earlier warps of the tile, and a
+//        running per-expert counter (seeded with the chunk base) carries the tile totals. kept = rank < C,
+//        row = offsets[e] + rank, and rows at and past offsets[E] are set to -1 by the same kernel.
+//   Integer arithmetic only: bitwise deterministic and exactly the order of the reference.
+// Probability policy (and E > kFastMaxExperts): a stable radix sort of the pairs by expert (CUB; values = pair
+//   index, so pairs of one expert stay in token order) gives each pair its rank inside its expert. Probability
 //   policy: a second stable sort by (expert, weight descending) ranks the pairs by weight with ties to the lower
 //   pair index (= lower token, since a token picks an expert at most once); kept = that rank < C; a NaN weight
 //   ranks below every number. Kept rows stay in token order: row = exclusive scan of the kept flags taken in
 //   expert-sorted order (dropless: row = sorted position).
 // Every step is deterministic (integer histogram atomics only); all sizes are known on the host, so the whole
-// plan can be captured in a CUDA graph.
+// plan can be captured in a CUDA graph. Out-of-range expert ids are not counted and get slot_row = -1.
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
@@ -140,6 +152,136 @@ __global__ void scatter_rows_kernel(const int32_t* sorted_pairs, const int32_t* 
     }
 }
 
+
+// ---- fast path: chunk histograms + scan + ordered ranks (no sort) --------------------------------------------
+constexpr int kFastMaxExperts = 1024;  // shared memory: 9 * E int32 in plan_assign_kernel (36 KB)
+constexpr int kAssignThreads = 256;    // one tile = 256 consecutive pairs, 8 warps
+constexpr int kAssignWarps = kAssignThreads / 32;
+constexpr int kMaxChunks = 512;
+
+// Chunk size (pairs): at least 1024, a multiple of the tile, and at most kMaxChunks chunks. A function of n only.
+int64_t plan_chunk_size(int64_t n) {
+    const int64_t per = ceil_div<int64_t>(n, kMaxChunks);
+    const int64_t c = ceil_div<int64_t>(per, kAssignThreads) * kAssignThreads;
+    return std::max<int64_t>(1024, c);
+}
+int64_t plan_num_chunks(int64_t n) { return n > 0 ? ceil_div<int64_t>(n, plan_chunk_size(n)) : 0; }
+
+__global__ void __launch_bounds__(kAssignThreads)
+    chunk_hist_kernel(const int32_t* ids, int64_t n, int64_t chunk, int num_experts, int32_t* hist) {
+    extern __shared__ int32_t h[];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) h[e] = 0;
+    __syncthreads();
+    const int64_t begin = blockIdx.x * chunk;
+    const int64_t end = min(n, begin + chunk);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const int e = __ldg(ids + i);
+        if (e >= 0 && e < num_experts) atomicAdd(&h[e], 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+        hist[static_cast<int64_t>(blockIdx.x) * num_experts + e] = h[e];
+}
+
+// One block of 1024 threads. hist [chunks, E] -> per-chunk base ranks (in place); counts; kept offsets.
+__global__ void __launch_bounds__(1024) plan_scan_kernel(int32_t* hist, int chunks, int num_experts, int capacity,
+                                                         int32_t* counts, int32_t* offsets) {
+    __shared__ int32_t buf[1024];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int e = warp; e < num_experts; e += 32) {
+        int32_t carry = 0;
+        for (int c0 = 0; c0 < chunks; c0 += 32) {
+            const int c = c0 + lane;
+            const int32_t v = c < chunks ? hist[static_cast<int64_t>(c) * num_experts + e] : 0;
+            int32_t incl = v;
+#pragma unroll
+            for (int d = 1; d < 32; d <<= 1) {
+                const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
+                if (lane >= d) incl += o;
+            }
+            if (c < chunks) hist[static_cast<int64_t>(c) * num_experts + e] = carry + incl - v;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) buf[e] = carry;
+    }
+    __syncthreads();
+    const int e = threadIdx.x;
+    const int32_t c = e < num_experts ? buf[e] : 0;
+    const int32_t kc = capacity > 0 ? min(c, capacity) : c;
+    if (e < num_experts) counts[e] = c;
+    __syncthreads();
+    buf[e] = kc;
+    __syncthreads();
+    for (int off = 1; off < 1024; off <<= 1) {  // Hillis-Steele inclusive scan (integers)
+        const int32_t v = e >= off ? buf[e - off] : 0;
+        __syncthreads();
+        buf[e] += v;
+        __syncthreads();
+    }
+    if (e < num_experts) offsets[e] = buf[e] - kc;
+    if (e == 1023) offsets[num_experts] = buf[e];
+}
+
+__global__ void __launch_bounds__(kAssignThreads)
+    plan_assign_kernel(const int32_t* ids, int64_t n, int64_t chunk, int num_experts, int top_k, int capacity,
+                       const int32_t* chunk_base, const int32_t* offsets, int32_t* slot_row, int32_t* row_token,
+                       int32_t* row_slot) {
+    extern __shared__ int32_t sm[];
+    int32_t* run = sm;                      // [E] running rank per expert
+    int32_t* tag = sm + num_experts;        // [kAssignWarps][E]: (tile << 6) | group size
+    const int E = num_experts;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) run[e] = chunk_base[static_cast<int64_t>(blockIdx.x) * E + e];
+    for (int e = threadIdx.x; e < kAssignWarps * E; e += blockDim.x) tag[e] = -1;
+    const int32_t total_rows = offsets[E];
+    __syncthreads();
+    const int64_t begin = blockIdx.x * chunk;
+    const int64_t end = min(n, begin + chunk);
+    const unsigned lower = (1u << lane) - 1u;
+    for (int tile = 0; begin + static_cast<int64_t>(tile) * kAssignThreads < end; ++tile) {
+        const int64_t i = begin + static_cast<int64_t>(tile) * kAssignThreads + threadIdx.x;
+        const bool in = i < end;
+        const int e = in ? ids[i] : -1;
+        const bool ok = in && e >= 0 && e < E;
+        const int key = ok ? e : -1 - lane;  // unique negative keys for lanes without a pair
+        const unsigned group = __match_any_sync(0xffffffffu, key);
+        const int in_warp = __popc(group & lower);
+        if (ok && in_warp == 0) tag[warp * E + e] = (tile << 6) | __popc(group);
+        __syncthreads();
+        int32_t rank = 0;
+        bool last = false;
+        if (ok) {
+            int32_t prefix = 0;
+            bool later = false;
+#pragma unroll
+            for (int w = 0; w < kAssignWarps; ++w) {
+                const int32_t v = tag[w * E + e];
+                if ((v >> 6) == tile) {
+                    if (w < warp) prefix += v & 63;
+                    if (w > warp) later = true;
+                }
+            }
+            rank = run[e] + prefix + in_warp;
+            last = !later && lane == 31 - __clz(group);
+        }
+        __syncthreads();
+        if (ok && last) run[e] = rank + 1;
+        if (in) {
+            int32_t row = -1;
+            if (ok && (capacity <= 0 || rank < capacity)) row = offsets[e] + rank;
+            slot_row[i] = row;
+            if (row >= 0) {
+                row_token[row] = static_cast<int32_t>(i / top_k);
+                row_slot[row] = static_cast<int32_t>(i);
+            }
+            if (i >= total_rows) {  // rows past offsets[E]: never written above (kept rows are < offsets[E])
+                row_token[i] = -1;
+                row_slot[i] = -1;
+            }
+        }
+    }
+}
+
 struct PlanScratch {
     int32_t* count_offsets;
     int32_t* pairs_in;
@@ -151,6 +293,7 @@ struct PlanScratch {
     int32_t* keep_by_pair;
     int32_t* flags;
     int32_t* rows;
+    int32_t* chunk_hist;  // [chunks, E] (fast path)
     void* cub_temp;
     size_t cub_bytes;
 };
@@ -185,6 +328,7 @@ PlanScratch carve_plan(WorkspaceCarver& wc, int64_t n, int64_t num_experts) {
     s.keep_by_pair = wc.take<int32_t>(n);
     s.flags = wc.take<int32_t>(n);
     s.rows = wc.take<int32_t>(n);
+    s.chunk_hist = wc.take<int32_t>(static_cast<size_t>(plan_num_chunks(n)) * num_experts);
     s.cub_bytes = n > 0 ? cub_temp_bytes(n, num_experts) : 0;
     s.cub_temp = wc.take_bytes(s.cub_bytes);
     return s;
@@ -223,14 +367,32 @@ void build_plan(const PlanArgs& a, void* workspace, size_t workspace_bytes, cuda
     WorkspaceCarver wc(workspace, workspace_bytes);
     PlanScratch s = carve_plan(wc, n, E);
 
+    const bool dropping = a.capacity > 0;
+    const int cap = static_cast<int>(a.capacity);
+    if (n > 0 && E <= kFastMaxExperts && (!dropping || a.drop_policy == DropPolicy::kPosition)) {
+        const int64_t chunk = plan_chunk_size(n);
+        const int chunks = static_cast<int>(plan_num_chunks(n));
+        const int e32 = static_cast<int>(E);
+        chunk_hist_kernel<<<chunks, kAssignThreads, sizeof(int32_t) * E, stream>>>(a.topk_ids, n, chunk, e32,
+                                                                                  s.chunk_hist);
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+        plan_scan_kernel<<<1, 1024, 0, stream>>>(s.chunk_hist, chunks, e32, cap, a.expert_counts, a.expert_offsets);
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+        const size_t smem = sizeof(int32_t) * static_cast<size_t>(E) * (1 + kAssignWarps);
+        plan_assign_kernel<<<chunks, kAssignThreads, smem, stream>>>(a.topk_ids, n, chunk, e32,
+                                                                     static_cast<int>(a.top_k), cap, s.chunk_hist,
+                                                                     a.expert_offsets, a.slot_row, a.row_token,
+                                                                     a.row_slot);
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+        return;
+    }
+
     // -1 everywhere first: rows past offsets[E] stay -1 (0xFF bytes are int32 -1).
     if (n > 0) {
         SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(a.row_token, 0xFF, sizeof(int32_t) * n, stream));
         SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(a.row_slot, 0xFF, sizeof(int32_t) * n, stream));
     }
     count_experts(a.topk_ids, n, E, a.expert_counts, stream);
-    const bool dropping = a.capacity > 0;
-    const int cap = static_cast<int>(a.capacity);
     plan_offsets_kernel<<<1, 1024, 0, stream>>>(a.expert_counts, static_cast<int>(E), cap, s.count_offsets,
                                                 a.expert_offsets);
     SWITCHYARD_CUDA_CHECK_LAUNCH();

@@ -1,4 +1,5 @@
-// src/cuda/router.cu: the router on the GPU: gate GEMM (cuBLAS) + one fused scoring / top-k / statistics kernel.
+// src/cuda/router.cu: the router on the GPU: gate GEMM (cuBLAS, or fused in-kernel for E <= 16) + one fused
+// scoring / top-k / statistics kernel.
 //
 // Inputs:  x [T, H] and gate [E, H] of one dtype (fp32 / bf16 / fp16), row-major; bias [E] fp32 (optional).
 // Outputs: logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32 (slot j = j-th choice);
@@ -13,10 +14,23 @@
 // warp's token in shared memory ([E] fp64 per warp) so that one lane per group can find the group's best two.
 // Determinism: no float atomics; each warp owns a fixed set of tokens (grid-stride with a grid that depends on T
 // only) and the block sums its warps' statistics in warp order.
+// E <= 32 without group limit: route_seg_kernel, one token per segment of kW = pow2 >= max(E, 4) lanes, 32 / kW
+// tokens per warp at once, log2(kW) shuffle rounds per reduction instead of 5. Exactness: the scoring is the same
+// fp64 code on the same fp32 logits as route_topk_kernel<1>; lanes >= E contributed exact zeros (sums) or -inf
+// (max) there, so the narrower butterflies give bitwise the same lmax / esum / weights; selection uses the same
+// total order (class, value, index). Only the statistics partials are summed in another (still fixed) order.
+// Fused router (router_fused, E <= 16, no groups): the same kernel with a gate GEMV prologue: the warp reads the
+// x rows of its 32 / kW tokens once with 16-byte streaming loads, each 16-byte gate vector (L1 / L2) serves all
+// of them, fp32 FMA accumulation per lane then a 31-shuffle reduce-scatter leaves the logit of (token, expert)
+// on the lane that routes it; logits [T, E] are written for ForwardOutputs and routing reads the same fp32
+// value, so the decisions are those of the reference on the written logits. One launch, no cuBLAS, no split-K.
 #include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
@@ -30,6 +44,7 @@ constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
 constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 32;
+constexpr int kFusedMaxExperts = 16;  // fused GEMV + routing: kS = 32 / kW >= 2 tokens share each gate load
 
 // ---- cuBLAS handle: one per device, created on first use, guarded by a mutex (stream set per call) ----------
 struct HandleSlot {
@@ -320,6 +335,275 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
     }
 }
 
+
+// ---- segmented routing for E <= 32 (no group limit): one token per segment of kW lanes ----------------------
+// kW = a power of two >= E; lane sub = expert sub; 32 / kW tokens per warp at once. The arithmetic is that of
+// route_topk_kernel with kPerLane = 1 (same operations, same order: lanes >= E held zeros / -inf there, so a
+// butterfly over kW lanes gives the same bits as one over 32), with kW / 2..1 shuffle rounds instead of 16..1.
+constexpr unsigned kFull = 0xffffffffu;
+
+template <int kW>
+__device__ __forceinline__ Cand seg_best(Cand c) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) {
+        Cand o = shfl_xor_cand(c, m);
+        if (better(o, c)) c = o;
+    }
+    return c;
+}
+template <int kW>
+__device__ __forceinline__ double seg_sum(double v) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) v += __shfl_xor_sync(kFull, v, m);
+    return v;
+}
+template <int kW>
+__device__ __forceinline__ double seg_max(double v) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, m));
+    return v;
+}
+
+// Routes token t (tok_ok: t < T) held by this lane's segment; lg = logit of expert `sub` (ignored if sub >= E).
+// Called by every lane of the warp (shuffles use the full mask); writes ids / weights of valid tokens only.
+template <int kW>
+__device__ __forceinline__ void route_token_seg(const RouterParams& p, int t, bool tok_ok, int sub, float lg,
+                                                double& prob_acc, double& z_acc) {
+    const int lane = threadIdx.x & 31;
+    const unsigned seg_mask = kW == 32 ? kFull : (((1u << kW) - 1u) << (lane & ~(kW - 1)));
+    const int E = p.num_experts;
+    const bool valid = tok_ok && sub < E;
+    const double logit = valid ? static_cast<double>(lg) : 0.0;
+    const bool is_nan = valid && isnan(logit);
+    double lmax = (valid && !is_nan) ? logit : -INFINITY;
+    lmax = seg_max<kW>(lmax);
+    const double ex = (valid && !is_nan) ? (logit == lmax ? 1.0 : exp(logit - lmax)) : 0.0;
+    const double esum = seg_sum<kW>(ex);
+    double score;
+    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+        score = is_nan ? logit : ex / esum;
+    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+        score = 1.0 / (1.0 + exp(-logit));
+    } else {
+        score = logit;
+    }
+    if (p.prob_partials != nullptr) {
+        const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
+        const bool any_nan = (__ballot_sync(kFull, is_nan) & seg_mask) != 0u;
+        double ssum = sig && valid ? score : 0.0;
+        if (sig) ssum = seg_sum<kW>(ssum);
+        if (valid) prob_acc += sig ? score / ssum : (is_nan ? logit : ex / esum);
+        if (tok_ok && sub == 0) {
+            const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+            z_acc += lse * lse;
+        }
+    }
+    Cand c;
+    c.idx = sub;
+    c.score = score;
+    c.v = (p.bias != nullptr && valid) ? score + static_cast<double>(p.bias[sub]) : score;
+    c.cls = !valid ? kTaken : (isnan(c.v) ? kNaN : kNumber);
+    int my_id = -1;
+    double my_score = 0.0;
+    for (int r = 0; r < p.top_k; ++r) {
+        const Cand best = seg_best<kW>(c);
+        if (sub == r) {
+            my_id = best.idx;
+            my_score = best.score;
+        }
+        if (c.idx == best.idx) c.cls = kTaken;
+    }
+    const bool active = sub < p.top_k;
+    double w = my_score;
+    if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
+        double m = active && !isnan(my_score) ? my_score : -INFINITY;
+        m = seg_max<kW>(m);
+        const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
+        double s = 0.0;
+        for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
+            const double v = __shfl_sync(kFull, ew, j, kW);
+            if (!isnan(v)) s += v;
+        }
+        w = isnan(my_score) ? my_score : ew / s;
+    }
+    if (p.renormalize) {
+        double s = 0.0;
+        for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(kFull, w, j, kW);  // slot order
+        if (s != 0.0) w = w / s;
+    }
+    w *= p.routed_scale;
+    if (tok_ok && active) {
+        p.topk_ids[static_cast<int64_t>(t) * p.top_k + sub] = my_id;
+        p.topk_weights[static_cast<int64_t>(t) * p.top_k + sub] = static_cast<float>(w);
+    }
+}
+
+// The gate GEMV of the fused router: x [T, H] and gate [E, H] of TIn, 16-byte vectors (H % kVec == 0, 16-byte
+// aligned rows). The warp computes the logits of its kS = 32 / kW tokens t0..t0+kS-1 for all E experts: lane l
+// takes the vectors c = l, l + 32, ... of the rows, accumulates acc[q * kW + e] in fp32 (one FMA per element,
+// in order of c), then a reduce-scatter butterfly (31 shuffles) leaves the sum of index l on lane l, i.e. token
+// q = l / kW, expert e = l % kW. x rows are streamed (__ldcs), gate rows come from L1 / L2 and serve kS tokens.
+struct GemvParams {
+    const void* x;
+    const void* gate;
+    float* logits;
+    int hidden;
+};
+
+template <typename TIn>
+__device__ __forceinline__ void to_float(const uint4& u, float* f);
+template <>
+__device__ __forceinline__ void to_float<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+}
+template <>
+__device__ __forceinline__ void to_float<__nv_bfloat16>(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // exact: a bf16 is the high half of its fp32
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <>
+__device__ __forceinline__ void to_float<__half>(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        __half2 h;
+        memcpy(&h, &w[i], sizeof(h));
+        const float2 v = __half22float2(h);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// One round of the reduce-scatter: acc[0..kH) of index i + (lane bits >= kH) after the round.
+template <int kH>
+__device__ __forceinline__ void reduce_scatter_round(float (&acc)[32], int lane) {
+    const bool upper = (lane & kH) != 0;
+#pragma unroll
+    for (int i = 0; i < kH; ++i) {
+        const float send = upper ? acc[i] : acc[i + kH];
+        const float keep = upper ? acc[i + kH] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(kFull, send, kH);
+    }
+}
+
+template <int kW, typename TIn>
+__device__ __forceinline__ float gate_gemv(const GemvParams& g, int num_tokens, int num_experts, int64_t t0) {
+    constexpr int kS = 32 / kW;
+    constexpr int kVec = 16 / static_cast<int>(sizeof(TIn));
+    const int lane = threadIdx.x & 31;
+    const int nvec = g.hidden / kVec;
+    const uint4* x4 = static_cast<const uint4*>(g.x);
+    const uint4* g4 = static_cast<const uint4*>(g.gate);
+    float acc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < nvec; c += 32) {
+        float xv[kS][kVec];
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+            if (t0 + q < num_tokens) {
+                to_float<TIn>(__ldcs(x4 + (t0 + q) * nvec + c), xv[q]);
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVec; ++v) xv[q][v] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < kW; ++e) {
+            if (e < num_experts) {
+                float gv[kVec];
+                to_float<TIn>(__ldg(g4 + static_cast<int64_t>(e) * nvec + c), gv);
+#pragma unroll
+                for (int q = 0; q < kS; ++q)
+#pragma unroll
+                    for (int v = 0; v < kVec; ++v) acc[q * kW + e] = fmaf(xv[q][v], gv[v], acc[q * kW + e]);
+            }
+        }
+    }
+    reduce_scatter_round<16>(acc, lane);
+    reduce_scatter_round<8>(acc, lane);
+    reduce_scatter_round<4>(acc, lane);
+    reduce_scatter_round<2>(acc, lane);
+    reduce_scatter_round<1>(acc, lane);
+    return acc[0];
+}
+
+// kFused = false: logits from p.logits; true: logits = gate GEMV (TIn), written to g.logits, then routed.
+template <int kW, bool kFused, typename TIn>
+__global__ void __launch_bounds__(kRouterWarps * 32) route_seg_kernel(RouterParams p, GemvParams g) {
+    constexpr int kS = 32 / kW;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int sub = lane & (kW - 1);
+    const int q = lane / kW;
+    const int E = p.num_experts;
+    double prob_acc = 0.0, z_acc = 0.0;
+    for (int64_t tg = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp; tg * kS < p.num_tokens;
+         tg += static_cast<int64_t>(gridDim.x) * kRouterWarps) {
+        const int64_t t = tg * kS + q;
+        const bool tok_ok = t < p.num_tokens;
+        float lg = 0.0f;
+        if constexpr (kFused) {
+            lg = gate_gemv<kW, TIn>(g, p.num_tokens, E, tg * kS);
+            if (tok_ok && sub < E) g.logits[t * E + sub] = lg;
+        } else {
+            if (tok_ok && sub < E) lg = p.logits[t * E + sub];
+        }
+        route_token_seg<kW>(p, static_cast<int>(tok_ok ? t : 0), tok_ok, sub, lg, prob_acc, z_acc);
+    }
+    if (p.prob_partials != nullptr) {
+        // Block partials in a fixed order (warp, then segment): deterministic.
+        __shared__ double red[kRouterWarps][32];
+        __shared__ double zred[kRouterWarps][32];
+        red[warp][lane] = prob_acc;
+        zred[warp][lane] = z_acc;
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2)
+                for (int q2 = 0; q2 < kS; ++q2) s += red[w2][q2 * kW + e];
+            p.prob_partials[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+        }
+        if (threadIdx.x == 0) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2)
+                for (int q2 = 0; q2 < kS; ++q2) s += zred[w2][q2 * kW];
+            p.z_partials[blockIdx.x] = s;
+        }
+    }
+}
+
+int seg_width(int64_t num_experts) {  // power of two >= E, at least 4
+    int w = 4;
+    while (w < num_experts) w <<= 1;
+    return w;
+}
+
+template <bool kFused, typename TIn>
+void launch_seg(const RouterParams& params, const GemvParams& g, int blocks, cudaStream_t stream) {
+    switch (seg_width(params.num_experts)) {
+        case 4: route_seg_kernel<4, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        case 8: route_seg_kernel<8, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        case 16: route_seg_kernel<16, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        default:
+            if constexpr (!kFused) {
+                route_seg_kernel<32, false, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g);
+            } else {
+                SWITCHYARD_FAIL("fused router: num_experts=", params.num_experts, " > ", kFusedMaxExperts);
+            }
+            break;
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
 __global__ void reduce_router_stats_kernel(const double* prob_partials, const double* z_partials, int blocks,
                                            int num_experts, double* prob_sum, double* z_sum) {
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
@@ -381,9 +665,11 @@ int router_stat_blocks(int64_t num_tokens) {
     return static_cast<int>(b < kRouterMaxBlocks ? b : kRouterMaxBlocks);
 }
 
-void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
-                int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
-                cudaStream_t stream) {
+namespace {
+
+RouterParams make_router_params(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                                int32_t* topk_ids, float* topk_weights, double* prob_partials,
+                                double* z_partials) {
     SWITCHYARD_CHECK(cfg.num_experts >= 1 && cfg.num_experts <= kMaxExperts, "CUDA router: num_experts=",
                      cfg.num_experts, " must be in [1, ", kMaxExperts, "]");
     SWITCHYARD_CHECK(cfg.top_k >= 1 && cfg.top_k <= kMaxTopK && cfg.top_k <= cfg.num_experts, "CUDA router: top_k=",
@@ -396,11 +682,10 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
         SWITCHYARD_CHECK(cfg.topk_groups >= 1 && cfg.topk_groups <= cfg.num_groups, "CUDA router: topk_groups=",
                          cfg.topk_groups, " must be in [1, num_groups=", cfg.num_groups, "]");
     }
-    if (num_tokens == 0) return;
+    SWITCHYARD_CHECK(!cfg.use_score_bias || bias != nullptr, "CUDA router: use_score_bias=true but bias is null");
     RouterParams params{};
     params.logits = logits;
     params.bias = cfg.use_score_bias ? bias : nullptr;
-    SWITCHYARD_CHECK(!cfg.use_score_bias || bias != nullptr, "CUDA router: use_score_bias=true but bias is null");
     params.topk_ids = topk_ids;
     params.topk_weights = topk_weights;
     params.prob_partials = prob_partials;
@@ -414,9 +699,25 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
     params.score_function = static_cast<int>(cfg.score_function);
     params.renormalize = cfg.renormalize ? 1 : 0;
     params.routed_scale = cfg.routed_scale;
+    return params;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
+                cudaStream_t stream) {
+    const RouterParams params =
+        make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
+    if (num_tokens == 0) return;
+    const bool grouped = params.num_groups > 1;
     const int blocks = router_stat_blocks(num_tokens);
     const int64_t E = cfg.num_experts;
-    if (E <= 32) {
+    if (E <= 32 && !grouped) {
+        launch_seg<false, float>(params, GemvParams{}, blocks, stream);
+    } else if (E <= 32) {
         launch_route<1>(params, grouped, blocks, stream);
     } else if (E <= 64) {
         launch_route<2>(params, grouped, blocks, stream);
@@ -427,6 +728,32 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
     } else {
         launch_route<16>(params, grouped, blocks, stream);
     }
+}
+
+bool router_fused_supported(const MoEConfig& cfg, const void* x, const void* gate) {
+    if (cfg.num_experts < 1 || cfg.num_experts > kFusedMaxExperts || cfg.num_groups > 1) return false;
+    if (cfg.dtype != DType::kF32 && cfg.dtype != DType::kBF16 && cfg.dtype != DType::kF16) return false;
+    const int64_t vec = 16 / static_cast<int64_t>(dtype_size(cfg.dtype));
+    return cfg.hidden_size >= 1 && cfg.hidden_size <= INT32_MAX && cfg.hidden_size % vec == 0 && aligned16(x) &&
+           aligned16(gate);
+}
+
+bool router_fused(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t num_tokens,
+                  float* logits, int32_t* topk_ids, float* topk_weights, double* prob_partials,
+                  double* z_partials, cudaStream_t stream) {
+    if (!router_fused_supported(cfg, x, gate)) return false;
+    const RouterParams params =
+        make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
+    if (num_tokens == 0) return true;
+    GemvParams g{x, gate, logits, static_cast<int>(cfg.hidden_size)};
+    const int blocks = router_stat_blocks(num_tokens);
+    switch (cfg.dtype) {
+        case DType::kF32: launch_seg<true, float>(params, g, blocks, stream); break;
+        case DType::kBF16: launch_seg<true, __nv_bfloat16>(params, g, blocks, stream); break;
+        case DType::kF16: launch_seg<true, __half>(params, g, blocks, stream); break;
+        default: return false;
+    }
+    return true;
 }
 
 void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
