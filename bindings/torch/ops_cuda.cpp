@@ -5,9 +5,8 @@
 // Kernels: route_topk (router.cu), build_plan (plan.cu), permute_rows (permute.cu), grouped_gemm (grouped_gemm.h),
 // activation_rows (activation.cu), combine_rows (combine.cu), and the backward kernels of src/cuda/backward.h.
 // Router losses and their gradient are short ATen expressions (no kernel of ours; no .item(), so no sync).
-// GEMM gradients: Switchyard's grouped GEMM does not yet offer the two layouts they need (B as [E, K, N] for the
-// input gradient; per-expert K = rows for the weight gradient). Until it does, bf16 uses torch._grouped_mm (CUTLASS,
-// device-side offsets, no host sync); other dtypes raise an error that says so.
+// GEMM gradients: grouped_gemm_dgrad (input gradient, B read N-major) and grouped_gemm_wgrad (weight gradient,
+// per-expert reduction over the expert's rows) of grouped_gemm.h, every dtype, device-side offsets, no host sync.
 // dtypes: activations fp32 / bf16 / fp16; logits and routing weights fp32; ids and plan arrays int32.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -232,24 +231,46 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
     });
 }
 
+// da [R, K]: da[r] = dc[r] . b[e] for the rows of expert e, 0 for rows past offsets[E];
+// db [E, N, K]: db[e] = dc_e^T . a_e over the expert's rows (0 for an expert without rows).
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& dc_in, const at::Tensor& a_in,
                                                             const at::Tensor& b_in, const at::Tensor& offsets_in) {
-    const at::Tensor dc = dc_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
-    TORCH_CHECK(a.scalar_type() == at::kBFloat16,
-                "switchyard.grouped_mm_backward on CUDA supports bf16 only for now: the fp32/fp16 GEMM gradients "
-                "wait for grouped GEMM variants with B as [E, K, N] and per-expert K in src/cuda/grouped_gemm.h; got ",
-                a.scalar_type());
-    c10::cuda::CUDAGuard guard(a.device());
-    const int64_t num_experts = b.size(0);
-    const at::Tensor ends = offsets_in.slice(0, 1, num_experts + 1).contiguous();  // cumulative row ends, int32
-    // da [R, K] = dc [R, N] . b[e] [N, K] per expert (rows past offsets[E] zeroed below).
-    at::Tensor da = at::_grouped_mm(dc, b, ends);
-    const at::Tensor used = offsets_in.slice(0, num_experts, num_experts + 1);  // [1] device scalar, no sync
-    const at::Tensor row = at::arange(a.size(0), offsets_in.options()).unsqueeze(1);
-    da = da.masked_fill(row.ge(used), 0.0);
-    // db [E, N, K] = dc_e^T [N, rows_e] . a_e [rows_e, K]: K of this grouped GEMM is the expert's row count.
-    at::Tensor db = at::_grouped_mm(dc.t(), a, ends);
-    return std::make_tuple(da, db);
+    return guarded([&] {
+        const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(a.scalar_type()).contiguous();
+        check_cuda(off, "offsets", at::kInt);
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(2) && a.scalar_type() == b.scalar_type(),
+                    "switchyard.grouped_mm_backward: a [R, K] and b [E, N, K] of one dtype expected, got a ",
+                    a.sizes(), " b ", b.sizes());
+        TORCH_CHECK(dc.dim() == 2 && dc.size(0) == a.size(0) && dc.size(1) == b.size(1),
+                    "switchyard.grouped_mm_backward: dc must be [R, N] = [", a.size(0), ", ", b.size(1), "], got ",
+                    dc.sizes());
+        TORCH_CHECK(off.numel() == b.size(0) + 1, "switchyard.grouped_mm_backward: offsets must have E+1 elements");
+        c10::cuda::CUDAGuard guard(a.device());
+        at::Tensor da = at::empty_like(a);  // dgrad writes every row (rows past offsets[E] as 0)
+        at::Tensor db = at::empty_like(b);  // wgrad writes every expert (experts without rows as 0)
+        cuda::GroupedGemmGradArgs g;
+        g.dc = dc.data_ptr();
+        g.a = a.data_ptr();
+        g.b = b.data_ptr();
+        g.da = da.data_ptr();
+        g.db = db.data_ptr();
+        g.dtype = dtype_of(a, "a");
+        g.num_groups = b.size(0);
+        g.n = b.size(1);
+        g.k = b.size(2);
+        g.max_rows = a.size(0);
+        g.offsets = off.data_ptr<int32_t>();
+        SWITCHYARD_CHECK(cuda::grouped_gemm_grad_supported(g), "grouped_mm_backward: unsupported sizes E=",
+                         g.num_groups, " N=", g.n, " K=", g.k, " for dtype ", to_string(g.dtype),
+                         " (16-bit types need N and K multiples of 8)");
+        const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(g);
+        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, a.options().dtype(at::kByte));
+        const cudaStream_t stream = stream_of(a);
+        cuda::grouped_gemm_dgrad(g, ws.data_ptr(), ws_bytes, stream);
+        cuda::grouped_gemm_wgrad(g, ws.data_ptr(), ws_bytes, stream);
+        return std::make_tuple(da, db);
+    });
 }
 
 int64_t ffn_of(const at::Tensor& g, int64_t act) {

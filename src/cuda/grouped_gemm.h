@@ -52,5 +52,45 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
 // The kernel grouped_gemm would run for these args (after the kAuto heuristic), for logs and benchmarks.
 const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
 
+// ---- Gradients of the grouped GEMM (training backward) ----
+// With the forward's layouts (A [max_rows, K], B [E, N, K], C [max_rows, N], all row-major) and dC [max_rows, N]
+// row-major, for every expert e with rows [offsets[e], offsets[e+1]):
+//   dgrad: dA[r, k]    = sum_n dC[r, n] * B[e, n, k]                  dA [max_rows, K]; B read N-major
+//   wgrad: dB[e, n, k] = sum_{r in e} dC[r, n] * A[r, k]              dB [E, N, K]; reduction length rows_e
+// dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
+// expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
+// one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad Cooperative 128x256x64 cluster 2x1x1, wgrad
+// Cooperative 128x128x64 cluster 1x1x1; N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
+// (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
+struct GroupedGemmGradArgs {
+    const void* dc = nullptr;  // [max_rows, N]
+    const void* a = nullptr;   // [max_rows, K] (wgrad only)
+    const void* b = nullptr;   // [E, N, K]     (dgrad only)
+    void* da = nullptr;        // [max_rows, K] (dgrad output)
+    void* db = nullptr;        // [E, N, K]     (wgrad output)
+    DType dtype = DType::kBF16;
+    int64_t num_groups = 0;  // E
+    int64_t n = 0;
+    int64_t k = 0;
+    int64_t max_rows = 0;
+    const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
+};
+
+// Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one
+// workspace serves both calls on one stream).
+size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args);
+// True when the dtype/sizes are supported (N and K multiples of 8 for 16-bit types).
+bool grouped_gemm_grad_supported(const GroupedGemmGradArgs& args);
+// dA from dC and B (reads dc, b; writes da).
+void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+// dB from dC and A (reads dc, a; writes db).
+void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+// The kernels the two calls run for these args, for logs and benchmarks.
+const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args);
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args);
+
 }  // namespace cuda
 }  // namespace switchyard

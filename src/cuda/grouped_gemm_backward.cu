@@ -1,0 +1,385 @@
+// src/cuda/grouped_gemm_backward.cu: the gradient entry points of grouped_gemm.h (grouped_gemm_dgrad / _wgrad):
+// validation, workspace sizing, the zeroing kernels, and the fp32 path (tiled SIMT kernels). The 16-bit path runs
+// the CUTLASS sm90 instantiations of grouped_gemm_sm90_backward.cuh.
+//
+// Contract (per expert e with rows [offsets[e], offsets[e+1]), all tensors row-major):
+//   dgrad: dA[r, k] = sum_n dC[r, n] * B[e, n, k]; rows r >= offsets[E] of dA [max_rows, K] are written as 0.
+//   wgrad: dB[e, n, k] = sum_{r in e} dC[r, n] * A[r, k]; an expert with no rows gets dB[e] = 0.
+// Empty experts in the 16-bit wgrad: CUTLASS's sm90 mainloop leaves the accumulators unset when a group's K (here
+// rows_e) is 0, so those groups are given M = 0 (no tiles) and zero_empty_groups_kernel writes their dB[e]. It is a
+// persistent grid-stride kernel over all experts that reads the device offsets (no host synchronisation); with no
+// empty expert it costs one short launch. dgrad's unused rows are zeroed the same way (zero_tail_rows_kernel).
+//
+// fp32 kernels: one 64x64 output tile per thread block, each thread a 4x4 micro-tile accumulated in fp32 over the
+// reduction index in increasing order (bitwise reproducible), operands staged through shared memory in slabs of 16
+// along the reduction with coalesced loads whichever index is contiguous in memory. dgrad numbers its blocks over
+// all groups' 64-row tiles (grid sized from max_rows + E, as the forward's fp32 kernel); wgrad has one grid slice
+// per expert (blockIdx.z), its reduction running over the expert's rows (none: the tile is written as 0).
+// Reference: products accumulated in double (src/ref/backward.cpp grouped_gemm_backward), rounded to the dtype.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/grouped_gemm.h"
+#include "cuda/grouped_gemm_sm90.h"
+#include "cuda/grouped_gemm_sm90_backward.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 64;      // output tile rows and columns (fp32 path)
+constexpr int kSlab = 16;      // reduction slab (fp32 path)
+constexpr int kThreads = 256;  // 16 x 16 threads, each a 4x4 micro-tile
+constexpr int kZeroThreads = 256;
+
+// Stages the 64 x 16 slab X(i, q0 + q) (i < 64, q < 16) of an operand into xs[q][i], zero outside i < i_len,
+// q0 + q < q_len. kQContig: X(i, q) = x[i * ld + q]; otherwise X(i, q) = x[q * ld + i]. Threads walk the contiguous
+// index fastest (coalesced loads).
+template <bool kQContig>
+__device__ __forceinline__ void load_slab(float (*xs)[kTile + 4], const float* x, int64_t ld, int i_len, int q0,
+                                          int q_len) {
+    static_assert(kTile * kSlab == 4 * kThreads, "each thread stages 4 elements per operand");
+    const int tid = threadIdx.x;
+    if (kQContig) {
+        const int lq = tid % kSlab, li = tid / kSlab;
+        const int q = q0 + lq;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int i = li + 16 * t;
+            xs[lq][i] = (i < i_len && q < q_len) ? x[static_cast<int64_t>(i) * ld + q] : 0.0f;
+        }
+    } else {
+        const int li = tid % kTile, lq = tid / kTile;
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int q = lq + 4 * t;
+            xs[q][li] = (li < i_len && q0 + q < q_len) ? x[static_cast<int64_t>(q0 + q) * ld + li] : 0.0f;
+        }
+    }
+}
+
+// c[i, j] = sum_{q < q_len} A(i, q) * B(j, q) for i < min(64, m_len), j < min(64, j_len) (c row-major, ldc).
+template <bool kAQContig, bool kBQContig>
+__device__ __forceinline__ void simt_tile(const float* a, int64_t lda, int m_len, const float* b, int64_t ldb,
+                                          int j_len, int q_len, float* c, int64_t ldc) {
+    __shared__ float as[kSlab][kTile + 4];
+    __shared__ float bs[kSlab][kTile + 4];
+    const int tx = threadIdx.x % 16;  // column micro-tile
+    const int ty = threadIdx.x / 16;  // row micro-tile
+    float acc[4][4] = {};
+    for (int q0 = 0; q0 < q_len; q0 += kSlab) {
+        load_slab<kAQContig>(as, a, lda, m_len, q0, q_len);
+        load_slab<kBQContig>(bs, b, ldb, j_len, q0, q_len);
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < kSlab; ++q) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                av[i] = as[q][ty * 4 + i];
+                bv[i] = bs[q][tx * 4 + i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int r = ty * 4 + i;
+        if (r >= m_len) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int cj = tx * 4 + j;
+            if (cj < j_len) c[static_cast<int64_t>(r) * ldc + cj] = acc[i][j];
+        }
+    }
+}
+
+struct F32Params {
+    const float* dc;
+    const float* a;
+    const float* b;
+    float* da;
+    float* db;
+    const int32_t* offsets;
+    int num_groups;
+    int n;
+    int k;
+};
+
+// dA tile (row tile blockIdx.x over all groups, column tile blockIdx.y over K): A' = dC_e rows (reduction over n
+// contiguous), B'(j, q) = B[e, q, j] (j contiguous).
+__global__ void __launch_bounds__(kThreads) dgrad_f32_kernel(F32Params p) {
+    __shared__ int s_group, s_row0, s_rows;
+    if (threadIdx.x == 0) {
+        int64_t tile = blockIdx.x;
+        int group = -1, row0 = 0, rows = 0;
+        for (int e = 0; e < p.num_groups; ++e) {
+            const int begin = p.offsets[e];
+            const int m = p.offsets[e + 1] - begin;
+            const int64_t tiles = (m + kTile - 1) / kTile;
+            if (tile < tiles) {
+                group = e;
+                row0 = begin + static_cast<int>(tile) * kTile;
+                rows = min(kTile, m - static_cast<int>(tile) * kTile);
+                break;
+            }
+            tile -= tiles;
+        }
+        s_group = group;
+        s_row0 = row0;
+        s_rows = rows;
+    }
+    __syncthreads();
+    const int group = s_group;
+    if (group < 0) return;
+    const int col0 = blockIdx.y * kTile;
+    simt_tile<true, false>(p.dc + static_cast<int64_t>(s_row0) * p.n, p.n, s_rows,
+                           p.b + static_cast<int64_t>(group) * p.n * p.k + col0, p.k, p.k - col0, p.n,
+                           p.da + static_cast<int64_t>(s_row0) * p.k + col0, p.k);
+}
+
+// dB[e] tile (blockIdx.y over N, blockIdx.x over K, blockIdx.z = e): A'(i, r) = dC[row0 + r, n0 + i],
+// B'(j, r) = A[row0 + r, k0 + j]; both contiguous along i / j. The reduction runs over the expert's rows.
+__global__ void __launch_bounds__(kThreads) wgrad_f32_kernel(F32Params p) {
+    const int e = blockIdx.z;
+    const int row0 = p.offsets[e];
+    const int rows = p.offsets[e + 1] - row0;
+    const int n0 = blockIdx.y * kTile, k0 = blockIdx.x * kTile;
+    simt_tile<false, false>(p.dc + static_cast<int64_t>(row0) * p.n + n0, p.n, p.n - n0,
+                            p.a + static_cast<int64_t>(row0) * p.k + k0, p.k, p.k - k0, rows,
+                            p.db + (static_cast<int64_t>(e) * p.n + n0) * p.k + k0, p.k);
+}
+
+// Zeroes units [offsets[E] * units_per_row, max_rows * units_per_row) of base (rows no expert owns).
+template <typename T>
+__global__ void zero_tail_rows_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_row,
+                                      int64_t max_rows) {
+    const int64_t begin = static_cast<int64_t>(offsets[num_groups]) * units_per_row;
+    const int64_t end = max_rows * units_per_row;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride)
+        base[i] = T{};
+}
+
+// Zeroes the units_per_group units of every group e with offsets[e + 1] == offsets[e].
+template <typename T>
+__global__ void zero_empty_groups_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_group) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int e = 0; e < num_groups; ++e) {
+        if (offsets[e + 1] != offsets[e]) continue;
+        T* g = base + static_cast<int64_t>(e) * units_per_group;
+        for (int64_t i = first; i < units_per_group; i += stride) g[i] = T{};
+    }
+}
+
+struct DeviceFacts {
+    int sm_count;
+    int cc_major;
+};
+
+// Per-device SM count and compute capability, read once (graph capture and the hot path then only launch).
+DeviceFacts device_facts() {
+    static std::array<std::atomic<int>, 64> cached_sm{};
+    static std::array<std::atomic<int>, 64> cached_cc{};
+    int device = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
+    if (device >= 0 && device < 64) {
+        const int sm = cached_sm[device].load(std::memory_order_acquire);
+        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
+    }
+    int sm = 0, major = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (device >= 0 && device < 64) {
+        cached_cc[device].store(major, std::memory_order_release);
+        cached_sm[device].store(sm, std::memory_order_release);
+    }
+    return {sm, major};
+}
+
+bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+void check_sizes(const GroupedGemmGradArgs& g) {
+    SWITCHYARD_CHECK(g.dtype == DType::kF32 || is_16bit(g.dtype), "grouped_gemm gradient: dtype=", to_string(g.dtype),
+                     " is not supported (fp32, bf16, fp16)");
+    SWITCHYARD_CHECK(g.num_groups >= 1 && g.num_groups <= 65535, "grouped_gemm gradient: num_groups=", g.num_groups,
+                     " must be in [1, 65535]");
+    SWITCHYARD_CHECK(g.n >= 1 && g.n <= INT_MAX, "grouped_gemm gradient: n=", g.n, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(g.k >= 1 && g.k <= INT_MAX, "grouped_gemm gradient: k=", g.k, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(g.max_rows >= 0 && g.max_rows <= INT_MAX, "grouped_gemm gradient: max_rows=", g.max_rows,
+                     " must be in [0, 2^31)");
+    if (is_16bit(g.dtype)) {
+        SWITCHYARD_CHECK(g.k % 8 == 0, "grouped_gemm gradient: k=", g.k, " must be a multiple of 8 for ",
+                         to_string(g.dtype), " (16-byte TMA row alignment)");
+        SWITCHYARD_CHECK(g.n % 8 == 0, "grouped_gemm gradient: n=", g.n, " must be a multiple of 8 for ",
+                         to_string(g.dtype), " (16-byte TMA row alignment)");
+    }
+}
+
+// Checks the workspace and device for a 16-bit call; returns the device facts.
+DeviceFacts check_16bit_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes, const char* what) {
+    const DeviceFacts facts = device_facts();
+    SWITCHYARD_CHECK(facts.cc_major == 9, "grouped_gemm ", what, ": the ", to_string(g.dtype),
+                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ", facts.cc_major);
+    const size_t need = grouped_gemm_grad_workspace_size(g);
+    SWITCHYARD_CHECK(workspace != nullptr || need == 0, "grouped_gemm ", what, ": workspace is null, need ", need,
+                     " bytes");
+    SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm ", what, ": workspace_bytes=", workspace_bytes,
+                     " < required ", need);
+    SWITCHYARD_CHECK(aligned16(workspace), "grouped_gemm ", what, ": workspace must be 16-byte aligned (got ",
+                     workspace, ")");
+    return facts;
+}
+
+// Grid for a grid-stride zeroing kernel over `units` units: enough blocks to cover them, at most 4 per SM.
+unsigned zero_grid(int64_t units, int sm_count) {
+    const int64_t blocks = (units + kZeroThreads - 1) / kZeroThreads;
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 4 * int64_t{sm_count})));
+}
+
+// Zeroes rows [offsets[E], max_rows) of a [max_rows, width] tensor of dtype t.
+void zero_tail_rows(void* base, DType t, const int32_t* offsets, int64_t num_groups, int64_t width, int64_t max_rows,
+                    int sm_count, cudaStream_t stream) {
+    const int64_t row_bytes = width * static_cast<int64_t>(dtype_size(t));
+    if (row_bytes % 16 == 0 && aligned16(base)) {
+        const int64_t units = row_bytes / 16;
+        zero_tail_rows_kernel<uint4><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint4*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    } else {  // fp32 rows (4-byte multiples)
+        const int64_t units = row_bytes / 4;
+        zero_tail_rows_kernel<uint32_t><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint32_t*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    }
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+}
+
+// The fp32 kernels' parameters (unused pointers of the other layout are passed along unread).
+F32Params f32_params(const GroupedGemmGradArgs& g) {
+    F32Params p;
+    p.dc = static_cast<const float*>(g.dc);
+    p.a = static_cast<const float*>(g.a);
+    p.b = static_cast<const float*>(g.b);
+    p.da = static_cast<float*>(g.da);
+    p.db = static_cast<float*>(g.db);
+    p.offsets = g.offsets;
+    p.num_groups = static_cast<int>(g.num_groups);
+    p.n = static_cast<int>(g.n);
+    p.k = static_cast<int>(g.k);
+    return p;
+}
+
+}  // namespace
+
+bool grouped_gemm_grad_supported(const GroupedGemmGradArgs& args) {
+    try {
+        check_sizes(args);
+    } catch (const Error&) {
+        return false;
+    }
+    return true;
+}
+
+size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return 0;
+    const int sm_count = device_facts().sm_count;
+    return std::max(sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).workspace_size(args.num_groups, sm_count),
+                    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).workspace_size(args.num_groups, sm_count));
+}
+
+const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
+    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).name;
+}
+
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
+    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).name;
+}
+
+void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm dgrad: offsets is null");
+    SWITCHYARD_CHECK(args.b != nullptr, "grouped_gemm dgrad: b is null");
+    if (args.max_rows == 0) return;  // dA has no rows
+    SWITCHYARD_CHECK(args.dc != nullptr, "grouped_gemm dgrad: dc is null with max_rows=", args.max_rows);
+    SWITCHYARD_CHECK(args.da != nullptr, "grouped_gemm dgrad: da is null with max_rows=", args.max_rows);
+
+    if (args.dtype == DType::kF32) {
+        zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows,
+                       device_facts().sm_count, stream);
+        const F32Params p = f32_params(args);
+        const int64_t row_tiles = (args.max_rows + kTile - 1) / kTile + args.num_groups;
+        const int64_t col_tiles = (args.k + kTile - 1) / kTile;
+        SWITCHYARD_CHECK(row_tiles <= INT_MAX && col_tiles <= 65535,
+                         "grouped_gemm dgrad: fp32 grid too large (row "
+                         "tiles ",
+                         row_tiles, ", column tiles ", col_tiles, ")");
+        dgrad_f32_kernel<<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)), kThreads, 0,
+                           stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts = check_16bit_call(args, workspace, workspace_bytes, "dgrad");
+    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.b) && aligned16(args.da),
+                     "grouped_gemm dgrad: dc, b and da must be 16-byte aligned for TMA (dc=", args.dc, ", b=", args.b,
+                     ", da=", args.da, ")");
+    zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad)
+        .run(args, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm wgrad: offsets is null");
+    SWITCHYARD_CHECK(args.db != nullptr, "grouped_gemm wgrad: db is null");
+    const size_t db_bytes = static_cast<size_t>(args.num_groups * args.n * args.k) * dtype_size(args.dtype);
+    if (args.max_rows == 0) {  // offsets[E] <= 0: every expert is empty
+        SWITCHYARD_GG_CUDA_CHECK(cudaMemsetAsync(args.db, 0, db_bytes, stream));
+        return;
+    }
+    SWITCHYARD_CHECK(args.dc != nullptr, "grouped_gemm wgrad: dc is null with max_rows=", args.max_rows);
+    SWITCHYARD_CHECK(args.a != nullptr, "grouped_gemm wgrad: a is null with max_rows=", args.max_rows);
+
+    if (args.dtype == DType::kF32) {  // empty experts: the kernel's reduction is empty and writes 0
+        const F32Params p = f32_params(args);
+        const int64_t k_tiles = (args.k + kTile - 1) / kTile;
+        const int64_t n_tiles = (args.n + kTile - 1) / kTile;
+        SWITCHYARD_CHECK(k_tiles <= INT_MAX && n_tiles <= 65535, "grouped_gemm wgrad: fp32 grid too large (k tiles ",
+                         k_tiles, ", n tiles ", n_tiles, ")");
+        wgrad_f32_kernel<<<dim3(static_cast<unsigned>(k_tiles), static_cast<unsigned>(n_tiles),
+                                static_cast<unsigned>(args.num_groups)),
+                           kThreads, 0, stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts = check_16bit_call(args, workspace, workspace_bytes, "wgrad");
+    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.a) && aligned16(args.db),
+                     "grouped_gemm wgrad: dc, a and db must be 16-byte aligned for TMA (dc=", args.dc, ", a=", args.a,
+                     ", db=", args.db, ")");
+    // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
+    const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
+    zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
+        static_cast<uint4*>(args.db), args.offsets, static_cast<int>(args.num_groups), units);
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad)
+        .run(args, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+}  // namespace cuda
+}  // namespace switchyard
