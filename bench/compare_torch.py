@@ -20,6 +20,13 @@ Two modes:
   present. Each is reported as ms, TFLOP/s, % of floor and peak extra memory (torch.cuda.max_memory_allocated
   beyond inputs and weights).
 
+  Layer training mode (--train, implies --layers; tokens default 4096,16384): forward + backward of the whole
+  layer (loss = y.float().square().mean(); gradients of x and every weight) for the sort path (autograd through
+  torch._grouped_mm) and switchyard.torch.MoE (--torch-lib, default $SWITCHYARD_TORCH_LIB or
+  build/bindings/torch/_switchyard_torch.so; the row says why when it cannot load), on the same parameters.
+  Floor = 3x the forward floor (DESIGN.md). --check adds a relative-L2 comparison of y and the gradients.
+      python3 bench/compare_torch.py --train --torch-lib build/bindings/torch/_switchyard_torch.so --check
+
 Floors: max(FLOPs / measured bf16 ceiling, bytes / measured copy bandwidth); the ceiling is a torch 8192^3 bf16
 matmul and the copy bandwidth a 1 GiB device copy, both measured in this run (the GEMM mode takes the
 Switchyard benchmark's own measurements when it has them). Bytes: weights of every expert that receives a row,
@@ -401,10 +408,134 @@ def layer_mode(args):
                 rows=results)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Layer training mode (--layers --train): forward + backward of the whole layer
+# ---------------------------------------------------------------------------------------------------------------
+def load_switchyard_torch(lib):
+    """Imports switchyard.torch (python/ of this checkout on sys.path, SWITCHYARD_TORCH_LIB from --torch-lib when
+    given). Returns (module, None) or (None, why)."""
+    if lib:
+        if not os.path.isfile(lib):
+            return None, f"torch binding not found at --torch-lib {lib}"
+        os.environ["SWITCHYARD_TORCH_LIB"] = os.path.abspath(lib)
+    py_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    if py_dir not in sys.path:
+        sys.path.insert(0, py_dir)
+    try:
+        import switchyard.torch as sy_torch
+        return sy_torch, None
+    except (ImportError, OSError, RuntimeError) as err:  # FileNotFoundError is an OSError
+        return None, f"switchyard.torch not loadable: {str(err)[:300]}"
+
+
+def layer_train_mode(args):
+    """Forward + backward of the whole layer, loss = y.float().square().mean(), gradients for x and every weight.
+
+    switchyard : switchyard.torch.MoE (bf16, softmax top-k without renormalisation, SwiGLU; return_stats=False so
+                 no aux loss, like the peer), CUDA kernels forward and backward;
+    sort       : layer_sort above, autograd through torch._grouped_mm, on the SAME parameter tensors.
+    Each timed call is one fresh step: gradients set to None, forward, backward (the new gradients are allocated
+    inside the step, as in training with zero_grad(set_to_none=True)). Peak extra memory = max_memory_allocated
+    during the timed calls minus what was allocated before them (parameters and x, no gradients), so it includes
+    the parameter gradients themselves (size in the note). Floor = 3 x the forward floor (DESIGN.md: forward,
+    input-gradient and weight-gradient GEMMs each cost the forward's FLOPs; the weights are read twice and their
+    gradients written once, 3x the forward's weight bytes).
+    """
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    impls = [i for i in args.impls.split(",") if i in ("sort", "switchyard")] or ["sort", "switchyard"]
+    sy_torch, sy_why = load_switchyard_torch(args.torch_lib) if "switchyard" in impls else (None, None)
+    ceiling, copy_tbps = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (training: forward + backward)")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    hdr = f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note"
+    print(hdr)
+    print("-" * len(hdr))
+    results = []
+    torch.manual_seed(args.seed)
+    for m in models:
+        h, f, e, k = MODELS[m]
+        moe = None
+        if sy_torch is not None:
+            cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
+                                     renormalize=False, activation="swiglu")
+            moe = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="cuda", return_stats=False).train()
+            params = [moe.gate, moe.w13, moe.w2]
+        else:
+            params = [torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
+                      torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
+                      torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))]
+            for p_ in params:
+                p_.requires_grad_(True)
+        wg, w13, w2 = params
+        grad_gb = sum(p_.numel() * p_.element_size() for p_ in params) / 1e9
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+            with torch.no_grad():
+                _, ids = router(x, wg, k)
+            hit = int(torch.unique(ids).numel())
+            fwd_flops = 2.0 * t * h * e + t * k * 6.0 * h * f
+            fwd_bytes = hit * 3 * h * f * 2 + 2 * t * h * 2
+            floor_ms = 3 * max(fwd_flops / (ceiling * 1e12), fwd_bytes / (copy_tbps * 1e12)) * 1e3
+            check = {}
+            for impl in impls:
+                note, ms, peak = f"param grads {grad_gb:.2f} GB", float("nan"), float("nan")
+                if impl == "switchyard" and moe is None:
+                    note = sy_why
+                else:
+                    if impl == "sort":
+                        fwd = lambda: layer_sort(x, wg, w13, w2, k)
+                    else:
+                        fwd = lambda: moe(x)
+
+                    def step(fwd=fwd):
+                        for p_ in (x, *params):
+                            p_.grad = None
+                        y = fwd()
+                        y.float().square().mean().backward()
+                        return y
+
+                    torch.cuda.synchronize()
+                    for p_ in (x, *params):
+                        p_.grad = None
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    try:
+                        ms = time_cuda(step, args.warmup, args.iters)
+                        peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+                        if args.check and t == min(tokens):  # dw2 of the first 8 experts only (memory)
+                            y = step().detach().float()
+                            check[impl] = (y, x.grad.float(), wg.grad.float(), w2.grad[:8].float())
+                    except torch.cuda.OutOfMemoryError as err:
+                        note = f"OOM: {str(err).splitlines()[0][:160]}"
+                    except RuntimeError as err:  # e.g. a backward op not implemented for this shape
+                        note = f"failed: {str(err).splitlines()[0][:200]}"
+                    for p_ in (x, *params):
+                        p_.grad = None
+                    torch.cuda.empty_cache()
+                tfl = 3 * fwd_flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
+                print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
+                      f"{note}", flush=True)
+                results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
+                                    peak_extra_gb=peak, param_grad_gb=grad_gb, note=note))
+            if len(check) == 2:  # same weights and x; routing may differ on near-ties (bf16 vs fp32 logits)
+                rel = {n: float((a - b).norm() / b.norm())
+                       for n, a, b in zip(("y", "dx", "dgate", "dw2[:8]"), check["switchyard"], check["sort"])}
+                print(f"{m:<9}{t:>6} check      switchyard vs sort, rel L2: "
+                      + " ".join(f"{n} {v:.2e}" for n, v in rel.items()), flush=True)
+                results[-1 if results[-1]["impl"] == "switchyard" else -2]["check_rel_l2"] = rel
+            del x, check
+        del moe, params, wg, w13, w2
+        torch.cuda.empty_cache()
+    return dict(mode="layers-train", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling,
+                copy_tbps=copy_tbps, rows=results)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mixtral,qwen3,deepseek")
-    p.add_argument("--tokens", default="16,256,4096,16384")
+    p.add_argument("--tokens", default=None, help="default 16,256,4096,16384; with --train 4096,16384")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
@@ -419,11 +550,18 @@ def main():
     p.add_argument("--check", action="store_true",
                    help="layer mode: also check Switchyard's output against the sort path on the same weights "
                         "(smallest T of each model; DeepSeek-V3 skipped: its weights are 22 GB)")
+    p.add_argument("--train", action="store_true",
+                   help="layer mode: forward + backward of the layer (sort path and switchyard.torch.MoE)")
+    p.add_argument("--torch-lib",
+                   default=os.environ.get("SWITCHYARD_TORCH_LIB", "build/bindings/torch/_switchyard_torch.so"),
+                   help="--train: the torch binding _switchyard_torch.so")
     args = p.parse_args()
+    args.layers = args.layers or args.train
+    args.tokens = args.tokens or ("4096,16384" if args.train else "16,256,4096,16384")
     if not torch.cuda.is_available():
         print("compare_torch.py: no CUDA device", file=sys.stderr)
         return 1
-    res = layer_mode(args) if args.layers else gemm_mode(args)
+    res = (layer_train_mode(args) if args.train else layer_mode(args)) if args.layers else gemm_mode(args)
     if args.json:
         def finite(v):  # strict JSON: a value that could not be measured (NaN) is written as null
             if isinstance(v, float) and v != v:

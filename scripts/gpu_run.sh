@@ -3,7 +3,7 @@
 #   bash scripts/gpu_run.sh [BUILD_DIR] [STEPS]
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
-# STEPS: comma list, run in this order: tests,torch,balance,layers,gemm,memcheck,racecheck,profile
+# STEPS: comma list, run in this order: tests,torch,train,balance,layers,gemm,memcheck,racecheck,profile
 #        (default tests,torch,balance,layers,memcheck).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
@@ -30,6 +30,15 @@ if has torch; then
   SWITCHYARD_TORCH_LIB="$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH=python \
     python3 -m pytest -q -m gpu tests/python/test_torch_gpu.py >"$OUT/torch_gpu.log" 2>&1
   note "torch gpu tests: rc=$? $(tail -1 "$OUT/torch_gpu.log")"
+fi
+if has train; then
+  export SWITCHYARD_TORCH_LIB="$PWD/$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH="$PWD/python"
+  python3 examples/train_tiny_moe.py --steps "${TRAIN_STEPS:-400}" --device cuda --dtype bf16 \
+    --json "$OUT/train_tiny_moe.json" >"$OUT/train.log" 2>&1
+  note "train example: rc=$? $(grep -iE 'verdict|PASS|FAIL' "$OUT/train.log" | tail -2 | tr '\n' ' ')"
+  python3 bench/compare_torch.py --train --torch-lib "$SWITCHYARD_TORCH_LIB" --check \
+    --json "$OUT/train_bench.json" >>"$OUT/train.log" 2>&1
+  note "train bench: rc=$?"
 fi
 if has balance; then
   {
@@ -74,5 +83,9 @@ if has profile; then
 fi
 echo "================ summary"
 cat "$OUT/summary.txt"
-[ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | tail -70
+[ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | grep -vE " (dense|loop) " | tail -40
+[ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
+# The device returns at most 8 files: keep the summary, pack the rest.
+(cd "$OUT" && tar -czf all.tar.gz --exclude=all.tar.gz --exclude=summary.txt . &&
+  find . -maxdepth 1 -type f ! -name all.tar.gz ! -name summary.txt -delete)
 exit 0
