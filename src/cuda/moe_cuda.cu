@@ -269,13 +269,11 @@ void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorR
     {
         NvtxRange r("router");
         const float* sbias = cfg.use_score_bias ? w.score_bias.ptr<float>() : nullptr;
-        const bool fused = !ec && router_fused(cfg, x.data, w.gate.data, sbias, T, logits, ids, weights,
-                                               want_stats ? l.prob_partials : nullptr, l.z_partials, stream);
-        if (!fused) router_gemm(cfg.dtype, x.data, w.gate.data, T, H, E, logits, l.cublas_ws, stream);
+        // cuBLAS gate GEMM + the routing kernel; router_fused is not used here (moe_stages.h says why).
+        router_gemm(cfg.dtype, x.data, w.gate.data, T, H, E, logits, l.cublas_ws, stream);
         if (!ec) {
-            if (!fused)
-                route_topk(cfg, logits, sbias, T, ids, weights, want_stats ? l.prob_partials : nullptr,
-                           l.z_partials, stream);
+            route_topk(cfg, logits, sbias, T, ids, weights, want_stats ? l.prob_partials : nullptr, l.z_partials,
+                       stream);
         } else {
             if (want_stats) {  // mean_prob / z partials from the top-k router (its ids are overwritten below)
                 MoEConfig tc = cfg;
@@ -409,12 +407,9 @@ void router_forward(const MoEConfig& cfg, const TensorRef& gate, const TensorRef
     float* lg = logits.defined() ? logits.ptr<float>() : l.logits;
     NvtxRange r("router");
     const float* sbias = cfg.use_score_bias ? bias.ptr<float>() : nullptr;
-    if (!router_fused(cfg, x.data, gate.data, sbias, T, lg, topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(),
-                      stats ? l.prob_partials : nullptr, l.z_partials, stream)) {
-        router_gemm(cfg.dtype, x.data, gate.data, T, cfg.hidden_size, cfg.num_experts, lg, l.cublas_ws, stream);
-        route_topk(cfg, lg, sbias, T, topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(),
-                   stats ? l.prob_partials : nullptr, l.z_partials, stream);
-    }
+    router_gemm(cfg.dtype, x.data, gate.data, T, cfg.hidden_size, cfg.num_experts, lg, l.cublas_ws, stream);
+    route_topk(cfg, lg, sbias, T, topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(),
+               stats ? l.prob_partials : nullptr, l.z_partials, stream);
     if (stats != nullptr) {
         count_experts(topk_ids.ptr<int32_t>(), T * cfg.top_k, cfg.num_experts, l.expert_counts, stream);
         fill_stats(cfg, T, l.expert_counts, nullptr, l.prob_partials, l.z_partials, l.stat_sums, stream, *stats);
