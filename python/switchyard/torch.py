@@ -6,8 +6,9 @@ fake (meta) implementation for shape inference and an autograd formula that call
     logits [T, E]  = F.linear(x, gate)                      fp32 (fp64 when x is fp64); plain torch GEMM
     ids, w [T, k]  = route(logits, bias)                     backward: route_backward (selection held fixed)
     offsets, slot_row, row_token, counts = plan(ids, w)       integer outputs, no gradient
-    xp [T*k, H]    = gather(x, row_token)                    backward: gather_backward (slots summed in order)
-    g1 [T*k, R13]  = grouped_mm(xp, w13, offsets)             backward: grouped_mm_backward (dgrad + wgrad)
+    g1 [T*k, R13]  = gathered_grouped_mm(x, row_token, w13)   = grouped_mm(gather(x, row_token), w13, offsets);
+                                                             backward recomputes the gather (not saved), then
+                                                             grouped_mm_backward (dgrad + wgrad), gather_backward
     h  [T*k, F]    = activation(g1)                          backward: activation_backward
     out [T*k, H]   = grouped_mm(h, w2, offsets)
     shared [T, H]  = F.linear(act(F.linear(x, shared_w13)), shared_w2)   (shared experts, when configured)
@@ -143,30 +144,6 @@ def _losses_backward(ctx, d_losses):
 torch.library.register_autograd("switchyard::router_losses", _losses_backward, setup_context=_losses_setup)
 
 
-# gather's backward needs slot_row, which is not one of its inputs: the differentiable entry point is
-# _gather_with_slots below (a custom op taking slot_row as an extra, unused-in-forward argument).
-@torch.library.custom_op("switchyard::gather_rows", mutates_args=())
-def _gather_rows(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
-    return _ops.gather(x, row_token)
-
-
-@_gather_rows.register_fake
-def _gather_rows_fake(x, row_token, slot_row):
-    return x.new_empty((row_token.shape[0], x.shape[1]))
-
-
-def _gather_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[2])
-
-
-def _gather_rows_backward(ctx, d_xp):
-    (slot_row,) = ctx.saved_tensors
-    return _ops.gather_backward(d_xp.contiguous(), slot_row), None, None
-
-
-_gather_rows.register_autograd(_gather_rows_backward, setup_context=_gather_rows_setup)
-
-
 def _gmm_setup(ctx, inputs, output):
     a, b, offsets = inputs
     ctx.save_for_backward(a, b, offsets)
@@ -210,6 +187,35 @@ def _combine_backward(ctx, dy):
 
 
 torch.library.register_autograd("switchyard::combine", _combine_backward, setup_context=_combine_setup)
+
+# gather + GEMM1 as one differentiable op whose backward recomputes the gathered rows from x instead of saving them:
+# the saved activations per routed row drop from (H + 2F + F + H) to (2F + F + H) elements, the [T*k, H] gather
+# being the largest single saving (1.9 GB of bf16 for DeepSeek-V3 at T=16384). x itself is saved, at no cost:
+# it is the layer's input and alive anyway.
+@torch.library.custom_op("switchyard::gathered_grouped_mm", mutates_args=())
+def _gathered_grouped_mm(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, b: torch.Tensor,
+                         offsets: torch.Tensor) -> torch.Tensor:
+    return _ops.grouped_mm(_ops.gather(x, row_token), b, offsets)
+
+
+@_gathered_grouped_mm.register_fake
+def _gathered_grouped_mm_fake(x, row_token, slot_row, b, offsets):
+    return x.new_empty((row_token.shape[0], b.shape[1]))
+
+
+def _ggmm_setup(ctx, inputs, output):
+    x, row_token, slot_row, b, offsets = inputs
+    ctx.save_for_backward(x, row_token, slot_row, b, offsets)
+
+
+def _ggmm_backward(ctx, dc):
+    x, row_token, slot_row, b, offsets = ctx.saved_tensors
+    xp = _ops.gather(x, row_token)  # recomputed: one pass over T*k rows of x
+    d_xp, db = _ops.grouped_mm_backward(dc.contiguous(), xp, b, offsets)
+    return _ops.gather_backward(d_xp.contiguous(), slot_row), None, None, db, None
+
+
+_gathered_grouped_mm.register_autograd(_ggmm_backward, setup_context=_ggmm_setup)
 
 # ---- the module --------------------------------------------------------------------------------------------
 
@@ -318,8 +324,7 @@ class MoE(nn.Module):
         offsets, slot_row, row_token, counts = _ops.plan(ids, w.detach(), c.num_experts, float(c.capacity_factor),
                                                          c.min_capacity, DROP_POLICIES[c.drop_policy])
         act = ACTIVATIONS[c.activation]
-        xp = _gather_rows(x2, row_token, slot_row)
-        h = _ops.activation(_ops.grouped_mm(xp, self.w13, offsets), act)
+        h = _ops.activation(_gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets), act)
         out = _ops.grouped_mm(h, self.w2, offsets)
         shared = None
         if self.shared_w13 is not None:

@@ -159,6 +159,8 @@ def test_opcheck():
     a = torch.randn(T * K, H, dtype=torch.float64, requires_grad=True)
     b = torch.randn(E, 2 * F, H, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.grouped_mm.default, (a, b, offsets))
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.switchyard.gathered_grouped_mm.default, (x, row_token, slot_row, b, offsets))
     g = torch.randn(T * K, 2 * F, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.activation.default, (g, 0))
     out = torch.randn(T * K, H, dtype=torch.float64, requires_grad=True)
