@@ -77,7 +77,7 @@ TEST(Npy, RoundTripEveryDtypeAndShapeBitExact) {
         for (const auto& shape : shapes) {
             for (bool v2 : {false, true}) {
                 ++seed;
-                SCOPED_TRACE(std::string(dtype_name(t)) + " shape " + shape_to_string(shape) + (v2 ? " v2" : " v1") +
+                SCOPED_TRACE(std::string(to_string(t)) + " shape " + shape_to_string(shape) + (v2 ? " v2" : " v1") +
                              " seed " + std::to_string(seed));
                 int64_t n = 1;
                 for (int64_t d : shape) n *= d;
@@ -191,7 +191,7 @@ TEST(Safetensors, RoundTripEveryDtypeBitExact) {
         int64_t n = 1;
         for (int64_t d : shape) n *= d;
         payloads.push_back(random_bytes(static_cast<size_t>(n) * dtype_size(t), seed + i));
-        ts.push_back({std::string("t.") + dtype_name(t), t, shape, payloads.back().data()});
+        ts.push_back({std::string("t.") + to_string(t), t, shape, payloads.back().data()});
     }
     SCOPED_TRACE("seed " + std::to_string(seed));
     std::string path = temp_path("rt.safetensors");
@@ -338,7 +338,7 @@ void build_deepseek(CheckpointBuilder& b, const std::string& p, int64_t E, int64
 TEST(Weights, MixtralNamesGiveGateThenUpRows) {
     const int64_t E = 3, H = 5, F = 4;
     for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
-        SCOPED_TRACE(dtype_name(t));
+        SCOPED_TRACE(to_string(t));
         CheckpointBuilder b;
         build_mixtral(b, "model.layers.0.", E, H, F, t);
         SafetensorsFile f(b.image(), "mixtral.st");

@@ -327,12 +327,7 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
     res.routed = true;
     res.capacity = C;
     res.dropped = plan.dropped();
-    if (stats != nullptr) {
-        ref::router_stats(cfg, logits, ids, T, *stats);
-        stats->kept_counts.assign(static_cast<size_t>(E), 0);
-        for (int64_t e = 0; e < E; ++e) stats->kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
-        stats->dropped = plan.dropped();
-    }
+    if (stats != nullptr) ref::plan_stats(cfg, logits, plan, *stats);
 
     // ---- the rest of the arena, now that C is known ----
     const DenseLayout l = dense_layout(cfg, T, C);

@@ -16,7 +16,6 @@
 namespace switchyard {
 namespace io {
 
-const char* dtype_name(DType t) { return to_string(t); }
 
 std::string shape_to_string(const std::vector<int64_t>& shape) {
     std::ostringstream os;
@@ -223,7 +222,7 @@ NpyArray parse_npy(const uint8_t* bytes, size_t size, const std::string& name) {
     size_t nbytes = numel * dtype_size(a.dtype);
     size_t avail = size - prefix - header_len;
     SWITCHYARD_CHECK(avail >= nbytes, name, ": truncated .npy file: shape ", shape_to_string(a.shape), " of ",
-                     dtype_name(a.dtype), " needs ", nbytes, " data bytes, file has ", avail);
+                     to_string(a.dtype), " needs ", nbytes, " data bytes, file has ", avail);
     SWITCHYARD_CHECK(avail == nbytes, name, ": .npy file has ", avail - nbytes,
                      " unexpected bytes after the data (shape ", shape_to_string(a.shape), ")");
     a.data.assign(bytes + prefix + header_len, bytes + prefix + header_len + nbytes);

@@ -50,8 +50,6 @@ inline void write_npy(const std::string& path, const NpyArray& a, bool force_v2 
     write_npy(path, a.dtype, a.shape, a.data.data(), force_v2);
 }
 
-// "fp32", "bf16", ... for messages (independent of the library's to_string).
-const char* dtype_name(DType t);
 std::string shape_to_string(const std::vector<int64_t>& shape);
 
 }  // namespace io

@@ -293,7 +293,7 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
 }
 
 std::vector<uint8_t> random_values(DType dtype, int64_t n, double lo, double hi, uint64_t seed) {
-    SWITCHYARD_CHECK(is_float(dtype), "random values need a float dtype, got ", dtype_name(dtype));
+    SWITCHYARD_CHECK(is_float(dtype), "random values need a float dtype, got ", to_string(dtype));
     SWITCHYARD_CHECK(n >= 0, "random values: negative count ", n);
     std::vector<uint8_t> out(static_cast<size_t>(n) * dtype_size(dtype));
     SplitMix64 rng(seed);

@@ -147,14 +147,19 @@ void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, 
             if (cfg.expert_choice()) {
                 expert_choice_stats(cfg, logits, plan, *out->stats);
             } else {
-                router_stats(cfg, logits, ids, num_tokens, *out->stats);
-                for (int64_t e = 0; e < num_experts; ++e)
-                    out->stats->kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
-                out->stats->dropped = plan.dropped();
+                plan_stats(cfg, logits, plan, *out->stats);
             }
         }
     }
     if (plan_out != nullptr) *plan_out = std::move(plan);
+}
+
+void plan_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan, LoadStats& stats) {
+    router_stats(cfg, logits, plan.topk_ids, plan.num_tokens, stats);
+    stats.kept_counts.assign(static_cast<size_t>(plan.num_experts), 0);
+    for (int64_t e = 0; e < plan.num_experts; ++e)
+        stats.kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
+    stats.dropped = plan.dropped();
 }
 
 }  // namespace ref

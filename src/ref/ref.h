@@ -84,6 +84,9 @@ void router_stats(const MoEConfig& cfg, const std::vector<float>& logits, const 
 HostPlan build_plan(const MoEConfig& cfg, int64_t num_tokens, const std::vector<int32_t>& topk_ids,
                     const std::vector<float>& topk_weights);
 
+// Token-choice load statistics of a forward: router_stats, then the kept counts and drops of `plan`.
+void plan_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan, LoadStats& stats);
+
 // Elementwise activations in double (gelu is the tanh approximation, as in GeGLU / gelu_pytorch_tanh).
 double silu(double v);
 double gelu_tanh(double v);

@@ -117,8 +117,8 @@ int run_forward(const ForwardOptions& o) {
 
     io::NpyArray x = io::read_npy(o.input);
     SWITCHYARD_CHECK(
-        x.dtype == cfg.dtype, o.input, ": input dtype ", io::dtype_name(x.dtype), " does not match --dtype ",
-        io::dtype_name(cfg.dtype),
+        x.dtype == cfg.dtype, o.input, ": input dtype ", to_string(x.dtype), " does not match --dtype ",
+        to_string(cfg.dtype),
         x.dtype == DType::kBF16 || cfg.dtype == DType::kBF16 ? " (bf16 inputs are stored as '<u2' bit patterns)" : "");
     SWITCHYARD_CHECK(!x.shape.empty() && x.shape.back() == cfg.hidden_size, o.input, ": input shape ",
                      io::shape_to_string(x.shape), " must end in the hidden size ", cfg.hidden_size);
