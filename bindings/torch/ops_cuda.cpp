@@ -4,7 +4,7 @@
 // the caching allocator, and never synchronises with the host, so forward and backward capture in CUDA graphs.
 // Kernels: route_topk (router.cu), build_plan (plan.cu), permute_rows (permute.cu), grouped_gemm (grouped_gemm.h),
 // activation_rows (activation.cu), combine_rows (combine.cu), and the backward kernels of src/cuda/backward.h.
-// Router losses and their gradient are short ATen expressions (no kernel of ours; no .item(), so no sync).
+// Router losses: router_losses (balance.h) forward, router_losses_backward (backward.h) for the gradient.
 // GEMM gradients: grouped_gemm_dgrad (input gradient, B read N-major) and grouped_gemm_wgrad (weight gradient,
 // per-expert reduction over the expert's rows) of grouped_gemm.h, every dtype, device-side offsets, no host sync.
 // dtypes: activations fp32 / bf16 / fp16; logits and routing weights fp32; ids and plan arrays int32.
@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "cuda/backward.h"
+#include "cuda/balance.h"
 #include "cuda/grouped_gemm.h"
 #include "cuda/moe_stages.h"
 #include "ops.h"
@@ -92,51 +93,44 @@ at::Tensor route_backward_cuda(const at::Tensor& logits_in, const at::Tensor& id
     });
 }
 
-// f_e * E / (T*k) expressed as a [E] tensor from the ids, without a host round trip.
-at::Tensor expert_fraction(const at::Tensor& ids, int64_t num_experts) {
-    const at::Tensor flat = ids.reshape({-1}).to(at::kLong);
-    at::Tensor counts = at::zeros({num_experts}, ids.options().dtype(at::kFloat));
-    counts.scatter_add_(0, flat, at::ones_like(flat, counts.options()));
-    return counts / static_cast<double>(std::max<int64_t>(flat.numel(), 1));
+// {aux, z} fp32 [2]: the balance kernels' router_losses (fixed summation order, double accumulation, no host sync).
+at::Tensor router_losses_cuda(const at::Tensor& logits_in, const at::Tensor& ids_in, int64_t score_function) {
+    return guarded([&] {
+        const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous();
+        check_cuda(logits, "logits", at::kFloat);
+        check_cuda(ids, "topk_ids", at::kInt);
+        c10::cuda::CUDAGuard guard(logits.device());
+        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+        const MoEConfig cfg = router_config(num_experts, ids.size(1), score_function, false, 1.0, 1, 1, false);
+        const size_t ws_bytes = cuda::router_losses_workspace_size(num_tokens, num_experts, 1);
+        at::Tensor ws = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))}, logits.options().dtype(at::kByte));
+        at::Tensor losses = at::empty({3}, logits.options());
+        cuda::router_losses(cfg, logits.data_ptr<float>(), ids.data_ptr<int32_t>(), num_tokens, nullptr, 0,
+                            losses.data_ptr<float>(), nullptr, ws.data_ptr(), ws_bytes, stream_of(logits));
+        return losses.narrow(0, 0, 2).clone();
+    });
 }
 
-at::Tensor router_prob(const at::Tensor& l, int64_t score_function) {
-    if (score_function == static_cast<int64_t>(ScoreFunction::kSigmoid)) {
-        const at::Tensor s = at::sigmoid(l);
-        return s / s.sum(1, true);
-    }
-    return at::softmax(l, 1);
-}
-
-at::Tensor router_losses_cuda(const at::Tensor& logits, const at::Tensor& ids, int64_t score_function) {
-    check_cuda(logits.contiguous(), "logits", at::kFloat);
-    const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
-    if (num_tokens == 0) return at::zeros({2}, logits.options());
-    const at::Tensor f = expert_fraction(ids, num_experts);
-    const at::Tensor aux = (f * router_prob(logits, score_function).mean(0)).sum() * static_cast<double>(num_experts);
-    const at::Tensor z = at::logsumexp(logits, {1}).square().mean();
-    return at::stack({aux, z});
-}
-
-at::Tensor router_losses_backward_cuda(const at::Tensor& logits, const at::Tensor& ids, const at::Tensor& d_losses,
-                                       int64_t score_function) {
-    const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
-    if (num_tokens == 0) return at::zeros_like(logits);
-    const double inv_t = 1.0 / static_cast<double>(num_tokens);
-    const at::Tensor gp = (d_losses.select(0, 0) * expert_fraction(ids, num_experts) *
-                           (static_cast<double>(num_experts) * inv_t)).unsqueeze(0);  // [1, E]
-    at::Tensor dl;
-    if (score_function == static_cast<int64_t>(ScoreFunction::kSigmoid)) {
-        const at::Tensor s = at::sigmoid(logits);
-        const at::Tensor sum = s.sum(1, true);
-        const at::Tensor ds = (gp - (gp * (s / sum)).sum(1, true)) / sum;
-        dl = ds * s * (1.0 - s);
-    } else {
-        const at::Tensor p = at::softmax(logits, 1);
-        dl = p * (gp - (gp * p).sum(1, true));
-    }
-    const at::Tensor lse = at::logsumexp(logits, {1}, true);
-    return dl + d_losses.select(0, 1) * (2.0 * inv_t) * lse * at::softmax(logits, 1);
+at::Tensor router_losses_backward_cuda(const at::Tensor& logits_in, const at::Tensor& ids_in,
+                                       const at::Tensor& d_losses_in, int64_t score_function) {
+    return guarded([&] {
+        const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous();
+        const at::Tensor d_losses = d_losses_in.to(at::kFloat).contiguous();
+        check_cuda(logits, "logits", at::kFloat);
+        check_cuda(ids, "topk_ids", at::kInt);
+        check_cuda(d_losses, "d_losses", at::kFloat);
+        TORCH_CHECK(d_losses.numel() == 2, "switchyard: d_losses must have 2 elements, got ", d_losses.numel());
+        c10::cuda::CUDAGuard guard(logits.device());
+        const int64_t num_experts = logits.size(1);
+        const MoEConfig cfg = router_config(num_experts, ids.size(1), score_function, false, 1.0, 1, 1, false);
+        const size_t ws_bytes = cuda::router_losses_backward_workspace_size(num_experts);
+        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, logits.options().dtype(at::kByte));
+        at::Tensor dl = at::empty_like(logits);
+        cuda::router_losses_backward(cfg, logits.data_ptr<float>(), ids.data_ptr<int32_t>(), logits.size(0),
+                                     d_losses.data_ptr<float>(), dl.data_ptr<float>(), ws.data_ptr(), ws_bytes,
+                                     stream_of(logits));
+        return dl;
+    });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cuda(const at::Tensor& ids_in,

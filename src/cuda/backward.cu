@@ -1,6 +1,11 @@
 // src/cuda/backward.cu: backward kernels of the router weights, gather, activation and combine (src/cuda/backward.h).
 //
 // route_backward   one thread per token, loops over E and k in index order (ref::route_backward's formulas).
+// router_losses_backward
+//                  1. one block: per-expert top-k counts (shared-memory integer atomics: order-free, exact), then
+//                     gp[e] = d_aux * E * (count_e / (T k)) / T, the gradient of the aux loss w.r.t. prob[t, e].
+//                  2. one warp per token: max, softmax denominator (and sigmoid sum) and the dot products as fixed
+//                     lane-strided sums + a shuffle tree (deterministic); then each lane writes its experts.
 // gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
 // activation_bwd   one block per row; elementwise (silu' = s (1 + v (1 - s)), gelu_tanh' as in ref, relu' = [v > 0]).
 // combine_backward one block per token: d_out rows written by the single (t, j) that owns them; d_weights[t, j] is a
@@ -8,6 +13,7 @@
 //                  then a fixed shared-memory tree: bitwise reproducible, no atomics.
 #include "cuda/backward.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -78,6 +84,74 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
         for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
         for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
         for (int j = 0; j < k; ++j) dl[ids[j]] = u[j] * (gu[j] - dot);
+    }
+}
+
+constexpr int kMaxLossBwdExperts = 1024;
+constexpr int kLossWarpsPerBlock = 4;
+
+__global__ void loss_coeff_kernel(const int32_t* __restrict__ ids, int64_t n_ids, int num_experts, int64_t num_tokens,
+                                  const float* __restrict__ d_losses, float* __restrict__ gp) {
+    __shared__ int counts[kMaxLossBwdExperts];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n_ids; i += blockDim.x) {
+        const int32_t e = ids[i];
+        if (e >= 0 && e < num_experts) atomicAdd(&counts[e], 1);
+    }
+    __syncthreads();
+    const double d_aux = d_losses[0], t = static_cast<double>(num_tokens);
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+        gp[e] = static_cast<float>(d_aux * num_experts * (counts[e] / static_cast<double>(n_ids)) / t);
+}
+
+__device__ __forceinline__ float warp_sum_f(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
+    router_losses_backward_kernel(const float* __restrict__ logits, const float* __restrict__ gp,
+                                  const float* __restrict__ d_losses, int64_t num_tokens, int num_experts, int sigmoid,
+                                  float* __restrict__ d_logits) {
+    const int lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kLossWarpsPerBlock + (threadIdx.x >> 5);
+    if (t >= num_tokens) return;  // whole warps leave together
+    const float d_aux = d_losses[0], d_z = d_losses[1];
+    const float* l = logits + t * num_experts;
+    float* dl = d_logits + t * num_experts;
+    float m = -INFINITY;
+    for (int e = lane; e < num_experts; e += 32) m = fmaxf(m, l[e]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float denom = 0.0f, ssum = 0.0f;
+    for (int e = lane; e < num_experts; e += 32) {
+        denom += l[e] == m ? 1.0f : expf(l[e] - m);
+        if (sigmoid) ssum += sigmoidf_(l[e]);
+    }
+    denom = warp_sum_f(denom);
+    ssum = warp_sum_f(ssum);
+    const float zc = d_z * 2.0f * (m + logf(denom)) / static_cast<float>(num_tokens);
+    float dot = 0.0f;  // sum_e gp_e * prob_e
+    if (d_aux != 0.0f) {
+        for (int e = lane; e < num_experts; e += 32) {
+            const float prob = sigmoid ? sigmoidf_(l[e]) / ssum : (l[e] == m ? 1.0f : expf(l[e] - m)) / denom;
+            dot += gp[e] * prob;
+        }
+        dot = warp_sum_f(dot);
+    }
+    for (int e = lane; e < num_experts; e += 32) {
+        const float p = (l[e] == m ? 1.0f : expf(l[e] - m)) / denom;
+        float g = 0.0f;
+        if (d_aux != 0.0f) {
+            if (sigmoid) {
+                const float s = sigmoidf_(l[e]);
+                g = (gp[e] - dot) / ssum * s * (1.0f - s);
+            } else {
+                g = p * (gp[e] - dot);
+            }
+        }
+        if (d_z != 0.0f) g += zc * p;
+        dl[e] = g;
     }
 }
 
@@ -189,6 +263,32 @@ void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* to
                      static_cast<float>(cfg.routed_scale)};
     const int threads = 128;
     route_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, threads)), threads, 0, stream>>>(p);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+size_t router_losses_backward_workspace_size(int64_t num_experts) {
+    return static_cast<size_t>(std::max<int64_t>(num_experts, 0)) * sizeof(float);
+}
+
+void router_losses_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, int64_t num_tokens,
+                            const float* d_losses, float* d_logits, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
+    const int64_t E = cfg.num_experts;
+    SWITCHYARD_CHECK(E >= 1 && E <= kMaxLossBwdExperts, "router_losses_backward: num_experts=", E, " must be in [1, ",
+                     kMaxLossBwdExperts, "]");
+    SWITCHYARD_CHECK(workspace_bytes >= router_losses_backward_workspace_size(E),
+                     "router_losses_backward: workspace of ", workspace_bytes, " bytes, need ",
+                     router_losses_backward_workspace_size(E));
+    if (num_tokens == 0) return;
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "router_losses_backward: num_tokens=", num_tokens);
+    auto* gp = static_cast<float*>(workspace);
+    loss_coeff_kernel<<<1, 1024, 0, stream>>>(topk_ids, num_tokens * cfg.top_k, static_cast<int>(E), num_tokens,
+                                              d_losses, gp);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+    const int sig = cfg.score_function == ScoreFunction::kSigmoid ? 1 : 0;
+    router_losses_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, kLossWarpsPerBlock)),
+                                    32 * kLossWarpsPerBlock, 0, stream>>>(logits, gp, d_losses, num_tokens,
+                                                                          static_cast<int>(E), sig, d_logits);
     SWITCHYARD_CUDA_CHECK_LAUNCH();
 }
 

@@ -20,6 +20,16 @@ namespace cuda {
 void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, const float* d_weights,
                     int64_t num_tokens, float* d_logits, cudaStream_t stream);
 
+// Router losses backward (ref::router_losses_backward): d_logits [T, E] fp32 (overwritten) =
+// d_losses[0] * d aux / d logits + d_losses[1] * d z / d logits, for the Switch aux loss (E * sum_e f_e P_e, f from
+// topk_ids [T, k]) and the z-loss (mean logsumexp^2). d_losses [2] fp32 is read on the device (no host sync); a zero
+// coefficient skips its term, as the reference does. workspace: router_losses_backward_workspace_size(E) bytes
+// (the per-expert aux coefficients). Uses cfg.num_experts (<= 1024), top_k, score_function.
+size_t router_losses_backward_workspace_size(int64_t num_experts);
+void router_losses_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, int64_t num_tokens,
+                            const float* d_losses, float* d_logits, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
+
 // dx [T, H] (overwritten) = sum over j = 0..k-1 in slot order of d_xp[slot_row[t, j]] (skipping -1), fp32 sums,
 // rounded once to dtype (ref::gather_backward). One block per token.
 void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,

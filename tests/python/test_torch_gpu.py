@@ -64,9 +64,6 @@ def test_backward_kernels_match_cpu_reference_fp32():
     dw = torch.randn(T, K)
     _close("route_backward", ops.route_backward(dev(logits), dev(ids), dev(dw), 0, True, 1.0).cpu(),
            ops.route_backward(logits, ids, dw, 0, True, 1.0), 1e-6, 1e-5)
-    dl = torch.tensor([0.7, -0.2])
-    _close("router_losses_backward", ops.router_losses_backward(dev(logits), dev(ids), dev(dl), 0).cpu(),
-           ops.router_losses_backward(logits, ids, dl, 0), 1e-6, 1e-5)
     d_xp = torch.randn(T * K, H)
     _close("gather_backward", ops.gather_backward(dev(d_xp), dev(slot_row)).cpu(),
            ops.gather_backward(d_xp, slot_row), 1e-6, 1e-5)
@@ -81,6 +78,27 @@ def test_backward_kernels_match_cpu_reference_fp32():
     d_out_ref, d_w_ref = ops.combine_backward(dy, out, slot_row, w)
     _close("combine_backward d_out", d_out.cpu(), d_out_ref, 1e-6, 1e-5)
     _close("combine_backward d_weights", d_w.cpu(), d_w_ref, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("score_function", [0, 1, 2], ids=["softmax", "topk-softmax", "sigmoid"])
+@pytest.mark.parametrize("experts", [8, 256])
+def test_router_losses_match_cpu_reference(score_function, experts):
+    """Switchyard's CUDA aux/z-loss kernels (forward and backward) against the CPU reference (double)."""
+    torch.manual_seed(11 + experts + score_function)
+    ops = torch.ops.switchyard
+    tokens, k = 1000, 6  # several warps' worth of tokens and a partial last block
+    logits = torch.randn(tokens, experts) * 3
+    ids, _ = ops.route(logits, None, k, score_function, True, 1.0, 1, 1)
+    dev = lambda t: t.cuda()
+    got = ops.router_losses(dev(logits), dev(ids), score_function).cpu()
+    want = ops.router_losses(logits, ids, score_function).float()
+    _close("router_losses", got, want, 1e-6, 1e-5)
+    for d in ([0.7, -0.2], [0.0, 1.3], [2.0, 0.0]):  # a zero coefficient skips its term on both sides
+        dl = torch.tensor(d)
+        got = ops.router_losses_backward(dev(logits), dev(ids), dev(dl), score_function).cpu()
+        want = ops.router_losses_backward(logits, ids, dl, score_function)
+        scale = want.abs().max().item()
+        _close(f"router_losses_backward{d}", got / scale, want / scale, 1e-6, 1e-5)
 
 
 def test_backward_is_deterministic():
