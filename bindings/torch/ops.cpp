@@ -209,6 +209,34 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& dc,
     });
 }
 
+// The two halves of grouped_mm_backward as separate ops, so that a backward can free one operand before it
+// allocates the other gradient (python/switchyard/torch.py orders them to lower the peak memory).
+at::Tensor grouped_mm_dgrad_cpu(const at::Tensor& dc, const at::Tensor& b, const at::Tensor& offsets) {
+    return guarded([&] {
+        TORCH_CHECK(dc.dim() == 2 && b.dim() == 3 && dc.size(1) == b.size(1), "switchyard.grouped_mm_dgrad: dc [R, N] "
+                    "and b [E, N, K] expected, got dc ", dc.sizes(), " b ", b.sizes());
+        TORCH_CHECK(offsets.numel() == b.size(0) + 1, "switchyard.grouped_mm_dgrad: offsets must have E+1 elements");
+        const int64_t rows = dc.size(0), n = b.size(1), k = b.size(2), num_experts = b.size(0);
+        const at::Tensor bd = as_f64(b), g = as_f64(dc), off = as_i32(offsets, "offsets");
+        at::Tensor da = at::empty({rows, k}, bd.options());
+        ref::grouped_gemm_backward(ip(off), num_experts, nullptr, dp(bd), dp(g), rows, n, k, dpm(da), nullptr);
+        return da.to(b.scalar_type());
+    });
+}
+
+at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& dc, const at::Tensor& a, const at::Tensor& offsets) {
+    return guarded([&] {
+        TORCH_CHECK(dc.dim() == 2 && a.dim() == 2 && dc.size(0) == a.size(0), "switchyard.grouped_mm_wgrad: dc [R, N] "
+                    "and a [R, K] expected, got dc ", dc.sizes(), " a ", a.sizes());
+        TORCH_CHECK(offsets.numel() >= 1, "switchyard.grouped_mm_wgrad: offsets must have E+1 elements");
+        const int64_t rows = a.size(0), n = dc.size(1), k = a.size(1), num_experts = offsets.numel() - 1;
+        const at::Tensor ad = as_f64(a), g = as_f64(dc), off = as_i32(offsets, "offsets");
+        at::Tensor db = at::empty({num_experts, n, k}, ad.options());
+        ref::grouped_gemm_backward(ip(off), num_experts, dp(ad), nullptr, dp(g), rows, n, k, nullptr, dpm(db));
+        return db.to(a.scalar_type());
+    });
+}
+
 int64_t ffn_of(const at::Tensor& g, int64_t act) {
     TORCH_CHECK(act >= 0 && act <= 3, "switchyard.activation: activation=", act, " (0 swiglu, 1 geglu, 2 gelu, 3 relu)");
     const bool gated = is_gated(static_cast<Activation>(act));
@@ -282,6 +310,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("gather_backward(Tensor d_xp, Tensor slot_row) -> Tensor");
     m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
     m.def("grouped_mm_backward(Tensor dc, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
+    m.def("grouped_mm_dgrad(Tensor dc, Tensor b, Tensor offsets) -> Tensor");
+    m.def("grouped_mm_wgrad(Tensor dc, Tensor a, Tensor offsets) -> Tensor");
     m.def("activation(Tensor g, int activation) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation) -> Tensor");
     m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
@@ -299,6 +329,8 @@ TORCH_LIBRARY_IMPL(switchyard, CPU, m) {
     m.impl("gather_backward", &gather_backward_cpu);
     m.impl("grouped_mm", &grouped_mm_cpu);
     m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
+    m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_cpu);
+    m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cpu);
     m.impl("activation", &activation_cpu);
     m.impl("activation_backward", &activation_backward_cpu);
     m.impl("combine", &combine_cpu);

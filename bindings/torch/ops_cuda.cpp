@@ -227,44 +227,77 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
 
 // da [R, K]: da[r] = dc[r] . b[e] for the rows of expert e, 0 for rows past offsets[E];
 // db [E, N, K]: db[e] = dc_e^T . a_e over the expert's rows (0 for an expert without rows).
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& dc_in, const at::Tensor& a_in,
-                                                            const at::Tensor& b_in, const at::Tensor& offsets_in) {
+// Gradient arguments for E groups of [rows_e, N] x [N, K]; the caller sets the operand pointers it needs.
+cuda::GroupedGemmGradArgs grad_args(const at::Tensor& dc, const at::Tensor& off, int64_t num_experts, int64_t n,
+                                    int64_t k) {
+    check_cuda(off, "offsets", at::kInt);
+    TORCH_CHECK(off.numel() == num_experts + 1, "switchyard.grouped_mm gradient: offsets must have E+1=",
+                num_experts + 1, " elements, got ", off.numel());
+    TORCH_CHECK(dc.dim() == 2 && dc.size(1) == n, "switchyard.grouped_mm gradient: dc must be [R, ", n, "], got ",
+                dc.sizes());
+    cuda::GroupedGemmGradArgs g;
+    g.dc = dc.data_ptr();
+    g.dtype = dtype_of(dc, "dc");
+    g.num_groups = num_experts;
+    g.n = n;
+    g.k = k;
+    g.max_rows = dc.size(0);
+    g.offsets = off.data_ptr<int32_t>();
+    SWITCHYARD_CHECK(cuda::grouped_gemm_grad_supported(g), "grouped_mm gradient: unsupported sizes E=", g.num_groups,
+                     " N=", g.n, " K=", g.k, " for dtype ", to_string(g.dtype),
+                     " (16-bit types need N and K multiples of 8)");
+    return g;
+}
+
+at::Tensor grad_workspace(const cuda::GroupedGemmGradArgs& g, const at::Tensor& like, size_t* bytes) {
+    *bytes = cuda::grouped_gemm_grad_workspace_size(g);
+    return at::empty({static_cast<int64_t>(*bytes) + 256}, like.options().dtype(at::kByte));
+}
+
+// da [R, K] = dc . b per expert (rows past offsets[E] written as 0).
+at::Tensor grouped_mm_dgrad_cuda(const at::Tensor& dc_in, const at::Tensor& b_in, const at::Tensor& offsets_in) {
     return guarded([&] {
-        const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), off = offsets_in.contiguous();
-        const at::Tensor dc = dc_in.to(a.scalar_type()).contiguous();
-        check_cuda(off, "offsets", at::kInt);
-        TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(2) && a.scalar_type() == b.scalar_type(),
-                    "switchyard.grouped_mm_backward: a [R, K] and b [E, N, K] of one dtype expected, got a ",
-                    a.sizes(), " b ", b.sizes());
-        TORCH_CHECK(dc.dim() == 2 && dc.size(0) == a.size(0) && dc.size(1) == b.size(1),
-                    "switchyard.grouped_mm_backward: dc must be [R, N] = [", a.size(0), ", ", b.size(1), "], got ",
-                    dc.sizes());
-        TORCH_CHECK(off.numel() == b.size(0) + 1, "switchyard.grouped_mm_backward: offsets must have E+1 elements");
-        c10::cuda::CUDAGuard guard(a.device());
-        at::Tensor da = at::empty_like(a);  // dgrad writes every row (rows past offsets[E] as 0)
-        at::Tensor db = at::empty_like(b);  // wgrad writes every expert (experts without rows as 0)
-        cuda::GroupedGemmGradArgs g;
-        g.dc = dc.data_ptr();
-        g.a = a.data_ptr();
+        const at::Tensor b = b_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(b.scalar_type()).contiguous();
+        TORCH_CHECK(b.dim() == 3, "switchyard.grouped_mm_dgrad: b must be [E, N, K], got ", b.sizes());
+        c10::cuda::CUDAGuard guard(b.device());
+        cuda::GroupedGemmGradArgs g = grad_args(dc, off, b.size(0), b.size(1), b.size(2));
+        at::Tensor da = at::empty({dc.size(0), b.size(2)}, b.options());
         g.b = b.data_ptr();
         g.da = da.data_ptr();
-        g.db = db.data_ptr();
-        g.dtype = dtype_of(a, "a");
-        g.num_groups = b.size(0);
-        g.n = b.size(1);
-        g.k = b.size(2);
-        g.max_rows = a.size(0);
-        g.offsets = off.data_ptr<int32_t>();
-        SWITCHYARD_CHECK(cuda::grouped_gemm_grad_supported(g), "grouped_mm_backward: unsupported sizes E=",
-                         g.num_groups, " N=", g.n, " K=", g.k, " for dtype ", to_string(g.dtype),
-                         " (16-bit types need N and K multiples of 8)");
-        const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(g);
-        at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, a.options().dtype(at::kByte));
-        const cudaStream_t stream = stream_of(a);
-        cuda::grouped_gemm_dgrad(g, ws.data_ptr(), ws_bytes, stream);
-        cuda::grouped_gemm_wgrad(g, ws.data_ptr(), ws_bytes, stream);
-        return std::make_tuple(da, db);
+        size_t ws_bytes = 0;
+        at::Tensor ws = grad_workspace(g, b, &ws_bytes);
+        cuda::grouped_gemm_dgrad(g, ws.data_ptr(), ws_bytes, stream_of(b));
+        return da;
     });
+}
+
+// db [E, N, K] = dc^T . a per expert (experts without rows written as 0); E = offsets.numel() - 1.
+at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& dc_in, const at::Tensor& a_in, const at::Tensor& offsets_in) {
+    return guarded([&] {
+        const at::Tensor a = a_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(a.scalar_type()).contiguous();
+        TORCH_CHECK(a.dim() == 2 && a.size(0) == dc.size(0), "switchyard.grouped_mm_wgrad: a must be [R, K] with the "
+                    "rows of dc, got a ", a.sizes(), " dc ", dc.sizes());
+        c10::cuda::CUDAGuard guard(a.device());
+        const int64_t num_experts = off.numel() - 1;
+        cuda::GroupedGemmGradArgs g = grad_args(dc, off, num_experts, dc.size(1), a.size(1));
+        at::Tensor db = at::empty({num_experts, dc.size(1), a.size(1)}, a.options());
+        g.a = a.data_ptr();
+        g.db = db.data_ptr();
+        size_t ws_bytes = 0;
+        at::Tensor ws = grad_workspace(g, a, &ws_bytes);
+        cuda::grouped_gemm_wgrad(g, ws.data_ptr(), ws_bytes, stream_of(a));
+        return db;
+    });
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& dc, const at::Tensor& a,
+                                                            const at::Tensor& b, const at::Tensor& offsets) {
+    TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(2) && a.scalar_type() == b.scalar_type(),
+                "switchyard.grouped_mm_backward: a [R, K] and b [E, N, K] of one dtype expected, got a ", a.sizes(),
+                " b ", b.sizes());
+    return std::make_tuple(grouped_mm_dgrad_cuda(dc, b, offsets), grouped_mm_wgrad_cuda(dc, a, offsets));
 }
 
 int64_t ffn_of(const at::Tensor& g, int64_t act) {
@@ -343,6 +376,8 @@ TORCH_LIBRARY_IMPL(switchyard, CUDA, m) {
     m.impl("gather_backward", &gather_backward_cuda);
     m.impl("grouped_mm", &grouped_mm_cuda);
     m.impl("grouped_mm_backward", &grouped_mm_backward_cuda);
+    m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_cuda);
+    m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
     m.impl("activation", &activation_cuda);
     m.impl("activation_backward", &activation_backward_cuda);
     m.impl("combine", &combine_cuda);

@@ -89,6 +89,16 @@ def _grouped_mm_backward_fake(dc, a, b, offsets):
     return torch.empty_like(a), torch.empty_like(b)
 
 
+@torch.library.register_fake("switchyard::grouped_mm_dgrad")
+def _grouped_mm_dgrad_fake(dc, b, offsets):
+    return b.new_empty((dc.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake("switchyard::grouped_mm_wgrad")
+def _grouped_mm_wgrad_fake(dc, a, offsets):
+    return a.new_empty((offsets.shape[0] - 1, dc.shape[1], a.shape[1]))
+
+
 @torch.library.register_fake("switchyard::activation")
 def _activation_fake(g, activation):
     gated = activation in (0, 1)
@@ -210,9 +220,14 @@ def _ggmm_setup(ctx, inputs, output):
 
 def _ggmm_backward(ctx, dc):
     x, row_token, slot_row, b, offsets = ctx.saved_tensors
+    dc = dc.contiguous()
+    # Weight gradient first, so that the recomputed rows are freed before the input gradient d_xp [T*k, H] is
+    # allocated: the two never coexist, which lowers the backward's peak by T*k*H elements.
     xp = _ops.gather(x, row_token)  # recomputed: one pass over T*k rows of x
-    d_xp, db = _ops.grouped_mm_backward(dc.contiguous(), xp, b, offsets)
-    return _ops.gather_backward(d_xp.contiguous(), slot_row), None, None, db, None
+    db = _ops.grouped_mm_wgrad(dc, xp, offsets)
+    del xp
+    d_xp = _ops.grouped_mm_dgrad(dc, b, offsets)
+    return _ops.gather_backward(d_xp, slot_row), None, None, db, None
 
 
 _gathered_grouped_mm.register_autograd(_ggmm_backward, setup_context=_ggmm_setup)
@@ -239,10 +254,12 @@ def _agmm_setup(ctx, inputs, output):
 
 def _agmm_backward(ctx, dc):
     g, b, offsets = ctx.saved_tensors
+    dc = dc.contiguous()
     h = _ops.activation(g, ctx.activation)  # recomputed
-    dh, db = _ops.grouped_mm_backward(dc.contiguous(), h, b, offsets)
+    db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated
     del h
-    return _ops.activation_backward(g, dh.contiguous(), ctx.activation), None, db, None
+    dh = _ops.grouped_mm_dgrad(dc, b, offsets)
+    return _ops.activation_backward(g, dh, ctx.activation), None, db, None
 
 
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)

@@ -3,9 +3,9 @@
 // route_backward   one thread per token, loops over E and k in index order (ref::route_backward's formulas).
 // router_losses_backward
 //                  1. one block: per-expert top-k counts (shared-memory integer atomics: order-free, exact), then
-//                     gp[e] = d_aux * E * (count_e / (T k)) / T, the gradient of the aux loss w.r.t. prob[t, e].
-//                  2. one warp per token: max, softmax denominator (and sigmoid sum) and the dot products as fixed
-//                     lane-strided sums + a shuffle tree (deterministic); then each lane writes its experts.
+//                     gp[e] = d_aux * E * (count_e / (T k)) / T (double), d aux / d prob[t, e] for every t.
+//                  2. one warp per token, in double: max, softmax denominator (and sigmoid sum) and the dot products
+//                     as fixed lane-strided sums + a shuffle tree (deterministic); each lane writes its experts.
 // gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
 // activation_bwd   one block per row; elementwise (silu' = s (1 + v (1 - s)), gelu_tanh' as in ref, relu' = [v > 0]).
 // combine_backward one block per token: d_out rows written by the single (t, j) that owns them; d_weights[t, j] is a
@@ -91,7 +91,7 @@ constexpr int kMaxLossBwdExperts = 1024;
 constexpr int kLossWarpsPerBlock = 4;
 
 __global__ void loss_coeff_kernel(const int32_t* __restrict__ ids, int64_t n_ids, int num_experts, int64_t num_tokens,
-                                  const float* __restrict__ d_losses, float* __restrict__ gp) {
+                                  const float* __restrict__ d_losses, double* __restrict__ gp) {
     __shared__ int counts[kMaxLossBwdExperts];
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();
@@ -102,56 +102,59 @@ __global__ void loss_coeff_kernel(const int32_t* __restrict__ ids, int64_t n_ids
     __syncthreads();
     const double d_aux = d_losses[0], t = static_cast<double>(num_tokens);
     for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
-        gp[e] = static_cast<float>(d_aux * num_experts * (counts[e] / static_cast<double>(n_ids)) / t);
+        gp[e] = d_aux * num_experts * (counts[e] / static_cast<double>(n_ids)) / t;
 }
 
-__device__ __forceinline__ float warp_sum_f(float v) {
+__device__ __forceinline__ double warp_sum_d(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
+// Double arithmetic: the aux term p_e (gp_e - sum_i gp_i p_i) cancels almost completely when the loads are even
+// (every gp_e close to the same value), which in fp32 would leave a relative error of ~1e-7 of gp, far above fp32
+// rounding of the small result. The exp/log count is T*E, small next to the layer.
 __global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
-    router_losses_backward_kernel(const float* __restrict__ logits, const float* __restrict__ gp,
+    router_losses_backward_kernel(const float* __restrict__ logits, const double* __restrict__ gp,
                                   const float* __restrict__ d_losses, int64_t num_tokens, int num_experts, int sigmoid,
                                   float* __restrict__ d_logits) {
     const int lane = threadIdx.x & 31;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * kLossWarpsPerBlock + (threadIdx.x >> 5);
     if (t >= num_tokens) return;  // whole warps leave together
-    const float d_aux = d_losses[0], d_z = d_losses[1];
+    const double d_aux = d_losses[0], d_z = d_losses[1];
     const float* l = logits + t * num_experts;
     float* dl = d_logits + t * num_experts;
-    float m = -INFINITY;
-    for (int e = lane; e < num_experts; e += 32) m = fmaxf(m, l[e]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    float denom = 0.0f, ssum = 0.0f;
+    float mf = -INFINITY;
+    for (int e = lane; e < num_experts; e += 32) mf = fmaxf(mf, l[e]);
+    for (int o = 16; o > 0; o >>= 1) mf = fmaxf(mf, __shfl_xor_sync(0xffffffffu, mf, o));
+    const double m = mf;
+    auto ex = [&](int e) { return l[e] == mf ? 1.0 : exp(static_cast<double>(l[e]) - m); };
+    auto sg = [&](int e) { return 1.0 / (1.0 + exp(-static_cast<double>(l[e]))); };
+    double denom = 0.0, ssum = 0.0;
     for (int e = lane; e < num_experts; e += 32) {
-        denom += l[e] == m ? 1.0f : expf(l[e] - m);
-        if (sigmoid) ssum += sigmoidf_(l[e]);
+        denom += ex(e);
+        if (sigmoid) ssum += sg(e);
     }
-    denom = warp_sum_f(denom);
-    ssum = warp_sum_f(ssum);
-    const float zc = d_z * 2.0f * (m + logf(denom)) / static_cast<float>(num_tokens);
-    float dot = 0.0f;  // sum_e gp_e * prob_e
-    if (d_aux != 0.0f) {
-        for (int e = lane; e < num_experts; e += 32) {
-            const float prob = sigmoid ? sigmoidf_(l[e]) / ssum : (l[e] == m ? 1.0f : expf(l[e] - m)) / denom;
-            dot += gp[e] * prob;
-        }
-        dot = warp_sum_f(dot);
+    denom = warp_sum_d(denom);
+    ssum = warp_sum_d(ssum);
+    const double zc = d_z * 2.0 * (m + log(denom)) / static_cast<double>(num_tokens);
+    double dot = 0.0;  // sum_e gp_e * prob_e
+    if (d_aux != 0.0) {
+        for (int e = lane; e < num_experts; e += 32) dot += gp[e] * (sigmoid ? sg(e) / ssum : ex(e) / denom);
+        dot = warp_sum_d(dot);
     }
     for (int e = lane; e < num_experts; e += 32) {
-        const float p = (l[e] == m ? 1.0f : expf(l[e] - m)) / denom;
-        float g = 0.0f;
-        if (d_aux != 0.0f) {
+        const double p = ex(e) / denom;
+        double g = 0.0;
+        if (d_aux != 0.0) {
             if (sigmoid) {
-                const float s = sigmoidf_(l[e]);
-                g = (gp[e] - dot) / ssum * s * (1.0f - s);
+                const double s = sg(e);
+                g = (gp[e] - dot) / ssum * s * (1.0 - s);
             } else {
                 g = p * (gp[e] - dot);
             }
         }
-        if (d_z != 0.0f) g += zc * p;
-        dl[e] = g;
+        if (d_z != 0.0) g += zc * p;
+        dl[e] = static_cast<float>(g);
     }
 }
 
@@ -267,7 +270,7 @@ void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* to
 }
 
 size_t router_losses_backward_workspace_size(int64_t num_experts) {
-    return static_cast<size_t>(std::max<int64_t>(num_experts, 0)) * sizeof(float);
+    return static_cast<size_t>(std::max<int64_t>(num_experts, 0)) * sizeof(double);
 }
 
 void router_losses_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, int64_t num_tokens,
@@ -281,7 +284,7 @@ void router_losses_backward(const MoEConfig& cfg, const float* logits, const int
                      router_losses_backward_workspace_size(E));
     if (num_tokens == 0) return;
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "router_losses_backward: num_tokens=", num_tokens);
-    auto* gp = static_cast<float*>(workspace);
+    auto* gp = static_cast<double*>(workspace);
     loss_coeff_kernel<<<1, 1024, 0, stream>>>(topk_ids, num_tokens * cfg.top_k, static_cast<int>(E), num_tokens,
                                               d_losses, gp);
     SWITCHYARD_CUDA_CHECK_LAUNCH();

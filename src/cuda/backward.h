@@ -24,7 +24,7 @@ void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* to
 // d_losses[0] * d aux / d logits + d_losses[1] * d z / d logits, for the Switch aux loss (E * sum_e f_e P_e, f from
 // topk_ids [T, k]) and the z-loss (mean logsumexp^2). d_losses [2] fp32 is read on the device (no host sync); a zero
 // coefficient skips its term, as the reference does. workspace: router_losses_backward_workspace_size(E) bytes
-// (the per-expert aux coefficients). Uses cfg.num_experts (<= 1024), top_k, score_function.
+// (the per-expert aux coefficients, double). Uses cfg.num_experts (<= 1024), top_k, score_function.
 size_t router_losses_backward_workspace_size(int64_t num_experts);
 void router_losses_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, int64_t num_tokens,
                             const float* d_losses, float* d_logits, void* workspace, size_t workspace_bytes,

@@ -64,6 +64,14 @@ def test_backward_kernels_match_cpu_reference_fp32():
     dw = torch.randn(T, K)
     _close("route_backward", ops.route_backward(dev(logits), dev(ids), dev(dw), 0, True, 1.0).cpu(),
            ops.route_backward(logits, ids, dw, 0, True, 1.0), 1e-6, 1e-5)
+    a, b = torch.randn(T * K, H), torch.randn(E, 2 * F, H)
+    dc = torch.randn(T * K, 2 * F)
+    da, db = ops.grouped_mm_dgrad(dev(dc), dev(b), dev(offsets)), ops.grouped_mm_wgrad(dev(dc), dev(a), dev(offsets))
+    da_ref, db_ref = ops.grouped_mm_backward(dc, a, b, offsets)
+    _close("grouped_mm_dgrad", da.cpu(), da_ref, 1e-4, 1e-5)
+    _close("grouped_mm_wgrad", db.cpu(), db_ref, 1e-4, 1e-5)
+    da2, db2 = ops.grouped_mm_backward(dev(dc), dev(a), dev(b), dev(offsets))
+    assert torch.equal(da, da2) and torch.equal(db, db2), "the halves differ from grouped_mm_backward"
     d_xp = torch.randn(T * K, H)
     _close("gather_backward", ops.gather_backward(dev(d_xp), dev(slot_row)).cpu(),
            ops.gather_backward(d_xp, slot_row), 1e-6, 1e-5)

@@ -159,6 +159,12 @@ def test_opcheck():
     a = torch.randn(T * K, H, dtype=torch.float64, requires_grad=True)
     b = torch.randn(E, 2 * F, H, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.grouped_mm.default, (a, b, offsets))
+    dc = torch.randn(T * K, 2 * F, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_dgrad.default, (dc, b, offsets))
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_wgrad.default, (dc, a, offsets))
+    da, db = torch.ops.switchyard.grouped_mm_backward(dc, a, b, offsets)  # the halves equal the pair, bitwise
+    assert torch.equal(torch.ops.switchyard.grouped_mm_dgrad(dc, b, offsets), da)
+    assert torch.equal(torch.ops.switchyard.grouped_mm_wgrad(dc, a, offsets), db)
     x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.gathered_grouped_mm.default, (x, row_token, slot_row, b, offsets))
     g = torch.randn(T * K, 2 * F, dtype=torch.float64, requires_grad=True)
