@@ -118,48 +118,8 @@ __global__ void __launch_bounds__(kSimtThreads) grouped_gemm_f32_kernel(SimtPara
     }
 }
 
-// Per-device facts read once (SM count, compute capability); graph capture and the hot path then only launch.
-struct DeviceFacts {
-    int sm_count;
-    int cc_major;
-};
-
-DeviceFacts device_facts() {
-    static std::array<std::atomic<int>, 64> cached_sm{};
-    static std::array<std::atomic<int>, 64> cached_cc{};
-    int device = 0;
-    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
-    if (device >= 0 && device < 64) {
-        int sm = cached_sm[device].load(std::memory_order_acquire);
-        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
-    }
-    int sm = 0, major = 0;
-    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
-    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (device >= 0 && device < 64) {
-        cached_cc[device].store(major, std::memory_order_release);
-        cached_sm[device].store(sm, std::memory_order_release);
-    }
-    return {sm, major};
-}
-
-bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
-
 void check_sizes(const GroupedGemmArgs& g) {
-    SWITCHYARD_CHECK(g.dtype == DType::kF32 || is_16bit(g.dtype), "grouped_gemm: dtype=", to_string(g.dtype),
-                     " is not supported (fp32, bf16, fp16)");
-    SWITCHYARD_CHECK(g.num_groups >= 1 && g.num_groups <= INT_MAX, "grouped_gemm: num_groups=", g.num_groups,
-                     " must be in [1, 2^31)");
-    SWITCHYARD_CHECK(g.n >= 1 && g.n <= INT_MAX, "grouped_gemm: n=", g.n, " must be in [1, 2^31)");
-    SWITCHYARD_CHECK(g.k >= 1 && g.k <= INT_MAX, "grouped_gemm: k=", g.k, " must be in [1, 2^31)");
-    SWITCHYARD_CHECK(g.max_rows >= 0 && g.max_rows <= INT_MAX, "grouped_gemm: max_rows=", g.max_rows,
-                     " must be in [0, 2^31)");
-    if (is_16bit(g.dtype)) {
-        SWITCHYARD_CHECK(g.k % 8 == 0, "grouped_gemm: k=", g.k, " must be a multiple of 8 for ", to_string(g.dtype),
-                         " (16-byte TMA row alignment)");
-        SWITCHYARD_CHECK(g.n % 8 == 0, "grouped_gemm: n=", g.n, " must be a multiple of 8 for ", to_string(g.dtype),
-                         " (16-byte TMA row alignment)");
-    }
+    check_gemm_sizes("grouped_gemm", g.dtype, g.num_groups, INT_MAX, g.n, g.k, g.max_rows);
 }
 
 sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
@@ -183,6 +143,53 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 }
 
 }  // namespace
+
+DeviceFacts device_facts() {
+    static std::array<std::atomic<int>, 64> cached_sm{};
+    static std::array<std::atomic<int>, 64> cached_cc{};
+    int device = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
+    if (device >= 0 && device < 64) {
+        const int sm = cached_sm[device].load(std::memory_order_acquire);
+        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
+    }
+    int sm = 0, major = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (device >= 0 && device < 64) {
+        cached_cc[device].store(major, std::memory_order_release);
+        cached_sm[device].store(sm, std::memory_order_release);
+    }
+    return {sm, major};
+}
+
+void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
+                      int64_t max_rows) {
+    SWITCHYARD_CHECK(dtype == DType::kF32 || is_16bit(dtype), what, ": dtype=", to_string(dtype),
+                     " is not supported (fp32, bf16, fp16)");
+    SWITCHYARD_CHECK(num_groups >= 1 && num_groups <= max_groups, what, ": num_groups=", num_groups,
+                     " must be in [1, ", max_groups, "]");
+    SWITCHYARD_CHECK(n >= 1 && n <= INT_MAX, what, ": n=", n, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(k >= 1 && k <= INT_MAX, what, ": k=", k, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(max_rows >= 0 && max_rows <= INT_MAX, what, ": max_rows=", max_rows, " must be in [0, 2^31)");
+    if (is_16bit(dtype)) {
+        SWITCHYARD_CHECK(k % 8 == 0, what, ": k=", k, " must be a multiple of 8 for ", to_string(dtype),
+                         " (16-byte TMA row alignment)");
+        SWITCHYARD_CHECK(n % 8 == 0, what, ": n=", n, " must be a multiple of 8 for ", to_string(dtype),
+                         " (16-byte TMA row alignment)");
+    }
+}
+
+DeviceFacts check_16bit_call(const char* what, DType dtype, const void* workspace, size_t workspace_bytes,
+                             size_t need) {
+    const DeviceFacts facts = device_facts();
+    SWITCHYARD_CHECK(facts.cc_major == 9, what, ": the ", to_string(dtype),
+                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ", facts.cc_major);
+    SWITCHYARD_CHECK(workspace != nullptr || need == 0, what, ": workspace is null, need ", need, " bytes");
+    SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes, " < required ", need);
+    SWITCHYARD_CHECK(aligned16(workspace), what, ": workspace must be 16-byte aligned (got ", workspace, ")");
+    return facts;
+}
 
 bool grouped_gemm_supported(const GroupedGemmArgs& args) {
     try {
@@ -236,19 +243,11 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
         return;
     }
 
-    const DeviceFacts facts = device_facts();
-    SWITCHYARD_CHECK(facts.cc_major == 9, "grouped_gemm: the ", to_string(args.dtype),
-                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ",
-                     facts.cc_major);
-    auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+    const DeviceFacts facts =
+        check_16bit_call("grouped_gemm", args.dtype, workspace, workspace_bytes, grouped_gemm_workspace_size(args));
     SWITCHYARD_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c),
                      "grouped_gemm: a, b and c must be 16-byte aligned for TMA (a=", args.a, ", b=", args.b,
                      ", c=", args.c, ")");
-    const size_t need = grouped_gemm_workspace_size(args);
-    SWITCHYARD_CHECK(workspace != nullptr || need == 0, "grouped_gemm: workspace is null, need ", need, " bytes");
-    SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm: workspace_bytes=", workspace_bytes, " < required ",
-                     need);
-    SWITCHYARD_CHECK(aligned16(workspace), "grouped_gemm: workspace must be 16-byte aligned (got ", workspace, ")");
     sm90::ops_for(args.dtype, choose_tile(args)).run(args, workspace, workspace_bytes, facts.sm_count, stream);
 }
 

@@ -17,8 +17,6 @@
 // per expert (blockIdx.z), its reduction running over the expert's rows (none: the tile is written as 0).
 // Reference: products accumulated in double (src/ref/backward.cpp grouped_gemm_backward), rounded to the dtype.
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
@@ -181,65 +179,14 @@ __global__ void zero_empty_groups_kernel(T* base, const int32_t* offsets, int nu
     }
 }
 
-struct DeviceFacts {
-    int sm_count;
-    int cc_major;
-};
-
-// Per-device SM count and compute capability, read once (graph capture and the hot path then only launch).
-DeviceFacts device_facts() {
-    static std::array<std::atomic<int>, 64> cached_sm{};
-    static std::array<std::atomic<int>, 64> cached_cc{};
-    int device = 0;
-    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
-    if (device >= 0 && device < 64) {
-        const int sm = cached_sm[device].load(std::memory_order_acquire);
-        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
-    }
-    int sm = 0, major = 0;
-    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
-    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    if (device >= 0 && device < 64) {
-        cached_cc[device].store(major, std::memory_order_release);
-        cached_sm[device].store(sm, std::memory_order_release);
-    }
-    return {sm, major};
-}
-
-bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 void check_sizes(const GroupedGemmGradArgs& g) {
-    SWITCHYARD_CHECK(g.dtype == DType::kF32 || is_16bit(g.dtype), "grouped_gemm gradient: dtype=", to_string(g.dtype),
-                     " is not supported (fp32, bf16, fp16)");
-    SWITCHYARD_CHECK(g.num_groups >= 1 && g.num_groups <= 65535, "grouped_gemm gradient: num_groups=", g.num_groups,
-                     " must be in [1, 65535]");
-    SWITCHYARD_CHECK(g.n >= 1 && g.n <= INT_MAX, "grouped_gemm gradient: n=", g.n, " must be in [1, 2^31)");
-    SWITCHYARD_CHECK(g.k >= 1 && g.k <= INT_MAX, "grouped_gemm gradient: k=", g.k, " must be in [1, 2^31)");
-    SWITCHYARD_CHECK(g.max_rows >= 0 && g.max_rows <= INT_MAX, "grouped_gemm gradient: max_rows=", g.max_rows,
-                     " must be in [0, 2^31)");
-    if (is_16bit(g.dtype)) {
-        SWITCHYARD_CHECK(g.k % 8 == 0, "grouped_gemm gradient: k=", g.k, " must be a multiple of 8 for ",
-                         to_string(g.dtype), " (16-byte TMA row alignment)");
-        SWITCHYARD_CHECK(g.n % 8 == 0, "grouped_gemm gradient: n=", g.n, " must be a multiple of 8 for ",
-                         to_string(g.dtype), " (16-byte TMA row alignment)");
-    }
+    check_gemm_sizes("grouped_gemm gradient", g.dtype, g.num_groups, 65535, g.n, g.k, g.max_rows);
 }
 
 // Checks the workspace and device for a 16-bit call; returns the device facts.
-DeviceFacts check_16bit_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes, const char* what) {
-    const DeviceFacts facts = device_facts();
-    SWITCHYARD_CHECK(facts.cc_major == 9, "grouped_gemm ", what, ": the ", to_string(g.dtype),
-                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ", facts.cc_major);
-    const size_t need = grouped_gemm_grad_workspace_size(g);
-    SWITCHYARD_CHECK(workspace != nullptr || need == 0, "grouped_gemm ", what, ": workspace is null, need ", need,
-                     " bytes");
-    SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm ", what, ": workspace_bytes=", workspace_bytes,
-                     " < required ", need);
-    SWITCHYARD_CHECK(aligned16(workspace), "grouped_gemm ", what, ": workspace must be 16-byte aligned (got ",
-                     workspace, ")");
-    return facts;
+DeviceFacts check_grad_16bit_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes,
+                                  const char* what) {
+    return check_16bit_call(what, g.dtype, workspace, workspace_bytes, grouped_gemm_grad_workspace_size(g));
 }
 
 // Grid for a grid-stride zeroing kernel over `units` units: enough blocks to cover them, at most 4 per SM.
@@ -334,7 +281,7 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
         return;
     }
 
-    const DeviceFacts facts = check_16bit_call(args, workspace, workspace_bytes, "dgrad");
+    const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
     SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.b) && aligned16(args.da),
                      "grouped_gemm dgrad: dc, b and da must be 16-byte aligned for TMA (dc=", args.dc, ", b=", args.b,
                      ", da=", args.da, ")");
@@ -368,7 +315,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
         return;
     }
 
-    const DeviceFacts facts = check_16bit_call(args, workspace, workspace_bytes, "wgrad");
+    const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm wgrad");
     SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.a) && aligned16(args.db),
                      "grouped_gemm wgrad: dc, a and db must be 16-byte aligned for TMA (dc=", args.dc, ", a=", args.a,
                      ", db=", args.db, ")");

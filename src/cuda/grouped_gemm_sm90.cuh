@@ -55,10 +55,13 @@ struct Pingpong128Config {
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 };
 
-template <typename Element, typename Config>
-struct GroupedGemmKernel {
-    using LayoutA = cutlass::layout::RowMajor;
-    using LayoutB = cutlass::layout::ColumnMajor;
+// The CUTLASS kernel types of one ptr-array grouped GEMM: operand type, tile configuration and the A / B layouts
+// (the forward is RowMajor A x ColumnMajor B, i.e. both K-major; the gradients use other layouts, see
+// grouped_gemm_sm90_backward.cuh). D is always RowMajor, fp32 accumulation, D = 1.0 * acc rounded once.
+template <typename Element, typename Config, typename LayoutA_, typename LayoutB_>
+struct PtrArrayKernel {
+    using LayoutA = LayoutA_;
+    using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
 
@@ -83,6 +86,9 @@ struct GroupedGemmKernel {
     using StrideB = typename Kernel::InternalStrideB;
     using StrideD = typename Kernel::InternalStrideD;
 };
+
+template <typename Element, typename Config>
+using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
 // The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
 template <typename Element, typename StrideA, typename StrideB, typename StrideD>
@@ -144,9 +150,10 @@ __global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const 
     arrays.stride_d[e] = cutlass::make_cute_packed_stride(SD{}, {m, n, 1});
 }
 
-template <typename Element, typename Config>
-struct GroupedGemmRunner {
-    using K = GroupedGemmKernel<Element, Config>;
+// The host side every ptr-array grouped GEMM here shares (forward and gradients): CUTLASS arguments from the
+// device arrays, workspace sizing, the shared-memory attribute, and initialise + launch. K: a PtrArrayKernel.
+template <typename Element, typename K>
+struct PtrArrayGemm {
     using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
 
     // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace.
@@ -177,14 +184,10 @@ struct GroupedGemmRunner {
         return args;
     }
 
-    static size_t cutlass_workspace(int64_t num_groups, int sm_count) {
+    static size_t workspace_size(int64_t num_groups, int sm_count) {
         Arrays none{};
         auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0);
-        return K::Gemm::get_workspace_size(args);
-    }
-
-    static size_t workspace_size(int64_t num_groups, int sm_count) {
-        return align_up(Arrays::bytes(num_groups), 256) + align_up(cutlass_workspace(num_groups, sm_count), 256);
+        return align_up(Arrays::bytes(num_groups), 256) + align_up(K::Gemm::get_workspace_size(args), 256);
     }
 
     // Sets the kernel's dynamic shared memory limit once per device (not a stream operation; done before the
@@ -203,34 +206,54 @@ struct GroupedGemmRunner {
         done_mask |= bit;
     }
 
-    static void run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream) {
-        const int num_groups = static_cast<int>(g.num_groups);
-        const size_t need = workspace_size(g.num_groups, sm_count);
-        SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm: workspace_bytes=", workspace_bytes,
+    // Checks the workspace, prepares the device, carves the arrays, lets fill(arr) launch the kernel that writes
+    // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
+    template <typename Fill>
+    static void run(int64_t num_groups64, void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream,
+                    const char* what, Fill&& fill) {
+        const int num_groups = static_cast<int>(num_groups64);
+        const size_t need = workspace_size(num_groups64, sm_count);
+        SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
                          " is less than the required ", need);
         int device = 0;
         SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
         ensure_smem_attribute(device);
 
-        Arrays arr = Arrays::carve(workspace, g.num_groups);
-        void* cutlass_ws = static_cast<char*>(workspace) + align_up(Arrays::bytes(g.num_groups), 256);
-
-        constexpr int kThreads = 128;
-        fill_group_arrays_kernel<Element, Arrays><<<(num_groups + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-            arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b), static_cast<Element*>(g.c),
-            g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
+        Arrays arr = Arrays::carve(workspace, num_groups64);
+        void* cutlass_ws = static_cast<char*>(workspace) + align_up(Arrays::bytes(num_groups64), 256);
+        fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
         auto args = make_arguments(arr, num_groups, sm_count, device);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
-        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, "grouped_gemm: CUTLASS initialize_workspace failed: ",
+        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
         typename K::Params params = K::Kernel::to_underlying_arguments(args, cutlass_ws);
         st = K::Gemm::run(params, stream);
-        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, "grouped_gemm: CUTLASS launch failed: ",
+        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS launch failed: ",
                          cutlassGetStatusString(st));
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+    }
+};
+
+constexpr int kFillThreads = 128;  // threads per block of the kernels that fill the device arrays (one per group)
+
+template <typename Element, typename Config>
+struct GroupedGemmRunner {
+    using P = PtrArrayGemm<Element, GroupedGemmKernel<Element, Config>>;
+
+    static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
+
+    static void run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream) {
+        const int num_groups = static_cast<int>(g.num_groups);
+        P::run(g.num_groups, workspace, workspace_bytes, sm_count, stream, "grouped_gemm", [&](const auto& arr) {
+            using Arrays = typename P::Arrays;
+            fill_group_arrays_kernel<Element, Arrays>
+                <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
+                    arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
+                    static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
+        });
     }
 };
 

@@ -70,5 +70,29 @@ inline const GemmOps& ops_for(DType dtype, TileConfig tile) {
 inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 }  // namespace sm90
+
+// ---- host helpers shared by the two dispatchers (grouped_gemm.cu, grouped_gemm_backward.cu) ------------------
+
+struct DeviceFacts {
+    int sm_count;
+    int cc_major;
+};
+
+// The current device's SM count and compute capability, read once per device (graph capture and the hot path then
+// only launch). Defined in grouped_gemm.cu.
+DeviceFacts device_facts();
+
+inline bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Throws unless dtype is fp32/bf16/fp16, 1 <= num_groups <= max_groups, 1 <= n, k < 2^31, 0 <= max_rows < 2^31,
+// and (16-bit types) n and k are multiples of 8 (16-byte TMA rows). `what` names the caller in the message.
+void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
+                      int64_t max_rows);
+
+// For a 16-bit call: throws unless the device is sm_90 and the workspace holds `need` bytes, 16-byte aligned.
+// Returns the device facts.
+DeviceFacts check_16bit_call(const char* what, DType dtype, const void* workspace, size_t workspace_bytes,
+                             size_t need);
 }  // namespace cuda
 }  // namespace switchyard

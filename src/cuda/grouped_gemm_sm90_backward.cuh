@@ -40,33 +40,7 @@ struct GradLayouts<GradLayout::kWgrad> {
 };
 
 template <typename Element, typename Config, GradLayout L>
-struct GradGemmKernel {
-    using LayoutA = typename GradLayouts<L>::A;
-    using LayoutB = typename GradLayouts<L>::B;
-    using LayoutD = cutlass::layout::RowMajor;
-    static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
-
-    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
-        cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlignment, Element, LayoutD*,
-        kAlignment, typename Config::EpilogueSchedule,
-        cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
-
-    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
-        kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
-        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-            sizeof(typename CollectiveEpilogue::SharedStorage))>,
-        typename Config::KernelSchedule>::CollectiveOp;
-
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-    using Arguments = typename Gemm::Arguments;
-    using Params = typename Kernel::Params;
-    using StrideA = typename Kernel::InternalStrideA;
-    using StrideB = typename Kernel::InternalStrideB;
-    using StrideD = typename Kernel::InternalStrideD;
-};
+using GradGemmKernel = PtrArrayKernel<Element, Config, typename GradLayouts<L>::A, typename GradLayouts<L>::B>;
 
 // One thread per group. dgrad: ga = dC, gb = B, gd = dA. wgrad: ga = dC, gb = A, gd = dB.
 // offsets are trusted to be non-decreasing with offsets[E] <= max_rows (the routing plan's contract).
@@ -104,93 +78,23 @@ __global__ void fill_grad_arrays_kernel(Arrays arrays, const Element* ga, const 
 
 template <typename Element, typename Config, GradLayout L>
 struct GradGemmRunner {
-    using K = GradGemmKernel<Element, Config, L>;
-    using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
+    using P = PtrArrayGemm<Element, GradGemmKernel<Element, Config, L>>;
 
-    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace.
-    static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device) {
-        typename K::Arguments args;
-        args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-        args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
-        args.mainloop.ptr_A = arr.ptr_a;
-        args.mainloop.dA = arr.stride_a;
-        args.mainloop.ptr_B = arr.ptr_b;
-        args.mainloop.dB = arr.stride_b;
-        auto& fusion = args.epilogue.thread;
-        fusion.alpha = 1.0f;
-        fusion.beta = 0.0f;
-        fusion.alpha_ptr = nullptr;
-        fusion.beta_ptr = nullptr;
-        fusion.alpha_ptr_array = nullptr;
-        fusion.beta_ptr_array = nullptr;
-        fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
-        fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
-        args.epilogue.ptr_C = nullptr;
-        args.epilogue.dC = nullptr;
-        args.epilogue.ptr_D = arr.ptr_d;
-        args.epilogue.dD = arr.stride_d;
-        args.hw_info.device_id = device;
-        args.hw_info.sm_count = sm_count;
-        args.hw_info.max_active_clusters = 0;  // the scheduler then sizes the persistent grid from sm_count
-        return args;
-    }
-
-    static size_t cutlass_workspace(int64_t num_groups, int sm_count) {
-        Arrays none{};
-        auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0);
-        return K::Gemm::get_workspace_size(args);
-    }
-
-    static size_t workspace_size(int64_t num_groups, int sm_count) {
-        return align_up(Arrays::bytes(num_groups), 256) + align_up(cutlass_workspace(num_groups, sm_count), 256);
-    }
-
-    // Sets the kernel's dynamic shared memory limit once per device (before any launch, so that calls under graph
-    // capture only launch).
-    static void ensure_smem_attribute(int device) {
-        static std::mutex mu;
-        static uint64_t done_mask = 0;  // bit per device index (< 64)
-        std::lock_guard<std::mutex> lock(mu);
-        uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
-        if (bit != 0 && (done_mask & bit)) return;
-        int smem = static_cast<int>(K::Kernel::SharedStorageSize);
-        if (smem >= (48 << 10)) {
-            SWITCHYARD_GG_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<typename K::Kernel>,
-                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        }
-        done_mask |= bit;
-    }
+    static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
 
     static void run(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
                     cudaStream_t stream) {
         const int num_groups = static_cast<int>(g.num_groups);
-        const size_t need = workspace_size(g.num_groups, sm_count);
-        SWITCHYARD_CHECK(workspace_bytes >= need, "grouped_gemm ", L == GradLayout::kDgrad ? "dgrad" : "wgrad",
-                         ": workspace_bytes=", workspace_bytes, " is less than the required ", need);
-        int device = 0;
-        SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
-        ensure_smem_attribute(device);
-
-        Arrays arr = Arrays::carve(workspace, g.num_groups);
-        void* cutlass_ws = static_cast<char*>(workspace) + align_up(Arrays::bytes(g.num_groups), 256);
-
         const Element* ga = static_cast<const Element*>(g.dc);
         const Element* gb = static_cast<const Element*>(L == GradLayout::kDgrad ? g.b : g.a);
         Element* gd = static_cast<Element*>(L == GradLayout::kDgrad ? g.da : g.db);
-        constexpr int kThreads = 128;
-        fill_grad_arrays_kernel<L, Element, Arrays><<<(num_groups + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-            arr, ga, gb, gd, g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
-        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
-
-        auto args = make_arguments(arr, num_groups, sm_count, device);
-        cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
-        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess,
-                         "grouped_gemm gradient: CUTLASS initialize_workspace failed: ", cutlassGetStatusString(st));
-        typename K::Params params = K::Kernel::to_underlying_arguments(args, cutlass_ws);
-        st = K::Gemm::run(params, stream);
-        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess,
-                         "grouped_gemm gradient: CUTLASS launch failed: ", cutlassGetStatusString(st));
-        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        const char* what = L == GradLayout::kDgrad ? "grouped_gemm dgrad" : "grouped_gemm wgrad";
+        P::run(g.num_groups, workspace, workspace_bytes, sm_count, stream, what, [&](const auto& arr) {
+            using Arrays = typename P::Arrays;
+            fill_grad_arrays_kernel<L, Element, Arrays>
+                <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
+                    arr, ga, gb, gd, g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
+        });
     }
 };
 
