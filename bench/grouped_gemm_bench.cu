@@ -1,7 +1,7 @@
 // bench/grouped_gemm_bench.cu: times cuda::grouped_gemm (bf16) on the expert GEMMs of the DESIGN.md shapes.
 //
 // Run:  grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek] [--iters 20]
-//                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]
+//                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles] [--backward]
 // For each model (H, F, E, k) and token count T: T*k rows are routed uniformly at random (each token picks k
 // distinct experts), giving per-expert row counts; the two expert GEMMs are timed:
 //   up   : [rows, H] x W13[E, 2F, H]^T -> [rows, 2F]      down : [rows, F] x W2[E, H, F]^T -> [rows, H]
@@ -12,6 +12,9 @@
 // with a 1 GiB device-to-device copy; the floor of a GEMM is max(FLOPs / ceiling, bytes / bandwidth) where the
 // bytes are the weights of every expert that receives a row plus A read and C written once.
 // --all-tiles also times every tile configuration (large / medium / small) besides the automatic choice.
+// --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
+// dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
+// rasterisations (raster-m / raster-n).
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -22,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -61,6 +65,7 @@ struct Options {
     uint32_t seed = 1;
     std::string json;
     bool all_tiles = false;
+    bool backward = false;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -97,10 +102,13 @@ Options parse(int argc, char** argv) {
             o.json = next();
         } else if (a == "--all-tiles") {
             o.all_tiles = true;
+        } else if (a == "--backward") {
+            o.backward = true;
         } else {
             std::printf(
                 "usage: grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek]\n"
-                "                          [--iters 20] [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]\n");
+                "                          [--iters 20] [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]\n"
+                "                          [--backward]\n");
             std::exit(a == "--help" ? 0 : 2);
         }
     }
@@ -226,21 +234,15 @@ struct Row {
     std::vector<int32_t> counts;
 };
 
-// Times one grouped GEMM problem; returns the median ms.
-double time_gemm(switchyard::cuda::GroupedGemmArgs args, const std::vector<void*>& a_sets,
-                 const std::vector<void*>& b_sets, const std::vector<void*>& c_sets, void* ws, size_t ws_bytes,
-                 const Options& o) {
+// Times call(set) for rotating operand sets s = it % sets; returns the median ms.
+double time_calls(const std::function<void(size_t)>& call, size_t sets, const Options& o) {
     cudaEvent_t e0, e1;
     BENCH_CUDA(cudaEventCreate(&e0));
     BENCH_CUDA(cudaEventCreate(&e1));
     std::vector<float> times;
-    const size_t sets = a_sets.size();
     for (int it = 0; it < o.warmup + o.iters; ++it) {
-        args.a = a_sets[it % sets];
-        args.b = b_sets[it % sets];
-        args.c = c_sets[it % sets];
         BENCH_CUDA(cudaEventRecord(e0));
-        switchyard::cuda::grouped_gemm(args, ws, ws_bytes, nullptr);
+        call(static_cast<size_t>(it) % sets);
         BENCH_CUDA(cudaEventRecord(e1));
         BENCH_CUDA(cudaEventSynchronize(e1));
         float ms;
@@ -250,6 +252,51 @@ double time_gemm(switchyard::cuda::GroupedGemmArgs args, const std::vector<void*
     BENCH_CUDA(cudaEventDestroy(e0));
     BENCH_CUDA(cudaEventDestroy(e1));
     return median(times);
+}
+
+// Times one grouped GEMM problem; returns the median ms.
+double time_gemm(switchyard::cuda::GroupedGemmArgs args, const std::vector<void*>& a_sets,
+                 const std::vector<void*>& b_sets, const std::vector<void*>& c_sets, void* ws, size_t ws_bytes,
+                 const Options& o) {
+    return time_calls(
+        [&](size_t s) {
+            args.a = a_sets[s];
+            args.b = b_sets[s];
+            args.c = c_sets[s];
+            switchyard::cuda::grouped_gemm(args, ws, ws_bytes, nullptr);
+        },
+        a_sets.size(), o);
+}
+
+// Times dgrad (wgrad = false) or wgrad of one problem: dC from c_sets, B from b_sets, A from a_sets; the outputs
+// go to da / db (one buffer each: only the inputs rotate).
+double time_grad(switchyard::cuda::GroupedGemmGradArgs g, bool wgrad, const std::vector<void*>& a_sets,
+                 const std::vector<void*>& b_sets, const std::vector<void*>& c_sets, void* da, void* db, void* ws,
+                 size_t ws_bytes, const Options& o) {
+    return time_calls(
+        [&](size_t s) {
+            g.dc = c_sets[s];
+            g.a = a_sets[s];
+            g.b = b_sets[s];
+            g.da = da;
+            g.db = db;
+            if (wgrad)
+                switchyard::cuda::grouped_gemm_wgrad(g, ws, ws_bytes, nullptr);
+            else
+                switchyard::cuda::grouped_gemm_dgrad(g, ws, ws_bytes, nullptr);
+        },
+        a_sets.size(), o);
+}
+
+void print_row(const Row& r, double ceiling_tflops) {
+    std::printf("%-8s T=%-6lld %-10s rows=%-7lld N=%-6lld K=%-6lld %-50s %9.4f ms %6.1f TFLOP/s "
+                "%5.1f%% ceil  floor %8.4f ms  %5.1f%% of floor",
+                r.model.c_str(), (long long)r.tokens, r.gemm.c_str(), (long long)r.rows, (long long)r.n,
+                (long long)r.k, r.kernel.c_str(), r.ms, r.tflops, 100.0 * r.tflops / ceiling_tflops, r.floor_ms,
+                100.0 * r.floor_ms / r.ms);
+    for (const auto& t : r.tiles) std::printf("  %s %.4f", t.first.c_str(), t.second);
+    std::printf("\n");
+    std::fflush(stdout);
 }
 
 }  // namespace
@@ -342,16 +389,56 @@ int main(int argc, char** argv) {
                             r.tiles.emplace_back(t.first, same ? r.ms : time_gemm(args, as, bs, cs, ws, ws_bytes, o));
                         }
                         args.tile = switchyard::cuda::GroupedGemmTile::kAuto;
+                        args.raster = switchyard::cuda::GemmRaster::kAlongN;  // kAuto is kAlongM
+                        r.tiles.emplace_back("raster-n", time_gemm(args, as, bs, cs, ws, ws_bytes, o));
+                        args.raster = switchyard::cuda::GemmRaster::kAuto;
                     }
                     rows.push_back(r);
-                    std::printf("%-8s T=%-6lld %-4s rows=%-7lld N=%-6lld K=%-6lld %-44s %9.4f ms %6.1f TFLOP/s "
-                                "%5.1f%% ceil  floor %8.4f ms  %5.1f%% of floor",
-                                r.model.c_str(), (long long)tokens, r.gemm.c_str(), (long long)total,
-                                (long long)g.n, (long long)g.k, r.kernel.c_str(), r.ms, r.tflops,
-                                100.0 * r.tflops / ceil.bf16_tflops, r.floor_ms, 100.0 * r.floor_ms / r.ms);
-                    for (const auto& t : r.tiles) std::printf("  %s %.4f", t.first.c_str(), t.second);
-                    std::printf("\n");
-                    std::fflush(stdout);
+                    print_row(r, ceil.bf16_tflops);
+                    if (o.backward) {
+                        using switchyard::cuda::GemmRaster;
+                        for (size_t s = 0; s < sets; ++s) fill(cs[s], total * g.n, 300 + static_cast<uint32_t>(s));
+                        void *da = nullptr, *db = nullptr, *gws = nullptr;
+                        BENCH_CUDA(cudaMalloc(&da, a_bytes + 16));
+                        BENCH_CUDA(cudaMalloc(&db, b_bytes));
+                        switchyard::cuda::GroupedGemmGradArgs ga;
+                        ga.dtype = switchyard::DType::kBF16;
+                        ga.num_groups = m.experts;
+                        ga.n = g.n;
+                        ga.k = g.k;
+                        ga.max_rows = total;
+                        ga.offsets = d_off;
+                        const size_t gws_bytes = switchyard::cuda::grouped_gemm_grad_workspace_size(ga);
+                        BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
+                        for (bool wgrad : {false, true}) {
+                            Row b = r;
+                            b.gemm = std::string(g.name) + (wgrad ? " wgrad" : " dgrad");
+                            b.tiles.clear();
+                            b.kernel = wgrad ? switchyard::cuda::grouped_gemm_wgrad_kernel_name(ga)
+                                             : switchyard::cuda::grouped_gemm_dgrad_kernel_name(ga);
+                            b.ms = time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o);
+                            b.tflops = flops / (b.ms * 1e-3) / 1e12;
+                            // dgrad reads dC and the hit experts' B, writes dA; wgrad reads dC and A, writes all dB.
+                            const double gbytes = wgrad ? double(c_bytes) + double(a_bytes) + double(b_bytes)
+                                                        : double(c_bytes) + double(hit) * g.n * g.k * 2 + a_bytes;
+                            b.floor_ms =
+                                std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
+                            if (o.all_tiles) {
+                                for (auto rs : {std::make_pair("raster-m", GemmRaster::kAlongM),
+                                                std::make_pair("raster-n", GemmRaster::kAlongN)}) {
+                                    ga.raster = rs.second;
+                                    b.tiles.emplace_back(rs.first,
+                                                         time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
+                                }
+                                ga.raster = GemmRaster::kAuto;
+                            }
+                            rows.push_back(b);
+                            print_row(b, ceil.bf16_tflops);
+                        }
+                        BENCH_CUDA(cudaFree(da));
+                        BENCH_CUDA(cudaFree(db));
+                        BENCH_CUDA(cudaFree(gws));
+                    }
                     BENCH_CUDA(cudaFree(ws));
                     for (size_t s = 0; s < sets; ++s) {
                         BENCH_CUDA(cudaFree(as[s]));

@@ -27,6 +27,7 @@ namespace {
 
 using cuda::GroupedGemmArgs;
 using cuda::GroupedGemmTile;
+using cuda::GemmRaster;
 
 #define GG_CUDA_OK(expr) ASSERT_EQ(cudaSuccess, (expr)) << #expr << ": " << cudaGetErrorString(cudaGetLastError())
 
@@ -102,13 +103,14 @@ struct Case {
     int64_t slack_rows = 0;  // max_rows = sum(counts) + slack_rows: rows past offsets[E] stay untouched
     bool integer_inputs = true;
     GroupedGemmTile tile = GroupedGemmTile::kAuto;
+    GemmRaster raster = GemmRaster::kAuto;
     uint32_t seed = 1;
 };
 
 std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
-       << " tile=" << static_cast<int>(c.tile) << (c.integer_inputs ? " integer" : " real") << " seed=" << c.seed
+       << " tile=" << static_cast<int>(c.tile) << " raster=" << static_cast<int>(c.raster) << (c.integer_inputs ? " integer" : " real") << " seed=" << c.seed
        << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 12; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 12) os << ",...";
@@ -155,6 +157,7 @@ void run_case(const Case& c) {
     args.max_rows = max_rows;
     args.offsets = static_cast<const int32_t*>(d_off.ptr);
     args.tile = c.tile;
+    args.raster = c.raster;
     ASSERT_TRUE(cuda::grouped_gemm_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -266,6 +269,28 @@ TEST(GpuGroupedGemm, ListedRowCountsEveryDtypeAndTile) {
 }
 
 // E = 1: one large group, and one empty group (all rows dropped), every dtype.
+// Every 16-bit tile under both tile rasterisations of the CUTLASS scheduler, groups spanning several M tiles.
+TEST(GpuGroupedGemm, BothRasterOrders) {
+    for (DType t : {DType::kBF16, DType::kF16}) {
+        SKIP_WITHOUT_GPU(t);
+        for (GroupedGemmTile tile : kTiles16) {
+            for (GemmRaster r : {GemmRaster::kAlongM, GemmRaster::kAlongN}) {
+                Case c;
+                c.dtype = t;
+                c.counts = {0, 1, 7, 129, 300, 0, 3, 64};
+                c.n = 264;
+                c.k = 520;
+                c.slack_rows = 3;
+                c.integer_inputs = false;
+                c.tile = tile;
+                c.raster = r;
+                c.seed = 61 + 7 * static_cast<uint32_t>(t) + 3 * static_cast<uint32_t>(tile) + static_cast<uint32_t>(r);
+                run_case(c);
+            }
+        }
+    }
+}
+
 TEST(GpuGroupedGemm, SingleGroup) {
     for (DType t : kAllDtypes) {
         SKIP_WITHOUT_GPU(t);

@@ -248,7 +248,9 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
     SWITCHYARD_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c),
                      "grouped_gemm: a, b and c must be 16-byte aligned for TMA (a=", args.a, ", b=", args.b,
                      ", c=", args.c, ")");
-    sm90::ops_for(args.dtype, choose_tile(args)).run(args, workspace, workspace_bytes, facts.sm_count, stream);
+    GroupedGemmArgs a = args;
+    a.raster = resolve_raster(args.raster);
+    sm90::ops_for(args.dtype, choose_tile(args)).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

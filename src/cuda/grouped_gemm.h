@@ -31,6 +31,18 @@ enum class GroupedGemmTile : int {
     kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
 };
 
+// Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
+// of one group. kAlongM walks down M first, so a wave of CTAs covers a few N stripes at full height (B's tiles are
+// streamed once, A_e is re-read once per stripe, from L2 when it fits); kAlongN is the transpose. kAuto = kAlongM
+// (CUTLASS's grouped default): measured on an H100 (bench/NOTES.md, 2026-11-27) the other order is within a few
+// percent on the training GEMMs with the large tile, either way, and worse by up to 40% where an expert spans two
+// M tiles of a long-K GEMM; it wins 10-15% on decode-sized "down" GEMMs, not yet adopted (one card measured).
+enum class GemmRaster : int {
+    kAuto = 0,
+    kAlongM = 1,
+    kAlongN = 2,
+};
+
 struct GroupedGemmArgs {
     const void* a = nullptr;
     const void* b = nullptr;
@@ -42,6 +54,7 @@ struct GroupedGemmArgs {
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1]
     GroupedGemmTile tile = GroupedGemmTile::kAuto;  // ignored for fp32
+    GemmRaster raster = GemmRaster::kAuto;          // ignored for fp32
 };
 
 // Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).
@@ -60,8 +73,8 @@ const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
 // dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
 // expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
-// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad Cooperative 128x256x64 cluster 2x1x1, wgrad
-// Cooperative 128x128x64 cluster 1x1x1; N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1;
+// N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
 // (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
     const void* dc = nullptr;  // [max_rows, N]
@@ -75,6 +88,7 @@ struct GroupedGemmGradArgs {
     int64_t k = 0;
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
+    GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

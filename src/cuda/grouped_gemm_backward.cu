@@ -286,8 +286,9 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
                      "grouped_gemm dgrad: dc, b and da must be 16-byte aligned for TMA (dc=", args.dc, ", b=", args.b,
                      ", da=", args.da, ")");
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
-    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad)
-        .run(args, workspace, workspace_bytes, facts.sm_count, stream);
+    GroupedGemmGradArgs a = args;
+    a.raster = resolve_raster(args.raster);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -324,8 +325,10 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
         static_cast<uint4*>(args.db), args.offsets, static_cast<int>(args.num_groups), units);
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+    GroupedGemmGradArgs a = args;
+    a.raster = resolve_raster(args.raster);
     sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad)
-        .run(args, workspace, workspace_bytes, facts.sm_count, stream);
+        .run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

@@ -157,7 +157,8 @@ struct PtrArrayGemm {
     using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
 
     // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace.
-    static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device) {
+    static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
+                                                GemmRaster raster = GemmRaster::kAlongM) {
         typename K::Arguments args;
         args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
         args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
@@ -181,6 +182,9 @@ struct PtrArrayGemm {
         args.hw_info.device_id = device;
         args.hw_info.sm_count = sm_count;
         args.hw_info.max_active_clusters = 0;  // the scheduler then sizes the persistent grid from sm_count
+        using RasterOptions = cutlass::gemm::kernel::detail::RasterOrderOptions;
+        args.scheduler.raster_order = raster == GemmRaster::kAlongN ? RasterOptions::AlongN : RasterOptions::AlongM;
+        args.scheduler.max_swizzle_size = 1;
         return args;
     }
 
@@ -209,8 +213,8 @@ struct PtrArrayGemm {
     // Checks the workspace, prepares the device, carves the arrays, lets fill(arr) launch the kernel that writes
     // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
     template <typename Fill>
-    static void run(int64_t num_groups64, void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream,
-                    const char* what, Fill&& fill) {
+    static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream, const char* what, Fill&& fill) {
         const int num_groups = static_cast<int>(num_groups64);
         const size_t need = workspace_size(num_groups64, sm_count);
         SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
@@ -224,7 +228,7 @@ struct PtrArrayGemm {
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
-        auto args = make_arguments(arr, num_groups, sm_count, device);
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
@@ -247,7 +251,8 @@ struct GroupedGemmRunner {
     static void run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
                     cudaStream_t stream) {
         const int num_groups = static_cast<int>(g.num_groups);
-        P::run(g.num_groups, workspace, workspace_bytes, sm_count, stream, "grouped_gemm", [&](const auto& arr) {
+        P::run(g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream, "grouped_gemm",
+               [&](const auto& arr) {
             using Arrays = typename P::Arrays;
             fill_group_arrays_kernel<Element, Arrays>
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(

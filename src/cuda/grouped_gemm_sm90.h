@@ -90,6 +90,9 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
                       int64_t max_rows);
 
+// GemmRaster::kAuto resolved (grouped_gemm.h says why it is kAlongM).
+inline GemmRaster resolve_raster(GemmRaster r) { return r == GemmRaster::kAuto ? GemmRaster::kAlongM : r; }
+
 // For a 16-bit call: throws unless the device is sm_90 and the workspace holds `need` bytes, 16-byte aligned.
 // Returns the device facts.
 DeviceFacts check_16bit_call(const char* what, DType dtype, const void* workspace, size_t workspace_bytes,

@@ -19,13 +19,6 @@ namespace switchyard {
 namespace cuda {
 namespace sm90 {
 
-struct Cooperative128x128Config {
-    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-    using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
-    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-};
-
 template <GradLayout L>
 struct GradLayouts;
 template <>
@@ -89,7 +82,7 @@ struct GradGemmRunner {
         const Element* gb = static_cast<const Element*>(L == GradLayout::kDgrad ? g.b : g.a);
         Element* gd = static_cast<Element*>(L == GradLayout::kDgrad ? g.da : g.db);
         const char* what = L == GradLayout::kDgrad ? "grouped_gemm dgrad" : "grouped_gemm wgrad";
-        P::run(g.num_groups, workspace, workspace_bytes, sm_count, stream, what, [&](const auto& arr) {
+        P::run(g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream, what, [&](const auto& arr) {
             using Arrays = typename P::Arrays;
             fill_grad_arrays_kernel<L, Element, Arrays>
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(

@@ -28,8 +28,8 @@ namespace cuda {
 namespace sm90 {
 
 enum class GradLayout : int {
-    kDgrad = 0,  // Cooperative 128x256x64, cluster 2x1x1
-    kWgrad = 1,  // Cooperative 128x128x64, cluster 1x1x1
+    kDgrad = 0,
+    kWgrad = 1,
 };
 
 struct GradGemmOps {
@@ -42,7 +42,7 @@ struct GradGemmOps {
                 cudaStream_t stream);
 };
 
-// One per translation unit.
+// One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1.
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
