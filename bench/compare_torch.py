@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/compare_torch.py: PyTorch peers beside Switchyard, measured in one run on the GPU machine.
 
-Two modes:
+Four modes:
 
   GEMM mode (default): the expert GEMMs of the DESIGN.md shapes, Switchyard's grouped GEMM beside
   torch._grouped_mm on identical problems (same per-expert row counts, same N/K, random bf16 data).
@@ -26,6 +26,12 @@ Two modes:
   build/bindings/torch/_switchyard_torch.so; the row says why when it cannot load), on the same parameters.
   Floor = 3x the forward floor (DESIGN.md). --check adds a relative-L2 comparison of y and the gradients.
       python3 bench/compare_torch.py --train --torch-lib build/bindings/torch/_switchyard_torch.so --check
+
+  Training GEMM mode (--train-gemms; tokens default 4096,16384): each expert GEMM's three training products
+  on random per-expert counts: forward C = A B_e^T, dgrad dA = dC B_e, wgrad dB_e = dC_e^T A_e, Switchyard's
+  torch ops (grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad: --torch-lib) beside torch._grouped_mm on the same
+  tensors (for wgrad its 2-D x 2-D form grouped along the reduction), with the floor of each.
+      python3 bench/compare_torch.py --train-gemms --torch-lib build/bindings/torch/_switchyard_torch.so
 
 Floors: max(FLOPs / measured bf16 ceiling, bytes / measured copy bandwidth); the ceiling is a torch 8192^3 bf16
 matmul and the copy bandwidth a 1 GiB device copy, both measured in this run (the GEMM mode takes the
@@ -532,6 +538,60 @@ def layer_train_mode(args):
                 copy_tbps=copy_tbps, rows=results)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training GEMM mode (--train-gemms)
+# ---------------------------------------------------------------------------------------------------------------
+def train_gemm_mode(args):
+    """Forward, dgrad and wgrad of both expert GEMMs: Switchyard's ops beside torch._grouped_mm, one run."""
+    sy_torch, why = load_switchyard_torch(args.torch_lib)
+    if sy_torch is None:
+        print(f"compare_torch.py --train-gemms: {why}", file=sys.stderr)
+        return dict(mode="train-gemms", error=why)
+    ops = torch.ops.switchyard
+    ceiling, copy_tbps = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (training GEMMs, bf16)")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    hdr = (f"{'model':<9}{'T':>6} {'gemm':<6}{'pass':<6}{'rows':>8}{'N':>7}{'K':>7}{'floor ms':>10}"
+           f"{'switchyard':>11}{'%floor':>7}{'torch':>9}{'%floor':>7}{'sy/torch':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    gen = torch.Generator().manual_seed(args.seed)
+    results = []
+    for m in args.models.split(","):
+        h, f, e, k = MODELS[m]
+        for t in [int(x) for x in args.tokens.split(",")]:
+            counts = route_counts(e, k, t, gen)
+            rows = sum(counts)
+            ends = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).cuda()
+            offs = torch.cat([torch.zeros(1, dtype=torch.int32, device="cuda"), ends])
+            hit = sum(1 for c in counts if c > 0)
+            for gname, n, kk in (("up", 2 * f, h), ("down", h, f)):
+                a = torch.randn(rows, kk, device="cuda", dtype=torch.bfloat16)
+                b = torch.randn(e, n, kk, device="cuda", dtype=torch.bfloat16) * kk ** -0.5
+                dc = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+                flops = 2.0 * rows * n * kk
+                w_bytes, a_bytes, c_bytes = hit * n * kk * 2, rows * kk * 2, rows * n * 2
+                passes = (("fwd", w_bytes + a_bytes + c_bytes, lambda: ops.grouped_mm(a, b, offs),
+                           lambda: torch._grouped_mm(a, b.transpose(-2, -1), offs=ends)),
+                          ("dgrad", w_bytes + c_bytes + a_bytes, lambda: ops.grouped_mm_dgrad(dc, b, offs),
+                           lambda: torch._grouped_mm(dc, b, offs=ends)),
+                          ("wgrad", e * n * kk * 2 + a_bytes + c_bytes, lambda: ops.grouped_mm_wgrad(dc, a, offs),
+                           lambda: torch._grouped_mm(dc.t(), a, offs=ends)))
+                for pname, nbytes, f_sy, f_torch in passes:
+                    floor_ms = max(flops / (ceiling * 1e12), nbytes / (copy_tbps * 1e12)) * 1e3
+                    ms_sy = time_cuda(f_sy, args.warmup, args.iters)
+                    ms_t = time_cuda(f_torch, args.warmup, args.iters)
+                    print(f"{m:<9}{t:>6} {gname:<6}{pname:<6}{rows:>8}{n:>7}{kk:>7}{floor_ms:>10.3f}{ms_sy:>11.3f}"
+                          f"{100 * floor_ms / ms_sy:>6.1f}%{ms_t:>9.3f}{100 * floor_ms / ms_t:>6.1f}%"
+                          f"{ms_sy / ms_t:>9.3f}", flush=True)
+                    results.append(dict(model=m, tokens=t, gemm=gname, **{"pass": pname}, rows=rows, n=n, k=kk,
+                                        floor_ms=floor_ms, switchyard_ms=ms_sy, torch_ms=ms_t))
+                del a, b, dc
+                torch.cuda.empty_cache()
+    return dict(mode="train-gemms", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling,
+                copy_tbps=copy_tbps, rows=results)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mixtral,qwen3,deepseek")
@@ -555,13 +615,18 @@ def main():
     p.add_argument("--torch-lib",
                    default=os.environ.get("SWITCHYARD_TORCH_LIB", "build/bindings/torch/_switchyard_torch.so"),
                    help="--train: the torch binding _switchyard_torch.so")
+    p.add_argument("--train-gemms", action="store_true",
+                   help="forward, dgrad and wgrad of the expert GEMMs: switchyard ops vs torch._grouped_mm")
     args = p.parse_args()
     args.layers = args.layers or args.train
-    args.tokens = args.tokens or ("4096,16384" if args.train else "16,256,4096,16384")
+    args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms else "16,256,4096,16384")
     if not torch.cuda.is_available():
         print("compare_torch.py: no CUDA device", file=sys.stderr)
         return 1
-    res = (layer_train_mode(args) if args.train else layer_mode(args)) if args.layers else gemm_mode(args)
+    if args.train_gemms:
+        res = train_gemm_mode(args)
+    else:
+        res = (layer_train_mode(args) if args.train else layer_mode(args)) if args.layers else gemm_mode(args)
     if args.json:
         def finite(v):  # strict JSON: a value that could not be measured (NaN) is written as null
             if isinstance(v, float) and v != v:

@@ -39,6 +39,9 @@ if has train; then
   python3 bench/compare_torch.py --train --torch-lib "$SWITCHYARD_TORCH_LIB" --check \
     --json "$OUT/train_bench.json" >>"$OUT/train.log" 2>&1
   note "train bench: rc=$?"
+  python3 bench/compare_torch.py --train-gemms --torch-lib "$SWITCHYARD_TORCH_LIB" \
+    --json "$OUT/train_gemms.json" >>"$OUT/train.log" 2>&1
+  note "train gemms: rc=$?"
 fi
 if has balance; then
   {
@@ -61,7 +64,7 @@ if has layers; then
   note "layers: rc=$?"
 fi
 if has gemm; then
-  "$BUILD/bench/grouped_gemm_bench" --json "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
+  "$BUILD/bench/grouped_gemm_bench" --backward --json "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
   note "gemm bench: rc=$?"
 fi
 if has memcheck; then
@@ -84,7 +87,7 @@ fi
 echo "================ summary"
 cat "$OUT/summary.txt"
 [ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | grep -vE " (dense|loop) " | tail -40
-[ -f "$OUT/train.log" ] && tail -25 "$OUT/train.log"
+[ -f "$OUT/train.log" ] && grep -E "switchyard |sort |verdict|ceilings" "$OUT/train.log" | tail -16
 # The device returns at most 8 files: keep the summary, pack the rest.
 (cd "$OUT" && tar -czf all.tar.gz --exclude=all.tar.gz --exclude=summary.txt . &&
   find . -maxdepth 1 -type f ! -name all.tar.gz ! -name summary.txt -delete)
