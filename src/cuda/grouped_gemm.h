@@ -22,7 +22,7 @@ namespace switchyard {
 namespace cuda {
 
 // Tile configuration of the 16-bit path. kAuto picks from the average rows per group (max_rows / E), N and K
-// (grouped_gemm.cu, choose_tile): kSmall for <= 32 rows or N <= 128, kMedium for <= 128 rows or K <= 1024 (bf16),
+// (grouped_gemm.cu, choose_tile): kSmall for <= 32 rows or N <= 128, kMedium for <= 64 rows or K <= 1024 (bf16),
 // else kLarge. The override exists for tests and benchmarks.
 enum class GroupedGemmTile : int {
     kAuto = 0,
