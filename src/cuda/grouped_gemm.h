@@ -35,8 +35,9 @@ enum class GroupedGemmTile : int {
 // of one group. kAlongM walks down M first, so a wave of CTAs covers a few N stripes at full height (B's tiles are
 // streamed once, A_e is re-read once per stripe, from L2 when it fits); kAlongN is the transpose. kAuto = kAlongM
 // (CUTLASS's grouped default): measured on an H100 (bench/NOTES.md, 2026-11-27) the other order is within a few
-// percent on the training GEMMs with the large tile, either way, and worse by up to 40% where an expert spans two
-// M tiles of a long-K GEMM; it wins 10-15% on decode-sized "down" GEMMs, not yet adopted (one card measured).
+// percent on the training GEMMs with the large tile, either way, worse by up to 40% where an expert spans two M
+// tiles of a long-K GEMM, and no faster on decode-sized GEMMs (an apparent 10-15% gain there was the benchmark's
+// first-timed-configuration effect; whole layers measured the same with either order).
 enum class GemmRaster : int {
     kAuto = 0,
     kAlongM = 1,
