@@ -249,9 +249,13 @@ cuda::GroupedGemmGradArgs grad_args(const at::Tensor& dc, const at::Tensor& off,
     return g;
 }
 
-at::Tensor grad_workspace(const cuda::GroupedGemmGradArgs& g, const at::Tensor& like, size_t* bytes) {
-    *bytes = cuda::grouped_gemm_grad_workspace_size(g);
-    return at::empty({static_cast<int64_t>(*bytes) + 256}, like.options().dtype(at::kByte));
+// Runs one gradient GEMM (cuda::grouped_gemm_dgrad or _wgrad) on `like`'s stream with a workspace from the caching
+// allocator.
+void run_grad(void (*gemm)(const cuda::GroupedGemmGradArgs&, void*, size_t, cudaStream_t),
+              const cuda::GroupedGemmGradArgs& g, const at::Tensor& like) {
+    const size_t bytes = cuda::grouped_gemm_grad_workspace_size(g);
+    at::Tensor ws = at::empty({static_cast<int64_t>(bytes) + 256}, like.options().dtype(at::kByte));
+    gemm(g, ws.data_ptr(), bytes, stream_of(like));
 }
 
 // da [R, K] = dc . b per expert (rows past offsets[E] written as 0).
@@ -265,9 +269,7 @@ at::Tensor grouped_mm_dgrad_cuda(const at::Tensor& dc_in, const at::Tensor& b_in
         at::Tensor da = at::empty({dc.size(0), b.size(2)}, b.options());
         g.b = b.data_ptr();
         g.da = da.data_ptr();
-        size_t ws_bytes = 0;
-        at::Tensor ws = grad_workspace(g, b, &ws_bytes);
-        cuda::grouped_gemm_dgrad(g, ws.data_ptr(), ws_bytes, stream_of(b));
+        run_grad(&cuda::grouped_gemm_dgrad, g, b);
         return da;
     });
 }
@@ -285,9 +287,7 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& dc_in, const at::Tensor& a_in
         at::Tensor db = at::empty({num_experts, dc.size(1), a.size(1)}, a.options());
         g.a = a.data_ptr();
         g.db = db.data_ptr();
-        size_t ws_bytes = 0;
-        at::Tensor ws = grad_workspace(g, a, &ws_bytes);
-        cuda::grouped_gemm_wgrad(g, ws.data_ptr(), ws_bytes, stream_of(a));
+        run_grad(&cuda::grouped_gemm_wgrad, g, a);
         return db;
     });
 }
