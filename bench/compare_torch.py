@@ -86,6 +86,28 @@ def time_cuda(fn, warmup=5, iters=20):
     return statistics.median(times)
 
 
+def time_interleaved(fns, warmup=5, iters=20):
+    """Median milliseconds of each fn between CUDA events, timed in alternation (fn0, fn1, ..., fn0, fn1, ...) after
+    warm-up rounds of all of them, so that clock, power and cache drift over the measurement falls on every
+    implementation alike. (Timed one after the other, the first implementation measured on a fresh problem read up
+    to 13-20% slower on an H100: bench/NOTES.md, 2026-11-27.)"""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    torch.cuda.synchronize()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for i, fn in enumerate(fns):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end))
+    return [statistics.median(t) for t in times]
+
+
 def measure_ceilings():
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -441,8 +463,9 @@ def layer_train_mode(args):
                  no aux loss, like the peer), CUDA kernels forward and backward;
     sort       : layer_sort above, autograd through torch._grouped_mm, on the SAME parameter tensors.
     Each timed call is one fresh step: gradients set to None, forward, backward (the new gradients are allocated
-    inside the step, as in training with zero_grad(set_to_none=True)). Peak extra memory = max_memory_allocated
-    during the timed calls minus what was allocated before them (parameters and x, no gradients), so it includes
+    inside the step, as in training with zero_grad(set_to_none=True)). The implementations are timed in alternation
+    (time_interleaved). Peak extra memory = max_memory_allocated over two steps of one implementation alone, minus
+    what was allocated before them (parameters and x, no gradients), so it includes
     the parameter gradients themselves (size in the note). Floor = 3 x the forward floor (DESIGN.md: forward,
     input-gradient and weight-gradient GEMMs each cost the forward's FLOPs; the weights are read twice and their
     gradients written once, 3x the forward's weight bytes).
@@ -483,16 +506,13 @@ def layer_train_mode(args):
             fwd_flops = 2.0 * t * h * e + t * k * 6.0 * h * f
             fwd_bytes = hit * 3 * h * f * 2 + 2 * t * h * 2
             floor_ms = 3 * max(fwd_flops / (ceiling * 1e12), fwd_bytes / (copy_tbps * 1e12)) * 1e3
-            check = {}
-            for impl in impls:
-                note, ms, peak = f"param grads {grad_gb:.2f} GB", float("nan"), float("nan")
+            check, steps, rows = {}, {}, {}
+            for impl in impls:  # peak memory (and the --check tensors) per implementation, alone
+                note, peak = f"param grads {grad_gb:.2f} GB", float("nan")
                 if impl == "switchyard" and moe is None:
                     note = sy_why
                 else:
-                    if impl == "sort":
-                        fwd = lambda: layer_sort(x, wg, w13, w2, k)
-                    else:
-                        fwd = lambda: moe(x)
+                    fwd = (lambda: layer_sort(x, wg, w13, w2, k)) if impl == "sort" else (lambda: moe(x))
 
                     def step(fwd=fwd):
                         for p_ in (x, *params):
@@ -508,11 +528,14 @@ def layer_train_mode(args):
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                     try:
-                        ms = time_cuda(step, args.warmup, args.iters)
+                        for _ in range(2):
+                            step()
+                        torch.cuda.synchronize()
                         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
                         if args.check and t == min(tokens):  # dw2 of the first 8 experts only (memory)
                             y = step().detach().float()
                             check[impl] = (y, x.grad.float(), wg.grad.float(), w2.grad[:8].float())
+                        steps[impl] = step
                     except torch.cuda.OutOfMemoryError as err:
                         note = f"OOM: {str(err).splitlines()[0][:160]}"
                     except RuntimeError as err:  # e.g. a backward op not implemented for this shape
@@ -520,6 +543,15 @@ def layer_train_mode(args):
                     for p_ in (x, *params):
                         p_.grad = None
                     torch.cuda.empty_cache()
+                rows[impl] = dict(note=note, peak=peak, ms=float("nan"))
+            if steps:  # time the implementations that ran, in alternation
+                for impl, ms in zip(steps, time_interleaved(list(steps.values()), args.warmup, args.iters)):
+                    rows[impl]["ms"] = ms
+                for p_ in (x, *params):
+                    p_.grad = None
+                torch.cuda.empty_cache()
+            for impl in impls:
+                ms, peak, note = rows[impl]["ms"], rows[impl]["peak"], rows[impl]["note"]
                 tfl = 3 * fwd_flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
                 print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
                       f"{note}", flush=True)
@@ -579,8 +611,7 @@ def train_gemm_mode(args):
                            lambda: torch._grouped_mm(dc.t(), a, offs=ends)))
                 for pname, nbytes, f_sy, f_torch in passes:
                     floor_ms = max(flops / (ceiling * 1e12), nbytes / (copy_tbps * 1e12)) * 1e3
-                    ms_sy = time_cuda(f_sy, args.warmup, args.iters)
-                    ms_t = time_cuda(f_torch, args.warmup, args.iters)
+                    ms_sy, ms_t = time_interleaved([f_sy, f_torch], args.warmup, args.iters)
                     print(f"{m:<9}{t:>6} {gname:<6}{pname:<6}{rows:>8}{n:>7}{kk:>7}{floor_ms:>10.3f}{ms_sy:>11.3f}"
                           f"{100 * floor_ms / ms_sy:>6.1f}%{ms_t:>9.3f}{100 * floor_ms / ms_t:>6.1f}%"
                           f"{ms_sy / ms_t:>9.3f}", flush=True)
