@@ -291,6 +291,37 @@ TEST(GpuGroupedGemm, BothRasterOrders) {
     }
 }
 
+// zero_rows_past_groups: rows [offsets[E], max_rows) become 0, rows below stay as they were, for 16-byte rows,
+// 4-byte rows (fp32, odd width) and 2-byte rows (fp16, odd width); offsets[E] = max_rows writes nothing.
+TEST(GpuGroupedGemm, ZeroRowsPastGroups) {
+    SKIP_WITHOUT_GPU(DType::kF32);
+    struct Z {
+        DType t;
+        int64_t width, max_rows, used;
+    };
+    for (const Z& z : {Z{DType::kBF16, 136, 50, 37}, Z{DType::kF32, 7, 40, 3}, Z{DType::kF16, 7, 33, 32},
+                       Z{DType::kBF16, 64, 20, 20}, Z{DType::kF16, 9, 12, 0}}) {
+        SCOPED_TRACE(std::string("dtype=") + to_string(z.t) + " width=" + std::to_string(z.width) + " rows=" +
+                     std::to_string(z.max_rows) + " used=" + std::to_string(z.used));
+        const std::vector<int32_t> offsets = {0, static_cast<int32_t>(z.used / 2), static_cast<int32_t>(z.used)};
+        const size_t bytes = static_cast<size_t>(z.max_rows * z.width) * dtype_size(z.t);
+        DeviceBuffer d(bytes), d_off(offsets.size() * 4);
+        ASSERT_NE(d.ptr, nullptr);
+        GG_CUDA_OK(cudaMemset(d.ptr, 0xFF, bytes));
+        GG_CUDA_OK(cudaMemcpy(d_off.ptr, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+        cuda::zero_rows_past_groups(d.ptr, z.t, static_cast<const int32_t*>(d_off.ptr), 2, z.width, z.max_rows,
+                                    nullptr);
+        GG_CUDA_OK(cudaDeviceSynchronize());
+        std::vector<uint8_t> got(bytes);
+        GG_CUDA_OK(cudaMemcpy(got.data(), d.ptr, bytes, cudaMemcpyDeviceToHost));
+        const size_t row_bytes = static_cast<size_t>(z.width) * dtype_size(z.t);
+        for (size_t b = 0; b < bytes; ++b) {
+            const bool owned = b / row_bytes < static_cast<size_t>(z.used);
+            ASSERT_EQ(got[b], owned ? 0xFF : 0x00) << "byte " << b << " of row " << b / row_bytes;
+        }
+    }
+}
+
 TEST(GpuGroupedGemm, SingleGroup) {
     for (DType t : kAllDtypes) {
         SKIP_WITHOUT_GPU(t);

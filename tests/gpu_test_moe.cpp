@@ -53,17 +53,21 @@ TEST(GpuStages, PermuteGathersRowsExactly) {
             DeviceBuffer d_x, d_rt, d_xp(rows * H * dtype_size(dt));
             testing::upload(d_x, x, dt);
             testing::upload_raw(d_rt, row_token);
-            d_xp.poison();
-            cuda::permute_rows(dt, d_x.get(), d_rt.get<int32_t>(), rows, H, d_xp.get(), nullptr);
-            GPU_CHECK(cudaDeviceSynchronize());
-            const auto got = testing::download_raw<uint8_t>(d_xp.get(), rows * H * dtype_size(dt));
             const auto xb = testing::encode(x, dt);
             const size_t rb = H * dtype_size(dt);
-            for (int64_t r = 0; r < rows; ++r) {
-                if (row_token[r] >= 0) {
-                    ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0) << "row " << r;
-                } else {
-                    for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], 0xFF) << "row " << r << " was written";
+            for (bool zero_unowned : {false, true}) {  // unowned rows untouched, or written as 0
+                SCOPED_TRACE(zero_unowned ? "zero_unowned" : "untouched");
+                d_xp.poison();
+                cuda::permute_rows(dt, d_x.get(), d_rt.get<int32_t>(), rows, H, d_xp.get(), nullptr, zero_unowned);
+                GPU_CHECK(cudaDeviceSynchronize());
+                const auto got = testing::download_raw<uint8_t>(d_xp.get(), rows * H * dtype_size(dt));
+                const uint8_t fill = zero_unowned ? 0x00 : 0xFF;
+                for (int64_t r = 0; r < rows; ++r) {
+                    if (row_token[r] >= 0) {
+                        ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0) << "row " << r;
+                    } else {
+                        for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], fill) << "unowned row " << r;
+                    }
                 }
             }
         }

@@ -176,9 +176,9 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& row_token_in) {
         check_cuda(rt, "row_token", at::kInt);
         c10::cuda::CUDAGuard guard(x.device());
         const int64_t rows = rt.numel(), hidden = x.size(1);
-        at::Tensor xp = at::zeros({rows, hidden}, x.options());  // rows past offsets[E] stay zero
+        at::Tensor xp = at::empty({rows, hidden}, x.options());  // rows past offsets[E] are written as 0
         cuda::permute_rows(dtype_of(x, "x"), x.data_ptr(), rt.data_ptr<int32_t>(), rows, hidden, xp.data_ptr(),
-                           stream_of(x));
+                           stream_of(x), /*zero_unowned=*/true);
         return xp;
     });
 }
@@ -204,7 +204,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
                     b.sizes());
         TORCH_CHECK(off.numel() == b.size(0) + 1, "switchyard.grouped_mm: offsets must have E+1 elements");
         c10::cuda::CUDAGuard guard(a.device());
-        at::Tensor c = at::zeros({a.size(0), b.size(1)}, a.options());  // rows past offsets[E] stay zero
+        at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());  // rows past offsets[E]: zeroed below
         cuda::GroupedGemmArgs g;
         g.a = a.data_ptr();
         g.b = b.data_ptr();
@@ -221,6 +221,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const
         const size_t ws_bytes = cuda::grouped_gemm_workspace_size(g);
         at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, a.options().dtype(at::kByte));
         cuda::grouped_gemm(g, ws.data_ptr(), ws_bytes, stream_of(a));
+        cuda::zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream_of(a));
         return c;
     });
 }

@@ -65,6 +65,10 @@ bool grouped_gemm_supported(const GroupedGemmArgs& args);
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 // The kernel grouped_gemm would run for these args (after the kAuto heuristic), for logs and benchmarks.
 const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
+// Writes 0 to rows [offsets[E], max_rows) of a row-major [max_rows, width] tensor of dtype (the rows no expert owns:
+// grouped_gemm leaves them untouched). Reads offsets[E] on the device: no host synchronisation.
+void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
+                           int64_t max_rows, cudaStream_t stream);
 
 // ---- Gradients of the grouped GEMM (training backward) ----
 // With the forward's layouts (A [max_rows, K], B [E, N, K], C [max_rows, N], all row-major) and dC [max_rows, N]

@@ -203,10 +203,14 @@ void zero_tail_rows(void* base, DType t, const int32_t* offsets, int64_t num_gro
         const int64_t units = row_bytes / 16;
         zero_tail_rows_kernel<uint4><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
             static_cast<uint4*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
-    } else {  // fp32 rows (4-byte multiples)
+    } else if (row_bytes % 4 == 0) {  // e.g. fp32 rows
         const int64_t units = row_bytes / 4;
         zero_tail_rows_kernel<uint32_t><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
             static_cast<uint32_t*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    } else {  // 16-bit rows of odd width
+        const int64_t units = row_bytes / 2;
+        zero_tail_rows_kernel<uint16_t><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint16_t*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
     }
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 }
@@ -227,6 +231,14 @@ F32Params f32_params(const GroupedGemmGradArgs& g) {
 }
 
 }  // namespace
+
+void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
+                           int64_t max_rows, cudaStream_t stream) {
+    SWITCHYARD_CHECK(num_groups >= 1 && width >= 0 && max_rows >= 0, "zero_rows_past_groups: num_groups=", num_groups,
+                     " width=", width, " max_rows=", max_rows);
+    if (max_rows == 0 || width == 0) return;
+    zero_tail_rows(base, dtype, offsets, num_groups, width, max_rows, device_facts().sm_count, stream);
+}
 
 bool grouped_gemm_grad_supported(const GroupedGemmGradArgs& args) {
     try {

@@ -79,9 +79,10 @@ void count_experts(const int32_t* topk_ids, int64_t n, int64_t num_experts, int3
                    cudaStream_t stream);
 
 // ---- dispatch, activation, combine (permute.cu, activation.cu, combine.cu) ----------------------------------
-// xp[r, :] = x[row_token[r], :] for r < max_rows with row_token[r] >= 0 (other rows are left untouched).
+// xp[r, :] = x[row_token[r], :] for r < max_rows with row_token[r] >= 0; other rows are left untouched, or written
+// as 0 with zero_unowned.
 void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t max_rows, int64_t hidden,
-                  void* xp, cudaStream_t stream);
+                  void* xp, cudaStream_t stream, bool zero_unowned = false);
 
 // out [rows, F] = act(in[:, :F]) * in[:, F:2F] (gated, in [rows, 2F]) or act(in) (in [rows, F]); computed in
 // fp32, rounded once to dtype. Rows r >= *num_rows (when num_rows is not null) or r >= max_rows are skipped.
