@@ -69,23 +69,6 @@ MODELS = {
 }
 
 
-def time_cuda(fn, warmup=5, iters=20):
-    """Median milliseconds of fn() between CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def time_interleaved(fns, warmup=5, iters=20):
     """Median milliseconds of each fn between CUDA events, timed in alternation (fn0, fn1, ..., fn0, fn1, ...) after
     warm-up rounds of all of them, so that clock, power and cache drift over the measurement falls on every
@@ -106,6 +89,11 @@ def time_interleaved(fns, warmup=5, iters=20):
             end.synchronize()
             times[i].append(start.elapsed_time(end))
     return [statistics.median(t) for t in times]
+
+
+def time_cuda(fn, warmup=5, iters=20):
+    """Median milliseconds of fn() between CUDA events, after warm-up."""
+    return time_interleaved([fn], warmup, iters)[0]
 
 
 def measure_ceilings():
