@@ -533,8 +533,12 @@ def layer_train_mode(args):
                     torch.cuda.empty_cache()
                 rows[impl] = dict(note=note, peak=peak, ms=float("nan"))
             if steps:  # time the implementations that ran, in alternation
-                for impl, ms in zip(steps, time_interleaved(list(steps.values()), args.warmup, args.iters)):
-                    rows[impl]["ms"] = ms
+                try:
+                    for impl, ms in zip(steps, time_interleaved(list(steps.values()), args.warmup, args.iters)):
+                        rows[impl]["ms"] = ms
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # the run goes on; the rows say why
+                    for impl in steps:
+                        rows[impl]["note"] = f"timing failed: {str(err).splitlines()[0][:160]}"
                 for p_ in (x, *params):
                     p_.grad = None
                 torch.cuda.empty_cache()

@@ -268,7 +268,6 @@ TEST(GpuGroupedGemm, ListedRowCountsEveryDtypeAndTile) {
     }
 }
 
-// E = 1: one large group, and one empty group (all rows dropped), every dtype.
 // Every 16-bit tile under both tile rasterisations of the CUTLASS scheduler, groups spanning several M tiles.
 TEST(GpuGroupedGemm, BothRasterOrders) {
     for (DType t : {DType::kBF16, DType::kF16}) {
@@ -322,6 +321,7 @@ TEST(GpuGroupedGemm, ZeroRowsPastGroups) {
     }
 }
 
+// E = 1: one large group, and one empty group (all rows dropped), every dtype.
 TEST(GpuGroupedGemm, SingleGroup) {
     for (DType t : kAllDtypes) {
         SKIP_WITHOUT_GPU(t);

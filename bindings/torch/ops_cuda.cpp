@@ -93,12 +93,21 @@ at::Tensor route_backward_cuda(const at::Tensor& logits_in, const at::Tensor& id
     });
 }
 
+// logits [T, E] fp32 and topk_ids [T, k] int32 on one device.
+void check_logits_ids(const at::Tensor& logits, const at::Tensor& ids) {
+    check_cuda(logits, "logits", at::kFloat);
+    check_cuda(ids, "topk_ids", at::kInt);
+    TORCH_CHECK(logits.dim() == 2 && ids.dim() == 2 && ids.size(0) == logits.size(0) &&
+                    logits.device() == ids.device(),
+                "switchyard: logits [T, E] and topk_ids [T, k] on one device expected, got logits ", logits.sizes(),
+                " on ", logits.device(), " and topk_ids ", ids.sizes(), " on ", ids.device());
+}
+
 // {aux, z} fp32 [2]: the balance kernels' router_losses (fixed summation order, double accumulation, no host sync).
 at::Tensor router_losses_cuda(const at::Tensor& logits_in, const at::Tensor& ids_in, int64_t score_function) {
     return guarded([&] {
         const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous();
-        check_cuda(logits, "logits", at::kFloat);
-        check_cuda(ids, "topk_ids", at::kInt);
+        check_logits_ids(logits, ids);
         c10::cuda::CUDAGuard guard(logits.device());
         const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
         const MoEConfig cfg = router_config(num_experts, ids.size(1), score_function, false, 1.0, 1, 1, false);
@@ -116,8 +125,7 @@ at::Tensor router_losses_backward_cuda(const at::Tensor& logits_in, const at::Te
     return guarded([&] {
         const at::Tensor logits = logits_in.contiguous(), ids = ids_in.contiguous();
         const at::Tensor d_losses = d_losses_in.to(at::kFloat).contiguous();
-        check_cuda(logits, "logits", at::kFloat);
-        check_cuda(ids, "topk_ids", at::kInt);
+        check_logits_ids(logits, ids);
         check_cuda(d_losses, "d_losses", at::kFloat);
         TORCH_CHECK(d_losses.numel() == 2, "switchyard: d_losses must have 2 elements, got ", d_losses.numel());
         c10::cuda::CUDAGuard guard(logits.device());
@@ -264,7 +272,11 @@ at::Tensor grouped_mm_dgrad_cuda(const at::Tensor& dc_in, const at::Tensor& b_in
     return guarded([&] {
         const at::Tensor b = b_in.contiguous(), off = offsets_in.contiguous();
         const at::Tensor dc = dc_in.to(b.scalar_type()).contiguous();
-        TORCH_CHECK(b.dim() == 3, "switchyard.grouped_mm_dgrad: b must be [E, N, K], got ", b.sizes());
+        check_cuda(b, "b");
+        check_cuda(dc, "dc");
+        TORCH_CHECK(b.dim() == 3 && b.device() == dc.device() && b.device() == off.device(),
+                    "switchyard.grouped_mm_dgrad: b [E, N, K] on the device of dc and offsets expected, got ",
+                    b.sizes(), " on ", b.device());
         c10::cuda::CUDAGuard guard(b.device());
         cuda::GroupedGemmGradArgs g = grad_args(dc, off, b.size(0), b.size(1), b.size(2));
         at::Tensor da = at::empty({dc.size(0), b.size(2)}, b.options());
@@ -280,8 +292,11 @@ at::Tensor grouped_mm_wgrad_cuda(const at::Tensor& dc_in, const at::Tensor& a_in
     return guarded([&] {
         const at::Tensor a = a_in.contiguous(), off = offsets_in.contiguous();
         const at::Tensor dc = dc_in.to(a.scalar_type()).contiguous();
-        TORCH_CHECK(a.dim() == 2 && a.size(0) == dc.size(0), "switchyard.grouped_mm_wgrad: a must be [R, K] with the "
-                    "rows of dc, got a ", a.sizes(), " dc ", dc.sizes());
+        check_cuda(a, "a");
+        check_cuda(dc, "dc");
+        TORCH_CHECK(a.dim() == 2 && a.size(0) == dc.size(0) && a.device() == dc.device() && a.device() == off.device(),
+                    "switchyard.grouped_mm_wgrad: a must be [R, K] with the rows of dc, on their device, got a ",
+                    a.sizes(), " on ", a.device(), ", dc ", dc.sizes());
         c10::cuda::CUDAGuard guard(a.device());
         const int64_t num_experts = off.numel() - 1;
         cuda::GroupedGemmGradArgs g = grad_args(dc, off, num_experts, dc.size(1), a.size(1));

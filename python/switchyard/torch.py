@@ -8,9 +8,10 @@ fake (meta) implementation for shape inference and an autograd formula that call
     offsets, slot_row, row_token, counts = plan(ids, w)       integer outputs, no gradient
     g1 [T*k, R13]  = gathered_grouped_mm(x, row_token, w13)   = grouped_mm(gather(x, row_token), w13, offsets);
                                                              backward recomputes the gather (not saved), then
-                                                             grouped_mm_backward (dgrad + wgrad), gather_backward
-    h  [T*k, F]    = activation(g1)                          backward: activation_backward
-    out [T*k, H]   = grouped_mm(h, w2, offsets)
+                                                             grouped_mm_wgrad, grouped_mm_dgrad, gather_backward
+    out [T*k, H]   = activated_grouped_mm(g1, w2)            = grouped_mm(activation(g1), w2, offsets); backward
+                                                             recomputes h = activation(g1) (not saved), then
+                                                             grouped_mm_wgrad, grouped_mm_dgrad, activation_backward
     shared [T, H]  = F.linear(act(F.linear(x, shared_w13)), shared_w2)   (shared experts, when configured)
     y  [T, H]      = combine(out, slot_row, w, shared)       backward: combine_backward
     aux, z         = router_losses(logits, ids)              backward: router_losses_backward
@@ -221,13 +222,17 @@ def _ggmm_setup(ctx, inputs, output):
 def _ggmm_backward(ctx, dc):
     x, row_token, slot_row, b, offsets = ctx.saved_tensors
     dc = dc.contiguous()
+    dx = db = None
     # Weight gradient first, so that the recomputed rows are freed before the input gradient d_xp [T*k, H] is
-    # allocated: the two never coexist, which lowers the backward's peak by T*k*H elements.
-    xp = _ops.gather(x, row_token)  # recomputed: one pass over T*k rows of x
-    db = _ops.grouped_mm_wgrad(dc, xp, offsets)
-    del xp
-    d_xp = _ops.grouped_mm_dgrad(dc, b, offsets)
-    return _ops.gather_backward(d_xp, slot_row), None, None, db, None
+    # allocated: the two never coexist, which lowers the backward's peak by T*k*H elements. A gradient nobody
+    # needs (frozen experts, an input without grad) is not computed.
+    if ctx.needs_input_grad[3]:
+        xp = _ops.gather(x, row_token)  # recomputed: one pass over T*k rows of x
+        db = _ops.grouped_mm_wgrad(dc, xp, offsets)
+        del xp
+    if ctx.needs_input_grad[0]:
+        dx = _ops.gather_backward(_ops.grouped_mm_dgrad(dc, b, offsets), slot_row)
+    return dx, None, None, db, None
 
 
 _gathered_grouped_mm.register_autograd(_ggmm_backward, setup_context=_ggmm_setup)
@@ -255,11 +260,14 @@ def _agmm_setup(ctx, inputs, output):
 def _agmm_backward(ctx, dc):
     g, b, offsets = ctx.saved_tensors
     dc = dc.contiguous()
-    h = _ops.activation(g, ctx.activation)  # recomputed
-    db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated
-    del h
-    dh = _ops.grouped_mm_dgrad(dc, b, offsets)
-    return _ops.activation_backward(g, dh, ctx.activation), None, db, None
+    dg = db = None
+    if ctx.needs_input_grad[2]:
+        h = _ops.activation(g, ctx.activation)  # recomputed
+        db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated
+        del h
+    if ctx.needs_input_grad[0]:
+        dg = _ops.activation_backward(g, _ops.grouped_mm_dgrad(dc, b, offsets), ctx.activation)
+    return dg, None, db, None
 
 
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)

@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads) wgrad_f32_kernel(F32Params p) {
 template <typename T>
 __global__ void zero_tail_rows_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_row,
                                       int64_t max_rows) {
-    const int64_t begin = static_cast<int64_t>(offsets[num_groups]) * units_per_row;
+    const int64_t used = offsets[num_groups];  // clamped: a malformed offsets array never writes out of range
+    const int64_t begin = (used < 0 ? 0 : (used > max_rows ? max_rows : used)) * units_per_row;
     const int64_t end = max_rows * units_per_row;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
     for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride)
