@@ -84,6 +84,32 @@ def test_matches_plain_pytorch_fp64(name):
         torch.testing.assert_close(g, gr, atol=1e-12, rtol=1e-10, msg=lambda s: f"grad of {pname}: {s}")
 
 
+@pytest.mark.parametrize("frozen", [("w13", "w2"), ("gate",), ("w13",), ("w2",)])
+def test_frozen_parameters_get_no_gradient_and_the_rest_are_unchanged(frozen):
+    """Fine-tuning with some weights frozen: those get no gradient (the fused backwards skip their GEMMs), x and the
+    others get exactly the gradients of the all-trainable layer; an input without grad works too."""
+    m = make_module("softmax", seed=41)
+    m.train()
+    torch.manual_seed(42)
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(T, H, dtype=torch.float64)
+    names = [n for n, _ in m.named_parameters()]
+    full = dict(zip(["x", *names], torch.autograd.grad((m(x).y * gy).sum(), [x, *m.parameters()])))
+    for n in frozen:
+        getattr(m, n).requires_grad_(False)
+    trainable = [n for n in names if n not in frozen]
+    got = torch.autograd.grad((m(x).y * gy).sum(), [x, *[getattr(m, n) for n in trainable]])
+    for n, g in zip(["x", *trainable], got):
+        torch.testing.assert_close(g, full[n], atol=0, rtol=0, msg=lambda s: f"grad of {n}: {s}")
+    x2 = x.detach()  # no input gradient wanted at all
+    (m(x2).y * gy).sum().backward()
+    for n in names:
+        p = getattr(m, n)
+        assert (p.grad is None) == (n in frozen), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, full[n], atol=0, rtol=0)
+
+
 def test_fp32_close_to_fp64():
     m64 = make_module("shared-experts", seed=31)
     m32 = make_module("shared-experts", dtype=torch.float32, seed=31)
