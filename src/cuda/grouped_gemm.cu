@@ -5,8 +5,9 @@
 // (both row-major, K contiguous), C[r, n] = sum_k A[r, k] * B_e[n, k], C [rows, N] row-major.
 // Each 64x64 output tile is one thread block; blocks are numbered over all groups' row tiles (a group of m rows
 // has ceil(m / 64) of them; at most ceil(max_rows / 64) + E in total), so the grid is sized from max_rows alone and
-// the kernel reads the group sizes from the device offsets (no host synchronisation). Each thread accumulates a
-// 4x4 micro-tile in fp32 over k = 0..K-1 in order: bitwise reproducible. Any N, K >= 1 (bounds-checked loads).
+// the kernel reads the group sizes from the device offsets (no host synchronisation); the tile code is shared with
+// the gradients (grouped_gemm_simt.cuh). Each thread accumulates a 4x4 micro-tile in fp32 over k = 0..K-1 in
+// order: bitwise reproducible. Any N, K >= 1 (bounds-checked loads).
 // Reference: a product accumulated in double (src/ref), rounded to fp32.
 #include <algorithm>
 #include <array>
@@ -16,16 +17,12 @@
 
 #include "cuda/grouped_gemm.h"
 #include "cuda/grouped_gemm_sm90.h"
+#include "cuda/grouped_gemm_simt.cuh"
 #include "switchyard/error.h"
 
 namespace switchyard {
 namespace cuda {
 namespace {
-
-constexpr int kSimtBM = 64;
-constexpr int kSimtBN = 64;
-constexpr int kSimtBK = 16;
-constexpr int kSimtThreads = 256;  // 16 x 16 threads, each a 4x4 micro-tile
 
 struct SimtParams {
     const float* a;
@@ -37,85 +34,15 @@ struct SimtParams {
     int k;
 };
 
-__global__ void __launch_bounds__(kSimtThreads) grouped_gemm_f32_kernel(SimtParams p) {
-    static_assert(kSimtBM * kSimtBK == 4 * kSimtThreads && kSimtBN * kSimtBK == 4 * kSimtThreads,
-                  "each thread loads 4 elements of A and 4 of B per k-step");
-    __shared__ float as[kSimtBK][kSimtBM + 4];  // k-major so that a row of the micro-tile reads one float4 row
-    __shared__ float bs[kSimtBK][kSimtBN + 4];
-    __shared__ int s_group, s_row0, s_rows;
-
-    // Map this block's linear row tile onto (group, tile within group). Tiles past the last group exit.
-    if (threadIdx.x == 0) {
-        int64_t tile = blockIdx.x;
-        int group = -1, row0 = 0, rows = 0;
-        for (int e = 0; e < p.num_groups; ++e) {
-            int begin = p.offsets[e];
-            int m = p.offsets[e + 1] - begin;
-            int64_t tiles = (m + kSimtBM - 1) / kSimtBM;
-            if (tile < tiles) {
-                group = e;
-                row0 = begin + static_cast<int>(tile) * kSimtBM;
-                rows = min(kSimtBM, m - static_cast<int>(tile) * kSimtBM);
-                break;
-            }
-            tile -= tiles;
-        }
-        s_group = group;
-        s_row0 = row0;
-        s_rows = rows;
-    }
-    __syncthreads();
-    const int group = s_group;
-    if (group < 0) return;
-    const int row0 = s_row0;
-    const int rows = s_rows;
-    const int col0 = blockIdx.y * kSimtBN;
-
-    const float* a = p.a + static_cast<int64_t>(row0) * p.k;
-    const float* b = p.b + (static_cast<int64_t>(group) * p.n) * p.k;
-    const int tx = threadIdx.x % 16;  // column micro-tile
-    const int ty = threadIdx.x / 16;  // row micro-tile
-    // Loader mapping: thread loads rows lr + 16*i (i < 4) at column lk of the 64 x 16 slab.
-    const int lk = threadIdx.x % kSimtBK;
-    const int lr = threadIdx.x / kSimtBK;
-
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < p.k; k0 += kSimtBK) {
-        const int kk = k0 + lk;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int r = lr + 16 * i;
-            as[lk][r] = (r < rows && kk < p.k) ? a[static_cast<int64_t>(r) * p.k + kk] : 0.0f;
-            int cn = col0 + r;
-            bs[lk][r] = (cn < p.n && kk < p.k) ? b[static_cast<int64_t>(cn) * p.k + kk] : 0.0f;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < kSimtBK; ++q) {
-            float av[4], bv[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                av[i] = as[q][ty * 4 + i];
-                bv[i] = bs[q][tx * 4 + i];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        int r = ty * 4 + i;
-        if (r >= rows) continue;
-        float* crow = p.c + static_cast<int64_t>(row0 + r) * p.n;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            int cn = col0 + tx * 4 + j;
-            if (cn < p.n) crow[cn] = acc[i][j];
-        }
-    }
+// One 64x64 tile of C: row tile blockIdx.x over all groups' row tiles, column tile blockIdx.y over N; both operands
+// contiguous along K (simt::simt_tile<true, true>).
+__global__ void __launch_bounds__(simt::kThreads) grouped_gemm_f32_kernel(SimtParams p) {
+    const simt::RowTile t = simt::row_tile_of(blockIdx.x, p.offsets, p.num_groups);
+    if (t.group < 0) return;
+    const int col0 = blockIdx.y * simt::kTile;
+    simt::simt_tile<true, true>(p.a + static_cast<int64_t>(t.row0) * p.k, p.k, t.rows,
+                                p.b + (static_cast<int64_t>(t.group) * p.n + col0) * p.k, p.k, p.n - col0, p.k,
+                                p.c + static_cast<int64_t>(t.row0) * p.n + col0, p.n);
 }
 
 void check_sizes(const GroupedGemmArgs& g) {
@@ -234,12 +161,12 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
         SimtParams p{static_cast<const float*>(args.a), static_cast<const float*>(args.b), static_cast<float*>(args.c),
                      args.offsets, static_cast<int>(args.num_groups), static_cast<int>(args.n),
                      static_cast<int>(args.k)};
-        const int64_t row_tiles = (args.max_rows + kSimtBM - 1) / kSimtBM + args.num_groups;
-        const int64_t col_tiles = (args.n + kSimtBN - 1) / kSimtBN;
+        const int64_t row_tiles = (args.max_rows + simt::kTile - 1) / simt::kTile + args.num_groups;
+        const int64_t col_tiles = (args.n + simt::kTile - 1) / simt::kTile;
         SWITCHYARD_CHECK(row_tiles <= INT_MAX && col_tiles <= 65535, "grouped_gemm: fp32 grid too large (row tiles ",
                          row_tiles, ", column tiles ", col_tiles, ")");
         dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-        grouped_gemm_f32_kernel<<<grid, kSimtThreads, 0, stream>>>(p);
+        grouped_gemm_f32_kernel<<<grid, simt::kThreads, 0, stream>>>(p);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
         return;
     }

@@ -23,82 +23,17 @@
 #include "cuda/grouped_gemm.h"
 #include "cuda/grouped_gemm_sm90.h"
 #include "cuda/grouped_gemm_sm90_backward.h"
+#include "cuda/grouped_gemm_simt.cuh"
 #include "switchyard/error.h"
 
 namespace switchyard {
 namespace cuda {
 namespace {
 
-constexpr int kTile = 64;      // output tile rows and columns (fp32 path)
-constexpr int kSlab = 16;      // reduction slab (fp32 path)
-constexpr int kThreads = 256;  // 16 x 16 threads, each a 4x4 micro-tile
+using simt::kThreads;
+using simt::kTile;
+using simt::simt_tile;
 constexpr int kZeroThreads = 256;
-
-// Stages the 64 x 16 slab X(i, q0 + q) (i < 64, q < 16) of an operand into xs[q][i], zero outside i < i_len,
-// q0 + q < q_len. kQContig: X(i, q) = x[i * ld + q]; otherwise X(i, q) = x[q * ld + i]. Threads walk the contiguous
-// index fastest (coalesced loads).
-template <bool kQContig>
-__device__ __forceinline__ void load_slab(float (*xs)[kTile + 4], const float* x, int64_t ld, int i_len, int q0,
-                                          int q_len) {
-    static_assert(kTile * kSlab == 4 * kThreads, "each thread stages 4 elements per operand");
-    const int tid = threadIdx.x;
-    if (kQContig) {
-        const int lq = tid % kSlab, li = tid / kSlab;
-        const int q = q0 + lq;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const int i = li + 16 * t;
-            xs[lq][i] = (i < i_len && q < q_len) ? x[static_cast<int64_t>(i) * ld + q] : 0.0f;
-        }
-    } else {
-        const int li = tid % kTile, lq = tid / kTile;
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const int q = lq + 4 * t;
-            xs[q][li] = (li < i_len && q0 + q < q_len) ? x[static_cast<int64_t>(q0 + q) * ld + li] : 0.0f;
-        }
-    }
-}
-
-// c[i, j] = sum_{q < q_len} A(i, q) * B(j, q) for i < min(64, m_len), j < min(64, j_len) (c row-major, ldc).
-template <bool kAQContig, bool kBQContig>
-__device__ __forceinline__ void simt_tile(const float* a, int64_t lda, int m_len, const float* b, int64_t ldb,
-                                          int j_len, int q_len, float* c, int64_t ldc) {
-    __shared__ float as[kSlab][kTile + 4];
-    __shared__ float bs[kSlab][kTile + 4];
-    const int tx = threadIdx.x % 16;  // column micro-tile
-    const int ty = threadIdx.x / 16;  // row micro-tile
-    float acc[4][4] = {};
-    for (int q0 = 0; q0 < q_len; q0 += kSlab) {
-        load_slab<kAQContig>(as, a, lda, m_len, q0, q_len);
-        load_slab<kBQContig>(bs, b, ldb, j_len, q0, q_len);
-        __syncthreads();
-#pragma unroll
-        for (int q = 0; q < kSlab; ++q) {
-            float av[4], bv[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                av[i] = as[q][ty * 4 + i];
-                bv[i] = bs[q][tx * 4 + i];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-        }
-        __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int r = ty * 4 + i;
-        if (r >= m_len) continue;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int cj = tx * 4 + j;
-            if (cj < j_len) c[static_cast<int64_t>(r) * ldc + cj] = acc[i][j];
-        }
-    }
-}
 
 struct F32Params {
     const float* dc;
@@ -115,33 +50,12 @@ struct F32Params {
 // dA tile (row tile blockIdx.x over all groups, column tile blockIdx.y over K): A' = dC_e rows (reduction over n
 // contiguous), B'(j, q) = B[e, q, j] (j contiguous).
 __global__ void __launch_bounds__(kThreads) dgrad_f32_kernel(F32Params p) {
-    __shared__ int s_group, s_row0, s_rows;
-    if (threadIdx.x == 0) {
-        int64_t tile = blockIdx.x;
-        int group = -1, row0 = 0, rows = 0;
-        for (int e = 0; e < p.num_groups; ++e) {
-            const int begin = p.offsets[e];
-            const int m = p.offsets[e + 1] - begin;
-            const int64_t tiles = (m + kTile - 1) / kTile;
-            if (tile < tiles) {
-                group = e;
-                row0 = begin + static_cast<int>(tile) * kTile;
-                rows = min(kTile, m - static_cast<int>(tile) * kTile);
-                break;
-            }
-            tile -= tiles;
-        }
-        s_group = group;
-        s_row0 = row0;
-        s_rows = rows;
-    }
-    __syncthreads();
-    const int group = s_group;
-    if (group < 0) return;
+    const simt::RowTile t = simt::row_tile_of(blockIdx.x, p.offsets, p.num_groups);
+    if (t.group < 0) return;
     const int col0 = blockIdx.y * kTile;
-    simt_tile<true, false>(p.dc + static_cast<int64_t>(s_row0) * p.n, p.n, s_rows,
-                           p.b + static_cast<int64_t>(group) * p.n * p.k + col0, p.k, p.k - col0, p.n,
-                           p.da + static_cast<int64_t>(s_row0) * p.k + col0, p.k);
+    simt_tile<true, false>(p.dc + static_cast<int64_t>(t.row0) * p.n, p.n, t.rows,
+                           p.b + static_cast<int64_t>(t.group) * p.n * p.k + col0, p.k, p.k - col0, p.n,
+                           p.da + static_cast<int64_t>(t.row0) * p.k + col0, p.k);
 }
 
 // dB[e] tile (blockIdx.y over N, blockIdx.x over K, blockIdx.z = e): A'(i, r) = dC[row0 + r, n0 + i],
