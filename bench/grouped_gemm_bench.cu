@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/grouped_gemm.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "switchyard/error.h"
 
 namespace {

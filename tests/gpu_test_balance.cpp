@@ -1,4 +1,4 @@
-// tests/gpu_test_balance.cpp: the GPU side of load balancing and routing variants (src/cuda/balance.cu and the
+// tests/gpu_test_balance.cpp: the GPU side of load balancing and routing variants (src/cuda/routing/balance.cu and the
 // expert-choice / capacity paths of src/cuda/moe_cuda.cu) against the CPU reference (src/ref/balance.cpp).
 //
 //   - bias update (device counts and host counts): bitwise equal to ref::update_score_bias, skewed, balanced
@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/balance.h"
+#include "cuda/routing/balance.h"
 #include "gpu_test_util.h"
 #include "ref/ref.h"
 #include "switchyard/balance.h"

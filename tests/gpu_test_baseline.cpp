@@ -23,7 +23,7 @@
 #include <sstream>
 #include <vector>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "ref/ref.h"
 #include "switchyard/switchyard.h"
 

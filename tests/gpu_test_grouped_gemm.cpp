@@ -1,4 +1,4 @@
-// tests/gpu_test_grouped_gemm.cpp: cuda::grouped_gemm (src/cuda/grouped_gemm.h) against a CPU double reference.
+// tests/gpu_test_grouped_gemm.cpp: cuda::grouped_gemm (src/cuda/gemm/grouped_gemm.h) against a CPU double reference.
 //
 // For each case: random A [rows, K] and B [E, N, K] (small integers, where fp32 accumulation is exact and the
 // result must match bit for bit, or reals in [-1, 1) with a tolerance from the arithmetic), random or listed
@@ -18,7 +18,7 @@
 
 #include <cuda_runtime.h>
 
-#include "cuda/grouped_gemm.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "switchyard/dtype.h"
 #include "switchyard/error.h"
 

@@ -1,4 +1,4 @@
-// tests/gpu_test_grouped_gemm_backward.cpp: cuda::grouped_gemm_dgrad / grouped_gemm_wgrad (src/cuda/grouped_gemm.h)
+// tests/gpu_test_grouped_gemm_backward.cpp: cuda::grouped_gemm_dgrad / grouped_gemm_wgrad (src/cuda/gemm/grouped_gemm.h)
 // against a CPU double reference.
 //
 // For each case: random dC [max_rows, N], A [max_rows, K], B [E, N, K] (small integers, where fp32 accumulation is
@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/grouped_gemm.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "gpu_test_util.h"
 #include "switchyard/dtype.h"
 #include "switchyard/error.h"

@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "cuda/grouped_gemm.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_cuda.h"
 #include "cuda/moe_stages.h"
 #include "gpu_test_util.h"

@@ -1,4 +1,4 @@
-// tests/gpu_test_plan.cpp: the routing plan built on the device (src/cuda/plan.cu) against ref::build_plan.
+// tests/gpu_test_plan.cpp: the routing plan built on the device (src/cuda/routing/plan.cu) against ref::build_plan.
 //
 // Every plan array is compared EXACTLY (integers): expert_counts, expert_offsets, slot_row, row_token, row_slot,
 // for dropless routing and for both drop policies over several capacities. Inputs: random distinct experts per

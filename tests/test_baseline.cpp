@@ -14,7 +14,7 @@
 #include <sstream>
 #include <vector>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "ref/ref.h"
 #include "switchyard/switchyard.h"
 
@@ -286,7 +286,7 @@ TEST(DenseBaseline, ZeroAndOneToken) {
     }
 }
 
-// Hand count of the formula in dense.h on two small cases (every slice padded to 256 bytes).
+// Hand count of the formula in switchyard/baseline.h on two small cases (every slice padded to 256 bytes).
 TEST(DenseBaseline, MemoryFormulaHandCount) {
     MoEConfig c;
     c.hidden_size = 32;

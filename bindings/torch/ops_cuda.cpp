@@ -3,7 +3,7 @@
 // Every op runs on the tensor's device and torch's current stream, allocates its outputs (and any workspace) with
 // the caching allocator, and never synchronises with the host, so forward and backward capture in CUDA graphs.
 // Kernels: route_topk (router.cu), build_plan (plan.cu), permute_rows (permute.cu), grouped_gemm (grouped_gemm.h),
-// activation_rows (activation.cu), combine_rows (combine.cu), and the backward kernels of src/cuda/backward.h.
+// activation_rows (activation.cu), combine_rows (combine.cu), and the backward kernels of src/cuda/backward/backward.h.
 // Router losses: router_losses (balance.h) forward, router_losses_backward (backward.h) for the gradient.
 // GEMM gradients: grouped_gemm_dgrad (input gradient, B read N-major) and grouped_gemm_wgrad (weight gradient,
 // per-expert reduction over the expert's rows) of grouped_gemm.h, every dtype, device-side offsets, no host sync.
@@ -13,9 +13,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "cuda/backward.h"
-#include "cuda/balance.h"
-#include "cuda/grouped_gemm.h"
+#include "cuda/backward/backward.h"
+#include "cuda/routing/balance.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_stages.h"
 #include "ops.h"
 #include "switchyard/error.h"

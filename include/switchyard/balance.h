@@ -1,6 +1,6 @@
 // switchyard/balance.h: load balancing and routing variants (aux-loss-free bias updates, auxiliary losses,
 // expert-choice routing). The CPU reference (src/ref/balance.cpp) is the specification; the CUDA versions
-// (src/cuda/balance.cu) match it exactly for integers and within fp32 rounding for losses.
+// (src/cuda/routing/balance.cu) match it exactly for integers and within fp32 rounding for losses.
 //
 // Aux-loss-free balancing (DeepSeek-V3). After a step with per-expert loads load_e (pairs routed to e before drops,
 // e.g. ForwardOutputs::expert_counts or LoadStats::expert_counts):

@@ -1,6 +1,7 @@
 // switchyard/switchyard.h: the whole public API.
 #pragma once
 #include "switchyard/balance.h"
+#include "switchyard/baseline.h"
 #include "switchyard/config.h"
 #include "switchyard/dtype.h"
 #include "switchyard/error.h"

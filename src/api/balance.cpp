@@ -1,6 +1,6 @@
 // src/api/balance.cpp: the validating front of switchyard/balance.h (bias update, router losses).
 //
-// CPU tensors go to the reference (src/ref/balance.cpp), CUDA tensors to src/cuda/balance.cu (only in a build with
+// CPU tensors go to the reference (src/ref/balance.cpp), CUDA tensors to src/cuda/routing/balance.cu (only in a build with
 // SWITCHYARD_WITH_CUDA). Shapes, dtypes, devices and contiguity are checked here; the backends see checked input.
 #include "switchyard/balance.h"
 
@@ -12,7 +12,7 @@
 #include "switchyard/error.h"
 
 #ifdef SWITCHYARD_WITH_CUDA
-#include "cuda/balance.h"
+#include "cuda/routing/balance.h"
 #endif
 
 namespace switchyard {

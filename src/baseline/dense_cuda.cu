@@ -2,7 +2,7 @@
 //
 // Inputs:  x [T, H] of cfg.dtype, weights (gate [E, H], w13 [E, R, H], w2 [E, H, F], shared [Rs, H], [H, S]) of
 //          cfg.dtype, score_bias [E] fp32; all on the device of x. Output: y [T, H] of cfg.dtype.
-// Must match dense_forward_cpu (src/baseline/dense_ref.cpp) and the formula in dense.h; the layout of the arena
+// Must match dense_forward_cpu (src/baseline/dense_ref.cpp) and the formula in switchyard/baseline.h; the layout of the arena
 // (one device allocation or the caller's workspace, slices per dense_layout) is the same as on the CPU:
 //   logits [T, E] f32 | probs [T, E] f32 | ids [T, k] i32 | w [T, k] f32 | loc [T, k] i32   (router part)
 //   dispatch [T, E, C] | combine [T, E, C] | expert_in [E, C, H] | pre [E, C, R] f32 | h [E, C, F] |
@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
 #include "ref/ref.h"

@@ -19,7 +19,7 @@
 #include <sstream>
 #include <vector>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
 

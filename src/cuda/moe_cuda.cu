@@ -15,16 +15,16 @@
 // fp32 and store g1 in the layer dtype (one rounding more than the reference, which keeps g1 in double before the
 // activation); h, expert outputs, shared output and y are rounded once to the layer dtype as in the reference.
 // Workspace layout: forward_layout() below, every slice 256-byte aligned, in one fixed order.
-// Expert-choice routing (cfg.routing_mode, src/cuda/balance.cu): the router stage computes the logits and
+// Expert-choice routing (cfg.routing_mode, src/cuda/routing/balance.cu): the router stage computes the logits and
 // expert_choice_plan builds ids / weights / slot_row [T, E] and the plan (E*C rows) in one go; the plan stage is then
 // empty and every later stage runs unchanged with E slots per token.
 #include <nvtx3/nvToolsExt.h>
 
 #include <vector>
 
-#include "cuda/balance.h"
+#include "cuda/routing/balance.h"
 #include "cuda/common.cuh"
-#include "cuda/grouped_gemm.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_cuda.h"
 #include "cuda/moe_stages.h"
 

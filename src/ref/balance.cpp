@@ -1,5 +1,5 @@
 // src/ref/balance.cpp: load balancing and routing variants of the CPU backend (the specification of
-// src/cuda/balance.cu).
+// src/cuda/routing/balance.cu).
 //
 // update_score_bias   bias[e] = fp32(double(bias[e]) + rate * sign(N - E * counts[e])), N = sum_e counts[e]:
 //                     sign(mean load - load_e) decided exactly in integers (sign(0) = 0, so a balanced expert

@@ -19,7 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "bench_cuda.h"
 #include "cli_common.h"
 #include "commands.h"

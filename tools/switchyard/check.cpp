@@ -14,7 +14,7 @@
 #include <cstdio>
 #include <memory>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "cli_common.h"
 #include "commands.h"
 #include "io/npy.h"

@@ -30,7 +30,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "baseline/dense.h"
+#include "switchyard/baseline.h"
 #include "cli_common.h"
 #include "commands.h"
 #include "io/file_util.h"

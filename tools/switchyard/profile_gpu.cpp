@@ -50,8 +50,8 @@
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
-#include "baseline/dense.h"
-#include "cuda/grouped_gemm.h"
+#include "switchyard/baseline.h"
+#include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_cuda.h"
 #include "cuda/moe_stages.h"
 #include "cuda/probe.h"

@@ -1,0 +1,357 @@
+// src/cuda/backward/backward.cu: backward kernels of the router weights, gather, activation and combine (src/cuda/backward/backward.h).
+//
+// route_backward   one thread per token, loops over E and k in index order (ref::route_backward's formulas).
+// router_losses_backward
+//                  1. one block: per-expert top-k counts (shared-memory integer atomics: order-free, exact), then
+//                     gp[e] = d_aux * E * (count_e / (T k)) / T (double), d aux / d prob[t, e] for every t.
+//                  2. one warp per token, in double: max, softmax denominator (and sigmoid sum) and the dot products
+//                     as fixed lane-strided sums + a shuffle tree (deterministic); each lane writes its experts.
+// gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
+// activation_bwd   one block per row; elementwise (silu' = s (1 + v (1 - s)), gelu_tanh' as in ref, relu' = [v > 0]).
+// combine_backward one block per token: d_out rows written by the single (t, j) that owns them; d_weights[t, j] is a
+//                  block reduction of per-thread partial sums (thread i sums columns i, i + blockDim, ... in order),
+//                  then a fixed shared-memory tree: bitwise reproducible, no atomics.
+#include "cuda/backward/backward.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kBwdThreads = 128;
+constexpr int kMaxTopK = 32;
+
+__device__ __forceinline__ float sigmoidf_(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+struct RouteBwdParams {
+    const float* logits;
+    const int32_t* ids;
+    const float* d_weights;
+    float* d_logits;
+    int64_t num_tokens;
+    int num_experts;
+    int top_k;
+    int score_function;  // ScoreFunction
+    bool renormalize;
+    float routed_scale;
+};
+
+__global__ void route_backward_kernel(RouteBwdParams p) {
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= p.num_tokens) return;
+    const int num_experts = p.num_experts, k = p.top_k;
+    const float* l = p.logits + t * num_experts;
+    const int32_t* ids = p.ids + t * k;
+    const float* g = p.d_weights + t * k;
+    float* dl = p.d_logits + t * num_experts;
+    float u[kMaxTopK], gu[kMaxTopK];
+    float m = -INFINITY, denom = 0.0f;  // softmax over all E (softmax) or over the k chosen (top-k-softmax)
+    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+        for (int e = 0; e < num_experts; ++e) m = fmaxf(m, l[e]);
+        for (int e = 0; e < num_experts; ++e) denom += l[e] == m ? 1.0f : expf(l[e] - m);
+        for (int j = 0; j < k; ++j) u[j] = (l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m)) / denom;
+    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+        for (int j = 0; j < k; ++j) u[j] = sigmoidf_(l[ids[j]]);
+    } else {
+        for (int j = 0; j < k; ++j) m = fmaxf(m, l[ids[j]]);
+        for (int j = 0; j < k; ++j) denom += l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m);
+        for (int j = 0; j < k; ++j) u[j] = (l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m)) / denom;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j) sum += u[j];
+    if (p.renormalize && sum != 0.0f) {
+        float dot = 0.0f;
+        for (int j = 0; j < k; ++j) dot += g[j] * u[j];
+        for (int j = 0; j < k; ++j) gu[j] = p.routed_scale * (g[j] / sum - dot / (sum * sum));
+    } else {
+        for (int j = 0; j < k; ++j) gu[j] = p.routed_scale * g[j];
+    }
+    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+        float dot = 0.0f;
+        for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
+        for (int e = 0; e < num_experts; ++e) dl[e] = -((l[e] == m ? 1.0f : expf(l[e] - m)) / denom) * dot;
+        for (int j = 0; j < k; ++j) dl[ids[j]] += gu[j] * u[j];
+    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+        for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
+        for (int j = 0; j < k; ++j) dl[ids[j]] = gu[j] * u[j] * (1.0f - u[j]);
+    } else {
+        float dot = 0.0f;
+        for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
+        for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
+        for (int j = 0; j < k; ++j) dl[ids[j]] = u[j] * (gu[j] - dot);
+    }
+}
+
+constexpr int kMaxLossBwdExperts = 1024;
+constexpr int kLossWarpsPerBlock = 4;
+
+__global__ void loss_coeff_kernel(const int32_t* __restrict__ ids, int64_t n_ids, int num_experts, int64_t num_tokens,
+                                  const float* __restrict__ d_losses, double* __restrict__ gp) {
+    __shared__ int counts[kMaxLossBwdExperts];
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n_ids; i += blockDim.x) {
+        const int32_t e = ids[i];
+        if (e >= 0 && e < num_experts) atomicAdd(&counts[e], 1);
+    }
+    __syncthreads();
+    const double d_aux = d_losses[0], t = static_cast<double>(num_tokens);
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x)
+        gp[e] = d_aux * num_experts * (counts[e] / static_cast<double>(n_ids)) / t;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Double arithmetic: the aux term p_e (gp_e - sum_i gp_i p_i) cancels almost completely when the loads are even
+// (every gp_e close to the same value), which in fp32 would leave a relative error of ~1e-7 of gp, far above fp32
+// rounding of the small result. The exp/log count is T*E, small next to the layer.
+__global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
+    router_losses_backward_kernel(const float* __restrict__ logits, const double* __restrict__ gp,
+                                  const float* __restrict__ d_losses, int64_t num_tokens, int num_experts, int sigmoid,
+                                  float* __restrict__ d_logits) {
+    const int lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kLossWarpsPerBlock + (threadIdx.x >> 5);
+    if (t >= num_tokens) return;  // whole warps leave together
+    const double d_aux = d_losses[0], d_z = d_losses[1];
+    const float* l = logits + t * num_experts;
+    float* dl = d_logits + t * num_experts;
+    float mf = -INFINITY;
+    for (int e = lane; e < num_experts; e += 32) mf = fmaxf(mf, l[e]);
+    for (int o = 16; o > 0; o >>= 1) mf = fmaxf(mf, __shfl_xor_sync(0xffffffffu, mf, o));
+    const double m = mf;
+    auto ex = [&](int e) { return l[e] == mf ? 1.0 : exp(static_cast<double>(l[e]) - m); };
+    auto sg = [&](int e) { return 1.0 / (1.0 + exp(-static_cast<double>(l[e]))); };
+    double denom = 0.0, ssum = 0.0;
+    for (int e = lane; e < num_experts; e += 32) {
+        denom += ex(e);
+        if (sigmoid) ssum += sg(e);
+    }
+    denom = warp_sum_d(denom);
+    ssum = warp_sum_d(ssum);
+    const double zc = d_z * 2.0 * (m + log(denom)) / static_cast<double>(num_tokens);
+    double dot = 0.0;  // sum_e gp_e * prob_e
+    if (d_aux != 0.0) {
+        for (int e = lane; e < num_experts; e += 32) dot += gp[e] * (sigmoid ? sg(e) / ssum : ex(e) / denom);
+        dot = warp_sum_d(dot);
+    }
+    for (int e = lane; e < num_experts; e += 32) {
+        const double p = ex(e) / denom;
+        double g = 0.0;
+        if (d_aux != 0.0) {
+            if (sigmoid) {
+                const double s = sg(e);
+                g = (gp[e] - dot) / ssum * s * (1.0 - s);
+            } else {
+                g = p * (gp[e] - dot);
+            }
+        }
+        if (d_z != 0.0) g += zc * p;
+        dl[e] = static_cast<float>(g);
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+    gather_backward_kernel(const T* __restrict__ d_xp, const int32_t* __restrict__ slot_row, int top_k,
+                           int64_t hidden, T* __restrict__ dx) {
+    __shared__ int32_t rows_s[kMaxTopK];
+    const int64_t t = blockIdx.x;
+    if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_row[t * top_k + threadIdx.x];
+    __syncthreads();
+    for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
+        float acc = 0.0f;
+        for (int j = 0; j < top_k; ++j) {
+            const int32_t r = rows_s[j];
+            if (r >= 0) acc += to_f32(d_xp[static_cast<int64_t>(r) * hidden + h]);
+        }
+        dx[t * hidden + h] = from_f32<T>(acc);
+    }
+}
+
+__device__ __forceinline__ float silu_grad_f(float v) {
+    const float s = sigmoidf_(v);
+    return s * (1.0f + v * (1.0f - s));
+}
+__device__ __forceinline__ float gelu_f(float v) {
+    constexpr float kC = 0.7978845608028654f;
+    return 0.5f * v * (1.0f + tanhf(kC * (v + 0.044715f * v * v * v)));
+}
+__device__ __forceinline__ float gelu_grad_f(float v) {
+    constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+    const float th = tanhf(kC * (v + kA * v * v * v));
+    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * kC * (1.0f + 3.0f * kA * v * v);
+}
+
+template <typename T, Activation kAct>
+__global__ void __launch_bounds__(kBwdThreads)
+    activation_backward_kernel(const T* __restrict__ g, const T* __restrict__ dh, int64_t ffn, T* __restrict__ dg) {
+    constexpr bool kGated = kAct == Activation::kSwiGLU || kAct == Activation::kGeGLU;
+    const int64_t row = blockIdx.x, width = kGated ? 2 * ffn : ffn;
+    const T* gr = g + row * width;
+    const T* d = dh + row * ffn;
+    T* o = dg + row * width;
+    for (int64_t f = threadIdx.x; f < ffn; f += kBwdThreads) {
+        const float dv = to_f32(d[f]);
+        const float a = to_f32(gr[f]);
+        if constexpr (kAct == Activation::kSwiGLU) {
+            const float up = to_f32(gr[ffn + f]);
+            o[f] = from_f32<T>(dv * up * silu_grad_f(a));
+            o[ffn + f] = from_f32<T>(dv * a * sigmoidf_(a));
+        } else if constexpr (kAct == Activation::kGeGLU) {
+            const float up = to_f32(gr[ffn + f]);
+            o[f] = from_f32<T>(dv * up * gelu_grad_f(a));
+            o[ffn + f] = from_f32<T>(dv * gelu_f(a));
+        } else if constexpr (kAct == Activation::kGELU) {
+            o[f] = from_f32<T>(dv * gelu_grad_f(a));
+        } else {
+            o[f] = from_f32<T>(a > 0.0f ? dv : 0.0f);
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads)
+    combine_backward_kernel(const T* __restrict__ dy, const T* __restrict__ expert_out,
+                            const int32_t* __restrict__ slot_row, const float* __restrict__ weights, int top_k,
+                            int64_t hidden, T* __restrict__ d_out, float* __restrict__ d_weights) {
+    __shared__ float red[kBwdThreads];
+    const int64_t t = blockIdx.x;
+    const T* g = dy + t * hidden;
+    for (int j = 0; j < top_k; ++j) {
+        const int32_t r = slot_row[t * top_k + j];  // uniform across the block
+        if (r < 0) {
+            if (threadIdx.x == 0) d_weights[t * top_k + j] = 0.0f;
+            continue;
+        }
+        const float w = weights[t * top_k + j];
+        const T* o = expert_out + static_cast<int64_t>(r) * hidden;
+        T* d = d_out + static_cast<int64_t>(r) * hidden;
+        float part = 0.0f;
+        for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
+            const float gv = to_f32(g[h]);
+            part = fmaf(gv, to_f32(o[h]), part);
+            d[h] = from_f32<T>(w * gv);
+        }
+        red[threadIdx.x] = part;
+        __syncthreads();
+        for (int s = kBwdThreads / 2; s > 0; s >>= 1) {  // fixed tree: same order every run
+            if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) d_weights[t * top_k + j] = red[0];
+        __syncthreads();
+    }
+}
+
+void check_top_k(int64_t top_k, const char* what) {
+    SWITCHYARD_CHECK(top_k >= 1 && top_k <= kMaxTopK, what, ": top_k=", top_k, " must be in [1, ", kMaxTopK, "]");
+}
+
+}  // namespace
+
+void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, const float* d_weights,
+                    int64_t num_tokens, float* d_logits, cudaStream_t stream) {
+    if (num_tokens == 0) return;
+    check_top_k(cfg.top_k, "route_backward");
+    RouteBwdParams p{logits, topk_ids, d_weights, d_logits, num_tokens, static_cast<int>(cfg.num_experts),
+                     static_cast<int>(cfg.top_k), static_cast<int>(cfg.score_function), cfg.renormalize,
+                     static_cast<float>(cfg.routed_scale)};
+    const int threads = 128;
+    route_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, threads)), threads, 0, stream>>>(p);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+size_t router_losses_backward_workspace_size(int64_t num_experts) {
+    return static_cast<size_t>(std::max<int64_t>(num_experts, 0)) * sizeof(double);
+}
+
+void router_losses_backward(const MoEConfig& cfg, const float* logits, const int32_t* topk_ids, int64_t num_tokens,
+                            const float* d_losses, float* d_logits, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
+    const int64_t E = cfg.num_experts;
+    SWITCHYARD_CHECK(E >= 1 && E <= kMaxLossBwdExperts, "router_losses_backward: num_experts=", E, " must be in [1, ",
+                     kMaxLossBwdExperts, "]");
+    SWITCHYARD_CHECK(workspace_bytes >= router_losses_backward_workspace_size(E),
+                     "router_losses_backward: workspace of ", workspace_bytes, " bytes, need ",
+                     router_losses_backward_workspace_size(E));
+    if (num_tokens == 0) return;
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "router_losses_backward: num_tokens=", num_tokens);
+    auto* gp = static_cast<double*>(workspace);
+    loss_coeff_kernel<<<1, 1024, 0, stream>>>(topk_ids, num_tokens * cfg.top_k, static_cast<int>(E), num_tokens,
+                                              d_losses, gp);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+    const int sig = cfg.score_function == ScoreFunction::kSigmoid ? 1 : 0;
+    router_losses_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, kLossWarpsPerBlock)),
+                                    32 * kLossWarpsPerBlock, 0, stream>>>(logits, gp, d_losses, num_tokens,
+                                                                          static_cast<int>(E), sig, d_logits);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,
+                          int64_t hidden, void* dx, cudaStream_t stream) {
+    if (num_tokens == 0 || hidden == 0) return;
+    check_top_k(top_k, "gather_backward");
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "gather_backward: num_tokens=", num_tokens, " exceed the grid");
+    dispatch_float_dtype(dtype, "gather_backward", [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        gather_backward_kernel<T><<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
+            static_cast<const T*>(d_xp), slot_row, static_cast<int>(top_k), hidden, static_cast<T*>(dx));
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+    });
+}
+
+void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
+                              int64_t ffn, void* dg, cudaStream_t stream) {
+    if (max_rows == 0 || ffn == 0) return;
+    SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation_backward: rows=", max_rows, " exceed the grid");
+    dispatch_float_dtype(dtype, "activation_backward", [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        const auto* gp = static_cast<const T*>(g);
+        const auto* dp = static_cast<const T*>(dh);
+        auto* op = static_cast<T*>(dg);
+        const dim3 grid(static_cast<unsigned>(max_rows));
+        switch (act) {
+            case Activation::kSwiGLU:
+                activation_backward_kernel<T, Activation::kSwiGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                break;
+            case Activation::kGeGLU:
+                activation_backward_kernel<T, Activation::kGeGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                break;
+            case Activation::kGELU:
+                activation_backward_kernel<T, Activation::kGELU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                break;
+            case Activation::kReLU:
+                activation_backward_kernel<T, Activation::kReLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                break;
+            default:
+                SWITCHYARD_FAIL("activation_backward: activation=", static_cast<int>(act), " is not supported");
+        }
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+    });
+}
+
+void combine_backward_rows(DType dtype, const void* dy, const void* expert_out, const int32_t* slot_row,
+                           const float* weights, int64_t num_tokens, int64_t top_k, int64_t hidden, void* d_out,
+                           float* d_weights, cudaStream_t stream) {
+    if (num_tokens == 0) return;
+    check_top_k(top_k, "combine_backward");
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "combine_backward: num_tokens=", num_tokens, " exceed the grid");
+    dispatch_float_dtype(dtype, "combine_backward", [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        combine_backward_kernel<T><<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
+            static_cast<const T*>(dy), static_cast<const T*>(expert_out), slot_row, weights, static_cast<int>(top_k),
+            hidden, static_cast<T*>(d_out), d_weights);
+        SWITCHYARD_CUDA_CHECK_LAUNCH();
+    });
+}
+
+}  // namespace cuda
+}  // namespace switchyard

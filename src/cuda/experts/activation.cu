@@ -1,0 +1,113 @@
+// src/cuda/experts/activation.cu: the (gated) activation between the two expert GEMMs.
+//
+// Input:  in [rows, 2F] (gated: gate columns [0, F), up columns [F, 2F)) or [rows, F] (ungated), dtype.
+// Output: out [rows, F], dtype: out = act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh) or act(up) (GELU, ReLU),
+//         computed in fp32 from the stored inputs and rounded once to dtype (ref::apply_activation).
+// Rows r >= *num_rows (device counter, e.g. expert_offsets[E]; may be null) or r >= max_rows are not touched.
+// One block per row, 16-byte vectors of the three tensors when F allows.
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+#include "cuda/moe_stages.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kActThreads = 128;
+
+template <Activation kAct>
+__device__ __forceinline__ float act_fn(float v) {
+    if constexpr (kAct == Activation::kSwiGLU) {
+        return v / (1.0f + expf(-v));
+    } else if constexpr (kAct == Activation::kGeGLU || kAct == Activation::kGELU) {
+        constexpr float kSqrt2OverPi = 0.7978845608028654f;
+        return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
+    } else {
+        return v > 0.0f ? v : 0.0f;
+    }
+}
+
+template <typename T, Activation kAct, bool kVec>
+__global__ void __launch_bounds__(kActThreads)
+    activation_kernel(const T* __restrict__ in, const int32_t* __restrict__ num_rows, int64_t ffn,
+                      T* __restrict__ out) {
+    constexpr bool kGated = kAct == Activation::kSwiGLU || kAct == Activation::kGeGLU;
+    const int64_t row = blockIdx.x;
+    if (num_rows != nullptr && row >= *num_rows) return;
+    const int64_t in_width = kGated ? 2 * ffn : ffn;
+    const T* src = in + row * in_width;
+    T* dst = out + row * ffn;
+    if constexpr (kVec) {
+        constexpr int kN = kVecElems<T>;
+        const int64_t nvec = ffn / kN;
+        for (int64_t i = threadIdx.x; i < nvec; i += kActThreads) {
+            Vec16<T> u = reinterpret_cast<const Vec16<T>*>(src + (kGated ? ffn : 0))[i];
+            Vec16<T> g;
+            if constexpr (kGated) g = reinterpret_cast<const Vec16<T>*>(src)[i];
+            Vec16<T> r;
+#pragma unroll
+            for (int q = 0; q < kN; ++q) {
+                const float h = kGated ? act_fn<kAct>(to_f32(g.v[q])) * to_f32(u.v[q]) : act_fn<kAct>(to_f32(u.v[q]));
+                r.v[q] = from_f32<T>(h);
+            }
+            reinterpret_cast<Vec16<T>*>(dst)[i] = r;
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < ffn; i += kActThreads) {
+            float h;
+            if constexpr (kGated) {
+                h = act_fn<kAct>(to_f32(src[i])) * to_f32(src[ffn + i]);
+            } else {
+                h = act_fn<kAct>(to_f32(src[i]));
+            }
+            dst[i] = from_f32<T>(h);
+        }
+    }
+}
+
+template <typename T, Activation kAct>
+void launch_activation(const void* in, int64_t max_rows, const int32_t* num_rows, int64_t ffn, void* out,
+                       cudaStream_t stream) {
+    const bool vec = ffn % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    const dim3 grid(static_cast<unsigned>(max_rows));
+    if (vec) {
+        activation_kernel<T, kAct, true><<<grid, kActThreads, 0, stream>>>(static_cast<const T*>(in), num_rows, ffn,
+                                                                           static_cast<T*>(out));
+    } else {
+        activation_kernel<T, kAct, false><<<grid, kActThreads, 0, stream>>>(static_cast<const T*>(in), num_rows,
+                                                                            ffn, static_cast<T*>(out));
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
+                     int64_t ffn, void* out, cudaStream_t stream) {
+    if (max_rows == 0 || ffn == 0) return;
+    SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation: rows=", max_rows, " exceed the grid");
+    dispatch_float_dtype(dtype, "activation", [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        switch (act) {
+            case Activation::kSwiGLU:
+                launch_activation<T, Activation::kSwiGLU>(in, max_rows, num_rows, ffn, out, stream);
+                return;
+            case Activation::kGeGLU:
+                launch_activation<T, Activation::kGeGLU>(in, max_rows, num_rows, ffn, out, stream);
+                return;
+            case Activation::kGELU:
+                launch_activation<T, Activation::kGELU>(in, max_rows, num_rows, ffn, out, stream);
+                return;
+            case Activation::kReLU:
+                launch_activation<T, Activation::kReLU>(in, max_rows, num_rows, ffn, out, stream);
+                return;
+        }
+        SWITCHYARD_FAIL("activation: activation=", static_cast<int>(act), " is not supported");
+    });
+}
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,185 @@
+// src/cuda/gemm/grouped_gemm.cu: the grouped GEMM entry points of grouped_gemm.h: validation, workspace sizing, the
+// tile heuristic for the 16-bit CUTLASS path (grouped_gemm_sm90*.cu), and the fp32 path (a tiled SIMT kernel).
+//
+// fp32 kernel layout: for group e with rows [offsets[e], offsets[e+1]) of A [rows, K] and B_e = B[e] [N, K]
+// (both row-major, K contiguous), C[r, n] = sum_k A[r, k] * B_e[n, k], C [rows, N] row-major.
+// Each 64x64 output tile is one thread block; blocks are numbered over all groups' row tiles (a group of m rows
+// has ceil(m / 64) of them; at most ceil(max_rows / 64) + E in total), so the grid is sized from max_rows alone and
+// the kernel reads the group sizes from the device offsets (no host synchronisation); the tile code is shared with
+// the gradients (grouped_gemm_simt.cuh). Each thread accumulates a 4x4 micro-tile in fp32 over k = 0..K-1 in
+// order: bitwise reproducible. Any N, K >= 1 (bounds-checked loads).
+// Reference: a product accumulated in double (src/ref), rounded to fp32.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
+#include "cuda/gemm/grouped_gemm_simt.cuh"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+struct SimtParams {
+    const float* a;
+    const float* b;
+    float* c;
+    const int32_t* offsets;
+    int num_groups;
+    int n;
+    int k;
+};
+
+// One 64x64 tile of C: row tile blockIdx.x over all groups' row tiles, column tile blockIdx.y over N; both operands
+// contiguous along K (simt::simt_tile<true, true>).
+__global__ void __launch_bounds__(simt::kThreads) grouped_gemm_f32_kernel(SimtParams p) {
+    const simt::RowTile t = simt::row_tile_of(blockIdx.x, p.offsets, p.num_groups);
+    if (t.group < 0) return;
+    const int col0 = blockIdx.y * simt::kTile;
+    simt::simt_tile<true, true>(p.a + static_cast<int64_t>(t.row0) * p.k, p.k, t.rows,
+                                p.b + (static_cast<int64_t>(t.group) * p.n + col0) * p.k, p.k, p.n - col0, p.k,
+                                p.c + static_cast<int64_t>(t.row0) * p.n + col0, p.n);
+}
+
+void check_sizes(const GroupedGemmArgs& g) {
+    check_gemm_sizes("grouped_gemm", g.dtype, g.num_groups, INT_MAX, g.n, g.k, g.max_rows);
+}
+
+sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
+    switch (g.tile) {
+        case GroupedGemmTile::kLarge: return sm90::TileConfig::kCooperative128x256;
+        case GroupedGemmTile::kSmall: return sm90::TileConfig::kPingpong64x128;
+        case GroupedGemmTile::kMedium: return sm90::TileConfig::kPingpong128x128;
+        case GroupedGemmTile::kAuto: break;
+    }
+    // Measured on an H200 (bench/NOTES.md, change 2) and an H100 (2026-11-27) over the DESIGN.md expert shapes: with
+    // few rows per group the 64-row Pingpong tile wastes the least MMA work and streams the weights fastest; up to 64
+    // rows, and for short K (<= 1024: few k-steps per tile, so the epilogue matters) the 128x128 Pingpong tile, whose
+    // two warpgroups overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest
+    // MMA rate). At 128 rows per group (DeepSeek-V3, T=4096) the 128x256 tile is 15-18% faster on the H100 and 3-4%
+    // slower on the H200: the rule follows DESIGN.md's card. fp16 has no 128x128 instantiation: two-way rule.
+    const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
+    const bool has_medium = g.dtype == DType::kBF16;
+    if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
+    if (avg_rows <= 64) return has_medium ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
+    if (g.k <= 1024 && has_medium) return sm90::TileConfig::kPingpong128x128;
+    return sm90::TileConfig::kCooperative128x256;
+}
+
+}  // namespace
+
+DeviceFacts device_facts() {
+    static std::array<std::atomic<int>, 64> cached_sm{};
+    static std::array<std::atomic<int>, 64> cached_cc{};
+    int device = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
+    if (device >= 0 && device < 64) {
+        const int sm = cached_sm[device].load(std::memory_order_acquire);
+        if (sm > 0) return {sm, cached_cc[device].load(std::memory_order_acquire)};
+    }
+    int sm = 0, major = 0;
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, device));
+    SWITCHYARD_GG_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (device >= 0 && device < 64) {
+        cached_cc[device].store(major, std::memory_order_release);
+        cached_sm[device].store(sm, std::memory_order_release);
+    }
+    return {sm, major};
+}
+
+void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
+                      int64_t max_rows) {
+    SWITCHYARD_CHECK(dtype == DType::kF32 || is_16bit(dtype), what, ": dtype=", to_string(dtype),
+                     " is not supported (fp32, bf16, fp16)");
+    SWITCHYARD_CHECK(num_groups >= 1 && num_groups <= max_groups, what, ": num_groups=", num_groups,
+                     " must be in [1, ", max_groups, "]");
+    SWITCHYARD_CHECK(n >= 1 && n <= INT_MAX, what, ": n=", n, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(k >= 1 && k <= INT_MAX, what, ": k=", k, " must be in [1, 2^31)");
+    SWITCHYARD_CHECK(max_rows >= 0 && max_rows <= INT_MAX, what, ": max_rows=", max_rows, " must be in [0, 2^31)");
+    if (is_16bit(dtype)) {
+        SWITCHYARD_CHECK(k % 8 == 0, what, ": k=", k, " must be a multiple of 8 for ", to_string(dtype),
+                         " (16-byte TMA row alignment)");
+        SWITCHYARD_CHECK(n % 8 == 0, what, ": n=", n, " must be a multiple of 8 for ", to_string(dtype),
+                         " (16-byte TMA row alignment)");
+    }
+}
+
+DeviceFacts check_16bit_call(const char* what, DType dtype, const void* workspace, size_t workspace_bytes,
+                             size_t need) {
+    const DeviceFacts facts = device_facts();
+    SWITCHYARD_CHECK(facts.cc_major == 9, what, ": the ", to_string(dtype),
+                     " path needs an sm_90 GPU (H100/H200); this device has compute capability major ", facts.cc_major);
+    SWITCHYARD_CHECK(workspace != nullptr || need == 0, what, ": workspace is null, need ", need, " bytes");
+    SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes, " < required ", need);
+    SWITCHYARD_CHECK(aligned16(workspace), what, ": workspace must be 16-byte aligned (got ", workspace, ")");
+    return facts;
+}
+
+bool grouped_gemm_supported(const GroupedGemmArgs& args) {
+    try {
+        check_sizes(args);
+    } catch (const Error&) {
+        return false;
+    }
+    return true;
+}
+
+size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return 0;
+    const int sm_count = device_facts().sm_count;
+    // The largest over the tile configurations, so a caller may size once and let kAuto choose per call.
+    size_t bytes = 0;
+    for (auto tile : {sm90::TileConfig::kCooperative128x256, sm90::TileConfig::kPingpong64x128,
+                      sm90::TileConfig::kPingpong128x128}) {
+        bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
+    }
+    return bytes;
+}
+
+const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 64x64x16";
+    return sm90::ops_for(args.dtype, choose_tile(args)).name;
+}
+
+void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm: offsets is null");
+    SWITCHYARD_CHECK(args.b != nullptr, "grouped_gemm: b is null");
+    if (args.max_rows > 0) {
+        SWITCHYARD_CHECK(args.a != nullptr, "grouped_gemm: a is null with max_rows=", args.max_rows);
+        SWITCHYARD_CHECK(args.c != nullptr, "grouped_gemm: c is null with max_rows=", args.max_rows);
+    }
+    if (args.max_rows == 0) return;  // offsets[E] <= max_rows: no rows, nothing to compute
+
+    if (args.dtype == DType::kF32) {
+        SimtParams p{static_cast<const float*>(args.a), static_cast<const float*>(args.b), static_cast<float*>(args.c),
+                     args.offsets, static_cast<int>(args.num_groups), static_cast<int>(args.n),
+                     static_cast<int>(args.k)};
+        const int64_t row_tiles = (args.max_rows + simt::kTile - 1) / simt::kTile + args.num_groups;
+        const int64_t col_tiles = (args.n + simt::kTile - 1) / simt::kTile;
+        SWITCHYARD_CHECK(row_tiles <= INT_MAX && col_tiles <= 65535, "grouped_gemm: fp32 grid too large (row tiles ",
+                         row_tiles, ", column tiles ", col_tiles, ")");
+        dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+        grouped_gemm_f32_kernel<<<grid, simt::kThreads, 0, stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts =
+        check_16bit_call("grouped_gemm", args.dtype, workspace, workspace_bytes, grouped_gemm_workspace_size(args));
+    SWITCHYARD_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c),
+                     "grouped_gemm: a, b and c must be 16-byte aligned for TMA (a=", args.a, ", b=", args.b,
+                     ", c=", args.c, ")");
+    GroupedGemmArgs a = args;
+    a.raster = resolve_raster(args.raster);
+    sm90::ops_for(args.dtype, choose_tile(args)).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,116 @@
+// src/cuda/gemm/grouped_gemm.h: grouped GEMM over experts with device-side group sizes (host-only header).
+//
+// For every expert e with rows [offsets[e], offsets[e+1]) of A:
+//   C[r, n] = sum_k A[r, k] * B[e, n, k]      r in the expert's rows, n < N, k < K
+// A: [total_rows, K] row-major (dtype), B: [E, N, K] row-major (nn.Linear layout, dtype),
+// C: [total_rows, N] row-major (dtype). fp32 accumulation. offsets: device int32 [E+1].
+// No host synchronisation: problem sizes and pointer arrays are built on the device from offsets.
+// max_rows bounds offsets[E] (T*k); it sizes the workspace and the launch.
+// Implementation: bf16/fp16 run a CUTLASS sm90 ptr-array grouped GEMM (grouped_gemm_sm90*.cu), fp32 a tiled SIMT
+// kernel (grouped_gemm.cu). Each output element is computed by one thread block over the whole K: results are
+// bitwise reproducible run to run. Empty groups are valid.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "switchyard/dtype.h"
+
+namespace switchyard {
+namespace cuda {
+
+// Tile configuration of the 16-bit path. kAuto picks from the average rows per group (max_rows / E), N and K
+// (grouped_gemm.cu, choose_tile): kSmall for <= 32 rows or N <= 128, kMedium for <= 64 rows or K <= 1024 (bf16),
+// else kLarge. The override exists for tests and benchmarks.
+enum class GroupedGemmTile : int {
+    kAuto = 0,
+    kLarge = 1,  // Cooperative 128x256x64, cluster 2x1x1
+    kSmall = 2,  // Pingpong 64x128x128, cluster 1x1x1
+    kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
+};
+
+// Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
+// of one group. kAlongM walks down M first, so a wave of CTAs covers a few N stripes at full height (B's tiles are
+// streamed once, A_e is re-read once per stripe, from L2 when it fits); kAlongN is the transpose. kAuto = kAlongM
+// (CUTLASS's grouped default): measured on an H100 (bench/NOTES.md, 2026-11-27) the other order is within a few
+// percent on the training GEMMs with the large tile, either way, worse by up to 40% where an expert spans two M
+// tiles of a long-K GEMM, and no faster on decode-sized GEMMs (an apparent 10-15% gain there was the benchmark's
+// first-timed-configuration effect; whole layers measured the same with either order).
+enum class GemmRaster : int {
+    kAuto = 0,
+    kAlongM = 1,
+    kAlongN = 2,
+};
+
+struct GroupedGemmArgs {
+    const void* a = nullptr;
+    const void* b = nullptr;
+    void* c = nullptr;
+    DType dtype = DType::kBF16;
+    int64_t num_groups = 0;  // E
+    int64_t n = 0;
+    int64_t k = 0;
+    int64_t max_rows = 0;
+    const int32_t* offsets = nullptr;  // device [E+1]
+    GroupedGemmTile tile = GroupedGemmTile::kAuto;  // ignored for fp32
+    GemmRaster raster = GemmRaster::kAuto;          // ignored for fp32
+};
+
+// Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).
+size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args);
+// True when the dtype/sizes are supported by the CUTLASS path (K and N multiples of 8 for 16-bit types).
+bool grouped_gemm_supported(const GroupedGemmArgs& args);
+void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// The kernel grouped_gemm would run for these args (after the kAuto heuristic), for logs and benchmarks.
+const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
+// Writes 0 to rows [offsets[E], max_rows) of a row-major [max_rows, width] tensor of dtype (the rows no expert owns:
+// grouped_gemm leaves them untouched; offsets[0] = 0 as every routing plan has it). Reads offsets[E] on the device
+// (clamped to [0, max_rows]): no host synchronisation.
+void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
+                           int64_t max_rows, cudaStream_t stream);
+
+// ---- Gradients of the grouped GEMM (training backward) ----
+// With the forward's layouts (A [max_rows, K], B [E, N, K], C [max_rows, N], all row-major) and dC [max_rows, N]
+// row-major, for every expert e with rows [offsets[e], offsets[e+1]):
+//   dgrad: dA[r, k]    = sum_n dC[r, n] * B[e, n, k]                  dA [max_rows, K]; B read N-major
+//   wgrad: dB[e, n, k] = sum_{r in e} dC[r, n] * A[r, k]              dB [E, N, K]; reduction length rows_e
+// dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
+// expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
+// one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1;
+// N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
+// (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
+struct GroupedGemmGradArgs {
+    const void* dc = nullptr;  // [max_rows, N]
+    const void* a = nullptr;   // [max_rows, K] (wgrad only)
+    const void* b = nullptr;   // [E, N, K]     (dgrad only)
+    void* da = nullptr;        // [max_rows, K] (dgrad output)
+    void* db = nullptr;        // [E, N, K]     (wgrad output)
+    DType dtype = DType::kBF16;
+    int64_t num_groups = 0;  // E
+    int64_t n = 0;
+    int64_t k = 0;
+    int64_t max_rows = 0;
+    const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
+    GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
+};
+
+// Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one
+// workspace serves both calls on one stream).
+size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args);
+// True when the dtype/sizes are supported (N and K multiples of 8 for 16-bit types).
+bool grouped_gemm_grad_supported(const GroupedGemmGradArgs& args);
+// dA from dC and B (reads dc, b; writes da).
+void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+// dB from dC and A (reads dc, a; writes db).
+void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+// The kernels the two calls run for these args, for logs and benchmarks.
+const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args);
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args);
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,262 @@
+// src/cuda/gemm/grouped_gemm_backward.cu: the gradient entry points of grouped_gemm.h (grouped_gemm_dgrad / _wgrad):
+// validation, workspace sizing, the zeroing kernels, and the fp32 path (tiled SIMT kernels). The 16-bit path runs
+// the CUTLASS sm90 instantiations of grouped_gemm_sm90_backward.cuh.
+//
+// Contract (per expert e with rows [offsets[e], offsets[e+1]), all tensors row-major):
+//   dgrad: dA[r, k] = sum_n dC[r, n] * B[e, n, k]; rows r >= offsets[E] of dA [max_rows, K] are written as 0.
+//   wgrad: dB[e, n, k] = sum_{r in e} dC[r, n] * A[r, k]; an expert with no rows gets dB[e] = 0.
+// Empty experts in the 16-bit wgrad: CUTLASS's sm90 mainloop leaves the accumulators unset when a group's K (here
+// rows_e) is 0, so those groups are given M = 0 (no tiles) and zero_empty_groups_kernel writes their dB[e]. It is a
+// persistent grid-stride kernel over all experts that reads the device offsets (no host synchronisation); with no
+// empty expert it costs one short launch. dgrad's unused rows are zeroed the same way (zero_tail_rows_kernel).
+//
+// fp32 kernels: one 64x64 output tile per thread block, each thread a 4x4 micro-tile accumulated in fp32 over the
+// reduction index in increasing order (bitwise reproducible), operands staged through shared memory in slabs of 16
+// along the reduction with coalesced loads whichever index is contiguous in memory. dgrad numbers its blocks over
+// all groups' 64-row tiles (grid sized from max_rows + E, as the forward's fp32 kernel); wgrad has one grid slice
+// per expert (blockIdx.z), its reduction running over the expert's rows (none: the tile is written as 0).
+// Reference: products accumulated in double (src/ref/backward.cpp grouped_gemm_backward), rounded to the dtype.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
+#include "cuda/gemm/sm90/grouped_gemm_sm90_backward.h"
+#include "cuda/gemm/grouped_gemm_simt.cuh"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+using simt::kThreads;
+using simt::kTile;
+using simt::simt_tile;
+constexpr int kZeroThreads = 256;
+
+struct F32Params {
+    const float* dc;
+    const float* a;
+    const float* b;
+    float* da;
+    float* db;
+    const int32_t* offsets;
+    int num_groups;
+    int n;
+    int k;
+};
+
+// dA tile (row tile blockIdx.x over all groups, column tile blockIdx.y over K): A' = dC_e rows (reduction over n
+// contiguous), B'(j, q) = B[e, q, j] (j contiguous).
+__global__ void __launch_bounds__(kThreads) dgrad_f32_kernel(F32Params p) {
+    const simt::RowTile t = simt::row_tile_of(blockIdx.x, p.offsets, p.num_groups);
+    if (t.group < 0) return;
+    const int col0 = blockIdx.y * kTile;
+    simt_tile<true, false>(p.dc + static_cast<int64_t>(t.row0) * p.n, p.n, t.rows,
+                           p.b + static_cast<int64_t>(t.group) * p.n * p.k + col0, p.k, p.k - col0, p.n,
+                           p.da + static_cast<int64_t>(t.row0) * p.k + col0, p.k);
+}
+
+// dB[e] tile (blockIdx.y over N, blockIdx.x over K, blockIdx.z = e): A'(i, r) = dC[row0 + r, n0 + i],
+// B'(j, r) = A[row0 + r, k0 + j]; both contiguous along i / j. The reduction runs over the expert's rows.
+__global__ void __launch_bounds__(kThreads) wgrad_f32_kernel(F32Params p) {
+    const int e = blockIdx.z;
+    const int row0 = p.offsets[e];
+    const int rows = p.offsets[e + 1] - row0;
+    const int n0 = blockIdx.y * kTile, k0 = blockIdx.x * kTile;
+    simt_tile<false, false>(p.dc + static_cast<int64_t>(row0) * p.n + n0, p.n, p.n - n0,
+                            p.a + static_cast<int64_t>(row0) * p.k + k0, p.k, p.k - k0, rows,
+                            p.db + (static_cast<int64_t>(e) * p.n + n0) * p.k + k0, p.k);
+}
+
+// Zeroes units [offsets[E] * units_per_row, max_rows * units_per_row) of base (rows no expert owns).
+template <typename T>
+__global__ void zero_tail_rows_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_row,
+                                      int64_t max_rows) {
+    const int64_t used = offsets[num_groups];  // clamped: a malformed offsets array never writes out of range
+    const int64_t begin = (used < 0 ? 0 : (used > max_rows ? max_rows : used)) * units_per_row;
+    const int64_t end = max_rows * units_per_row;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end; i += stride)
+        base[i] = T{};
+}
+
+// Zeroes the units_per_group units of every group e with offsets[e + 1] == offsets[e].
+template <typename T>
+__global__ void zero_empty_groups_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_group) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int e = 0; e < num_groups; ++e) {
+        if (offsets[e + 1] != offsets[e]) continue;
+        T* g = base + static_cast<int64_t>(e) * units_per_group;
+        for (int64_t i = first; i < units_per_group; i += stride) g[i] = T{};
+    }
+}
+
+void check_sizes(const GroupedGemmGradArgs& g) {
+    check_gemm_sizes("grouped_gemm gradient", g.dtype, g.num_groups, 65535, g.n, g.k, g.max_rows);
+}
+
+// Checks the workspace and device for a 16-bit call; returns the device facts.
+DeviceFacts check_grad_16bit_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes,
+                                  const char* what) {
+    return check_16bit_call(what, g.dtype, workspace, workspace_bytes, grouped_gemm_grad_workspace_size(g));
+}
+
+// Grid for a grid-stride zeroing kernel over `units` units: enough blocks to cover them, at most 4 per SM.
+unsigned zero_grid(int64_t units, int sm_count) {
+    const int64_t blocks = (units + kZeroThreads - 1) / kZeroThreads;
+    return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 4 * int64_t{sm_count})));
+}
+
+// Zeroes rows [offsets[E], max_rows) of a [max_rows, width] tensor of dtype t.
+void zero_tail_rows(void* base, DType t, const int32_t* offsets, int64_t num_groups, int64_t width, int64_t max_rows,
+                    int sm_count, cudaStream_t stream) {
+    const int64_t row_bytes = width * static_cast<int64_t>(dtype_size(t));
+    if (row_bytes % 16 == 0 && aligned16(base)) {
+        const int64_t units = row_bytes / 16;
+        zero_tail_rows_kernel<uint4><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint4*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    } else if (row_bytes % 4 == 0) {  // e.g. fp32 rows
+        const int64_t units = row_bytes / 4;
+        zero_tail_rows_kernel<uint32_t><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint32_t*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    } else {  // 16-bit rows of odd width
+        const int64_t units = row_bytes / 2;
+        zero_tail_rows_kernel<uint16_t><<<zero_grid(units * max_rows, sm_count), kZeroThreads, 0, stream>>>(
+            static_cast<uint16_t*>(base), offsets, static_cast<int>(num_groups), units, max_rows);
+    }
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+}
+
+// The fp32 kernels' parameters (unused pointers of the other layout are passed along unread).
+F32Params f32_params(const GroupedGemmGradArgs& g) {
+    F32Params p;
+    p.dc = static_cast<const float*>(g.dc);
+    p.a = static_cast<const float*>(g.a);
+    p.b = static_cast<const float*>(g.b);
+    p.da = static_cast<float*>(g.da);
+    p.db = static_cast<float*>(g.db);
+    p.offsets = g.offsets;
+    p.num_groups = static_cast<int>(g.num_groups);
+    p.n = static_cast<int>(g.n);
+    p.k = static_cast<int>(g.k);
+    return p;
+}
+
+}  // namespace
+
+void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
+                           int64_t max_rows, cudaStream_t stream) {
+    SWITCHYARD_CHECK(num_groups >= 1 && width >= 0 && max_rows >= 0, "zero_rows_past_groups: num_groups=", num_groups,
+                     " width=", width, " max_rows=", max_rows);
+    if (max_rows == 0 || width == 0) return;
+    zero_tail_rows(base, dtype, offsets, num_groups, width, max_rows, device_facts().sm_count, stream);
+}
+
+bool grouped_gemm_grad_supported(const GroupedGemmGradArgs& args) {
+    try {
+        check_sizes(args);
+    } catch (const Error&) {
+        return false;
+    }
+    return true;
+}
+
+size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return 0;
+    const int sm_count = device_facts().sm_count;
+    return std::max(sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).workspace_size(args.num_groups, sm_count),
+                    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).workspace_size(args.num_groups, sm_count));
+}
+
+const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
+    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).name;
+}
+
+const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
+    check_sizes(args);
+    if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
+    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).name;
+}
+
+void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm dgrad: offsets is null");
+    SWITCHYARD_CHECK(args.b != nullptr, "grouped_gemm dgrad: b is null");
+    if (args.max_rows == 0) return;  // dA has no rows
+    SWITCHYARD_CHECK(args.dc != nullptr, "grouped_gemm dgrad: dc is null with max_rows=", args.max_rows);
+    SWITCHYARD_CHECK(args.da != nullptr, "grouped_gemm dgrad: da is null with max_rows=", args.max_rows);
+
+    if (args.dtype == DType::kF32) {
+        zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows,
+                       device_facts().sm_count, stream);
+        const F32Params p = f32_params(args);
+        const int64_t row_tiles = (args.max_rows + kTile - 1) / kTile + args.num_groups;
+        const int64_t col_tiles = (args.k + kTile - 1) / kTile;
+        SWITCHYARD_CHECK(row_tiles <= INT_MAX && col_tiles <= 65535,
+                         "grouped_gemm dgrad: fp32 grid too large (row "
+                         "tiles ",
+                         row_tiles, ", column tiles ", col_tiles, ")");
+        dgrad_f32_kernel<<<dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles)), kThreads, 0,
+                           stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
+    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.b) && aligned16(args.da),
+                     "grouped_gemm dgrad: dc, b and da must be 16-byte aligned for TMA (dc=", args.dc, ", b=", args.b,
+                     ", da=", args.da, ")");
+    zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
+    GroupedGemmGradArgs a = args;
+    a.raster = resolve_raster(args.raster);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_sizes(args);
+    SWITCHYARD_CHECK(args.offsets != nullptr, "grouped_gemm wgrad: offsets is null");
+    SWITCHYARD_CHECK(args.db != nullptr, "grouped_gemm wgrad: db is null");
+    const size_t db_bytes = static_cast<size_t>(args.num_groups * args.n * args.k) * dtype_size(args.dtype);
+    if (args.max_rows == 0) {  // offsets[E] <= 0: every expert is empty
+        SWITCHYARD_GG_CUDA_CHECK(cudaMemsetAsync(args.db, 0, db_bytes, stream));
+        return;
+    }
+    SWITCHYARD_CHECK(args.dc != nullptr, "grouped_gemm wgrad: dc is null with max_rows=", args.max_rows);
+    SWITCHYARD_CHECK(args.a != nullptr, "grouped_gemm wgrad: a is null with max_rows=", args.max_rows);
+
+    if (args.dtype == DType::kF32) {  // empty experts: the kernel's reduction is empty and writes 0
+        const F32Params p = f32_params(args);
+        const int64_t k_tiles = (args.k + kTile - 1) / kTile;
+        const int64_t n_tiles = (args.n + kTile - 1) / kTile;
+        SWITCHYARD_CHECK(k_tiles <= INT_MAX && n_tiles <= 65535, "grouped_gemm wgrad: fp32 grid too large (k tiles ",
+                         k_tiles, ", n tiles ", n_tiles, ")");
+        wgrad_f32_kernel<<<dim3(static_cast<unsigned>(k_tiles), static_cast<unsigned>(n_tiles),
+                                static_cast<unsigned>(args.num_groups)),
+                           kThreads, 0, stream>>>(p);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
+
+    const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm wgrad");
+    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.a) && aligned16(args.db),
+                     "grouped_gemm wgrad: dc, a and db must be 16-byte aligned for TMA (dc=", args.dc, ", a=", args.a,
+                     ", db=", args.db, ")");
+    // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
+    const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
+    zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
+        static_cast<uint4*>(args.db), args.offsets, static_cast<int>(args.num_groups), units);
+    SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+    GroupedGemmGradArgs a = args;
+    a.raster = resolve_raster(args.raster);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad)
+        .run(a, workspace, workspace_bytes, facts.sm_count, stream);
+}
+
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,278 @@
+// src/cuda/gemm/sm90/grouped_gemm_sm90.cuh: CUTLASS 4.2 sm90 ptr-array grouped GEMM with device-side problem shapes
+// (the approach of CUTLASS example 57), templated on element type and tile configuration.
+//
+// Per group e (rows [offsets[e], offsets[e+1]) of A):  D_e[M_e, N] = A_e[M_e, K] * B_e[N, K]^T
+//   A: [rows, K] row-major  -> CUTLASS "RowMajor" A (K-major)
+//   B: [E, N, K] row-major  -> per group a K x N "ColumnMajor" B (K-major): both operands K-major (TN GEMM)
+//   D: [rows, N] row-major  -> "RowMajor" D. No C operand (ElementC = void): D = 1.0 * acc, rounded once.
+// fp32 accumulation. Each output tile is computed by one CTA over the whole K (no split-K, no stream-K), so results
+// are bitwise reproducible run to run. Groups with 0 rows contribute no tiles (the group tile scheduler skips them).
+// Alignment: TMA needs 16-byte aligned base pointers and row strides, hence K % 8 == 0 and N % 8 == 0 for 16-bit
+// types (checked by the dispatcher, grouped_gemm.cu). Matches ref: a double-accumulated product rounded to dtype.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+#include <cutlass/util/packed_stride.hpp>
+
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // <M, N, K> per group
+using UnderlyingShape = ProblemShape::UnderlyingProblemShape;
+
+struct CooperativeConfig {
+    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+    using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+    using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+};
+
+struct PingpongConfig {
+    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+    using TileShape = cute::Shape<cute::_64, cute::_128, cute::_128>;
+    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+};
+
+struct Pingpong128Config {
+    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+    using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+};
+
+// The CUTLASS kernel types of one ptr-array grouped GEMM: operand type, tile configuration and the A / B layouts
+// (the forward is RowMajor A x ColumnMajor B, i.e. both K-major; the gradients use other layouts, see
+// grouped_gemm_sm90_backward.cuh). D is always RowMajor, fp32 accumulation, D = 1.0 * acc rounded once.
+template <typename Element, typename Config, typename LayoutA_, typename LayoutB_>
+struct PtrArrayKernel {
+    using LayoutA = LayoutA_;
+    using LayoutB = LayoutB_;
+    using LayoutD = cutlass::layout::RowMajor;
+    static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
+
+    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
+        typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float, void,
+        LayoutD*, kAlignment, Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
+        cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+
+    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
+        kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+            sizeof(typename CollectiveEpilogue::SharedStorage))>,
+        typename Config::KernelSchedule>::CollectiveOp;
+
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    using Arguments = typename Gemm::Arguments;
+    using Params = typename Kernel::Params;
+    using StrideA = typename Kernel::InternalStrideA;
+    using StrideB = typename Kernel::InternalStrideB;
+    using StrideD = typename Kernel::InternalStrideD;
+};
+
+template <typename Element, typename Config>
+using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+
+// The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
+template <typename Element, typename StrideA, typename StrideB, typename StrideD>
+struct DeviceArrays {
+    UnderlyingShape* shapes;
+    const Element** ptr_a;
+    const Element** ptr_b;
+    Element** ptr_d;
+    StrideA* stride_a;
+    StrideB* stride_b;
+    StrideD* stride_d;
+
+    static size_t bytes(int64_t g) {
+        size_t n = 0;
+        n += align_up(sizeof(UnderlyingShape) * g, 256);
+        n += 3 * align_up(sizeof(void*) * g, 256);
+        n += align_up(sizeof(StrideA) * g, 256) + align_up(sizeof(StrideB) * g, 256);
+        n += align_up(sizeof(StrideD) * g, 256);
+        return n;
+    }
+    static DeviceArrays carve(void* ws, int64_t g) {
+        char* p = static_cast<char*>(ws);
+        DeviceArrays d;
+        d.shapes = reinterpret_cast<UnderlyingShape*>(p);
+        p += align_up(sizeof(UnderlyingShape) * g, 256);
+        d.ptr_a = reinterpret_cast<const Element**>(p);
+        p += align_up(sizeof(void*) * g, 256);
+        d.ptr_b = reinterpret_cast<const Element**>(p);
+        p += align_up(sizeof(void*) * g, 256);
+        d.ptr_d = reinterpret_cast<Element**>(p);
+        p += align_up(sizeof(void*) * g, 256);
+        d.stride_a = reinterpret_cast<StrideA*>(p);
+        p += align_up(sizeof(StrideA) * g, 256);
+        d.stride_b = reinterpret_cast<StrideB*>(p);
+        p += align_up(sizeof(StrideB) * g, 256);
+        d.stride_d = reinterpret_cast<StrideD*>(p);
+        return d;
+    }
+};
+
+// One thread per group: problem shape (M_e, N, K), operand pointers and (identical) packed strides.
+// offsets are trusted to be non-decreasing with offsets[E] <= max_rows (the routing plan's contract).
+template <typename Element, typename Arrays>
+__global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const Element* b, Element* d,
+                                         const int32_t* offsets, int num_groups, int n, int k) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= num_groups) return;
+    int row0 = offsets[e];
+    int m = offsets[e + 1] - row0;
+    arrays.shapes[e] = UnderlyingShape(m, n, k);
+    arrays.ptr_a[e] = a + static_cast<int64_t>(row0) * k;
+    arrays.ptr_b[e] = b + static_cast<int64_t>(e) * n * k;
+    arrays.ptr_d[e] = d + static_cast<int64_t>(row0) * n;
+    using SA = cute::remove_pointer_t<decltype(arrays.stride_a)>;
+    using SB = cute::remove_pointer_t<decltype(arrays.stride_b)>;
+    using SD = cute::remove_pointer_t<decltype(arrays.stride_d)>;
+    arrays.stride_a[e] = cutlass::make_cute_packed_stride(SA{}, {m, k, 1});
+    arrays.stride_b[e] = cutlass::make_cute_packed_stride(SB{}, {n, k, 1});
+    arrays.stride_d[e] = cutlass::make_cute_packed_stride(SD{}, {m, n, 1});
+}
+
+// The host side every ptr-array grouped GEMM here shares (forward and gradients): CUTLASS arguments from the
+// device arrays, workspace sizing, the shared-memory attribute, and initialise + launch. K: a PtrArrayKernel.
+template <typename Element, typename K>
+struct PtrArrayGemm {
+    using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
+
+    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace.
+    static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
+                                                GemmRaster raster = GemmRaster::kAlongM) {
+        typename K::Arguments args;
+        args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+        args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
+        args.mainloop.ptr_A = arr.ptr_a;
+        args.mainloop.dA = arr.stride_a;
+        args.mainloop.ptr_B = arr.ptr_b;
+        args.mainloop.dB = arr.stride_b;
+        auto& fusion = args.epilogue.thread;
+        fusion.alpha = 1.0f;
+        fusion.beta = 0.0f;
+        fusion.alpha_ptr = nullptr;
+        fusion.beta_ptr = nullptr;
+        fusion.alpha_ptr_array = nullptr;
+        fusion.beta_ptr_array = nullptr;
+        fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
+        fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
+        args.epilogue.ptr_C = nullptr;
+        args.epilogue.dC = nullptr;
+        args.epilogue.ptr_D = arr.ptr_d;
+        args.epilogue.dD = arr.stride_d;
+        args.hw_info.device_id = device;
+        args.hw_info.sm_count = sm_count;
+        args.hw_info.max_active_clusters = 0;  // the scheduler then sizes the persistent grid from sm_count
+        using RasterOptions = cutlass::gemm::kernel::detail::RasterOrderOptions;
+        args.scheduler.raster_order = raster == GemmRaster::kAlongN ? RasterOptions::AlongN : RasterOptions::AlongM;
+        args.scheduler.max_swizzle_size = 1;
+        return args;
+    }
+
+    static size_t workspace_size(int64_t num_groups, int sm_count) {
+        Arrays none{};
+        auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0);
+        return align_up(Arrays::bytes(num_groups), 256) + align_up(K::Gemm::get_workspace_size(args), 256);
+    }
+
+    // Sets the kernel's dynamic shared memory limit once per device (not a stream operation; done before the
+    // first launch on a device so that later calls, including those under graph capture, only launch).
+    static void ensure_smem_attribute(int device) {
+        static std::mutex mu;
+        static uint64_t done_mask = 0;  // bit per device index (< 64)
+        std::lock_guard<std::mutex> lock(mu);
+        uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+        if (bit != 0 && (done_mask & bit)) return;
+        int smem = static_cast<int>(K::Kernel::SharedStorageSize);
+        if (smem >= (48 << 10)) {
+            SWITCHYARD_GG_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<typename K::Kernel>,
+                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        }
+        done_mask |= bit;
+    }
+
+    // Checks the workspace, prepares the device, carves the arrays, lets fill(arr) launch the kernel that writes
+    // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
+    template <typename Fill>
+    static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream, const char* what, Fill&& fill) {
+        const int num_groups = static_cast<int>(num_groups64);
+        const size_t need = workspace_size(num_groups64, sm_count);
+        SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
+                         " is less than the required ", need);
+        int device = 0;
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
+        ensure_smem_attribute(device);
+
+        Arrays arr = Arrays::carve(workspace, num_groups64);
+        void* cutlass_ws = static_cast<char*>(workspace) + align_up(Arrays::bytes(num_groups64), 256);
+        fill(arr);
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster);
+        cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
+        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
+                         cutlassGetStatusString(st));
+        typename K::Params params = K::Kernel::to_underlying_arguments(args, cutlass_ws);
+        st = K::Gemm::run(params, stream);
+        SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS launch failed: ",
+                         cutlassGetStatusString(st));
+        SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
+    }
+};
+
+constexpr int kFillThreads = 128;  // threads per block of the kernels that fill the device arrays (one per group)
+
+template <typename Element, typename Config>
+struct GroupedGemmRunner {
+    using P = PtrArrayGemm<Element, GroupedGemmKernel<Element, Config>>;
+
+    static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
+
+    static void run(const GroupedGemmArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
+                    cudaStream_t stream) {
+        const int num_groups = static_cast<int>(g.num_groups);
+        P::run(g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream, "grouped_gemm",
+               [&](const auto& arr) {
+            using Arrays = typename P::Arrays;
+            fill_group_arrays_kernel<Element, Arrays>
+                <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
+                    arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
+                    static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
+        });
+    }
+};
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace switchyard
+
+// Defines `const GemmOps <var>` for one (element, config) pair in one translation unit.
+#define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label)                                \
+    namespace switchyard {                                                                              \
+    namespace cuda {                                                                                    \
+    namespace sm90 {                                                                                    \
+    const GemmOps var = {label, &GroupedGemmRunner<element, config>::workspace_size,                    \
+                         &GroupedGemmRunner<element, config>::run};                                     \
+    }                                                                                                   \
+    }                                                                                                   \
+    }

@@ -1,0 +1,101 @@
+// src/cuda/gemm/sm90/grouped_gemm_sm90.h: internal interface between the grouped GEMM dispatcher (grouped_gemm.cu) and the
+// CUTLASS sm90 ptr-array instantiations (grouped_gemm_sm90*.cu). Host-only header: no CUTLASS types here, so the
+// dispatcher compiles quickly and each CUTLASS instantiation lives in its own translation unit (they compile in
+// parallel; each takes 60-90 s and ~3.4 GB).
+//
+// Every instantiation implements the contract of grouped_gemm.h for one (dtype, tile config):
+//   workspace layout (all inside the caller's workspace, 256-byte aligned pieces):
+//     [problem shapes int32 [E][3]] [ptr A [E]] [ptr B [E]] [ptr C [E]] [stride A [E]] [stride B [E]] [stride C [E]]
+//     [CUTLASS workspace (tile scheduler + per-SM tensor maps)]
+//   A small kernel fills the arrays from the device offsets (no host synchronisation), then the persistent CUTLASS
+//   kernel runs with host problem shapes null. Nothing is allocated; the SM count comes from the caller (cached).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+
+#include <cuda_runtime.h>
+
+#include "cuda/gemm/grouped_gemm.h"
+#include "switchyard/error.h"
+
+// Throws switchyard::Error naming the failing runtime call (local to the grouped GEMM files).
+#define SWITCHYARD_GG_CUDA_CHECK(expr)                                                      \
+    do {                                                                                    \
+        cudaError_t sy_gg_err_ = (expr);                                                    \
+        if (sy_gg_err_ != cudaSuccess) {                                                    \
+            SWITCHYARD_FAIL("CUDA error in `" #expr "`: ", cudaGetErrorString(sy_gg_err_)); \
+        }                                                                                   \
+    } while (0)
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+
+// Tile configurations (the heuristic in grouped_gemm.cu picks one from the average rows per expert).
+enum class TileConfig : int {
+    kCooperative128x256 = 0,  // KernelPtrArrayTmaWarpSpecializedCooperative, tile 128x256x64, cluster 2x1x1
+    kPingpong64x128 = 1,      // KernelPtrArrayTmaWarpSpecializedPingpong, tile 64x128x128, cluster 1x1x1
+    kPingpong128x128 = 2,     // KernelPtrArrayTmaWarpSpecializedPingpong, tile 128x128x64, cluster 1x1x1 (bf16)
+};
+
+struct GemmOps {
+    const char* name;
+    // Bytes of workspace (device arrays + CUTLASS workspace) for num_groups groups on sm_count SMs.
+    size_t (*workspace_size)(int64_t num_groups, int sm_count);
+    // Runs the grouped GEMM. args validated by the caller; workspace_bytes >= workspace_size(...).
+    void (*run)(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
+                cudaStream_t stream);
+};
+
+// One per translation unit.
+extern const GemmOps kBF16Cooperative;  // grouped_gemm_sm90.cu
+extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
+extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
+extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
+extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
+
+inline const GemmOps& ops_for(DType dtype, TileConfig tile) {
+    if (dtype == DType::kBF16) {
+        switch (tile) {
+            case TileConfig::kPingpong64x128: return kBF16Pingpong;
+            case TileConfig::kPingpong128x128: return kBF16Pingpong128;
+            default: return kBF16Cooperative;
+        }
+    }
+    return tile == TileConfig::kPingpong64x128 ? kF16Pingpong : kF16Cooperative;  // fp16: two configurations
+}
+
+inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+}  // namespace sm90
+
+// ---- host helpers shared by the two dispatchers (grouped_gemm.cu, grouped_gemm_backward.cu) ------------------
+
+struct DeviceFacts {
+    int sm_count;
+    int cc_major;
+};
+
+// The current device's SM count and compute capability, read once per device (graph capture and the hot path then
+// only launch). Defined in grouped_gemm.cu.
+DeviceFacts device_facts();
+
+inline bool is_16bit(DType t) { return t == DType::kBF16 || t == DType::kF16; }
+inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
+// Throws unless dtype is fp32/bf16/fp16, 1 <= num_groups <= max_groups, 1 <= n, k < 2^31, 0 <= max_rows < 2^31,
+// and (16-bit types) n and k are multiples of 8 (16-byte TMA rows). `what` names the caller in the message.
+void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
+                      int64_t max_rows);
+
+// GemmRaster::kAuto resolved (grouped_gemm.h says why it is kAlongM).
+inline GemmRaster resolve_raster(GemmRaster r) { return r == GemmRaster::kAuto ? GemmRaster::kAlongM : r; }
+
+// For a 16-bit call: throws unless the device is sm_90 and the workspace holds `need` bytes, 16-byte aligned.
+// Returns the device facts.
+DeviceFacts check_16bit_call(const char* what, DType dtype, const void* workspace, size_t workspace_bytes,
+                             size_t need);
+}  // namespace cuda
+}  // namespace switchyard

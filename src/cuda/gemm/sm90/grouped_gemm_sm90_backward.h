@@ -1,0 +1,58 @@
+// src/cuda/gemm/sm90/grouped_gemm_sm90_backward.h: internal interface between the grouped GEMM gradient dispatcher
+// (grouped_gemm_backward.cu) and the CUTLASS sm90 ptr-array instantiations of the two gradient layouts
+// (grouped_gemm_sm90_{bf16,f16}_{dgrad,wgrad}.cu). Host-only header: no CUTLASS types here.
+//
+// Every instantiation implements one (dtype, layout) of grouped_gemm.h's gradient contract, as a grouped GEMM
+// D_e[M, N] = sum_q A_e[M, q] * B_e[N, q] over per-group problem shapes (CUTLASS names):
+//   dgrad: (M, N, K) = (rows_e, K, N);  A = dC_e [rows_e, N] row-major (K-major), B = B[e] [N, K] row-major read as
+//          an N-major operand (CUTLASS RowMajor B), D = dA_e [rows_e, K] row-major.
+//   wgrad: (M, N, K) = (N, K, rows_e);  A = dC_e^T (dC_e [rows_e, N] row-major is an M-major operand: CUTLASS
+//          ColumnMajor A), B = A_e^T (A_e [rows_e, K] row-major is N-major: CUTLASS RowMajor B), D = dB[e] [N, K].
+//          Groups with rows_e = 0 get M = 0 (no tiles: CUTLASS's mainloop leaves the accumulators unset when K = 0,
+//          so such a group must not run); the dispatcher zeroes their dB[e] with a separate kernel.
+// Workspace layout (caller's memory, 256-byte aligned pieces): the device arrays of grouped_gemm_sm90.h's layout
+// (problem shapes, pointers, strides) then the CUTLASS workspace. A small kernel fills the arrays from the device
+// offsets (no host synchronisation).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+
+enum class GradLayout : int {
+    kDgrad = 0,
+    kWgrad = 1,
+};
+
+struct GradGemmOps {
+    const char* name;
+    // Bytes of workspace (device arrays + CUTLASS workspace) for num_groups groups on sm_count SMs.
+    size_t (*workspace_size)(int64_t num_groups, int sm_count);
+    // Runs the grouped GEMM of this layout. args validated by the caller; workspace_bytes >= workspace_size(...).
+    // wgrad does not zero the dB of empty groups (the dispatcher does).
+    void (*run)(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
+                cudaStream_t stream);
+};
+
+// One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1.
+extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
+extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
+extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
+extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
+
+inline const GradGemmOps& grad_ops_for(DType dtype, GradLayout layout) {
+    if (dtype == DType::kBF16) return layout == GradLayout::kDgrad ? kBF16Dgrad : kBF16Wgrad;
+    return layout == GradLayout::kDgrad ? kF16Dgrad : kF16Wgrad;
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace switchyard

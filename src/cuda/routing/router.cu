@@ -1,0 +1,767 @@
+// src/cuda/routing/router.cu: the router on the GPU: gate GEMM (cuBLAS, or fused in-kernel for E <= 16) + one fused
+// scoring / top-k / statistics kernel.
+//
+// Inputs:  x [T, H] and gate [E, H] of one dtype (fp32 / bf16 / fp16), row-major; bias [E] fp32 (optional).
+// Outputs: logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32 (slot j = j-th choice);
+//          optionally per-block partial sums of the router probabilities [blocks, E] fp64 and of
+//          logsumexp(logits[t])^2 [blocks] fp64, reduced in a fixed order by reduce_router_stats.
+// Rules (switchyard/routing.h, reference src/ref/router.cpp): scores and weights are computed in fp64 from the
+// fp32 logits, so selection agrees with the reference on the same logits; ties go to the lower expert index; a
+// NaN ranks below every number; an expert is never selected twice; group-limited routing keeps the topk_groups
+// groups with the largest sum of their two best biased scores (ties: lower group index).
+// Layout inside the kernel: one warp per token; lane l holds experts e = l + 32*i, i < kPerLane, in registers;
+// after round r of the k warp-argmax rounds lane r holds slot r. Grouped routing stages the biased scores of the
+// warp's token in shared memory ([E] fp64 per warp) so that one lane per group can find the group's best two.
+// Determinism: no float atomics; each warp owns a fixed set of tokens (grid-stride with a grid that depends on T
+// only) and the block sums its warps' statistics in warp order.
+// E <= 32 without group limit: route_seg_kernel, one token per segment of kW = pow2 >= max(E, 4) lanes, 32 / kW
+// tokens per warp at once, log2(kW) shuffle rounds per reduction instead of 5. Exactness: the scoring is the same
+// fp64 code on the same fp32 logits as route_topk_kernel<1>; lanes >= E contributed exact zeros (sums) or -inf
+// (max) there, so the narrower butterflies give bitwise the same lmax / esum / weights; selection uses the same
+// total order (class, value, index). Only the statistics partials are summed in another (still fixed) order.
+// Fused router (router_fused, E <= 16, no groups): the same kernel with a gate GEMV prologue: the warp reads the
+// x rows of its 32 / kW tokens once with 16-byte streaming loads, each 16-byte gate vector (L1 / L2) serves all
+// of them, fp32 FMA accumulation per lane then a 31-shuffle reduce-scatter leaves the logit of (token, expert)
+// on the lane that routes it; logits [T, E] are written for ForwardOutputs and routing reads the same fp32
+// value, so the decisions are those of the reference on the written logits. One launch, no cuBLAS, no split-K.
+#include <cmath>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
+#include "cuda/moe_stages.h"
+
+namespace switchyard {
+namespace cuda {
+namespace {
+
+constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
+constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 32;
+constexpr int kFusedMaxExperts = 16;  // fused GEMV + routing: kS = 32 / kW >= 2 tokens share each gate load
+
+// ---- cuBLAS handle: one per device, created on first use, guarded by a mutex (stream set per call) ----------
+struct HandleSlot {
+    std::mutex mu;
+    cublasHandle_t handle = nullptr;
+};
+
+HandleSlot& handle_slot(int device) {
+    static std::mutex map_mu;
+    static auto* slots = new std::map<int, std::unique_ptr<HandleSlot>>();  // never destroyed (exit order)
+    std::lock_guard<std::mutex> lock(map_mu);
+    auto& slot = (*slots)[device];
+    if (!slot) slot.reset(new HandleSlot());
+    return *slot;
+}
+
+cudaDataType_t cuda_data_type(DType t) {
+    switch (t) {
+        case DType::kF32: return CUDA_R_32F;
+        case DType::kBF16: return CUDA_R_16BF;
+        case DType::kF16: return CUDA_R_16F;
+        default: break;
+    }
+    SWITCHYARD_FAIL("router gate GEMM: dtype=", to_string(t), " is not supported");
+}
+
+// ---- the fused routing kernel --------------------------------------------------------------------------------
+struct RouterParams {
+    const float* logits;   // [T, E]
+    const float* bias;     // [E] or null
+    int32_t* topk_ids;     // [T, k]
+    float* topk_weights;   // [T, k]
+    double* prob_partials; // [gridDim.x, E] or null (no statistics)
+    double* z_partials;    // [gridDim.x]
+    int num_tokens;
+    int num_experts;
+    int top_k;
+    int num_groups;
+    int topk_groups;
+    int group_size;
+    int score_function;  // ScoreFunction
+    int renormalize;
+    double routed_scale;
+};
+
+// Candidate order: class first (kNumber > kNaN > kMasked > kTaken), then value (larger first), then index.
+constexpr int kTaken = 0, kMasked = 1, kNaN = 2, kNumber = 3;
+
+struct Cand {
+    int cls;
+    int idx;
+    double v;      // selection value
+    double score;  // unbiased score (or logit for top-k softmax)
+};
+
+__device__ __forceinline__ bool better(const Cand& a, const Cand& b) {
+    if (a.cls != b.cls) return a.cls > b.cls;
+    if (a.cls == kNumber && a.v != b.v) return a.v > b.v;
+    return a.idx < b.idx;
+}
+
+__device__ __forceinline__ Cand shfl_xor_cand(const Cand& c, int mask) {
+    Cand o;
+    o.cls = __shfl_xor_sync(0xffffffffu, c.cls, mask);
+    o.idx = __shfl_xor_sync(0xffffffffu, c.idx, mask);
+    o.v = __shfl_xor_sync(0xffffffffu, c.v, mask);
+    o.score = __shfl_xor_sync(0xffffffffu, c.score, mask);
+    return o;
+}
+
+// Every lane returns the warp's best candidate.
+__device__ __forceinline__ Cand warp_best(Cand c) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) {
+        Cand o = shfl_xor_cand(c, m);
+        if (better(o, c)) c = o;
+    }
+    return c;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+}
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, m));
+    return v;
+}
+
+// kPerLane: experts per lane (E <= 32 * kPerLane). kGrouped: group-limited routing (uses dynamic shared memory).
+template <int kPerLane, bool kGrouped>
+__global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterParams p) {
+    extern __shared__ double smem[];  // grouped: [warps][E] sel, [warps][G] group score, [warps][G] keep flag
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int E = p.num_experts;
+    const bool stats = p.prob_partials != nullptr;
+
+    double prob_acc[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) prob_acc[i] = 0.0;
+    double z_acc = 0.0;
+
+    for (int t = blockIdx.x * kRouterWarps + warp; t < p.num_tokens; t += gridDim.x * kRouterWarps) {
+        const float* lrow = p.logits + static_cast<int64_t>(t) * E;
+        double logit[kPerLane];
+        bool valid[kPerLane], isnan_[kPerLane];
+        double lmax = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int e = lane + 32 * i;
+            valid[i] = e < E;
+            logit[i] = valid[i] ? static_cast<double>(lrow[e]) : 0.0;
+            isnan_[i] = valid[i] && isnan(logit[i]);
+            if (valid[i] && !isnan_[i]) lmax = fmax(lmax, logit[i]);
+        }
+        lmax = warp_max(lmax);
+        // Softmax over all E (NaN logits excluded: their probability is NaN, the others sum to 1).
+        // lmax = +inf or all -inf/NaN is handled by the reference's rules: exp(-inf - -inf) = NaN etc.
+        double ex[kPerLane];
+        double esum = 0.0;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            // exp(l - m) is exactly 1 when l == m, so rows of -inf are uniform and +inf entries share the mass.
+            ex[i] = (valid[i] && !isnan_[i]) ? (logit[i] == lmax ? 1.0 : exp(logit[i] - lmax)) : 0.0;
+            esum += ex[i];
+        }
+        esum = warp_sum(esum);
+
+        double score[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+                score[i] = isnan_[i] ? logit[i] : ex[i] / esum;
+            } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+                score[i] = 1.0 / (1.0 + exp(-logit[i]));
+            } else {
+                score[i] = logit[i];
+            }
+        }
+
+        if (stats) {
+            // Router probabilities for the aux loss: softmax over E (a NaN logit's probability is NaN), or
+            // sigmoid normalised to sum 1 (a NaN logit makes the token's whole row NaN), as ref::router_stats.
+            const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
+            double ssum = 0.0;
+            bool any_nan = false;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                any_nan |= isnan_[i];
+                if (sig && valid[i]) ssum += score[i];
+            }
+            any_nan = __any_sync(0xffffffffu, any_nan);
+            if (sig) ssum = warp_sum(ssum);
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                if (!valid[i]) continue;
+                prob_acc[i] += sig ? score[i] / ssum : (isnan_[i] ? logit[i] : ex[i] / esum);
+            }
+            if (lane == 0) {
+                const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+                z_acc += lse * lse;
+            }
+        }
+
+        // Selection values and classes.
+        Cand c[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int e = lane + 32 * i;
+            c[i].idx = e;
+            c[i].score = score[i];
+            c[i].v = (p.bias != nullptr && valid[i]) ? score[i] + static_cast<double>(p.bias[e]) : score[i];
+            c[i].cls = !valid[i] ? kTaken : (isnan(c[i].v) ? kNaN : kNumber);
+        }
+
+        if constexpr (kGrouped) {
+            const int G = p.num_groups;
+            double* sel_s = smem + static_cast<size_t>(warp) * E;
+            double* gscore_s = smem + static_cast<size_t>(kRouterWarps) * E + static_cast<size_t>(warp) * G;
+            int* keep_s = reinterpret_cast<int*>(smem + static_cast<size_t>(kRouterWarps) * (E + G)) + warp * G;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].cls != kTaken) sel_s[c[i].idx] = c[i].v;
+            __syncwarp();
+            // Group score: sum of the two best selection values (NaN ranks lowest), or the best for size 1.
+            for (int g = lane; g < G; g += 32) {
+                Cand b1{kTaken, 0, 0.0, 0.0}, b2{kTaken, 0, 0.0, 0.0};
+                for (int q = 0; q < p.group_size; ++q) {
+                    const int e = g * p.group_size + q;
+                    const double v = sel_s[e];
+                    Cand x{isnan(v) ? kNaN : kNumber, e, v, 0.0};
+                    if (better(x, b1)) {
+                        b2 = b1;
+                        b1 = x;
+                    } else if (better(x, b2)) {
+                        b2 = x;
+                    }
+                }
+                gscore_s[g] = p.group_size == 1 ? b1.v : b1.v + b2.v;
+                keep_s[g] = 0;
+            }
+            __syncwarp();
+            for (int r = 0; r < p.topk_groups; ++r) {
+                Cand best{kTaken, 0x7fffffff, 0.0, 0.0};
+                for (int g = lane; g < G; g += 32) {
+                    if (keep_s[g]) continue;
+                    const double v = gscore_s[g];
+                    Cand x{isnan(v) ? kNaN : kNumber, g, v, 0.0};
+                    if (better(x, best)) best = x;
+                }
+                best = warp_best(best);
+                __syncwarp();
+                if (lane == 0 && best.cls != kTaken) keep_s[best.idx] = 1;
+                __syncwarp();
+            }
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].cls != kTaken && !keep_s[c[i].idx / p.group_size]) c[i].cls = kMasked;
+            __syncwarp();  // shared memory is reused by the next token of this warp
+        }
+
+        // k rounds of warp argmax; lane r keeps slot r.
+        int my_id = -1;
+        double my_score = 0.0;
+        for (int r = 0; r < p.top_k; ++r) {
+            Cand best = c[0];
+#pragma unroll
+            for (int i = 1; i < kPerLane; ++i)
+                if (better(c[i], best)) best = c[i];
+            best = warp_best(best);
+            if (lane == r) {
+                my_id = best.idx;
+                my_score = best.score;
+            }
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i)
+                if (c[i].idx == best.idx) c[i].cls = kTaken;
+        }
+
+        // Weights from the unbiased scores.
+        const bool active = lane < p.top_k;
+        double w = my_score;
+        if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
+            // Softmax over the k chosen logits with ref's NaN rule (NaN entries: weight NaN, not in the sum).
+            double m = active && !isnan(my_score) ? my_score : -INFINITY;
+            m = warp_max(m);
+            const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
+            double s = 0.0;
+            for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
+                const double v = __shfl_sync(0xffffffffu, ew, j);
+                if (!isnan(v)) s += v;
+            }
+            w = isnan(my_score) ? my_score : ew / s;
+        }
+        if (p.renormalize) {
+            double s = 0.0;
+            for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(0xffffffffu, w, j);  // slot order
+            if (s != 0.0) w = w / s;
+        }
+        w *= p.routed_scale;
+        if (active) {
+            p.topk_ids[static_cast<int64_t>(t) * p.top_k + lane] = my_id;
+            p.topk_weights[static_cast<int64_t>(t) * p.top_k + lane] = static_cast<float>(w);
+        }
+    }
+
+    if (stats) {
+        // Block partials in warp order: deterministic.
+        __shared__ double red[kRouterWarps][kPerLane * 32];
+        __shared__ double zred[kRouterWarps];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) red[warp][lane + 32 * i] = prob_acc[i];
+        if (lane == 0) zred[warp] = z_acc;
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2) s += red[w2][e];
+            p.prob_partials[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+        }
+        if (threadIdx.x == 0) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2) s += zred[w2];
+            p.z_partials[blockIdx.x] = s;
+        }
+    }
+}
+
+
+// ---- segmented routing for E <= 32 (no group limit): one token per segment of kW lanes ----------------------
+// kW = a power of two >= E; lane sub = expert sub; 32 / kW tokens per warp at once. The arithmetic is that of
+// route_topk_kernel with kPerLane = 1 (same operations, same order: lanes >= E held zeros / -inf there, so a
+// butterfly over kW lanes gives the same bits as one over 32), with kW / 2..1 shuffle rounds instead of 16..1.
+constexpr unsigned kFull = 0xffffffffu;
+
+template <int kW>
+__device__ __forceinline__ Cand seg_best(Cand c) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) {
+        Cand o = shfl_xor_cand(c, m);
+        if (better(o, c)) c = o;
+    }
+    return c;
+}
+template <int kW>
+__device__ __forceinline__ double seg_sum(double v) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) v += __shfl_xor_sync(kFull, v, m);
+    return v;
+}
+template <int kW>
+__device__ __forceinline__ double seg_max(double v) {
+#pragma unroll
+    for (int m = kW / 2; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, m));
+    return v;
+}
+
+// Routes token t (tok_ok: t < T) held by this lane's segment; lg = logit of expert `sub` (ignored if sub >= E).
+// Called by every lane of the warp (shuffles use the full mask); writes ids / weights of valid tokens only.
+template <int kW>
+__device__ __forceinline__ void route_token_seg(const RouterParams& p, int t, bool tok_ok, int sub, float lg,
+                                                double& prob_acc, double& z_acc) {
+    const int lane = threadIdx.x & 31;
+    const unsigned seg_mask = kW == 32 ? kFull : (((1u << kW) - 1u) << (lane & ~(kW - 1)));
+    const int E = p.num_experts;
+    const bool valid = tok_ok && sub < E;
+    const double logit = valid ? static_cast<double>(lg) : 0.0;
+    const bool is_nan = valid && isnan(logit);
+    double lmax = (valid && !is_nan) ? logit : -INFINITY;
+    lmax = seg_max<kW>(lmax);
+    const double ex = (valid && !is_nan) ? (logit == lmax ? 1.0 : exp(logit - lmax)) : 0.0;
+    const double esum = seg_sum<kW>(ex);
+    double score;
+    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+        score = is_nan ? logit : ex / esum;
+    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+        score = 1.0 / (1.0 + exp(-logit));
+    } else {
+        score = logit;
+    }
+    if (p.prob_partials != nullptr) {
+        const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
+        const bool any_nan = (__ballot_sync(kFull, is_nan) & seg_mask) != 0u;
+        double ssum = sig && valid ? score : 0.0;
+        if (sig) ssum = seg_sum<kW>(ssum);
+        if (valid) prob_acc += sig ? score / ssum : (is_nan ? logit : ex / esum);
+        if (tok_ok && sub == 0) {
+            const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+            z_acc += lse * lse;
+        }
+    }
+    Cand c;
+    c.idx = sub;
+    c.score = score;
+    c.v = (p.bias != nullptr && valid) ? score + static_cast<double>(p.bias[sub]) : score;
+    c.cls = !valid ? kTaken : (isnan(c.v) ? kNaN : kNumber);
+    int my_id = -1;
+    double my_score = 0.0;
+    for (int r = 0; r < p.top_k; ++r) {
+        const Cand best = seg_best<kW>(c);
+        if (sub == r) {
+            my_id = best.idx;
+            my_score = best.score;
+        }
+        if (c.idx == best.idx) c.cls = kTaken;
+    }
+    const bool active = sub < p.top_k;
+    double w = my_score;
+    if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
+        double m = active && !isnan(my_score) ? my_score : -INFINITY;
+        m = seg_max<kW>(m);
+        const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
+        double s = 0.0;
+        for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
+            const double v = __shfl_sync(kFull, ew, j, kW);
+            if (!isnan(v)) s += v;
+        }
+        w = isnan(my_score) ? my_score : ew / s;
+    }
+    if (p.renormalize) {
+        double s = 0.0;
+        for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(kFull, w, j, kW);  // slot order
+        if (s != 0.0) w = w / s;
+    }
+    w *= p.routed_scale;
+    if (tok_ok && active) {
+        p.topk_ids[static_cast<int64_t>(t) * p.top_k + sub] = my_id;
+        p.topk_weights[static_cast<int64_t>(t) * p.top_k + sub] = static_cast<float>(w);
+    }
+}
+
+// The gate GEMV of the fused router: x [T, H] and gate [E, H] of TIn, 16-byte vectors (H % kVec == 0, 16-byte
+// aligned rows). The warp computes the logits of its kS = 32 / kW tokens t0..t0+kS-1 for all E experts: lane l
+// takes the vectors c = l, l + 32, ... of the rows, accumulates acc[q * kW + e] in fp32 (one FMA per element,
+// in order of c), then a reduce-scatter butterfly (31 shuffles) leaves the sum of index l on lane l, i.e. token
+// q = l / kW, expert e = l % kW. x rows are streamed (__ldcs), gate rows come from L1 / L2 and serve kS tokens.
+struct GemvParams {
+    const void* x;
+    const void* gate;
+    float* logits;
+    int hidden;
+};
+
+template <typename TIn>
+__device__ __forceinline__ void to_float(const uint4& u, float* f);
+template <>
+__device__ __forceinline__ void to_float<float>(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x);
+    f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z);
+    f[3] = __uint_as_float(u.w);
+}
+template <>
+__device__ __forceinline__ void to_float<__nv_bfloat16>(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {  // exact: a bf16 is the high half of its fp32
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+template <>
+__device__ __forceinline__ void to_float<__half>(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        __half2 h;
+        memcpy(&h, &w[i], sizeof(h));
+        const float2 v = __half22float2(h);
+        f[2 * i] = v.x;
+        f[2 * i + 1] = v.y;
+    }
+}
+
+// One round of the reduce-scatter: acc[0..kH) of index i + (lane bits >= kH) after the round.
+template <int kH>
+__device__ __forceinline__ void reduce_scatter_round(float (&acc)[32], int lane) {
+    const bool upper = (lane & kH) != 0;
+#pragma unroll
+    for (int i = 0; i < kH; ++i) {
+        const float send = upper ? acc[i] : acc[i + kH];
+        const float keep = upper ? acc[i + kH] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(kFull, send, kH);
+    }
+}
+
+template <int kW, typename TIn>
+__device__ __forceinline__ float gate_gemv(const GemvParams& g, int num_tokens, int num_experts, int64_t t0) {
+    constexpr int kS = 32 / kW;
+    constexpr int kVec = 16 / static_cast<int>(sizeof(TIn));
+    const int lane = threadIdx.x & 31;
+    const int nvec = g.hidden / kVec;
+    const uint4* x4 = static_cast<const uint4*>(g.x);
+    const uint4* g4 = static_cast<const uint4*>(g.gate);
+    float acc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+#pragma unroll 2
+    for (int c = lane; c < nvec; c += 32) {
+        float xv[kS][kVec];
+#pragma unroll
+        for (int q = 0; q < kS; ++q) {
+            if (t0 + q < num_tokens) {
+                to_float<TIn>(__ldcs(x4 + (t0 + q) * nvec + c), xv[q]);
+            } else {
+#pragma unroll
+                for (int v = 0; v < kVec; ++v) xv[q][v] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < kW; ++e) {
+            if (e < num_experts) {
+                float gv[kVec];
+                to_float<TIn>(__ldg(g4 + static_cast<int64_t>(e) * nvec + c), gv);
+#pragma unroll
+                for (int q = 0; q < kS; ++q)
+#pragma unroll
+                    for (int v = 0; v < kVec; ++v) acc[q * kW + e] = fmaf(xv[q][v], gv[v], acc[q * kW + e]);
+            }
+        }
+    }
+    reduce_scatter_round<16>(acc, lane);
+    reduce_scatter_round<8>(acc, lane);
+    reduce_scatter_round<4>(acc, lane);
+    reduce_scatter_round<2>(acc, lane);
+    reduce_scatter_round<1>(acc, lane);
+    return acc[0];
+}
+
+// kFused = false: logits from p.logits; true: logits = gate GEMV (TIn), written to g.logits, then routed.
+template <int kW, bool kFused, typename TIn>
+__global__ void __launch_bounds__(kRouterWarps * 32) route_seg_kernel(RouterParams p, GemvParams g) {
+    constexpr int kS = 32 / kW;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int sub = lane & (kW - 1);
+    const int q = lane / kW;
+    const int E = p.num_experts;
+    double prob_acc = 0.0, z_acc = 0.0;
+    for (int64_t tg = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp; tg * kS < p.num_tokens;
+         tg += static_cast<int64_t>(gridDim.x) * kRouterWarps) {
+        const int64_t t = tg * kS + q;
+        const bool tok_ok = t < p.num_tokens;
+        float lg = 0.0f;
+        if constexpr (kFused) {
+            lg = gate_gemv<kW, TIn>(g, p.num_tokens, E, tg * kS);
+            if (tok_ok && sub < E) g.logits[t * E + sub] = lg;
+        } else {
+            if (tok_ok && sub < E) lg = p.logits[t * E + sub];
+        }
+        route_token_seg<kW>(p, static_cast<int>(tok_ok ? t : 0), tok_ok, sub, lg, prob_acc, z_acc);
+    }
+    if (p.prob_partials != nullptr) {
+        // Block partials in a fixed order (warp, then segment): deterministic.
+        __shared__ double red[kRouterWarps][32];
+        __shared__ double zred[kRouterWarps][32];
+        red[warp][lane] = prob_acc;
+        zred[warp][lane] = z_acc;
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2)
+                for (int q2 = 0; q2 < kS; ++q2) s += red[w2][q2 * kW + e];
+            p.prob_partials[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+        }
+        if (threadIdx.x == 0) {
+            double s = 0.0;
+            for (int w2 = 0; w2 < kRouterWarps; ++w2)
+                for (int q2 = 0; q2 < kS; ++q2) s += zred[w2][q2 * kW];
+            p.z_partials[blockIdx.x] = s;
+        }
+    }
+}
+
+int seg_width(int64_t num_experts) {  // power of two >= E, at least 4
+    int w = 4;
+    while (w < num_experts) w <<= 1;
+    return w;
+}
+
+template <bool kFused, typename TIn>
+void launch_seg(const RouterParams& params, const GemvParams& g, int blocks, cudaStream_t stream) {
+    switch (seg_width(params.num_experts)) {
+        case 4: route_seg_kernel<4, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        case 8: route_seg_kernel<8, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        case 16: route_seg_kernel<16, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
+        default:
+            if constexpr (!kFused) {
+                route_seg_kernel<32, false, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g);
+            } else {
+                SWITCHYARD_FAIL("fused router: num_experts=", params.num_experts, " > ", kFusedMaxExperts);
+            }
+            break;
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+__global__ void reduce_router_stats_kernel(const double* prob_partials, const double* z_partials, int blocks,
+                                           int num_experts, double* prob_sum, double* z_sum) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        double s = 0.0;
+        for (int b = 0; b < blocks; ++b) s += prob_partials[static_cast<int64_t>(b) * num_experts + e];
+        prob_sum[e] = s;
+    }
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int b = 0; b < blocks; ++b) s += z_partials[b];
+        *z_sum = s;
+    }
+}
+
+template <int kPerLane>
+void launch_route(const RouterParams& params, bool grouped, int blocks, cudaStream_t stream) {
+    if (grouped) {
+        const size_t smem = static_cast<size_t>(kRouterWarps) *
+                            (static_cast<size_t>(params.num_experts + params.num_groups) * sizeof(double) +
+                             static_cast<size_t>(params.num_groups) * sizeof(int));
+        route_topk_kernel<kPerLane, true><<<blocks, kRouterWarps * 32, smem, stream>>>(params);
+    } else {
+        route_topk_kernel<kPerLane, false><<<blocks, kRouterWarps * 32, 0, stream>>>(params);
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void router_gemm(DType dtype, const void* x, const void* gate, int64_t num_tokens, int64_t hidden,
+                 int64_t num_experts, float* logits, void* cublas_workspace, cudaStream_t stream) {
+    if (num_tokens == 0) return;
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX && hidden <= INT32_MAX, "router GEMM: num_tokens=", num_tokens,
+                     " hidden_size=", hidden, " exceed int32");
+    int device = 0;
+    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&device));
+    HandleSlot& slot = handle_slot(device);
+    std::lock_guard<std::mutex> lock(slot.mu);
+    if (slot.handle == nullptr) {
+        SWITCHYARD_CUBLAS_CHECK(cublasCreate(&slot.handle));
+        // Default math: fp32 inputs are multiplied in fp32 (no TF32), 16-bit inputs use tensor cores.
+        SWITCHYARD_CUBLAS_CHECK(cublasSetMathMode(slot.handle, CUBLAS_DEFAULT_MATH));
+    }
+    SWITCHYARD_CUBLAS_CHECK(cublasSetStream(slot.handle, stream));
+    SWITCHYARD_CUBLAS_CHECK(cublasSetWorkspace(slot.handle, cublas_workspace, kCublasWorkspaceBytes));
+    // Column-major view: logits^T [E, T] (ld E) = gate^T^T ... i.e. C(E x T) = op(A)(E x H) * B(H x T) where
+    // A = gate stored [E, H] row-major (= col-major H x E, transposed), B = x stored [T, H] (= col-major H x T).
+    const float alpha = 1.0f, beta = 0.0f;
+    const cudaDataType_t t = cuda_data_type(dtype);
+    SWITCHYARD_CUBLAS_CHECK(cublasGemmEx(slot.handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_experts),
+                                         static_cast<int>(num_tokens), static_cast<int>(hidden), &alpha, gate, t,
+                                         static_cast<int>(hidden), x, t, static_cast<int>(hidden), &beta, logits,
+                                         CUDA_R_32F, static_cast<int>(num_experts), CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT));
+}
+
+int router_stat_blocks(int64_t num_tokens) {
+    const int64_t b = ceil_div<int64_t>(num_tokens, kRouterWarps);
+    return static_cast<int>(b < kRouterMaxBlocks ? b : kRouterMaxBlocks);
+}
+
+namespace {
+
+RouterParams make_router_params(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                                int32_t* topk_ids, float* topk_weights, double* prob_partials,
+                                double* z_partials) {
+    SWITCHYARD_CHECK(cfg.num_experts >= 1 && cfg.num_experts <= kMaxExperts, "CUDA router: num_experts=",
+                     cfg.num_experts, " must be in [1, ", kMaxExperts, "]");
+    SWITCHYARD_CHECK(cfg.top_k >= 1 && cfg.top_k <= kMaxTopK && cfg.top_k <= cfg.num_experts, "CUDA router: top_k=",
+                     cfg.top_k, " must be in [1, min(", kMaxTopK, ", num_experts=", cfg.num_experts, ")]");
+    SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "CUDA router: num_tokens=", num_tokens, " exceeds int32");
+    const bool grouped = cfg.num_groups > 1;
+    if (grouped) {
+        SWITCHYARD_CHECK(cfg.num_experts % cfg.num_groups == 0, "CUDA router: num_groups=", cfg.num_groups,
+                         " must divide num_experts=", cfg.num_experts);
+        SWITCHYARD_CHECK(cfg.topk_groups >= 1 && cfg.topk_groups <= cfg.num_groups, "CUDA router: topk_groups=",
+                         cfg.topk_groups, " must be in [1, num_groups=", cfg.num_groups, "]");
+    }
+    SWITCHYARD_CHECK(!cfg.use_score_bias || bias != nullptr, "CUDA router: use_score_bias=true but bias is null");
+    RouterParams params{};
+    params.logits = logits;
+    params.bias = cfg.use_score_bias ? bias : nullptr;
+    params.topk_ids = topk_ids;
+    params.topk_weights = topk_weights;
+    params.prob_partials = prob_partials;
+    params.z_partials = z_partials;
+    params.num_tokens = static_cast<int>(num_tokens);
+    params.num_experts = static_cast<int>(cfg.num_experts);
+    params.top_k = static_cast<int>(cfg.top_k);
+    params.num_groups = grouped ? static_cast<int>(cfg.num_groups) : 1;
+    params.topk_groups = grouped ? static_cast<int>(cfg.topk_groups) : 1;
+    params.group_size = static_cast<int>(cfg.num_experts / params.num_groups);
+    params.score_function = static_cast<int>(cfg.score_function);
+    params.renormalize = cfg.renormalize ? 1 : 0;
+    params.routed_scale = cfg.routed_scale;
+    return params;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
+                int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
+                cudaStream_t stream) {
+    const RouterParams params =
+        make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
+    if (num_tokens == 0) return;
+    const bool grouped = params.num_groups > 1;
+    const int blocks = router_stat_blocks(num_tokens);
+    const int64_t E = cfg.num_experts;
+    if (E <= 32 && !grouped) {
+        launch_seg<false, float>(params, GemvParams{}, blocks, stream);
+    } else if (E <= 32) {
+        launch_route<1>(params, grouped, blocks, stream);
+    } else if (E <= 64) {
+        launch_route<2>(params, grouped, blocks, stream);
+    } else if (E <= 128) {
+        launch_route<4>(params, grouped, blocks, stream);
+    } else if (E <= 256) {
+        launch_route<8>(params, grouped, blocks, stream);
+    } else {
+        launch_route<16>(params, grouped, blocks, stream);
+    }
+}
+
+bool router_fused_supported(const MoEConfig& cfg, const void* x, const void* gate) {
+    if (cfg.num_experts < 1 || cfg.num_experts > kFusedMaxExperts || cfg.num_groups > 1) return false;
+    if (cfg.dtype != DType::kF32 && cfg.dtype != DType::kBF16 && cfg.dtype != DType::kF16) return false;
+    const int64_t vec = 16 / static_cast<int64_t>(dtype_size(cfg.dtype));
+    return cfg.hidden_size >= 1 && cfg.hidden_size <= INT32_MAX && cfg.hidden_size % vec == 0 && aligned16(x) &&
+           aligned16(gate);
+}
+
+bool router_fused(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t num_tokens,
+                  float* logits, int32_t* topk_ids, float* topk_weights, double* prob_partials,
+                  double* z_partials, cudaStream_t stream) {
+    if (!router_fused_supported(cfg, x, gate)) return false;
+    const RouterParams params =
+        make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
+    if (num_tokens == 0) return true;
+    GemvParams g{x, gate, logits, static_cast<int>(cfg.hidden_size)};
+    const int blocks = router_stat_blocks(num_tokens);
+    switch (cfg.dtype) {
+        case DType::kF32: launch_seg<true, float>(params, g, blocks, stream); break;
+        case DType::kBF16: launch_seg<true, __nv_bfloat16>(params, g, blocks, stream); break;
+        case DType::kF16: launch_seg<true, __half>(params, g, blocks, stream); break;
+        default: return false;
+    }
+    return true;
+}
+
+void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
+                         double* prob_sum, double* z_sum, cudaStream_t stream) {
+    reduce_router_stats_kernel<<<1, 256, 0, stream>>>(prob_partials, z_partials, blocks,
+                                                      static_cast<int>(num_experts), prob_sum, z_sum);
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace switchyard

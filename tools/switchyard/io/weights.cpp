@@ -1,0 +1,343 @@
+// tools/switchyard/io/weights.cpp: loading one MoE layer's weights by Hugging Face names, and seeded random weights.
+// See weights.h for the naming schemes, the w13 layout and the dtype rules.
+#include "io/weights.h"
+
+#include <cmath>
+#include <cstring>
+#include <set>
+
+#include "io/npy.h"
+#include "switchyard/error.h"
+
+namespace switchyard {
+namespace io {
+
+TensorRef host_tensor(void* data, DType dtype, const std::vector<int64_t>& shape) {
+    SWITCHYARD_CHECK(!shape.empty() && shape.size() <= static_cast<size_t>(TensorRef::kMaxRank), "tensor rank ",
+                     shape.size(), " is not in [1, ", TensorRef::kMaxRank, "]");
+    TensorRef t;
+    t.data = data;
+    t.dtype = dtype;
+    t.rank = static_cast<int>(shape.size());
+    int64_t stride = 1;
+    for (int i = t.rank - 1; i >= 0; --i) {
+        t.shape[i] = shape[i];
+        t.strides[i] = stride;
+        stride *= shape[i];
+    }
+    t.device = Device::kCPU;
+    return t;
+}
+
+TensorRef OwnedWeights::allocate(DType dtype, const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    buffers.emplace_back(static_cast<size_t>(n) * dtype_size(dtype), 0);
+    return host_tensor(buffers.back().data(), dtype, shape);
+}
+
+const char* to_string(NamingScheme s) {
+    switch (s) {
+        case NamingScheme::kMixtral:
+            return "mixtral";
+        case NamingScheme::kQwenDeepSeek:
+            return "qwen/deepseek";
+    }
+    return "?";
+}
+
+void LoadedWeights::apply_to(MoEConfig& cfg) const {
+    cfg.hidden_size = hidden_size;
+    cfg.ffn_size = ffn_size;
+    cfg.num_experts = num_experts;
+    cfg.num_shared_experts = num_shared_experts;
+    cfg.shared_ffn_size = shared_ffn_size;
+    cfg.use_score_bias = has_score_bias;
+}
+
+namespace {
+
+const char* act_name(Activation a) {
+    switch (a) {
+        case Activation::kSwiGLU:
+            return "swiglu";
+        case Activation::kGeGLU:
+            return "geglu";
+        case Activation::kGELU:
+            return "gelu";
+        case Activation::kReLU:
+            return "relu";
+    }
+    return "?";
+}
+
+bool is_float(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
+
+class Loader {
+ public:
+    Loader(const SafetensorsFile& f, const WeightLoadOptions& o) : f_(f), o_(o) {}
+
+    std::string full(const std::string& n) const { return o_.prefix + n; }
+    bool has(const std::string& n) const { return f_.has(full(n)); }
+
+    // Info of a required float tensor with the expected shape.
+    const SafetensorInfo& need(const std::string& n, const std::vector<int64_t>& shape) const {
+        std::string name = full(n);
+        SWITCHYARD_CHECK(f_.has(name), f_.path(), ": tensor '", name, "' not found");
+        const SafetensorInfo& i = f_.info(name);
+        SWITCHYARD_CHECK(is_float(i.dtype), f_.path(), ": tensor '", name, "' has dtype ", i.dtype_str,
+                         "; weights must be F32, BF16 or F16");
+        SWITCHYARD_CHECK(i.shape == shape, f_.path(), ": tensor '", name, "' has shape ", shape_to_string(i.shape),
+                         ", expected ", shape_to_string(shape));
+        return i;
+    }
+    void same_dtype(const SafetensorInfo& i, DType want, const char* group) const {
+        SWITCHYARD_CHECK(i.dtype == want, f_.path(), ": tensor '", i.name, "' has dtype ", i.dtype_str, " but the ",
+                         group, " tensors are ", safetensors_dtype_name(want), "; use one dtype for them");
+    }
+    const uint8_t* data(const SafetensorInfo& i) const { return f_.data(i.name); }
+
+    const SafetensorsFile& f_;
+    const WeightLoadOptions& o_;
+};
+
+// Lists the prefixes under which a router weight of either scheme exists (for the "not found" message).
+std::string candidate_prefixes(const SafetensorsFile& f) {
+    const std::string keys[] = {"block_sparse_moe.gate.weight", "mlp.gate.weight"};
+    std::string out;
+    int count = 0;
+    for (const std::string& n : f.names()) {
+        for (const std::string& k : keys) {
+            if (n.size() >= k.size() && n.compare(n.size() - k.size(), k.size(), k) == 0) {
+                if (count < 4) out += (count ? ", '" : "'") + n.substr(0, n.size() - k.size()) + "'";
+                ++count;
+            }
+        }
+    }
+    if (count > 4) out += ", ...";
+    return count ? "; prefixes with a router weight in this file: " + out : "; the file holds no MoE router weight";
+}
+
+}  // namespace
+
+LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOptions& opts) {
+    Loader L(file, opts);
+    LoadedWeights out;
+    std::string gate_name, expert_fmt_pre;
+    std::string g_name, u_name, d_name;  // per-expert tensor names
+    if (L.has("block_sparse_moe.gate.weight")) {
+        out.scheme = NamingScheme::kMixtral;
+        gate_name = "block_sparse_moe.gate.weight";
+        expert_fmt_pre = "block_sparse_moe.experts.";
+        g_name = ".w1.weight";
+        u_name = ".w3.weight";
+        d_name = ".w2.weight";
+    } else if (L.has("mlp.gate.weight")) {
+        out.scheme = NamingScheme::kQwenDeepSeek;
+        gate_name = "mlp.gate.weight";
+        expert_fmt_pre = "mlp.experts.";
+        g_name = ".gate_proj.weight";
+        u_name = ".up_proj.weight";
+        d_name = ".down_proj.weight";
+    } else {
+        SWITCHYARD_FAIL(file.path(), ": no MoE router weight under prefix '", opts.prefix, "' (looked for '",
+                        opts.prefix, "block_sparse_moe.gate.weight' and '", opts.prefix, "mlp.gate.weight')",
+                        candidate_prefixes(file));
+    }
+
+    // Router: [E, H] gives E and H.
+    {
+        std::string name = L.full(gate_name);
+        const SafetensorInfo& gi = file.info(name);
+        SWITCHYARD_CHECK(is_float(gi.dtype), file.path(), ": tensor '", name, "' has dtype ", gi.dtype_str,
+                         "; weights must be F32, BF16 or F16");
+        SWITCHYARD_CHECK(gi.shape.size() == 2 && gi.shape[0] > 0 && gi.shape[1] > 0, file.path(), ": tensor '", name,
+                         "' has shape ", shape_to_string(gi.shape), ", expected [num_experts, hidden_size]");
+        out.num_experts = gi.shape[0];
+        out.hidden_size = gi.shape[1];
+        out.owned.w.gate = out.owned.allocate(gi.dtype, gi.shape);
+        std::memcpy(out.owned.w.gate.data, L.data(gi), out.owned.w.gate.nbytes());
+    }
+    const int64_t E = out.num_experts, H = out.hidden_size;
+
+    // Selection bias (Qwen/DeepSeek naming only), converted to fp32.
+    const std::string bias_name = "mlp.gate.e_score_correction_bias";
+    if (out.scheme == NamingScheme::kQwenDeepSeek && L.has(bias_name)) {
+        if (opts.use_score_bias) {
+            const SafetensorInfo& bi = L.need(bias_name, {E});
+            out.owned.w.score_bias = out.owned.allocate(DType::kF32, {E});
+            float* dst = out.owned.w.score_bias.ptr<float>();
+            const uint8_t* src = L.data(bi);
+            for (int64_t e = 0; e < E; ++e) {
+                if (bi.dtype == DType::kF32) {
+                    std::memcpy(&dst[e], src + 4 * e, 4);
+                } else {
+                    uint16_t h;
+                    std::memcpy(&h, src + 2 * e, 2);
+                    dst[e] = bi.dtype == DType::kBF16 ? bf16_to_float(h) : half_to_float(h);
+                }
+            }
+            out.has_score_bias = true;
+        } else {
+            out.notes.push_back("'" + L.full(bias_name) + "' present but not used (bias disabled)");
+        }
+    }
+
+    // Routed experts.
+    const bool gated = is_gated(opts.activation);
+    auto ename = [&](int64_t i, const std::string& suffix) { return expert_fmt_pre + std::to_string(i) + suffix; };
+    // With an ungated activation, the one input projection is w1 (Mixtral) or up_proj (Qwen/DeepSeek).
+    const std::string in_name = out.scheme == NamingScheme::kMixtral ? g_name : u_name;
+    const std::string other_name = out.scheme == NamingScheme::kMixtral ? u_name : g_name;
+    {
+        std::string first = gated ? ename(0, g_name) : ename(0, in_name);
+        SWITCHYARD_CHECK(L.has(first), file.path(), ": tensor '", L.full(first), "' not found (expert 0 of ", E, ")");
+        const SafetensorInfo& fi = file.info(L.full(first));
+        SWITCHYARD_CHECK(fi.shape.size() == 2 && fi.shape[1] == H && fi.shape[0] > 0, file.path(), ": tensor '",
+                         fi.name, "' has shape ", shape_to_string(fi.shape), ", expected [ffn_size, ", H, "]");
+        out.ffn_size = fi.shape[0];
+        SWITCHYARD_CHECK(is_float(fi.dtype), file.path(), ": tensor '", fi.name, "' has dtype ", fi.dtype_str,
+                         "; weights must be F32, BF16 or F16");
+        out.expert_dtype = fi.dtype;
+    }
+    const int64_t F = out.ffn_size;
+    const DType edt = out.expert_dtype;
+    const size_t es = dtype_size(edt);
+    const int64_t R13 = gated ? 2 * F : F;
+    out.owned.w.w13 = out.owned.allocate(edt, {E, R13, H});
+    out.owned.w.w2 = out.owned.allocate(edt, {E, H, F});
+    uint8_t* w13 = static_cast<uint8_t*>(out.owned.w.w13.data);
+    uint8_t* w2 = static_cast<uint8_t*>(out.owned.w.w2.data);
+    const size_t block = static_cast<size_t>(F * H) * es;
+    for (int64_t i = 0; i < E; ++i) {
+        uint8_t* dst13 = w13 + static_cast<size_t>(i) * (gated ? 2 : 1) * block;
+        if (gated) {
+            const SafetensorInfo& g = L.need(ename(i, g_name), {F, H});
+            const SafetensorInfo& u = L.need(ename(i, u_name), {F, H});
+            L.same_dtype(g, edt, "expert");
+            L.same_dtype(u, edt, "expert");
+            std::memcpy(dst13, L.data(g), block);
+            std::memcpy(dst13 + block, L.data(u), block);
+        } else {
+            SWITCHYARD_CHECK(!L.has(ename(i, other_name)), file.path(), ": tensor '", L.full(ename(i, other_name)),
+                             "' is present but activation ", act_name(opts.activation),
+                             " is ungated (use swiglu or geglu for gated experts)");
+            const SafetensorInfo& u = L.need(ename(i, in_name), {F, H});
+            L.same_dtype(u, edt, "expert");
+            std::memcpy(dst13, L.data(u), block);
+        }
+        const SafetensorInfo& d = L.need(ename(i, d_name), {H, F});
+        L.same_dtype(d, edt, "expert");
+        std::memcpy(w2 + static_cast<size_t>(i) * block, L.data(d), block);
+    }
+    {
+        // Experts beyond E would mean the router and the experts disagree.
+        std::string extra = L.full(ename(E, gated ? g_name : in_name));
+        SWITCHYARD_CHECK(!file.has(extra), file.path(), ": tensor '", extra, "' exists but the router weight has only ",
+                         E, " experts");
+    }
+
+    // Shared experts (Qwen/DeepSeek naming).
+    if (out.scheme == NamingScheme::kQwenDeepSeek) {
+        std::string sp;
+        if (L.has("mlp.shared_experts.down_proj.weight"))
+            sp = "mlp.shared_experts.";
+        else if (L.has("mlp.shared_expert.down_proj.weight"))
+            sp = "mlp.shared_expert.";
+        if (L.has("mlp.shared_expert_gate.weight"))
+            out.notes.push_back("'" + L.full("mlp.shared_expert_gate.weight") +
+                                "' (Qwen2-MoE shared-expert gate) is not supported and was ignored");
+        int64_t n_shared = opts.num_shared_experts;
+        if (n_shared < 0) n_shared = sp.empty() ? 0 : 1;
+        if (n_shared > 0) {
+            SWITCHYARD_CHECK(!sp.empty(), file.path(), ": ", n_shared, " shared experts requested but tensor '",
+                             L.full("mlp.shared_experts.down_proj.weight"), "' (or mlp.shared_expert.*) not found");
+            const SafetensorInfo& sd = file.info(L.full(sp + "down_proj.weight"));
+            SWITCHYARD_CHECK(sd.shape.size() == 2 && sd.shape[0] == H && sd.shape[1] > 0, file.path(), ": tensor '",
+                             sd.name, "' has shape ", shape_to_string(sd.shape), ", expected [", H, ", shared width]");
+            const int64_t S = sd.shape[1];
+            SWITCHYARD_CHECK(S % n_shared == 0, file.path(), ": shared width ", S, " of '", sd.name,
+                             "' is not a multiple of the number of shared experts ", n_shared);
+            const SafetensorInfo& d = L.need(sp + "down_proj.weight", {H, S});
+            const DType sdt = d.dtype;
+            const size_t sblock = static_cast<size_t>(S * H) * dtype_size(sdt);
+            out.owned.w.shared_w13 = out.owned.allocate(sdt, {gated ? 2 * S : S, H});
+            out.owned.w.shared_w2 = out.owned.allocate(sdt, {H, S});
+            uint8_t* s13 = static_cast<uint8_t*>(out.owned.w.shared_w13.data);
+            if (gated) {
+                const SafetensorInfo& g = L.need(sp + "gate_proj.weight", {S, H});
+                const SafetensorInfo& u = L.need(sp + "up_proj.weight", {S, H});
+                L.same_dtype(g, sdt, "shared expert");
+                L.same_dtype(u, sdt, "shared expert");
+                std::memcpy(s13, L.data(g), sblock);
+                std::memcpy(s13 + sblock, L.data(u), sblock);
+            } else {
+                SWITCHYARD_CHECK(!L.has(sp + "gate_proj.weight"), file.path(), ": tensor '",
+                                 L.full(sp + "gate_proj.weight"), "' is present but activation ",
+                                 act_name(opts.activation), " is ungated");
+                const SafetensorInfo& u = L.need(sp + "up_proj.weight", {S, H});
+                L.same_dtype(u, sdt, "shared expert");
+                std::memcpy(s13, L.data(u), sblock);
+            }
+            std::memcpy(out.owned.w.shared_w2.data, L.data(d), sblock);
+            out.num_shared_experts = n_shared;
+            out.shared_ffn_size = S / n_shared;
+        } else if (!sp.empty()) {
+            out.notes.push_back("shared-expert tensors under '" + L.full(sp) + "' present but not used");
+        }
+    } else {
+        SWITCHYARD_CHECK(opts.num_shared_experts <= 0, file.path(), ": ", opts.num_shared_experts,
+                         " shared experts requested but Mixtral-named weights have none");
+    }
+    return out;
+}
+
+std::vector<uint8_t> random_values(DType dtype, int64_t n, double lo, double hi, uint64_t seed) {
+    SWITCHYARD_CHECK(is_float(dtype), "random values need a float dtype, got ", to_string(dtype));
+    SWITCHYARD_CHECK(n >= 0, "random values: negative count ", n);
+    std::vector<uint8_t> out(static_cast<size_t>(n) * dtype_size(dtype));
+    SplitMix64 rng(seed);
+    for (int64_t i = 0; i < n; ++i) {
+        float v = static_cast<float>(lo + (hi - lo) * rng.uniform());
+        if (dtype == DType::kF32) {
+            std::memcpy(&out[4 * i], &v, 4);
+        } else {
+            uint16_t h = dtype == DType::kBF16 ? float_to_bf16(v) : float_to_half(v);
+            std::memcpy(&out[2 * i], &h, 2);
+        }
+    }
+    return out;
+}
+
+OwnedWeights random_weights(const MoEConfig& cfg, uint64_t seed) {
+    const int64_t E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size;
+    SWITCHYARD_CHECK(E > 0 && H > 0 && F > 0, "random weights need positive sizes: num_experts=", E, " hidden_size=", H,
+                     " ffn_size=", F);
+    const DType dt = cfg.dtype;
+    OwnedWeights ow;
+    // Each tensor gets its own stream derived from (seed, tensor index), so adding one never shifts another.
+    auto fill = [&](TensorRef& t, double bound, uint64_t idx) {
+        std::vector<uint8_t> v =
+            random_values(t.dtype, t.numel(), -bound, bound, seed * 0x100000001b3ull + idx * 0x9e3779b97f4a7c15ull + 1);
+        std::memcpy(t.data, v.data(), v.size());
+    };
+    ow.w.gate = ow.allocate(dt, {E, H});
+    fill(ow.w.gate, 1.0 / std::sqrt(static_cast<double>(H)), 1);
+    ow.w.score_bias = ow.allocate(DType::kF32, {E});
+    fill(ow.w.score_bias, 0.1, 2);
+    ow.w.w13 = ow.allocate(dt, {E, cfg.w13_rows(), H});
+    fill(ow.w.w13, 1.0 / std::sqrt(static_cast<double>(H)), 3);
+    ow.w.w2 = ow.allocate(dt, {E, H, F});
+    fill(ow.w.w2, 1.0 / std::sqrt(static_cast<double>(F)), 4);
+    const int64_t S = cfg.shared_width();
+    if (S > 0) {
+        ow.w.shared_w13 = ow.allocate(dt, {is_gated(cfg.activation) ? 2 * S : S, H});
+        fill(ow.w.shared_w13, 1.0 / std::sqrt(static_cast<double>(H)), 5);
+        ow.w.shared_w2 = ow.allocate(dt, {H, S});
+        fill(ow.w.shared_w2, 1.0 / std::sqrt(static_cast<double>(S)), 6);
+    }
+    return ow;
+}
+
+}  // namespace io
+}  // namespace switchyard

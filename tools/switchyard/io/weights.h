@@ -1,0 +1,105 @@
+// tools/switchyard/io/weights.h: owned host weights for one MoE layer: loaded from a Hugging Face safetensors shard, or
+// seeded random.
+//
+// Naming schemes (names are `<prefix><name>`; the prefix is e.g. "model.layers.3."):
+//   Mixtral:        block_sparse_moe.gate.weight [E, H];
+//                   block_sparse_moe.experts.{i}.w1.weight [F, H] (gate), .w3.weight [F, H] (up),
+//                   .w2.weight [H, F] (down)
+//   Qwen/DeepSeek:  mlp.gate.weight [E, H]; optional mlp.gate.e_score_correction_bias [E];
+//                   mlp.experts.{i}.gate_proj.weight [F, H], .up_proj.weight [F, H], .down_proj.weight [H, F];
+//                   optional shared experts mlp.shared_experts.{gate_proj,up_proj,down_proj}.weight
+//                   (DeepSeek) or mlp.shared_expert.* (Qwen2-MoE) with S rows ([S, H], [S, H], [H, S]).
+// The scheme is detected from the router weight's name. E and H come from the router weight, F from the
+// first expert; every other tensor must agree (Error naming the tensor and both shapes otherwise).
+// w13 is built as [E, 2F, H]: gate rows [0, F) then up rows [F, 2F) (gated activations: SwiGLU, GeGLU).
+// Ungated activations (GELU, ReLU) use the single input projection: Mixtral's w1 (w3 must be absent) or
+// up_proj (gate_proj must be absent), giving w13 [E, F, H]; a gate tensor present with an ungated
+// activation is an error (it would be silently ignored otherwise).
+// Dtypes: weights F32, BF16 or F16, as stored (one dtype for all routed experts' tensors, one for the shared
+// MLP; the router weight keeps its own); the selection bias is converted exactly to fp32.
+// Qwen2-MoE's mlp.shared_expert_gate.weight (a sigmoid gate on the shared expert) is not part of the layer
+// contract: it is ignored and reported in LoadedWeights::notes.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+#include "switchyard/config.h"
+#include "switchyard/moe_layer.h"
+
+namespace switchyard {
+namespace io {
+
+// Host buffers and the MoEWeights views into them. Movable (the views stay valid), not copyable.
+struct OwnedWeights {
+    MoEWeights w;
+    std::vector<std::vector<uint8_t>> buffers;
+
+    OwnedWeights() = default;
+    OwnedWeights(OwnedWeights&&) = default;
+    OwnedWeights& operator=(OwnedWeights&&) = default;
+    OwnedWeights(const OwnedWeights&) = delete;
+    OwnedWeights& operator=(const OwnedWeights&) = delete;
+
+    // Allocates a zeroed buffer and returns a contiguous view of it.
+    TensorRef allocate(DType dtype, const std::vector<int64_t>& shape);
+};
+
+enum class NamingScheme : int { kMixtral = 0, kQwenDeepSeek = 1 };
+const char* to_string(NamingScheme s);
+
+struct WeightLoadOptions {
+    std::string prefix;  // prepended to every name
+    Activation activation = Activation::kSwiGLU;
+    int64_t num_shared_experts = -1;  // -1: 1 when shared tensors exist, else 0; 0: ignore them;
+                                      // N > 0: they must exist and S must be a multiple of N
+    bool use_score_bias = true;       // load e_score_correction_bias when present
+};
+
+struct LoadedWeights {
+    NamingScheme scheme = NamingScheme::kMixtral;
+    int64_t hidden_size = 0, ffn_size = 0, num_experts = 0;
+    int64_t num_shared_experts = 0, shared_ffn_size = 0;  // shared width S = product
+    bool has_score_bias = false;
+    DType expert_dtype = DType::kF32;
+    std::vector<std::string> notes;  // tensors present but not used, etc.
+    OwnedWeights owned;
+
+    // Sets hidden/ffn/experts/shared sizes and use_score_bias of cfg from the weights.
+    void apply_to(MoEConfig& cfg) const;
+};
+
+// Detects the scheme under opts.prefix and loads one layer. Errors name the file and the tensor.
+LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOptions& opts);
+
+// Seeded random weights for cfg (sizes, activation, shared experts), every weight in cfg.dtype (router gate
+// too), values uniform(-1/sqrt(in), 1/sqrt(in)) like nn.Linear's init; score_bias [E] fp32 uniform(-0.1, 0.1)
+// always filled. The same (cfg, seed) gives the same bits on every platform (own generator, no <random>).
+OwnedWeights random_weights(const MoEConfig& cfg, uint64_t seed);
+
+// n values uniform in [lo, hi) rounded to dtype (float dtypes only), as raw little-endian bytes.
+std::vector<uint8_t> random_values(DType dtype, int64_t n, double lo, double hi, uint64_t seed);
+
+// Deterministic 64-bit generator (splitmix64) shared by the random helpers and the CLI.
+class SplitMix64 {
+ public:
+    explicit SplitMix64(uint64_t seed) : s_(seed) {}
+    uint64_t next() {
+        uint64_t z = (s_ += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+    double uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
+
+ private:
+    uint64_t s_;
+};
+
+// Contiguous host TensorRef without the library's out-of-line constructor (keeps src/io self-contained).
+TensorRef host_tensor(void* data, DType dtype, const std::vector<int64_t>& shape);
+
+}  // namespace io
+}  // namespace switchyard
