@@ -270,10 +270,11 @@ TEST(GpuRouterKernel, TiesNaNAndInfinities) {
 }
 
 
-// The fused router (E <= 16) on small-integer inputs: every logit is an exact small integer in fp32 whatever the
-// summation order, so the logits are compared EXACTLY and many tokens have exact ties between experts. NaN in
-// x (a token with all logits NaN) and in one gate row (one expert NaN for every token) in the second variant.
-TEST(GpuRouterFused, IntegerInputsTiesAndNaN) {
+// The router (cuBLAS gate GEMM + the segmented routing kernel, E <= 16) on small-integer inputs: every logit is an
+// exact small integer in fp32 whatever the summation order, so the logits are compared EXACTLY and many tokens have
+// exact ties between experts. NaN in x (a token with all logits NaN) and in one gate row (one expert NaN for every
+// token) in the second variant.
+TEST(GpuRouterExact, IntegerInputsTiesAndNaN) {
     SWITCHYARD_SKIP_WITHOUT_GPU();
     const int64_t T = 1001, H = 64;
     for (const int64_t E : {int64_t(4), int64_t(8), int64_t(11), int64_t(16)}) {
@@ -298,8 +299,6 @@ TEST(GpuRouterFused, IntegerInputsTiesAndNaN) {
                 for (int64_t t = 5; t < T; t += 97) x[t * H + (t % H)] = std::numeric_limits<float>::quiet_NaN();
                 gate[(E / 2) * H + 3] = std::numeric_limits<float>::quiet_NaN();
             }
-            ASSERT_TRUE(cuda::router_fused_supported(cfg, reinterpret_cast<void*>(256), reinterpret_cast<void*>(512)))
-                << "this test is meant to run the fused router";
             DeviceBuffer d_x, d_gate, d_ids(T * k * 4), d_w(T * k * 4), d_logits(T * E * 4);
             testing::upload(d_x, x, cfg.dtype);
             testing::upload(d_gate, gate, cfg.dtype);

@@ -1,5 +1,5 @@
-// src/cuda/routing/router.cu: the router on the GPU: gate GEMM (cuBLAS, or fused in-kernel for E <= 16) + one fused
-// scoring / top-k / statistics kernel.
+// src/cuda/routing/router.cu: the router on the GPU: gate GEMM (cuBLAS) + one fused scoring / top-k / statistics
+// kernel.
 //
 // Inputs:  x [T, H] and gate [E, H] of one dtype (fp32 / bf16 / fp16), row-major; bias [E] fp32 (optional).
 // Outputs: logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32 (slot j = j-th choice);
@@ -19,18 +19,10 @@
 // fp64 code on the same fp32 logits as route_topk_kernel<1>; lanes >= E contributed exact zeros (sums) or -inf
 // (max) there, so the narrower butterflies give bitwise the same lmax / esum / weights; selection uses the same
 // total order (class, value, index). Only the statistics partials are summed in another (still fixed) order.
-// Fused router (router_fused, E <= 16, no groups): the same kernel with a gate GEMV prologue: the warp reads the
-// x rows of its 32 / kW tokens once with 16-byte streaming loads, each 16-byte gate vector (L1 / L2) serves all
-// of them, fp32 FMA accumulation per lane then a 31-shuffle reduce-scatter leaves the logit of (token, expert)
-// on the lane that routes it; logits [T, E] are written for ForwardOutputs and routing reads the same fp32
-// value, so the decisions are those of the reference on the written logits. One launch, no cuBLAS, no split-K.
 #include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
@@ -44,7 +36,6 @@ constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
 constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 32;
-constexpr int kFusedMaxExperts = 16;  // fused GEMV + routing: kS = 32 / kW >= 2 tokens share each gate load
 
 // ---- cuBLAS handle: one per device, created on first use, guarded by a mutex (stream set per call) ----------
 struct HandleSlot {
@@ -438,107 +429,8 @@ __device__ __forceinline__ void route_token_seg(const RouterParams& p, int t, bo
     }
 }
 
-// The gate GEMV of the fused router: x [T, H] and gate [E, H] of TIn, 16-byte vectors (H % kVec == 0, 16-byte
-// aligned rows). The warp computes the logits of its kS = 32 / kW tokens t0..t0+kS-1 for all E experts: lane l
-// takes the vectors c = l, l + 32, ... of the rows, accumulates acc[q * kW + e] in fp32 (one FMA per element,
-// in order of c), then a reduce-scatter butterfly (31 shuffles) leaves the sum of index l on lane l, i.e. token
-// q = l / kW, expert e = l % kW. x rows are streamed (__ldcs), gate rows come from L1 / L2 and serve kS tokens.
-struct GemvParams {
-    const void* x;
-    const void* gate;
-    float* logits;
-    int hidden;
-};
-
-template <typename TIn>
-__device__ __forceinline__ void to_float(const uint4& u, float* f);
-template <>
-__device__ __forceinline__ void to_float<float>(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-}
-template <>
-__device__ __forceinline__ void to_float<__nv_bfloat16>(const uint4& u, float* f) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // exact: a bf16 is the high half of its fp32
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-template <>
-__device__ __forceinline__ void to_float<__half>(const uint4& u, float* f) {
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        __half2 h;
-        memcpy(&h, &w[i], sizeof(h));
-        const float2 v = __half22float2(h);
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-
-// One round of the reduce-scatter: acc[0..kH) of index i + (lane bits >= kH) after the round.
-template <int kH>
-__device__ __forceinline__ void reduce_scatter_round(float (&acc)[32], int lane) {
-    const bool upper = (lane & kH) != 0;
-#pragma unroll
-    for (int i = 0; i < kH; ++i) {
-        const float send = upper ? acc[i] : acc[i + kH];
-        const float keep = upper ? acc[i + kH] : acc[i];
-        acc[i] = keep + __shfl_xor_sync(kFull, send, kH);
-    }
-}
-
-template <int kW, typename TIn>
-__device__ __forceinline__ float gate_gemv(const GemvParams& g, int num_tokens, int num_experts, int64_t t0) {
-    constexpr int kS = 32 / kW;
-    constexpr int kVec = 16 / static_cast<int>(sizeof(TIn));
-    const int lane = threadIdx.x & 31;
-    const int nvec = g.hidden / kVec;
-    const uint4* x4 = static_cast<const uint4*>(g.x);
-    const uint4* g4 = static_cast<const uint4*>(g.gate);
-    float acc[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-#pragma unroll 2
-    for (int c = lane; c < nvec; c += 32) {
-        float xv[kS][kVec];
-#pragma unroll
-        for (int q = 0; q < kS; ++q) {
-            if (t0 + q < num_tokens) {
-                to_float<TIn>(__ldcs(x4 + (t0 + q) * nvec + c), xv[q]);
-            } else {
-#pragma unroll
-                for (int v = 0; v < kVec; ++v) xv[q][v] = 0.0f;
-            }
-        }
-#pragma unroll
-        for (int e = 0; e < kW; ++e) {
-            if (e < num_experts) {
-                float gv[kVec];
-                to_float<TIn>(__ldg(g4 + static_cast<int64_t>(e) * nvec + c), gv);
-#pragma unroll
-                for (int q = 0; q < kS; ++q)
-#pragma unroll
-                    for (int v = 0; v < kVec; ++v) acc[q * kW + e] = fmaf(xv[q][v], gv[v], acc[q * kW + e]);
-            }
-        }
-    }
-    reduce_scatter_round<16>(acc, lane);
-    reduce_scatter_round<8>(acc, lane);
-    reduce_scatter_round<4>(acc, lane);
-    reduce_scatter_round<2>(acc, lane);
-    reduce_scatter_round<1>(acc, lane);
-    return acc[0];
-}
-
-// kFused = false: logits from p.logits; true: logits = gate GEMV (TIn), written to g.logits, then routed.
-template <int kW, bool kFused, typename TIn>
-__global__ void __launch_bounds__(kRouterWarps * 32) route_seg_kernel(RouterParams p, GemvParams g) {
+template <int kW>
+__global__ void __launch_bounds__(kRouterWarps * 32) route_seg_kernel(RouterParams p) {
     constexpr int kS = 32 / kW;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -551,12 +443,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_seg_kernel(RouterPara
         const int64_t t = tg * kS + q;
         const bool tok_ok = t < p.num_tokens;
         float lg = 0.0f;
-        if constexpr (kFused) {
-            lg = gate_gemv<kW, TIn>(g, p.num_tokens, E, tg * kS);
-            if (tok_ok && sub < E) g.logits[t * E + sub] = lg;
-        } else {
-            if (tok_ok && sub < E) lg = p.logits[t * E + sub];
-        }
+        if (tok_ok && sub < E) lg = p.logits[t * E + sub];
         route_token_seg<kW>(p, static_cast<int>(tok_ok ? t : 0), tok_ok, sub, lg, prob_acc, z_acc);
     }
     if (p.prob_partials != nullptr) {
@@ -587,19 +474,12 @@ int seg_width(int64_t num_experts) {  // power of two >= E, at least 4
     return w;
 }
 
-template <bool kFused, typename TIn>
-void launch_seg(const RouterParams& params, const GemvParams& g, int blocks, cudaStream_t stream) {
+void launch_seg(const RouterParams& params, int blocks, cudaStream_t stream) {
     switch (seg_width(params.num_experts)) {
-        case 4: route_seg_kernel<4, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
-        case 8: route_seg_kernel<8, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
-        case 16: route_seg_kernel<16, kFused, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g); break;
-        default:
-            if constexpr (!kFused) {
-                route_seg_kernel<32, false, TIn><<<blocks, kRouterWarps * 32, 0, stream>>>(params, g);
-            } else {
-                SWITCHYARD_FAIL("fused router: num_experts=", params.num_experts, " > ", kFusedMaxExperts);
-            }
-            break;
+        case 4: route_seg_kernel<4><<<blocks, kRouterWarps * 32, 0, stream>>>(params); break;
+        case 8: route_seg_kernel<8><<<blocks, kRouterWarps * 32, 0, stream>>>(params); break;
+        case 16: route_seg_kernel<16><<<blocks, kRouterWarps * 32, 0, stream>>>(params); break;
+        default: route_seg_kernel<32><<<blocks, kRouterWarps * 32, 0, stream>>>(params); break;
     }
     SWITCHYARD_CUDA_CHECK_LAUNCH();
 }
@@ -702,8 +582,6 @@ RouterParams make_router_params(const MoEConfig& cfg, const float* logits, const
     return params;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 }  // namespace
 
 void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
@@ -716,7 +594,7 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
     const int blocks = router_stat_blocks(num_tokens);
     const int64_t E = cfg.num_experts;
     if (E <= 32 && !grouped) {
-        launch_seg<false, float>(params, GemvParams{}, blocks, stream);
+        launch_seg(params, blocks, stream);
     } else if (E <= 32) {
         launch_route<1>(params, grouped, blocks, stream);
     } else if (E <= 64) {
@@ -728,32 +606,6 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
     } else {
         launch_route<16>(params, grouped, blocks, stream);
     }
-}
-
-bool router_fused_supported(const MoEConfig& cfg, const void* x, const void* gate) {
-    if (cfg.num_experts < 1 || cfg.num_experts > kFusedMaxExperts || cfg.num_groups > 1) return false;
-    if (cfg.dtype != DType::kF32 && cfg.dtype != DType::kBF16 && cfg.dtype != DType::kF16) return false;
-    const int64_t vec = 16 / static_cast<int64_t>(dtype_size(cfg.dtype));
-    return cfg.hidden_size >= 1 && cfg.hidden_size <= INT32_MAX && cfg.hidden_size % vec == 0 && aligned16(x) &&
-           aligned16(gate);
-}
-
-bool router_fused(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t num_tokens,
-                  float* logits, int32_t* topk_ids, float* topk_weights, double* prob_partials,
-                  double* z_partials, cudaStream_t stream) {
-    if (!router_fused_supported(cfg, x, gate)) return false;
-    const RouterParams params =
-        make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
-    if (num_tokens == 0) return true;
-    GemvParams g{x, gate, logits, static_cast<int>(cfg.hidden_size)};
-    const int blocks = router_stat_blocks(num_tokens);
-    switch (cfg.dtype) {
-        case DType::kF32: launch_seg<true, float>(params, g, blocks, stream); break;
-        case DType::kBF16: launch_seg<true, __nv_bfloat16>(params, g, blocks, stream); break;
-        case DType::kF16: launch_seg<true, __half>(params, g, blocks, stream); break;
-        default: return false;
-    }
-    return true;
 }
 
 void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
