@@ -8,7 +8,8 @@ if(NOT SETTINGS OR NOT EXISTS "${SETTINGS}")
   message(FATAL_ERROR "run_consumer.cmake: pass -DSETTINGS=<settings.cmake written by tests/CMakeLists.txt>")
 endif()
 include("${SETTINGS}")  # SY_BUILD_DIR SY_WORK_DIR SY_CONSUMER_DIR SY_GENERATOR SY_MAKE_PROGRAM SY_CXX_COMPILER
-                        # SY_PREFIX_PATH SY_WITH_CUDA SY_CUDA_ROOT
+                        # SY_CXX_FLAGS SY_EXE_LINKER_FLAGS SY_INSTALL_LIBDIR SY_INSTALL_INCLUDEDIR SY_PREFIX_PATH
+                        # SY_WITH_CUDA SY_CUDA_ROOT
 if(NOT CONFIG)
   set(CONFIG Release)
 endif()
@@ -28,7 +29,7 @@ endfunction()
 # 1. The install, staged.
 step("install the build into ${prefix}"
      "${CMAKE_COMMAND}" --install "${SY_BUILD_DIR}" --prefix "${prefix}" --config "${CONFIG}")
-foreach(f include/switchyard/switchyard.h lib/cmake/switchyard/switchyardConfig.cmake)
+foreach(f ${SY_INSTALL_INCLUDEDIR}/switchyard/switchyard.h ${SY_INSTALL_LIBDIR}/cmake/switchyard/switchyardConfig.cmake)
   if(NOT EXISTS "${prefix}/${f}")
     file(GLOB_RECURSE _all RELATIVE "${prefix}" "${prefix}/*")
     message(FATAL_ERROR "install_consumer: ${f} not installed; the prefix holds: ${_all}")
@@ -39,10 +40,14 @@ if(_cli_support)
   message(FATAL_ERROR "install_consumer: the CLI's support library must not be installed: ${_cli_support}")
 endif()
 
-# 2. The outside project, configured against the staged prefix only (plus where the build found its dependencies).
-# (The prefix path is a list: it goes through an initial-cache file, not a command line.)
+# 2. The outside project, configured against the staged prefix (plus where the build found its dependencies), with
+# the build's compiler flags (a sanitizer build needs them at link time too). Lists and flags go through an
+# initial-cache file, not a command line.
 set(init "${SY_WORK_DIR}/consumer-init.cmake")
-file(WRITE "${init}" "set(CMAKE_PREFIX_PATH [==[${prefix};${SY_PREFIX_PATH}]==] CACHE STRING \"\")\n")
+file(WRITE "${init}" "set(CMAKE_PREFIX_PATH [==[${prefix};${SY_PREFIX_PATH}]==] CACHE STRING \"\")
+set(CMAKE_CXX_FLAGS [==[${SY_CXX_FLAGS}]==] CACHE STRING \"\")
+set(CMAKE_EXE_LINKER_FLAGS [==[${SY_EXE_LINKER_FLAGS}]==] CACHE STRING \"\")
+")
 set(args -C "${init}" -S "${SY_CONSUMER_DIR}" -B "${cbuild}" -G "${SY_GENERATOR}" "-DCMAKE_BUILD_TYPE=${CONFIG}"
          "-DCMAKE_CXX_COMPILER=${SY_CXX_COMPILER}" "-DSWITCHYARD_EXPECT_CUDA=${SY_WITH_CUDA}")
 if(SY_MAKE_PROGRAM)
