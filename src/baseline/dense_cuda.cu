@@ -19,13 +19,13 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "switchyard/baseline.h"
 #include "cuda/common.cuh"
+#include "cuda/cublas_util.h"
 #include "cuda/dispatch.cuh"
 #include "ref/ref.h"
 #include "switchyard/error.h"
@@ -37,7 +37,6 @@ using cuda::from_f32;
 using cuda::to_f32;
 
 constexpr int kThreads = 256;
-constexpr int kMaxDevices = 64;
 
 // ---- kernels ------------------------------------------------------------------------------------------------
 
@@ -137,27 +136,6 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::max<int64_t>(
 
 // ---- cuBLAS -------------------------------------------------------------------------------------------------
 
-struct HandleSlot {
-    std::mutex mutex;
-    cublasHandle_t handle = nullptr;  // created on first use, kept for the process (destroying it at exit races
-                                      // the CUDA runtime's own teardown)
-};
-HandleSlot& handle_slot(int device) {
-    static HandleSlot slots[kMaxDevices];
-    SWITCHYARD_CHECK(device >= 0 && device < kMaxDevices, "device=", device, " out of range");
-    return slots[device];
-}
-
-cudaDataType cuda_type(DType t) {
-    switch (t) {
-        case DType::kF32: return CUDA_R_32F;
-        case DType::kBF16: return CUDA_R_16BF;
-        case DType::kF16: return CUDA_R_16F;
-        default: break;
-    }
-    SWITCHYARD_FAIL("dense baseline: dtype=", to_string(t), " is not supported (fp32, bf16, fp16)");
-}
-
 int as_int(int64_t v, const char* what) {
     SWITCHYARD_CHECK(v >= 0 && v <= INT32_MAX, "dense baseline: ", what, "=", v, " exceeds cuBLAS's int range");
     return static_cast<int>(v);
@@ -171,9 +149,11 @@ void gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int
     if (m == 0 || n == 0 || batch == 0) return;
     SWITCHYARD_CHECK(k > 0, "internal: gemm with k=0");
     const float alpha = 1.0f, beta = 0.0f;
+    constexpr const char* kWhat = "dense baseline";
     SWITCHYARD_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        handle, ta, tb, as_int(m, "m"), as_int(n, "n"), as_int(k, "k"), &alpha, a, cuda_type(at), as_int(lda, "lda"),
-        stride_a, b, cuda_type(bt), as_int(ldb, "ldb"), stride_b, &beta, c, cuda_type(ct), as_int(ldc, "ldc"),
+        handle, ta, tb, as_int(m, "m"), as_int(n, "n"), as_int(k, "k"), &alpha, a, cuda::cuda_data_type(at, kWhat),
+        as_int(lda, "lda"), stride_a, b, cuda::cuda_data_type(bt, kWhat), as_int(ldb, "ldb"), stride_b, &beta, c,
+        cuda::cuda_data_type(ct, kWhat), as_int(ldc, "ldc"),
         stride_c, as_int(batch, "batch"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -285,14 +265,9 @@ DenseResult dense_forward_cuda(const MoEConfig& cfg, const MoEWeights& w, const 
     float* d_wts = reinterpret_cast<float*>(rbase + lr.topk_weights);
     int32_t* d_loc = reinterpret_cast<int32_t*>(rbase + lr.loc);
 
-    HandleSlot& slot = handle_slot(device);
-    std::lock_guard<std::mutex> lock(slot.mutex);  // the handle's stream is set per call: one user at a time
-    if (slot.handle == nullptr) {
-        SWITCHYARD_CUBLAS_CHECK(cublasCreate(&slot.handle));
-        SWITCHYARD_CUBLAS_CHECK(cublasSetMathMode(slot.handle, CUBLAS_DEFAULT_MATH));  // no TF32
-    }
-    cublasHandle_t handle = slot.handle;
-    SWITCHYARD_CUBLAS_CHECK(cublasSetStream(handle, stream));
+    // The device's shared cuBLAS handle (no TF32), held for the whole forward: its stream is per call.
+    const cuda::CublasLease cublas(stream);
+    cublasHandle_t handle = cublas.handle();
 
     // logits [T, E] = x [T, H] . gate [E, H]^T  (column-major: logits^T [E, T] = op_T(gate [H, E]) . x^T [H, T])
     std::vector<float> logits(static_cast<size_t>(T * E));

@@ -1,6 +1,7 @@
 // src/cuda/backward/backward.cu: backward kernels of the router weights, gather, activation and combine (src/cuda/backward/backward.h).
 //
-// route_backward   one thread per token, loops over E and k in index order (ref::route_backward's formulas).
+// route_backward   one thread per token, fp32, loops over E and k in index order (ref::route_backward's formulas and
+//                  NaN rule; the scores come from src/cuda/routing/scoring.cuh).
 // router_losses_backward
 //                  1. one block: per-expert top-k counts (shared-memory integer atomics: order-free, exact), then
 //                     gp[e] = d_aux * E * (count_e / (T k)) / T (double), d aux / d prob[t, e] for every t.
@@ -18,6 +19,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/routing/scoring.cuh"
 
 namespace switchyard {
 namespace cuda {
@@ -25,8 +27,6 @@ namespace {
 
 constexpr int kBwdThreads = 128;
 constexpr int kMaxTopK = 32;
-
-__device__ __forceinline__ float sigmoidf_(float v) { return 1.0f / (1.0f + expf(-v)); }
 
 struct RouteBwdParams {
     const float* logits;
@@ -50,17 +50,17 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     const float* g = p.d_weights + t * k;
     float* dl = p.d_logits + t * num_experts;
     float u[kMaxTopK], gu[kMaxTopK];
-    float m = -INFINITY, denom = 0.0f;  // softmax over all E (softmax) or over the k chosen (top-k-softmax)
+    // Softmax over all E (softmax) or over the k chosen (top-k-softmax), fp32, under ref::route_backward's NaN rule
+    // (scoring.cuh: a NaN logit makes the token's softmax and gradient NaN).
+    float m = -INFINITY, denom = 0.0f;
     if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
-        for (int e = 0; e < num_experts; ++e) m = fmaxf(m, l[e]);
-        for (int e = 0; e < num_experts; ++e) denom += l[e] == m ? 1.0f : expf(l[e] - m);
-        for (int j = 0; j < k; ++j) u[j] = (l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m)) / denom;
+        softmax_norm_nan_poisons(num_experts, [&](int e) { return l[e]; }, m, denom);
+        for (int j = 0; j < k; ++j) u[j] = exp_shifted(l[ids[j]], m) / denom;
     } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
-        for (int j = 0; j < k; ++j) u[j] = sigmoidf_(l[ids[j]]);
+        for (int j = 0; j < k; ++j) u[j] = sigmoid(l[ids[j]]);
     } else {
-        for (int j = 0; j < k; ++j) m = fmaxf(m, l[ids[j]]);
-        for (int j = 0; j < k; ++j) denom += l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m);
-        for (int j = 0; j < k; ++j) u[j] = (l[ids[j]] == m ? 1.0f : expf(l[ids[j]] - m)) / denom;
+        softmax_norm_nan_poisons(k, [&](int j) { return l[ids[j]]; }, m, denom);
+        for (int j = 0; j < k; ++j) u[j] = exp_shifted(l[ids[j]], m) / denom;
     }
     float sum = 0.0f;
     for (int j = 0; j < k; ++j) sum += u[j];
@@ -74,7 +74,7 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
         float dot = 0.0f;
         for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
-        for (int e = 0; e < num_experts; ++e) dl[e] = -((l[e] == m ? 1.0f : expf(l[e] - m)) / denom) * dot;
+        for (int e = 0; e < num_experts; ++e) dl[e] = -(exp_shifted(l[e], m) / denom) * dot;
         for (int j = 0; j < k; ++j) dl[ids[j]] += gu[j] * u[j];
     } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
         for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
@@ -105,17 +105,12 @@ __global__ void loss_coeff_kernel(const int32_t* __restrict__ ids, int64_t n_ids
         gp[e] = d_aux * num_experts * (counts[e] / static_cast<double>(n_ids)) / t;
 }
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Double arithmetic: the aux term p_e (gp_e - sum_i gp_i p_i) cancels almost completely when the loads are even
 // (every gp_e close to the same value), which in fp32 would leave a relative error of ~1e-7 of gp, far above fp32
 // rounding of the small result. The exp/log count is T*E, small next to the layer.
 __global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
     router_losses_backward_kernel(const float* __restrict__ logits, const double* __restrict__ gp,
-                                  const float* __restrict__ d_losses, int64_t num_tokens, int num_experts, int sigmoid,
+                                  const float* __restrict__ d_losses, int64_t num_tokens, int num_experts, int use_sigmoid,
                                   float* __restrict__ d_logits) {
     const int lane = threadIdx.x & 31;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * kLossWarpsPerBlock + (threadIdx.x >> 5);
@@ -125,28 +120,29 @@ __global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
     float* dl = d_logits + t * num_experts;
     float mf = -INFINITY;
     for (int e = lane; e < num_experts; e += 32) mf = fmaxf(mf, l[e]);
-    for (int o = 16; o > 0; o >>= 1) mf = fmaxf(mf, __shfl_xor_sync(0xffffffffu, mf, o));
+    mf = lanes_max<32>(mf);
     const double m = mf;
-    auto ex = [&](int e) { return l[e] == mf ? 1.0 : exp(static_cast<double>(l[e]) - m); };
-    auto sg = [&](int e) { return 1.0 / (1.0 + exp(-static_cast<double>(l[e]))); };
+    // Backward NaN rule (scoring.cuh): NaN reaches the sums. exp_shifted's v == m is l[e] == mf (exact widening).
+    auto ex = [&](int e) { return exp_shifted(static_cast<double>(l[e]), m); };
+    auto sg = [&](int e) { return sigmoid(static_cast<double>(l[e])); };
     double denom = 0.0, ssum = 0.0;
     for (int e = lane; e < num_experts; e += 32) {
         denom += ex(e);
-        if (sigmoid) ssum += sg(e);
+        if (use_sigmoid) ssum += sg(e);
     }
-    denom = warp_sum_d(denom);
-    ssum = warp_sum_d(ssum);
+    denom = lanes_sum<32>(denom);
+    ssum = lanes_sum<32>(ssum);
     const double zc = d_z * 2.0 * (m + log(denom)) / static_cast<double>(num_tokens);
     double dot = 0.0;  // sum_e gp_e * prob_e
     if (d_aux != 0.0) {
-        for (int e = lane; e < num_experts; e += 32) dot += gp[e] * (sigmoid ? sg(e) / ssum : ex(e) / denom);
-        dot = warp_sum_d(dot);
+        for (int e = lane; e < num_experts; e += 32) dot += gp[e] * (use_sigmoid ? sg(e) / ssum : ex(e) / denom);
+        dot = lanes_sum<32>(dot);
     }
     for (int e = lane; e < num_experts; e += 32) {
         const double p = ex(e) / denom;
         double g = 0.0;
         if (d_aux != 0.0) {
-            if (sigmoid) {
+            if (use_sigmoid) {
                 const double s = sg(e);
                 g = (gp[e] - dot) / ssum * s * (1.0 - s);
             } else {
@@ -177,7 +173,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 }
 
 __device__ __forceinline__ float silu_grad_f(float v) {
-    const float s = sigmoidf_(v);
+    const float s = sigmoid(v);
     return s * (1.0f + v * (1.0f - s));
 }
 __device__ __forceinline__ float gelu_f(float v) {
@@ -204,7 +200,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         if constexpr (kAct == Activation::kSwiGLU) {
             const float up = to_f32(gr[ffn + f]);
             o[f] = from_f32<T>(dv * up * silu_grad_f(a));
-            o[ffn + f] = from_f32<T>(dv * a * sigmoidf_(a));
+            o[ffn + f] = from_f32<T>(dv * a * sigmoid(a));
         } else if constexpr (kAct == Activation::kGeGLU) {
             const float up = to_f32(gr[ffn + f]);
             o[f] = from_f32<T>(dv * up * gelu_grad_f(a));

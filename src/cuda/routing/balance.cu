@@ -31,6 +31,7 @@
 
 #include "cuda/routing/balance.h"
 #include "cuda/common.cuh"
+#include "cuda/routing/scoring.cuh"
 
 namespace switchyard {
 namespace cuda {
@@ -81,37 +82,26 @@ struct TokenNorm {
     double lse2;  // logsumexp^2 (NaN if any logit is NaN)
 };
 
-__global__ void token_norms_kernel(const float* logits, int64_t num_tokens, int num_experts, int sigmoid,
+__global__ void token_norms_kernel(const float* logits, int64_t num_tokens, int num_experts, int use_sigmoid,
                                    TokenNorm* out) {
     for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < num_tokens;
          t += int64_t(gridDim.x) * blockDim.x) {
         const float* l = logits + t * num_experts;
-        double m = -INFINITY;
-        bool any_nan = false;
-        for (int e = 0; e < num_experts; ++e) {
-            const double v = l[e];
-            if (isnan(v))
-                any_nan = true;
-            else
-                m = fmax(m, v);
-        }
-        double esum = 0.0, ssum = 0.0;
-        for (int e = 0; e < num_experts; ++e) {
-            const double v = l[e];
-            if (!isnan(v)) esum += v == m ? 1.0 : exp(v - m);
-            if (sigmoid) ssum += 1.0 / (1.0 + exp(-v));
-        }
-        const double lse = any_nan ? static_cast<double>(NAN) : m + log(esum);
-        out[t] = TokenNorm{m, sigmoid ? ssum : esum, lse * lse};
+        const RowSoftmax r = row_softmax_fwd(l, num_experts);
+        double ssum = 0.0;
+        if (use_sigmoid)
+            for (int e = 0; e < num_experts; ++e) ssum += sigmoid(static_cast<double>(l[e]));
+        const double lse = logsumexp_fwd(r.max, r.sum, r.any_nan);
+        out[t] = TokenNorm{r.max, use_sigmoid ? ssum : r.sum, lse * lse};
     }
 }
 
 // p[t, e] from the token's norm (ref::aux_probabilities).
-__device__ __forceinline__ double aux_prob(float logit, const TokenNorm& n, int sigmoid) {
+__device__ __forceinline__ double aux_prob(float logit, const TokenNorm& n, int use_sigmoid) {
     const double v = logit;
-    if (sigmoid) return (1.0 / (1.0 + exp(-v))) / n.norm;
+    if (use_sigmoid) return sigmoid(v) / n.norm;
     if (isnan(v)) return v;
-    return (v == n.m ? 1.0 : exp(v - n.m)) / n.norm;
+    return exp_shifted(v, n.m) / n.norm;
 }
 
 __global__ void chunk_partials_kernel(const float* logits, const int32_t* topk_ids, const TokenNorm* norms,
@@ -245,40 +235,20 @@ LossScratch carve_losses(WorkspaceCarver& wc, int64_t num_tokens, int64_t num_ex
 }
 
 // ---- expert choice --------------------------------------------------------------------------------------------
-// Ascending order of the key = descending order of the score; NaN after every number.
-__device__ __forceinline__ unsigned long long desc_key(double v) {
-    const unsigned long long u = static_cast<unsigned long long>(__double_as_longlong(v));
-    unsigned long long asc = (u >> 63) ? ~u : (u | (1ull << 63));
-    if (isnan(v)) asc = 0ull;
-    return ~asc;
-}
-
-__global__ void ec_scores_kernel(const float* logits, int64_t num_tokens, int num_experts, int sigmoid,
+__global__ void ec_scores_kernel(const float* logits, int64_t num_tokens, int num_experts, int use_sigmoid,
                                  double* scores, unsigned long long* keys, int32_t* vals) {
     for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < num_tokens;
          t += int64_t(gridDim.x) * blockDim.x) {
         const float* l = logits + t * num_experts;
         double* s = scores + t * num_experts;
-        if (sigmoid) {
-            for (int e = 0; e < num_experts; ++e) s[e] = 1.0 / (1.0 + exp(-static_cast<double>(l[e])));
+        if (use_sigmoid) {
+            for (int e = 0; e < num_experts; ++e) s[e] = sigmoid(static_cast<double>(l[e]));
         } else {
-            double m = -INFINITY;
-            for (int e = 0; e < num_experts; ++e)
-                if (!isnan(l[e])) m = fmax(m, static_cast<double>(l[e]));
-            double sum = 0.0;
-            for (int e = 0; e < num_experts; ++e) {
-                const double v = l[e];
-                if (isnan(v)) continue;
-                s[e] = v == m ? 1.0 : exp(v - m);
-                sum += s[e];
-            }
-            for (int e = 0; e < num_experts; ++e) {
-                const double v = l[e];
-                s[e] = isnan(v) ? v : s[e] / sum;
-            }
+            const RowSoftmax r = row_softmax_fwd(l, num_experts, s);  // s[e] = exp_shifted, 0 for NaN
+            for (int e = 0; e < num_experts; ++e) s[e] = softmax_prob(static_cast<double>(l[e]), s[e], r.sum);
         }
         for (int e = 0; e < num_experts; ++e) {
-            keys[static_cast<int64_t>(e) * num_tokens + t] = desc_key(s[e]);
+            keys[static_cast<int64_t>(e) * num_tokens + t] = rank_key_desc(s[e]);
             vals[static_cast<int64_t>(e) * num_tokens + t] = static_cast<int32_t>(t);
         }
     }
@@ -332,8 +302,7 @@ __global__ void ec_weights_kernel(const double* scores, const int32_t* slot_row,
         for (int e = 0; e < num_experts; ++e) {
             float w = 0.0f;
             if (sr[e] >= 0) {
-                double v = s[e];
-                if (renormalize && sum != 0.0) v /= sum;
+                const double v = renormalize ? renormalized(s[e], sum) : s[e];
                 w = static_cast<float>(v * routed_scale);
             }
             weights[t * num_experts + e] = w;

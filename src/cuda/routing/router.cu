@@ -20,13 +20,12 @@
 // (max) there, so the narrower butterflies give bitwise the same lmax / esum / weights; selection uses the same
 // total order (class, value, index). Only the statistics partials are summed in another (still fixed) order.
 #include <cmath>
-#include <map>
-#include <memory>
-#include <mutex>
 
 #include "cuda/common.cuh"
+#include "cuda/cublas_util.h"
 #include "cuda/dispatch.cuh"
 #include "cuda/moe_stages.h"
+#include "cuda/routing/scoring.cuh"
 
 namespace switchyard {
 namespace cuda {
@@ -36,31 +35,6 @@ constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
 constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 32;
-
-// ---- cuBLAS handle: one per device, created on first use, guarded by a mutex (stream set per call) ----------
-struct HandleSlot {
-    std::mutex mu;
-    cublasHandle_t handle = nullptr;
-};
-
-HandleSlot& handle_slot(int device) {
-    static std::mutex map_mu;
-    static auto* slots = new std::map<int, std::unique_ptr<HandleSlot>>();  // never destroyed (exit order)
-    std::lock_guard<std::mutex> lock(map_mu);
-    auto& slot = (*slots)[device];
-    if (!slot) slot.reset(new HandleSlot());
-    return *slot;
-}
-
-cudaDataType_t cuda_data_type(DType t) {
-    switch (t) {
-        case DType::kF32: return CUDA_R_32F;
-        case DType::kBF16: return CUDA_R_16BF;
-        case DType::kF16: return CUDA_R_16F;
-        default: break;
-    }
-    SWITCHYARD_FAIL("router gate GEMM: dtype=", to_string(t), " is not supported");
-}
 
 // ---- the fused routing kernel --------------------------------------------------------------------------------
 struct RouterParams {
@@ -81,50 +55,19 @@ struct RouterParams {
     double routed_scale;
 };
 
-// Candidate order: class first (kNumber > kNaN > kMasked > kTaken), then value (larger first), then index.
-constexpr int kTaken = 0, kMasked = 1, kNaN = 2, kNumber = 3;
+constexpr int kTopkSoftmaxFn = static_cast<int>(ScoreFunction::kTopkSoftmax);
 
-struct Cand {
-    int cls;
-    int idx;
-    double v;      // selection value
-    double score;  // unbiased score (or logit for top-k softmax)
-};
-
-__device__ __forceinline__ bool better(const Cand& a, const Cand& b) {
-    if (a.cls != b.cls) return a.cls > b.cls;
-    if (a.cls == kNumber && a.v != b.v) return a.v > b.v;
-    return a.idx < b.idx;
-}
-
-__device__ __forceinline__ Cand shfl_xor_cand(const Cand& c, int mask) {
-    Cand o;
-    o.cls = __shfl_xor_sync(0xffffffffu, c.cls, mask);
-    o.idx = __shfl_xor_sync(0xffffffffu, c.idx, mask);
-    o.v = __shfl_xor_sync(0xffffffffu, c.v, mask);
-    o.score = __shfl_xor_sync(0xffffffffu, c.score, mask);
-    return o;
-}
-
-// Every lane returns the warp's best candidate.
-__device__ __forceinline__ Cand warp_best(Cand c) {
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) {
-        Cand o = shfl_xor_cand(c, m);
-        if (better(o, c)) c = o;
+// The unbiased score of one expert (scoring.cuh): softmax over E, sigmoid, or the logit itself (top-k-softmax).
+__device__ __forceinline__ double score_of(int score_function, double logit, bool is_nan, double ex, double esum) {
+    double score;
+    if (score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
+        score = softmax_prob(is_nan, logit, ex, esum);
+    } else if (score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
+        score = sigmoid(logit);
+    } else {
+        score = logit;
     }
-    return c;
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-    return v;
-}
-__device__ __forceinline__ double warp_max(double v) {
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, m));
-    return v;
+    return score;
 }
 
 // kPerLane: experts per lane (E <= 32 * kPerLane). kGrouped: group-limited routing (uses dynamic shared memory).
@@ -154,7 +97,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
             isnan_[i] = valid[i] && isnan(logit[i]);
             if (valid[i] && !isnan_[i]) lmax = fmax(lmax, logit[i]);
         }
-        lmax = warp_max(lmax);
+        lmax = lanes_max<32>(lmax);
         // Softmax over all E (NaN logits excluded: their probability is NaN, the others sum to 1).
         // lmax = +inf or all -inf/NaN is handled by the reference's rules: exp(-inf - -inf) = NaN etc.
         double ex[kPerLane];
@@ -162,22 +105,14 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
 #pragma unroll
         for (int i = 0; i < kPerLane; ++i) {
             // exp(l - m) is exactly 1 when l == m, so rows of -inf are uniform and +inf entries share the mass.
-            ex[i] = (valid[i] && !isnan_[i]) ? (logit[i] == lmax ? 1.0 : exp(logit[i] - lmax)) : 0.0;
+            ex[i] = (valid[i] && !isnan_[i]) ? exp_shifted(logit[i], lmax) : 0.0;
             esum += ex[i];
         }
-        esum = warp_sum(esum);
+        esum = lanes_sum<32>(esum);
 
         double score[kPerLane];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
-                score[i] = isnan_[i] ? logit[i] : ex[i] / esum;
-            } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
-                score[i] = 1.0 / (1.0 + exp(-logit[i]));
-            } else {
-                score[i] = logit[i];
-            }
-        }
+        for (int i = 0; i < kPerLane; ++i) score[i] = score_of(p.score_function, logit[i], isnan_[i], ex[i], esum);
 
         if (stats) {
             // Router probabilities for the aux loss: softmax over E (a NaN logit's probability is NaN), or
@@ -190,15 +125,15 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
                 any_nan |= isnan_[i];
                 if (sig && valid[i]) ssum += score[i];
             }
-            any_nan = __any_sync(0xffffffffu, any_nan);
-            if (sig) ssum = warp_sum(ssum);
+            any_nan = __any_sync(kFullMask, any_nan);
+            if (sig) ssum = lanes_sum<32>(ssum);
 #pragma unroll
             for (int i = 0; i < kPerLane; ++i) {
                 if (!valid[i]) continue;
-                prob_acc[i] += sig ? score[i] / ssum : (isnan_[i] ? logit[i] : ex[i] / esum);
+                prob_acc[i] += sig ? score[i] / ssum : softmax_prob(isnan_[i], logit[i], ex[i], esum);
             }
             if (lane == 0) {
-                const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+                const double lse = logsumexp_fwd(lmax, esum, any_nan);
                 z_acc += lse * lse;
             }
         }
@@ -206,13 +141,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
         // Selection values and classes.
         Cand c[kPerLane];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            const int e = lane + 32 * i;
-            c[i].idx = e;
-            c[i].score = score[i];
-            c[i].v = (p.bias != nullptr && valid[i]) ? score[i] + static_cast<double>(p.bias[e]) : score[i];
-            c[i].cls = !valid[i] ? kTaken : (isnan(c[i].v) ? kNaN : kNumber);
-        }
+        for (int i = 0; i < kPerLane; ++i) c[i] = make_cand(lane + 32 * i, valid[i], score[i], p.bias);
 
         if constexpr (kGrouped) {
             const int G = p.num_groups;
@@ -225,19 +154,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
             __syncwarp();
             // Group score: sum of the two best selection values (NaN ranks lowest), or the best for size 1.
             for (int g = lane; g < G; g += 32) {
-                Cand b1{kTaken, 0, 0.0, 0.0}, b2{kTaken, 0, 0.0, 0.0};
-                for (int q = 0; q < p.group_size; ++q) {
-                    const int e = g * p.group_size + q;
-                    const double v = sel_s[e];
-                    Cand x{isnan(v) ? kNaN : kNumber, e, v, 0.0};
-                    if (better(x, b1)) {
-                        b2 = b1;
-                        b1 = x;
-                    } else if (better(x, b2)) {
-                        b2 = x;
-                    }
-                }
-                gscore_s[g] = p.group_size == 1 ? b1.v : b1.v + b2.v;
+                gscore_s[g] = group_score(sel_s, g * p.group_size, p.group_size);
                 keep_s[g] = 0;
             }
             __syncwarp();
@@ -249,7 +166,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
                     Cand x{isnan(v) ? kNaN : kNumber, g, v, 0.0};
                     if (better(x, best)) best = x;
                 }
-                best = warp_best(best);
+                best = lanes_best<32>(best);
                 __syncwarp();
                 if (lane == 0 && best.cls != kTaken) keep_s[best.idx] = 1;
                 __syncwarp();
@@ -260,45 +177,13 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
             __syncwarp();  // shared memory is reused by the next token of this warp
         }
 
-        // k rounds of warp argmax; lane r keeps slot r.
-        int my_id = -1;
-        double my_score = 0.0;
-        for (int r = 0; r < p.top_k; ++r) {
-            Cand best = c[0];
-#pragma unroll
-            for (int i = 1; i < kPerLane; ++i)
-                if (better(c[i], best)) best = c[i];
-            best = warp_best(best);
-            if (lane == r) {
-                my_id = best.idx;
-                my_score = best.score;
-            }
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i)
-                if (c[i].idx == best.idx) c[i].cls = kTaken;
-        }
-
-        // Weights from the unbiased scores.
+        // k rounds of warp argmax; lane r keeps slot r. Weights from the unbiased scores.
+        int my_id;
+        double my_score;
+        select_topk<32>(c, p.top_k, lane, my_id, my_score);
         const bool active = lane < p.top_k;
-        double w = my_score;
-        if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
-            // Softmax over the k chosen logits with ref's NaN rule (NaN entries: weight NaN, not in the sum).
-            double m = active && !isnan(my_score) ? my_score : -INFINITY;
-            m = warp_max(m);
-            const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
-            double s = 0.0;
-            for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
-                const double v = __shfl_sync(0xffffffffu, ew, j);
-                if (!isnan(v)) s += v;
-            }
-            w = isnan(my_score) ? my_score : ew / s;
-        }
-        if (p.renormalize) {
-            double s = 0.0;
-            for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(0xffffffffu, w, j);  // slot order
-            if (s != 0.0) w = w / s;
-        }
-        w *= p.routed_scale;
+        const double w = slot_weight<32>(my_score, active, p.top_k, p.score_function == kTopkSoftmaxFn,
+                                         p.renormalize != 0, p.routed_scale);
         if (active) {
             p.topk_ids[static_cast<int64_t>(t) * p.top_k + lane] = my_id;
             p.topk_weights[static_cast<int64_t>(t) * p.top_k + lane] = static_cast<float>(w);
@@ -331,98 +216,40 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
 // kW = a power of two >= E; lane sub = expert sub; 32 / kW tokens per warp at once. The arithmetic is that of
 // route_topk_kernel with kPerLane = 1 (same operations, same order: lanes >= E held zeros / -inf there, so a
 // butterfly over kW lanes gives the same bits as one over 32), with kW / 2..1 shuffle rounds instead of 16..1.
-constexpr unsigned kFull = 0xffffffffu;
-
-template <int kW>
-__device__ __forceinline__ Cand seg_best(Cand c) {
-#pragma unroll
-    for (int m = kW / 2; m >= 1; m >>= 1) {
-        Cand o = shfl_xor_cand(c, m);
-        if (better(o, c)) c = o;
-    }
-    return c;
-}
-template <int kW>
-__device__ __forceinline__ double seg_sum(double v) {
-#pragma unroll
-    for (int m = kW / 2; m >= 1; m >>= 1) v += __shfl_xor_sync(kFull, v, m);
-    return v;
-}
-template <int kW>
-__device__ __forceinline__ double seg_max(double v) {
-#pragma unroll
-    for (int m = kW / 2; m >= 1; m >>= 1) v = fmax(v, __shfl_xor_sync(kFull, v, m));
-    return v;
-}
-
 // Routes token t (tok_ok: t < T) held by this lane's segment; lg = logit of expert `sub` (ignored if sub >= E).
 // Called by every lane of the warp (shuffles use the full mask); writes ids / weights of valid tokens only.
 template <int kW>
 __device__ __forceinline__ void route_token_seg(const RouterParams& p, int t, bool tok_ok, int sub, float lg,
                                                 double& prob_acc, double& z_acc) {
     const int lane = threadIdx.x & 31;
-    const unsigned seg_mask = kW == 32 ? kFull : (((1u << kW) - 1u) << (lane & ~(kW - 1)));
+    const unsigned seg_mask = kW == 32 ? kFullMask : (((1u << kW) - 1u) << (lane & ~(kW - 1)));
     const int E = p.num_experts;
     const bool valid = tok_ok && sub < E;
     const double logit = valid ? static_cast<double>(lg) : 0.0;
     const bool is_nan = valid && isnan(logit);
     double lmax = (valid && !is_nan) ? logit : -INFINITY;
-    lmax = seg_max<kW>(lmax);
-    const double ex = (valid && !is_nan) ? (logit == lmax ? 1.0 : exp(logit - lmax)) : 0.0;
-    const double esum = seg_sum<kW>(ex);
-    double score;
-    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
-        score = is_nan ? logit : ex / esum;
-    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
-        score = 1.0 / (1.0 + exp(-logit));
-    } else {
-        score = logit;
-    }
+    lmax = lanes_max<kW>(lmax);
+    const double ex = (valid && !is_nan) ? exp_shifted(logit, lmax) : 0.0;
+    const double esum = lanes_sum<kW>(ex);
+    const double score = score_of(p.score_function, logit, is_nan, ex, esum);
     if (p.prob_partials != nullptr) {
         const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
-        const bool any_nan = (__ballot_sync(kFull, is_nan) & seg_mask) != 0u;
+        const bool any_nan = (__ballot_sync(kFullMask, is_nan) & seg_mask) != 0u;
         double ssum = sig && valid ? score : 0.0;
-        if (sig) ssum = seg_sum<kW>(ssum);
-        if (valid) prob_acc += sig ? score / ssum : (is_nan ? logit : ex / esum);
+        if (sig) ssum = lanes_sum<kW>(ssum);
+        if (valid) prob_acc += sig ? score / ssum : softmax_prob(is_nan, logit, ex, esum);
         if (tok_ok && sub == 0) {
-            const double lse = any_nan ? static_cast<double>(NAN) : lmax + log(esum);
+            const double lse = logsumexp_fwd(lmax, esum, any_nan);
             z_acc += lse * lse;
         }
     }
-    Cand c;
-    c.idx = sub;
-    c.score = score;
-    c.v = (p.bias != nullptr && valid) ? score + static_cast<double>(p.bias[sub]) : score;
-    c.cls = !valid ? kTaken : (isnan(c.v) ? kNaN : kNumber);
-    int my_id = -1;
-    double my_score = 0.0;
-    for (int r = 0; r < p.top_k; ++r) {
-        const Cand best = seg_best<kW>(c);
-        if (sub == r) {
-            my_id = best.idx;
-            my_score = best.score;
-        }
-        if (c.idx == best.idx) c.cls = kTaken;
-    }
+    Cand c[1] = {make_cand(sub, valid, score, p.bias)};
+    int my_id;
+    double my_score;
+    select_topk<kW>(c, p.top_k, sub, my_id, my_score);
     const bool active = sub < p.top_k;
-    double w = my_score;
-    if (p.score_function == static_cast<int>(ScoreFunction::kTopkSoftmax)) {
-        double m = active && !isnan(my_score) ? my_score : -INFINITY;
-        m = seg_max<kW>(m);
-        const double ew = !active ? 0.0 : (my_score == m ? 1.0 : exp(my_score - m));
-        double s = 0.0;
-        for (int j = 0; j < p.top_k; ++j) {  // slot order, as the reference sums
-            const double v = __shfl_sync(kFull, ew, j, kW);
-            if (!isnan(v)) s += v;
-        }
-        w = isnan(my_score) ? my_score : ew / s;
-    }
-    if (p.renormalize) {
-        double s = 0.0;
-        for (int j = 0; j < p.top_k; ++j) s += __shfl_sync(kFull, w, j, kW);  // slot order
-        if (s != 0.0) w = w / s;
-    }
-    w *= p.routed_scale;
+    const double w = slot_weight<kW>(my_score, active, p.top_k, p.score_function == kTopkSoftmaxFn,
+                                     p.renormalize != 0, p.routed_scale);
     if (tok_ok && active) {
         p.topk_ids[static_cast<int64_t>(t) * p.top_k + sub] = my_id;
         p.topk_weights[static_cast<int64_t>(t) * p.top_k + sub] = static_cast<float>(w);
@@ -518,22 +345,13 @@ void router_gemm(DType dtype, const void* x, const void* gate, int64_t num_token
     if (num_tokens == 0) return;
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX && hidden <= INT32_MAX, "router GEMM: num_tokens=", num_tokens,
                      " hidden_size=", hidden, " exceed int32");
-    int device = 0;
-    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&device));
-    HandleSlot& slot = handle_slot(device);
-    std::lock_guard<std::mutex> lock(slot.mu);
-    if (slot.handle == nullptr) {
-        SWITCHYARD_CUBLAS_CHECK(cublasCreate(&slot.handle));
-        // Default math: fp32 inputs are multiplied in fp32 (no TF32), 16-bit inputs use tensor cores.
-        SWITCHYARD_CUBLAS_CHECK(cublasSetMathMode(slot.handle, CUBLAS_DEFAULT_MATH));
-    }
-    SWITCHYARD_CUBLAS_CHECK(cublasSetStream(slot.handle, stream));
-    SWITCHYARD_CUBLAS_CHECK(cublasSetWorkspace(slot.handle, cublas_workspace, kCublasWorkspaceBytes));
+    const CublasLease cublas(stream);  // this device's handle, locked, on `stream`
+    SWITCHYARD_CUBLAS_CHECK(cublasSetWorkspace(cublas.handle(), cublas_workspace, kCublasWorkspaceBytes));
     // Column-major view: logits^T [E, T] (ld E) = gate^T^T ... i.e. C(E x T) = op(A)(E x H) * B(H x T) where
     // A = gate stored [E, H] row-major (= col-major H x E, transposed), B = x stored [T, H] (= col-major H x T).
     const float alpha = 1.0f, beta = 0.0f;
-    const cudaDataType_t t = cuda_data_type(dtype);
-    SWITCHYARD_CUBLAS_CHECK(cublasGemmEx(slot.handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_experts),
+    const cudaDataType_t t = cuda_data_type(dtype, "router gate GEMM");
+    SWITCHYARD_CUBLAS_CHECK(cublasGemmEx(cublas.handle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(num_experts),
                                          static_cast<int>(num_tokens), static_cast<int>(hidden), &alpha, gate, t,
                                          static_cast<int>(hidden), x, t, static_cast<int>(hidden), &beta, logits,
                                          CUDA_R_32F, static_cast<int>(num_experts), CUBLAS_COMPUTE_32F,
