@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "switchyard/baseline.h"
+#include "test_util.h"
 #include "ref/ref.h"
 #include "switchyard/switchyard.h"
 
@@ -154,7 +155,7 @@ DenseResult check_dense_vs_sparse(const Layer& L, const HostTensor& x, const std
     const int64_t T = x.ref.shape[0], H = c.hidden_size;
     HostTensor ys(c.dtype, {T, H}), yd(c.dtype, {T, H});
     ref::HostPlan plan;
-    ref::moe_forward(c, L.w, x.ref, ys.ref, nullptr, &plan);
+    test::ref_moe_forward(c, L.w, x.ref, ys.ref, nullptr, &plan);
     LoadStats stats;
     const DenseResult res = dense_forward_cpu(c, L.w, x.ref, yd.ref, kDenseNoLimit, &stats);
     EXPECT_TRUE(res.ran) << what << ": " << res.reason;

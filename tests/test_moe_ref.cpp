@@ -3,7 +3,7 @@
 //     every block boundary, fp32/bf16/fp16 weights);
 //   - activations and expert MLPs by hand (small integers, each activation, each dtype's rounding);
 //   - identity experts return the input exactly; dropped tokens get zeros (or the shared expert alone);
-//   - ref::moe_forward bitwise equal to a plain per-token implementation of the numerics contract
+//   - MoELayer's CPU forward bitwise equal to a plain per-token implementation of the numerics contract
 //     (moe_layer.h) over random configurations of every option, T = 0 and T = 1 included;
 //   - results do not depend on the thread count;
 //   - DISABLED_MixtralShape256Tokens: the timing of a Mixtral-shaped layer (run with
@@ -243,7 +243,13 @@ RefRun run_ref(const HostLayer& L, const HostTensor& x) {
     out.topk_weights = w.ref();
     out.slot_row = slot.ref();
     out.stats = &r.stats;
-    ref::moe_forward(c, L.weights(), x.ref(), y.ref(), &out, &r.plan);
+    // The product: MoELayer's CPU forward (the chain of public stages).
+    const MoELayer layer(c, L.weights());
+    layer.forward(x.ref(), y.ref(), &out);
+    // The monolithic oracle gives the plan, and must agree bitwise.
+    HostTensor y_oracle(c.dtype, {num_tokens, c.hidden_size});
+    test::ref_moe_forward(c, L.weights(), x.ref(), y_oracle.ref(), nullptr, &r.plan);
+    EXPECT_TRUE(test::all_equal(y.to_floats(), y_oracle.to_floats(), {num_tokens, c.hidden_size}));
     r.y = y.to_floats();
     r.logits = logits.to_floats();
     r.weights = w.to_floats();
@@ -523,7 +529,7 @@ TEST(MoERefTiming, DISABLED_MixtralShape256Tokens) {
         for (int rep = 0; rep < 2; ++rep) {
             const std::clock_t c0 = std::clock();  // process CPU time of all threads
             const auto t0 = std::chrono::steady_clock::now();
-            ref::moe_forward(c, L.weights(), x.ref(), y.ref(), nullptr);
+            test::ref_moe_forward(c, L.weights(), x.ref(), y.ref(), nullptr);
             const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double cpu = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
             const double flops = 2.0 * num_tokens * 2 * (2.0 * 14336 * 4096 + 4096.0 * 14336);

@@ -32,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "ref/ref.h"
 #include "switchyard/config.h"
 #include "switchyard/dtype.h"
 #include "switchyard/moe_layer.h"
@@ -293,6 +294,11 @@ inline HostLayer random_layer(const MoEConfig& cfg, uint64_t seed, DType weight_
     }
     return l;
 }
+
+// The CPU forward as one monolithic function (tests/ref_pipeline.cpp): the oracle MoELayer's CPU forward, a chain
+// of the public stages, must equal bitwise. plan_out receives the routing plan when not null.
+void ref_moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
+                     ForwardOutputs* out, ref::HostPlan* plan_out = nullptr);
 
 }  // namespace test
 }  // namespace switchyard

@@ -12,7 +12,8 @@
 
 namespace switchyard {
 
-enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI32 = 3, kI64 = 4 };
+// kF64 is a CPU-backend type (exact double results for gradient checks); the CUDA backend rejects it.
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kI32 = 3, kI64 = 4, kF64 = 5 };
 
 inline size_t dtype_size(DType t) {
     switch (t) {
@@ -21,12 +22,14 @@ inline size_t dtype_size(DType t) {
         case DType::kF16: return 2;
         case DType::kI32: return 4;
         case DType::kI64: return 8;
+        case DType::kF64: return 8;
     }
     return 0;
 }
 
 const char* to_string(DType t);
-// Parses "fp32"/"f32"/"float32", "bf16"/"bfloat16", "fp16"/"f16"/"float16", "int32", "int64"; throws on others.
+// Parses "fp32"/"f32"/"float32", "bf16"/"bfloat16", "fp16"/"f16"/"float16", "fp64"/"float64", "int32", "int64";
+// throws on others.
 DType parse_dtype(const std::string& s);
 
 inline uint32_t float_bits(float f) {

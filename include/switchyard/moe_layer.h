@@ -12,7 +12,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "switchyard/config.h"
 #include "switchyard/routing.h"
@@ -46,6 +49,20 @@ struct ForwardOutputs {
     LoadStats* stats = nullptr;  // host struct; on CUDA filling it synchronises the stream (not for graphs)
 };
 
+// Called on the host after the work of each stage of a forward has been enqueued on `stream` (e.g. to record an
+// event or read a clock): "begin" before the first stage, then router, plan, dispatch, gemm1, activation, gemm2,
+// shared (only with shared experts), combine, in that order. On the CPU each stage has finished when it is called.
+using StageCallback = std::function<void(const char* stage, cudaStream_t stream)>;
+
+// One named slice of a forward's workspace (offset and size in bytes, 256-byte aligned). Slices may alias where
+// their lifetimes do not overlap (aliases = the name of the slice whose memory it reuses, else empty).
+struct WorkspaceSlice {
+    std::string name;
+    size_t offset = 0;
+    size_t bytes = 0;
+    std::string aliases;
+};
+
 class MoELayer {
  public:
     // Validates the config and every weight's shape, dtype and device; throws switchyard::Error.
@@ -58,14 +75,18 @@ class MoELayer {
     const MoEWeights& weights() const { return w_; }
     Device device() const { return w_.w13.device; }
 
-    // Bytes of workspace forward() needs for num_tokens tokens on this layer's device.
+    // Bytes of workspace forward() needs for num_tokens tokens on this layer's device (host memory for the CPU).
     size_t workspace_size(int64_t num_tokens) const;
+    // The slices of that workspace, in order (their sizes add up to workspace_size(T), aliases not counted).
+    std::vector<WorkspaceSlice> workspace_layout(int64_t num_tokens) const;
 
     // x [T, H] and y [T, H] of cfg.dtype, contiguous, on the layer's device. No allocation, no host
     // synchronisation (unless out->stats is set on CUDA). The workspace must hold workspace_size(T) bytes
-    // on the same device (256-byte aligned).
+    // on the same device (256-byte aligned); on the CPU it may be null (host scratch is then allocated).
+    // on_stage (optional) is called after each stage (StageCallback).
     void forward(const TensorRef& x, const TensorRef& y, void* workspace, size_t workspace_bytes,
-                 cudaStream_t stream = nullptr, ForwardOutputs* out = nullptr) const;
+                 cudaStream_t stream = nullptr, ForwardOutputs* out = nullptr,
+                 const StageCallback& on_stage = StageCallback()) const;
 
     // Convenience for the CPU backend: allocates its own workspace.
     void forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out = nullptr) const;

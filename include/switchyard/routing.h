@@ -27,20 +27,16 @@
 
 namespace switchyard {
 
-// Views of the routing plan. Every tensor is int32 unless noted and lives on the device of the forward.
-// Rows are (token, slot) pairs in expert order: expert 0's rows first, in token order, then expert 1's...
+// The routing plan: where each (token, slot) pair's row lives in expert order (switchyard::build_plan and
+// route_expert_choice in stages.h fill it). int32 tensors on the device of the forward. Rows are (token, slot)
+// pairs in expert order: expert 0's rows first, in token order, then expert 1's... R = T*k rows are reserved
+// (E*C under expert choice); offsets[E] of them are used.
 struct RoutingPlan {
-    int64_t num_tokens = 0;
-    int64_t top_k = 0;
-    int64_t num_experts = 0;
-    int64_t capacity = 0;    // 0 = dropless
-    TensorRef topk_ids;      // [T, k]
-    TensorRef topk_weights;  // [T, k] fp32, final combine weights
-    TensorRef expert_counts; // [E]   pairs routed to each expert, before drops
-    TensorRef expert_offsets;// [E+1] exclusive scan of the kept counts; offsets[E] = number of kept rows
-    TensorRef slot_row;      // [T, k] row of pair (t, j) in expert order, -1 when dropped
-    TensorRef row_token;     // [T*k] token of each row; entries at and past offsets[E] are -1
-    TensorRef row_slot;      // [T*k] t*k + j of each row; entries at and past offsets[E] are -1
+    TensorRef expert_counts;  // [E]    pairs routed to each expert, before drops
+    TensorRef expert_offsets; // [E+1]  exclusive scan of the kept counts; offsets[E] = number of kept rows
+    TensorRef slot_row;       // [T, k] row of pair (t, j) in expert order, -1 when dropped
+    TensorRef row_token;      // [R]    token of each row; entries at and past offsets[E] are -1
+    TensorRef row_slot;       // [R]    t*k + j of each row; -1 at and past offsets[E]
 };
 
 // Load statistics of one forward (host-side copy).

@@ -22,6 +22,8 @@ const char* to_string(DType t) {
             return "int32";
         case DType::kI64:
             return "int64";
+        case DType::kF64:
+            return "fp64";
     }
     return "unknown-dtype";
 }
@@ -32,9 +34,10 @@ DType parse_dtype(const std::string& s) {
     if (v == "fp32" || v == "f32" || v == "float32" || v == "float") return DType::kF32;
     if (v == "bf16" || v == "bfloat16") return DType::kBF16;
     if (v == "fp16" || v == "f16" || v == "float16" || v == "half") return DType::kF16;
+    if (v == "fp64" || v == "f64" || v == "float64" || v == "double") return DType::kF64;
     if (v == "int32" || v == "i32") return DType::kI32;
     if (v == "int64" || v == "i64") return DType::kI64;
-    SWITCHYARD_FAIL("dtype='", s, "' is not one of fp32|bf16|fp16|int32|int64");
+    SWITCHYARD_FAIL("dtype='", s, "' is not one of fp32|bf16|fp16|fp64|int32|int64");
 }
 
 const char* to_string(Device d) {

@@ -1,58 +1,138 @@
-// src/api/moe_layer.cpp: MoELayer, the validating front of both backends.
+// src/api/moe_layer.cpp: MoELayer, the whole forward as one chain of the public stages (switchyard/stages.h).
 //
 // The constructor checks the config and every weight (shape, dtype, device, contiguity); forward() checks the
-// activations, the optional outputs and the workspace, then dispatches on the layer's device:
-//   Device::kCPU  -> ref::moe_forward (the reference; workspace unused, workspace_size = 0)
-//   Device::kCUDA -> cuda::moe_forward (only in a build with SWITCHYARD_WITH_CUDA; otherwise an Error)
+// activations, the optional outputs and the workspace, then runs the stages on the layer's device, the same code for
+// the CPU backend (the specification) and the CUDA backend:
+//   router      logits [T, E] fp32 = router_gemm(x, gate); ids / weights [T, k] = route (or, under expert choice,
+//               route_expert_choice: ids / weights / slot_row [T, E] and the plan in one go)
+//   plan        build_plan: counts, offsets, slot_row, row_token, row_slot
+//   dispatch    xp [R, H] = gather(x, row_token)                       R = T*k (E*C under expert choice)
+//   gemm1       g1 [R, R13] = grouped_gemm(xp, w13, offsets)
+//   activation  h [R, F] = act(g1), rows past offsets[E] skipped
+//   gemm2       out [R, H] = grouped_gemm(h, w2, offsets)            (out reuses xp's memory: xp is dead by then)
+//   shared      the shared expert on all T rows: grouped_gemm(x, shared_w13) -> activation -> grouped_gemm(., shared_w2)
+//   combine     y = combine(out, slot_row, weights, shared)
+//   stats       load_stats (host statistics; synchronises on CUDA), only when asked for
+// The workspace layout (ForwardLayout) is computed once, here, for sizing, for the forward and for the profiler
+// (workspace_layout()).
 #include "switchyard/moe_layer.h"
 
+#include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
-#include "ref/ref.h"
+#include "api/check.h"
 #include "switchyard/error.h"
-
-#ifdef SWITCHYARD_WITH_CUDA
-#include "cuda/moe_cuda.h"
-#endif
+#include "switchyard/stages.h"
+#include "util/workspace.h"
 
 namespace switchyard {
 namespace {
 
-bool is_float_type(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
-
-void check_shape(const TensorRef& t, std::initializer_list<int64_t> dims, const char* name) {
-    bool ok = t.rank == static_cast<int>(dims.size());
-    int d = 0;
-    for (int64_t v : dims) {
-        if (ok && t.shape[d] != v) ok = false;
-        ++d;
-    }
-    if (!ok) {
-        std::string want = "[";
-        d = 0;
-        for (int64_t v : dims) want += (d++ ? ", " : "") + std::to_string(v);
-        SWITCHYARD_FAIL(name, " shape=", t.shape_string(), ", expected ", want, "]");
-    }
+bool has_shared(const MoEConfig& cfg) { return cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0; }
+int64_t shared_rows(const MoEConfig& cfg) {
+    return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
 }
 
-// A weight: defined, float dtype, the given shape, contiguous, on dev, with data.
-void check_weight(const TensorRef& t, std::initializer_list<int64_t> dims, const char* name, Device dev, int dev_idx) {
-    SWITCHYARD_CHECK(t.defined(), name, " is required but undefined");
-    SWITCHYARD_CHECK(is_float_type(t.dtype), name, " dtype=", to_string(t.dtype), " must be fp32, bf16 or fp16");
-    check_shape(t, dims, name);
-    SWITCHYARD_CHECK(t.is_contiguous(), name, " ", t.shape_string(), " must be contiguous");
-    SWITCHYARD_CHECK(t.device == dev && t.device_index == dev_idx, name, " is on ", to_string(t.device), ":",
-                     t.device_index, ", expected ", to_string(dev), ":", dev_idx, " (all weights on one device)");
-    SWITCHYARD_CHECK(t.data != nullptr || t.numel() == 0, name, " has null data");
+// Rows of expert work reserved in the plan: T*k, or E*C under expert choice.
+int64_t expert_rows(const MoEConfig& cfg, int64_t num_tokens) {
+    return cfg.expert_choice() ? cfg.num_experts * cfg.expert_choice_capacity(num_tokens) : num_tokens * cfg.top_k;
+}
+
+// Every buffer of a forward, as named slices of one workspace. `recorder`, when given, receives the slices.
+struct ForwardLayout {
+    float* logits;            // [T, E]
+    int32_t* topk_ids;        // [T, slots]
+    float* topk_weights;      // [T, slots]
+    int32_t* expert_counts;   // [E]
+    int32_t* expert_offsets;  // [E+1]
+    int32_t* slot_row;        // [T, slots]
+    int32_t* row_token;       // [R]
+    int32_t* row_slot;        // [R]
+    void* plan_ws;            // plan_workspace_size / route_expert_choice_workspace_size
+    size_t plan_ws_bytes;
+    void* xp_out;             // [R, H]: gathered x, later the expert outputs
+    void* g1;                 // [R, R13]
+    void* h;                  // [R, F]
+    void* shared_g1;          // [T, R13s]
+    void* shared_h;           // [T, S]
+    void* shared_out;         // [T, H]
+    void* gemm_ws;            // the largest of the four grouped GEMMs' workspaces (one GEMM at a time)
+    size_t gemm_ws_bytes;
+    void* router_ws;          // router_gemm_workspace_size
+    size_t router_ws_bytes;
+    void* stats_ws;           // load_stats_workspace_size: reuses g1's memory when it fits (g1 is dead by then)
+    size_t stats_ws_bytes;
+};
+
+ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_tokens, void* base, size_t capacity,
+                             std::vector<WorkspaceSlice>* recorder = nullptr) {
+    WorkspaceCarver wc(base, capacity);
+    auto take = [&](const char* name, size_t bytes) {
+        const size_t at = wc.used();
+        void* p = wc.take_bytes(bytes);
+        if (recorder != nullptr) recorder->push_back({name, at, align_up(bytes), ""});
+        return p;
+    };
+    const int64_t T = num_tokens, E = cfg.num_experts, H = cfg.hidden_size;
+    const int64_t slots = T * cfg.route_slots(), rows = expert_rows(cfg, T);
+    const size_t es = dtype_size(cfg.dtype), i4 = sizeof(int32_t);
+    ForwardLayout l{};
+    l.logits = static_cast<float*>(take("logits", sizeof(float) * T * E));
+    l.topk_ids = static_cast<int32_t*>(take("topk_ids", i4 * slots));
+    l.topk_weights = static_cast<float*>(take("topk_weights", sizeof(float) * slots));
+    l.expert_counts = static_cast<int32_t*>(take("expert_counts", i4 * E));
+    l.expert_offsets = static_cast<int32_t*>(take("expert_offsets", i4 * (E + 1)));
+    l.slot_row = static_cast<int32_t*>(take("slot_row", i4 * slots));
+    l.row_token = static_cast<int32_t*>(take("row_token", i4 * rows));
+    l.row_slot = static_cast<int32_t*>(take("row_slot", i4 * rows));
+    l.plan_ws_bytes = cfg.expert_choice() ? route_expert_choice_workspace_size(cfg, dev, T)
+                                          : plan_workspace_size(cfg, dev, T);
+    l.plan_ws = take("plan_scratch", l.plan_ws_bytes);
+    l.xp_out = take("xp_out", rows * H * es);
+    const size_t g1_bytes = rows * cfg.w13_rows() * es;
+    const size_t g1_offset = wc.used();
+    l.g1 = take("g1", g1_bytes);
+    l.h = take("h", rows * cfg.ffn_size * es);
+    size_t gemm_ws = std::max(grouped_gemm_workspace_size(dev, cfg.dtype, E, cfg.w13_rows(), H, rows),
+                              grouped_gemm_workspace_size(dev, cfg.dtype, E, H, cfg.ffn_size, rows));
+    if (has_shared(cfg)) {
+        const int64_t s = cfg.shared_width();
+        l.shared_g1 = take("shared_g1", T * shared_rows(cfg) * es);
+        l.shared_h = take("shared_h", T * s * es);
+        l.shared_out = take("shared_out", T * H * es);
+        gemm_ws = std::max({gemm_ws, grouped_gemm_workspace_size(dev, cfg.dtype, 1, shared_rows(cfg), H, T),
+                            grouped_gemm_workspace_size(dev, cfg.dtype, 1, H, s, T)});
+    }
+    l.gemm_ws_bytes = gemm_ws;
+    l.gemm_ws = take("gemm_scratch", gemm_ws);
+    l.router_ws_bytes = router_gemm_workspace_size(dev);
+    l.router_ws = take("router_scratch", l.router_ws_bytes);
+    l.stats_ws_bytes = load_stats_workspace_size(cfg, dev, T);
+    if (l.stats_ws_bytes <= align_up(g1_bytes)) {
+        l.stats_ws = l.g1;
+        if (recorder != nullptr && l.stats_ws_bytes > 0)
+            recorder->push_back({"stats_scratch", g1_offset, align_up(l.stats_ws_bytes), "g1"});
+    } else {
+        l.stats_ws = take("stats_scratch", l.stats_ws_bytes);
+    }
+    return l;
+}
+
+// A contiguous view of part of the forward's workspace, on the device of `like`.
+TensorRef view(void* p, DType t, std::initializer_list<int64_t> dims, const TensorRef& like) {
+    return TensorRef(p, t, dims, like.device, like.device_index);
+}
+
+// A defined caller output, else the workspace slice.
+TensorRef either(const ForwardOutputs* out, const TensorRef ForwardOutputs::*field, const TensorRef& fallback) {
+    return (out != nullptr && (out->*field).defined()) ? out->*field : fallback;
 }
 
 void check_output(const TensorRef& t, DType dtype, int64_t d0, int64_t d1, const char* name, Device dev) {
-    SWITCHYARD_CHECK(t.dtype == dtype, name, " dtype=", to_string(t.dtype), ", expected ", to_string(dtype));
-    check_shape(t, {d0, d1}, name);
-    SWITCHYARD_CHECK(t.is_contiguous(), name, " must be contiguous");
+    api::check_tensor(t, name, dtype, {d0, d1});
     SWITCHYARD_CHECK(t.device == dev, name, " is on ", to_string(t.device), ", expected ", to_string(dev));
-    SWITCHYARD_CHECK(t.data != nullptr || d0 * d1 == 0, name, " has null data");
 }
 
 }  // namespace
@@ -62,12 +142,10 @@ void validate_activation(const MoEConfig& cfg, const TensorRef& x, const char* n
                      cfg.hidden_size, "]");
     SWITCHYARD_CHECK(x.shape[1] == cfg.hidden_size, name, " shape=", x.shape_string(),
                      ", expected [T, hidden_size=", cfg.hidden_size, "]");
-    SWITCHYARD_CHECK(x.shape[0] >= 0, name, " has ", x.shape[0], " tokens");
     SWITCHYARD_CHECK(x.dtype == cfg.dtype, name, " dtype=", to_string(x.dtype), ", expected the layer dtype ",
                      to_string(cfg.dtype));
-    SWITCHYARD_CHECK(x.is_contiguous(), name, " ", x.shape_string(), " must be contiguous");
+    api::check_tensor(x, name, {x.shape[0], cfg.hidden_size});
     SWITCHYARD_CHECK(x.device == dev, name, " is on ", to_string(x.device), ", expected ", to_string(dev));
-    SWITCHYARD_CHECK(x.data != nullptr || x.numel() == 0, name, " has null data");
 }
 
 MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg), w_(weights) {
@@ -76,27 +154,37 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
     SWITCHYARD_CHECK(w_.w13.defined(), "w13 is required but undefined");
     const Device dev = w_.w13.device;
     const int dev_idx = w_.w13.device_index;
-    check_weight(w_.gate, {num_experts, hidden}, "gate", dev, dev_idx);
-    check_weight(w_.w13, {num_experts, cfg_.w13_rows(), hidden}, "w13", dev, dev_idx);
-    check_weight(w_.w2, {num_experts, hidden, ffn}, "w2", dev, dev_idx);
+    api::check_backend(dev, "MoELayer weights");
+    SWITCHYARD_CHECK(dev == Device::kCPU || cfg_.dtype != DType::kF64, "dtype=fp64 runs on the cpu only");
+    // A weight: defined, float dtype, the given shape, contiguous, on the layer's device. On CUDA every weight has
+    // the layer dtype (the GEMMs take one element type); the CPU reads weights of any float dtype.
+    auto check_weight = [&](const TensorRef& t, std::initializer_list<int64_t> dims, const char* name) {
+        api::check_float_tensor(t, name, dims);
+        api::check_device(t, name, dev, dev_idx);
+        SWITCHYARD_CHECK(t.dtype != DType::kF64 || dev == Device::kCPU, name, " dtype=fp64 runs on the cpu only");
+        if (dev == Device::kCUDA)
+            SWITCHYARD_CHECK(t.dtype == cfg_.dtype, "CUDA backend: ", name, " dtype=", to_string(t.dtype),
+                             " must equal the layer dtype ", to_string(cfg_.dtype),
+                             " (weights of another dtype are not supported on CUDA yet)");
+    };
+    check_weight(w_.gate, {num_experts, hidden}, "gate");
+    check_weight(w_.w13, {num_experts, cfg_.w13_rows(), hidden}, "w13");
+    check_weight(w_.w2, {num_experts, hidden, ffn}, "w2");
     if (cfg_.use_score_bias) {
         SWITCHYARD_CHECK(w_.score_bias.defined(), "score_bias is required when use_score_bias=true");
-        check_weight(w_.score_bias, {num_experts}, "score_bias", dev, dev_idx);
-        SWITCHYARD_CHECK(w_.score_bias.dtype == DType::kF32, "score_bias dtype=", to_string(w_.score_bias.dtype),
-                         " must be fp32");
+        api::check_tensor(w_.score_bias, "score_bias", DType::kF32, {num_experts});
+        api::check_device(w_.score_bias, "score_bias", dev, dev_idx);
     } else {
         SWITCHYARD_CHECK(!w_.score_bias.defined(), "score_bias ", w_.score_bias.shape_string(),
                          " given but use_score_bias=false");
     }
     if (cfg_.num_shared_experts > 0) {
-        const int64_t width = cfg_.shared_width();
-        const int64_t rows = is_gated(cfg_.activation) ? 2 * width : width;
         SWITCHYARD_CHECK(w_.shared_w13.defined(),
                          "shared_w13 is required when num_shared_experts=", cfg_.num_shared_experts);
         SWITCHYARD_CHECK(w_.shared_w2.defined(),
                          "shared_w2 is required when num_shared_experts=", cfg_.num_shared_experts);
-        check_weight(w_.shared_w13, {rows, hidden}, "shared_w13", dev, dev_idx);
-        check_weight(w_.shared_w2, {hidden, width}, "shared_w2", dev, dev_idx);
+        check_weight(w_.shared_w13, {shared_rows(cfg_), hidden}, "shared_w13");
+        check_weight(w_.shared_w2, {hidden, cfg_.shared_width()}, "shared_w2");
     } else {
         SWITCHYARD_CHECK(!w_.shared_w13.defined(), "shared_w13 ", w_.shared_w13.shape_string(),
                          " given but num_shared_experts=0");
@@ -107,10 +195,6 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                      " given: quantised experts are not supported yet");
     SWITCHYARD_CHECK(!w_.w2_scale.defined(), "w2_scale ", w_.w2_scale.shape_string(),
                      " given: quantised experts are not supported yet");
-#ifndef SWITCHYARD_WITH_CUDA
-    SWITCHYARD_CHECK(dev == Device::kCPU, "weights are on ", to_string(dev),
-                     " but this build has no CUDA backend (built without CUDA)");
-#endif
 }
 
 MoELayer::~MoELayer() = default;
@@ -118,56 +202,103 @@ MoELayer::MoELayer(MoELayer&&) noexcept = default;
 MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 
 size_t MoELayer::workspace_size(int64_t num_tokens) const {
+    size_t total = 0;
+    for (const WorkspaceSlice& s : workspace_layout(num_tokens))
+        if (s.aliases.empty()) total += s.bytes;
+    return total;
+}
+
+std::vector<WorkspaceSlice> MoELayer::workspace_layout(int64_t num_tokens) const {
     SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
-    if (device() == Device::kCPU) return 0;  // the reference allocates its own host buffers
-#ifdef SWITCHYARD_WITH_CUDA
-    return cuda::moe_workspace_size(cfg_, num_tokens);
-#else
-    SWITCHYARD_FAIL("device=", to_string(device()), ": built without CUDA");
-#endif
+    std::vector<WorkspaceSlice> slices;
+    forward_layout(cfg_, device(), num_tokens, nullptr, 0, &slices);
+    return slices;
 }
 
 void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream, ForwardOutputs* out) const {
+                       cudaStream_t stream, ForwardOutputs* out, const StageCallback& on_stage) const {
     const Device dev = device();
     validate_activation(cfg_, x, "x", dev);
     validate_activation(cfg_, y, "y", dev);
-    const int64_t num_tokens = x.shape[0];
-    SWITCHYARD_CHECK(y.shape[0] == num_tokens, "y shape=", y.shape_string(), ", expected [", num_tokens, ", ",
-                     cfg_.hidden_size, "] like x");
+    const int64_t T = x.shape[0];
+    SWITCHYARD_CHECK(y.shape[0] == T, "y shape=", y.shape_string(), ", expected [", T, ", ", cfg_.hidden_size,
+                     "] like x");
+    const int64_t E = cfg_.num_experts, H = cfg_.hidden_size, F = cfg_.ffn_size, slots = cfg_.route_slots();
     if (out != nullptr) {
-        if (out->logits.defined()) check_output(out->logits, DType::kF32, num_tokens, cfg_.num_experts, "logits", dev);
-        const int64_t slots = cfg_.route_slots();  // top_k, or E under expert-choice routing
-        if (out->topk_ids.defined()) check_output(out->topk_ids, DType::kI32, num_tokens, slots, "topk_ids", dev);
-        if (out->topk_weights.defined())
-            check_output(out->topk_weights, DType::kF32, num_tokens, slots, "topk_weights", dev);
-        if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, num_tokens, slots, "slot_row", dev);
+        if (out->logits.defined()) check_output(out->logits, DType::kF32, T, E, "logits", dev);
+        if (out->topk_ids.defined()) check_output(out->topk_ids, DType::kI32, T, slots, "topk_ids", dev);
+        if (out->topk_weights.defined()) check_output(out->topk_weights, DType::kF32, T, slots, "topk_weights", dev);
+        if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, T, slots, "slot_row", dev);
         if (out->expert_counts.defined()) {
-            const TensorRef& c = out->expert_counts;
-            SWITCHYARD_CHECK(c.dtype == DType::kI32 && c.rank == 1 && c.shape[0] == cfg_.num_experts && c.device == dev,
-                             "expert_counts ", c.shape_string(), " ", to_string(c.dtype), " on ", to_string(c.device),
-                             ", expected [", cfg_.num_experts, "] int32 on ", to_string(dev));
-            SWITCHYARD_CHECK(c.data != nullptr, "expert_counts has null data");
+            api::check_tensor(out->expert_counts, "expert_counts", DType::kI32, {E});
+            SWITCHYARD_CHECK(out->expert_counts.device == dev, "expert_counts is on ",
+                             to_string(out->expert_counts.device), ", expected ", to_string(dev));
         }
     }
-    const size_t need = workspace_size(num_tokens);
-    if (need > 0) {
-        SWITCHYARD_CHECK(workspace != nullptr, "workspace is null, ", need, " bytes needed");
-        SWITCHYARD_CHECK(workspace_bytes >= need, "workspace_bytes=", workspace_bytes, " is less than the ", need,
-                         " bytes needed for num_tokens=", num_tokens);
-        SWITCHYARD_CHECK(reinterpret_cast<uintptr_t>(workspace) % 256 == 0, "workspace=", workspace,
-                         " is not 256-byte aligned");
+    const size_t need = workspace_size(T);
+    std::unique_ptr<char[]> host_scratch;
+    if (dev == Device::kCPU && workspace == nullptr && need > 0) {  // CPU: scratch of our own when none is given
+        host_scratch.reset(new char[need + kWorkspaceAlign]);
+        workspace = reinterpret_cast<void*>(align_up(reinterpret_cast<uintptr_t>(host_scratch.get())));
+        workspace_bytes = need;
     }
-    if (dev == Device::kCPU) {
-        ref::moe_forward(cfg_, w_, x, y, out);
-        return;
+    api::check_workspace(workspace, workspace_bytes, need, "MoELayer::forward");
+
+    const ForwardLayout l = forward_layout(cfg_, dev, T, workspace, workspace_bytes);
+    const bool ec = cfg_.expert_choice();
+    const int64_t rows = expert_rows(cfg_, T);
+    const TensorRef& like = x;
+    const TensorRef logits = either(out, &ForwardOutputs::logits, view(l.logits, DType::kF32, {T, E}, like));
+    const TensorRef ids = either(out, &ForwardOutputs::topk_ids, view(l.topk_ids, DType::kI32, {T, slots}, like));
+    const TensorRef weights =
+        either(out, &ForwardOutputs::topk_weights, view(l.topk_weights, DType::kF32, {T, slots}, like));
+    RoutingPlan plan;
+    plan.expert_counts = either(out, &ForwardOutputs::expert_counts, view(l.expert_counts, DType::kI32, {E}, like));
+    plan.expert_offsets = view(l.expert_offsets, DType::kI32, {E + 1}, like);
+    plan.slot_row = either(out, &ForwardOutputs::slot_row, view(l.slot_row, DType::kI32, {T, slots}, like));
+    plan.row_token = view(l.row_token, DType::kI32, {rows}, like);
+    plan.row_slot = view(l.row_slot, DType::kI32, {rows}, like);
+    const TensorRef used_rows = view(l.expert_offsets + E, DType::kI32, {1}, like);  // offsets[E]
+    const TensorRef xp = view(l.xp_out, cfg_.dtype, {rows, H}, like);
+    const TensorRef g1 = view(l.g1, cfg_.dtype, {rows, cfg_.w13_rows()}, like);
+    const TensorRef h = view(l.h, cfg_.dtype, {rows, F}, like);
+    GroupedGemmOptions keep_tail;
+    keep_tail.zero_unowned_rows = false;  // rows past offsets[E] are never read (activation and combine skip them)
+    auto stage_done = [&](const char* name) {
+        if (on_stage) on_stage(name, stream);
+    };
+
+    stage_done("begin");
+    router_gemm(x, w_.gate, logits, l.router_ws, l.router_ws_bytes, stream);
+    if (ec)
+        route_expert_choice(cfg_, logits, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
+    else
+        route(cfg_, logits, w_.score_bias, ids, weights, stream);
+    stage_done("router");
+    if (!ec) build_plan(cfg_, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
+    stage_done("plan");  // under expert choice the plan was built with the routing
+    gather(x, plan.row_token, xp, stream);
+    stage_done("dispatch");
+    grouped_gemm(xp, w_.w13, plan.expert_offsets, g1, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+    stage_done("gemm1");
+    activation(cfg_.activation, g1, h, used_rows, stream);
+    stage_done("activation");
+    grouped_gemm(h, w_.w2, plan.expert_offsets, xp, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+    stage_done("gemm2");
+    TensorRef shared;
+    if (has_shared(cfg_) && T > 0) {
+        const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, shared_rows(cfg_)}, like);
+        const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
+        shared = view(l.shared_out, cfg_.dtype, {T, H}, like);
+        grouped_gemm(x, w_.shared_w13, TensorRef(), sg1, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+        activation(cfg_.activation, sg1, sh, TensorRef(), stream);
+        grouped_gemm(sh, w_.shared_w2, TensorRef(), shared, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+        stage_done("shared");
     }
-#ifdef SWITCHYARD_WITH_CUDA
-    cuda::moe_forward(cfg_, w_, x, y, workspace, workspace_bytes, stream, out);
-#else
-    (void)stream;
-    SWITCHYARD_FAIL("device=", to_string(dev), ": built without CUDA");
-#endif
+    combine(xp, plan.slot_row, weights, shared, y, stream);
+    stage_done("combine");
+    if (out != nullptr && out->stats != nullptr)
+        load_stats(cfg_, logits, ids, plan, *out->stats, l.stats_ws, l.stats_ws_bytes, stream);
 }
 
 void MoELayer::forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out) const {

@@ -2,7 +2,7 @@
 #include "switchyard/version.h"
 
 #ifdef SWITCHYARD_WITH_CUDA
-#include "cuda/moe_cuda.h"
+#include "cuda/stages_cuda.h"
 #endif
 
 namespace switchyard {

@@ -1,15 +1,13 @@
 // src/cuda/moe_stages.h: the stages of the CUDA forward as separate host-callable launchers (host-only header).
 //
 // Every function takes raw device pointers and a stream, allocates nothing, never synchronises with the host
-// and checks each launch. They are what moe_forward (moe_cuda.cu) strings together, exposed for the GPU tests
-// and for timing stages separately (moe_forward_staged, used by `switchyard bench`).
+// and checks each launch. The public stages (switchyard/stages.h) reach them through src/cuda/stages_cuda.cpp.
 // Layouts (row-major, contiguous): logits [T, E] fp32; topk_ids [T, k] int32; topk_weights [T, k] fp32;
 // plan arrays as switchyard::RoutingPlan; activations [rows, width] of the layer dtype.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 
 #include "switchyard/config.h"
 #include "switchyard/moe_layer.h"
@@ -36,21 +34,6 @@ int router_stat_blocks(int64_t num_tokens);
 void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, int64_t num_tokens,
                 int32_t* topk_ids, float* topk_weights, double* prob_partials, double* z_partials,
                 cudaStream_t stream);
-
-// Fused router for small E (one launch, no cuBLAS): logits [T, E] fp32 = x . gate^T computed by the kernel
-// (fp32 accumulation), then exactly route_topk's scoring / top-k / statistics on those logits. Supported when
-// 1 <= E <= 16, no group-limited routing, dtype fp32 / bf16 / fp16, hidden_size a multiple of 16 bytes and x,
-// gate 16-byte aligned (router_fused_supported); otherwise router_fused launches nothing and returns false, and
-// the caller runs router_gemm + route_topk. Partials as route_topk (router_stat_blocks(T) rows).
-// NOT used by moe_forward / router_forward: measured with ncu on an H200 (Mixtral H=4096 E=8, bf16) it took 61 us
-// at T=16 and 62-73 us at T=4096, against ~30 us for cuBLAS + the routing kernel: its grid is tied to
-// router_stat_blocks(T), so it keeps too few loads in flight (4 blocks at T=16; 9.7% of DRAM bandwidth at 4096).
-// Kept, with its exact tests, as the starting point of a router that decouples the GEMV grid from the statistics
-// blocks (bench/NOTES.md).
-bool router_fused_supported(const MoEConfig& cfg, const void* x, const void* gate);
-bool router_fused(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t num_tokens,
-                  float* logits, int32_t* topk_ids, float* topk_weights, double* prob_partials,
-                  double* z_partials, cudaStream_t stream);
 
 // Sums the partials over blocks in a fixed order: prob_sum [E] fp64, z_sum [1] fp64 (deterministic).
 void reduce_router_stats(const double* prob_partials, const double* z_partials, int blocks, int64_t num_experts,
@@ -97,15 +80,6 @@ void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, 
 
 // Writes offsets = {0, n} (device int32 [2]), the one-group offsets of the shared expert GEMMs.
 void write_single_group_offsets(int32_t* offsets, int64_t n, cudaStream_t stream);
-
-// ---- the whole forward, stage by stage (moe_cuda.cu) -------------------------------------------------------
-// Called on the host after the work of each stage has been enqueued on `stream` (e.g. to record an event),
-// with the stage names router, plan, dispatch, gemm1, activation, gemm2, shared, combine, in that order
-// (shared is skipped when the layer has no shared expert); "begin" is called before the first stage.
-using StageCallback = std::function<void(const char* stage, cudaStream_t stream)>;
-void moe_forward_staged(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
-                        void* workspace, size_t workspace_bytes, cudaStream_t stream, ForwardOutputs* out,
-                        const StageCallback& on_stage);
 
 }  // namespace cuda
 }  // namespace switchyard

@@ -24,6 +24,8 @@ float load_as_float(const void* data, DType t, int64_t i) {
             return static_cast<float>(static_cast<const int32_t*>(data)[i]);
         case DType::kI64:
             return static_cast<float>(static_cast<const int64_t*>(data)[i]);
+        case DType::kF64:
+            return static_cast<float>(static_cast<const double*>(data)[i]);
     }
     SWITCHYARD_FAIL("load_as_float: unknown dtype ", static_cast<int>(t));
 }
@@ -45,8 +47,38 @@ void store_from_float(void* data, DType t, int64_t i, float v) {
         case DType::kI64:
             static_cast<int64_t*>(data)[i] = static_cast<int64_t>(v);
             return;
+        case DType::kF64:
+            static_cast<double*>(data)[i] = v;
+            return;
     }
     SWITCHYARD_FAIL("store_from_float: unknown dtype ", static_cast<int>(t));
+}
+
+double load_as_double(const void* data, DType t, int64_t i) {
+    if (t == DType::kF64) return static_cast<const double*>(data)[i];
+    return static_cast<double>(load_as_float(data, t, i));
+}
+
+void store_from_double(void* data, DType t, int64_t i, double v) {
+    if (t == DType::kF64) {
+        static_cast<double*>(data)[i] = v;
+        return;
+    }
+    store_from_float(data, t, i, static_cast<float>(v));  // to fp32 (nearest even), then to t: as a GPU stores it
+}
+
+std::vector<double> to_double(const TensorRef& t) {
+    const int64_t n = t.defined() ? t.numel() : 0;
+    std::vector<double> out(static_cast<size_t>(n));
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) out[i] = load_as_double(t.data, t.dtype, i);
+    return out;
+}
+
+void store_all(const std::vector<double>& v, const TensorRef& t) {
+    const int64_t n = static_cast<int64_t>(v.size());
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) store_from_double(t.data, t.dtype, i, v[i]);
 }
 
 std::vector<float> to_float(const TensorRef& t) {

@@ -95,5 +95,13 @@ HostPlan build_plan(const MoEConfig& cfg, int64_t num_tokens, const std::vector<
     return plan;
 }
 
+void plan_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan, LoadStats& stats) {
+    router_stats(cfg, logits, plan.topk_ids, plan.num_tokens, stats);
+    stats.kept_counts.assign(static_cast<size_t>(plan.num_experts), 0);
+    for (int64_t e = 0; e < plan.num_experts; ++e)
+        stats.kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
+    stats.dropped = plan.dropped();
+}
+
 }  // namespace ref
 }  // namespace switchyard

@@ -59,6 +59,13 @@ struct HostPlan {
 float load_as_float(const void* data, DType t, int64_t i);
 // Converts a whole contiguous tensor to float.
 std::vector<float> to_float(const TensorRef& t);
+// Element i as double (fp64 exactly; other types through load_as_float).
+double load_as_double(const void* data, DType t, int64_t i);
+// Stores v at element i: fp64 exactly; other types rounded to fp32 first, then to t (store_from_float).
+void store_from_double(void* data, DType t, int64_t i, double v);
+// A whole contiguous host tensor as doubles, and doubles stored into one (store_from_double each).
+std::vector<double> to_double(const TensorRef& t);
+void store_all(const std::vector<double>& v, const TensorRef& t);
 // Stores v rounded to dtype t at element i.
 void store_from_float(void* data, DType t, int64_t i, float v);
 
@@ -106,11 +113,6 @@ void expert_mlp(Activation act, DType dtype, const float* in, int64_t rows, int6
 // shared may be null.
 void combine(const HostPlan& plan, const std::vector<float>& expert_out, const float* shared, int64_t hidden,
              DType dtype, float* y);
-
-// The whole layer on the CPU (what MoELayer::forward runs for Device::kCPU).
-// x, y: TensorRefs on the host of cfg.dtype; out may be null. plan_out receives the plan if not null.
-void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,
-                 ForwardOutputs* out, HostPlan* plan_out = nullptr);
 
 // ---- load balancing and routing variants (src/ref/balance.cpp; public forms in switchyard/balance.h) --------
 

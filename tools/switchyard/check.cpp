@@ -72,7 +72,7 @@ int run_check(const CheckOptions& o) {
                 static_cast<unsigned long long>(o.seed));
     std::vector<uint8_t> yref(x.size());
     double t0 = now_seconds();
-    ref::moe_forward(cfg, w.w, xh, io::host_tensor(yref.data(), cfg.dtype, {T, H}), nullptr);
+    MoELayer(cfg, w.w).forward(xh, io::host_tensor(yref.data(), cfg.dtype, {T, H}));
     double ref_ms = (now_seconds() - t0) * 1e3;
     const std::vector<float> ref = to_floats(yref.data(), cfg.dtype, T * H);
 

@@ -1,27 +1,27 @@
-// src/ref/moe_ref.cpp: the whole MoE layer on the CPU, the numerical contract every backend keeps.
+// tests/ref_pipeline.cpp: the whole layer on the CPU written as one monolithic function (one expert MLP call per
+// expert), the pre-stage-API form of the CPU forward kept as a test oracle: MoELayer's CPU forward (a chain of the
+// public stages) must equal it bitwise, and tests/test_moe_ref.cpp checks it against a per-token implementation.
 //
 // Stages (T tokens, H hidden, E experts, k slots; every stored value rounded as listed):
 //   1. logits [T, E] fp32      router_logits (double sums of x . gate^T, rounded once to fp32)
 //   2. ids/weights [T, k]      route (routing.h rules; weights fp32)
 //   3. plan                    build_plan (counts, capacity and drop policy, offsets, rows in token order)
-//      (expert-choice routing replaces 2 and 3 by route_expert_choice: ids/weights/slot_row [T, E], balance.cpp)
-//   4. experts                 for each expert with kept rows: gather its rows of x (expert order), expert_mlp
-//                              (h rounded to cfg.dtype, output rows rounded to cfg.dtype)
-//   5. shared expert           one MLP of width S = num_shared_experts * shared_ffn_size on all T rows
-//                              (same activation; h and output rounded to cfg.dtype)
+//      (expert-choice routing replaces 2 and 3 by route_expert_choice: ids/weights/slot_row [T, E])
+//   4. experts                 for each expert with kept rows: gather its rows of x, expert_mlp
+//   5. shared expert           one MLP of width S on all T rows
 //   6. y [T, H] cfg.dtype      combine: slots j = 0..k-1 in double, then + shared, rounded once
-// Weights are read in their own dtype (fp32/bf16/fp16) and decoded exactly; x and y are cfg.dtype.
-// Optional outputs (ForwardOutputs): logits, topk_ids, topk_weights, slot_row copied out; stats from
-// router_stats plus the plan's kept counts and drops.
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "ref/ref.h"
 #include "switchyard/error.h"
+#include "test_util.h"
 
 namespace switchyard {
-namespace ref {
+namespace test {
+using namespace ref;
+
 namespace {
 
 void check_host_out(const TensorRef& t, DType dtype, int64_t d0, int64_t d1, const char* name) {
@@ -50,7 +50,7 @@ MatView expert_view(const TensorRef& t, int64_t e, int64_t rows, int64_t cols) {
 
 }  // namespace
 
-void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y, ForwardOutputs* out,
+void ref_moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y, ForwardOutputs* out,
                  HostPlan* plan_out) {
     const int64_t hidden = cfg.hidden_size, ffn = cfg.ffn_size, num_experts = cfg.num_experts;
     SWITCHYARD_CHECK(x.rank == 2 && x.shape[1] == hidden, "x shape=", x.shape_string(), ", expected [T, ", hidden, "]");
@@ -154,13 +154,5 @@ void moe_forward(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, 
     if (plan_out != nullptr) *plan_out = std::move(plan);
 }
 
-void plan_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan, LoadStats& stats) {
-    router_stats(cfg, logits, plan.topk_ids, plan.num_tokens, stats);
-    stats.kept_counts.assign(static_cast<size_t>(plan.num_experts), 0);
-    for (int64_t e = 0; e < plan.num_experts; ++e)
-        stats.kept_counts[e] = plan.expert_offsets[e + 1] - plan.expert_offsets[e];
-    stats.dropped = plan.dropped();
-}
-
-}  // namespace ref
+}  // namespace test
 }  // namespace switchyard

@@ -1,0 +1,147 @@
+// switchyard/stages.h: the stages of an MoE layer as public, framework-free functions.
+//
+// Every frontend is built on these functions: MoELayer::forward (moe_layer.h) strings them together, the PyTorch
+// ops (bindings/torch) are one stage each with its backward, and the CLI times them one by one. Each function
+// validates its arguments once (shapes, dtypes, devices, contiguity; a switchyard::Error names the bad argument),
+// then runs on the device its tensors live on: the CPU backend (src/ref, the executable specification: products and
+// sums in double, every stored value rounded once to its tensor's dtype) or the CUDA backend (src/cuda: fp32
+// accumulation, no allocation, no host synchronisation, everything enqueued on `stream`, so a chain of stages can
+// be captured in a CUDA graph). All tensors of one call must be on one device; `stream` is ignored on the CPU.
+//
+// Shapes (T tokens, H hidden, E experts, k routing slots per token, R = T*k rows in expert order, F expert width,
+// R13 = 2F for gated activations, F otherwise). Tensors are contiguous row-major TensorRefs:
+//   router_gemm     x [T, H], gate [E, H]                 -> logits [T, E] fp32
+//   route           logits [T, E] fp32 (+ bias [E] fp32)   -> topk_ids [T, k] int32, topk_weights [T, k] fp32
+//   route_expert_choice  logits                           -> ids / weights / slot_row [T, E] and the plan (E*C rows)
+//   build_plan      topk_ids, topk_weights                 -> RoutingPlan (routing.h): counts, offsets, rows
+//   gather          x [T, H], row_token [R]                -> xp [R, H] (x's rows in expert order, 0 where row_token<0)
+//   grouped_gemm    a [R, K], b [E, N, K], offsets [E+1]   -> c [R, N], per expert c = a_e . b_e^T
+//   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
+//   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H]) -> y [T, H]
+//   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
+// Backward (training; selection held fixed, forward roundings treated as identity):
+//   route_backward, router_losses_backward, gather_backward, grouped_gemm_dgrad / _wgrad, activation_backward,
+//   combine_backward, each the exact derivative of its forward in the arithmetic of its backend.
+//
+// Element types: activations, GEMM operands and gradients are fp32, bf16 or fp16 on both backends; the CPU backend
+// also takes fp64 (exact double results, what torch.autograd.gradcheck needs). On CUDA every operand of one GEMM
+// shares one dtype; on the CPU weights may be of another float dtype than the activations. Routing weights and
+// logits are fp32 (fp64 on the CPU too); ids, offsets and row arrays int32.
+//
+// Workspace: a function that needs scratch memory has a *_workspace_size(...) of its own and takes
+// (workspace, workspace_bytes): memory on the tensors' device, 256-byte aligned, that the caller owns. Sizes are 0
+// on the CPU unless said otherwise.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "switchyard/config.h"
+#include "switchyard/routing.h"
+#include "switchyard/tensor.h"
+
+namespace switchyard {
+
+// ---- router ---------------------------------------------------------------------------------------------------
+// logits [T, E] fp32 = x [T, H] . gate [E, H]^T (CPU: double sums rounded once; CUDA: cuBLAS, fp32 accumulation,
+// no TF32). x and gate share one dtype on CUDA.
+size_t router_gemm_workspace_size(Device device);
+void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// Token-choice scoring, selection and weights (routing.h states the rules: score function, selection-only bias,
+// group-limited top-k, ties to the lower expert, NaN last, renormalise, routed scale). score_bias [E] fp32 is
+// required when cfg.use_score_bias and must be undefined otherwise. topk_weights fp32 (CPU: fp32 or fp64; fp64
+// weights are computed in double from the logits read as double, the selection from the logits rounded to fp32).
+void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
+           const TensorRef& topk_weights, cudaStream_t stream = nullptr);
+
+// Expert-choice routing (balance.h): every expert takes C = cfg.expert_choice_capacity(T) tokens. Writes
+// topk_ids / topk_weights / plan.slot_row [T, E] and the rest of `plan` (E*C rows; plan tensors sized for E*C rows).
+size_t route_expert_choice_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
+void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                         const TensorRef& topk_weights, const RoutingPlan& plan, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- routing plan -----------------------------------------------------------------------------------------------
+// From topk_ids [T, k] int32 and topk_weights [T, k] fp32 (read only for DropPolicy::kProbability) fills
+// plan.expert_counts [E], expert_offsets [E+1], slot_row [T, k], row_token [T*k] and row_slot [T*k], with
+// cfg.capacity(T) and cfg.drop_policy.
+size_t plan_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
+void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
+                const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- dispatch ---------------------------------------------------------------------------------------------------
+// xp [R, H] = x [T, H] rows in expert order: xp[r] = x[row_token[r]], and 0 where row_token[r] < 0 (rows past the
+// plan's offsets[E]). xp has x's dtype.
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream = nullptr);
+// dx [T, H] = sum over j = 0..k-1 (in order, skipping slot_row < 0) of d_xp[slot_row[t, j]].
+void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx,
+                     cudaStream_t stream = nullptr);
+
+// ---- grouped GEMM -----------------------------------------------------------------------------------------------
+// For every group e with rows [offsets[e], offsets[e+1]) of a: c[r, n] = sum_kk a[r, kk] * b[e, n, kk].
+// a [R, K], b [E, N, K] (nn.Linear layout; [N, K] means E = 1), c [R, N]; offsets [E+1] int32 on the device of
+// the operands, non-decreasing from 0 with offsets[E] <= R. Undefined offsets mean one group of all R rows (E = 1).
+// Rows at and past offsets[E] are written as 0 when options.zero_unowned_rows (the default), else left untouched
+// (the layer's forward never reads them). 16-bit CUDA GEMMs need N and K multiples of 8.
+struct GroupedGemmOptions {
+    bool zero_unowned_rows = true;
+};
+size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
+                                   int64_t max_rows);
+void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr,
+                  const GroupedGemmOptions& options = GroupedGemmOptions());
+// Gradients, with dc [R, N]: dgrad da [R, K] = dc_e . b_e (rows past offsets[E]: 0); wgrad db [E, N, K] =
+// sum over e's rows of dc[r]^T a[r] (an expert without rows: 0). One workspace size serves both.
+size_t grouped_gemm_grad_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
+                                        int64_t max_rows);
+void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- activation -------------------------------------------------------------------------------------------------
+// h [R, F] = act(g[:, :F]) * g[:, F:] (gated, g [R, 2F]) or act(g) (g [R, F]); g and h share one dtype.
+// num_rows: optional int32 [1] on the operands' device (e.g. a view of offsets[E]); rows r >= num_rows[0] are then
+// left untouched.
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows = TensorRef(),
+                cudaStream_t stream = nullptr);
+// dg [R, R13] from g and dh [R, F] (ReLU's derivative at 0 is 0).
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
+                         cudaStream_t stream = nullptr);
+
+// ---- combine ----------------------------------------------------------------------------------------------------
+// y[t] = dtype( sum over j = 0..k-1 with slot_row[t, j] >= 0 of w[t, j] * out[slot_row[t, j]] (+ shared[t]) ),
+// slots in order, no atomics: bitwise reproducible. out [R, H], slot_row [T, k] int32, weights [T, k] fp32,
+// shared [T, H] optional (same dtype as out), y [T, H].
+void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream = nullptr);
+// d_out [R, H]: d_out[slot_row[t, j]] = w[t, j] * dy[t], rows no pair points at are 0; d_weights [T, k] =
+// <dy[t], out[slot_row[t, j]]> (0 for dropped pairs). The shared expert's gradient is dy itself.
+void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
+                      const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
+                      cudaStream_t stream = nullptr);
+
+// ---- router backward ----------------------------------------------------------------------------------------------
+// d_logits [T, E] (overwritten) = d_weights [T, k] . d w / d logits for the fixed selection topk_ids (uses
+// cfg.score_function, renormalize, routed_scale; group limits and the bias only select, so they get no gradient).
+void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                    const TensorRef& d_weights, const TensorRef& d_logits, cudaStream_t stream = nullptr);
+// d_logits [T, E] (overwritten) = d_losses[0] * d aux / d logits + d_losses[1] * d z / d logits (balance.h's aux and
+// z losses; d_losses [2] fp32 on the logits' device, read there: no host synchronisation).
+size_t router_losses_backward_workspace_size(const MoEConfig& cfg, Device device);
+void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                            const TensorRef& d_losses, const TensorRef& d_logits, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- load statistics ------------------------------------------------------------------------------------------------
+// LoadStats (routing.h) of a forward from its logits [T, E] fp32 and its plan (topk_ids [T, slots], expert_counts,
+// expert_offsets and, under expert choice, slot_row). Host output: on CUDA this synchronises `stream` (not for
+// graph capture). Workspace on CUDA: load_stats_workspace_size.
+size_t load_stats_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
+void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
+                LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+}  // namespace switchyard

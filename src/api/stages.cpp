@@ -1,0 +1,452 @@
+// src/api/stages.cpp: the public stage functions (switchyard/stages.h): validation once, then the backend.
+//
+// Every function checks its arguments here (api/check.h: shapes, dtypes, devices, contiguity, workspace) and then
+// calls the CPU backend (ref::stage, src/ref/stages_ref.cpp) or the CUDA backend (cuda::stage,
+// src/cuda/stages_cuda.cpp, only in a build with SWITCHYARD_WITH_CUDA). The backends see checked input only.
+#include "switchyard/stages.h"
+
+#include "api/check.h"
+#include "ref/stages_ref.h"
+#include "switchyard/error.h"
+
+#ifdef SWITCHYARD_WITH_CUDA
+#include "cuda/stages_cuda.h"
+#define SWITCHYARD_ON_CUDA(call) return cuda::stage::call
+#else
+#define SWITCHYARD_ON_CUDA(call) SWITCHYARD_FAIL("this build has no CUDA backend (built without CUDA)")
+#endif
+
+// Runs `cpu_call` for host tensors and `cuda_call` for CUDA tensors (dev is the call's device).
+#define SWITCHYARD_DISPATCH(dev, cpu_call, cuda_call) \
+    do {                                              \
+        if ((dev) == Device::kCPU) {                  \
+            ref::stage::cpu_call;                     \
+            return;                                   \
+        }                                             \
+        SWITCHYARD_ON_CUDA(cuda_call);                \
+    } while (0)
+
+namespace switchyard {
+
+using api::check_float_tensor;
+using api::check_same_device;
+using api::check_same_dtype;
+using api::check_tensor;
+using api::check_workspace;
+using api::kAny;
+
+namespace {
+
+// logits [T, E] of fp32 (fp64 too on the CPU where allowed).
+void check_logits(const TensorRef& logits, int64_t num_experts, bool allow_f64) {
+    check_tensor(logits, "logits", {kAny, num_experts});
+    const bool f64 = allow_f64 && logits.device == Device::kCPU && logits.dtype == DType::kF64;
+    SWITCHYARD_CHECK(logits.dtype == DType::kF32 || f64, "logits dtype=", to_string(logits.dtype), ", expected fp32",
+                     allow_f64 ? " (or fp64 on the cpu)" : "");
+    api::check_backend(logits.device, "logits");
+}
+
+// A [rows, cols] fp32 (or fp64 on the CPU) routing-weight tensor on the logits' device.
+void check_weights(const TensorRef& w, const char* name, int64_t rows, int64_t cols, const TensorRef& like) {
+    check_tensor(w, name, {rows, cols});
+    SWITCHYARD_CHECK(w.dtype == DType::kF32 || (w.device == Device::kCPU && w.dtype == DType::kF64), name, " dtype=",
+                     to_string(w.dtype), ", expected fp32 (or fp64 on the cpu)");
+    check_same_device(w, name, like, "logits");
+}
+
+void check_plan_tensor(const TensorRef& t, const char* name, int64_t d0, const TensorRef& like) {
+    check_tensor(t, name, DType::kI32, {d0});
+    check_same_device(t, name, like, "topk_ids");
+}
+
+// plan tensors for `rows` reserved rows of T tokens with `slots` slots each.
+void check_plan(const MoEConfig& cfg, const RoutingPlan& plan, int64_t num_tokens, int64_t slots, int64_t rows,
+                const TensorRef& like) {
+    check_plan_tensor(plan.expert_counts, "plan.expert_counts", cfg.num_experts, like);
+    check_plan_tensor(plan.expert_offsets, "plan.expert_offsets", cfg.num_experts + 1, like);
+    check_tensor(plan.slot_row, "plan.slot_row", DType::kI32, {num_tokens, slots});
+    check_same_device(plan.slot_row, "plan.slot_row", like, "topk_ids");
+    check_plan_tensor(plan.row_token, "plan.row_token", rows, like);
+    check_plan_tensor(plan.row_slot, "plan.row_slot", rows, like);
+}
+
+// offsets [E+1] int32 on the operands' device (optional where allowed).
+void check_offsets(const TensorRef& offsets, int64_t num_groups, const TensorRef& like, const char* like_name) {
+    check_tensor(offsets, "offsets", DType::kI32, {num_groups + 1});
+    check_same_device(offsets, "offsets", like, like_name);
+}
+
+int64_t gemm_groups(const TensorRef& b) { return b.rank == 3 ? b.shape[0] : 1; }
+
+// GEMM operands on CUDA share one dtype (the CUTLASS and SIMT kernels take one element type).
+void check_cuda_gemm_dtypes(const TensorRef& x, const char* xn, const TensorRef& y, const char* yn) {
+    if (x.device == Device::kCUDA) check_same_dtype(y, yn, x, xn);
+}
+
+}  // namespace
+
+// ---- router ----------------------------------------------------------------------------------------------------------
+
+size_t router_gemm_workspace_size(Device device) {
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "router_gemm_workspace_size");
+    SWITCHYARD_ON_CUDA(router_gemm_workspace_size());
+}
+
+void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream) {
+    check_float_tensor(x, "x", {kAny, kAny});
+    SWITCHYARD_CHECK(x.dtype != DType::kF64, "x dtype=fp64: router_gemm takes fp32, bf16 or fp16");
+    check_float_tensor(gate, "gate", {kAny, x.shape[1]});
+    check_same_device(gate, "gate", x, "x");
+    check_tensor(logits, "logits", DType::kF32, {x.shape[0], gate.shape[0]});
+    check_same_device(logits, "logits", x, "x");
+    check_cuda_gemm_dtypes(x, "x", gate, "gate");
+    api::check_backend(x.device, "router_gemm");
+    check_workspace(workspace, workspace_bytes, router_gemm_workspace_size(x.device), "router_gemm");
+    SWITCHYARD_DISPATCH(x.device, router_gemm(x, gate, logits),
+                        router_gemm(x, gate, logits, workspace, workspace_bytes, stream));
+}
+
+void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
+           const TensorRef& topk_weights, cudaStream_t stream) {
+    cfg.validate();
+    SWITCHYARD_CHECK(!cfg.expert_choice(), "route: routing=expert-choice takes route_expert_choice");
+    check_logits(logits, cfg.num_experts, /*allow_f64=*/true);
+    const int64_t num_tokens = logits.shape[0];
+    if (cfg.use_score_bias) {
+        check_tensor(score_bias, "score_bias", DType::kF32, {cfg.num_experts});
+        check_same_device(score_bias, "score_bias", logits, "logits");
+    } else {
+        SWITCHYARD_CHECK(!score_bias.defined(), "score_bias ", score_bias.shape_string(),
+                         " given but use_score_bias=false");
+    }
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {num_tokens, cfg.top_k});
+    check_same_device(topk_ids, "topk_ids", logits, "logits");
+    check_weights(topk_weights, "topk_weights", num_tokens, cfg.top_k, logits);
+    if (num_tokens == 0) return;
+    SWITCHYARD_DISPATCH(logits.device, route(cfg, logits, score_bias, topk_ids, topk_weights),
+                        route(cfg, logits, score_bias, topk_ids, topk_weights, stream));
+}
+
+size_t route_expert_choice_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "route_expert_choice_workspace_size");
+    SWITCHYARD_ON_CUDA(route_expert_choice_workspace_size(cfg, num_tokens));
+}
+
+void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                         const TensorRef& topk_weights, const RoutingPlan& plan, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    SWITCHYARD_CHECK(cfg.expert_choice(), "route_expert_choice: the config's routing mode is ",
+                     to_string(cfg.routing_mode));
+    check_logits(logits, cfg.num_experts, /*allow_f64=*/false);
+    const int64_t num_tokens = logits.shape[0], E = cfg.num_experts;
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {num_tokens, E});
+    check_same_device(topk_ids, "topk_ids", logits, "logits");
+    check_tensor(topk_weights, "topk_weights", DType::kF32, {num_tokens, E});
+    check_same_device(topk_weights, "topk_weights", logits, "logits");
+    check_plan(cfg, plan, num_tokens, E, E * cfg.expert_choice_capacity(num_tokens), topk_ids);
+    check_workspace(workspace, workspace_bytes, route_expert_choice_workspace_size(cfg, logits.device, num_tokens),
+                    "route_expert_choice");
+    SWITCHYARD_DISPATCH(logits.device, route_expert_choice(cfg, logits, topk_ids, topk_weights, plan),
+                        route_expert_choice(cfg, logits, topk_ids, topk_weights, plan, workspace, workspace_bytes,
+                                            stream));
+}
+
+// ---- routing plan -------------------------------------------------------------------------------------------------
+
+size_t plan_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "plan_workspace_size");
+    SWITCHYARD_ON_CUDA(plan_workspace_size(cfg, num_tokens));
+}
+
+void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
+                const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    SWITCHYARD_CHECK(!cfg.expert_choice(), "build_plan: routing=expert-choice builds its plan in route_expert_choice");
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {kAny, cfg.top_k});
+    api::check_backend(topk_ids.device, "build_plan");
+    const int64_t num_tokens = topk_ids.shape[0];
+    check_tensor(topk_weights, "topk_weights", DType::kF32, {num_tokens, cfg.top_k});
+    check_same_device(topk_weights, "topk_weights", topk_ids, "topk_ids");
+    check_plan(cfg, plan, num_tokens, cfg.top_k, num_tokens * cfg.top_k, topk_ids);
+    check_workspace(workspace, workspace_bytes, plan_workspace_size(cfg, topk_ids.device, num_tokens), "build_plan");
+    SWITCHYARD_DISPATCH(topk_ids.device, build_plan(cfg, topk_ids, topk_weights, plan),
+                        build_plan(cfg, topk_ids, topk_weights, plan, workspace, workspace_bytes, stream));
+}
+
+// ---- dispatch -----------------------------------------------------------------------------------------------------
+
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream) {
+    check_float_tensor(x, "x", {kAny, kAny});
+    check_tensor(row_token, "row_token", DType::kI32, {kAny});
+    check_same_device(row_token, "row_token", x, "x");
+    check_tensor(xp, "xp", x.dtype, {row_token.shape[0], x.shape[1]});
+    check_same_device(xp, "xp", x, "x");
+    api::check_backend(x.device, "gather");
+    if (xp.numel() == 0) return;
+    SWITCHYARD_DISPATCH(x.device, gather(x, row_token, xp), gather(x, row_token, xp, stream));
+}
+
+void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream) {
+    check_float_tensor(d_xp, "d_xp", {kAny, kAny});
+    check_tensor(slot_row, "slot_row", DType::kI32, {kAny, kAny});
+    check_same_device(slot_row, "slot_row", d_xp, "d_xp");
+    check_tensor(dx, "dx", d_xp.dtype, {slot_row.shape[0], d_xp.shape[1]});
+    check_same_device(dx, "dx", d_xp, "d_xp");
+    api::check_backend(d_xp.device, "gather_backward");
+    if (dx.numel() == 0) return;
+    SWITCHYARD_DISPATCH(d_xp.device, gather_backward(d_xp, slot_row, dx),
+                        gather_backward(d_xp, slot_row, dx, stream));
+}
+
+// ---- grouped GEMM -------------------------------------------------------------------------------------------------
+
+size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
+                                   int64_t max_rows) {
+    SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0, "grouped_gemm_workspace_size: num_groups=",
+                     num_groups, " n=", n, " k=", k, " max_rows=", max_rows);
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "grouped_gemm_workspace_size");
+    SWITCHYARD_ON_CUDA(grouped_gemm_workspace_size(dtype, num_groups, n, k, max_rows));
+}
+
+void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  void* workspace, size_t workspace_bytes, cudaStream_t stream, const GroupedGemmOptions& options) {
+    check_float_tensor(a, "a", {kAny, kAny});
+    SWITCHYARD_CHECK(b.rank == 2 || b.rank == 3, "b shape=", b.shape_string(), ", expected [E, N, K] or [N, K]");
+    if (b.rank == 3)
+        check_float_tensor(b, "b", {kAny, kAny, a.shape[1]});
+    else
+        check_float_tensor(b, "b", {kAny, a.shape[1]});
+    check_same_device(b, "b", a, "a");
+    const int64_t groups = gemm_groups(b), n = b.shape[b.rank - 2], rows = a.shape[0];
+    if (offsets.defined())
+        check_offsets(offsets, groups, a, "a");
+    else
+        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
+    check_float_tensor(c, "c", {rows, n});
+    check_same_device(c, "c", a, "a");
+    check_cuda_gemm_dtypes(a, "a", b, "b");
+    check_cuda_gemm_dtypes(a, "a", c, "c");
+    api::check_backend(a.device, "grouped_gemm");
+    check_workspace(workspace, workspace_bytes,
+                    grouped_gemm_workspace_size(a.device, a.dtype, groups, n, a.shape[1], rows), "grouped_gemm");
+    SWITCHYARD_DISPATCH(a.device, grouped_gemm(a, b, offsets, c, options.zero_unowned_rows),
+                        grouped_gemm(a, b, offsets, c, workspace, workspace_bytes, stream, options.zero_unowned_rows));
+}
+
+size_t grouped_gemm_grad_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
+                                        int64_t max_rows) {
+    SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0,
+                     "grouped_gemm_grad_workspace_size: num_groups=", num_groups, " n=", n, " k=", k,
+                     " max_rows=", max_rows);
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "grouped_gemm_grad_workspace_size");
+    SWITCHYARD_ON_CUDA(grouped_gemm_grad_workspace_size(dtype, num_groups, n, k, max_rows));
+}
+
+void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_float_tensor(dc, "dc", {kAny, kAny});
+    check_float_tensor(b, "b", {kAny, dc.shape[1], kAny});
+    check_same_device(b, "b", dc, "dc");
+    check_offsets(offsets, b.shape[0], dc, "dc");
+    check_float_tensor(da, "da", {dc.shape[0], b.shape[2]});
+    check_same_device(da, "da", dc, "dc");
+    check_cuda_gemm_dtypes(dc, "dc", b, "b");
+    check_cuda_gemm_dtypes(dc, "dc", da, "da");
+    api::check_backend(dc.device, "grouped_gemm_dgrad");
+    check_workspace(workspace, workspace_bytes,
+                    grouped_gemm_grad_workspace_size(dc.device, dc.dtype, b.shape[0], b.shape[1], b.shape[2],
+                                                     dc.shape[0]),
+                    "grouped_gemm_dgrad");
+    SWITCHYARD_DISPATCH(dc.device, grouped_gemm_dgrad(dc, b, offsets, da),
+                        grouped_gemm_dgrad(dc, b, offsets, da, workspace, workspace_bytes, stream));
+}
+
+void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_float_tensor(dc, "dc", {kAny, kAny});
+    check_float_tensor(a, "a", {dc.shape[0], kAny});
+    check_same_device(a, "a", dc, "dc");
+    check_float_tensor(db, "db", {kAny, dc.shape[1], a.shape[1]});
+    check_same_device(db, "db", dc, "dc");
+    check_offsets(offsets, db.shape[0], dc, "dc");
+    check_cuda_gemm_dtypes(dc, "dc", a, "a");
+    check_cuda_gemm_dtypes(dc, "dc", db, "db");
+    api::check_backend(dc.device, "grouped_gemm_wgrad");
+    check_workspace(workspace, workspace_bytes,
+                    grouped_gemm_grad_workspace_size(dc.device, dc.dtype, db.shape[0], db.shape[1], db.shape[2],
+                                                     dc.shape[0]),
+                    "grouped_gemm_wgrad");
+    SWITCHYARD_DISPATCH(dc.device, grouped_gemm_wgrad(dc, a, offsets, db),
+                        grouped_gemm_wgrad(dc, a, offsets, db, workspace, workspace_bytes, stream));
+}
+
+// ---- activation ---------------------------------------------------------------------------------------------------
+
+namespace {
+// The F of g [R, R13] under act (gated: R13 = 2F, so R13 must be even).
+int64_t activation_width(Activation act, const TensorRef& g) {
+    SWITCHYARD_CHECK(static_cast<int>(act) >= 0 && static_cast<int>(act) <= 3, "activation=", static_cast<int>(act),
+                     " is not an Activation");
+    if (!is_gated(act)) return g.shape[1];
+    SWITCHYARD_CHECK(g.shape[1] % 2 == 0, "g shape=", g.shape_string(), ": a gated activation (", to_string(act),
+                     ") needs an even width [R, 2F]");
+    return g.shape[1] / 2;
+}
+}  // namespace
+
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
+                cudaStream_t stream) {
+    check_float_tensor(g, "g", {kAny, kAny});
+    const int64_t ffn = activation_width(act, g);
+    check_tensor(h, "h", g.dtype, {g.shape[0], ffn});
+    check_same_device(h, "h", g, "g");
+    if (num_rows.defined()) {
+        check_tensor(num_rows, "num_rows", DType::kI32, {1});
+        check_same_device(num_rows, "num_rows", g, "g");
+    }
+    api::check_backend(g.device, "activation");
+    if (h.numel() == 0) return;
+    SWITCHYARD_DISPATCH(g.device, activation(act, g, h, num_rows), activation(act, g, h, num_rows, stream));
+}
+
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
+                         cudaStream_t stream) {
+    check_float_tensor(g, "g", {kAny, kAny});
+    const int64_t ffn = activation_width(act, g);
+    check_tensor(dh, "dh", g.dtype, {g.shape[0], ffn});
+    check_same_device(dh, "dh", g, "g");
+    check_tensor(dg, "dg", g.dtype, {g.shape[0], g.shape[1]});
+    check_same_device(dg, "dg", g, "g");
+    api::check_backend(g.device, "activation_backward");
+    if (dg.numel() == 0) return;
+    SWITCHYARD_DISPATCH(g.device, activation_backward(act, g, dh, dg), activation_backward(act, g, dh, dg, stream));
+}
+
+// ---- combine ------------------------------------------------------------------------------------------------------
+
+void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream) {
+    check_float_tensor(expert_out, "expert_out", {kAny, kAny});
+    check_tensor(slot_row, "slot_row", DType::kI32, {kAny, kAny});
+    check_same_device(slot_row, "slot_row", expert_out, "expert_out");
+    const int64_t num_tokens = slot_row.shape[0], k = slot_row.shape[1], hidden = expert_out.shape[1];
+    check_tensor(weights, "weights", {num_tokens, k});
+    SWITCHYARD_CHECK(weights.dtype == DType::kF32 || (weights.device == Device::kCPU && weights.dtype == DType::kF64),
+                     "weights dtype=", to_string(weights.dtype), ", expected fp32 (or fp64 on the cpu)");
+    check_same_device(weights, "weights", expert_out, "expert_out");
+    if (shared.defined()) {
+        check_tensor(shared, "shared", expert_out.dtype, {num_tokens, hidden});
+        check_same_device(shared, "shared", expert_out, "expert_out");
+    }
+    check_tensor(y, "y", expert_out.dtype, {num_tokens, hidden});
+    check_same_device(y, "y", expert_out, "expert_out");
+    api::check_backend(expert_out.device, "combine");
+    if (y.numel() == 0) return;
+    SWITCHYARD_DISPATCH(expert_out.device, combine(expert_out, slot_row, weights, shared, y),
+                        combine(expert_out, slot_row, weights, shared, y, stream));
+}
+
+void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
+                      const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
+                      cudaStream_t stream) {
+    check_float_tensor(expert_out, "expert_out", {kAny, kAny});
+    check_tensor(slot_row, "slot_row", DType::kI32, {kAny, kAny});
+    check_same_device(slot_row, "slot_row", expert_out, "expert_out");
+    const int64_t num_tokens = slot_row.shape[0], k = slot_row.shape[1], hidden = expert_out.shape[1];
+    check_tensor(dy, "dy", expert_out.dtype, {num_tokens, hidden});
+    check_same_device(dy, "dy", expert_out, "expert_out");
+    check_tensor(weights, "weights", {num_tokens, k});
+    check_same_device(weights, "weights", expert_out, "expert_out");
+    check_tensor(d_out, "d_out", expert_out.dtype, {expert_out.shape[0], hidden});
+    check_same_device(d_out, "d_out", expert_out, "expert_out");
+    check_tensor(d_weights, "d_weights", weights.dtype, {num_tokens, k});
+    check_same_device(d_weights, "d_weights", expert_out, "expert_out");
+    SWITCHYARD_CHECK(weights.dtype == DType::kF32 || (weights.device == Device::kCPU && weights.dtype == DType::kF64),
+                     "weights dtype=", to_string(weights.dtype), ", expected fp32 (or fp64 on the cpu)");
+    api::check_backend(expert_out.device, "combine_backward");
+    SWITCHYARD_DISPATCH(expert_out.device, combine_backward(dy, expert_out, slot_row, weights, d_out, d_weights),
+                        combine_backward(dy, expert_out, slot_row, weights, d_out, d_weights, stream));
+}
+
+// ---- router backward ----------------------------------------------------------------------------------------------
+
+void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                    const TensorRef& d_weights, const TensorRef& d_logits, cudaStream_t stream) {
+    cfg.validate();
+    check_logits(logits, cfg.num_experts, /*allow_f64=*/true);
+    const int64_t num_tokens = logits.shape[0];
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {num_tokens, cfg.top_k});
+    check_same_device(topk_ids, "topk_ids", logits, "logits");
+    check_weights(d_weights, "d_weights", num_tokens, cfg.top_k, logits);
+    check_tensor(d_logits, "d_logits", logits.dtype, {num_tokens, cfg.num_experts});
+    check_same_device(d_logits, "d_logits", logits, "logits");
+    if (num_tokens == 0) return;
+    SWITCHYARD_DISPATCH(logits.device, route_backward(cfg, logits, topk_ids, d_weights, d_logits),
+                        route_backward(cfg, logits, topk_ids, d_weights, d_logits, stream));
+}
+
+size_t router_losses_backward_workspace_size(const MoEConfig& cfg, Device device) {
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "router_losses_backward_workspace_size");
+    SWITCHYARD_ON_CUDA(router_losses_backward_workspace_size(cfg));
+}
+
+void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                            const TensorRef& d_losses, const TensorRef& d_logits, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    SWITCHYARD_CHECK(!cfg.expert_choice(), "router_losses_backward: the aux losses are defined for token choice");
+    check_logits(logits, cfg.num_experts, /*allow_f64=*/true);
+    const int64_t num_tokens = logits.shape[0];
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {num_tokens, cfg.top_k});
+    check_same_device(topk_ids, "topk_ids", logits, "logits");
+    check_tensor(d_losses, "d_losses", logits.dtype, {2});
+    check_same_device(d_losses, "d_losses", logits, "logits");
+    check_tensor(d_logits, "d_logits", logits.dtype, {num_tokens, cfg.num_experts});
+    check_same_device(d_logits, "d_logits", logits, "logits");
+    check_workspace(workspace, workspace_bytes, router_losses_backward_workspace_size(cfg, logits.device),
+                    "router_losses_backward");
+    if (num_tokens == 0) return;
+    SWITCHYARD_DISPATCH(logits.device, router_losses_backward(cfg, logits, topk_ids, d_losses, d_logits),
+                        router_losses_backward(cfg, logits, topk_ids, d_losses, d_logits, workspace, workspace_bytes,
+                                               stream));
+}
+
+// ---- load statistics -----------------------------------------------------------------------------------------------
+
+size_t load_stats_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
+    if (device == Device::kCPU) return 0;
+    api::check_backend(device, "load_stats_workspace_size");
+    SWITCHYARD_ON_CUDA(load_stats_workspace_size(cfg, num_tokens));
+}
+
+void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
+                LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    check_logits(logits, cfg.num_experts, /*allow_f64=*/false);
+    const int64_t num_tokens = logits.shape[0], slots = cfg.route_slots();
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {num_tokens, slots});
+    check_same_device(topk_ids, "topk_ids", logits, "logits");
+    check_plan_tensor(plan.expert_counts, "plan.expert_counts", cfg.num_experts, topk_ids);
+    check_plan_tensor(plan.expert_offsets, "plan.expert_offsets", cfg.num_experts + 1, topk_ids);
+    if (cfg.expert_choice()) {
+        check_tensor(plan.slot_row, "plan.slot_row", DType::kI32, {num_tokens, slots});
+        check_same_device(plan.slot_row, "plan.slot_row", topk_ids, "topk_ids");
+    }
+    check_workspace(workspace, workspace_bytes, load_stats_workspace_size(cfg, logits.device, num_tokens),
+                    "load_stats");
+    SWITCHYARD_DISPATCH(logits.device, load_stats(cfg, logits, topk_ids, plan, stats),
+                        load_stats(cfg, logits, topk_ids, plan, stats, workspace, workspace_bytes, stream));
+}
+
+}  // namespace switchyard

@@ -1,0 +1,324 @@
+// src/cuda/stages_cuda.cpp: the CUDA backend of switchyard/stages.h (declared in src/cuda/stages_cuda.h).
+//
+// Adapters from checked TensorRefs to the raw-pointer launchers; each makes the tensors' device current for the
+// call (DeviceGuard) and enqueues on the caller's stream. Workspace layouts are carved here with WorkspaceCarver,
+// the same function sizing and partitioning them.
+#include "cuda/stages_cuda.h"
+
+#include <vector>
+
+#include "cuda/backward/backward.h"
+#include "cuda/common.cuh"
+#include "cuda/gemm/grouped_gemm.h"
+#include "cuda/moe_stages.h"
+#include "cuda/routing/balance.h"
+
+namespace switchyard {
+namespace cuda {
+
+int device_count() {
+    int n = 0;
+    const cudaError_t err = cudaGetDeviceCount(&n);
+    if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver) {
+        cudaGetLastError();  // clear the error so later calls start clean
+        return 0;
+    }
+    SWITCHYARD_CUDA_CHECK(err);
+    return n;
+}
+
+namespace stage {
+namespace {
+
+template <typename T>
+T* ptr_or_null(const TensorRef& t) {
+    return t.defined() ? static_cast<T*>(t.data) : nullptr;
+}
+
+GroupedGemmArgs gemm_args(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
+    GroupedGemmArgs g;
+    g.dtype = dtype;
+    g.num_groups = num_groups;
+    g.n = n;
+    g.k = k;
+    g.max_rows = max_rows;
+    return g;
+}
+
+GroupedGemmGradArgs grad_args(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows,
+                              const int32_t* offsets) {
+    GroupedGemmGradArgs g;
+    g.dtype = dtype;
+    g.num_groups = num_groups;
+    g.n = n;
+    g.k = k;
+    g.max_rows = max_rows;
+    g.offsets = offsets;
+    return g;
+}
+
+// Statistics scratch of load_stats: ids / weights of a token-choice routing pass (its partial sums are what is
+// wanted), per-block partials and the reduced sums.
+struct StatsLayout {
+    int32_t* ids;
+    float* weights;
+    double* prob_partials;  // [blocks, E]
+    double* z_partials;     // [blocks]
+    double* sums;           // [E + 1]: prob sums, then the z sum
+};
+
+StatsLayout stats_layout(WorkspaceCarver& wc, const MoEConfig& cfg, int64_t num_tokens) {
+    StatsLayout l{};
+    const int64_t E = cfg.num_experts;
+    l.ids = wc.take<int32_t>(num_tokens * cfg.top_k);
+    l.weights = wc.take<float>(num_tokens * cfg.top_k);
+    const int blocks = router_stat_blocks(num_tokens);
+    l.prob_partials = wc.take<double>(static_cast<size_t>(blocks) * E);
+    l.z_partials = wc.take<double>(blocks);
+    l.sums = wc.take<double>(E + 1);
+    return l;
+}
+
+}  // namespace
+
+size_t router_gemm_workspace_size() { return kCublasWorkspaceBytes; }
+
+void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream) {
+    (void)workspace_bytes;
+    DeviceGuard guard(x.device_index);
+    cuda::router_gemm(x.dtype, x.data, gate.data, x.shape[0], x.shape[1], gate.shape[0], logits.ptr<float>(),
+                      workspace, stream);
+}
+
+void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
+           const TensorRef& topk_weights, cudaStream_t stream) {
+    DeviceGuard guard(logits.device_index);
+    route_topk(cfg, logits.ptr<float>(), cfg.use_score_bias ? score_bias.ptr<float>() : nullptr, logits.shape[0],
+               topk_ids.ptr<int32_t>(), topk_weights.ptr<float>(), nullptr, nullptr, stream);
+}
+
+size_t route_expert_choice_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
+    return expert_choice_workspace_size(num_tokens, cfg.num_experts);
+}
+
+void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                         const TensorRef& topk_weights, const RoutingPlan& plan, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(logits.device_index);
+    ExpertChoiceArgs ea;
+    ea.num_tokens = logits.shape[0];
+    ea.logits = logits.ptr<float>();
+    ea.topk_ids = topk_ids.ptr<int32_t>();
+    ea.topk_weights = topk_weights.ptr<float>();
+    ea.expert_counts = plan.expert_counts.ptr<int32_t>();
+    ea.expert_offsets = plan.expert_offsets.ptr<int32_t>();
+    ea.slot_row = plan.slot_row.ptr<int32_t>();
+    ea.row_token = plan.row_token.ptr<int32_t>();
+    ea.row_slot = plan.row_slot.ptr<int32_t>();
+    expert_choice_plan(cfg, ea, workspace, workspace_bytes, stream);
+}
+
+size_t plan_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
+    return cuda::plan_workspace_size(num_tokens, cfg.top_k, cfg.num_experts);
+}
+
+void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
+                const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(topk_ids.device_index);
+    const int64_t num_tokens = topk_ids.shape[0];
+    PlanArgs pa;
+    pa.num_tokens = num_tokens;
+    pa.top_k = cfg.top_k;
+    pa.num_experts = cfg.num_experts;
+    pa.capacity = cfg.capacity(num_tokens);
+    pa.drop_policy = cfg.drop_policy;
+    pa.topk_ids = topk_ids.ptr<int32_t>();
+    pa.topk_weights = topk_weights.ptr<float>();
+    pa.expert_counts = plan.expert_counts.ptr<int32_t>();
+    pa.expert_offsets = plan.expert_offsets.ptr<int32_t>();
+    pa.slot_row = plan.slot_row.ptr<int32_t>();
+    pa.row_token = plan.row_token.ptr<int32_t>();
+    pa.row_slot = plan.row_slot.ptr<int32_t>();
+    cuda::build_plan(pa, workspace, workspace_bytes, stream);
+}
+
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream) {
+    DeviceGuard guard(x.device_index);
+    permute_rows(x.dtype, x.data, row_token.ptr<int32_t>(), xp.shape[0], x.shape[1], xp.data, stream,
+                 /*zero_unowned=*/true);
+}
+
+void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream) {
+    DeviceGuard guard(d_xp.device_index);
+    gather_backward_rows(d_xp.dtype, d_xp.data, slot_row.ptr<int32_t>(), slot_row.shape[0], slot_row.shape[1],
+                         d_xp.shape[1], dx.data, stream);
+}
+
+size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
+    return cuda::grouped_gemm_workspace_size(gemm_args(dtype, num_groups, n, k, max_rows)) +
+           align_up(2 * sizeof(int32_t));
+}
+
+void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows) {
+    DeviceGuard guard(a.device_index);
+    const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
+    const int64_t rows = a.shape[0];
+    GroupedGemmArgs g = gemm_args(a.dtype, groups, n, k, rows);
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    int32_t* single = wc.take<int32_t>(2);
+    g.a = a.data;
+    g.b = b.data;
+    g.c = c.data;
+    if (offsets.defined()) {
+        g.offsets = offsets.ptr<int32_t>();
+    } else {
+        write_single_group_offsets(single, rows, stream);
+        g.offsets = single;
+    }
+    if (rows == 0) return;
+    const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
+    cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
+    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream);
+}
+
+size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
+    return cuda::grouped_gemm_grad_workspace_size(grad_args(dtype, num_groups, n, k, max_rows, nullptr));
+}
+
+void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(dc.device_index);
+    GroupedGemmGradArgs g =
+        grad_args(dc.dtype, b.shape[0], b.shape[1], b.shape[2], dc.shape[0], offsets.ptr<int32_t>());
+    g.dc = dc.data;
+    g.b = b.data;
+    g.da = da.data;
+    cuda::grouped_gemm_dgrad(g, workspace, workspace_bytes, stream);
+}
+
+void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(dc.device_index);
+    GroupedGemmGradArgs g =
+        grad_args(dc.dtype, db.shape[0], db.shape[1], db.shape[2], dc.shape[0], offsets.ptr<int32_t>());
+    g.dc = dc.data;
+    g.a = a.data;
+    g.db = db.data;
+    cuda::grouped_gemm_wgrad(g, workspace, workspace_bytes, stream);
+}
+
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
+                cudaStream_t stream) {
+    DeviceGuard guard(g.device_index);
+    activation_rows(act, g.dtype, g.data, g.shape[0], ptr_or_null<const int32_t>(num_rows), h.shape[1], h.data,
+                    stream);
+}
+
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
+                         cudaStream_t stream) {
+    DeviceGuard guard(g.device_index);
+    activation_backward_rows(act, g.dtype, g.data, dh.data, g.shape[0], dh.shape[1], dg.data, stream);
+}
+
+void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream) {
+    DeviceGuard guard(expert_out.device_index);
+    combine_rows(expert_out.dtype, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
+                 ptr_or_null<const void>(shared), slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], y.data,
+                 stream);
+}
+
+void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
+                      const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
+                      cudaStream_t stream) {
+    DeviceGuard guard(dy.device_index);
+    // Rows no pair points at get a zero gradient: the kernel writes only the rows pairs point at.
+    if (d_out.numel() > 0) SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(d_out.data, 0, d_out.nbytes(), stream));
+    combine_backward_rows(expert_out.dtype, dy.data, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
+                          slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], d_out.data,
+                          d_weights.ptr<float>(), stream);
+}
+
+void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                    const TensorRef& d_weights, const TensorRef& d_logits, cudaStream_t stream) {
+    DeviceGuard guard(logits.device_index);
+    cuda::route_backward(cfg, logits.ptr<float>(), topk_ids.ptr<int32_t>(), d_weights.ptr<float>(), logits.shape[0],
+                         d_logits.ptr<float>(), stream);
+}
+
+size_t router_losses_backward_workspace_size(const MoEConfig& cfg) {
+    return cuda::router_losses_backward_workspace_size(cfg.num_experts);
+}
+
+void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                            const TensorRef& d_losses, const TensorRef& d_logits, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(logits.device_index);
+    cuda::router_losses_backward(cfg, logits.ptr<float>(), topk_ids.ptr<int32_t>(), logits.shape[0],
+                                 d_losses.ptr<float>(), d_logits.ptr<float>(), workspace, workspace_bytes, stream);
+}
+
+size_t load_stats_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
+    WorkspaceCarver wc;
+    stats_layout(wc, cfg, num_tokens);
+    return wc.used();
+}
+
+void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
+                LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    (void)topk_ids;
+    DeviceGuard guard(logits.device_index);
+    const int64_t T = logits.shape[0], E = cfg.num_experts, slots = cfg.route_slots();
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    const StatsLayout l = stats_layout(wc, cfg, T);
+    // mean_prob and the z-loss do not depend on the selection: a token-choice routing pass over the same logits
+    // computes their per-block partials (its ids and weights go to scratch).
+    MoEConfig tc = cfg;
+    tc.routing_mode = RoutingMode::kTokenChoice;
+    tc.use_score_bias = false;
+    route_topk(tc, logits.ptr<float>(), nullptr, T, l.ids, l.weights, l.prob_partials, l.z_partials, stream);
+    reduce_router_stats(l.prob_partials, l.z_partials, router_stat_blocks(T), E, l.sums, l.sums + E, stream);
+    std::vector<int32_t> counts(E), offsets(E + 1);
+    std::vector<double> sums(E + 1);
+    SWITCHYARD_CUDA_CHECK(cudaMemcpyAsync(counts.data(), plan.expert_counts.data, sizeof(int32_t) * E,
+                                          cudaMemcpyDeviceToHost, stream));
+    SWITCHYARD_CUDA_CHECK(cudaMemcpyAsync(offsets.data(), plan.expert_offsets.data, sizeof(int32_t) * (E + 1),
+                                          cudaMemcpyDeviceToHost, stream));
+    SWITCHYARD_CUDA_CHECK(
+        cudaMemcpyAsync(sums.data(), l.sums, sizeof(double) * (E + 1), cudaMemcpyDeviceToHost, stream));
+    std::vector<int32_t> slot_row;
+    if (cfg.expert_choice() && T > 0) {
+        slot_row.resize(static_cast<size_t>(T * slots));
+        SWITCHYARD_CUDA_CHECK(cudaMemcpyAsync(slot_row.data(), plan.slot_row.data, sizeof(int32_t) * T * slots,
+                                              cudaMemcpyDeviceToHost, stream));
+    }
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(stream));
+    stats = LoadStats();
+    stats.num_tokens = T;
+    stats.top_k = cfg.top_k;
+    stats.expert_counts.assign(counts.begin(), counts.end());
+    stats.kept_counts.resize(E);
+    for (int64_t e = 0; e < E; ++e) stats.kept_counts[e] = offsets[e + 1] - offsets[e];
+    stats.mean_prob.assign(E, 0.0);
+    if (T > 0) {
+        for (int64_t e = 0; e < E; ++e) stats.mean_prob[e] = sums[e] / static_cast<double>(T);
+        stats.z_loss = sums[E] / static_cast<double>(T);
+    }
+    if (cfg.expert_choice()) {  // nothing is dropped; count the tokens no expert took
+        stats.dropped = 0;
+        for (int64_t t = 0; t < T; ++t) {
+            bool any = false;
+            for (int64_t e = 0; e < slots && !any; ++e) any = slot_row[t * slots + e] >= 0;
+            if (!any) ++stats.unrouted_tokens;
+        }
+    } else {
+        stats.dropped = T * cfg.top_k - offsets[E];
+    }
+    finalize_load_stats(cfg, stats);
+}
+
+}  // namespace stage
+}  // namespace cuda
+}  // namespace switchyard

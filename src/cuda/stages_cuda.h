@@ -1,0 +1,66 @@
+// src/cuda/stages_cuda.h: the CUDA backend of the public stage functions (switchyard/stages.h) on TensorRefs.
+//
+// Called by src/api/stages.cpp after validation (every tensor checked, contiguous, on one CUDA device). Each function
+// makes the tensors' device current, passes raw pointers to the launchers of src/cuda/moe_stages.h,
+// src/cuda/routing/balance.h, src/cuda/gemm/grouped_gemm.h and src/cuda/backward/backward.h, and enqueues on
+// `stream`: no allocation, no host synchronisation (load_stats excepted: it returns host statistics).
+// Host-only header.
+#pragma once
+
+#include <cstddef>
+
+#include "switchyard/routing.h"
+#include "switchyard/stages.h"
+
+namespace switchyard {
+namespace cuda {
+
+int device_count();
+
+namespace stage {
+
+size_t router_gemm_workspace_size();
+void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
+                 size_t workspace_bytes, cudaStream_t stream);
+void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
+           const TensorRef& topk_weights, cudaStream_t stream);
+size_t route_expert_choice_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
+void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                         const TensorRef& topk_weights, const RoutingPlan& plan, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
+size_t plan_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
+void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
+                const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream);
+void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream);
+// Workspace of the grouped GEMMs: CUTLASS's, plus the two offsets of a one-group call (undefined offsets).
+size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
+void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows);
+size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
+void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream);
+void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
+                        void* workspace, size_t workspace_bytes, cudaStream_t stream);
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
+                cudaStream_t stream);
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
+                         cudaStream_t stream);
+void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream);
+void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
+                      const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
+                      cudaStream_t stream);
+void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                    const TensorRef& d_weights, const TensorRef& d_logits, cudaStream_t stream);
+size_t router_losses_backward_workspace_size(const MoEConfig& cfg);
+void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                            const TensorRef& d_losses, const TensorRef& d_logits, void* workspace,
+                            size_t workspace_bytes, cudaStream_t stream);
+size_t load_stats_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
+void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
+                LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace stage
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,46 @@
+// src/ref/stages_ref.h: the CPU backend of the public stage functions (switchyard/stages.h) on TensorRefs.
+//
+// Called by src/api/stages.cpp after validation: every tensor is a checked, contiguous host tensor. Each function
+// reads its inputs as double (fp64 exactly, fp32/bf16/fp16 decoded exactly), computes with the double-precision
+// specification functions of ref.h / backward.h, and stores each output once: fp64 as is, other dtypes rounded to
+// fp32 and then to the dtype (as a GPU that holds fp32 and stores the dtype). GEMMs of 16/32-bit operands run the
+// blocked gemm_nt, bitwise equal to the naive double loop, so every stage here is deterministic and thread-count
+// independent.
+#pragma once
+
+#include "switchyard/routing.h"
+#include "switchyard/stages.h"
+
+namespace switchyard {
+namespace ref {
+namespace stage {
+
+void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits);
+void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
+           const TensorRef& topk_weights);
+void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                         const TensorRef& topk_weights, const RoutingPlan& plan);
+void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
+                const RoutingPlan& plan);
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp);
+void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx);
+void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  bool zero_unowned_rows);
+void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da);
+void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db);
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows);
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg);
+void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
+             const TensorRef& shared, const TensorRef& y);
+void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
+                      const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights);
+void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                    const TensorRef& d_weights, const TensorRef& d_logits);
+void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
+                            const TensorRef& d_losses, const TensorRef& d_logits);
+void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
+                LoadStats& stats);
+
+}  // namespace stage
+}  // namespace ref
+}  // namespace switchyard
