@@ -167,9 +167,44 @@ TEST(Config, Capacity) {
     c.min_capacity = 6;
     EXPECT_EQ(c.capacity(10), 6);    // max(min_capacity, 4)
     EXPECT_EQ(c.capacity(100), 32);  // ceil(31.25) beats min_capacity
-    EXPECT_EQ(c.capacity(0), 6);
+    EXPECT_EQ(c.capacity(0), 0);     // clamped to T: no expert can receive more pairs than there are tokens
+    EXPECT_EQ(c.capacity(3), 3);     // min_capacity 6 > T = 3
     c.capacity_factor = 0.0;
     EXPECT_EQ(c.capacity(100), 0);  // capacity_factor 0 means dropless whatever min_capacity says
+}
+
+// Issue 16, item 6: capacity_factor 1e19 overflowed the double -> int64 conversion (undefined behaviour; it gave
+// capacity 1 with --min-capacity 1, and 0 under expert choice). Now every huge or extreme factor gives T, the
+// no-drop capacity, and the arithmetic never converts an out-of-range double.
+TEST(Config, CapacityHugeFactorIsTheNoDropCapacity) {
+    MoEConfig c = valid();  // E = 8, k = 2
+    c.min_capacity = 1;
+    for (double cf : {1e19, 1e300, std::numeric_limits<double>::max(), 9.3e18, 4.6e18}) {
+        c.capacity_factor = cf;
+        EXPECT_EQ(c.capacity(10), 10) << "capacity_factor " << cf;
+        EXPECT_EQ(c.capacity(int64_t{1} << 40), int64_t{1} << 40) << "capacity_factor " << cf;
+        EXPECT_EQ(c.expert_choice_capacity(10), 10) << "capacity_factor " << cf;
+    }
+    c.capacity_factor = 1e-300;  // tiny: ceil gives 1
+    EXPECT_EQ(c.capacity(10), 1);
+    c.min_capacity = std::numeric_limits<int64_t>::max();
+    c.capacity_factor = 1.0;
+    EXPECT_EQ(c.capacity(10), 10);
+    EXPECT_EQ(c.expert_choice_capacity(10), 10);
+}
+
+// Issue 16, item 7: config values are finite in the dtype they are used in (routed_scale scales fp32 weights).
+TEST(Config, RoutedScaleMustBeFiniteInFp32) {
+    MoEConfig c = valid();
+    c.routed_scale = 1e39;  // finite double, inf in fp32
+    expect_invalid(c, {"routed_scale=1e+39", "fp32"});
+    c.routed_scale = -1e39;
+    expect_invalid(c, {"routed_scale"});
+    c.routed_scale = static_cast<double>(std::numeric_limits<float>::max());
+    EXPECT_NO_THROW(c.validate());
+    c.routed_scale = 2.5;
+    c.bias_update_rate = 1e39;
+    expect_invalid(c, {"bias_update_rate"});
 }
 
 TEST(Config, WidthHelpers) {

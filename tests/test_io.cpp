@@ -492,7 +492,7 @@ TEST(Weights, ErrorsNameTheTensor) {
         build_mixtral(b, "", E, H, F, DType::kF32);
         b.add("block_sparse_moe.experts.2.w1.weight", DType::kF32, {F, H}, 0);
         SafetensorsFile f(b.image(), "e.st");
-        expect_error([&] { load_moe_weights(f, {}); }, {"experts.2.w1.weight", "only 2 experts"});
+        expect_error([&] { load_moe_weights(f, {}); }, {"experts.2.w1.weight", "is not an expert of the 2-expert router"});
     }
     // Gate tensor present with an ungated activation.
     {

@@ -45,6 +45,10 @@ Activation parse_activation(const std::string& s);         // swiglu | geglu | g
 inline bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == Activation::kGeGLU; }
 
 struct MoEConfig {
+    // Kernel limits validate() enforces (routing keeps one token's E scores in shared memory / registers).
+    static constexpr int64_t kMaxExperts = 512;
+    static constexpr int64_t kMaxTopK = 32;
+
     int64_t hidden_size = 0;  // H
     int64_t ffn_size = 0;     // F, one routed expert's intermediate width
     int64_t num_experts = 0;  // E
@@ -64,7 +68,7 @@ struct MoEConfig {
     // live with the weights (MoEWeights::score_bias); this flag says whether to use them.
     bool use_score_bias = false;
 
-    // Capacity: 0 = dropless. Otherwise capacity = max(min_capacity, ceil(capacity_factor * T * k / E)).
+    // Capacity: 0 = dropless. Otherwise capacity = min(T, max(min_capacity, ceil(capacity_factor * T * k / E))).
     double capacity_factor = 0.0;
     int64_t min_capacity = 0;
     DropPolicy drop_policy = DropPolicy::kPosition;
@@ -97,7 +101,9 @@ struct MoEConfig {
     void validate() const;
     int64_t shared_width() const { return num_shared_experts * shared_ffn_size; }
     int64_t w13_rows() const { return is_gated(activation) ? 2 * ffn_size : ffn_size; }
-    // Capacity per expert for a batch of num_tokens tokens (0 when dropless). Token choice only.
+    // Capacity per expert for a batch of num_tokens tokens (0 when dropless), clamped to num_tokens (no expert
+    // gets more pairs than tokens, so the clamp changes no result; it keeps huge factors from overflowing).
+    // Token choice only.
     int64_t capacity(int64_t num_tokens) const;
     // Expert choice: tokens each expert takes, min(T, max(min_capacity, ceil(c * T / E))), c = capacity_factor
     // or top_k when capacity_factor is 0.

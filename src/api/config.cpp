@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -15,8 +16,18 @@
 namespace switchyard {
 namespace {
 
-constexpr int64_t kMaxExperts = 512;  // routing kernels keep one token's scores in shared memory / registers
-constexpr int64_t kMaxTopK = 32;
+constexpr int64_t kMaxExperts = MoEConfig::kMaxExperts;
+constexpr int64_t kMaxTopK = MoEConfig::kMaxTopK;
+constexpr double kFloatMax = static_cast<double>(std::numeric_limits<float>::max());
+
+// ceil(x) as an int64 clamped to [0, limit]: the comparison happens in double, before any conversion, so a huge
+// or non-finite x never reaches a float-to-int conversion (undefined behaviour when out of range).
+int64_t ceil_clamped(double x, int64_t limit) {
+    const double c = std::ceil(x);
+    if (!(c < static_cast<double>(limit))) return limit;  // also NaN and +inf
+    if (!(c > 0.0)) return 0;
+    return static_cast<int64_t>(c);
+}
 
 std::string lower(const std::string& s) {
     std::string v = s;
@@ -114,7 +125,9 @@ void MoEConfig::validate() const {
     SWITCHYARD_CHECK(top_k <= kMaxTopK, "top_k=", top_k, " exceeds the kernel limit ", kMaxTopK);
     SWITCHYARD_CHECK(static_cast<int>(score_function) >= 0 && static_cast<int>(score_function) <= 2,
                      "score_function=", static_cast<int>(score_function), " is not a ScoreFunction");
-    SWITCHYARD_CHECK(std::isfinite(routed_scale), "routed_scale=", routed_scale, " must be finite");
+    // routed_scale multiplies the fp32 routing weights: it must be finite as an fp32 value too (1e39 is inf there).
+    SWITCHYARD_CHECK(std::isfinite(routed_scale) && std::fabs(routed_scale) <= kFloatMax, "routed_scale=",
+                     routed_scale, " must be finite in fp32 (|value| <= ", kFloatMax, ")");
     SWITCHYARD_CHECK(num_groups >= 1, "num_groups=", num_groups, " must be >= 1");
     SWITCHYARD_CHECK(num_experts % num_groups == 0, "num_experts=", num_experts,
                      " is not a multiple of the group count num_groups=", num_groups);
@@ -132,8 +145,8 @@ void MoEConfig::validate() const {
                      "drop_policy=", static_cast<int>(drop_policy), " is not a DropPolicy");
     SWITCHYARD_CHECK(std::isfinite(eval_capacity_factor), "eval_capacity_factor=", eval_capacity_factor,
                      " must be finite (< 0: same as capacity_factor)");
-    SWITCHYARD_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0.0, "bias_update_rate=", bias_update_rate,
-                     " must be finite and >= 0");
+    SWITCHYARD_CHECK(std::isfinite(bias_update_rate) && bias_update_rate >= 0.0 && bias_update_rate <= kFloatMax,
+                     "bias_update_rate=", bias_update_rate, " must be finite in fp32 (the bias is fp32) and >= 0");
     SWITCHYARD_CHECK(static_cast<int>(routing_mode) >= 0 && static_cast<int>(routing_mode) <= 1,
                      "routing_mode=", static_cast<int>(routing_mode), " is not a RoutingMode");
     if (routing_mode == RoutingMode::kExpertChoice) {
@@ -162,16 +175,21 @@ void MoEConfig::validate() const {
 
 int64_t MoEConfig::capacity(int64_t num_tokens) const {
     if (capacity_factor <= 0.0) return 0;
-    // Evaluated left to right in double, as written in config.h: ceil(capacity_factor * T * k / E).
-    const double c = std::ceil(capacity_factor * static_cast<double>(num_tokens) * static_cast<double>(top_k) /
-                               static_cast<double>(num_experts));
-    return std::max(min_capacity, static_cast<int64_t>(c));
+    // Evaluated left to right in double, as written in config.h: ceil(capacity_factor * T * k / E), then clamped
+    // to T (an expert never receives more than T pairs, so a larger capacity drops nothing more) before the
+    // conversion to int64 (capacity_factor 1e19 would overflow it).
+    const int64_t T = std::max<int64_t>(num_tokens, 0);
+    const int64_t c = ceil_clamped(capacity_factor * static_cast<double>(T) * static_cast<double>(top_k) /
+                                       static_cast<double>(num_experts),
+                                   T);
+    return std::min(T, std::max(min_capacity, c));
 }
 
 int64_t MoEConfig::expert_choice_capacity(int64_t num_tokens) const {
     const double per_token = capacity_factor > 0.0 ? capacity_factor : static_cast<double>(top_k);
-    const double c = std::ceil(per_token * static_cast<double>(num_tokens) / static_cast<double>(num_experts));
-    return std::min(num_tokens, std::max(min_capacity, static_cast<int64_t>(c)));
+    const int64_t T = std::max<int64_t>(num_tokens, 0);
+    const int64_t c = ceil_clamped(per_token * static_cast<double>(T) / static_cast<double>(num_experts), T);
+    return std::min(T, std::max(min_capacity, c));
 }
 
 MoEConfig MoEConfig::eval_config() const {

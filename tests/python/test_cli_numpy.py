@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,268 @@ def expect_error(cli, tmp, name, args, must_contain, out_path):
           and not any(f.startswith(os.path.basename(out_path) + ".tmp") for f in os.listdir(os.path.dirname(out_path))))
     check("error: " + name, ok, f"rc={rc} stderr={err.strip()!r} output exists={os.path.exists(out_path)}")
 
+def file_digest(path):
+    """Bytes of a file (None when absent) to prove a failed run left it untouched."""
+    if not os.path.exists(path) or os.path.isdir(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def expect_clean_error(cli, name, args, must_contain, outputs, inputs, cwd=None, timeout=60, max_line=700):
+    """Exit 2, exactly one printable bounded `switchyard: error:` line, no output file or temporary left behind
+    (outputs that existed before keep their bytes), every input byte-for-byte unchanged."""
+    before_out = {p: file_digest(p) for p in outputs}
+    before_in = {p: file_digest(p) for p in inputs}
+    try:
+        p = subprocess.run([cli] + args, capture_output=True, timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        check("robust: " + name, False, f"timed out after {timeout} s")
+        return
+    err = p.stderr.decode("utf-8", "replace")
+    lines = [l for l in err.splitlines() if l.strip()]
+    problems = []
+    if p.returncode != 2:
+        problems.append(f"rc={p.returncode}")
+    if len(lines) != 1 or not lines[0].startswith("switchyard: error: "):
+        problems.append(f"{len(lines)} stderr lines")
+    elif must_contain.lower() not in lines[0].lower():
+        problems.append(f"message lacks {must_contain!r}")
+    if lines and (len(lines[0]) > max_line or any(ord(c) < 0x20 or ord(c) == 0x7f for c in lines[0])):
+        problems.append(f"line not bounded/printable ({len(lines[0])} chars)")
+    for o in outputs:
+        if file_digest(o) != before_out[o] or (before_out[o] is None and os.path.isfile(o)):
+            problems.append(f"output {os.path.basename(o)} changed")
+        d = os.path.dirname(o) or "."
+        if os.path.isdir(d) and any(".tmp." in f or ".bak." in f for f in os.listdir(d)):
+            problems.append("temporary left behind")
+    for i in inputs:
+        if file_digest(i) != before_in[i]:
+            problems.append(f"input {os.path.basename(i)} changed")
+    check("robust: " + name, not problems, "; ".join(problems) + f"; stderr={err.strip()[:300]!r}")
+
+
+def st_raw(path, header_bytes, data=b""):
+    """A safetensors file from raw header bytes (no validation here: these are the hostile files)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+
+
+def robustness_cases(cli, tmp):
+    """Issue 16: what fuzzing found. Each case: exit 2, one readable line, no output, inputs untouched."""
+    H, F, E, T = 16, 8, 4, 10
+    w = make_layer(21, H, F, E, "fp32")
+    wpath = os.path.join(tmp, "rb_w.safetensors")
+    mn.write_safetensors(wpath, hf_tensors(w, "mixtral", "", "fp32"))
+    x = np.random.default_rng(22).uniform(-1, 1, size=(T, H)).astype(np.float32)
+    xpath = os.path.join(tmp, "rb_x.npy")
+    np.save(xpath, x)
+    y, st = os.path.join(tmp, "rb_y.npy"), os.path.join(tmp, "rb_stats.json")
+    outs = [y, st]
+    ins = [wpath, xpath]
+
+    def fwd(weights=wpath, inp=xpath, out=y, stats=st, extra=()):
+        a = ["forward", "--weights", weights, "--input", inp, "--output", out, "--top-k", "2", "--quiet"]
+        if stats:
+            a += ["--stats", stats]
+        return a + list(extra)
+
+    # 1. Deeply nested JSON values in a header entry (stack overflow in the error path before).
+    deep = os.path.join(tmp, "rb_deep.safetensors")
+    n = 200000
+    st_raw(deep, b'{"t":{"dtype":"F32","shape":' + b"[" * n + b"]" * n + b',"data_offsets":[0,0]}}')
+    expect_clean_error(cli, "1 deeply nested shape (200000 levels)", fwd(weights=deep), "nests deeper", outs,
+                       ins + [deep])
+    deep2 = os.path.join(tmp, "rb_deep2.safetensors")
+    st_raw(deep2, b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[' + b"[" * n + b"]" * n + b',0]}}')
+    expect_clean_error(cli, "1 deeply nested data_offsets element", fwd(weights=deep2), "nests deeper", outs,
+                       ins + [deep2])
+
+    # 2. Inputs that are not regular files: a directory (was "out of host memory") and a FIFO (blocked forever).
+    d = os.path.join(tmp, "rb_dir")
+    os.makedirs(d, exist_ok=True)
+    expect_clean_error(cli, "2 --input is a directory", fwd(inp=d), "directory", outs, ins)
+    expect_clean_error(cli, "2 --weights is a directory", fwd(weights=d), "directory", outs, ins)
+    fifo = os.path.join(tmp, "rb_fifo")
+    if not os.path.exists(fifo):
+        os.mkfifo(fifo)
+    expect_clean_error(cli, "2 --input is a FIFO", fwd(inp=fifo), "FIFO", outs, ins, timeout=20)
+    expect_clean_error(cli, "2 --weights is a FIFO", fwd(weights=fifo), "FIFO", outs, ins, timeout=20)
+
+    # 3. Allocation sized by the header before the tensors were checked: 800 KB file -> 80 GB; 8 MB -> 8 GB.
+    big = os.path.join(tmp, "rb_800k.safetensors")
+    mn.write_safetensors(big, {"block_sparse_moe.gate.weight": ("F32", np.zeros((100000, 1), "<f4")),
+                               "block_sparse_moe.experts.0.w1.weight": ("F32", np.zeros((100000, 1), "<f4"))})
+    x1 = os.path.join(tmp, "rb_x1.npy")
+    np.save(x1, np.ones((3, 1), "<f4"))
+    expect_clean_error(cli, "3 800 KB file asking for 80 GB (E = 100000)", fwd(weights=big, inp=x1),
+                       "exceed the limit of 512", outs, [big, x1], timeout=30)
+    big2 = os.path.join(tmp, "rb_8m.safetensors")
+    mn.write_safetensors(big2, {"block_sparse_moe.gate.weight": ("F32", np.zeros((512, 1), "<f4")),
+                                "block_sparse_moe.experts.0.w1.weight": ("F32", np.zeros((1 << 21, 1), "<f4"))})
+    expect_clean_error(cli, "3 8 MB file asking for 8 GB (E = 512, F = 2^21)", fwd(weights=big2, inp=x1),
+                       "not found", outs, [big2, x1], timeout=30)
+
+    # 4. --stats naming a directory after y.npy was already renamed into place.
+    expect_clean_error(cli, "4 --stats is a directory", fwd(stats=d), "directory", [y], ins)
+    # ... and an existing y.npy keeps its bytes when the run fails late.
+    with open(y, "wb") as f:
+        f.write(b"old y")
+    expect_clean_error(cli, "4 --stats is a directory, y.npy existed", fwd(stats=d), "directory", [y], ins)
+    os.remove(y)
+
+    # 5. Outputs compared by identity, not spelling.
+    expect_clean_error(cli, "5 --output ./rb_y.npy --stats rb_y.npy",
+                       fwd(out="./rb_y.npy", stats="rb_y.npy", weights="rb_w.safetensors", inp="rb_x.npy"),
+                       "same file", outs, ins, cwd=tmp)
+    expect_clean_error(cli, "5 --output equal to --input", fwd(out=xpath), "same file", outs, ins)
+    expect_clean_error(cli, "5 --output is the input through another spelling",
+                       fwd(out=os.path.join(tmp, ".", "rb_x.npy")), "same file", outs, ins)
+    expect_clean_error(cli, "5 --stats equal to --weights", fwd(stats=wpath), "same file", outs, ins)
+    link = os.path.join(tmp, "rb_link.npy")
+    if not os.path.lexists(link):
+        os.symlink(xpath, link)
+    expect_clean_error(cli, "5 --output is a symlink to the input", fwd(out=link), "same file", outs, ins)
+    expect_clean_error(cli, "5 --output in a missing folder", fwd(out=os.path.join(tmp, "nope", "y.npy")),
+                       "does not exist", outs, ins)
+
+    # 6. capacity_factor 1e19: exactly the no-drop result (it dropped 7 of 10 pairs / gave all zeros before).
+    ref_y, ref_s = os.path.join(tmp, "rb_ref_y.npy"), os.path.join(tmp, "rb_ref_s.json")
+    rc0, _, e0 = run_cli(cli, fwd(out=ref_y, stats=ref_s))
+    rc1, _, e1 = run_cli(cli, fwd(extra=["--capacity-factor", "1e19", "--min-capacity", "1"]))
+    ok = rc0 == 0 and rc1 == 0
+    if ok:
+        with open(st) as f:
+            s1 = json.load(f)
+        ok = np.array_equal(np.load(y), np.load(ref_y)) and s1["dropped"] == 0 and s1["capacity"] == T
+    check("robust: 6 --capacity-factor 1e19 --min-capacity 1 gives the dropless output bit for bit", ok,
+          f"rc {rc0} {rc1} {e0.strip()} {e1.strip()}")
+    ec = ["--routing", "expert-choice"]
+    rc0, _, e0 = run_cli(cli, fwd(out=ref_y, stats=ref_s, extra=ec + ["--capacity-factor", str(E)]))
+    rc1, _, e1 = run_cli(cli, fwd(extra=ec + ["--capacity-factor", "1e19"]))
+    ok = rc0 == 0 and rc1 == 0
+    if ok:
+        with open(st) as f:
+            s1 = json.load(f)
+        a, b = np.load(y), np.load(ref_y)
+        ok = np.array_equal(a, b) and s1["expert_choice_capacity"] == T and bool(np.abs(a).max() > 0)
+    check("robust: 6 expert choice --capacity-factor 1e19 = every expert takes all T tokens (non-zero output)", ok,
+          f"rc {rc0} {rc1} {e0.strip()} {e1.strip()}")
+    for p in (y, st, ref_y, ref_s):
+        if os.path.exists(p):
+            os.remove(p)
+
+    # 7. Non-finite values: rejected by default, let through with --allow-non-finite.
+    xn = os.path.join(tmp, "rb_xnan.npy")
+    xb = x.copy()
+    xb[3, 5] = np.nan
+    np.save(xn, xb)
+    expect_clean_error(cli, "7 NaN in the input", fwd(inp=xn), "row 3, column 5", outs, ins + [xn])
+    xi = os.path.join(tmp, "rb_xinf.npy")
+    xb = x.copy()
+    xb[0, 0] = np.inf
+    np.save(xi, xb)
+    expect_clean_error(cli, "7 Inf in the input", fwd(inp=xi), "non-finite", outs, ins + [xi])
+    rc, _, err = run_cli(cli, fwd(inp=xn, extra=["--allow-non-finite"]))
+    check("robust: 7 --allow-non-finite lets a NaN input through", rc == 0 and np.isnan(np.load(y)).any(),
+          err.strip())
+    for p in (y, st):
+        if os.path.exists(p):
+            os.remove(p)
+    wn = os.path.join(tmp, "rb_wnan.safetensors")
+    t = hf_tensors(w, "mixtral", "", "fp32")
+    bad = t["block_sparse_moe.experts.2.w2.weight"][1].copy()
+    bad[1, 1] = np.inf
+    t["block_sparse_moe.experts.2.w2.weight"] = ("F32", bad)
+    mn.write_safetensors(wn, t)
+    expect_clean_error(cli, "7 Inf in a weight", fwd(weights=wn), "experts.2.w2.weight", outs, [wn, xpath])
+    rc, _, err = run_cli(cli, fwd(weights=wn, extra=["--allow-non-finite"]))
+    check("robust: 7 --allow-non-finite lets a non-finite weight through", rc == 0, err.strip())
+    for p in (y, st):
+        if os.path.exists(p):
+            os.remove(p)
+    expect_clean_error(cli, "7 --routed-scale 1e39 (inf in fp32)", fwd(extra=["--routed-scale", "1e39"]),
+                       "routed_scale", outs, ins)
+    expect_clean_error(cli, "7 --shared-experts -5", fwd(extra=["--shared-experts", "-5"]), "shared-experts", outs,
+                       ins)
+
+    # Loose parsing, now strict.
+    good_h = json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    cases = [
+        ("duplicate JSON key", b'{"block_sparse_moe.gate.weight":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]},'
+                               b'"block_sparse_moe.gate.weight":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}',
+         b"\0" * 4, "twice"),
+        ("NUL byte ending the header", good_h + b"\0\0\0", b"\0" * 4, "NUL"),
+        ("gap in the data region", json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).encode(),
+         b"\0" * 8, "gap"),
+        ("trailing bytes after the data", good_h, b"\0" * 12, "after the last tensor"),
+        ("header not starting with '{'", b" " + good_h, b"\0" * 4, "start with"),
+    ]
+    for i, (name, header, data, want) in enumerate(cases):
+        pth = os.path.join(tmp, f"rb_strict{i}.safetensors")
+        st_raw(pth, header, data)
+        expect_clean_error(cli, "safetensors " + name, fwd(weights=pth), want, outs, [pth, xpath])
+    raw = open(xpath, "rb").read()
+    hl = struct.unpack("<H", raw[8:10])[0]
+    hdr = raw[10:10 + hl]
+    cut = hdr.rindex(b"}") + 1
+    junk = hdr[:cut] + b" junk" + b" " * (len(hdr) - cut - 6) + b"\n"
+    npy_cases = [
+        ("text after the header dict", raw[:10] + junk + raw[10 + hl:], "after the dict"),
+        ("minor version 1", raw[:7] + b"\x01" + raw[8:], "version 1.1"),
+        ("NUL in the header", raw[:10] + hdr[:cut] + b"\0" + hdr[cut + 1:] + raw[10 + hl:], "0x0"),
+    ]
+    for i, (name, img, want) in enumerate(npy_cases):
+        pth = os.path.join(tmp, f"rb_strict{i}.npy")
+        with open(pth, "wb") as f:
+            f.write(img)
+        expect_clean_error(cli, ".npy " + name, fwd(inp=pth), want, outs, [pth, wpath])
+
+    # Tensors the loader used to ignore silently: rejected (a second scheme, experts beyond E, a shared expert
+    # without down_proj) or reported as a note (anything else under the MoE block).
+    t = hf_tensors(w, "mixtral", "", "fp32")
+    t2 = dict(t)
+    t2["mlp.gate.weight"] = t["block_sparse_moe.gate.weight"]
+    t3 = dict(t)
+    t3["block_sparse_moe.experts.7.w1.weight"] = t["block_sparse_moe.experts.0.w1.weight"]
+    tq = hf_tensors(w, "qwen", "", "fp32")
+    tq["mlp.shared_experts.gate_proj.weight"] = ("F32", np.zeros((8, H), "<f4"))
+    tq["mlp.shared_experts.up_proj.weight"] = ("F32", np.zeros((8, H), "<f4"))
+    for i, (name, tens, want) in enumerate([("both naming schemes", t2, "both"),
+                                            ("an expert beyond E", t3, "experts.7.w1.weight"),
+                                            ("a shared expert without down_proj", tq, "down_proj")]):
+        pth = os.path.join(tmp, f"rb_ignored{i}.safetensors")
+        mn.write_safetensors(pth, tens)
+        expect_clean_error(cli, "loader: " + name, fwd(weights=pth), want, outs, [pth, xpath])
+    t4 = dict(t)
+    t4["block_sparse_moe.experts.0.w1.bias"] = ("F32", np.zeros(F, "<f4"))
+    pth = os.path.join(tmp, "rb_note.safetensors")
+    mn.write_safetensors(pth, t4)
+    a = [v for v in fwd(weights=pth) if v != "--quiet"]
+    rc, _, err = run_cli(cli, a)
+    check("robust: an unused tensor under the MoE block is reported", rc == 0 and
+          "note: 'block_sparse_moe.experts.0.w1.bias' is not part of the MoE layer" in err, err.strip())
+    for p in (y, st):
+        if os.path.exists(p):
+            os.remove(p)
+
+    # Error lines: bounded and printable whatever the file or the command line holds (long names, control bytes).
+    long_name = "model.\x1b[31m\x07" + "x" * 100000 + "."  # argv strings stop at 128 KiB
+    pth = os.path.join(tmp, "rb_longname.safetensors")
+    mn.write_safetensors(pth, hf_tensors(w, "mixtral", long_name, "fp32"))
+    expect_clean_error(cli, "100 KB prefix with control bytes in the message",
+                       fwd(weights=pth, extra=["--prefix", long_name[:-1] + "y."]), "no MoE router weight", outs,
+                       [pth, xpath])
+    longtype = os.path.join(tmp, "rb_longdtype.safetensors")
+    st_raw(longtype, json.dumps({"a\u0001b": {"dtype": "\u0007" * 5000, "shape": [1],
+                                              "data_offsets": [0, 4]}}).encode(), b"\0" * 4)
+    expect_clean_error(cli, "5000-byte dtype string with control bytes", fwd(weights=longtype), "dtype", outs,
+                       [longtype, xpath])
+    # --dtype fp64: the message offers only what --dtype accepts.
+    p = subprocess.run([cli] + fwd(extra=["--dtype", "fp64"]), capture_output=True, text=True, timeout=60)
+    check("robust: --dtype fp64 is refused without offering int32",
+          p.returncode == 2 and "fp32, bf16 or fp16" in p.stderr and "int32" not in p.stderr, p.stderr.strip())
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -298,6 +561,8 @@ def main():
         with open(out, "rb") as f:
             check("failed run leaves an existing output untouched", rc == 2 and f.read() == b"keep me")
         os.remove(out)
+
+        robustness_cases(cli, tmp)
 
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0

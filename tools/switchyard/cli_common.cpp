@@ -12,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "io/file_util.h"
 #include "io/npy.h"
 #include "switchyard/error.h"
 
@@ -42,11 +43,14 @@ void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights) {
     app->add_option("--shared-experts", f.shared_experts,
                     random_weights ? "number of shared (always-on) experts"
                                    : "shared experts N (default: 1 when shared_expert(s) tensors exist, else 0; "
-                                     "0 ignores them; the shared width must be a multiple of N)");
+                                     "0 ignores them; the shared width must be a multiple of N)")
+        ->check(CLI::NonNegativeNumber);  // -1 is the "not given" default; an explicit negative is an error
     app->add_option("--capacity-factor", f.capacity_factor,
                     "capacity = ceil(C * T * k / E) rows per expert (0 = dropless)")
         ->capture_default_str();
-    app->add_option("--min-capacity", f.min_capacity, "lower bound of the capacity")->capture_default_str();
+    app->add_option("--min-capacity", f.min_capacity, "lower bound of the capacity")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
     app->add_option("--drop-policy", f.drop_policy, "which pairs past capacity are dropped: position | probability")
         ->capture_default_str();
     app->add_option("--activation", f.activation, "expert activation: swiglu | geglu | gelu | relu")
@@ -62,12 +66,26 @@ void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights) {
                     "capacity factor of evaluation forwards (< 0: same as --capacity-factor)");
     app->add_flag("--eval", f.eval, "run as an evaluation forward (uses --eval-capacity-factor)");
     if (random_weights) {
-        app->add_option("--shared-ffn", f.shared_ffn, "width of one shared expert (default: --ffn)");
+        app->add_option("--shared-ffn", f.shared_ffn, "width of one shared expert (default: --ffn)")
+            ->check(CLI::NonNegativeNumber);
         app->add_flag("--use-bias", f.use_bias, "use the (random) per-expert selection bias");
     } else {
         app->add_flag("--no-bias", f.no_bias,
                       "do not use mlp.gate.e_score_correction_bias (it is used by default when present)");
     }
+}
+
+DType parse_activation_dtype(const std::string& s) {
+    // The library's parse_dtype also knows fp64 and the integer types; the CLI's activations are float only, and
+    // its message names only what --dtype accepts.
+    DType t = DType::kI32;
+    try {
+        t = parse_dtype(s);
+    } catch (const Error&) {
+    }
+    SWITCHYARD_CHECK(t == DType::kF32 || t == DType::kBF16 || t == DType::kF16, "--dtype must be fp32, bf16 or fp16, got '",
+                     io::printable(s, 32), "'");
+    return t;
 }
 
 void require_finite(double v, const char* flag) {
@@ -93,9 +111,7 @@ MoEConfig make_config(const LayerFlags& f) {
     c.min_capacity = f.min_capacity;
     c.drop_policy = parse_drop_policy(f.drop_policy);
     c.activation = parse_activation(f.activation);
-    c.dtype = parse_dtype(f.dtype);
-    SWITCHYARD_CHECK(c.dtype == DType::kF32 || c.dtype == DType::kBF16 || c.dtype == DType::kF16,
-                     "--dtype must be fp32, bf16 or fp16, got '", f.dtype, "'");
+    c.dtype = parse_activation_dtype(f.dtype);
     c.aux_loss_coef = f.aux_loss_coef;
     c.z_loss_coef = f.z_loss_coef;
     c.use_score_bias = f.use_bias;
@@ -119,9 +135,28 @@ std::string one_line_message(const std::exception& e) {
             (m.compare(pos, 8, " [check ") == 0 || m.compare(pos, 11, " [error at ") == 0))
             m.erase(pos);
     }
-    for (char& c : m)
-        if (c == '\n' || c == '\r') c = ' ';
-    return m;
+    // One printable, bounded line whatever the message holds (a path or a value from the command line):
+    // newlines become spaces, other control bytes \xNN escapes; UTF-8 text passes; cut at kMaxMessageBytes.
+    static const char kHex[] = "0123456789abcdef";
+    std::string out;
+    for (char ch : m) {
+        const unsigned char c = static_cast<unsigned char>(ch);
+        if (c == '\n' || c == '\r' || c == '\t') {
+            out += ' ';
+        } else if (c < 0x20 || c == 0x7f) {
+            out += "\\x";
+            out += kHex[c >> 4];
+            out += kHex[c & 15];
+        } else {
+            out += ch;
+        }
+    }
+    if (out.size() > kMaxMessageBytes) {
+        size_t cut = kMaxMessageBytes;
+        while (cut > 0 && (static_cast<unsigned char>(out[cut]) & 0xc0) == 0x80) --cut;  // UTF-8 boundary
+        out = out.substr(0, cut) + "... (message cut at " + std::to_string(kMaxMessageBytes) + " bytes)";
+    }
+    return out;
 }
 
 Device parse_device(const std::string& s) {

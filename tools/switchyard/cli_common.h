@@ -52,11 +52,16 @@ void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights);
 // The config from the flags alone (sizes as given; forward overrides them from the weights first).
 MoEConfig make_config(const LayerFlags& f);
 
+// --dtype: fp32 | bf16 | fp16 (and their aliases float32, bfloat16, float16, ...); anything else is an error that
+// lists only those three.
+DType parse_activation_dtype(const std::string& s);
+
 // Throws unless v is finite.
 void require_finite(double v, const char* flag);
 
 // The message of an exception as one line, without the " [check ... at file:line]" suffix unless
-// SWITCHYARD_DEBUG is set in the environment.
+// SWITCHYARD_DEBUG is set in the environment; control bytes escaped, at most kMaxMessageBytes (+ a note).
+constexpr size_t kMaxMessageBytes = 600;
 std::string one_line_message(const std::exception& e);
 
 // Device argument: "cpu" | "cuda"; throws when cuda is asked and not available.

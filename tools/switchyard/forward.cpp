@@ -5,16 +5,22 @@
 //          must equal --dtype (fp32 '<f4', fp16 '<f2', bf16 as '<u2' bits).
 // Outputs: --output Y.npy, same shape and dtype as X; optional --stats S.json (routing statistics; the top-k
 //          ids/weights in full when T <= 4096, else a summary). Both appear only when everything succeeded
-//          (written to temporaries, renamed together at the end).
+//          (written to temporaries, renamed together at the end; a failure leaves no output and no change).
+// Refused before anything is read: an input that is not a regular file (a directory, a FIFO), an output that is
+// a directory or lies in a missing folder, and any output that is the same file as an input or the other output
+// (forward.h). NaN/Inf in the input or the weights, or in the output (an overflow), is an error unless
+// --allow-non-finite.
 // Sizes H, F, E (and the shared width) come from the weights; --hidden/--ffn/--experts, when given, must agree.
 // The selection bias mlp.gate.e_score_correction_bias is used automatically when present (--no-bias: not).
 // Shared experts are used when their tensors are present (--shared-experts 0: not).
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli_common.h"
 #include "commands.h"
+#include "forward.h"
 #include "io/file_util.h"
 #include "io/npy.h"
 #include "io/safetensors.h"
@@ -25,12 +31,6 @@ namespace switchyard {
 namespace cli {
 
 namespace {
-
-struct ForwardOptions {
-    LayerFlags layer;
-    std::string weights, prefix, input, output, stats, device = "cpu";
-    bool quiet = false;
-};
 
 constexpr int64_t kFullTopkMaxTokens = 4096;
 
@@ -89,10 +89,51 @@ nlohmann::ordered_json stats_json(const MoEConfig& cfg, const LoadStats& s, cons
     return j;
 }
 
+// First non-finite element of n float values of dtype dt (exponent bits all ones), or -1.
+int64_t first_non_finite(const void* data, DType dt, int64_t n) {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    for (int64_t i = 0; i < n; ++i) {
+        if (dt == DType::kF32) {
+            uint32_t v;
+            std::memcpy(&v, p + 4 * i, 4);
+            if ((v & 0x7f800000u) == 0x7f800000u) return i;
+        } else {
+            uint16_t v;
+            std::memcpy(&v, p + 2 * i, 2);
+            const uint16_t e = dt == DType::kBF16 ? 0x7f80 : 0x7c00;
+            if ((v & e) == e) return i;
+        }
+    }
+    return -1;
+}
+
+}  // namespace
+
+void check_forward_paths(const ForwardOptions& o) {
+    io::require_regular_file(o.weights, "--weights");
+    io::require_regular_file(o.input, "--input");
+    io::check_output_path(o.output, "--output");
+    if (!o.stats.empty()) io::check_output_path(o.stats, "--stats");
+    struct Named {
+        const char* flag;
+        const std::string* path;
+    };
+    const Named all[] = {{"--input", &o.input}, {"--weights", &o.weights}, {"--output", &o.output}, {"--stats", &o.stats}};
+    for (size_t i = 0; i < 4; ++i) {
+        for (size_t j = i + 1; j < 4; ++j) {
+            if (all[i].path->empty() || all[j].path->empty() || j < 2) continue;  // two inputs may be one file
+            SWITCHYARD_CHECK(!io::same_file(*all[i].path, *all[j].path), all[j].flag, " '", io::printable(*all[j].path),
+                             "' is the same file as ", all[i].flag, " '", io::printable(*all[i].path),
+                             "'; give each output its own file (inputs are never overwritten)");
+        }
+    }
+}
+
 int run_forward(const ForwardOptions& o) {
     const Device dev = parse_device(o.device);
     MoEConfig cfg = make_config(o.layer);  // flags first (checks the enum strings and finite values)
     SWITCHYARD_CHECK(o.layer.top_k > 0, "--top-k must be > 0, got ", o.layer.top_k);
+    check_forward_paths(o);
 
     io::SafetensorsFile file(o.weights);
     io::WeightLoadOptions lo;
@@ -100,6 +141,7 @@ int run_forward(const ForwardOptions& o) {
     lo.activation = cfg.activation;
     lo.num_shared_experts = o.layer.shared_experts;
     lo.use_score_bias = !o.layer.no_bias;
+    lo.allow_non_finite = o.allow_non_finite;
     io::LoadedWeights lw = io::load_moe_weights(file, lo);
     if (!o.quiet)
         for (const std::string& n : lw.notes) std::fprintf(stderr, "switchyard: note: %s\n", n.c_str());
@@ -124,6 +166,12 @@ int run_forward(const ForwardOptions& o) {
                      io::shape_to_string(x.shape), " must end in the hidden size ", cfg.hidden_size);
     const int64_t T = x.numel() / cfg.hidden_size;
     const int64_t H = cfg.hidden_size, k = cfg.route_slots();
+    if (!o.allow_non_finite) {
+        const int64_t bad = first_non_finite(x.data.data(), cfg.dtype, x.numel());
+        SWITCHYARD_CHECK(bad < 0, io::printable(o.input), ": input has a non-finite value (NaN or Inf) at row ",
+                         bad < 0 ? 0 : bad / H, ", column ", bad < 0 ? 0 : bad % H,
+                         " (--allow-non-finite lets it through)");
+    }
 
     std::vector<uint8_t> y(x.data.size());
     std::vector<int32_t> ids(static_cast<size_t>(T * k));
@@ -160,6 +208,14 @@ int run_forward(const ForwardOptions& o) {
 #endif
     }
 
+    if (!o.allow_non_finite) {
+        // Finite inputs, weights and config can still overflow inside the layer (fp16 especially): say so rather
+        // than write Inf/NaN.
+        const int64_t bad = first_non_finite(y.data(), cfg.dtype, T * H);
+        SWITCHYARD_CHECK(bad < 0, "the layer's output has a non-finite value at row ", bad < 0 ? 0 : bad / H,
+                         ", column ", bad < 0 ? 0 : bad % H, " although the input and the weights are finite (an ",
+                         to_string(cfg.dtype), " overflow); nothing was written (--allow-non-finite writes it anyway)");
+    }
     io::AtomicFileSet files;
     std::vector<uint8_t> ybytes = io::encode_npy(cfg.dtype, x.shape, y.data());
     files.add(o.output, [&](std::ostream& os) {
@@ -177,21 +233,27 @@ int run_forward(const ForwardOptions& o) {
     return kExitOk;
 }
 
-}  // namespace
+void add_forward_options(CLI::App* sub, ForwardOptions& o) {
+    sub->add_option("--weights", o.weights, "safetensors file with the layer's weights (Hugging Face names)")
+        ->required();
+    sub->add_option("--prefix", o.prefix, "name prefix of the layer, e.g. model.layers.3.");
+    sub->add_option("--input", o.input, "input .npy [T, H] of --dtype (bf16 as '<u2' bits)")->required();
+    sub->add_option("--output", o.output, "output .npy, same shape and dtype as the input (never an input file)")
+        ->required();
+    sub->add_option("--stats", o.stats, "write routing statistics (JSON) here");
+    sub->add_option("--device", o.device, "cpu | cuda")->capture_default_str();
+    sub->add_option("--top-k", o.layer.top_k, "experts per token k (0 < k <= E)")->required();
+    sub->add_flag("--quiet", o.quiet, "no notes or summary line on stderr");
+    sub->add_flag("--allow-non-finite", o.allow_non_finite,
+                  "accept NaN/Inf in the input and the weights (and write a non-finite output); by default any "
+                  "is an error");
+    add_layer_flags(sub, o.layer, /*random_weights=*/false);
+}
 
 void add_forward(CLI::App& app, int* exit_code) {
     auto o = std::make_shared<ForwardOptions>();
     CLI::App* sub = app.add_subcommand("forward", "run one MoE layer from safetensors weights on an .npy input");
-    sub->add_option("--weights", o->weights, "safetensors file with the layer's weights (Hugging Face names)")
-        ->required();
-    sub->add_option("--prefix", o->prefix, "name prefix of the layer, e.g. model.layers.3.");
-    sub->add_option("--input", o->input, "input .npy [T, H] of --dtype (bf16 as '<u2' bits)")->required();
-    sub->add_option("--output", o->output, "output .npy, same shape and dtype as the input")->required();
-    sub->add_option("--stats", o->stats, "write routing statistics (JSON) here");
-    sub->add_option("--device", o->device, "cpu | cuda")->capture_default_str();
-    sub->add_option("--top-k", o->layer.top_k, "experts per token k (0 < k <= E)")->required();
-    sub->add_flag("--quiet", o->quiet, "no notes or summary line on stderr");
-    add_layer_flags(sub, o->layer, /*random_weights=*/false);
+    add_forward_options(sub, *o);
     sub->callback([o, exit_code] { *exit_code = run_forward(*o); });
 }
 

@@ -55,17 +55,19 @@ class HeaderParser {
             skip_ws();
             expect(':');
             skip_ws();
+            bool* seen = key == "descr" ? &have_descr
+                         : key == "fortran_order" ? &have_fortran
+                         : key == "shape" ? &have_shape
+                                          : nullptr;
+            SWITCHYARD_CHECK(seen != nullptr, name_, ": .npy header has an unknown key '", printable(key), "'");
+            SWITCHYARD_CHECK(!*seen, name_, ": .npy header has the key '", key, "' twice");
+            *seen = true;
             if (key == "descr") {
                 descr = parse_string();
-                have_descr = true;
             } else if (key == "fortran_order") {
                 fortran = parse_bool();
-                have_fortran = true;
-            } else if (key == "shape") {
-                shape = parse_tuple();
-                have_shape = true;
             } else {
-                SWITCHYARD_FAIL(name_, ": .npy header has an unknown key '", key, "'");
+                shape = parse_tuple();
             }
             skip_ws();
             if (peek() == ',') {
@@ -76,6 +78,12 @@ class HeaderParser {
             expect('}');
             break;
         }
+        // The format: the dict, then spaces, then one '\n' that ends the header.
+        while (i_ < s_.size() && s_[i_] == ' ') ++i_;
+        SWITCHYARD_CHECK(i_ + 1 == s_.size() && s_[i_] == '\n', name_, ": malformed .npy header: ",
+                         i_ < s_.size() ? "unexpected '" + printable(s_.substr(i_, 16)) + "' after the dict"
+                                        : std::string("no '\\n' at the end"),
+                         " (the header is a dict padded with spaces and ended by a newline)");
         SWITCHYARD_CHECK(have_descr && have_fortran && have_shape, name_,
                          ": .npy header lacks one of 'descr', 'fortran_order', 'shape'");
     }
@@ -87,7 +95,7 @@ class HeaderParser {
     }
     void expect(char c) {
         SWITCHYARD_CHECK(peek() == c, name_, ": malformed .npy header: expected '", c, "' at offset ", i_,
-                         " of header \"", s_, "\"");
+                         " of header \"", printable(s_, 80), "\"");
         ++i_;
     }
     std::string parse_string() {
@@ -112,8 +120,10 @@ class HeaderParser {
         }
         SWITCHYARD_FAIL(name_, ": malformed .npy header: fortran_order is neither True nor False");
     }
+    // A Python tuple of non-negative ints: (), (3,), (3, 4), (3, 4,); one element needs its comma.
     std::vector<int64_t> parse_tuple() {
         std::vector<int64_t> out;
+        bool trailing_comma = false;
         expect('(');
         while (true) {
             skip_ws();
@@ -123,6 +133,8 @@ class HeaderParser {
             }
             SWITCHYARD_CHECK(std::isdigit(static_cast<unsigned char>(peek())), name_,
                              ": malformed .npy header: bad shape entry at offset ", i_);
+            SWITCHYARD_CHECK(!(peek() == '0' && i_ + 1 < s_.size() && std::isdigit(static_cast<unsigned char>(s_[i_ + 1]))),
+                             name_, ": malformed .npy header: shape entry with a leading zero at offset ", i_);
             int64_t v = 0;
             while (std::isdigit(static_cast<unsigned char>(peek()))) {
                 SWITCHYARD_CHECK(v < std::numeric_limits<int64_t>::max() / 10 - 10, name_, ": .npy shape too large");
@@ -132,7 +144,8 @@ class HeaderParser {
             if (peek() == 'L') ++i_;  // Python 2 long suffix
             out.push_back(v);
             skip_ws();
-            if (peek() == ',') {
+            trailing_comma = peek() == ',';
+            if (trailing_comma) {
                 ++i_;
             } else {
                 skip_ws();
@@ -140,6 +153,8 @@ class HeaderParser {
                 break;
             }
         }
+        SWITCHYARD_CHECK(out.size() != 1 || trailing_comma, name_,
+                         ": malformed .npy header: shape (", out[0], ") is not a tuple (write (", out[0], ",))");
         return out;
     }
 
@@ -149,10 +164,10 @@ class HeaderParser {
 };
 
 DType parse_descr(const std::string& descr, const std::string& name) {
-    SWITCHYARD_CHECK(descr.size() >= 2, name, ": unsupported .npy dtype '", descr, "'");
+    SWITCHYARD_CHECK(descr.size() >= 2, name, ": unsupported .npy dtype '", printable(descr, 32), "'");
     char order = descr[0];
     std::string kind = descr.substr(1);
-    SWITCHYARD_CHECK(order != '>', name, ": big-endian .npy data ('", descr,
+    SWITCHYARD_CHECK(order != '>', name, ": big-endian .npy data ('", printable(descr, 32),
                      "') is not supported; save little-endian (e.g. x.astype('<f4'))");
     bool le = order == '<' || order == '=' || order == '|';
     if (le) {
@@ -163,7 +178,7 @@ DType parse_descr(const std::string& descr, const std::string& name) {
         if (kind == "u2" && order != '|') return DType::kBF16;
         if (kind == "V2") return DType::kBF16;
     }
-    SWITCHYARD_FAIL(name, ": unsupported .npy dtype '", descr,
+    SWITCHYARD_FAIL(name, ": unsupported .npy dtype '", printable(descr, 32),
                     "' (accepted: <f4, <f2, <i4, <i8, and bf16 bits as <u2 or |V2)");
 }
 
@@ -195,7 +210,8 @@ NpyArray parse_npy(const uint8_t* bytes, size_t size, const std::string& name) {
     SWITCHYARD_CHECK(size >= kMagicLen + 2 && std::memcmp(bytes, kMagic, kMagicLen) == 0, name,
                      ": not a .npy file (bad magic string; file is ", size, " bytes)");
     int major = bytes[6], minor = bytes[7];
-    SWITCHYARD_CHECK(major >= 1 && major <= 3, name, ": unsupported .npy format version ", major, ".", minor);
+    SWITCHYARD_CHECK(major >= 1 && major <= 3 && minor == 0, name, ": unsupported .npy format version ", major, ".",
+                     minor, " (supported: 1.0, 2.0, 3.0)");
     size_t len_bytes = major == 1 ? 2 : 4;
     size_t prefix = kMagicLen + 2 + len_bytes;
     SWITCHYARD_CHECK(size >= prefix, name, ": truncated .npy file (", size, " bytes, header length missing)");
@@ -203,6 +219,14 @@ NpyArray parse_npy(const uint8_t* bytes, size_t size, const std::string& name) {
     SWITCHYARD_CHECK(size >= prefix + header_len, name, ": truncated .npy file: header needs ", prefix + header_len,
                      " bytes, file has ", size);
     std::string header(reinterpret_cast<const char*>(bytes + prefix), header_len);
+    // 1.0 and 2.0 headers are ASCII, 3.0 UTF-8; no version allows control bytes (a NUL, say) except the final '\n'.
+    for (size_t i = 0; i < header.size(); ++i) {
+        const unsigned char c = static_cast<unsigned char>(header[i]);
+        SWITCHYARD_CHECK((c >= 0x20 && c != 0x7f && (c < 0x80 || major == 3)) || (c == '\n' && i + 1 == header.size()),
+                         name, ": malformed .npy header: byte 0x", std::hex, static_cast<int>(c), std::dec,
+                         " at offset ", i, " (headers are ", major == 3 ? "UTF-8" : "ASCII",
+                         " text ended by one newline)");
+    }
 
     NpyArray a;
     std::string descr;
@@ -235,6 +259,7 @@ NpyArray read_npy(const std::string& path) {
 }
 
 std::vector<uint8_t> encode_npy(DType dtype, const std::vector<int64_t>& shape, const void* data, bool force_v2) {
+    SWITCHYARD_CHECK(*descr_of(dtype) != '\0', "cannot write ", to_string(dtype), " as .npy");
     std::ostringstream h;
     h << "{'descr': '" << descr_of(dtype) << "', 'fortran_order': False, 'shape': (";
     size_t numel = 1;

@@ -65,12 +65,13 @@ int64_t SafetensorInfo::numel() const {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    SWITCHYARD_CHECK(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
+    require_regular_file(path);  // before open(): a FIFO would block it
+    int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    SWITCHYARD_CHECK(fd >= 0, "cannot open '", printable(path), "': ", std::strerror(errno));
     struct stat st;
     if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         ::close(fd);
-        SWITCHYARD_FAIL("cannot read '", path, "': not a regular file");
+        SWITCHYARD_FAIL("cannot read '", printable(path), "': not a regular file");
     }
     size_ = static_cast<size_t>(st.st_size);
     if (size_ > 0) {
@@ -78,7 +79,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
         if (m == MAP_FAILED) {
             int err = errno;
             ::close(fd);
-            SWITCHYARD_FAIL("cannot map '", path, "': ", std::strerror(err));
+            SWITCHYARD_FAIL("cannot map '", printable(path), "': ", std::strerror(err));
         }
         map_ = m;
         base_ = static_cast<const uint8_t*>(m);
@@ -104,6 +105,60 @@ SafetensorsFile::~SafetensorsFile() {
     if (map_) ::munmap(map_, size_);
 }
 
+namespace {
+
+// Nesting allowed in a safetensors header: the top object, a tensor entry (or __metadata__), its shape or
+// data_offsets array. Deeper values are rejected while parsing, so nothing later recurses over a deep value.
+constexpr size_t kMaxHeaderDepth = 3;
+
+// Checks, while nlohmann parses, the two rules its DOM parser does not: no key twice in one object (the
+// format forbids it; the DOM would keep the last) and no nesting beyond kMaxHeaderDepth.
+struct HeaderGuard {
+    const std::string& path;
+    std::vector<std::vector<std::string>> keys;  // per open container: the keys seen (arrays: none)
+    bool operator()(int, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
+        using E = nlohmann::json::parse_event_t;
+        switch (ev) {
+            case E::object_start:
+            case E::array_start:
+                SWITCHYARD_CHECK(keys.size() < kMaxHeaderDepth, path, ": safetensors header nests deeper than ",
+                                 kMaxHeaderDepth, " levels (tensor entries are {dtype, shape, data_offsets})");
+                keys.emplace_back();
+                break;
+            case E::object_end:
+            case E::array_end:
+                if (!keys.empty()) keys.pop_back();
+                break;
+            case E::key: {
+                const std::string& k = parsed.get_ref<const std::string&>();
+                auto& seen = keys.back();
+                for (const std::string& s : seen)
+                    SWITCHYARD_CHECK(s != k, path, ": safetensors header has the key '", printable(k),
+                                     "' twice (duplicate keys are not allowed)");
+                seen.push_back(k);
+                break;
+            }
+            case E::value:
+                break;
+        }
+        return true;
+    }
+};
+
+// Byte size of each dtype of the safetensors specification (0: not known here).
+size_t spec_dtype_size(const std::string& s) {
+    if (s == "BOOL" || s == "U8" || s == "I8" || s == "F8_E5M2" || s == "F8_E4M3" || s == "F8_E8M0") return 1;
+    if (s == "I16" || s == "U16" || s == "F16" || s == "BF16") return 2;
+    if (s == "I32" || s == "U32" || s == "F32") return 4;
+    if (s == "I64" || s == "U64" || s == "F64") return 8;
+    return 0;
+}
+
+// A short printable rendering of a JSON value for messages (the value is at most kMaxHeaderDepth deep).
+std::string show(const nlohmann::json& v) { return printable(v.dump(), 48); }
+
+}  // namespace
+
 void SafetensorsFile::parse() {
     SWITCHYARD_CHECK(size_ >= 8, path_, ": truncated safetensors file (", size_, " bytes, no header length)");
     uint64_t n = 0;
@@ -114,79 +169,105 @@ void SafetensorsFile::parse() {
     data_start_ = 8 + static_cast<size_t>(n);
     const uint64_t data_size = size_ - data_start_;
 
+    // The header is UTF-8 JSON that starts with '{' and may be padded at the end with spaces (0x20) only.
+    const char* h = reinterpret_cast<const char*>(base_ + 8);
+    SWITCHYARD_CHECK(n >= 2 && h[0] == '{', path_, ": safetensors header does not start with '{'");
+    size_t hlen = static_cast<size_t>(n);
+    while (hlen > 0 && h[hlen - 1] == ' ') --hlen;
+    for (size_t i = 0; i < hlen; ++i)
+        SWITCHYARD_CHECK(h[i] != '\0', path_, ": safetensors header has a NUL byte at offset ", i);
+
     nlohmann::json j;
     try {
-        j = nlohmann::json::parse(base_ + 8, base_ + 8 + n);
+        HeaderGuard guard{path_, {}};
+        j = nlohmann::json::parse(h, h + hlen, std::ref(guard));
     } catch (const nlohmann::json::exception& e) {
-        SWITCHYARD_FAIL(path_, ": safetensors header is not valid JSON: ", e.what());
+        SWITCHYARD_FAIL(path_, ": safetensors header is not valid JSON: ", printable(e.what(), 160));
     }
     SWITCHYARD_CHECK(j.is_object(), path_, ": safetensors header is not a JSON object");
 
     for (auto it = j.begin(); it != j.end(); ++it) {
         const std::string& name = it.key();
+        const std::string pname = printable(name);
         const auto& v = it.value();
         if (name == "__metadata__") {
             SWITCHYARD_CHECK(v.is_object(), path_, ": __metadata__ is not an object");
             for (auto m = v.begin(); m != v.end(); ++m) {
-                SWITCHYARD_CHECK(m.value().is_string(), path_, ": __metadata__ value of '", m.key(),
+                SWITCHYARD_CHECK(m.value().is_string(), path_, ": __metadata__ value of '", printable(m.key()),
                                  "' is not a string");
                 metadata_[m.key()] = m.value().get<std::string>();
             }
             continue;
         }
         SWITCHYARD_CHECK(v.is_object() && v.contains("dtype") && v.contains("shape") && v.contains("data_offsets"),
-                         path_, ": tensor '", name, "' lacks dtype, shape or data_offsets");
+                         path_, ": tensor '", pname, "' lacks dtype, shape or data_offsets");
+        SWITCHYARD_CHECK(v.size() == 3, path_, ": tensor '", pname,
+                         "' has keys other than dtype, shape and data_offsets");
         SafetensorInfo info;
         info.name = name;
-        SWITCHYARD_CHECK(v["dtype"].is_string(), path_, ": tensor '", name, "' has a non-string dtype");
+        SWITCHYARD_CHECK(v["dtype"].is_string(), path_, ": tensor '", pname, "' has a non-string dtype");
         info.dtype_str = v["dtype"].get<std::string>();
         info.dtype_ok = parse_dtype_str(info.dtype_str, info.dtype);
+        const size_t esize = info.dtype_ok ? dtype_size(info.dtype) : spec_dtype_size(info.dtype_str);
+        SWITCHYARD_CHECK(esize > 0, path_, ": tensor '", pname, "' has dtype '", printable(info.dtype_str, 24),
+                         "', which the safetensors format does not define");
         const auto& shape = v["shape"];
-        SWITCHYARD_CHECK(shape.is_array(), path_, ": tensor '", name, "' has a non-array shape");
+        SWITCHYARD_CHECK(shape.is_array(), path_, ": tensor '", pname, "' has a non-array shape");
         uint64_t numel = 1;
         for (const auto& d : shape) {
-            SWITCHYARD_CHECK(d.is_number_integer() && d.get<int64_t>() >= 0, path_, ": tensor '", name,
-                             "' has a bad shape entry ", d.dump());
-            int64_t dim = d.get<int64_t>();
+            SWITCHYARD_CHECK(d.is_number_unsigned() &&
+                                 d.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                             path_, ": tensor '", pname, "' has a bad shape entry ", show(d));
+            const uint64_t dim = d.get<uint64_t>();
             SWITCHYARD_CHECK(dim == 0 || numel <= (std::numeric_limits<uint64_t>::max() >> 4) / dim, path_,
-                             ": tensor '", name, "' shape overflows");
-            numel *= static_cast<uint64_t>(dim);
-            info.shape.push_back(dim);
+                             ": tensor '", pname, "' shape overflows");
+            numel *= dim;
+            info.shape.push_back(static_cast<int64_t>(dim));
         }
         const auto& off = v["data_offsets"];
         SWITCHYARD_CHECK(
             off.is_array() && off.size() == 2 && off[0].is_number_unsigned() && off[1].is_number_unsigned(), path_,
-            ": tensor '", name, "' has bad data_offsets ", off.dump());
+            ": tensor '", pname, "' has bad data_offsets ", show(off));
         info.begin = off[0].get<uint64_t>();
         info.end = off[1].get<uint64_t>();
-        SWITCHYARD_CHECK(info.begin <= info.end, path_, ": tensor '", name, "' has data_offsets [", info.begin, ", ",
+        SWITCHYARD_CHECK(info.begin <= info.end, path_, ": tensor '", pname, "' has data_offsets [", info.begin, ", ",
                          info.end, "] with begin > end");
-        SWITCHYARD_CHECK(info.end <= data_size, path_, ": tensor '", name, "' data_offsets [", info.begin, ", ",
+        SWITCHYARD_CHECK(info.end <= data_size, path_, ": tensor '", pname, "' data_offsets [", info.begin, ", ",
                          info.end, "] run past the end of the file's data (", data_size, " bytes; truncated file?)");
-        if (info.dtype_ok) {
-            uint64_t want = numel * dtype_size(info.dtype);
-            SWITCHYARD_CHECK(info.end - info.begin == want, path_, ": tensor '", name, "' has ", info.end - info.begin,
-                             " bytes but shape ", shape_to_string(info.shape), " of ", info.dtype_str, " needs ", want);
-        }
+        const uint64_t want = numel * esize;
+        SWITCHYARD_CHECK(info.end - info.begin == want, path_, ": tensor '", pname, "' has ", info.end - info.begin,
+                         " bytes but shape ", shape_to_string(info.shape), " of ", printable(info.dtype_str, 24),
+                         " needs ", want);
         tensors_[name] = std::move(info);
     }
 
-    // No overlaps: sort by begin and compare neighbours (empty tensors overlap nothing).
+    // The data region is covered exactly: tensors in offset order, each starting where the previous one ended,
+    // the last ending at the end of the file (no gaps, no overlaps, no trailing bytes; empty tensors sit at a
+    // boundary).
     std::vector<const SafetensorInfo*> order;
-    for (auto& kv : tensors_)
-        if (kv.second.end > kv.second.begin) order.push_back(&kv.second);
-    std::sort(order.begin(), order.end(),
-              [](const SafetensorInfo* a, const SafetensorInfo* b) { return a->begin < b->begin; });
-    for (size_t i = 1; i < order.size(); ++i) {
-        SWITCHYARD_CHECK(order[i]->begin >= order[i - 1]->end, path_, ": tensors '", order[i - 1]->name, "' and '",
-                         order[i]->name, "' overlap in the data region");
+    for (auto& kv : tensors_) order.push_back(&kv.second);
+    std::sort(order.begin(), order.end(), [](const SafetensorInfo* a, const SafetensorInfo* b) {
+        return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+    });
+    uint64_t pos = 0;
+    const SafetensorInfo* prev = nullptr;
+    for (const SafetensorInfo* t : order) {
+        SWITCHYARD_CHECK(t->begin >= pos, path_, ": tensors '", printable(prev ? prev->name : ""), "' and '",
+                         printable(t->name), "' overlap in the data region");
+        SWITCHYARD_CHECK(t->begin == pos, path_, ": the data region has a gap of ", t->begin - pos,
+                         " bytes before tensor '", printable(t->name), "' (offset ", pos, ")");
+        pos = t->end;
+        prev = t;
     }
+    SWITCHYARD_CHECK(pos == data_size, path_, ": the data region has ", data_size - pos,
+                     " bytes after the last tensor (offset ", pos, " of ", data_size, ")");
 }
 
 const SafetensorInfo& SafetensorsFile::info(const std::string& name) const {
     auto it = tensors_.find(name);
-    SWITCHYARD_CHECK(it != tensors_.end(), path_, ": tensor '", name, "' not found");
-    SWITCHYARD_CHECK(it->second.dtype_ok, path_, ": tensor '", name, "' has unsupported dtype ", it->second.dtype_str,
+    SWITCHYARD_CHECK(it != tensors_.end(), path_, ": tensor '", printable(name), "' not found");
+    SWITCHYARD_CHECK(it->second.dtype_ok, path_, ": tensor '", printable(name), "' has unsupported dtype ",
+                     printable(it->second.dtype_str, 24),
                      " (supported: F32, BF16, F16, I32, I64)");
     return it->second;
 }

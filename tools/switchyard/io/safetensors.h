@@ -3,11 +3,14 @@
 // File layout: uint64 LE header length N, N bytes of JSON, then the data region. The JSON maps each tensor
 // name to {"dtype": "F32"|"BF16"|"F16"|"I32"|"I64", "shape": [...], "data_offsets": [begin, end]} (offsets
 // relative to the data region, end exclusive) and may hold "__metadata__": {string: string}.
-// Checks on open (each failure throws switchyard::Error naming the file and, where it applies, the tensor):
-// the header fits in the file and is a JSON object; each entry has a supported dtype, a shape of
-// non-negative ints and offsets inside the data region; end - begin == numel * dtype size; no two tensors
-// overlap. Other dtypes (F64, F8_E4M3, BOOL, ...) are rejected when the tensor is opened, not at file open,
-// so a checkpoint shard with an unused odd tensor still loads.
+// Checks on open (each failure throws switchyard::Error naming the file and, where it applies, the tensor;
+// names and strings from the file appear escaped and cut short, file_util.h printable()):
+// the header fits in the file, starts with '{', has no NUL byte, is padded at the end with spaces only and is
+// a JSON object with no key twice and no nesting beyond tensor entries; each entry has exactly dtype, shape and
+// data_offsets, a dtype the format defines, a shape of non-negative ints and offsets inside the data region;
+// end - begin == numel * dtype size; the tensors cover the data region exactly (no overlap, no gap, no
+// trailing bytes: the format forbids holes). Dtypes other than the five above (F64, F8_E4M3, BOOL, ...) are
+// rejected when the tensor is opened, not at file open, so a checkpoint shard with an unused odd tensor loads.
 // Writing: tensors in the given order, packed, header padded with spaces to a multiple of 8 bytes;
 // all-or-nothing (file_util.h).
 #pragma once

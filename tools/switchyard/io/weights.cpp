@@ -6,6 +6,7 @@
 #include <cstring>
 #include <set>
 
+#include "io/file_util.h"
 #include "io/npy.h"
 #include "switchyard/error.h"
 
@@ -83,16 +84,16 @@ class Loader {
     // Info of a required float tensor with the expected shape.
     const SafetensorInfo& need(const std::string& n, const std::vector<int64_t>& shape) const {
         std::string name = full(n);
-        SWITCHYARD_CHECK(f_.has(name), f_.path(), ": tensor '", name, "' not found");
+        SWITCHYARD_CHECK(f_.has(name), f_.path(), ": tensor '", printable(name), "' not found");
         const SafetensorInfo& i = f_.info(name);
-        SWITCHYARD_CHECK(is_float(i.dtype), f_.path(), ": tensor '", name, "' has dtype ", i.dtype_str,
+        SWITCHYARD_CHECK(is_float(i.dtype), f_.path(), ": tensor '", printable(name), "' has dtype ", i.dtype_str,
                          "; weights must be F32, BF16 or F16");
-        SWITCHYARD_CHECK(i.shape == shape, f_.path(), ": tensor '", name, "' has shape ", shape_to_string(i.shape),
+        SWITCHYARD_CHECK(i.shape == shape, f_.path(), ": tensor '", printable(name), "' has shape ", shape_to_string(i.shape),
                          ", expected ", shape_to_string(shape));
         return i;
     }
     void same_dtype(const SafetensorInfo& i, DType want, const char* group) const {
-        SWITCHYARD_CHECK(i.dtype == want, f_.path(), ": tensor '", i.name, "' has dtype ", i.dtype_str, " but the ",
+        SWITCHYARD_CHECK(i.dtype == want, f_.path(), ": tensor '", printable(i.name), "' has dtype ", i.dtype_str, " but the ",
                          group, " tensors are ", safetensors_dtype_name(want), "; use one dtype for them");
     }
     const uint8_t* data(const SafetensorInfo& i) const { return f_.data(i.name); }
@@ -109,7 +110,7 @@ std::string candidate_prefixes(const SafetensorsFile& f) {
     for (const std::string& n : f.names()) {
         for (const std::string& k : keys) {
             if (n.size() >= k.size() && n.compare(n.size() - k.size(), k.size(), k) == 0) {
-                if (count < 4) out += (count ? ", '" : "'") + n.substr(0, n.size() - k.size()) + "'";
+                if (count < 4) out += (count ? ", '" : "'") + printable(n.substr(0, n.size() - k.size())) + "'";
                 ++count;
             }
         }
@@ -120,67 +121,104 @@ std::string candidate_prefixes(const SafetensorsFile& f) {
 
 }  // namespace
 
+namespace {
+
+// First non-finite element of a float tensor's bytes (by exponent bits: all ones = Inf or NaN), or -1.
+int64_t first_non_finite(const uint8_t* p, DType dt, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        if (dt == DType::kF32) {
+            uint32_t v;
+            std::memcpy(&v, p + 4 * i, 4);
+            if ((v & 0x7f800000u) == 0x7f800000u) return i;
+        } else {
+            uint16_t v;
+            std::memcpy(&v, p + 2 * i, 2);
+            const uint16_t e = dt == DType::kBF16 ? 0x7f80 : 0x7c00;
+            if ((v & e) == e) return i;
+        }
+    }
+    return -1;
+}
+
+// Parses "<digits>" (no sign, no leading zero unless "0") into *out; false otherwise.
+bool parse_index(const std::string& s, int64_t* out) {
+    if (s.empty() || s.size() > 18 || (s.size() > 1 && s[0] == '0')) return false;
+    int64_t v = 0;
+    for (char c : s) {
+        if (c < '0' || c > '9') return false;
+        v = v * 10 + (c - '0');
+    }
+    *out = v;
+    return true;
+}
+
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+
+}  // namespace
+
 LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOptions& opts) {
     Loader L(file, opts);
     LoadedWeights out;
-    std::string gate_name, expert_fmt_pre;
+    const std::string& path = file.path();
+    std::string gate_name, expert_fmt_pre, block;
     std::string g_name, u_name, d_name;  // per-expert tensor names
-    if (L.has("block_sparse_moe.gate.weight")) {
+    const bool has_mixtral = L.has("block_sparse_moe.gate.weight"), has_qwen = L.has("mlp.gate.weight");
+    SWITCHYARD_CHECK(!(has_mixtral && has_qwen), path, ": both '", printable(L.full("block_sparse_moe.gate.weight")),
+                     "' and '", printable(L.full("mlp.gate.weight")),
+                     "' exist: two MoE layers under one prefix (one would be ignored); give a --prefix that selects one");
+    if (has_mixtral) {
         out.scheme = NamingScheme::kMixtral;
+        block = "block_sparse_moe.";
         gate_name = "block_sparse_moe.gate.weight";
         expert_fmt_pre = "block_sparse_moe.experts.";
         g_name = ".w1.weight";
         u_name = ".w3.weight";
         d_name = ".w2.weight";
-    } else if (L.has("mlp.gate.weight")) {
+    } else if (has_qwen) {
         out.scheme = NamingScheme::kQwenDeepSeek;
+        block = "mlp.";
         gate_name = "mlp.gate.weight";
         expert_fmt_pre = "mlp.experts.";
         g_name = ".gate_proj.weight";
         u_name = ".up_proj.weight";
         d_name = ".down_proj.weight";
     } else {
-        SWITCHYARD_FAIL(file.path(), ": no MoE router weight under prefix '", opts.prefix, "' (looked for '",
-                        opts.prefix, "block_sparse_moe.gate.weight' and '", opts.prefix, "mlp.gate.weight')",
-                        candidate_prefixes(file));
+        SWITCHYARD_FAIL(path, ": no MoE router weight under prefix '", printable(opts.prefix), "' (looked for '",
+                        printable(opts.prefix), "block_sparse_moe.gate.weight' and '", printable(opts.prefix),
+                        "mlp.gate.weight')", candidate_prefixes(file));
     }
+    std::set<std::string> used;  // full names of the tensors the layer takes (or that were reported)
+    auto finite = [&](const SafetensorInfo& i) {
+        if (opts.allow_non_finite) return;
+        const int64_t bad = first_non_finite(L.data(i), i.dtype, i.numel());
+        SWITCHYARD_CHECK(bad < 0, path, ": tensor '", printable(i.name), "' has a non-finite value (NaN or Inf) at flat index ",
+                         bad, " (--allow-non-finite lets it through)");
+    };
 
-    // Router: [E, H] gives E and H.
-    {
-        std::string name = L.full(gate_name);
-        const SafetensorInfo& gi = file.info(name);
-        SWITCHYARD_CHECK(is_float(gi.dtype), file.path(), ": tensor '", name, "' has dtype ", gi.dtype_str,
-                         "; weights must be F32, BF16 or F16");
-        SWITCHYARD_CHECK(gi.shape.size() == 2 && gi.shape[0] > 0 && gi.shape[1] > 0, file.path(), ": tensor '", name,
-                         "' has shape ", shape_to_string(gi.shape), ", expected [num_experts, hidden_size]");
-        out.num_experts = gi.shape[0];
-        out.hidden_size = gi.shape[1];
-        out.owned.w.gate = out.owned.allocate(gi.dtype, gi.shape);
-        std::memcpy(out.owned.w.gate.data, L.data(gi), out.owned.w.gate.nbytes());
-    }
+    // ---- 1. Validate every tensor's presence, dtype and shape; nothing is allocated before this passes, so a
+    // small file cannot make the loader reserve more than the bytes its tensors really hold.
+    const SafetensorInfo* gi = &file.info(L.full(gate_name));
+    SWITCHYARD_CHECK(is_float(gi->dtype), path, ": tensor '", printable(gi->name), "' has dtype ", gi->dtype_str,
+                     "; weights must be F32, BF16 or F16");
+    SWITCHYARD_CHECK(gi->shape.size() == 2 && gi->shape[0] > 0 && gi->shape[1] > 0, path, ": tensor '",
+                     printable(gi->name), "' has shape ", shape_to_string(gi->shape),
+                     ", expected [num_experts, hidden_size]");
+    out.num_experts = gi->shape[0];
+    out.hidden_size = gi->shape[1];
     const int64_t E = out.num_experts, H = out.hidden_size;
+    SWITCHYARD_CHECK(E <= MoEConfig::kMaxExperts, path, ": tensor '", printable(gi->name), "' has shape ",
+                     shape_to_string(gi->shape), ": ", E, " experts exceed the limit of ", MoEConfig::kMaxExperts);
+    used.insert(gi->name);
 
     // Selection bias (Qwen/DeepSeek naming only), converted to fp32.
     const std::string bias_name = "mlp.gate.e_score_correction_bias";
+    const SafetensorInfo* bi = nullptr;
     if (out.scheme == NamingScheme::kQwenDeepSeek && L.has(bias_name)) {
-        if (opts.use_score_bias) {
-            const SafetensorInfo& bi = L.need(bias_name, {E});
-            out.owned.w.score_bias = out.owned.allocate(DType::kF32, {E});
-            float* dst = out.owned.w.score_bias.ptr<float>();
-            const uint8_t* src = L.data(bi);
-            for (int64_t e = 0; e < E; ++e) {
-                if (bi.dtype == DType::kF32) {
-                    std::memcpy(&dst[e], src + 4 * e, 4);
-                } else {
-                    uint16_t h;
-                    std::memcpy(&h, src + 2 * e, 2);
-                    dst[e] = bi.dtype == DType::kBF16 ? bf16_to_float(h) : half_to_float(h);
-                }
-            }
-            out.has_score_bias = true;
-        } else {
-            out.notes.push_back("'" + L.full(bias_name) + "' present but not used (bias disabled)");
-        }
+        used.insert(L.full(bias_name));
+        if (opts.use_score_bias)
+            bi = &L.need(bias_name, {E});
+        else
+            out.notes.push_back("'" + printable(L.full(bias_name)) + "' present but not used (bias disabled)");
     }
 
     // Routed experts.
@@ -191,103 +229,181 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
     const std::string other_name = out.scheme == NamingScheme::kMixtral ? u_name : g_name;
     {
         std::string first = gated ? ename(0, g_name) : ename(0, in_name);
-        SWITCHYARD_CHECK(L.has(first), file.path(), ": tensor '", L.full(first), "' not found (expert 0 of ", E, ")");
+        SWITCHYARD_CHECK(L.has(first), path, ": tensor '", printable(L.full(first)), "' not found (expert 0 of ", E, ")");
         const SafetensorInfo& fi = file.info(L.full(first));
-        SWITCHYARD_CHECK(fi.shape.size() == 2 && fi.shape[1] == H && fi.shape[0] > 0, file.path(), ": tensor '",
-                         fi.name, "' has shape ", shape_to_string(fi.shape), ", expected [ffn_size, ", H, "]");
+        SWITCHYARD_CHECK(fi.shape.size() == 2 && fi.shape[1] == H && fi.shape[0] > 0, path, ": tensor '",
+                         printable(fi.name), "' has shape ", shape_to_string(fi.shape), ", expected [ffn_size, ", H, "]");
         out.ffn_size = fi.shape[0];
-        SWITCHYARD_CHECK(is_float(fi.dtype), file.path(), ": tensor '", fi.name, "' has dtype ", fi.dtype_str,
+        SWITCHYARD_CHECK(is_float(fi.dtype), path, ": tensor '", printable(fi.name), "' has dtype ", fi.dtype_str,
                          "; weights must be F32, BF16 or F16");
         out.expert_dtype = fi.dtype;
     }
     const int64_t F = out.ffn_size;
     const DType edt = out.expert_dtype;
+    struct ExpertTensors {
+        const SafetensorInfo *in0 = nullptr, *in1 = nullptr, *down = nullptr;
+    };
+    std::vector<ExpertTensors> experts(static_cast<size_t>(E));
+    for (int64_t i = 0; i < E; ++i) {
+        ExpertTensors& t = experts[static_cast<size_t>(i)];
+        if (gated) {
+            t.in0 = &L.need(ename(i, g_name), {F, H});
+            t.in1 = &L.need(ename(i, u_name), {F, H});
+            L.same_dtype(*t.in1, edt, "expert");
+        } else {
+            SWITCHYARD_CHECK(!L.has(ename(i, other_name)), path, ": tensor '", printable(L.full(ename(i, other_name))),
+                             "' is present but activation ", act_name(opts.activation),
+                             " is ungated (use swiglu or geglu for gated experts)");
+            t.in0 = &L.need(ename(i, in_name), {F, H});
+        }
+        L.same_dtype(*t.in0, edt, "expert");
+        t.down = &L.need(ename(i, d_name), {H, F});
+        L.same_dtype(*t.down, edt, "expert");
+        for (const SafetensorInfo* x : {t.in0, t.in1, t.down})
+            if (x) used.insert(x->name);
+    }
+    // Expert tensors beyond E (or with an index that is not a number) mean the router and the experts disagree.
+    const std::string expert_pre = L.full(expert_fmt_pre);
+    for (const std::string& n : file.names()) {
+        if (!starts_with(n, expert_pre)) continue;
+        const size_t dot = n.find('.', expert_pre.size());
+        int64_t idx = -1;
+        const bool numeric = dot != std::string::npos && parse_index(n.substr(expert_pre.size(), dot - expert_pre.size()), &idx);
+        SWITCHYARD_CHECK(numeric && idx < E, path, ": tensor '", printable(n), "' is not an expert of the ", E,
+                         "-expert router ('", printable(gi->name), "' has shape ", shape_to_string(gi->shape), ")");
+    }
+
+    // Shared experts (Qwen/DeepSeek naming): mlp.shared_experts.* (DeepSeek) or mlp.shared_expert.* (Qwen2-MoE).
+    const SafetensorInfo *sg = nullptr, *su = nullptr, *sd = nullptr;
+    int64_t n_shared = 0, S = 0;
+    if (out.scheme == NamingScheme::kQwenDeepSeek) {
+        std::string sp;
+        for (const char* cand : {"mlp.shared_experts.", "mlp.shared_expert."}) {
+            bool any = false;
+            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+                any = any || L.has(std::string(cand) + part);
+            if (!any) continue;
+            SWITCHYARD_CHECK(sp.empty(), path, ": both '", printable(L.full("mlp.shared_experts.")), "*' and '",
+                             printable(L.full("mlp.shared_expert.")), "*' tensors exist; one would be ignored");
+            sp = cand;
+        }
+        if (!sp.empty())
+            SWITCHYARD_CHECK(L.has(sp + "down_proj.weight"), path, ": shared-expert tensors under '",
+                             printable(L.full(sp)), "' but no '", printable(L.full(sp + "down_proj.weight")),
+                             "' (an incomplete shared expert)");
+        if (L.has("mlp.shared_expert_gate.weight")) {
+            used.insert(L.full("mlp.shared_expert_gate.weight"));
+            out.notes.push_back("'" + printable(L.full("mlp.shared_expert_gate.weight")) +
+                                "' (Qwen2-MoE shared-expert gate) is not supported and was ignored");
+        }
+        n_shared = opts.num_shared_experts;
+        SWITCHYARD_CHECK(n_shared >= -1, "--shared-experts must be >= 0, got ", n_shared);
+        if (n_shared < 0) n_shared = sp.empty() ? 0 : 1;
+        if (n_shared > 0) {
+            SWITCHYARD_CHECK(!sp.empty(), path, ": ", n_shared, " shared experts requested but tensor '",
+                             printable(L.full("mlp.shared_experts.down_proj.weight")),
+                             "' (or mlp.shared_expert.*) not found");
+            const SafetensorInfo& d0 = file.info(L.full(sp + "down_proj.weight"));
+            SWITCHYARD_CHECK(d0.shape.size() == 2 && d0.shape[0] == H && d0.shape[1] > 0, path, ": tensor '",
+                             printable(d0.name), "' has shape ", shape_to_string(d0.shape), ", expected [", H,
+                             ", shared width]");
+            S = d0.shape[1];
+            SWITCHYARD_CHECK(S % n_shared == 0, path, ": shared width ", S, " of '", printable(d0.name),
+                             "' is not a multiple of the number of shared experts ", n_shared);
+            sd = &L.need(sp + "down_proj.weight", {H, S});
+            if (gated) {
+                sg = &L.need(sp + "gate_proj.weight", {S, H});
+                su = &L.need(sp + "up_proj.weight", {S, H});
+                L.same_dtype(*sg, sd->dtype, "shared expert");
+            } else {
+                SWITCHYARD_CHECK(!L.has(sp + "gate_proj.weight"), path, ": tensor '",
+                                 printable(L.full(sp + "gate_proj.weight")), "' is present but activation ",
+                                 act_name(opts.activation), " is ungated");
+                su = &L.need(sp + "up_proj.weight", {S, H});
+            }
+            L.same_dtype(*su, sd->dtype, "shared expert");
+            for (const SafetensorInfo* x : {sg, su, sd})
+                if (x) used.insert(x->name);
+        } else if (!sp.empty()) {
+            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+                if (L.has(sp + part)) used.insert(L.full(sp + part));
+            out.notes.push_back("shared-expert tensors under '" + printable(L.full(sp)) + "' present but not used");
+        }
+    } else {
+        SWITCHYARD_CHECK(opts.num_shared_experts <= 0, path, ": ", opts.num_shared_experts,
+                         " shared experts requested but Mixtral-named weights have none");
+    }
+
+    // Every other tensor of the MoE block is reported: it is not part of the layer and was ignored.
+    {
+        const std::string block_pre = L.full(block);
+        std::vector<std::string> ignored;
+        for (const std::string& n : file.names())
+            if (starts_with(n, block_pre) && !used.count(n)) ignored.push_back(n);
+        const size_t kShow = 8;
+        for (size_t i = 0; i < ignored.size() && i < kShow; ++i)
+            out.notes.push_back("'" + printable(ignored[i]) + "' is not part of the MoE layer and was ignored");
+        if (ignored.size() > kShow)
+            out.notes.push_back("... and " + std::to_string(ignored.size() - kShow) + " more ignored tensors under '" +
+                                printable(block_pre) + "'");
+    }
+
+    // Non-finite weights (rejected unless allowed).
+    finite(*gi);
+    if (bi) finite(*bi);
+    for (const ExpertTensors& t : experts)
+        for (const SafetensorInfo* x : {t.in0, t.in1, t.down})
+            if (x) finite(*x);
+    for (const SafetensorInfo* x : {sg, su, sd})
+        if (x) finite(*x);
+
+    // ---- 2. Allocate and copy (every size here was checked against tensors that exist in the file).
+    out.owned.w.gate = out.owned.allocate(gi->dtype, gi->shape);
+    std::memcpy(out.owned.w.gate.data, L.data(*gi), out.owned.w.gate.nbytes());
+    if (bi) {
+        out.owned.w.score_bias = out.owned.allocate(DType::kF32, {E});
+        float* dst = out.owned.w.score_bias.ptr<float>();
+        const uint8_t* src = L.data(*bi);
+        for (int64_t e = 0; e < E; ++e) {
+            if (bi->dtype == DType::kF32) {
+                std::memcpy(&dst[e], src + 4 * e, 4);
+            } else {
+                uint16_t h;
+                std::memcpy(&h, src + 2 * e, 2);
+                dst[e] = bi->dtype == DType::kBF16 ? bf16_to_float(h) : half_to_float(h);
+            }
+        }
+        out.has_score_bias = true;
+    }
     const size_t es = dtype_size(edt);
     const int64_t R13 = gated ? 2 * F : F;
     out.owned.w.w13 = out.owned.allocate(edt, {E, R13, H});
     out.owned.w.w2 = out.owned.allocate(edt, {E, H, F});
     uint8_t* w13 = static_cast<uint8_t*>(out.owned.w.w13.data);
     uint8_t* w2 = static_cast<uint8_t*>(out.owned.w.w2.data);
-    const size_t block = static_cast<size_t>(F * H) * es;
+    const size_t block_bytes = static_cast<size_t>(F * H) * es;
     for (int64_t i = 0; i < E; ++i) {
-        uint8_t* dst13 = w13 + static_cast<size_t>(i) * (gated ? 2 : 1) * block;
+        const ExpertTensors& t = experts[static_cast<size_t>(i)];
+        uint8_t* dst13 = w13 + static_cast<size_t>(i) * (gated ? 2 : 1) * block_bytes;
+        std::memcpy(dst13, L.data(*t.in0), block_bytes);
+        if (gated) std::memcpy(dst13 + block_bytes, L.data(*t.in1), block_bytes);
+        std::memcpy(w2 + static_cast<size_t>(i) * block_bytes, L.data(*t.down), block_bytes);
+    }
+    if (sd) {
+        const DType sdt = sd->dtype;
+        const size_t sblock = static_cast<size_t>(S * H) * dtype_size(sdt);
+        out.owned.w.shared_w13 = out.owned.allocate(sdt, {gated ? 2 * S : S, H});
+        out.owned.w.shared_w2 = out.owned.allocate(sdt, {H, S});
+        uint8_t* s13 = static_cast<uint8_t*>(out.owned.w.shared_w13.data);
         if (gated) {
-            const SafetensorInfo& g = L.need(ename(i, g_name), {F, H});
-            const SafetensorInfo& u = L.need(ename(i, u_name), {F, H});
-            L.same_dtype(g, edt, "expert");
-            L.same_dtype(u, edt, "expert");
-            std::memcpy(dst13, L.data(g), block);
-            std::memcpy(dst13 + block, L.data(u), block);
+            std::memcpy(s13, L.data(*sg), sblock);
+            std::memcpy(s13 + sblock, L.data(*su), sblock);
         } else {
-            SWITCHYARD_CHECK(!L.has(ename(i, other_name)), file.path(), ": tensor '", L.full(ename(i, other_name)),
-                             "' is present but activation ", act_name(opts.activation),
-                             " is ungated (use swiglu or geglu for gated experts)");
-            const SafetensorInfo& u = L.need(ename(i, in_name), {F, H});
-            L.same_dtype(u, edt, "expert");
-            std::memcpy(dst13, L.data(u), block);
+            std::memcpy(s13, L.data(*su), sblock);
         }
-        const SafetensorInfo& d = L.need(ename(i, d_name), {H, F});
-        L.same_dtype(d, edt, "expert");
-        std::memcpy(w2 + static_cast<size_t>(i) * block, L.data(d), block);
-    }
-    {
-        // Experts beyond E would mean the router and the experts disagree.
-        std::string extra = L.full(ename(E, gated ? g_name : in_name));
-        SWITCHYARD_CHECK(!file.has(extra), file.path(), ": tensor '", extra, "' exists but the router weight has only ",
-                         E, " experts");
-    }
-
-    // Shared experts (Qwen/DeepSeek naming).
-    if (out.scheme == NamingScheme::kQwenDeepSeek) {
-        std::string sp;
-        if (L.has("mlp.shared_experts.down_proj.weight"))
-            sp = "mlp.shared_experts.";
-        else if (L.has("mlp.shared_expert.down_proj.weight"))
-            sp = "mlp.shared_expert.";
-        if (L.has("mlp.shared_expert_gate.weight"))
-            out.notes.push_back("'" + L.full("mlp.shared_expert_gate.weight") +
-                                "' (Qwen2-MoE shared-expert gate) is not supported and was ignored");
-        int64_t n_shared = opts.num_shared_experts;
-        if (n_shared < 0) n_shared = sp.empty() ? 0 : 1;
-        if (n_shared > 0) {
-            SWITCHYARD_CHECK(!sp.empty(), file.path(), ": ", n_shared, " shared experts requested but tensor '",
-                             L.full("mlp.shared_experts.down_proj.weight"), "' (or mlp.shared_expert.*) not found");
-            const SafetensorInfo& sd = file.info(L.full(sp + "down_proj.weight"));
-            SWITCHYARD_CHECK(sd.shape.size() == 2 && sd.shape[0] == H && sd.shape[1] > 0, file.path(), ": tensor '",
-                             sd.name, "' has shape ", shape_to_string(sd.shape), ", expected [", H, ", shared width]");
-            const int64_t S = sd.shape[1];
-            SWITCHYARD_CHECK(S % n_shared == 0, file.path(), ": shared width ", S, " of '", sd.name,
-                             "' is not a multiple of the number of shared experts ", n_shared);
-            const SafetensorInfo& d = L.need(sp + "down_proj.weight", {H, S});
-            const DType sdt = d.dtype;
-            const size_t sblock = static_cast<size_t>(S * H) * dtype_size(sdt);
-            out.owned.w.shared_w13 = out.owned.allocate(sdt, {gated ? 2 * S : S, H});
-            out.owned.w.shared_w2 = out.owned.allocate(sdt, {H, S});
-            uint8_t* s13 = static_cast<uint8_t*>(out.owned.w.shared_w13.data);
-            if (gated) {
-                const SafetensorInfo& g = L.need(sp + "gate_proj.weight", {S, H});
-                const SafetensorInfo& u = L.need(sp + "up_proj.weight", {S, H});
-                L.same_dtype(g, sdt, "shared expert");
-                L.same_dtype(u, sdt, "shared expert");
-                std::memcpy(s13, L.data(g), sblock);
-                std::memcpy(s13 + sblock, L.data(u), sblock);
-            } else {
-                SWITCHYARD_CHECK(!L.has(sp + "gate_proj.weight"), file.path(), ": tensor '",
-                                 L.full(sp + "gate_proj.weight"), "' is present but activation ",
-                                 act_name(opts.activation), " is ungated");
-                const SafetensorInfo& u = L.need(sp + "up_proj.weight", {S, H});
-                L.same_dtype(u, sdt, "shared expert");
-                std::memcpy(s13, L.data(u), sblock);
-            }
-            std::memcpy(out.owned.w.shared_w2.data, L.data(d), sblock);
-            out.num_shared_experts = n_shared;
-            out.shared_ffn_size = S / n_shared;
-        } else if (!sp.empty()) {
-            out.notes.push_back("shared-expert tensors under '" + L.full(sp) + "' present but not used");
-        }
-    } else {
-        SWITCHYARD_CHECK(opts.num_shared_experts <= 0, file.path(), ": ", opts.num_shared_experts,
-                         " shared experts requested but Mixtral-named weights have none");
+        std::memcpy(out.owned.w.shared_w2.data, L.data(*sd), sblock);
+        out.num_shared_experts = n_shared;
+        out.shared_ffn_size = S / n_shared;
     }
     return out;
 }

@@ -18,7 +18,13 @@
 // Dtypes: weights F32, BF16 or F16, as stored (one dtype for all routed experts' tensors, one for the shared
 // MLP; the router weight keeps its own); the selection bias is converted exactly to fp32.
 // Qwen2-MoE's mlp.shared_expert_gate.weight (a sigmoid gate on the shared expert) is not part of the layer
-// contract: it is ignored and reported in LoadedWeights::notes.
+// contract: it is ignored and reported in LoadedWeights::notes, as is every other tensor under the MoE block's
+// prefix (`block_sparse_moe.` or `mlp.`) that the layer does not use.
+// Rejected rather than ignored: both schemes' router weights under one prefix, expert tensors with an index
+// >= E (or not a number), shared-expert tensors without down_proj, both shared-expert spellings, more than
+// MoEConfig::kMaxExperts experts, and (unless allow_non_finite) NaN/Inf in a used weight.
+// Every tensor is checked (presence, dtype, shape) before anything is allocated, so the buffers never exceed
+// the bytes the file's tensors hold.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +62,7 @@ struct WeightLoadOptions {
     int64_t num_shared_experts = -1;  // -1: 1 when shared tensors exist, else 0; 0: ignore them;
                                       // N > 0: they must exist and S must be a multiple of N
     bool use_score_bias = true;       // load e_score_correction_bias when present
+    bool allow_non_finite = false;    // false: a NaN or Inf in any used weight is an error naming the tensor
 };
 
 struct LoadedWeights {
