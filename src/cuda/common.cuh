@@ -14,19 +14,10 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include "switchyard/cuda_check.h"
 #include "switchyard/error.h"
 
-#define SWITCHYARD_CUDA_CHECK(expr)                                                                      \
-    do {                                                                                                 \
-        cudaError_t switchyard_cuda_err_ = (expr);                                                       \
-        if (switchyard_cuda_err_ != cudaSuccess)                                                         \
-            ::switchyard::detail::throw_error("CUDA error", __FILE__, __LINE__, #expr, ": ",             \
-                                              cudaGetErrorName(switchyard_cuda_err_), ": ",              \
-                                              cudaGetErrorString(switchyard_cuda_err_));                 \
-    } while (0)
-
-#define SWITCHYARD_CUDA_CHECK_LAUNCH() SWITCHYARD_CUDA_CHECK(cudaGetLastError())
-
+// SWITCHYARD_CUDA_CHECK / SWITCHYARD_CUDA_CHECK_LAUNCH: the public switchyard/cuda_check.h (included above).
 #define SWITCHYARD_CUBLAS_CHECK(expr)                                                                    \
     do {                                                                                                 \
         cublasStatus_t switchyard_cublas_st_ = (expr);                                                   \
