@@ -1,25 +1,82 @@
-// bindings/torch/ops.cpp: schemas of the `switchyard` torch ops and their CPU implementations.
+// bindings/torch/ops.cpp: schemas of the `switchyard` torch ops and their one implementation for CPU and CUDA.
 //
-// CPU tensors of fp32, fp64 (and bf16 / fp16) run the CPU reference stages of src/ref/backward.h: inputs are read
-// as double, every sum runs in double in a fixed order, outputs are stored in the input's dtype. fp64 in gives the
-// exact double result, which is what torch.autograd.gradcheck needs. Selection (top-k, groups, bias, capacity)
-// uses ref::route / ref::build_plan on the logits rounded to fp32, exactly as the inference path selects.
-// Layouts: row-major contiguous (inputs are made contiguous); ids, slot_row, row_token, offsets, counts int32.
+// Each op converts its tensors to TensorRefs (made contiguous), allocates its outputs (and workspace) with torch's
+// allocator on the inputs' device, and calls one public stage function (switchyard/stages.h, balance.h), which
+// validates the call and runs the backend of that device. Only public headers are included here; ops.h says which
+// stage each op is. Layouts: row-major contiguous; ids, slot_row, row_token, offsets, counts int32; router logits and
+// weights fp32 (fp64 on the CPU for gradient checks).
 #include "ops.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <vector>
 
-#include "ref/backward.h"
-#include "ref/ref.h"
+#include "switchyard/balance.h"
+#include "switchyard/config.h"
 #include "switchyard/error.h"
+#include "switchyard/stages.h"
 
 namespace switchyard {
 namespace torch_ops {
+namespace {
 
+DType dtype_of(const at::Tensor& t) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return DType::kF32;
+        case at::kBFloat16: return DType::kBF16;
+        case at::kHalf: return DType::kF16;
+        case at::kDouble: return DType::kF64;
+        case at::kInt: return DType::kI32;
+        case at::kLong: return DType::kI64;
+        default: TORCH_CHECK(false, "switchyard: unsupported dtype ", t.scalar_type());
+    }
+}
+
+// A TensorRef view of a contiguous tensor (callers pass .contiguous() results).
+TensorRef ref(const at::Tensor& t) {
+    TORCH_CHECK(t.is_contiguous(), "switchyard: internal: tensor must be contiguous");
+    TORCH_CHECK(t.dim() >= 1 && t.dim() <= TensorRef::kMaxRank, "switchyard: tensors of rank 1..",
+                TensorRef::kMaxRank, " expected, got ", t.sizes());
+    TORCH_CHECK(t.is_cpu() || t.is_cuda(), "switchyard: tensors on the cpu or a CUDA device expected, got ",
+                t.device());
+    const Device dev = t.is_cuda() ? Device::kCUDA : Device::kCPU;
+    std::vector<int64_t> dims(t.sizes().begin(), t.sizes().end());
+    return TensorRef::contiguous(t.data_ptr(), dtype_of(t), dims.data(), static_cast<int>(dims.size()), dev,
+                                 t.is_cuda() ? t.device().index() : 0);
+}
+
+TensorRef ref_or_none(const at::Tensor& t) { return t.defined() ? ref(t) : TensorRef(); }
+
+// Scratch memory of `bytes` bytes on t's device (256-byte aligned, as the stages require).
+struct Workspace {
+    at::Tensor storage;
+    void* ptr = nullptr;
+    size_t bytes = 0;
+};
+Workspace workspace_like(const at::Tensor& t, size_t bytes) {
+    Workspace w;
+    w.bytes = bytes;
+    if (bytes == 0) return w;
+    w.storage = at::empty({static_cast<int64_t>(bytes + 256)}, t.options().dtype(at::kByte));
+    const uintptr_t p = reinterpret_cast<uintptr_t>(w.storage.data_ptr());
+    w.ptr = reinterpret_cast<void*>((p + 255) / 256 * 256);
+    return w;
+}
+
+Device sy_device(const at::Tensor& t) { return t.is_cuda() ? Device::kCUDA : Device::kCPU; }
+
+// Converts a switchyard::Error into a torch error (Python then sees RuntimeError with the message).
+template <typename F>
+auto guarded(F&& f) -> decltype(f()) {
+    try {
+        return f();
+    } catch (const Error& e) {
+        TORCH_CHECK(false, "switchyard: ", e.what());
+    }
+}
+
+// The router part of a config from op arguments (the sizes only the router needs).
 MoEConfig router_config(int64_t num_experts, int64_t top_k, int64_t score_function, bool renormalize,
                         double routed_scale, int64_t num_groups, int64_t topk_groups, bool use_bias) {
     SWITCHYARD_CHECK(score_function >= 0 && score_function <= 2, "score_function=", score_function,
@@ -38,262 +95,240 @@ MoEConfig router_config(int64_t num_experts, int64_t top_k, int64_t score_functi
     return c;
 }
 
-namespace {
-
-// Contiguous double copy of a tensor (on the CPU).
-at::Tensor as_f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
-at::Tensor as_i32(const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == at::kInt, "switchyard: ", name, " must be int32, got ", t.scalar_type());
-    return t.contiguous();
-}
-const double* dp(const at::Tensor& t) { return t.data_ptr<double>(); }
-double* dpm(at::Tensor& t) { return t.data_ptr<double>(); }
-const int32_t* ip(const at::Tensor& t) { return t.data_ptr<int32_t>(); }
-
-// Converts a switchyard::Error into a torch error (so Python sees RuntimeError with the message).
-template <typename F>
-auto guarded(F&& f) -> decltype(f()) {
-    try {
-        return f();
-    } catch (const Error& e) {
-        TORCH_CHECK(false, "switchyard: ", e.what());
-    }
+// Router logits as the stages take them: fp32, or fp64 on the CPU.
+at::Tensor router_logits(const at::Tensor& logits) {
+    TORCH_CHECK(logits.dim() == 2, "switchyard: logits must be [T, E], got ", logits.sizes());
+    if (logits.is_cpu() && logits.scalar_type() == at::kDouble) return logits.contiguous();
+    return logits.to(at::kFloat).contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
-                                             int64_t top_k, int64_t score_function, bool renormalize,
-                                             double routed_scale, int64_t num_groups, int64_t topk_groups) {
+Activation activation_of(int64_t act) {
+    TORCH_CHECK(act >= 0 && act <= 3, "switchyard.activation: activation=", act, " (0 swiglu, 1 geglu, 2 gelu, 3 relu)");
+    return static_cast<Activation>(act);
+}
+
+std::tuple<at::Tensor, at::Tensor> route_op(const at::Tensor& logits_in, const c10::optional<at::Tensor>& bias,
+                                            int64_t top_k, int64_t score_function, bool renormalize,
+                                            double routed_scale, int64_t num_groups, int64_t topk_groups) {
     return guarded([&] {
-        TORCH_CHECK(logits.dim() == 2, "switchyard.route: logits must be [T, E], got ", logits.sizes());
-        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
+        const at::Tensor logits = router_logits(logits_in);
         const bool use_bias = bias.has_value() && bias->defined();
-        const MoEConfig cfg = router_config(num_experts, top_k, score_function, renormalize, routed_scale,
+        const MoEConfig cfg = router_config(logits.size(1), top_k, score_function, renormalize, routed_scale,
                                             num_groups, topk_groups, use_bias);
-        cfg.validate();
-        const at::Tensor l32 = logits.to(at::kFloat).contiguous();
-        std::vector<float> lv(l32.data_ptr<float>(), l32.data_ptr<float>() + l32.numel());
-        std::vector<float> bv;
-        if (use_bias) {
-            const at::Tensor b = bias->to(at::kFloat).contiguous();
-            TORCH_CHECK(b.numel() == num_experts, "switchyard.route: bias must have E=", num_experts, " elements");
-            bv.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
-        }
-        std::vector<int32_t> ids;
-        std::vector<float> w;
-        ref::route(cfg, lv, bv, num_tokens, ids, w);
-        at::Tensor ids_t = at::empty({num_tokens, top_k}, logits.options().dtype(at::kInt));
-        if (!ids.empty()) std::memcpy(ids_t.data_ptr<int32_t>(), ids.data(), ids.size() * sizeof(int32_t));
-        at::Tensor wd = at::empty({num_tokens, top_k}, logits.options().dtype(at::kDouble));
-        const at::Tensor l64 = as_f64(logits);
-        ref::route_weights(cfg, dp(l64), ids_t.data_ptr<int32_t>(), num_tokens, dpm(wd));
-        return std::make_tuple(ids_t, wd.to(logits.scalar_type()));
+        at::Tensor b;
+        if (use_bias) b = bias->to(logits.device(), at::kFloat).contiguous();
+        at::Tensor ids = at::empty({logits.size(0), top_k}, logits.options().dtype(at::kInt));
+        at::Tensor w = at::empty({logits.size(0), top_k}, logits.options());
+        route(cfg, ref(logits), ref_or_none(b), ref(ids), ref(w), stream_of(logits));
+        return std::make_tuple(ids, w);
     });
 }
 
-at::Tensor route_backward_cpu(const at::Tensor& logits, const at::Tensor& topk_ids, const at::Tensor& d_weights,
-                              int64_t score_function, bool renormalize, double routed_scale) {
+at::Tensor route_backward_op(const at::Tensor& logits_in, const at::Tensor& ids_in, const at::Tensor& dw_in,
+                             int64_t score_function, bool renormalize, double routed_scale) {
     return guarded([&] {
-        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1), k = topk_ids.size(1);
-        const MoEConfig cfg = router_config(num_experts, k, score_function, renormalize, routed_scale, 1, 1, false);
-        const at::Tensor l = as_f64(logits), ids = as_i32(topk_ids, "topk_ids"), g = as_f64(d_weights);
-        at::Tensor dl = at::empty({num_tokens, num_experts}, l.options());
-        ref::route_backward(cfg, dp(l), ip(ids), dp(g), num_tokens, dpm(dl));
-        return dl.to(logits.scalar_type());
+        const at::Tensor logits = router_logits(logits_in), ids = ids_in.contiguous();
+        const at::Tensor dw = dw_in.to(logits.scalar_type()).contiguous();
+        const MoEConfig cfg = router_config(logits.size(1), ids.size(1), score_function, renormalize, routed_scale,
+                                            1, 1, false);
+        at::Tensor dl = at::empty_like(logits);
+        route_backward(cfg, ref(logits), ref(ids), ref(dw), ref(dl), stream_of(logits));
+        return dl.to(logits_in.scalar_type());
     });
 }
 
-at::Tensor router_losses_cpu(const at::Tensor& logits, const at::Tensor& topk_ids, int64_t score_function) {
+// {aux, z} [2] in the logits' dtype: balance.h's router_losses (fixed summation order, double accumulation).
+at::Tensor router_losses_op(const at::Tensor& logits_in, const at::Tensor& ids_in, int64_t score_function) {
     return guarded([&] {
-        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1), k = topk_ids.size(1);
-        const MoEConfig cfg = router_config(num_experts, k, score_function, false, 1.0, 1, 1, false);
-        const at::Tensor l = as_f64(logits), ids = as_i32(topk_ids, "topk_ids");
-        at::Tensor out = at::empty({2}, l.options());
-        ref::router_losses(cfg, dp(l), ip(ids), num_tokens, dpm(out), dpm(out) + 1);
-        return out.to(logits.scalar_type());
+        const at::Tensor logits = router_logits(logits_in), ids = ids_in.contiguous();
+        const MoEConfig cfg = router_config(logits.size(1), ids.size(1), score_function, false, 1.0, 1, 1, false);
+        const Workspace ws =
+            workspace_like(logits, router_losses_workspace_size(cfg, sy_device(logits), logits.size(0), 1));
+        at::Tensor losses = at::empty({kNumLosses}, logits.options());
+        router_losses(cfg, ref(logits), ref(ids), TensorRef(), ref(losses), ws.ptr, ws.bytes, stream_of(logits));
+        return losses.narrow(0, 0, 2).to(logits_in.scalar_type()).clone();
     });
 }
 
-at::Tensor router_losses_backward_cpu(const at::Tensor& logits, const at::Tensor& topk_ids,
-                                      const at::Tensor& d_losses, int64_t score_function) {
+at::Tensor router_losses_backward_op(const at::Tensor& logits_in, const at::Tensor& ids_in,
+                                     const at::Tensor& d_losses_in, int64_t score_function) {
     return guarded([&] {
-        const int64_t num_tokens = logits.size(0), num_experts = logits.size(1), k = topk_ids.size(1);
-        const MoEConfig cfg = router_config(num_experts, k, score_function, false, 1.0, 1, 1, false);
-        const at::Tensor l = as_f64(logits), ids = as_i32(topk_ids, "topk_ids"), g = as_f64(d_losses);
-        at::Tensor dl = at::zeros({num_tokens, num_experts}, l.options());
-        ref::router_losses_backward(cfg, dp(l), ip(ids), num_tokens, dp(g)[0], dp(g)[1], dpm(dl));
-        return dl.to(logits.scalar_type());
+        const at::Tensor logits = router_logits(logits_in), ids = ids_in.contiguous();
+        const at::Tensor d_losses = d_losses_in.to(logits.scalar_type()).contiguous();
+        TORCH_CHECK(d_losses.numel() == 2, "switchyard: d_losses must have 2 elements, got ", d_losses.numel());
+        const MoEConfig cfg = router_config(logits.size(1), ids.size(1), score_function, false, 1.0, 1, 1, false);
+        const Workspace ws = workspace_like(logits, router_losses_backward_workspace_size(cfg, sy_device(logits)));
+        at::Tensor dl = at::empty_like(logits);
+        router_losses_backward(cfg, ref(logits), ref(ids), ref(d_losses), ref(dl), ws.ptr, ws.bytes,
+                               stream_of(logits));
+        return dl.to(logits_in.scalar_type());
     });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_cpu(const at::Tensor& topk_ids,
-                                                                    const at::Tensor& topk_weights,
-                                                                    int64_t num_experts, double capacity_factor,
-                                                                    int64_t min_capacity, int64_t drop_policy) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_op(const at::Tensor& ids_in, const at::Tensor& w_in,
+                                                                   int64_t num_experts, double capacity_factor,
+                                                                   int64_t min_capacity, int64_t drop_policy) {
     return guarded([&] {
-        const int64_t num_tokens = topk_ids.size(0), k = topk_ids.size(1);
+        const at::Tensor ids = ids_in.contiguous(), w = w_in.to(at::kFloat).contiguous();
+        TORCH_CHECK(ids.dim() == 2, "switchyard.plan: topk_ids must be [T, k], got ", ids.sizes());
+        const int64_t num_tokens = ids.size(0), k = ids.size(1);
         MoEConfig cfg = router_config(num_experts, k, 0, false, 1.0, 1, 1, false);
         cfg.capacity_factor = capacity_factor;
         cfg.min_capacity = min_capacity;
         SWITCHYARD_CHECK(drop_policy == 0 || drop_policy == 1, "drop_policy=", drop_policy,
                          " (0 position, 1 probability)");
         cfg.drop_policy = static_cast<DropPolicy>(drop_policy);
-        const at::Tensor ids = as_i32(topk_ids, "topk_ids");
-        const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
-        std::vector<int32_t> iv(ip(ids), ip(ids) + ids.numel());
-        std::vector<float> wv(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
-        const ref::HostPlan p = ref::build_plan(cfg, num_tokens, iv, wv);
-        const auto opt = topk_ids.options().dtype(at::kInt);
+        const auto opt = ids.options().dtype(at::kInt);
         at::Tensor offsets = at::empty({num_experts + 1}, opt), slot_row = at::empty({num_tokens, k}, opt);
-        at::Tensor row_token = at::empty({num_tokens * k}, opt), counts = at::empty({num_experts}, opt);
-        auto copy = [](at::Tensor& dst, const std::vector<int32_t>& src) {
-            if (!src.empty()) std::memcpy(dst.data_ptr<int32_t>(), src.data(), src.size() * sizeof(int32_t));
-        };
-        copy(offsets, p.expert_offsets);
-        copy(slot_row, p.slot_row);
-        copy(row_token, p.row_token);
-        copy(counts, p.expert_counts);
+        at::Tensor row_token = at::empty({num_tokens * k}, opt), row_slot = at::empty({num_tokens * k}, opt);
+        at::Tensor counts = at::empty({num_experts}, opt);
+        RoutingPlan plan;
+        plan.expert_counts = ref(counts);
+        plan.expert_offsets = ref(offsets);
+        plan.slot_row = ref(slot_row);
+        plan.row_token = ref(row_token);
+        plan.row_slot = ref(row_slot);
+        const Workspace ws = workspace_like(ids, plan_workspace_size(cfg, sy_device(ids), num_tokens));
+        build_plan(cfg, ref(ids), ref(w), plan, ws.ptr, ws.bytes, stream_of(ids));
         return std::make_tuple(offsets, slot_row, row_token, counts);
     });
 }
 
-at::Tensor gather_cpu(const at::Tensor& x, const at::Tensor& row_token) {
+at::Tensor gather_op(const at::Tensor& x_in, const at::Tensor& row_token_in) {
     return guarded([&] {
+        const at::Tensor x = x_in.contiguous(), rt = row_token_in.contiguous();
         TORCH_CHECK(x.dim() == 2, "switchyard.gather: x must be [T, H], got ", x.sizes());
-        const int64_t rows = row_token.numel(), hidden = x.size(1);
-        const at::Tensor xd = as_f64(x), rt = as_i32(row_token, "row_token");
-        for (int64_t r = 0; r < rows; ++r)
-            TORCH_CHECK(ip(rt)[r] < x.size(0), "switchyard.gather: row_token[", r, "]=", ip(rt)[r], " >= T");
-        at::Tensor xp = at::empty({rows, hidden}, xd.options());
-        ref::gather_forward(dp(xd), ip(rt), rows, hidden, dpm(xp));
-        return xp.to(x.scalar_type());
+        at::Tensor xp = at::empty({rt.numel(), x.size(1)}, x.options());  // rows past offsets[E] are written as 0
+        gather(ref(x), ref(rt.view({-1})), ref(xp), stream_of(x));
+        return xp;
     });
 }
 
-at::Tensor gather_backward_cpu(const at::Tensor& d_xp, const at::Tensor& slot_row) {
+at::Tensor gather_backward_op(const at::Tensor& d_xp_in, const at::Tensor& slot_row_in) {
     return guarded([&] {
-        const int64_t num_tokens = slot_row.size(0), k = slot_row.size(1), hidden = d_xp.size(1);
-        const at::Tensor g = as_f64(d_xp), sr = as_i32(slot_row, "slot_row");
-        at::Tensor dx = at::empty({num_tokens, hidden}, g.options());
-        ref::gather_backward(ip(sr), dp(g), num_tokens, k, hidden, dpm(dx));
-        return dx.to(d_xp.scalar_type());
+        const at::Tensor g = d_xp_in.contiguous(), sr = slot_row_in.contiguous();
+        TORCH_CHECK(g.dim() == 2 && sr.dim() == 2, "switchyard.gather_backward: d_xp [R, H] and slot_row [T, k] "
+                    "expected, got ", g.sizes(), " and ", sr.sizes());
+        at::Tensor dx = at::empty({sr.size(0), g.size(1)}, g.options());
+        gather_backward(ref(g), ref(sr), ref(dx), stream_of(g));
+        return dx;
     });
 }
 
-void check_grouped(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
-    TORCH_CHECK(a.dim() == 2 && b.dim() == 3 && a.size(1) == b.size(2), "switchyard.grouped_mm: a [R, K] and b [E, N, K]"
-                " expected, got a ", a.sizes(), " b ", b.sizes());
-    TORCH_CHECK(offsets.numel() == b.size(0) + 1, "switchyard.grouped_mm: offsets must have E+1=", b.size(0) + 1,
-                " elements, got ", offsets.numel());
-}
-
-at::Tensor grouped_mm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets_in) {
     return guarded([&] {
-        check_grouped(a, b, offsets);
-        const int64_t rows = a.size(0), n = b.size(1), k = b.size(2), num_experts = b.size(0);
-        const at::Tensor ad = as_f64(a), bd = as_f64(b), off = as_i32(offsets, "offsets");
-        at::Tensor c = at::empty({rows, n}, ad.options());
-        ref::grouped_gemm_forward(ip(off), num_experts, dp(ad), dp(bd), rows, n, k, dpm(c));
-        return c.to(a.scalar_type());
+        const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), off = offsets_in.contiguous();
+        TORCH_CHECK(a.dim() == 2 && b.dim() == 3, "switchyard.grouped_mm: a [R, K] and b [E, N, K] expected, got a ",
+                    a.sizes(), " b ", b.sizes());
+        at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());  // rows past offsets[E]: written as 0
+        const Workspace ws = workspace_like(
+            a, grouped_gemm_workspace_size(sy_device(a), dtype_of(a), b.size(0), b.size(1), b.size(2), a.size(0)));
+        grouped_gemm(ref(a), ref(b), ref(off), ref(c), ws.ptr, ws.bytes, stream_of(a));
+        return c;
     });
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& dc, const at::Tensor& a,
-                                                           const at::Tensor& b, const at::Tensor& offsets) {
+// da [R, K] = dc . b per expert (rows past offsets[E] written as 0); dc is taken in b's dtype.
+at::Tensor grouped_mm_dgrad_op(const at::Tensor& dc_in, const at::Tensor& b_in, const at::Tensor& offsets_in) {
     return guarded([&] {
-        check_grouped(a, b, offsets);
-        const int64_t rows = a.size(0), n = b.size(1), k = b.size(2), num_experts = b.size(0);
-        const at::Tensor ad = as_f64(a), bd = as_f64(b), g = as_f64(dc), off = as_i32(offsets, "offsets");
-        at::Tensor da = at::empty({rows, k}, ad.options()), db = at::empty({num_experts, n, k}, ad.options());
-        ref::grouped_gemm_backward(ip(off), num_experts, dp(ad), dp(bd), dp(g), rows, n, k, dpm(da), dpm(db));
-        return std::make_tuple(da.to(a.scalar_type()), db.to(b.scalar_type()));
+        const at::Tensor b = b_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(b.scalar_type()).contiguous();
+        TORCH_CHECK(b.dim() == 3 && dc.dim() == 2, "switchyard.grouped_mm_dgrad: dc [R, N] and b [E, N, K] expected, "
+                    "got dc ", dc.sizes(), " b ", b.sizes());
+        at::Tensor da = at::empty({dc.size(0), b.size(2)}, b.options());
+        const Workspace ws = workspace_like(b, grouped_gemm_grad_workspace_size(sy_device(b), dtype_of(b), b.size(0),
+                                                                                b.size(1), b.size(2), dc.size(0)));
+        grouped_gemm_dgrad(ref(dc), ref(b), ref(off), ref(da), ws.ptr, ws.bytes, stream_of(b));
+        return da;
     });
 }
 
-// The two halves of grouped_mm_backward as separate ops, so that a backward can free one operand before it
-// allocates the other gradient (python/switchyard/torch.py orders them to lower the peak memory).
-at::Tensor grouped_mm_dgrad_cpu(const at::Tensor& dc, const at::Tensor& b, const at::Tensor& offsets) {
+// db [E, N, K] = dc^T . a per expert (experts without rows written as 0); E = offsets.numel() - 1.
+at::Tensor grouped_mm_wgrad_op(const at::Tensor& dc_in, const at::Tensor& a_in, const at::Tensor& offsets_in) {
     return guarded([&] {
-        TORCH_CHECK(dc.dim() == 2 && b.dim() == 3 && dc.size(1) == b.size(1), "switchyard.grouped_mm_dgrad: dc [R, N] "
-                    "and b [E, N, K] expected, got dc ", dc.sizes(), " b ", b.sizes());
-        TORCH_CHECK(offsets.numel() == b.size(0) + 1, "switchyard.grouped_mm_dgrad: offsets must have E+1 elements");
-        const int64_t rows = dc.size(0), n = b.size(1), k = b.size(2), num_experts = b.size(0);
-        const at::Tensor bd = as_f64(b), g = as_f64(dc), off = as_i32(offsets, "offsets");
-        at::Tensor da = at::empty({rows, k}, bd.options());
-        ref::grouped_gemm_backward(ip(off), num_experts, nullptr, dp(bd), dp(g), rows, n, k, dpm(da), nullptr);
-        return da.to(b.scalar_type());
+        const at::Tensor a = a_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(a.scalar_type()).contiguous();
+        TORCH_CHECK(a.dim() == 2 && dc.dim() == 2 && off.numel() >= 2, "switchyard.grouped_mm_wgrad: dc [R, N], "
+                    "a [R, K] and offsets [E+1] expected, got dc ", dc.sizes(), " a ", a.sizes());
+        const int64_t num_experts = off.numel() - 1;
+        at::Tensor db = at::empty({num_experts, dc.size(1), a.size(1)}, a.options());
+        const Workspace ws = workspace_like(a, grouped_gemm_grad_workspace_size(sy_device(a), dtype_of(a),
+                                                                                num_experts, dc.size(1), a.size(1),
+                                                                                dc.size(0)));
+        grouped_gemm_wgrad(ref(dc), ref(a), ref(off), ref(db), ws.ptr, ws.bytes, stream_of(a));
+        return db;
     });
 }
 
-at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& dc, const at::Tensor& a, const at::Tensor& offsets) {
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_op(const at::Tensor& dc, const at::Tensor& a,
+                                                          const at::Tensor& b, const at::Tensor& offsets) {
+    return std::make_tuple(grouped_mm_dgrad_op(dc, b, offsets), grouped_mm_wgrad_op(dc, a, offsets));
+}
+
+at::Tensor activation_op(const at::Tensor& g_in, int64_t act) {
     return guarded([&] {
-        TORCH_CHECK(dc.dim() == 2 && a.dim() == 2 && dc.size(0) == a.size(0), "switchyard.grouped_mm_wgrad: dc [R, N] "
-                    "and a [R, K] expected, got dc ", dc.sizes(), " a ", a.sizes());
-        TORCH_CHECK(offsets.numel() >= 1, "switchyard.grouped_mm_wgrad: offsets must have E+1 elements");
-        const int64_t rows = a.size(0), n = dc.size(1), k = a.size(1), num_experts = offsets.numel() - 1;
-        const at::Tensor ad = as_f64(a), g = as_f64(dc), off = as_i32(offsets, "offsets");
-        at::Tensor db = at::empty({num_experts, n, k}, ad.options());
-        ref::grouped_gemm_backward(ip(off), num_experts, dp(ad), nullptr, dp(g), rows, n, k, nullptr, dpm(db));
-        return db.to(a.scalar_type());
+        const at::Tensor g = g_in.contiguous();
+        const Activation a = activation_of(act);
+        TORCH_CHECK(g.dim() == 2 && (!is_gated(a) || g.size(1) % 2 == 0), "switchyard.activation: g must be [R, 2F] "
+                    "(gated) or [R, F], got ", g.sizes());
+        at::Tensor h = at::empty({g.size(0), is_gated(a) ? g.size(1) / 2 : g.size(1)}, g.options());
+        activation(a, ref(g), ref(h), TensorRef(), stream_of(g));
+        return h;
     });
 }
 
-int64_t ffn_of(const at::Tensor& g, int64_t act) {
-    TORCH_CHECK(act >= 0 && act <= 3, "switchyard.activation: activation=", act, " (0 swiglu, 1 geglu, 2 gelu, 3 relu)");
-    const bool gated = is_gated(static_cast<Activation>(act));
-    TORCH_CHECK(g.dim() == 2 && (!gated || g.size(1) % 2 == 0), "switchyard.activation: g must be [R, 2F] (gated) or"
-                " [R, F], got ", g.sizes());
-    return gated ? g.size(1) / 2 : g.size(1);
-}
-
-at::Tensor activation_cpu(const at::Tensor& g, int64_t act) {
+at::Tensor activation_backward_op(const at::Tensor& g_in, const at::Tensor& dh_in, int64_t act) {
     return guarded([&] {
-        const int64_t ffn = ffn_of(g, act), rows = g.size(0);
-        const at::Tensor gd = as_f64(g);
-        at::Tensor h = at::empty({rows, ffn}, gd.options());
-        ref::activation_forward(static_cast<Activation>(act), dp(gd), rows, ffn, dpm(h));
-        return h.to(g.scalar_type());
+        const at::Tensor g = g_in.contiguous(), dh = dh_in.to(g.scalar_type()).contiguous();
+        at::Tensor dg = at::empty_like(g);
+        activation_backward(activation_of(act), ref(g), ref(dh), ref(dg), stream_of(g));
+        return dg;
     });
 }
 
-at::Tensor activation_backward_cpu(const at::Tensor& g, const at::Tensor& dh, int64_t act) {
-    return guarded([&] {
-        const int64_t ffn = ffn_of(g, act), rows = g.size(0);
-        const at::Tensor gd = as_f64(g), d = as_f64(dh);
-        at::Tensor dg = at::empty_like(gd);
-        ref::activation_backward(static_cast<Activation>(act), dp(gd), dp(d), rows, ffn, dpm(dg));
-        return dg.to(g.scalar_type());
-    });
+// Routing weights as combine takes them: fp32, or fp64 on the CPU.
+at::Tensor combine_weights(const at::Tensor& w) {
+    if (w.is_cpu() && w.scalar_type() == at::kDouble) return w.contiguous();
+    return w.to(at::kFloat).contiguous();
 }
 
-at::Tensor combine_cpu(const at::Tensor& expert_out, const at::Tensor& slot_row, const at::Tensor& weights,
-                       const c10::optional<at::Tensor>& shared) {
+at::Tensor combine_op(const at::Tensor& out_in, const at::Tensor& slot_row_in, const at::Tensor& w_in,
+                      const c10::optional<at::Tensor>& shared) {
     return guarded([&] {
-        const int64_t num_tokens = slot_row.size(0), k = slot_row.size(1), hidden = expert_out.size(1);
-        const at::Tensor o = as_f64(expert_out), sr = as_i32(slot_row, "slot_row"), w = as_f64(weights);
-        for (int64_t i = 0; i < sr.numel(); ++i)
-            TORCH_CHECK(ip(sr)[i] < expert_out.size(0), "switchyard.combine: slot_row[", i, "] out of range");
+        const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = combine_weights(w_in);
+        TORCH_CHECK(out.dim() == 2 && sr.dim() == 2, "switchyard.combine: expert_out [R, H] and slot_row [T, k] "
+                    "expected, got ", out.sizes(), " and ", sr.sizes());
         at::Tensor s;
-        if (shared.has_value() && shared->defined()) s = as_f64(*shared);
-        at::Tensor y = at::empty({num_tokens, hidden}, o.options());
-        ref::combine_forward(ip(sr), dp(w), dp(o), s.defined() ? dp(s) : nullptr, num_tokens, k, hidden, dpm(y));
-        return y.to(expert_out.scalar_type());
+        if (shared.has_value() && shared->defined()) s = shared->to(out.scalar_type()).contiguous();
+        at::Tensor y = at::empty({sr.size(0), out.size(1)}, out.options());
+        combine(ref(out), ref(sr), ref(w), ref_or_none(s), ref(y), stream_of(out));
+        return y;
     });
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& dy, const at::Tensor& expert_out,
-                                                        const at::Tensor& slot_row, const at::Tensor& weights) {
+std::tuple<at::Tensor, at::Tensor> combine_backward_op(const at::Tensor& dy_in, const at::Tensor& out_in,
+                                                       const at::Tensor& slot_row_in, const at::Tensor& w_in) {
     return guarded([&] {
-        const int64_t num_tokens = slot_row.size(0), k = slot_row.size(1), hidden = expert_out.size(1);
-        const int64_t rows = expert_out.size(0);
-        const at::Tensor o = as_f64(expert_out), sr = as_i32(slot_row, "slot_row"), w = as_f64(weights);
-        const at::Tensor g = as_f64(dy);
-        at::Tensor d_out = at::empty({rows, hidden}, o.options()), d_w = at::empty({num_tokens, k}, o.options());
-        ref::combine_backward(ip(sr), dp(w), dp(o), dp(g), num_tokens, k, hidden, rows, dpm(d_out), dpm(d_w));
-        return std::make_tuple(d_out.to(expert_out.scalar_type()), d_w.to(weights.scalar_type()));
+        const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = combine_weights(w_in);
+        const at::Tensor dy = dy_in.to(out.scalar_type()).contiguous();
+        TORCH_CHECK(out.dim() == 2 && sr.dim() == 2, "switchyard.combine_backward: expert_out [R, H] and slot_row "
+                    "[T, k] expected, got ", out.sizes(), " and ", sr.sizes());
+        at::Tensor d_out = at::empty_like(out);  // rows no pair points at are written as 0
+        at::Tensor d_w = at::empty({sr.size(0), sr.size(1)}, w.options());
+        combine_backward(ref(dy), ref(out), ref(sr), ref(w), ref(d_out), ref(d_w), stream_of(out));
+        return std::make_tuple(d_out, d_w.to(w_in.scalar_type()));
     });
 }
 
 }  // namespace
+
+#ifndef SWITCHYARD_TORCH_CUDA
+cudaStream_t stream_of(const at::Tensor& t) {
+    TORCH_CHECK(!t.is_cuda(), "switchyard: this binding was built without CUDA");
+    return nullptr;
+}
+#endif
+
 }  // namespace torch_ops
 }  // namespace switchyard
 
@@ -318,21 +353,26 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(switchyard, CPU, m) {
-    using namespace switchyard::torch_ops;
-    m.impl("route", &route_cpu);
-    m.impl("route_backward", &route_backward_cpu);
-    m.impl("router_losses", &router_losses_cpu);
-    m.impl("router_losses_backward", &router_losses_backward_cpu);
-    m.impl("plan", &plan_cpu);
-    m.impl("gather", &gather_cpu);
-    m.impl("gather_backward", &gather_backward_cpu);
-    m.impl("grouped_mm", &grouped_mm_cpu);
-    m.impl("grouped_mm_backward", &grouped_mm_backward_cpu);
-    m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_cpu);
-    m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cpu);
-    m.impl("activation", &activation_cpu);
-    m.impl("activation_backward", &activation_backward_cpu);
-    m.impl("combine", &combine_cpu);
-    m.impl("combine_backward", &combine_backward_cpu);
-}
+// One implementation per op serves both devices: the stage function runs the backend of the tensors' device.
+#define SWITCHYARD_TORCH_IMPLS(m)                                             \
+    using namespace switchyard::torch_ops;                                    \
+    m.impl("route", &route_op);                                               \
+    m.impl("route_backward", &route_backward_op);                             \
+    m.impl("router_losses", &router_losses_op);                               \
+    m.impl("router_losses_backward", &router_losses_backward_op);             \
+    m.impl("plan", &plan_op);                                                 \
+    m.impl("gather", &gather_op);                                             \
+    m.impl("gather_backward", &gather_backward_op);                           \
+    m.impl("grouped_mm", &grouped_mm_op);                                     \
+    m.impl("grouped_mm_backward", &grouped_mm_backward_op);                   \
+    m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_op);                         \
+    m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_op);                         \
+    m.impl("activation", &activation_op);                                     \
+    m.impl("activation_backward", &activation_backward_op);                   \
+    m.impl("combine", &combine_op);                                           \
+    m.impl("combine_backward", &combine_backward_op)
+
+TORCH_LIBRARY_IMPL(switchyard, CPU, m) { SWITCHYARD_TORCH_IMPLS(m); }
+#ifdef SWITCHYARD_TORCH_CUDA
+TORCH_LIBRARY_IMPL(switchyard, CUDA, m) { SWITCHYARD_TORCH_IMPLS(m); }
+#endif

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ref/backward.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
 
@@ -108,10 +109,12 @@ void router_losses(const MoEConfig& cfg, const TensorRef& logits, const TensorRe
                      "balances by construction)");
     SWITCHYARD_CHECK(logits.defined(), "logits is required but undefined");
     const Device dev = logits.device;
-    check_matrix(logits, DType::kF32, -1, cfg.num_experts, "logits", dev);
+    // fp32 logits; on the CPU fp64 too (exact double losses, for gradient checks), with losses of the same dtype.
+    const DType ldt = (dev == Device::kCPU && logits.dtype == DType::kF64) ? DType::kF64 : DType::kF32;
+    check_matrix(logits, ldt, -1, cfg.num_experts, "logits", dev);
     const int64_t T = logits.shape[0];
     check_matrix(topk_ids, DType::kI32, T, cfg.top_k, "topk_ids", dev);
-    check_vector(losses, DType::kF32, kNumLosses, "losses");
+    check_vector(losses, ldt, kNumLosses, "losses");
     SWITCHYARD_CHECK(losses.device == dev, "losses is on ", to_string(losses.device), ", expected ", to_string(dev));
     int64_t S = 1;
     if (seq_lens.defined()) {
@@ -119,6 +122,19 @@ void router_losses(const MoEConfig& cfg, const TensorRef& logits, const TensorRe
         SWITCHYARD_CHECK(seq_lens.device == dev, "seq_lens is on ", to_string(seq_lens.device), ", expected ",
                          to_string(dev));
         S = seq_lens.shape[0];
+    }
+    if (dev == Device::kCPU && ldt == DType::kF64) {
+        const std::vector<double> l = ref::to_double(logits);
+        std::vector<int32_t> ids(topk_ids.ptr<int32_t>(), topk_ids.ptr<int32_t>() + T * cfg.top_k);
+        std::vector<int64_t> lens;
+        if (seq_lens.defined())
+            lens.assign(seq_lens.ptr<int32_t>(), seq_lens.ptr<int32_t>() + S);
+        else
+            lens.assign(1, T);
+        double* out = losses.ptr<double>();
+        ref::router_losses(cfg, l.data(), ids.data(), T, &out[kLossAux], &out[kLossZ]);
+        out[kLossSeqAux] = ref::sequence_aux_loss(cfg, ref::to_float(logits), ids, T, lens);
+        return;
     }
     if (dev == Device::kCPU) {
         std::vector<float> l(logits.ptr<float>(), logits.ptr<float>() + T * cfg.num_experts);
