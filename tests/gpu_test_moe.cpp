@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "cuda/gemm/grouped_gemm.h"
-#include "cuda/moe_cuda.h"
 #include "cuda/moe_stages.h"
 #include "gpu_test_util.h"
 #include "ref/ref.h"
@@ -397,7 +396,8 @@ TEST_P(GpuMoE, MatchesReferenceAndIsDeterministic) {
     ASSERT_TRUE(gemm_supported(L.cfg, c.T)) << "grouped_gemm does not support this shape";
     const int64_t T = c.T, H = c.H, E = c.E, k = c.k;
     const DType dt = c.dtype;
-    const size_t ws_bytes = cuda::moe_workspace_size(L.cfg, T);
+    const MoELayer layer(L.cfg, L.weights);
+    const size_t ws_bytes = layer.workspace_size(T);
     DeviceBuffer ws(ws_bytes), d_y(T * H * dtype_size(dt) + 16), d_logits(T * E * 4 + 4), d_ids(T * k * 4 + 4),
         d_w(T * k * 4 + 4), d_slot(T * k * 4 + 4);
     TensorRef tx(L.d_x.get(), dt, {T, H}, Device::kCUDA), ty(d_y.get(), dt, {T, H}, Device::kCUDA);
@@ -414,7 +414,7 @@ TEST_P(GpuMoE, MatchesReferenceAndIsDeterministic) {
     for (int run = 0; run < 2; ++run) {
         for (DeviceBuffer* b : {&ws, &d_y, &d_logits, &d_ids, &d_w, &d_slot}) b->poison();
         GPU_CHECK(cudaDeviceSynchronize());
-        cuda::moe_forward(L.cfg, L.weights, tx, ty, ws.get(), ws_bytes, stream, &out);
+        layer.forward(tx, ty, ws.get(), ws_bytes, stream, &out);
         GPU_CHECK(cudaStreamSynchronize(stream));
         runs.push_back(testing::download_raw<uint8_t>(d_y.get(), T * H * dtype_size(dt)));
     }
@@ -485,7 +485,8 @@ TEST(GpuMoEGraph, ReplayOnNewInputsMatchesEager) {
     Layer L(c, seed);
     const int64_t T = c.T, H = c.H;
     const size_t ybytes = T * H * 2;
-    const size_t ws_bytes = cuda::moe_workspace_size(L.cfg, T);
+    const MoELayer layer(L.cfg, L.weights);
+    const size_t ws_bytes = layer.workspace_size(T);
     DeviceBuffer ws(ws_bytes), d_y(ybytes), d_y_eager(ybytes), d_slot(T * c.k * 4);
     TensorRef tx(L.d_x.get(), c.dtype, {T, H}, Device::kCUDA), ty(d_y.get(), c.dtype, {T, H}, Device::kCUDA),
         ty_eager(d_y_eager.get(), c.dtype, {T, H}, Device::kCUDA);
@@ -494,13 +495,13 @@ TEST(GpuMoEGraph, ReplayOnNewInputsMatchesEager) {
     cudaStream_t stream;
     GPU_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     // Warm-up (creates the cuBLAS handle, loads modules) outside the capture.
-    cuda::moe_forward(L.cfg, L.weights, tx, ty, ws.get(), ws_bytes, stream, &out);
+    layer.forward(tx, ty, ws.get(), ws_bytes, stream, &out);
     GPU_CHECK(cudaStreamSynchronize(stream));
 
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     GPU_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    cuda::moe_forward(L.cfg, L.weights, tx, ty, ws.get(), ws_bytes, stream, &out);
+    layer.forward(tx, ty, ws.get(), ws_bytes, stream, &out);
     GPU_CHECK(cudaStreamEndCapture(stream, &graph));
     GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
 
@@ -517,7 +518,7 @@ TEST(GpuMoEGraph, ReplayOnNewInputsMatchesEager) {
         const auto slot_replayed = testing::download_raw<int32_t>(d_slot.get(), T * c.k);
         d_y_eager.poison();
         GPU_CHECK(cudaDeviceSynchronize());
-        cuda::moe_forward(L.cfg, L.weights, tx, ty_eager, ws.get(), ws_bytes, stream, &out);
+        layer.forward(tx, ty_eager, ws.get(), ws_bytes, stream, &out);
         GPU_CHECK(cudaStreamSynchronize(stream));
         EXPECT_TRUE(testing::bitwise_equal(replayed, testing::download_raw<uint8_t>(d_y_eager.get(), ybytes),
                                            "graph replay vs eager, round " + std::to_string(round)));
@@ -528,7 +529,7 @@ TEST(GpuMoEGraph, ReplayOnNewInputsMatchesEager) {
             DeviceBuffer d_logits(T * c.E * 4);
             ForwardOutputs o2;
             o2.logits = TensorRef(d_logits.get(), DType::kF32, {T, c.E}, Device::kCUDA);
-            cuda::moe_forward(L.cfg, L.weights, tx, ty_eager, ws.get(), ws_bytes, stream, &o2);
+            layer.forward(tx, ty_eager, ws.get(), ws_bytes, stream, &o2);
             GPU_CHECK(cudaStreamSynchronize(stream));
             logits = testing::download_raw<float>(d_logits.get(), T * c.E);
         }

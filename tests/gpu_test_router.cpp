@@ -16,7 +16,6 @@
 #include <string>
 #include <vector>
 
-#include "cuda/moe_cuda.h"
 #include "cuda/moe_stages.h"
 #include "gpu_test_util.h"
 #include "ref/ref.h"
@@ -106,12 +105,11 @@ TEST_P(GpuRouter, MatchesReference) {
     testing::upload(d_x, x, c.dtype);
     testing::upload(d_gate, gate, c.dtype);
     if (c.bias) testing::upload(d_bias, bias, DType::kF32);
-    const size_t ws_bytes = cuda::router_workspace_size(cfg, T);
-    DeviceBuffer ws(ws_bytes);
-
     TensorRef tx(d_x.get(), c.dtype, {T, H}, Device::kCUDA);
     TensorRef tgate(d_gate.get(), c.dtype, {E, H}, Device::kCUDA);
     TensorRef tbias = c.bias ? TensorRef(d_bias.get(), DType::kF32, {E}, Device::kCUDA) : TensorRef();
+    const size_t ws_bytes = Router(cfg, tgate, tbias).workspace_size(T);
+    DeviceBuffer ws(ws_bytes);
     TensorRef tids(d_ids.get(), DType::kI32, {T, k}, Device::kCUDA);
     TensorRef tw(d_w.get(), DType::kF32, {T, k}, Device::kCUDA);
     TensorRef tlogits(d_logits.get(), DType::kF32, {T, E}, Device::kCUDA);
@@ -123,7 +121,7 @@ TEST_P(GpuRouter, MatchesReference) {
         d_w.poison();
         d_logits.poison();
         ws.poison();
-        cuda::router_forward(cfg, tgate, tbias, tx, tids, tw, tlogits, ws.get(), ws_bytes, nullptr, &stats);
+        Router(cfg, tgate, tbias).forward(tx, tids, tw, tlogits, ws.get(), ws_bytes, nullptr, &stats);
         GPU_CHECK(cudaDeviceSynchronize());
         runs_ids.push_back(testing::download_raw<uint8_t>(d_ids.get(), T * k * 4));
         runs_w.push_back(testing::download_raw<uint8_t>(d_w.get(), T * k * 4));
@@ -302,10 +300,10 @@ TEST(GpuRouterExact, IntegerInputsTiesAndNaN) {
             DeviceBuffer d_x, d_gate, d_ids(T * k * 4), d_w(T * k * 4), d_logits(T * E * 4);
             testing::upload(d_x, x, cfg.dtype);
             testing::upload(d_gate, gate, cfg.dtype);
-            const size_t ws_bytes = cuda::router_workspace_size(cfg, T);
-            DeviceBuffer ws(ws_bytes);
             TensorRef tx(d_x.get(), cfg.dtype, {T, H}, Device::kCUDA);
             TensorRef tgate(d_gate.get(), cfg.dtype, {E, H}, Device::kCUDA);
+            const size_t ws_bytes = Router(cfg, tgate).workspace_size(T);
+            DeviceBuffer ws(ws_bytes);
             TensorRef tids(d_ids.get(), DType::kI32, {T, k}, Device::kCUDA);
             TensorRef tw(d_w.get(), DType::kF32, {T, k}, Device::kCUDA);
             TensorRef tlogits(d_logits.get(), DType::kF32, {T, E}, Device::kCUDA);
@@ -314,7 +312,7 @@ TEST(GpuRouterExact, IntegerInputsTiesAndNaN) {
             d_logits.poison();
             ws.poison();
             LoadStats stats;
-            cuda::router_forward(cfg, tgate, TensorRef(), tx, tids, tw, tlogits, ws.get(), ws_bytes, nullptr, &stats);
+            Router(cfg, tgate).forward(tx, tids, tw, tlogits, ws.get(), ws_bytes, nullptr, &stats);
             GPU_CHECK(cudaDeviceSynchronize());
             const std::vector<float> logits = testing::download_raw<float>(d_logits.get(), T * E);
             const std::vector<float> ref_logits = ref::router_logits(x, gate, T, H, E);

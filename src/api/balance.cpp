@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "api/check.h"
 #include "ref/backward.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
@@ -19,23 +20,15 @@
 namespace switchyard {
 namespace {
 
+// [n] (n < 0: any length) of dtype, contiguous.
 void check_vector(const TensorRef& t, DType dtype, int64_t n, const char* name) {
-    SWITCHYARD_CHECK(t.defined(), name, " is required but undefined");
-    SWITCHYARD_CHECK(t.dtype == dtype, name, " dtype=", to_string(t.dtype), ", expected ", to_string(dtype));
-    SWITCHYARD_CHECK(t.rank == 1 && (n < 0 || t.shape[0] == n), name, " shape=", t.shape_string(), ", expected [",
-                     n < 0 ? std::string("S") : std::to_string(n), "]");
-    SWITCHYARD_CHECK(t.is_contiguous(), name, " must be contiguous");
-    SWITCHYARD_CHECK(t.data != nullptr || t.numel() == 0, name, " has null data");
+    api::check_tensor(t, name, dtype, {n < 0 ? api::kAny : n});
 }
 
+// [d0, d1] (d0 < 0: any) of dtype on dev.
 void check_matrix(const TensorRef& t, DType dtype, int64_t d0, int64_t d1, const char* name, Device dev) {
-    SWITCHYARD_CHECK(t.defined(), name, " is required but undefined");
-    SWITCHYARD_CHECK(t.dtype == dtype, name, " dtype=", to_string(t.dtype), ", expected ", to_string(dtype));
-    SWITCHYARD_CHECK(t.rank == 2 && t.shape[1] == d1 && (d0 < 0 || t.shape[0] == d0), name, " shape=",
-                     t.shape_string(), ", expected [", d0 < 0 ? std::string("T") : std::to_string(d0), ", ", d1, "]");
-    SWITCHYARD_CHECK(t.is_contiguous(), name, " must be contiguous");
+    api::check_tensor(t, name, dtype, {d0 < 0 ? api::kAny : d0, d1});
     SWITCHYARD_CHECK(t.device == dev, name, " is on ", to_string(t.device), ", expected ", to_string(dev));
-    SWITCHYARD_CHECK(t.data != nullptr || t.numel() == 0, name, " has null data");
 }
 
 void check_rate(double rate) {

@@ -56,13 +56,8 @@ size_t router_bytes(const MoEConfig& cfg, Device dev, int64_t num_tokens) {
 }
 
 void check_router_output(const TensorRef& t, DType dtype, int64_t d0, int64_t d1, const char* name, Device dev) {
-    SWITCHYARD_CHECK(t.defined(), name, " is required but undefined");
-    SWITCHYARD_CHECK(t.dtype == dtype, name, " dtype=", to_string(t.dtype), ", expected ", to_string(dtype));
-    SWITCHYARD_CHECK(t.rank == 2 && t.shape[0] == d0 && t.shape[1] == d1, name, " shape=", t.shape_string(),
-                     ", expected [", d0, ", ", d1, "]");
-    SWITCHYARD_CHECK(t.is_contiguous(), name, " must be contiguous");
+    api::check_tensor(t, name, dtype, {d0, d1});
     SWITCHYARD_CHECK(t.device == dev, name, " is on ", to_string(t.device), ", expected ", to_string(dev));
-    SWITCHYARD_CHECK(t.data != nullptr || d0 * d1 == 0, name, " has null data");
 }
 
 }  // namespace
@@ -73,29 +68,17 @@ Router::Router(const MoEConfig& cfg, const TensorRef& gate, const TensorRef& sco
     SWITCHYARD_CHECK(!cfg_.expert_choice(),
                      "Router: routing=expert-choice gives [T, E] routing arrays, not top-k ones; run it through MoELayer "
                      "(ForwardOutputs) instead");
-    SWITCHYARD_CHECK(gate_.defined(), "gate is required but undefined");
-    SWITCHYARD_CHECK(gate_.dtype == DType::kF32 || gate_.dtype == DType::kBF16 || gate_.dtype == DType::kF16,
-                     "gate dtype=", to_string(gate_.dtype), " must be fp32, bf16 or fp16");
-    SWITCHYARD_CHECK(gate_.rank == 2 && gate_.shape[0] == cfg_.num_experts && gate_.shape[1] == cfg_.hidden_size,
-                     "gate shape=", gate_.shape_string(), ", expected [", cfg_.num_experts, ", ", cfg_.hidden_size,
-                     "]");
-    SWITCHYARD_CHECK(gate_.is_contiguous(), "gate must be contiguous");
+    api::check_float_tensor(gate_, "gate", {cfg_.num_experts, cfg_.hidden_size});
+    SWITCHYARD_CHECK(gate_.dtype != DType::kF64, "gate dtype=fp64: the router takes fp32, bf16 or fp16");
     SWITCHYARD_CHECK(gate_.data != nullptr, "gate has null data");
     if (cfg_.use_score_bias) {
         SWITCHYARD_CHECK(bias_.defined(), "score_bias is required when use_score_bias=true");
-        SWITCHYARD_CHECK(bias_.dtype == DType::kF32, "score_bias dtype=", to_string(bias_.dtype), " must be fp32");
-        SWITCHYARD_CHECK(bias_.rank == 1 && bias_.shape[0] == cfg_.num_experts,
-                         "score_bias shape=", bias_.shape_string(), ", expected [", cfg_.num_experts, "]");
-        SWITCHYARD_CHECK(bias_.device == gate_.device && bias_.device_index == gate_.device_index, "score_bias is on ",
-                         to_string(bias_.device), ", gate on ", to_string(gate_.device));
-        SWITCHYARD_CHECK(bias_.data != nullptr, "score_bias has null data");
+        api::check_tensor(bias_, "score_bias", DType::kF32, {cfg_.num_experts});
+        api::check_same_device(bias_, "score_bias", gate_, "gate");
     } else {
         SWITCHYARD_CHECK(!bias_.defined(), "score_bias ", bias_.shape_string(), " given but use_score_bias=false");
     }
-#ifndef SWITCHYARD_WITH_CUDA
-    SWITCHYARD_CHECK(gate_.device == Device::kCPU, "gate is on ", to_string(gate_.device),
-                     " but this build has no CUDA backend (built without CUDA)");
-#endif
+    api::check_backend(gate_.device, "Router gate");
 }
 
 size_t Router::workspace_size(int64_t num_tokens) const {

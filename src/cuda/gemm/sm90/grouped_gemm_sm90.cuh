@@ -101,31 +101,22 @@ struct DeviceArrays {
     StrideB* stride_b;
     StrideD* stride_d;
 
-    static size_t bytes(int64_t g) {
-        size_t n = 0;
-        n += align_up(sizeof(UnderlyingShape) * g, 256);
-        n += 3 * align_up(sizeof(void*) * g, 256);
-        n += align_up(sizeof(StrideA) * g, 256) + align_up(sizeof(StrideB) * g, 256);
-        n += align_up(sizeof(StrideD) * g, 256);
-        return n;
-    }
-    static DeviceArrays carve(void* ws, int64_t g) {
-        char* p = static_cast<char*>(ws);
+    // One function sizes (null base) and partitions the arrays, in one order, each slice 256-byte aligned.
+    static DeviceArrays carve(WorkspaceCarver& wc, int64_t g) {
         DeviceArrays d;
-        d.shapes = reinterpret_cast<UnderlyingShape*>(p);
-        p += align_up(sizeof(UnderlyingShape) * g, 256);
-        d.ptr_a = reinterpret_cast<const Element**>(p);
-        p += align_up(sizeof(void*) * g, 256);
-        d.ptr_b = reinterpret_cast<const Element**>(p);
-        p += align_up(sizeof(void*) * g, 256);
-        d.ptr_d = reinterpret_cast<Element**>(p);
-        p += align_up(sizeof(void*) * g, 256);
-        d.stride_a = reinterpret_cast<StrideA*>(p);
-        p += align_up(sizeof(StrideA) * g, 256);
-        d.stride_b = reinterpret_cast<StrideB*>(p);
-        p += align_up(sizeof(StrideB) * g, 256);
-        d.stride_d = reinterpret_cast<StrideD*>(p);
+        d.shapes = wc.take<UnderlyingShape>(g);
+        d.ptr_a = wc.take<const Element*>(g);
+        d.ptr_b = wc.take<const Element*>(g);
+        d.ptr_d = wc.take<Element*>(g);
+        d.stride_a = wc.take<StrideA>(g);
+        d.stride_b = wc.take<StrideB>(g);
+        d.stride_d = wc.take<StrideD>(g);
         return d;
+    }
+    static size_t bytes(int64_t g) {
+        WorkspaceCarver sizing;
+        carve(sizing, g);
+        return sizing.used();
     }
 };
 
@@ -191,7 +182,7 @@ struct PtrArrayGemm {
     static size_t workspace_size(int64_t num_groups, int sm_count) {
         Arrays none{};
         auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0);
-        return align_up(Arrays::bytes(num_groups), 256) + align_up(K::Gemm::get_workspace_size(args), 256);
+        return Arrays::bytes(num_groups) + align_up(K::Gemm::get_workspace_size(args), 256);
     }
 
     // Sets the kernel's dynamic shared memory limit once per device (not a stream operation; done before the
@@ -223,8 +214,9 @@ struct PtrArrayGemm {
         SWITCHYARD_GG_CUDA_CHECK(cudaGetDevice(&device));
         ensure_smem_attribute(device);
 
-        Arrays arr = Arrays::carve(workspace, num_groups64);
-        void* cutlass_ws = static_cast<char*>(workspace) + align_up(Arrays::bytes(num_groups64), 256);
+        WorkspaceCarver wc(workspace, workspace_bytes);
+        Arrays arr = Arrays::carve(wc, num_groups64);
+        void* cutlass_ws = static_cast<char*>(workspace) + wc.used();
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 

@@ -19,6 +19,7 @@
 
 #include "cuda/gemm/grouped_gemm.h"
 #include "switchyard/error.h"
+#include "util/workspace.h"
 
 // Throws switchyard::Error naming the failing runtime call (local to the grouped GEMM files).
 #define SWITCHYARD_GG_CUDA_CHECK(expr)                                                      \
@@ -66,8 +67,6 @@ inline const GemmOps& ops_for(DType dtype, TileConfig tile) {
     }
     return tile == TileConfig::kPingpong64x128 ? kF16Pingpong : kF16Cooperative;  // fp16: two configurations
 }
-
-inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 }  // namespace sm90
 
