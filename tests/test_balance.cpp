@@ -425,36 +425,5 @@ TEST(Capacity, EveryTokenPrefersOneExpertTrainVsEval) {
     (void)E;
 }
 
-// ---- simulation --------------------------------------------------------------------------------------------------
-
-TEST(BalanceSimulation, AuxFreeConvergesOnDefaults) {
-    ref::BalanceSimOptions o;  // the defaults of `switchyard balance`
-    SCOPED_TRACE(test::seed_trace(o.seed));
-    const ref::BalanceSimResult r = ref::simulate_balance(o, ref::BalanceMode::kAuxFree);
-    ASSERT_EQ(static_cast<int64_t>(r.max_over_mean.size()), o.steps);
-    EXPECT_GT(r.max_over_mean.front(), 2.0) << "the skew should start far from balanced";
-    double tail = 0;
-    const int64_t n = o.steps / 10;
-    for (int64_t i = o.steps - n; i < o.steps; ++i) tail += r.max_over_mean[i] / static_cast<double>(n);
-    EXPECT_LE(tail, 1.1) << "mean max/mean over the last " << n << " steps";
-    EXPECT_GT(r.final_bias.back(), r.final_bias.front()) << "the least preferred expert should gain bias";
-}
-
-TEST(BalanceSimulation, NoBalancingStaysSkewedAndAuxLossHelps) {
-    ref::BalanceSimOptions o;
-    o.steps = 60;
-    o.tokens = 1024;
-    SCOPED_TRACE(test::seed_trace(o.seed));
-    const ref::BalanceSimResult none = ref::simulate_balance(o, ref::BalanceMode::kNone);
-    const ref::BalanceSimResult aux = ref::simulate_balance(o, ref::BalanceMode::kAuxLoss);
-    EXPECT_GT(none.max_over_mean.back(), 2.0);
-    EXPECT_LT(aux.max_over_mean.back(), 0.6 * none.max_over_mean.back());
-    expect_error([&] {
-        ref::BalanceSimOptions b = o;
-        b.top_k = 40;
-        ref::simulate_balance(b, ref::BalanceMode::kNone);
-    }, {"top_k=40"});
-}
-
 }  // namespace
 }  // namespace switchyard

@@ -10,14 +10,12 @@
 // sequence_aux_loss   mean over non-empty sequences of E * sum_e f_e P_e (f from the sequence's top-k pairs, P the
 //                     sequence's mean probability); all sums in double, in token / expert / sequence order.
 // route_expert_choice expert-choice routing and its plan (ref.h states the rules); expert_choice_stats its stats.
-// simulate_balance    the `switchyard balance` simulation (ref.h states the model).
 // Layout of an expert-choice plan: every [T*k] array of HostPlan is [T*E] with slot e = expert e; rows
 // (expert e's picked tokens, token order) fill [e*C, (e+1)*C); row_slot = t*E + e; nothing past E*C is used.
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
-#include <random>
 #include <vector>
 
 #include "ref/ref.h"
@@ -193,111 +191,6 @@ void expert_choice_stats(const MoEConfig& cfg, const std::vector<float>& logits,
         if (!any) ++stats.unrouted_tokens;
     }
     finalize_load_stats(cfg, stats);
-}
-
-}  // namespace ref
-}  // namespace switchyard
-
-// ---- balance simulation -----------------------------------------------------------------------------------------
-
-namespace switchyard {
-namespace ref {
-
-const char* to_string(BalanceMode m) {
-    switch (m) {
-        case BalanceMode::kNone:
-            return "none";
-        case BalanceMode::kAuxLoss:
-            return "aux-loss";
-        case BalanceMode::kAuxFree:
-            return "aux-free";
-    }
-    return "unknown-balance-mode";
-}
-
-BalanceSimResult simulate_balance(const BalanceSimOptions& o, BalanceMode mode) {
-    const int64_t E = o.num_experts, k = o.top_k, T = o.tokens;
-    SWITCHYARD_CHECK(E >= 1 && E <= 512, "balance: experts=", E, " must be in [1, 512]");
-    SWITCHYARD_CHECK(k >= 1 && k <= E && k <= 32, "balance: top_k=", k, " must be in [1, min(32, experts)]");
-    SWITCHYARD_CHECK(T >= 1, "balance: tokens=", T, " must be >= 1");
-    SWITCHYARD_CHECK(o.steps >= 1, "balance: steps=", o.steps, " must be >= 1");
-    SWITCHYARD_CHECK(std::isfinite(o.zipf) && std::isfinite(o.noise) && o.noise >= 0, "balance: zipf=", o.zipf,
-                     " noise=", o.noise, " must be finite (noise >= 0)");
-    SWITCHYARD_CHECK(std::isfinite(o.bias_rate) && o.bias_rate >= 0, "balance: bias_rate=", o.bias_rate);
-    SWITCHYARD_CHECK(std::isfinite(o.aux_lr) && o.aux_lr >= 0, "balance: aux_lr=", o.aux_lr);
-    SWITCHYARD_CHECK(o.score != ScoreFunction::kTopkSoftmax, "balance: score must be softmax or sigmoid");
-    MoEConfig cfg;
-    cfg.hidden_size = 1;
-    cfg.ffn_size = 1;
-    cfg.num_experts = E;
-    cfg.top_k = k;
-    cfg.score_function = o.score;
-    cfg.use_score_bias = mode == BalanceMode::kAuxFree;
-    cfg.validate();
-
-    std::vector<double> skew(static_cast<size_t>(E));
-    for (int64_t e = 0; e < E; ++e) skew[e] = -o.zipf * std::log(static_cast<double>(e + 1));
-    std::vector<float> bias(static_cast<size_t>(E), 0.0f);      // aux-free: selection bias
-    std::vector<double> logit_bias(static_cast<size_t>(E), 0.0);  // aux-loss: logit bias
-    std::vector<float> logits(static_cast<size_t>(T * E));
-    std::vector<int32_t> ids;
-    std::vector<float> weights;
-    std::vector<double> p(static_cast<size_t>(E)), grad(static_cast<size_t>(E));
-    std::vector<int64_t> counts(static_cast<size_t>(E));
-    std::mt19937_64 gen(o.seed);
-    auto uniform = [&]() { return (static_cast<double>(gen() >> 11) + 0.5) / 9007199254740992.0; };  // (0, 1)
-
-    BalanceSimResult r;
-    for (int64_t step = 0; step < o.steps; ++step) {
-        for (int64_t i = 0; i < T * E; i += 2) {  // Box-Muller pairs
-            const double u1 = uniform(), u2 = uniform();
-            const double rad = std::sqrt(-2.0 * std::log(u1)), ang = 6.283185307179586 * u2;
-            const double z[2] = {rad * std::cos(ang), rad * std::sin(ang)};
-            for (int64_t q = 0; q < 2 && i + q < T * E; ++q) {
-                const int64_t e = (i + q) % E;
-                logits[i + q] = static_cast<float>(skew[e] + logit_bias[e] + o.noise * z[q]);
-            }
-        }
-        route(cfg, logits, bias, T, ids, weights);
-        std::fill(counts.begin(), counts.end(), 0);
-        for (int32_t id : ids) ++counts[id];
-        LoadStats st;
-        router_stats(cfg, logits, ids, T, st);
-        r.max_over_mean.push_back(st.max_over_mean());
-        r.cv.push_back(st.cv);
-        r.aux_loss.push_back(st.aux_loss);
-
-        if (mode == BalanceMode::kAuxFree) {
-            update_score_bias(o.bias_rate, counts.data(), E, bias.data());
-        } else if (mode == BalanceMode::kAuxLoss) {
-            // dL/db_j = (E / T) sum_t g_tj (f_j - sum_e f_e p_te), g = p (softmax) or s(1-s)/sum s (sigmoid).
-            std::fill(grad.begin(), grad.end(), 0.0);
-            for (int64_t t = 0; t < T; ++t) {
-                const float* l = logits.data() + t * E;
-                aux_probabilities(o.score, l, E, p.data());
-                double fp = 0.0;
-                for (int64_t e = 0; e < E; ++e)
-                    fp += static_cast<double>(counts[e]) / static_cast<double>(T * k) * p[e];
-                double ssum = 0.0;
-                if (o.score == ScoreFunction::kSigmoid)
-                    for (int64_t e = 0; e < E; ++e) ssum += 1.0 / (1.0 + std::exp(-static_cast<double>(l[e])));
-                for (int64_t j = 0; j < E; ++j) {
-                    double g = p[j];
-                    if (o.score == ScoreFunction::kSigmoid) {
-                        const double s = 1.0 / (1.0 + std::exp(-static_cast<double>(l[j])));
-                        g = s * (1.0 - s) / ssum;
-                    }
-                    grad[j] += g * (static_cast<double>(counts[j]) / static_cast<double>(T * k) - fp);
-                }
-            }
-            for (int64_t j = 0; j < E; ++j)
-                logit_bias[j] -= o.aux_lr * static_cast<double>(E) / static_cast<double>(T) * grad[j];
-        }
-    }
-    r.final_bias.assign(bias.begin(), bias.end());
-    if (mode == BalanceMode::kAuxLoss)
-        for (int64_t e = 0; e < E; ++e) r.final_bias[e] = static_cast<float>(logit_bias[e]);
-    return r;
 }
 
 }  // namespace ref

@@ -146,34 +146,5 @@ HostPlan route_expert_choice(const MoEConfig& cfg, const std::vector<float>& log
 void expert_choice_stats(const MoEConfig& cfg, const std::vector<float>& logits, const HostPlan& plan,
                          LoadStats& stats);
 
-// Balance simulation (`switchyard balance`): routing over many steps where the logits of token t are
-//   l[t, e] = -zipf * ln(e + 1) + noise * z[t, e],  z ~ N(0, 1) i.i.d. (fresh tokens every step, fixed seed),
-// i.e. a persistent Zipf-shaped preference for low expert indices. Per step the tokens are routed with top_k of
-// `score` and one of three balancing modes acts on a per-expert bias b:
-//   kNone     no balancing (b = 0);
-//   kAuxLoss  b is a logit bias (selection and weights): after the step, b -= aux_lr * dL/db for the Switch loss
-//             L = E sum_e f_e P_e with f held fixed (its usual straight-through treatment);
-//   kAuxFree  b is the selection-only score bias, updated by update_score_bias(bias_rate, counts).
-// Records max/mean load, the coefficient of variation and the aux loss of every step (the loads before the update).
-enum class BalanceMode : int { kNone = 0, kAuxLoss = 1, kAuxFree = 2 };
-const char* to_string(BalanceMode m);
-struct BalanceSimOptions {
-    int64_t num_experts = 16;
-    int64_t top_k = 4;
-    int64_t tokens = 4096;  // tokens per step
-    int64_t steps = 300;
-    double zipf = 1.0;
-    double noise = 1.0;
-    ScoreFunction score = ScoreFunction::kSigmoid;
-    double bias_rate = 0.002;
-    double aux_lr = 1.0;
-    uint64_t seed = 1;
-};
-struct BalanceSimResult {
-    std::vector<double> max_over_mean, cv, aux_loss;  // [steps]
-    std::vector<float> final_bias;                    // [E]
-};
-BalanceSimResult simulate_balance(const BalanceSimOptions& opt, BalanceMode mode);
-
 }  // namespace ref
 }  // namespace switchyard

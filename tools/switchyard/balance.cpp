@@ -1,6 +1,6 @@
 // tools/switchyard/balance.cpp: `switchyard balance`: a simulation of routing over many steps under a persistent
 // per-expert skew, with no balancing, with the aux loss acting on a logit bias, and with aux-loss-free bias
-// updates (the model is written out at ref::simulate_balance in src/ref/ref.h; the CPU reference runs it).
+// updates (the model is written out in balance_sim.h; it routes with the library's public CPU stages).
 //
 // Prints max/mean load every --print-every steps per mode and a summary (start, mean and max of the last 10% of
 // steps, first step whose 10-step window averages within --target; a mode "ends balanced" when the mean of its
@@ -18,8 +18,8 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "balance_sim.h"
 #include "io/file_util.h"
-#include "ref/ref.h"
 #include "switchyard/error.h"
 
 namespace switchyard {
@@ -27,7 +27,7 @@ namespace cli {
 namespace {
 
 struct BalanceOptions {
-    ref::BalanceSimOptions sim;
+    BalanceSimOptions sim;
     std::string score = "sigmoid";
     std::string modes = "none,aux-loss,aux-free";
     std::string json = "balance.json";
@@ -38,10 +38,10 @@ struct BalanceOptions {
     bool require_converged = false;
 };
 
-ref::BalanceMode parse_mode(const std::string& s) {
-    if (s == "none") return ref::BalanceMode::kNone;
-    if (s == "aux-loss" || s == "aux") return ref::BalanceMode::kAuxLoss;
-    if (s == "aux-free" || s == "aux-loss-free" || s == "bias") return ref::BalanceMode::kAuxFree;
+BalanceMode parse_mode(const std::string& s) {
+    if (s == "none") return BalanceMode::kNone;
+    if (s == "aux-loss" || s == "aux") return BalanceMode::kAuxLoss;
+    if (s == "aux-free" || s == "aux-loss-free" || s == "bias") return BalanceMode::kAuxFree;
     SWITCHYARD_FAIL("--modes: '", s, "' is not one of none|aux-loss|aux-free");
 }
 
@@ -72,7 +72,7 @@ int run_balance(BalanceOptions o) {
     o.sim.score = parse_score_function(o.score);
     SWITCHYARD_CHECK(o.print_every >= 1, "--print-every must be >= 1, got ", o.print_every);
     require_finite(o.target, "--target");
-    std::vector<ref::BalanceMode> modes;
+    std::vector<BalanceMode> modes;
     std::stringstream ss(o.modes);
     for (std::string m; std::getline(ss, m, ',');)
         if (!m.empty()) modes.push_back(parse_mode(m));
@@ -97,12 +97,12 @@ int run_balance(BalanceOptions o) {
     j["target"] = o.target;
     j["modes"] = nlohmann::ordered_json::object();
     bool aux_free_ok = true;
-    for (ref::BalanceMode m : modes) {
+    for (BalanceMode m : modes) {
         const double t0 = now_seconds();
-        const ref::BalanceSimResult r = ref::simulate_balance(o.sim, m);
+        const BalanceSimResult r = simulate_balance(o.sim, m);
         const double secs = now_seconds() - t0;
         const Summary s = summarise(r.max_over_mean, o.target);
-        std::printf("\n%-8s step:", ref::to_string(m));
+        std::printf("\n%-8s step:", to_string(m));
         for (int64_t i = 0; i < o.sim.steps; i += o.print_every) std::printf(" %6lld", static_cast<long long>(i));
         std::printf("\n%-8s max/mean:", "");
         for (int64_t i = 0; i < o.sim.steps; i += o.print_every) std::printf(" %6.3f", r.max_over_mean[i]);
@@ -112,7 +112,7 @@ int run_balance(BalanceOptions o) {
                         static_cast<long long>(s.converged_at));
         std::printf("%s", s.tail_mean <= o.target ? "ends balanced" : "ends unbalanced");
         std::printf(" (%.1f s)\n", secs);
-        if (m == ref::BalanceMode::kAuxFree && s.tail_mean > o.target) aux_free_ok = false;
+        if (m == BalanceMode::kAuxFree && s.tail_mean > o.target) aux_free_ok = false;
         nlohmann::ordered_json jm;
         jm["max_over_mean"] = r.max_over_mean;
         jm["cv"] = r.cv;
@@ -122,7 +122,7 @@ int run_balance(BalanceOptions o) {
         jm["tail_mean"] = s.tail_mean;
         jm["tail_max"] = s.tail_max;
         jm["converged_at"] = s.converged_at;
-        j["modes"][ref::to_string(m)] = jm;
+        j["modes"][to_string(m)] = jm;
     }
     io::AtomicFileSet files;
     const std::string text = j.dump(1) + "\n";
