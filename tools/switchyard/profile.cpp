@@ -35,7 +35,6 @@
 #include "commands.h"
 #include "io/file_util.h"
 #include "io/weights.h"
-#include "ref/ref.h"
 #include "shapes.h"
 #include "profile_common.h"
 #include "profile_gpu.h"
@@ -206,173 +205,149 @@ struct LayerRow {
     LoadStats stats;
 };
 
-int run_profile(const ProfileOptions& o, const std::string& cmdline) {
-    if (!o.ncu_child.empty()) return run_ncu_child(o.ncu_child, o.ncu_tokens, parse_dtype(o.dtype), o.seed);
-    if (!o.render_json.empty()) {
-        std::ifstream f(o.render_json);
-        SWITCHYARD_CHECK(f.good(), "--render-json: cannot read '", o.render_json, "'");
-        nlohmann::ordered_json j = nlohmann::ordered_json::parse(f);
-        SWITCHYARD_CHECK(j.value("device", "") == "cuda", "--render-json: only GPU reports re-render (device=",
-                         j.value("device", ""), ")");
-        ::mkdir(o.out.c_str(), 0755);
-        add_gpu_next_steps(j);
-        write_report(o.out, render_gpu_report(j), j.dump(1) + "\n");
-        return kExitOk;
-    }
-    std::string device = o.device;
-    if (device == "auto") device = has_cuda_backend() && cuda_device_count() > 0 ? "cuda" : "cpu";
-    const Device dev = parse_device(device);
-    if (dev == Device::kCUDA) {
-        ::mkdir(o.out.c_str(), 0755);
-        struct stat st;
-        SWITCHYARD_CHECK(::stat(o.out.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--out '", o.out,
-                         "' is not a folder and cannot be created");
-        return run_profile_gpu(o, cmdline);
-    }
-    const DType dtype = parse_dtype(o.dtype);
-    std::vector<int64_t> tokens = o.tokens;
-    int reps = o.reps, warmup = o.warmup;
-    const double budget = o.quick ? 0.3 : o.budget_s;  // seconds of extra samples per cheap measurement
-    if (o.quick) {
-        tokens = {16, 64};
-        reps = std::min(reps, 3);
-        warmup = std::min(warmup, 1);
-    }
-    SWITCHYARD_CHECK(!tokens.empty() && !o.shapes.empty(), "--tokens and --shapes must not be empty");
-    for (int64_t t : tokens) SWITCHYARD_CHECK(t > 0, "--tokens entries must be > 0, got ", t);
-    SWITCHYARD_CHECK(reps > 0 && warmup >= 0, "--reps must be > 0 and --warmup >= 0");
-    std::vector<MoEConfig> cfgs;
-    for (const auto& s : o.shapes) {
-        cfgs.push_back(named_shape(s, dtype));
-        cfgs.back().validate();
-    }
-    ::mkdir(o.out.c_str(), 0755);
-    struct stat st;
-    SWITCHYARD_CHECK(::stat(o.out.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--out '", o.out,
-                     "' is not a folder and cannot be created");
+// Memory of the dense baseline at full model sizes (computed, nothing allocated).
+struct FullMem {
+    std::string shape;
+    int64_t T;
+    DenseMemory dm;
+    size_t budget, goal;
+};
+constexpr double kGpuMemoryReferenceBytes = 80e9;
 
-    const int total_steps = static_cast<int>(cfgs.size() * tokens.size()) + 3;
-    ProgressBar bar(total_steps, now_seconds());
-    auto progress = [&](const std::string& what) { bar.step(what); };
-
-    // ---- hardware ----
-    progress("hardware probes");
-    const HostInfo hi = host_info();
+struct HostHardware {
+    HostInfo hi;
     std::string loadavg = "unknown";
+    double gemm_gflops = 0, bw_gbs = 0;
+    std::string gpu_line = "none used (CPU backend)", cuda_line;
+    double gpu_mem_gib = 0;
+};
+
+// Everything a CPU report prints: the settings of the run and its measurements.
+struct CpuProfile {
+    const ProfileOptions& o;
+    std::string cmdline;
+    Device dev = Device::kCPU;
+    std::vector<int64_t> tokens;
+    int reps = 0, warmup = 0;
+    double budget = 0;  // seconds of extra samples per cheap measurement
+    std::vector<MoEConfig> cfgs;
+    HostHardware hw;
+    double tflops = 0, gbs = 0;  // rates of the floors
+    std::vector<LayerRow> rows;
+    const LayerRow* big = nullptr;  // largest T of the first shape: the headline numbers
+    int64_t util_T = 0;
+    std::vector<UtilRow> util;
+    std::vector<FullMem> full;
+};
+
+void make_out_dir(const std::string& out) {
+    ::mkdir(out.c_str(), 0755);
+    struct stat st;
+    SWITCHYARD_CHECK(::stat(out.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "--out '", out,
+                     "' is not a folder and cannot be created");
+}
+
+// Token counts, repetitions and shapes of a CPU run (--quick trims them).
+void resolve_cpu_settings(CpuProfile& p) {
+    const ProfileOptions& o = p.o;
+    p.tokens = o.tokens;
+    p.reps = o.reps;
+    p.warmup = o.warmup;
+    p.budget = o.quick ? 0.3 : o.budget_s;
+    if (o.quick) {
+        p.tokens = {16, 64};
+        p.reps = std::min(p.reps, 3);
+        p.warmup = std::min(p.warmup, 1);
+    }
+    SWITCHYARD_CHECK(!p.tokens.empty() && !o.shapes.empty(), "--tokens and --shapes must not be empty");
+    for (int64_t t : p.tokens) SWITCHYARD_CHECK(t > 0, "--tokens entries must be > 0, got ", t);
+    SWITCHYARD_CHECK(p.reps > 0 && p.warmup >= 0, "--reps must be > 0 and --warmup >= 0");
+    const DType dtype = parse_dtype(o.dtype);
+    for (const auto& s : o.shapes) {
+        p.cfgs.push_back(named_shape(s, dtype));
+        p.cfgs.back().validate();
+    }
+}
+
+// Host description, measured CPU GEMM rate and memcpy bandwidth, and the GPU (when the build has CUDA).
+HostHardware probe_host_hardware(Device dev) {
+    HostHardware h;
+    h.hi = host_info();
     {
         std::ifstream la("/proc/loadavg");
         double l1 = 0, l5 = 0, l15 = 0;
-        if (la >> l1 >> l5 >> l15) loadavg = fmt("%.2f", l1) + " / " + fmt("%.2f", l5) + " / " + fmt("%.2f", l15);
+        if (la >> l1 >> l5 >> l15) h.loadavg = fmt("%.2f", l1) + " / " + fmt("%.2f", l5) + " / " + fmt("%.2f", l15);
     }
-    const double gemm_gflops = measure_cpu_gemm_gflops();
-    const double bw_gbs = measure_host_bandwidth_gbs();
-    std::string gpu_line = "none used (CPU backend)", cuda_line;
-    double gpu_mem_gib = 0;
+    h.gemm_gflops = measure_cpu_gemm_gflops();
+    h.bw_gbs = measure_host_bandwidth_gbs();
     if (!has_cuda_backend()) {
-        cuda_line = "not built (no nvcc at configure time); CPU backend only";
+        h.cuda_line = "not built (no nvcc at configure time); CPU backend only";
     } else {
-        cuda_line = "CUDA backend built; " + std::to_string(cuda_device_count()) + " device(s) visible";
+        h.cuda_line = "CUDA backend built; " + std::to_string(cuda_device_count()) + " device(s) visible";
     }
 #ifdef SWITCHYARD_WITH_CUDA
     if (cuda_device_count() > 0) {
         cudaDeviceProp p;
         if (cudaGetDeviceProperties(&p, 0) == cudaSuccess) {
-            gpu_mem_gib = static_cast<double>(p.totalGlobalMem) / double(1ull << 30);
+            h.gpu_mem_gib = static_cast<double>(p.totalGlobalMem) / double(1ull << 30);
             int rt = 0;
             cudaRuntimeGetVersion(&rt);
-            gpu_line = std::string(p.name) + ", " + fmt("%.1f GiB", gpu_mem_gib) + ", sm_" + std::to_string(p.major) +
-                       std::to_string(p.minor) +
-                       (dev == Device::kCUDA ? " (full-layer timings below)" : " (not used: --device cpu)");
-            cuda_line += ", runtime " + std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10);
+            h.gpu_line = std::string(p.name) + ", " + fmt("%.1f GiB", h.gpu_mem_gib) + ", sm_" +
+                         std::to_string(p.major) + std::to_string(p.minor) +
+                         (dev == Device::kCUDA ? " (full-layer timings below)" : " (not used: --device cpu)");
+            h.cuda_line += ", runtime " + std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10);
         }
     }
+#else
+    (void)dev;
 #endif
+    return h;
+}
 
-    // Rates of the floors: measured on the CPU; DESIGN.md's H100 ceilings on CUDA.
-    const double tflops = dev == Device::kCPU ? gemm_gflops / 1e3 : 785.0;
-    const double gbs = dev == Device::kCPU ? bw_gbs : 3000.0;
-
-    // ---- layer timings ----
-    std::vector<LayerRow> rows;
+// One (shape, T) of the CPU report: the layer's load, floor, sparse and dense times, the CPU stage breakdown, the
+// two routers, and the memory of each implementation.
+LayerRow measure_cpu_layer(const CpuProfile& p, const std::string& shape, const MoEConfig& cfg,
+                           const io::OwnedWeights& w, int64_t T) {
+    const ProfileOptions& o = p.o;
+    LayerRow r;
+    r.shape = shape;
+    r.cfg = cfg;
+    r.T = T;
+    const int64_t H = cfg.hidden_size;
+    std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed * 1000 + static_cast<uint64_t>(T));
+    std::vector<uint8_t> y(x.size());
+    TensorRef xh = io::host_tensor(x.data(), cfg.dtype, {T, H}), yh = io::host_tensor(y.data(), cfg.dtype, {T, H});
+    MoELayer layer(cfg, w.w);
+    {
+        ForwardOutputs out;
+        out.stats = &r.stats;
+        layer.forward(xh, yh, &out);
+    }
+    int64_t kept = 0, hit = 0;
+    for (int64_t c : r.stats.kept_counts) kept += c, hit += c > 0;
+    r.flops = layer_flops(cfg, T, kept);
+    r.bytes = layer_bytes(cfg, T, hit, w.w.w13.dtype);
+    r.floor_ms = std::max(r.flops / (p.tflops * 1e12), r.bytes / (p.gbs * 1e9)) * 1e3;
     const size_t limit = static_cast<size_t>(o.dense_limit_gib * double(1ull << 30));
-    for (size_t si = 0; si < cfgs.size(); ++si) {
-        const MoEConfig& cfg = cfgs[si];
-        io::OwnedWeights w = io::random_weights(cfg, o.seed + si);
-        if (!cfg.use_score_bias) w.w.score_bias = TensorRef();
-#ifdef SWITCHYARD_WITH_CUDA
-        std::unique_ptr<DeviceWeights> dw;
-        if (dev == Device::kCUDA) dw = std::make_unique<DeviceWeights>(to_device(w.w));
-#endif
-        for (int64_t T : tokens) {
-            progress("layer " + o.shapes[si] + " T=" + std::to_string(T));
-            LayerRow r;
-            r.shape = o.shapes[si];
-            r.cfg = cfg;
-            r.T = T;
-            const int64_t H = cfg.hidden_size;
-            std::vector<uint8_t> x = random_input(cfg.dtype, T, H, o.seed * 1000 + static_cast<uint64_t>(T));
-            std::vector<uint8_t> y(x.size());
-            TensorRef xh = io::host_tensor(x.data(), cfg.dtype, {T, H}),
-                      yh = io::host_tensor(y.data(), cfg.dtype, {T, H});
-            MoELayer layer(cfg, w.w);
-            {
-                ForwardOutputs out;
-                out.stats = &r.stats;
-                layer.forward(xh, yh, &out);
-            }
-            int64_t kept = 0, hit = 0, max_rows = 0;
-            for (int64_t c : r.stats.kept_counts) kept += c, hit += c > 0, max_rows = std::max(max_rows, c);
-            r.flops = layer_flops(cfg, T, kept);
-            r.bytes = layer_bytes(cfg, T, hit, w.w.w13.dtype);
-            r.floor_ms = std::max(r.flops / (tflops * 1e12), r.bytes / (gbs * 1e9)) * 1e3;
-            DenseResult d;
-            if (dev == Device::kCPU) {
-                r.sparse_ms = median_ms_adaptive([&] { layer.forward(xh, yh); }, warmup, reps, budget);
-                d = dense_forward_cpu(cfg, w.w, xh, yh, limit);
-                if (d.ran)
-                    r.dense_ms = median_ms_adaptive([&] { d = dense_forward_cpu(cfg, w.w, xh, yh, limit); }, warmup,
-                                                    reps, budget);
-            } else {
-#ifdef SWITCHYARD_WITH_CUDA
-                std::vector<DeviceBuffer> keep;
-                TensorRef xd = to_device(xh, keep), yd = to_device(yh, keep);
-                MoELayer gl(cfg, dw->w);
-                DeviceBuffer ws(gl.workspace_size(T));
-                r.sparse_ms = median_ms([&] { gl.forward(xd, yd, ws.get(), ws.size(), nullptr, nullptr); }, warmup,
-                                        reps, [] { device_synchronize(); });
-                d = dense_forward_cuda(cfg, dw->w, xd, yd, limit);
-                if (d.ran)
-                    r.dense_ms = median_ms([&] { d = dense_forward_cuda(cfg, dw->w, xd, yd, limit); }, warmup, reps,
-                                           [] { device_synchronize(); });
-#endif
-            }
-            r.dense_ran = d.ran;
-            r.dense_reason = d.reason;
-            r.dense_mem = dense_memory(cfg, T, d.capacity);
-            r.stages = time_cpu_stages(cfg, w.w, xh, warmup, reps, budget);
-            r.router = time_routers_cpu(cfg, w.w, xh, warmup, reps, budget);
-            r.sparse_bytes = cpu_sparse_intermediate_bytes(cfg, T, max_rows);
-            r.gpu_budget = gpu_budget_bytes(cfg, T);
-            r.gpu_goal = gpu_fused_goal_bytes(cfg, T);
-            rows.push_back(r);
-        }
-    }
+    r.sparse_ms = median_ms_adaptive([&] { layer.forward(xh, yh); }, p.warmup, p.reps, p.budget);
+    DenseResult d = dense_forward_cpu(cfg, w.w, xh, yh, limit);
+    if (d.ran)
+        r.dense_ms = median_ms_adaptive([&] { d = dense_forward_cpu(cfg, w.w, xh, yh, limit); }, p.warmup, p.reps,
+                                        p.budget);
+    r.dense_ran = d.ran;
+    r.dense_reason = d.reason;
+    r.dense_mem = dense_memory(cfg, T, d.capacity);
+    r.stages = time_cpu_stages(cfg, w.w, xh, p.warmup, p.reps, p.budget);
+    r.router = time_routers_cpu(cfg, w.w, xh, p.warmup, p.reps, p.budget);
+    r.sparse_bytes = layer.workspace_size(T);  // the CPU forward's host workspace (every intermediate)
+    r.gpu_budget = gpu_budget_bytes(cfg, T);
+    r.gpu_goal = gpu_fused_goal_bytes(cfg, T);
+    return r;
+}
 
-    // ---- utilisation ----
-    progress("expert utilisation (uniform and Zipf-skewed logits)");
-    const int64_t util_T = o.quick ? 1024 : 4096;
-    const std::vector<UtilRow> util = util_rows(o.shapes, cfgs, util_T, o.seed);
-
-    // ---- full-size memory (computed, nothing allocated) ----
-    progress("memory at full model sizes (computed)");
-    struct FullMem {
-        std::string shape;
-        int64_t T;
-        DenseMemory dm;
-        size_t budget, goal;
-    };
+// The dense baseline's need at full model sizes (bf16, capacity factor 1.0: its best case), and Switchyard's budget.
+std::vector<FullMem> full_size_memory() {
     std::vector<FullMem> full;
-    const double gpu_limit = 80e9;
     for (const char* s : {"mixtral", "qwen3", "deepseek-v3"}) {
         MoEConfig c = named_shape(s, DType::kBF16);
         for (int64_t T : {int64_t(16), int64_t(4096), int64_t(16384)}) {
@@ -382,12 +357,18 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                 {s, T, dense_memory(c1, T, c1.capacity(T)), gpu_budget_bytes(c, T), gpu_fused_goal_bytes(c, T)});
         }
     }
+    return full;
+}
 
-    // ---- report ----
-    const LayerRow* big = &rows.front();  // largest T of the first shape: the headline numbers
-    for (const LayerRow& r : rows)
-        if (r.shape == rows.front().shape && r.T >= big->T) big = &r;
-    std::ostringstream md;
+void render_cpu_header(const CpuProfile& p, std::ostringstream& md) {
+    const ProfileOptions& o = p.o;
+    const std::string& cmdline = p.cmdline;
+    const Device dev = p.dev;
+    const int reps = p.reps;
+    const int warmup = p.warmup;
+    const double budget = p.budget;
+    const std::vector<MoEConfig>& cfgs = p.cfgs;
+    const std::vector<FullMem>& full = p.full;
     md << "# MoE Router Baseline Profiling\n\n"
        << "This document contains profiling results and analysis for the seed's baseline MoE router and layer "
           "(dense GShard dispatch/combine, `--impl dense`) beside Switchyard's sparse path, measured by "
@@ -400,6 +381,17 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << "(nn.Linear-style init, seed " << o.seed << ") and inputs uniform(-1, 1).\n\n"
        << "Shapes profiled:\n";
     for (size_t si = 0; si < cfgs.size(); ++si) md << "- `" << o.shapes[si] << "`: " << cfgs[si].to_string() << "\n";
+}
+
+void render_cpu_hardware(const CpuProfile& p, std::ostringstream& md) {
+    const Device dev = p.dev;
+    const HostInfo& hi = p.hw.hi;
+    const std::string& loadavg = p.hw.loadavg;
+    const double gemm_gflops = p.hw.gemm_gflops;
+    const double bw_gbs = p.hw.bw_gbs;
+    const std::string& gpu_line = p.hw.gpu_line;
+    const std::string& cuda_line = p.hw.cuda_line;
+    const double gpu_mem_gib = p.hw.gpu_mem_gib;
     md << "\n## Hardware Configuration\n"
        << "- GPU: " << gpu_line << "\n"
        << "- CUDA Version: " << cuda_line << "\n"
@@ -409,12 +401,17 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << "- CPU: " << hi.cpu_model << ", " << hi.logical_cores << " logical cores, " << hi.omp_threads
        << " OpenMP threads; load average (1/5/15 min) at the start of this run: " << loadavg
        << " (other processes on the host share these cores and widen the spread of the timings)\n"
-       << "- Measured on this host: CPU backend GEMM (ref::gemm_nt, fp32 inputs, double accumulation) "
+       << "- Measured on this host: CPU backend GEMM (switchyard::grouped_gemm, fp32, double accumulation) "
        << fmt("%.2f", gemm_gflops) << " GFLOP/s; memcpy bandwidth " << fmt("%.2f", bw_gbs) << " GB/s (read + write)."
        << (dev == Device::kCPU
                ? " These two rates define the floors below.\n\n"
                : " The GPU floors below use DESIGN.md's H100 ceilings (785 TFLOP/s bf16, 3.0 TB/s).\n\n");
 
+}
+
+void render_cpu_router(const CpuProfile& p, std::ostringstream& md) {
+    const std::vector<LayerRow>& rows = p.rows;
+    const LayerRow* big = p.big;
     md << "## Performance Metrics\n\n### Router Performance\nThe router is responsible for:\n"
        << "1. Computing routing probabilities using a linear layer\n2. Selecting top-k experts for each token\n"
        << "3. Creating dispatch and combine tensors (seed) / a routing plan of counts, offsets and rows "
@@ -444,6 +441,13 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << human_bytes(double(big->router.switchyard_bytes))
        << " for the whole Switchyard plan, which grows as O(T k).\n\n";
 
+}
+
+void render_cpu_layer(const CpuProfile& p, std::ostringstream& md) {
+    const ProfileOptions& o = p.o;
+    const Device dev = p.dev;
+    const std::vector<MoEConfig>& cfgs = p.cfgs;
+    const std::vector<LayerRow>& rows = p.rows;
     md << "### Full MoE Layer Performance\nThe MoE layer combines the router with expert feed-forward networks.\n\n"
        << "| shape | T | sparse (ms) | dense baseline (ms) | dense / sparse | floor (ms) | sparse % of floor | GFLOP "
           "|\n"
@@ -483,6 +487,14 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
               "GPU times are host-timed with a stream synchronisation per run, so launch latency weighs on these "
               "small shapes; the large-shape GPU report is a later issue.\n\n";
 
+}
+
+void render_cpu_memory(const CpuProfile& p, std::ostringstream& md) {
+    const ProfileOptions& o = p.o;
+    const double budget = p.budget;
+    const std::vector<LayerRow>& rows = p.rows;
+    const LayerRow* big = p.big;
+    const std::vector<FullMem>& full = p.full;
     md << "## Memory Usage Patterns\n\n### Router Memory Usage\n";
     md << "- Seed router: logits and probabilities [T, E] fp32 plus one-hot dispatch and combine [T, E, C] in the "
           "activation dtype: "
@@ -506,7 +518,7 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << "|---|---|---|---|---|---|---|\n";
     std::string first_oom;
     for (const FullMem& f : full) {
-        bool over = double(f.dm.total) > gpu_limit;
+        bool over = double(f.dm.total) > kGpuMemoryReferenceBytes;
         if (over && first_oom.empty())
             first_oom = f.shape + " at T=" + std::to_string(f.T) + " (" + human_bytes(double(f.dm.total)) + ")";
         md << "| " << f.shape << " | " << f.T << " | " << human_bytes(double(f.dm.total)) << " | "
@@ -523,6 +535,14 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << " of the dense arena at T=" << big->T << " on `" << big->shape << "`.\n"
        << "- Switchyard keeps no [T, E, C] or [T, E, C, H] tensor: its extra memory is linear in T k.\n\n";
 
+}
+
+void render_cpu_bottlenecks(const CpuProfile& p, std::ostringstream& md) {
+    const Device dev = p.dev;
+    const std::vector<LayerRow>& rows = p.rows;
+    const LayerRow* big = p.big;
+    const double tflops = p.tflops;
+    const double gbs = p.gbs;
     md << "## Identified Bottlenecks\n\n### Computational Bottlenecks\n"
        << "CPU stage breakdown of the sparse layer (median ms per stage; stages.h):\n\n"
        << "| shape | T | router | plan | dispatch | experts | shared | combine | experts share |\n"
@@ -552,8 +572,15 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << (rows.front().flops / (tflops * 1e12) < rows.front().bytes / (gbs * 1e9) ? "bandwidth" : "compute")
        << (dev == Device::kCPU ? " on this host.\n\n" : " at the H100 ceilings.\n\n");
 
+}
+
+void render_cpu_utilisation(const CpuProfile& p, std::ostringstream& md) {
+    const ProfileOptions& o = p.o;
+    const LayerRow* big = p.big;
+    const std::vector<UtilRow>& util = p.util;
+    const int64_t util_T = p.util_T;
     md << "## Expert Utilization Analysis\n"
-       << "Routing of " << util_T << " synthetic tokens by the library's router (ref::route, ref::build_plan) whose "
+       << "Routing of " << util_T << " synthetic tokens by the library's router (switchyard::route, build_plan) whose "
        << "logits are log p_e + Gumbel noise (so the top-1 expert follows p): uniform p, and Zipf p_e ~ 1/(e+1)^s.\n\n"
        << "| shape | logits | max/mean | cv | entropy / ln E | dropped @ cf 1.0 | @ 1.25 | @ 2.0 |\n"
        << "|---|---|---|---|---|---|---|---|\n";
@@ -577,6 +604,15 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << fmt("%.2f", big->stats.max_over_mean()) << ", cv " << fmt("%.3f", big->stats.cv) << ", aux loss "
        << fmt("%.4f", big->stats.aux_loss) << " (1.0 is perfectly balanced).\n\n";
 
+}
+
+void render_cpu_next_steps(const CpuProfile& p, std::ostringstream& md) {
+    const ProfileOptions& o = p.o;
+    const std::vector<LayerRow>& rows = p.rows;
+    const LayerRow* big = p.big;
+    const std::vector<UtilRow>& util = p.util;
+    const std::vector<FullMem>& full = p.full;
+    const StageTimes& bs = big->stages;
     const UtilRow* zipf = nullptr;
     for (const UtilRow& u : util)
         if (u.shape == o.shapes.front() && u.dist == "Zipf s=1.0") zipf = &u;
@@ -609,8 +645,80 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
        << human_bytes(double(big->dense_mem.product)) << " here and "
        << (mix4096 ? human_bytes(double(mix4096->dm.product)) : std::string("-"))
        << " for Mixtral at T=4096; Switchyard's combine reads k rows per token in a fixed order and never builds it.\n";
+}
 
-    // ---- JSON ----
+nlohmann::ordered_json cpu_layer_json(const LayerRow& r) {
+    nlohmann::ordered_json l;
+    l["shape"] = r.shape;
+    l["config"] = r.cfg.to_string();
+    l["tokens"] = r.T;
+    l["sparse_ms"] = r.sparse_ms;
+    l["dense_ran"] = r.dense_ran;
+    l["dense_ms"] = r.dense_ms;
+    l["dense_reason"] = r.dense_reason;
+    l["floor_ms"] = r.floor_ms;
+    l["flops"] = r.flops;
+    l["gflop"] = r.flops / 1e9;
+    l["bytes"] = r.bytes;
+    // Derived numbers the text prints (so that every number of PROFILE.md is in this file).
+    l["pct_of_floor"] = 100 * r.floor_ms / std::max(r.sparse_ms, 1e-9);
+    if (r.dense_ran) l["dense_over_sparse"] = r.dense_ms / std::max(r.sparse_ms, 1e-9);
+    {
+        const StageTimes& s = r.stages;
+        const double tot = std::max(s.total_ms(), 1e-9);
+        l["stage_share_pct"] = {{"experts", 100 * s.experts_ms / tot},
+                                {"router", 100 * s.router_ms / tot},
+                                {"dispatch_combine", 100 * (s.dispatch_ms + s.combine_ms) / tot},
+                                {"router_plan_dispatch_combine",
+                                 100 * (s.router_ms + s.plan_ms + s.dispatch_ms + s.combine_ms) / tot}};
+    }
+    l["seed_router_extra_ms"] = std::max(0.0, r.router.seed_ms - r.router.switchyard_ms);
+    l["dense_product_pct"] = 100.0 * double(r.dense_mem.product) / std::max(1.0, double(r.dense_mem.total));
+    l["dense_over_sparse_bytes"] = double(r.dense_mem.total) / std::max(1.0, double(r.sparse_bytes));
+    l["seed_router_bytes"] = r.dense_mem.router + r.router.seed_onehot_bytes;
+    l["seed_over_switchyard_router_bytes"] =
+        double(r.router.seed_onehot_bytes + r.dense_mem.router) / std::max(1.0, double(r.router.switchyard_bytes));
+    l["stages_ms"] = {{"router", r.stages.router_ms},     {"plan", r.stages.plan_ms},
+                      {"dispatch", r.stages.dispatch_ms}, {"experts", r.stages.experts_ms},
+                      {"shared", r.stages.shared_ms},     {"combine", r.stages.combine_ms}};
+    l["router"] = {{"switchyard_ms", r.router.switchyard_ms},
+                   {"seed_ms", r.router.seed_ms},
+                   {"seed_capacity", r.router.seed_capacity},
+                   {"seed_onehot_bytes", r.router.seed_onehot_bytes},
+                   {"switchyard_bytes", r.router.switchyard_bytes},
+                   {"speedup", r.router.seed_ms / std::max(r.router.switchyard_ms, 1e-9)}};
+    l["memory"] = {{"dense_total", r.dense_mem.total},
+                   {"dense_product", r.dense_mem.product},
+                   {"dense_router", r.dense_mem.router},
+                   {"dense_capacity", r.dense_mem.capacity},
+                   {"sparse_cpu_intermediates", r.sparse_bytes},
+                   {"gpu_budget", r.gpu_budget},
+                   {"gpu_fused_goal", r.gpu_goal}};
+    l["load"] = {{"expert_counts", r.stats.expert_counts},
+                 {"max_over_mean", r.stats.max_over_mean()},
+                 {"cv", r.stats.cv},
+                 {"entropy", r.stats.entropy},
+                 {"aux_loss", r.stats.aux_loss},
+                 {"z_loss", r.stats.z_loss}};
+    return l;
+}
+
+nlohmann::ordered_json cpu_profile_json(const CpuProfile& p) {
+    const ProfileOptions& o = p.o;
+    const std::string& cmdline = p.cmdline;
+    const Device dev = p.dev;
+    const int reps = p.reps;
+    const int warmup = p.warmup;
+    const double budget = p.budget;
+    const std::vector<LayerRow>& rows = p.rows;
+    const std::vector<UtilRow>& util = p.util;
+    const std::vector<FullMem>& full = p.full;
+    const HostInfo& hi = p.hw.hi;
+    const std::string& loadavg = p.hw.loadavg;
+    const double gemm_gflops = p.hw.gemm_gflops;
+    const double bw_gbs = p.hw.bw_gbs;
+    const std::string& gpu_line = p.hw.gpu_line;
+    const std::string& cuda_line = p.hw.cuda_line;
     nlohmann::ordered_json j;
     j["generated"] = now_utc();
     j["command"] = cmdline;
@@ -630,61 +738,7 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                      {"cuda", cuda_line},
                      {"loadavg_at_start", loadavg}};
     j["layers"] = nlohmann::ordered_json::array();
-    for (const LayerRow& r : rows) {
-        nlohmann::ordered_json l;
-        l["shape"] = r.shape;
-        l["config"] = r.cfg.to_string();
-        l["tokens"] = r.T;
-        l["sparse_ms"] = r.sparse_ms;
-        l["dense_ran"] = r.dense_ran;
-        l["dense_ms"] = r.dense_ms;
-        l["dense_reason"] = r.dense_reason;
-        l["floor_ms"] = r.floor_ms;
-        l["flops"] = r.flops;
-        l["gflop"] = r.flops / 1e9;
-        l["bytes"] = r.bytes;
-        // Derived numbers the text prints (so that every number of PROFILE.md is in this file).
-        l["pct_of_floor"] = 100 * r.floor_ms / std::max(r.sparse_ms, 1e-9);
-        if (r.dense_ran) l["dense_over_sparse"] = r.dense_ms / std::max(r.sparse_ms, 1e-9);
-        {
-            const StageTimes& s = r.stages;
-            const double tot = std::max(s.total_ms(), 1e-9);
-            l["stage_share_pct"] = {{"experts", 100 * s.experts_ms / tot},
-                                    {"router", 100 * s.router_ms / tot},
-                                    {"dispatch_combine", 100 * (s.dispatch_ms + s.combine_ms) / tot},
-                                    {"router_plan_dispatch_combine",
-                                     100 * (s.router_ms + s.plan_ms + s.dispatch_ms + s.combine_ms) / tot}};
-        }
-        l["seed_router_extra_ms"] = std::max(0.0, r.router.seed_ms - r.router.switchyard_ms);
-        l["dense_product_pct"] = 100.0 * double(r.dense_mem.product) / std::max(1.0, double(r.dense_mem.total));
-        l["dense_over_sparse_bytes"] = double(r.dense_mem.total) / std::max(1.0, double(r.sparse_bytes));
-        l["seed_router_bytes"] = r.dense_mem.router + r.router.seed_onehot_bytes;
-        l["seed_over_switchyard_router_bytes"] =
-            double(r.router.seed_onehot_bytes + r.dense_mem.router) / std::max(1.0, double(r.router.switchyard_bytes));
-        l["stages_ms"] = {{"router", r.stages.router_ms},     {"plan", r.stages.plan_ms},
-                          {"dispatch", r.stages.dispatch_ms}, {"experts", r.stages.experts_ms},
-                          {"shared", r.stages.shared_ms},     {"combine", r.stages.combine_ms}};
-        l["router"] = {{"switchyard_ms", r.router.switchyard_ms},
-                       {"seed_ms", r.router.seed_ms},
-                       {"seed_capacity", r.router.seed_capacity},
-                       {"seed_onehot_bytes", r.router.seed_onehot_bytes},
-                       {"switchyard_bytes", r.router.switchyard_bytes},
-                       {"speedup", r.router.seed_ms / std::max(r.router.switchyard_ms, 1e-9)}};
-        l["memory"] = {{"dense_total", r.dense_mem.total},
-                       {"dense_product", r.dense_mem.product},
-                       {"dense_router", r.dense_mem.router},
-                       {"dense_capacity", r.dense_mem.capacity},
-                       {"sparse_cpu_intermediates", r.sparse_bytes},
-                       {"gpu_budget", r.gpu_budget},
-                       {"gpu_fused_goal", r.gpu_goal}};
-        l["load"] = {{"expert_counts", r.stats.expert_counts},
-                     {"max_over_mean", r.stats.max_over_mean()},
-                     {"cv", r.stats.cv},
-                     {"entropy", r.stats.entropy},
-                     {"aux_loss", r.stats.aux_loss},
-                     {"z_loss", r.stats.z_loss}};
-        j["layers"].push_back(l);
-    }
+    for (const LayerRow& r : rows) j["layers"].push_back(cpu_layer_json(r));
     j["utilisation"] = util_json(util);
     j["constants"] = constants_json();
     j["full_size_memory"] = nlohmann::ordered_json::array();
@@ -693,14 +747,79 @@ int run_profile(const ProfileOptions& o, const std::string& cmdline) {
                                          {"tokens", f.T},
                                          {"dense_total", f.dm.total},
                                          {"dense_product", f.dm.product},
-                                         {"exceeds_80GB", double(f.dm.total) > gpu_limit},
+                                         {"exceeds_80GB", double(f.dm.total) > kGpuMemoryReferenceBytes},
                                          {"gpu_budget", f.budget},
                                          {"gpu_fused_goal", f.goal}});
+    return j;
+}
 
-    write_report(o.out, md.str(), j.dump(1) + "\n");
+// The CPU report: hardware probes, every (shape, T), utilisation, full-size memory, then PROFILE.md and profile.json.
+int run_cpu_profile(const ProfileOptions& o, const std::string& cmdline) {
+    CpuProfile p{o, cmdline};
+    resolve_cpu_settings(p);
+    make_out_dir(o.out);
+    const int total_steps = static_cast<int>(p.cfgs.size() * p.tokens.size()) + 3;
+    ProgressBar bar(total_steps, now_seconds());
+
+    bar.step("hardware probes");
+    p.hw = probe_host_hardware(p.dev);
+    // Rates of the floors: measured on the CPU; DESIGN.md's H100 ceilings on CUDA.
+    p.tflops = p.dev == Device::kCPU ? p.hw.gemm_gflops / 1e3 : 785.0;
+    p.gbs = p.dev == Device::kCPU ? p.hw.bw_gbs : 3000.0;
+
+    for (size_t si = 0; si < p.cfgs.size(); ++si) {
+        io::OwnedWeights w = io::random_weights(p.cfgs[si], o.seed + si);
+        if (!p.cfgs[si].use_score_bias) w.w.score_bias = TensorRef();
+        for (int64_t T : p.tokens) {
+            bar.step("layer " + o.shapes[si] + " T=" + std::to_string(T));
+            p.rows.push_back(measure_cpu_layer(p, o.shapes[si], p.cfgs[si], w, T));
+        }
+    }
+    p.big = &p.rows.front();
+    for (const LayerRow& r : p.rows)
+        if (r.shape == p.rows.front().shape && r.T >= p.big->T) p.big = &r;
+
+    bar.step("expert utilisation (uniform and Zipf-skewed logits)");
+    p.util_T = o.quick ? 1024 : 4096;
+    p.util = util_rows(o.shapes, p.cfgs, p.util_T, o.seed);
+    bar.step("memory at full model sizes (computed)");
+    p.full = full_size_memory();
+
+    std::ostringstream md;
+    render_cpu_header(p, md);
+    render_cpu_hardware(p, md);
+    render_cpu_router(p, md);
+    render_cpu_layer(p, md);
+    render_cpu_memory(p, md);
+    render_cpu_bottlenecks(p, md);
+    render_cpu_utilisation(p, md);
+    render_cpu_next_steps(p, md);
+    write_report(o.out, md.str(), cpu_profile_json(p).dump(1) + "\n");
     bar.finish();
     std::fprintf(stderr, "profile: wrote %s/PROFILE.md and %s/profile.json\n", o.out.c_str(), o.out.c_str());
     return kExitOk;
+}
+
+int run_profile(const ProfileOptions& o, const std::string& cmdline) {
+    if (!o.ncu_child.empty()) return run_ncu_child(o.ncu_child, o.ncu_tokens, parse_dtype(o.dtype), o.seed);
+    if (!o.render_json.empty()) {
+        std::ifstream f(o.render_json);
+        SWITCHYARD_CHECK(f.good(), "--render-json: cannot read '", o.render_json, "'");
+        nlohmann::ordered_json j = nlohmann::ordered_json::parse(f);
+        SWITCHYARD_CHECK(j.value("device", "") == "cuda", "--render-json: only GPU reports re-render (device=",
+                         j.value("device", ""), ")");
+        ::mkdir(o.out.c_str(), 0755);
+        add_gpu_next_steps(j);
+        write_report(o.out, render_gpu_report(j), j.dump(1) + "\n");
+        return kExitOk;
+    }
+    std::string device = o.device;
+    if (device == "auto") device = has_cuda_backend() && cuda_device_count() > 0 ? "cuda" : "cpu";
+    if (parse_device(device) == Device::kCUDA) {
+        make_out_dir(o.out);
+        return run_profile_gpu(o, cmdline);
+    }
+    return run_cpu_profile(o, cmdline);
 }
 
 }  // namespace

@@ -9,13 +9,9 @@
 #include <ctime>
 
 #include "cli_common.h"
+#include "host_routing.h"
 #include "io/weights.h"
-#include "ref/ref.h"
-
-#if __has_include("switchyard/balance.h")
 #include "switchyard/balance.h"
-#define SWITCHYARD_PROFILE_HAS_BALANCE 1
-#endif
 
 namespace switchyard {
 namespace cli {
@@ -37,17 +33,16 @@ std::vector<float> skewed_logits(int64_t E, double zipf_s, int64_t T, uint64_t s
     return logits;
 }
 
-void fill_row(UtilRow& r, const MoEConfig& cfg, const std::vector<float>& logits, const std::vector<float>& bias,
+void fill_row(UtilRow& r, const MoEConfig& cfg, const std::vector<float>& logits, std::vector<float>& bias,
               int64_t T) {
-    std::vector<int32_t> ids;
-    std::vector<float> tw;
-    ref::route(cfg, logits, bias, T, ids, tw);
-    ref::router_stats(cfg, logits, ids, T, r.stats);
+    HostRouting routing(cfg, T);
+    routing.route(logits, &bias);
+    routing.build_plan();
+    r.stats = routing.load_stats(logits);
     for (int i = 0; i < 3; ++i) {
-        MoEConfig c2 = cfg;
-        c2.capacity_factor = kCapacityFactors[i];
-        ref::HostPlan plan = ref::build_plan(c2, T, ids, tw);
-        r.dropped_frac[i] = static_cast<double>(plan.dropped()) / static_cast<double>(T * cfg.top_k);
+        routing.config().capacity_factor = kCapacityFactors[i];
+        routing.build_plan();
+        r.dropped_frac[i] = static_cast<double>(routing.load_stats(logits).dropped) / static_cast<double>(T * cfg.top_k);
     }
 }
 
@@ -63,7 +58,8 @@ UtilRow utilisation(const std::string& shape, const MoEConfig& base, const std::
     r.dist = dist;
     r.T = T;
     r.zipf_s = zipf_s;
-    fill_row(r, cfg, skewed_logits(cfg.num_experts, zipf_s, T, seed), {}, T);
+    std::vector<float> no_bias;
+    fill_row(r, cfg, skewed_logits(cfg.num_experts, zipf_s, T, seed), no_bias, T);
     return r;
 }
 
@@ -74,23 +70,13 @@ UtilRow utilisation_balanced(const std::string& shape, const MoEConfig& base, do
     cfg.capacity_factor = 0;
     const int64_t E = cfg.num_experts;
     std::vector<float> bias(static_cast<size_t>(E), 0.0f);
+    HostRouting routing(cfg, T);
     for (int s = 0; s < steps; ++s) {
         const std::vector<float> logits = skewed_logits(E, zipf_s, T, seed + 1000 + static_cast<uint64_t>(s));
-        std::vector<int32_t> ids;
-        std::vector<float> tw;
-        ref::route(cfg, logits, bias, T, ids, tw);
-        std::vector<int32_t> load(static_cast<size_t>(E), 0);
-        for (int32_t e : ids) ++load[e];
-#ifdef SWITCHYARD_PROFILE_HAS_BALANCE
-        // The library's aux-loss-free update (balance.h), on host tensors.
-        update_score_bias(rate, TensorRef(load.data(), DType::kI32, {E}), TensorRef(bias.data(), DType::kF32, {E}));
-#else
-        const double mean = static_cast<double>(T * cfg.top_k) / static_cast<double>(E);
-        for (int64_t e = 0; e < E; ++e) {
-            const double d = mean - static_cast<double>(load[e]);
-            bias[e] += static_cast<float>(rate * (d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0)));
-        }
-#endif
+        routing.route(logits, &bias);
+        routing.build_plan();
+        // The library's aux-loss-free update (balance.h) from the step's per-expert loads.
+        update_score_bias(rate, routing.load_stats(logits), TensorRef(bias.data(), DType::kF32, {E}));
     }
     UtilRow r;
     r.shape = shape;

@@ -1,7 +1,8 @@
 // tools/switchyard/profile_common.h: pieces of `switchyard profile` shared by the CPU report (profile.cpp), the GPU
 // measurements (profile_gpu.cpp) and the GPU report renderer (profile_report.cpp).
 //
-// utilisation(): routing of T synthetic tokens by the library's CPU router (ref::route, ref::build_plan; the CUDA
+// utilisation(): routing of T synthetic tokens by the library's CPU router (route, build_plan, load_stats of
+// stages.h, through host_routing.h; the CUDA
 // router follows the same rules bit for bit on the same logits), logits = log p_e + Gumbel noise so that the top-1
 // expert follows p (uniform, or Zipf p_e ~ 1/(e+1)^s); per-expert counts, max/mean, cv, entropy, and the fraction
 // of (token, slot) pairs dropped at capacity factors kCapacityFactors.

@@ -1,10 +1,9 @@
 // tools/switchyard/stages.h: CPU stage-by-stage timing of the layer, the seed's baseline router, and the
 // shape arithmetic (FLOPs, bytes, memory of intermediates) shared by `bench` and `profile`.
 //
-// time_cpu_stages runs the CPU reference pipeline of src/ref/moe_ref.cpp stage by stage with the same ref::
-// calls (input/gate decode + router GEMM + top-k; plan; gather; expert MLPs; shared expert; combine) and
-// returns the median time of each stage over `reps` runs after `warmup` runs. Their sum tracks
-// MoELayer::forward on the CPU (same work, plus that call's own validation and output copies).
+// time_cpu_stages runs MoELayer::forward on the CPU with a StageCallback that reads the host clock after each stage
+// (router; plan; dispatch; gemm1 + activation + gemm2 = experts; shared expert; combine) and returns the median
+// time of each stage over `reps` runs after `warmup` runs; their sum is the layer's forward.
 // seed_router_cpu is the seed study's router: gate GEMM, softmax over E (fp32), top-k, then the one-hot
 // dispatch and combine tensors [T, E, C] in the activation dtype (C = cfg.capacity(T), or when dropless the
 // largest expert count, as src/baseline/dense.h does), zero-filled and scattered. Switchyard's counterpart
@@ -52,16 +51,13 @@ double layer_flops(const MoEConfig& cfg, int64_t num_tokens, int64_t kept_rows);
 // x read and y written (weights in weight_dtype, activations in cfg.dtype).
 double layer_bytes(const MoEConfig& cfg, int64_t num_tokens, int64_t experts_hit, DType weight_dtype);
 
-// Bytes of the CPU reference's intermediates for T tokens (the buffers ref::moe_forward allocates: floats of
-// x, gate, logits, ids/weights, plan arrays, gathered rows of the largest expert, expert outputs, shared output,
-// y as floats; the per-expert h and the GEMM's double accumulators of the largest expert).
-size_t cpu_sparse_intermediate_bytes(const MoEConfig& cfg, int64_t num_tokens, int64_t max_rows_per_expert);
 // DESIGN.md's GPU budget: T*k*(2H + 3F)*sizeof(dtype) (each unfused intermediate once), and the fused goal
 // T*k*(H + F)*sizeof(dtype).
 size_t gpu_budget_bytes(const MoEConfig& cfg, int64_t num_tokens);
 size_t gpu_fused_goal_bytes(const MoEConfig& cfg, int64_t num_tokens);
 
-// Probes of this host: OpenMP memcpy bandwidth (GB/s) and the CPU backend's GEMM rate (ref::gemm_nt, GFLOP/s).
+// Probes of this host: OpenMP memcpy bandwidth (GB/s) and the CPU backend's GEMM rate (switchyard::grouped_gemm
+// of one group, fp32, GFLOP/s).
 double measure_host_bandwidth_gbs();
 double measure_cpu_gemm_gflops();
 
