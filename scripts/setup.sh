@@ -20,6 +20,10 @@ have_header nlohmann/json.hpp || missing_debs+=(nlohmann-json3-dev)
 have_header fmt/core.h || missing_debs+=(libfmt-dev)
 [ -e /usr/lib/gcc/x86_64-linux-gnu/12/include/omp.h ] || ls /usr/lib/gcc/*/*/include/omp.h >/dev/null 2>&1 || missing_debs+=(libgomp1)
 command -v python3 >/dev/null || missing_debs+=(python3 python3-pip)
+# `make test-sanitize` (CI): clang with AddressSanitizer/UBSan, libFuzzer and its OpenMP runtime.
+command -v clang++-14 >/dev/null || missing_debs+=(clang-14)
+ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 || missing_debs+=(libclang-rt-14-dev)
+[ -e /usr/lib/llvm-14/lib/libomp.so ] || missing_debs+=(libomp-14-dev)
 
 if [ ${#missing_debs[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -19,8 +19,11 @@ namespace io {
 
 std::string shape_to_string(const std::vector<int64_t>& shape) {
     std::ostringstream os;
+    // For messages: at most 12 dimensions are written (a hostile file may declare thousands).
+    constexpr size_t kMaxShown = 12;
     os << "[";
-    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+    for (size_t i = 0; i < shape.size() && i < kMaxShown; ++i) os << (i ? ", " : "") << shape[i];
+    if (shape.size() > kMaxShown) os << ", ... (" << shape.size() << " dimensions)";
     os << "]";
     return os.str();
 }
