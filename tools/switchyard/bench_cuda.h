@@ -3,8 +3,7 @@
 // time_cuda_layer runs MoELayer::forward on a private stream: `warmup` runs, then `reps` runs each between two
 // events (median reported), over `copies` input buffers rotated so that the inputs read exceed twice the L2;
 // then the same forward captured in CUDA graphs (one per input copy) and replayed (median); then, when asked,
-// the stage breakdown through cuda::moe_forward_staged with an event after each stage (median per stage).
-// Every stage also sits in an NVTX range of its name (moe_cuda.cu), so Nsight shows them. The routing that the
+// the stage breakdown from MoELayer::forward's StageCallback with an event after each stage (median per stage). The routing that the
 // timed forwards use is read back once (LoadStats) for the floor: kept rows and experts actually hit.
 #pragma once
 
@@ -38,9 +37,6 @@ DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed);
 
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
                                 int warmup, int reps, uint64_t seed, bool graph, bool stages);
-
-// Median of a vector (copy).
-double median_of(std::vector<double> v);
 
 }  // namespace cli
 }  // namespace switchyard

@@ -1,5 +1,5 @@
-// tools/switchyard/cuda/probe.cu: ceilings, device-side random fill and the two routers that `switchyard profile` times
-// (probe.h has the contracts).
+// tools/switchyard/cuda/probe.cu: ceilings and the two routers that `switchyard profile` times (probe.h has the
+// contracts); the stages come from the public API (switchyard/stages.h), the kernels here are the seed's own passes.
 //
 // Kernels (all grid-stride or one warp per token, no atomics):
 //   softmax_kernel        one warp per token: probs[t, :] = softmax(logits[t, :]) (max, sum, divide), fp32.
@@ -20,11 +20,12 @@
 #include <climits>
 #include <vector>
 
-#include "cuda/common.cuh"
-#include "cuda/dispatch.cuh"
-#include "cuda/moe_stages.h"
+#include "cuda/float_types.cuh"
 #include "cuda/probe.h"
 #include "cuda/random_fill.h"
+#include "switchyard/cuda_check.h"
+#include "switchyard/stages.h"
+#include "timing.h"
 
 namespace switchyard {
 namespace cuda {
@@ -100,8 +101,8 @@ __global__ void onehot_scatter_kernel(const int32_t* __restrict__ ids, const flo
         if (c < 0 || c >= capacity) continue;
         const int64_t t = i / top_k;
         const int64_t at = (t * num_experts + e) * capacity + c;
-        dispatch[at] = from_f32<T>(1.0f);
-        combine[at] = from_f32<T>(weights[i]);
+        dispatch[at] = cli_cuda::store_float<T>(1.0f);
+        combine[at] = cli_cuda::store_float<T>(weights[i]);
     }
 }
 
@@ -112,113 +113,95 @@ int grid_for(int64_t work, int per_block) {
     return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sms) * 16)));
 }
 
+// 256-byte aligned slices of a caller's workspace, in order; with a null base it only counts bytes (sizing pass).
+class Slicer {
+ public:
+    Slicer(void* base, size_t capacity) : base_(static_cast<char*>(base)), capacity_(capacity) {}
+    void* take(size_t bytes) {
+        const size_t at = used_;
+        used_ += (bytes + 255) / 256 * 256;
+        if (!base_) return nullptr;
+        SWITCHYARD_CHECK(used_ <= capacity_, "router probe: workspace of ", capacity_, " bytes is too small (", used_,
+                         " needed so far)");
+        return base_ + at;
+    }
+    size_t used() const { return used_; }
+
+ private:
+    char* base_;
+    size_t capacity_, used_ = 0;
+};
+
 struct RouterLayout {
-    float* logits = nullptr;
-    float* probs = nullptr;
-    int32_t* ids = nullptr;
-    float* weights = nullptr;
-    int32_t* counts = nullptr;
-    int32_t* offsets = nullptr;
-    int32_t* slot_row = nullptr;
-    int32_t* row_token = nullptr;
-    int32_t* row_slot = nullptr;
+    TensorRef logits, probs, ids, weights;
+    RoutingPlan plan;
     void* plan_ws = nullptr;
     size_t plan_ws_bytes = 0;
     void* dispatch = nullptr;
     void* combine = nullptr;
-    void* cublas_ws = nullptr;
+    void* gemm_ws = nullptr;
+    size_t gemm_ws_bytes = 0;
     RouterBytes bytes;
 };
 
-// seed = true: the seed's layout (probs and one-hot tensors); false: Switchyard's router + plan.
-RouterLayout router_layout(WorkspaceCarver& wc, const MoEConfig& cfg, int64_t T, int64_t C, bool seed) {
+// seed = true: the seed's layout (probs and one-hot tensors); false: Switchyard's router + plan. Tensors on device
+// `dev` of the current CUDA device's index.
+RouterLayout router_layout(Slicer& wc, const MoEConfig& cfg, int64_t T, int64_t C, bool seed, int dev) {
     const int64_t E = cfg.num_experts, k = cfg.top_k, n = T * k;
     const size_t a = dtype_size(cfg.dtype);
+    auto tensor = [&](DType dt, std::initializer_list<int64_t> dims) {
+        TensorRef t(nullptr, dt, dims, Device::kCUDA, dev);
+        t.data = wc.take(t.nbytes());
+        return t;
+    };
     RouterLayout l;
     size_t at = wc.used();
-    l.logits = wc.take<float>(T * E);
+    l.logits = tensor(DType::kF32, {T, E});
     l.bytes.logits = wc.used() - at;
     at = wc.used();
-    if (seed) l.probs = wc.take<float>(T * E);
+    if (seed) l.probs = tensor(DType::kF32, {T, E});
     l.bytes.probs = wc.used() - at;
     at = wc.used();
-    l.ids = wc.take<int32_t>(n);
-    l.weights = wc.take<float>(n);
+    l.ids = tensor(DType::kI32, {T, k});
+    l.weights = tensor(DType::kF32, {T, k});
     l.bytes.topk = wc.used() - at;
     at = wc.used();
-    l.counts = wc.take<int32_t>(E);
-    l.offsets = wc.take<int32_t>(E + 1);
-    l.slot_row = wc.take<int32_t>(n);
-    l.row_token = wc.take<int32_t>(n);
-    l.row_slot = wc.take<int32_t>(n);
-    l.plan_ws_bytes = plan_workspace_size(T, k, E);
-    l.plan_ws = wc.take_bytes(l.plan_ws_bytes);
+    l.plan.expert_counts = tensor(DType::kI32, {E});
+    l.plan.expert_offsets = tensor(DType::kI32, {E + 1});
+    l.plan.slot_row = tensor(DType::kI32, {T, k});
+    l.plan.row_token = tensor(DType::kI32, {n});
+    l.plan.row_slot = tensor(DType::kI32, {n});
+    l.plan_ws_bytes = plan_workspace_size(cfg, Device::kCUDA, T);
+    l.plan_ws = wc.take(l.plan_ws_bytes);
     l.bytes.plan = wc.used() - at;
     at = wc.used();
     if (seed && C > 0) {
-        l.dispatch = wc.take_bytes(static_cast<size_t>(T * E * C) * a);
-        l.combine = wc.take_bytes(static_cast<size_t>(T * E * C) * a);
+        l.dispatch = wc.take(static_cast<size_t>(T * E * C) * a);
+        l.combine = wc.take(static_cast<size_t>(T * E * C) * a);
     }
     l.bytes.onehot = wc.used() - at;
     at = wc.used();
-    l.cublas_ws = wc.take_bytes(kCublasWorkspaceBytes);
+    l.gemm_ws_bytes = router_gemm_workspace_size(Device::kCUDA);
+    l.gemm_ws = wc.take(l.gemm_ws_bytes);
     l.bytes.cublas = wc.used() - at;
     l.bytes.total = wc.used();
     return l;
 }
 
-void run_plan(const MoEConfig& cfg, const RouterLayout& l, int64_t T, int64_t capacity, DropPolicy policy,
-              cudaStream_t stream) {
-    PlanArgs pa;
-    pa.num_tokens = T;
-    pa.top_k = cfg.top_k;
-    pa.num_experts = cfg.num_experts;
-    pa.capacity = capacity;
-    pa.drop_policy = policy;
-    pa.topk_ids = l.ids;
-    pa.topk_weights = l.weights;
-    pa.expert_counts = l.counts;
-    pa.expert_offsets = l.offsets;
-    pa.slot_row = l.slot_row;
-    pa.row_token = l.row_token;
-    pa.row_slot = l.row_slot;
-    build_plan(pa, l.plan_ws, l.plan_ws_bytes, stream);
+int current_device() {
+    int dev = 0;
+    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&dev));
+    return dev;
 }
 
-class Events {
- public:
-    Events() {
-        SWITCHYARD_CUDA_CHECK(cudaEventCreate(&a_));
-        SWITCHYARD_CUDA_CHECK(cudaEventCreate(&b_));
-    }
-    ~Events() {
-        cudaEventDestroy(a_);
-        cudaEventDestroy(b_);
-    }
-    Events(const Events&) = delete;
-    Events& operator=(const Events&) = delete;
-    template <typename Fn>
-    double median_ms(Fn&& fn, int warmup, int reps, cudaStream_t stream) {
-        for (int i = 0; i < warmup; ++i) fn();
-        SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(stream));
-        std::vector<float> t;
-        for (int i = 0; i < reps; ++i) {
-            SWITCHYARD_CUDA_CHECK(cudaEventRecord(a_, stream));
-            fn();
-            SWITCHYARD_CUDA_CHECK(cudaEventRecord(b_, stream));
-            SWITCHYARD_CUDA_CHECK(cudaEventSynchronize(b_));
-            float ms = 0;
-            SWITCHYARD_CUDA_CHECK(cudaEventElapsedTime(&ms, a_, b_));
-            t.push_back(ms);
-        }
-        std::sort(t.begin(), t.end());
-        const size_t n = t.size();
-        return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-    }
+// x [T, H], gate [E, H] of cfg.dtype as tensors on the current device.
+TensorRef input_ref(const MoEConfig& cfg, const void* p, int64_t rows, int64_t cols, int dev) {
+    return TensorRef(const_cast<void*>(p), cfg.dtype, {rows, cols}, Device::kCUDA, dev);
+}
 
- private:
-    cudaEvent_t a_ = nullptr, b_ = nullptr;
-};
+void cublas_check(cublasStatus_t st, const char* what) {
+    SWITCHYARD_CHECK(st == CUBLAS_STATUS_SUCCESS, what, ": ", cublasGetStatusString(st));
+}
 
 // Frees on scope exit (the probes allocate; nothing else here does).
 struct ProbeAlloc {
@@ -240,23 +223,24 @@ ProbeResult probe_bf16_gemm(int64_t n, int reps) {
     fill_uniform(DType::kBF16, a.p, n * n, -1, 1, 11, nullptr);
     fill_uniform(DType::kBF16, b.p, n * n, -1, 1, 12, nullptr);
     cublasHandle_t h = nullptr;
-    SWITCHYARD_CUBLAS_CHECK(cublasCreate(&h));
+    cublas_check(cublasCreate(&h), "cublasCreate");
     struct HandleGuard {
         cublasHandle_t h;
         ~HandleGuard() { cublasDestroy(h); }
     } guard{h};
-    SWITCHYARD_CUBLAS_CHECK(cublasSetStream(h, nullptr));
+    cublas_check(cublasSetStream(h, nullptr), "cublasSetStream");
     const float alpha = 1.0f, beta = 0.0f;
     const int ni = static_cast<int>(n);
-    Events ev;
+    cli::EventPool ev;
     ProbeResult r;
-    r.ms = ev.median_ms(
+    r.ms = cli::cuda_median_ms(
         [&] {
-            SWITCHYARD_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, ni, ni, ni, &alpha, a.p, CUDA_R_16BF, ni,
-                                                 b.p, CUDA_R_16BF, ni, &beta, c.p, CUDA_R_16BF, ni,
-                                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            cublas_check(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, ni, ni, ni, &alpha, a.p, CUDA_R_16BF, ni, b.p,
+                                      CUDA_R_16BF, ni, &beta, c.p, CUDA_R_16BF, ni, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT),
+                         "cublasGemmEx");
         },
-        3, reps, nullptr);
+        3, reps, nullptr, ev);
     r.rate = 2.0 * static_cast<double>(n) * n * n / (r.ms * 1e-3) / 1e12;
     return r;
 }
@@ -265,23 +249,23 @@ ProbeResult probe_copy(size_t bytes, int reps) {
     SWITCHYARD_CHECK(bytes > 0 && reps > 0, "probe_copy: bytes=", bytes, " reps=", reps);
     ProbeAlloc src(bytes), dst(bytes);
     SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(src.p, 1, bytes, nullptr));
-    Events ev;
+    cli::EventPool ev;
     ProbeResult r;
-    r.ms = ev.median_ms(
+    r.ms = cli::cuda_median_ms(
         [&] { SWITCHYARD_CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice, nullptr)); }, 2, reps,
-        nullptr);
+        nullptr, ev);
     r.rate = 2.0 * static_cast<double>(bytes) / (r.ms * 1e-3) / 1e9;
     return r;
 }
 
 RouterBytes seed_router_bytes(const MoEConfig& cfg, int64_t num_tokens, int64_t capacity) {
-    WorkspaceCarver wc;
-    return router_layout(wc, cfg, num_tokens, capacity, true).bytes;
+    Slicer wc(nullptr, 0);
+    return router_layout(wc, cfg, num_tokens, capacity, true, 0).bytes;
 }
 
 RouterBytes sparse_router_bytes(const MoEConfig& cfg, int64_t num_tokens) {
-    WorkspaceCarver wc;
-    return router_layout(wc, cfg, num_tokens, 0, false).bytes;
+    Slicer wc(nullptr, 0);
+    return router_layout(wc, cfg, num_tokens, 0, false, 0).bytes;
 }
 
 void seed_router_forward(const MoEConfig& cfg, const void* x, const void* gate, int64_t T, int64_t C,
@@ -291,29 +275,37 @@ void seed_router_forward(const MoEConfig& cfg, const void* x, const void* gate, 
     SWITCHYARD_CHECK(E >= 1 && E <= 1024, "seed router: num_experts=", E, " (at most 1024)");
     SWITCHYARD_CHECK(k >= 1 && k <= E, "seed router: top_k=", k);
     SWITCHYARD_CHECK(C >= 0, "seed router: capacity=", C);
-    WorkspaceCarver wc(workspace, workspace_bytes);
-    const RouterLayout l = router_layout(wc, cfg, T, C, true);
-    if (expert_counts) *expert_counts = l.counts;
-    router_gemm(cfg.dtype, x, gate, T, H, E, l.logits, l.cublas_ws, stream);
+    const int dev = current_device();
+    Slicer wc(workspace, workspace_bytes);
+    const RouterLayout l = router_layout(wc, cfg, T, C, true, dev);
+    if (expert_counts) *expert_counts = l.plan.expert_counts.ptr<int32_t>();
+    router_gemm(input_ref(cfg, x, T, H, dev), input_ref(cfg, gate, E, H, dev), l.logits, l.gemm_ws, l.gemm_ws_bytes,
+                stream);
     if (T > 0) {
         const int blocks = grid_for(T, kWarpsPerBlock);
-        softmax_kernel<<<blocks, kThreads, 0, stream>>>(l.logits, T, E, l.probs);
+        softmax_kernel<<<blocks, kThreads, 0, stream>>>(l.logits.ptr<float>(), T, E, l.probs.ptr<float>());
         SWITCHYARD_CUDA_CHECK_LAUNCH();
-        seed_topk_kernel<<<blocks, kThreads, 0, stream>>>(l.probs, T, E, static_cast<int>(k), l.ids, l.weights);
+        seed_topk_kernel<<<blocks, kThreads, 0, stream>>>(l.probs.ptr<float>(), T, E, static_cast<int>(k),
+                                                          l.ids.ptr<int32_t>(), l.weights.ptr<float>());
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     }
     // Positions inside each expert in token order (GShard's cumsum of the one-hot mask); nothing dropped here:
     // pairs at c >= C are left out of the one-hot tensors below, as the seed's capacity does.
-    run_plan(cfg, l, T, 0, DropPolicy::kPosition, stream);
+    MoEConfig dropless = cfg;
+    dropless.capacity_factor = 0;
+    dropless.min_capacity = 0;
+    dropless.drop_policy = DropPolicy::kPosition;
+    build_plan(dropless, l.ids, l.weights, l.plan, l.plan_ws, l.plan_ws_bytes, stream);
     if (C > 0 && T > 0) {
         const size_t onehot = static_cast<size_t>(T * E * C) * dtype_size(cfg.dtype);
         SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(l.dispatch, 0, onehot, stream));
         SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(l.combine, 0, onehot, stream));
-        dispatch_float_dtype(cfg.dtype, "seed router one-hot", [&](auto tag) {
+        cli_cuda::with_float_type(cfg.dtype, "seed router one-hot", [&](auto tag) {
             using Tt = typename decltype(tag)::type;
             onehot_scatter_kernel<Tt><<<grid_for(T * k, kThreads), kThreads, 0, stream>>>(
-                l.ids, l.weights, l.slot_row, l.offsets, T * k, static_cast<int>(k), E, C,
-                static_cast<Tt*>(l.dispatch), static_cast<Tt*>(l.combine));
+                l.ids.ptr<int32_t>(), l.weights.ptr<float>(), l.plan.slot_row.ptr<int32_t>(),
+                l.plan.expert_offsets.ptr<int32_t>(), T * k, static_cast<int>(k), E, C, static_cast<Tt*>(l.dispatch),
+                static_cast<Tt*>(l.combine));
             SWITCHYARD_CUDA_CHECK_LAUNCH();
         });
     }
@@ -321,11 +313,16 @@ void seed_router_forward(const MoEConfig& cfg, const void* x, const void* gate, 
 
 void sparse_router_forward(const MoEConfig& cfg, const void* x, const void* gate, const float* bias, int64_t T,
                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    WorkspaceCarver wc(workspace, workspace_bytes);
-    const RouterLayout l = router_layout(wc, cfg, T, 0, false);
-    router_gemm(cfg.dtype, x, gate, T, cfg.hidden_size, cfg.num_experts, l.logits, l.cublas_ws, stream);
-    route_topk(cfg, l.logits, cfg.use_score_bias ? bias : nullptr, T, l.ids, l.weights, nullptr, nullptr, stream);
-    run_plan(cfg, l, T, cfg.capacity(T), cfg.drop_policy, stream);
+    const int64_t E = cfg.num_experts, H = cfg.hidden_size;
+    const int dev = current_device();
+    Slicer wc(workspace, workspace_bytes);
+    const RouterLayout l = router_layout(wc, cfg, T, 0, false, dev);
+    router_gemm(input_ref(cfg, x, T, H, dev), input_ref(cfg, gate, E, H, dev), l.logits, l.gemm_ws, l.gemm_ws_bytes,
+                stream);
+    TensorRef b;
+    if (cfg.use_score_bias) b = TensorRef(const_cast<float*>(bias), DType::kF32, {E}, Device::kCUDA, dev);
+    route(cfg, l.logits, b, l.ids, l.weights, stream);
+    build_plan(cfg, l.ids, l.weights, l.plan, l.plan_ws, l.plan_ws_bytes, stream);
 }
 
 }  // namespace cuda

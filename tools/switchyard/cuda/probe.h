@@ -7,15 +7,15 @@
 //   probe_copy           device-to-device cudaMemcpyAsync of `bytes`, median ms; GB/s counts bytes read + written
 //                        (2 * bytes / time). The bandwidth ceiling of the floors.
 //   seed router          the seed study's router as separate passes, as its PyTorch code runs them:
-//                        logits [T, E] fp32 = x . gate^T (cuBLAS, router_gemm), probs [T, E] fp32 = softmax over
+//                        logits [T, E] fp32 = x . gate^T (switchyard::router_gemm), probs [T, E] fp32 = softmax over
 //                        E (one pass, always softmax: the seed's router), top-k of probs (ties: lower index;
-//                        weights = probs of the chosen), positions of each pair inside its expert (the backend's
-//                        build_plan with capacity C: GShard's cumsum over the one-hot mask, token order), then
+//                        weights = probs of the chosen), positions of each pair inside its expert (switchyard::
+//                        build_plan, dropless: GShard's cumsum over the one-hot mask, token order), then
 //                        dispatch [T, E, C] and combine [T, E, C] of the layer dtype zero-filled and scattered
 //                        (1 and the weight at (t, e, c)). C is the caller's (the dense baseline's dropless C is
 //                        the largest expert count: run once with C = 0 to count, read the counts, then time).
-//   sparse router        Switchyard's router + routing plan: router_gemm + route_topk + build_plan, no [T, E, C]
-//                        tensor at all.
+//   sparse router        Switchyard's router + routing plan through the public stages (stages.h): router_gemm +
+//                        route + build_plan, no [T, E, C] tensor at all.
 // Workspace layouts: seed_router_layout / sparse_router_layout in probe.cu, 256-byte aligned slices in a fixed
 // order; the *_workspace_size functions count them, and the *_bytes structs give the parts for reports.
 #pragma once

@@ -1,11 +1,12 @@
 // tools/switchyard/cuda/random_fill.cu: see random_fill.h.
 // out[i] = dtype(lo + (hi - lo) * u(seed, i)), u in [0, 1) from the top 24 bits of splitmix64(seed ^ mix(i)).
 // Grid-stride loop, one element per thread per step (a fill is bandwidth-bound either way).
-#include "cuda/common.cuh"
-#include "cuda/dispatch.cuh"
 #include "cuda/random_fill.h"
 
 #include <algorithm>
+
+#include "cuda/float_types.cuh"
+#include "switchyard/cuda_check.h"
 
 namespace switchyard {
 namespace cuda {
@@ -24,7 +25,7 @@ __global__ void fill_uniform_kernel(T* __restrict__ out, int64_t n, float lo, fl
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride) {
         const uint64_t r = splitmix64(seed ^ splitmix64(static_cast<uint64_t>(i)));
         const float u = static_cast<float>(r >> 40) * (1.0f / 16777216.0f);
-        out[i] = from_f32<T>(lo + span * u);
+        out[i] = cli_cuda::store_float<T>(lo + span * u);
     }
 }
 
@@ -35,7 +36,7 @@ void fill_uniform(DType dtype, void* data, int64_t n, float lo, float hi, uint64
     if (n == 0) return;
     const int threads = 256;
     const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65536));
-    dispatch_float_dtype(dtype, "fill_uniform", [&](auto tag) {
+    cli_cuda::with_float_type(dtype, "fill_uniform", [&](auto tag) {
         using T = typename decltype(tag)::type;
         fill_uniform_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(data), n, lo, hi - lo, seed);
     });
