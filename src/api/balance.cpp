@@ -116,30 +116,21 @@ void router_losses(const MoEConfig& cfg, const TensorRef& logits, const TensorRe
                          to_string(dev));
         S = seq_lens.shape[0];
     }
-    if (dev == Device::kCPU && ldt == DType::kF64) {
-        const std::vector<double> l = ref::to_double(logits);
-        std::vector<int32_t> ids(topk_ids.ptr<int32_t>(), topk_ids.ptr<int32_t>() + T * cfg.top_k);
-        std::vector<int64_t> lens;
-        if (seq_lens.defined())
-            lens.assign(seq_lens.ptr<int32_t>(), seq_lens.ptr<int32_t>() + S);
-        else
-            lens.assign(1, T);
-        double* out = losses.ptr<double>();
-        ref::router_losses(cfg, l.data(), ids.data(), T, &out[kLossAux], &out[kLossZ]);
-        out[kLossSeqAux] = ref::sequence_aux_loss(cfg, ref::to_float(logits), ids, T, lens);
-        return;
-    }
     if (dev == Device::kCPU) {
-        std::vector<float> l(logits.ptr<float>(), logits.ptr<float>() + T * cfg.num_experts);
-        std::vector<int32_t> ids(topk_ids.ptr<int32_t>(), topk_ids.ptr<int32_t>() + T * cfg.top_k);
-        std::vector<int64_t> lens;
-        if (seq_lens.defined())
-            lens.assign(seq_lens.ptr<int32_t>(), seq_lens.ptr<int32_t>() + S);
-        else
-            lens.assign(1, T);
+        const std::vector<float> l = ref::to_float(logits);
+        const std::vector<int32_t> ids(topk_ids.ptr<int32_t>(), topk_ids.ptr<int32_t>() + T * cfg.top_k);
+        std::vector<int64_t> lens(1, T);
+        if (seq_lens.defined()) lens.assign(seq_lens.ptr<int32_t>(), seq_lens.ptr<int32_t>() + S);
+        const double seq = ref::sequence_aux_loss(cfg, l, ids, T, lens);
+        if (ldt == DType::kF64) {  // exact double losses from the double logits
+            const std::vector<double> l64 = ref::to_double(logits);
+            double* out = losses.ptr<double>();
+            ref::router_losses(cfg, l64.data(), ids.data(), T, &out[kLossAux], &out[kLossZ]);
+            out[kLossSeqAux] = seq;
+            return;
+        }
         LoadStats st;
         ref::router_stats(cfg, l, ids, T, st);
-        const double seq = ref::sequence_aux_loss(cfg, l, ids, T, lens);
         float* out = losses.ptr<float>();
         out[kLossAux] = static_cast<float>(st.aux_loss);
         out[kLossZ] = static_cast<float>(st.z_loss);

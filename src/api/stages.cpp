@@ -78,6 +78,14 @@ void check_offsets(const TensorRef& offsets, int64_t num_groups, const TensorRef
 
 int64_t gemm_groups(const TensorRef& b) { return b.rank == 3 ? b.shape[0] : 1; }
 
+// The common head of every *_workspace_size: checks the token count and the backend; false means the CPU (no
+// workspace), true that the CUDA backend sizes it.
+bool cuda_workspace(Device device, int64_t num_tokens, const char* what) {
+    SWITCHYARD_CHECK(num_tokens >= 0, what, ": num_tokens=", num_tokens, " must be >= 0");
+    api::check_backend(device, what);
+    return device == Device::kCUDA;
+}
+
 // GEMM operands on CUDA share one dtype (the CUTLASS and SIMT kernels take one element type).
 void check_cuda_gemm_dtypes(const TensorRef& x, const char* xn, const TensorRef& y, const char* yn) {
     if (x.device == Device::kCUDA) check_same_dtype(y, yn, x, xn);
@@ -88,8 +96,7 @@ void check_cuda_gemm_dtypes(const TensorRef& x, const char* xn, const TensorRef&
 // ---- router ----------------------------------------------------------------------------------------------------------
 
 size_t router_gemm_workspace_size(Device device) {
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "router_gemm_workspace_size");
+    if (!cuda_workspace(device, 0, "router_gemm_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(router_gemm_workspace_size());
 }
 
@@ -130,9 +137,7 @@ void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score
 }
 
 size_t route_expert_choice_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
-    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "route_expert_choice_workspace_size");
+    if (!cuda_workspace(device, num_tokens, "route_expert_choice_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(route_expert_choice_workspace_size(cfg, num_tokens));
 }
 
@@ -159,9 +164,7 @@ void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const Te
 // ---- routing plan -------------------------------------------------------------------------------------------------
 
 size_t plan_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
-    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "plan_workspace_size");
+    if (!cuda_workspace(device, num_tokens, "plan_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(plan_workspace_size(cfg, num_tokens));
 }
 
@@ -211,8 +214,7 @@ size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_group
                                    int64_t max_rows) {
     SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0, "grouped_gemm_workspace_size: num_groups=",
                      num_groups, " n=", n, " k=", k, " max_rows=", max_rows);
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "grouped_gemm_workspace_size");
+    if (!cuda_workspace(device, 0, "grouped_gemm_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(grouped_gemm_workspace_size(dtype, num_groups, n, k, max_rows));
 }
 
@@ -246,8 +248,7 @@ size_t grouped_gemm_grad_workspace_size(Device device, DType dtype, int64_t num_
     SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0,
                      "grouped_gemm_grad_workspace_size: num_groups=", num_groups, " n=", n, " k=", k,
                      " max_rows=", max_rows);
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "grouped_gemm_grad_workspace_size");
+    if (!cuda_workspace(device, 0, "grouped_gemm_grad_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(grouped_gemm_grad_workspace_size(dtype, num_groups, n, k, max_rows));
 }
 
@@ -395,8 +396,7 @@ void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorR
 }
 
 size_t router_losses_backward_workspace_size(const MoEConfig& cfg, Device device) {
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "router_losses_backward_workspace_size");
+    if (!cuda_workspace(device, 0, "router_losses_backward_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(router_losses_backward_workspace_size(cfg));
 }
 
@@ -424,9 +424,7 @@ void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const
 // ---- load statistics -----------------------------------------------------------------------------------------------
 
 size_t load_stats_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
-    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
-    if (device == Device::kCPU) return 0;
-    api::check_backend(device, "load_stats_workspace_size");
+    if (!cuda_workspace(device, num_tokens, "load_stats_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(load_stats_workspace_size(cfg, num_tokens));
 }
 

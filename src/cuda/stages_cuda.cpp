@@ -35,19 +35,10 @@ T* ptr_or_null(const TensorRef& t) {
     return t.defined() ? static_cast<T*>(t.data) : nullptr;
 }
 
-GroupedGemmArgs gemm_args(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
-    GroupedGemmArgs g;
-    g.dtype = dtype;
-    g.num_groups = num_groups;
-    g.n = n;
-    g.k = k;
-    g.max_rows = max_rows;
-    return g;
-}
-
-GroupedGemmGradArgs grad_args(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows,
-                              const int32_t* offsets) {
-    GroupedGemmGradArgs g;
+// GroupedGemmArgs or GroupedGemmGradArgs with the sizes set (operand pointers left to the caller).
+template <typename Args>
+Args sized(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows, const int32_t* offsets = nullptr) {
+    Args g;
     g.dtype = dtype;
     g.num_groups = num_groups;
     g.n = n;
@@ -156,7 +147,7 @@ void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const Ten
 }
 
 size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
-    return cuda::grouped_gemm_workspace_size(gemm_args(dtype, num_groups, n, k, max_rows)) +
+    return cuda::grouped_gemm_workspace_size(sized<GroupedGemmArgs>(dtype, num_groups, n, k, max_rows)) +
            align_up(2 * sizeof(int32_t));
 }
 
@@ -165,7 +156,7 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
     DeviceGuard guard(a.device_index);
     const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
     const int64_t rows = a.shape[0];
-    GroupedGemmArgs g = gemm_args(a.dtype, groups, n, k, rows);
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, rows);
     WorkspaceCarver wc(workspace, workspace_bytes);
     int32_t* single = wc.take<int32_t>(2);
     g.a = a.data;
@@ -184,14 +175,14 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
 }
 
 size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
-    return cuda::grouped_gemm_grad_workspace_size(grad_args(dtype, num_groups, n, k, max_rows, nullptr));
+    return cuda::grouped_gemm_grad_workspace_size(sized<GroupedGemmGradArgs>(dtype, num_groups, n, k, max_rows));
 }
 
 void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
     DeviceGuard guard(dc.device_index);
-    GroupedGemmGradArgs g =
-        grad_args(dc.dtype, b.shape[0], b.shape[1], b.shape[2], dc.shape[0], offsets.ptr<int32_t>());
+    auto g = sized<GroupedGemmGradArgs>(dc.dtype, b.shape[0], b.shape[1], b.shape[2], dc.shape[0],
+                                        offsets.ptr<int32_t>());
     g.dc = dc.data;
     g.b = b.data;
     g.da = da.data;
@@ -201,8 +192,8 @@ void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
     DeviceGuard guard(dc.device_index);
-    GroupedGemmGradArgs g =
-        grad_args(dc.dtype, db.shape[0], db.shape[1], db.shape[2], dc.shape[0], offsets.ptr<int32_t>());
+    auto g = sized<GroupedGemmGradArgs>(dc.dtype, db.shape[0], db.shape[1], db.shape[2], dc.shape[0],
+                                        offsets.ptr<int32_t>());
     g.dc = dc.data;
     g.a = a.data;
     g.db = db.data;

@@ -272,11 +272,11 @@ void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorR
 
 void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
                             const TensorRef& d_losses, const TensorRef& d_logits) {
-    const int64_t num_tokens = logits.shape[0];
-    const std::vector<double> l = to_double(logits), d = to_double(d_losses);
-    const std::vector<int32_t> ids = copy_vector<int32_t>(topk_ids);
-    std::vector<double> out(l.size(), 0.0);
-    ref::router_losses_backward(cfg, l.data(), ids.data(), num_tokens, d[0], d[1], out.data());
+    const std::vector<double> l = to_double(logits);
+    std::vector<double> out(l.size(), 0.0);  // the reference accumulates into d_logits
+    ref::router_losses_backward(cfg, l.data(), copy_vector<int32_t>(topk_ids).data(), logits.shape[0],
+                                load_as_double(d_losses.data, d_losses.dtype, 0),
+                                load_as_double(d_losses.data, d_losses.dtype, 1), out.data());
     store_all(out, d_logits);
 }
 
