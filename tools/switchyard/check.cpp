@@ -1,6 +1,6 @@
 // tools/switchyard/check.cpp: `switchyard check`: one seeded random config (weights uniform(+-1/sqrt(in)) in the
 // layer dtype, inputs uniform(-1, 1)) through every backend this build and machine have, each compared with the
-// CPU reference (ref::moe_forward, double accumulation):
+// CPU reference (MoELayer on the CPU backend, double accumulation):
 //   cpu         MoELayer on the host (the API layer's validation and orchestration)
 //   dense-cpu   the seed's dense GShard baseline on the host (src/baseline/dense.h)
 //   cuda        MoELayer on the GPU (when built with CUDA and a device is visible)
@@ -19,7 +19,6 @@
 #include "commands.h"
 #include "io/npy.h"
 #include "io/weights.h"
-#include "ref/ref.h"
 #include "switchyard/error.h"
 
 namespace switchyard {

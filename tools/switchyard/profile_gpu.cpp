@@ -12,13 +12,13 @@
 //   layers[]     per (shape, T): floor (FLOPs of the kept rows / measured TFLOP/s vs bytes of the experts hit + x + y
 //                / measured GB/s), Switchyard's whole layer (ms, TFLOP/s, % of floor), the dense baseline
 //                (dense_forward_cuda: ms or "needs N bytes"), the PyTorch peers of bench/compare_torch.py (when
-//                torch and CUDA are there), speed-ups; the stage breakdown from CUDA events between the stages of
-//                cuda::moe_forward_staged, each with its FLOPs, bytes, floor and what bounds it; memory: the
-//                workspace by slice (recounted here from the layout of src/cuda/moe_cuda.cu and checked against
-//                moe_workspace_size), the bytes live at each stage, cudaMemGetInfo's measure of the workspace
-//                allocation, the dense arena's need and measured peak, and the largest T each fits
+//                torch and CUDA are there), speed-ups; the stage breakdown from CUDA events recorded by
+//                MoELayer::forward's StageCallback, each with its FLOPs, bytes, floor and what bounds it; memory: the
+//                workspace by slice (MoELayer::workspace_layout, aliased slices listed in slice_aliases and counted
+//                once; the sum checked against workspace_size), the bytes live at each stage, cudaMemGetInfo's
+//                measure of the workspace allocation, the dense arena's need and measured peak
 //   fits[]       per shape: free memory with the weights resident, largest T for Switchyard (binary search on
-//                moe_workspace_size + x + y) and for the dense baseline (dense_bytes_needed at capacity factor 1.0,
+//                MoELayer::workspace_size + x + y) and for the dense baseline (dense_bytes_needed at capacity factor 1.0,
 //                its best case)
 //   utilisation  CPU-routed synthetic logits (profile_common.h) for uniform and Zipf-skewed routers, drops at
 //                capacity factors 1.0/1.25/2.0; the load of the timed runs' random router (from the GPU forward)
@@ -50,12 +50,11 @@
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
-#include "switchyard/baseline.h"
-#include "cuda/gemm/grouped_gemm.h"
-#include "cuda/moe_cuda.h"
-#include "cuda/moe_stages.h"
 #include "cuda/probe.h"
 #include "cuda/random_fill.h"
+#include "switchyard/baseline.h"
+#include "switchyard/cuda_check.h"
+#include "timing.h"
 #endif
 
 namespace switchyard {
@@ -81,67 +80,6 @@ int run_ncu_child(const std::string&, int64_t, DType, uint64_t) {
 
 namespace {
 
-void ck(cudaError_t e, const char* what) {
-    SWITCHYARD_CHECK(e == cudaSuccess, what, ": ", cudaGetErrorName(e), ": ", cudaGetErrorString(e));
-}
-
-double median(std::vector<double> v) {
-    if (v.empty()) return 0;
-    std::sort(v.begin(), v.end());
-    const size_t n = v.size();
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-class Stream {
- public:
-    Stream() { ck(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "cudaStreamCreate"); }
-    ~Stream() { cudaStreamDestroy(s_); }
-    Stream(const Stream&) = delete;
-    Stream& operator=(const Stream&) = delete;
-    cudaStream_t get() const { return s_; }
-
- private:
-    cudaStream_t s_ = nullptr;
-};
-
-// Events reused run after run (the stream is synchronised after each run).
-class EventPool {
- public:
-    ~EventPool() {
-        for (cudaEvent_t e : ev_) cudaEventDestroy(e);
-    }
-    cudaEvent_t at(size_t i) {
-        while (ev_.size() <= i) {
-            cudaEvent_t e;
-            ck(cudaEventCreate(&e), "cudaEventCreate");
-            ev_.push_back(e);
-        }
-        return ev_[i];
-    }
-
- private:
-    std::vector<cudaEvent_t> ev_;
-};
-
-// Median ms between events recorded around fn on `s`, one run at a time.
-double time_ms(const std::function<void()>& fn, int warmup, int reps, cudaStream_t s, EventPool& ev,
-               std::vector<double>* samples = nullptr) {
-    for (int i = 0; i < warmup; ++i) fn();
-    ck(cudaStreamSynchronize(s), "cudaStreamSynchronize (warm-up)");
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-        ck(cudaEventRecord(ev.at(0), s), "cudaEventRecord");
-        fn();
-        ck(cudaEventRecord(ev.at(1), s), "cudaEventRecord");
-        ck(cudaEventSynchronize(ev.at(1)), "cudaEventSynchronize");
-        float ms = 0;
-        ck(cudaEventElapsedTime(&ms, ev.at(0), ev.at(1)), "cudaEventElapsedTime");
-        t.push_back(ms);
-    }
-    if (samples) *samples = t;
-    return median(t);
-}
-
 // Clears a non-sticky error after a failed configuration; says whether the context is still usable.
 bool context_ok(std::string* why) {
     cudaError_t e = cudaGetLastError();
@@ -154,9 +92,10 @@ bool context_ok(std::string* why) {
 
 size_t free_bytes() {
     size_t f = 0, t = 0;
-    ck(cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
+    SWITCHYARD_CUDA_CHECK(cudaMemGetInfo(&f, &t));
     return f;
 }
+
 
 struct GpuLayer {
     MoEWeights w;
@@ -168,7 +107,7 @@ std::unique_ptr<GpuLayer> make_weights(const MoEConfig& cfg, uint64_t seed, cuda
     auto g = std::make_unique<GpuLayer>();
     g->bufs.reserve(8);
     int dev = 0;
-    ck(cudaGetDevice(&dev), "cudaGetDevice");
+    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&dev));
     const int64_t E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size, S = cfg.shared_width();
     uint64_t idx = 0;
     auto make = [&](DType dt, std::initializer_list<int64_t> dims, double bound) {
@@ -191,64 +130,15 @@ std::unique_ptr<GpuLayer> make_weights(const MoEConfig& cfg, uint64_t seed, cuda
         g->w.shared_w13 = make(dt, {is_gated(cfg.activation) ? 2 * S : S, H}, 1.0 / std::sqrt(double(H)));
         g->w.shared_w2 = make(dt, {H, S}, 1.0 / std::sqrt(double(S)));
     }
-    ck(cudaStreamSynchronize(s), "weight init");
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s));  // weights ready
     return g;
 }
 
-// ---- the workspace of cuda::moe_forward, slice by slice (src/cuda/moe_cuda.cu, forward_layout) -------------
-struct Slice {
-    const char* name;
-    size_t bytes;
-};
-constexpr size_t kAlign = 256;
-size_t pad(size_t b) { return (b + kAlign - 1) / kAlign * kAlign; }
-
-std::vector<Slice> workspace_slices(const MoEConfig& cfg, int64_t T) {
-    const int64_t k = cfg.top_k, E = cfg.num_experts, H = cfg.hidden_size, rows = T * k;
-    const size_t a = dtype_size(cfg.dtype);
-    auto gemm = [&](int64_t groups, int64_t n, int64_t kk, int64_t max_rows) {
-        cuda::GroupedGemmArgs g;
-        g.dtype = cfg.dtype;
-        g.num_groups = groups;
-        g.n = n;
-        g.k = kk;
-        g.max_rows = max_rows;
-        return cuda::grouped_gemm_workspace_size(g);
-    };
-    std::vector<Slice> s = {
-        {"logits", pad(4 * T * E)},
-        {"topk_ids", pad(4 * rows)},
-        {"topk_weights", pad(4 * rows)},
-        {"expert_counts", pad(4 * E)},
-        {"expert_offsets", pad(4 * (E + 1))},
-        {"slot_row", pad(4 * rows)},
-        {"row_token", pad(4 * rows)},
-        {"row_slot", pad(4 * rows)},
-        {"plan_scratch", pad(cuda::plan_workspace_size(T, k, E))},
-        {"xp_out", pad(rows * H * a)},
-        {"g1", pad(rows * cfg.w13_rows() * a)},
-        {"h", pad(rows * cfg.ffn_size * a)},
-    };
-    size_t gws = std::max(gemm(E, cfg.w13_rows(), H, rows), gemm(E, H, cfg.ffn_size, rows));
-    if (cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0) {
-        const int64_t S = cfg.shared_width(), Rs = is_gated(cfg.activation) ? 2 * S : S;
-        s.push_back({"shared_offsets", pad(8)});
-        s.push_back({"shared_g1", pad(T * Rs * a)});
-        s.push_back({"shared_h", pad(T * S * a)});
-        s.push_back({"shared_out", pad(T * H * a)});
-        gws = std::max(gws, std::max(gemm(1, Rs, H, T), gemm(1, H, S, T)));
-    }
-    s.push_back({"gemm_scratch", pad(gws)});
-    s.push_back({"cublas", pad(cuda::kCublasWorkspaceBytes)});
-    const int blocks = cuda::router_stat_blocks(T);
-    s.push_back({"stat_partials", pad(8 * size_t(blocks) * E) + pad(8 * size_t(blocks)) + pad(8 * (E + 1))});
-    return s;
-}
-
-// Slices each stage reads or writes (what a stage-by-stage allocator would have to hold at that moment).
+// Slices of MoELayer::workspace_layout each stage reads or writes (what a stage-by-stage allocator would have to hold
+// at that moment).
 const std::vector<std::pair<const char*, std::vector<const char*>>>& stage_slices() {
     static const std::vector<std::pair<const char*, std::vector<const char*>>> m = {
-        {"router", {"logits", "topk_ids", "topk_weights", "cublas", "stat_partials"}},
+        {"router", {"logits", "topk_ids", "topk_weights", "router_scratch", "stats_scratch"}},
         {"plan",
          {"topk_ids", "topk_weights", "expert_counts", "expert_offsets", "slot_row", "row_token", "row_slot",
           "plan_scratch"}},
@@ -256,13 +146,12 @@ const std::vector<std::pair<const char*, std::vector<const char*>>>& stage_slice
         {"gemm1", {"topk_weights", "expert_offsets", "slot_row", "xp_out", "g1", "gemm_scratch"}},
         {"activation", {"topk_weights", "expert_offsets", "slot_row", "g1", "h"}},
         {"gemm2", {"topk_weights", "expert_offsets", "slot_row", "h", "xp_out", "gemm_scratch"}},
-        {"shared",
-         {"topk_weights", "slot_row", "xp_out", "shared_offsets", "shared_g1", "shared_h", "shared_out",
-          "gemm_scratch"}},
+        {"shared", {"topk_weights", "slot_row", "xp_out", "shared_g1", "shared_h", "shared_out", "gemm_scratch"}},
         {"combine", {"topk_weights", "slot_row", "xp_out", "shared_out"}},
     };
     return m;
 }
+
 
 // FLOPs and bytes each stage must move at least once (bytes of weights of the experts hit).
 struct StageWork {
@@ -500,12 +389,458 @@ J run_ncu(const GpuProfileOptions& o, const std::string& shape, int64_t T) {
     return n;
 }
 
+// State of one GPU profile run shared by its steps: the options, progress callbacks, failures so far, whether the
+// CUDA context survived, the ceilings of this run, the stream and its events.
+struct GpuRun {
+    const GpuProfileOptions& o;
+    const std::function<void(const std::string&)>& progress;
+    const std::function<void(const std::string&)>& note;
+    J failures = J::array();
+    bool ctx_dead = false;
+    double tflops = 785, gbs = 3000;
+    CudaStream stream;
+    EventPool ev;
+
+    GpuRun(const GpuProfileOptions& opt, const std::function<void(const std::string&)>& prog,
+           const std::function<void(const std::string&)>& nt)
+        : o(opt), progress(prog), note(nt) {}
+    void fail(const std::string& where, const std::string& err) {
+        failures.push_back({{"where", where}, {"error", err}});
+        note("failed: " + where + ": " + err);
+    }
+    void after_failure(const std::string& where) {
+        std::string why;
+        if (!context_ok(&why)) {
+            ctx_dead = true;
+            fail(where, "the CUDA context is unusable after this failure (" + why + "); later GPU steps are skipped");
+        }
+    }
+};
+
+// GPU and host description, and the two ceilings of this run (cuBLAS bf16 GEMM, device copy).
+J probe_gpu_hardware(GpuRun& run) {
+    run.progress("GPU hardware and ceilings (bf16 GEMM, device copy)");
+    J hw;
+    cudaDeviceProp p;
+    SWITCHYARD_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+    SWITCHYARD_CUDA_CHECK(cudaSetDevice(0));
+    int drv = 0, rt = 0;
+    cudaDriverGetVersion(&drv);
+    cudaRuntimeGetVersion(&rt);
+    size_t fr = 0, tot = 0;
+    SWITCHYARD_CUDA_CHECK(cudaMemGetInfo(&fr, &tot));
+    hw["gpu_name"] = p.name;
+    hw["sm_count"] = p.multiProcessorCount;
+    hw["compute_capability"] = std::to_string(p.major) + "." + std::to_string(p.minor);
+    hw["memory_total_bytes"] = tot;
+    hw["memory_free_bytes_at_start"] = fr;
+    hw["memory_total_gib"] = double(tot) / double(1ull << 30);
+    hw["memory_free_gib_at_start"] = double(fr) / double(1ull << 30);
+    hw["l2_cache_mib"] = double(p.l2CacheSize) / double(1 << 20);
+    hw["driver_cuda_version"] = std::to_string(drv / 1000) + "." + std::to_string((drv % 1000) / 10);
+    hw["runtime_cuda_version"] = std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10);
+    const HostInfo hi = host_info();
+    hw["cpu_model"] = hi.cpu_model;
+    hw["logical_cores"] = hi.logical_cores;
+    hw["host_mem_total_gib"] = hi.mem_total_gib;
+    hw["ceiling_source"] = "measured in this run";
+    try {
+        const cuda::ProbeResult g = cuda::probe_bf16_gemm(8192, run.o.quick ? 10 : 20);
+        const cuda::ProbeResult c = cuda::probe_copy(size_t(1) << 30, run.o.quick ? 6 : 12);
+        run.tflops = g.rate;
+        run.gbs = c.rate;
+        hw["bf16_gemm_n"] = 8192;
+        hw["bf16_gemm_ms"] = g.ms;
+        hw["bf16_tflops"] = g.rate;
+        hw["copy_bytes"] = size_t(1) << 30;
+        hw["copy_ms"] = c.ms;
+        hw["copy_gbs"] = c.rate;
+    } catch (const std::exception& e) {
+        run.fail("ceilings", e.what());
+        hw["ceiling_source"] = "DESIGN.md's H100 figures (the probes failed)";
+        hw["bf16_tflops"] = run.tflops;
+        hw["copy_gbs"] = run.gbs;
+        run.after_failure("ceilings");
+    }
+    return hw;
+}
+
+// Largest T in [1, hi] with ok(T) (0 when not even 1), by binary search; ok must be monotone.
+int64_t largest_fitting(const std::function<bool(int64_t)>& ok, int64_t hi) {
+    if (!ok(1)) return 0;
+    int64_t lo = 1;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo + 1) / 2;
+        if (ok(mid))
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+// Largest T that fits beside the weights: workspace + x + y (Switchyard, MoELayer::workspace_size); arena + x + y
+// (dense, at capacity factor 1.0, its best case; dropless runs need more).
+void measure_fits(const MoEConfig& cfg, const GpuLayer& g, J& fit) {
+    const size_t fr = free_bytes();
+    const int64_t H = cfg.hidden_size;
+    const size_t a = dtype_size(cfg.dtype);
+    const MoELayer layer(cfg, g.w);
+    auto fits_sparse = [&](int64_t T) { return layer.workspace_size(T) + 2 * size_t(T * H) * a <= fr; };
+    MoEConfig c1 = cfg;
+    c1.capacity_factor = 1.0;
+    auto fits_dense = [&](int64_t T) {
+        const size_t need = dense_bytes_needed(c1, T, c1.capacity(T));
+        return need != SIZE_MAX && need + 2 * size_t(T * H) * a <= fr;
+    };
+    const int64_t cap = std::min<int64_t>(int64_t(1) << 30, (int64_t(INT32_MAX) / 2) / cfg.top_k);
+    fit["free_bytes_with_weights"] = fr;
+    fit["weight_bytes"] = g.weight_bytes;
+    fit["switchyard_max_tokens"] = largest_fitting(fits_sparse, cap);
+    fit["dense_max_tokens"] = largest_fitting(fits_dense, cap);
+    const int64_t T1 = 4096;
+    fit["switchyard_bytes_per_token"] =
+        double(layer.workspace_size(2 * T1) - layer.workspace_size(T1)) / double(T1) + 2.0 * double(H * a);
+}
+
+// Switchyard's router + plan vs the seed's router (probe.h) at T tokens, with the router's floor.
+void measure_routers(GpuRun& run, const MoEConfig& cfg, const GpuLayer& g, const TensorRef& x, int64_t T, J& rr) {
+    const GpuProfileOptions& o = run.o;
+    const cudaStream_t s = run.stream.get();
+    const int64_t H = cfg.hidden_size, E = cfg.num_experts, k = cfg.top_k;
+    const size_t a = dtype_size(cfg.dtype);
+    const cuda::RouterBytes sb = cuda::sparse_router_bytes(cfg, T);
+    DeviceBuffer ws(sb.total);
+    rr["switchyard_ms"] = cuda_median_ms(
+        [&] {
+            cuda::sparse_router_forward(cfg, x.data, g.w.gate.data, g.w.score_bias.ptr<float>(), T, ws.get(),
+                                        ws.size(), s);
+        },
+        o.warmup, o.reps, s, run.ev);
+    rr["switchyard_bytes"] = sb.total;
+    rr["switchyard_plan_bytes"] = sb.plan;
+    // Seed: count first (C = 0), C = the largest count, then time with the one-hot tensors.
+    const cuda::RouterBytes c0 = cuda::seed_router_bytes(cfg, T, 0);
+    int64_t C = 0;
+    {
+        DeviceBuffer w0(c0.total);
+        const int32_t* counts = nullptr;
+        cuda::seed_router_forward(cfg, x.data, g.w.gate.data, T, 0, w0.get(), w0.size(), s, &counts);
+        std::vector<int32_t> hc(static_cast<size_t>(E));
+        SWITCHYARD_CUDA_CHECK(cudaMemcpyAsync(hc.data(), counts, 4 * E, cudaMemcpyDeviceToHost, s));
+        SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s));
+        for (int32_t c : hc) C = std::max<int64_t>(C, c);
+    }
+    const cuda::RouterBytes sd = cuda::seed_router_bytes(cfg, T, C);
+    rr["seed_capacity"] = C;
+    rr["seed_bytes"] = sd.total;
+    rr["seed_onehot_bytes"] = sd.onehot;
+    rr["seed_probs_bytes"] = sd.probs;
+    if (sd.total + (size_t(256) << 20) > free_bytes()) {
+        rr["seed_error"] = "needs " + human_bytes(double(sd.total)) + ", the device has " +
+                           human_bytes(double(free_bytes())) + " free";
+    } else {
+        DeviceBuffer wsd(sd.total);
+        rr["seed_ms"] = cuda_median_ms(
+            [&] { cuda::seed_router_forward(cfg, x.data, g.w.gate.data, T, C, wsd.get(), wsd.size(), s); },
+            o.warmup, o.reps, s, run.ev);
+        rr["speedup"] = rr["seed_ms"].get<double>() / std::max(rr["switchyard_ms"].get<double>(), 1e-9);
+    }
+    // The router's floor: gate GEMM FLOPs; x and gate read, ids / weights and the plan's row maps written.
+    const double flops = 2.0 * double(T) * double(E) * double(H);
+    const double bytes = double(a) * double(T * H + E * H) + 4.0 * double(T * k) * 5 + 8.0 * double(E);
+    J rf = rate_fields(rr["switchyard_ms"].get<double>(), flops, bytes, run.tflops, run.gbs);
+    rr["floor_ms"] = rf["floor_ms"];
+    rr["bytes_moved"] = bytes;
+    rr["achieved_gbs"] = rf["gbs"];
+    rr["pct_of_floor"] = rf["pct_of_floor"];
+    rr["bound"] = rf["bound"];
+}
+
+// Stage breakdown: events recorded by MoELayer::forward's StageCallback after each stage, median per stage, each with
+// its FLOPs, bytes, floor and what bounds it. Returns the stage names measured (forward order).
+std::vector<std::string> measure_stages(GpuRun& run, const MoELayer& layer, const TensorRef& x, const TensorRef& y,
+                                        const DeviceBuffer& ws, int64_t T, int64_t kept, int64_t hit, J& L) {
+    const GpuProfileOptions& o = run.o;
+    const MoEConfig& cfg = layer.config();
+    StageEvents marks(run.ev, 2);
+    StageSamples samples;
+    const int sreps = std::max(3, o.reps / 2);
+    for (int it = 0; it < o.warmup + sreps; ++it) {
+        layer.forward(x, y, ws.get(), ws.size(), run.stream.get(), nullptr, marks.callback());
+        SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(run.stream.get()));
+        if (it >= o.warmup) marks.add_to(samples);
+    }
+    J stages = J::array();
+    double sum = 0;
+    for (const auto& [n, ms] : samples.medians()) sum += ms;
+    for (const auto& [n, ms] : samples.medians()) {
+        const StageWork w = stage_work(n, cfg, T, kept, hit);
+        J sj = rate_fields(ms, w.flops, w.bytes, run.tflops, run.gbs);
+        sj["stage"] = n;
+        sj["flops"] = w.flops;
+        sj["gflop"] = w.flops / 1e9;  // the unit the report's stage table prints
+        sj["bytes"] = w.bytes;
+        sj["share_pct"] = sum > 0 ? 100.0 * ms / sum : 0.0;
+        sj["gap_ms"] = std::max(0.0, sj["ms"].get<double>() - sj["floor_ms"].get<double>());
+        stages.push_back(sj);
+    }
+    L["stages"] = stages;
+    L["stages_sum_ms"] = sum;
+    return samples.names();
+}
+
+// Memory of the layer at T tokens: the workspace by slice (MoELayer::workspace_layout; aliased slices reuse another's
+// memory and are not counted twice), live bytes per stage, the measured allocation, the budgets.
+J workspace_memory(const MoELayer& layer, const GpuLayer& g, int64_t T, const std::vector<std::string>& stages_run,
+                   size_t measured_bytes) {
+    const MoEConfig& cfg = layer.config();
+    const size_t wsb = layer.workspace_size(T);
+    size_t counted = 0;
+    J sl = J::object(), aliases = J::object();
+    for (const WorkspaceSlice& x : layer.workspace_layout(T)) {
+        sl[x.name] = x.bytes;
+        if (x.aliases.empty())
+            counted += x.bytes;
+        else
+            aliases[x.name] = x.aliases;
+    }
+    J by_stage = J::array();
+    size_t stage_peak = 0;
+    std::string stage_peak_name;
+    for (const auto& st : stage_slices()) {
+        if (std::find(stages_run.begin(), stages_run.end(), st.first) == stages_run.end()) continue;
+        size_t live = 0;
+        for (const char* n : st.second)
+            if (sl.contains(n)) live += sl[n].get<size_t>();
+        by_stage.push_back({{"stage", st.first}, {"live_bytes", live}});
+        if (live > stage_peak) stage_peak = live, stage_peak_name = st.first;
+    }
+    const int64_t H = cfg.hidden_size;
+    J mem;
+    mem["workspace_bytes"] = wsb;
+    mem["workspace_recounted_bytes"] = counted;
+    mem["layout_check"] = counted == wsb;
+    mem["workspace_measured_bytes"] = measured_bytes;
+    mem["slices"] = sl;
+    mem["slice_aliases"] = aliases;
+    mem["by_stage"] = by_stage;
+    mem["stage_peak_bytes"] = stage_peak;
+    mem["stage_peak_stage"] = stage_peak_name;
+    mem["io_bytes"] = 2 * size_t(T * H) * dtype_size(cfg.dtype);
+    mem["weight_bytes"] = g.weight_bytes;
+    mem["design_budget_bytes"] = gpu_budget_bytes(cfg, T);
+    mem["fused_goal_bytes"] = gpu_fused_goal_bytes(cfg, T);
+    mem["workspace_over_budget"] = double(wsb) / double(std::max<size_t>(1, gpu_budget_bytes(cfg, T)));
+    return mem;
+}
+
+// Switchyard's layer at T tokens: its load (from the forward's statistics), floor, whole-layer time, stage breakdown
+// and memory.
+void measure_switchyard_layer(GpuRun& run, const MoEConfig& cfg, const GpuLayer& g, const TensorRef& x,
+                              const TensorRef& y, int64_t T, J& L) {
+    const GpuProfileOptions& o = run.o;
+    const cudaStream_t s = run.stream.get();
+    MoELayer layer(cfg, g.w);
+    const size_t before = free_bytes();
+    DeviceBuffer ws(layer.workspace_size(T));
+    const size_t after = free_bytes();
+    LoadStats st;
+    ForwardOutputs out;
+    out.stats = &st;
+    layer.forward(x, y, ws.get(), ws.size(), s, &out);
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s));
+    int64_t kept = 0, hit = 0;
+    for (int64_t c : st.kept_counts) kept += c, hit += c > 0;
+    L["kept_rows"] = kept;
+    L["experts_hit"] = hit;
+    L["load"] = {{"max_over_mean", st.max_over_mean()}, {"cv", st.cv}, {"aux_loss", st.aux_loss},
+                 {"dropped", st.dropped}, {"expert_counts", st.expert_counts}};
+    const double flops = layer_flops(cfg, T, kept), bytes = layer_bytes(cfg, T, hit, cfg.dtype);
+    L["flops"] = flops;
+    L["bytes"] = bytes;
+    const double floor_ms = std::max(flops / (run.tflops * 1e12), bytes / (run.gbs * 1e9)) * 1e3;
+    L["floor_ms"] = floor_ms;
+    L["bound"] = flops / (run.tflops * 1e12) >= bytes / (run.gbs * 1e9) ? "compute" : "bandwidth";
+    const double ms =
+        cuda_median_ms([&] { layer.forward(x, y, ws.get(), ws.size(), s, nullptr); }, o.warmup, o.reps, s, run.ev);
+    L["switchyard"] = rate_fields(ms, flops, bytes, run.tflops, run.gbs);
+    const std::vector<std::string> names = measure_stages(run, layer, x, y, ws, T, kept, hit, L);
+    L["memory"] = workspace_memory(layer, g, T, names, before >= after ? before - after : 0);
+}
+
+// The dense GShard baseline at T tokens: its need, measured peak and time (or why it did not run).
+void measure_dense(GpuRun& run, const MoEConfig& cfg, const GpuLayer& g, const TensorRef& x, const TensorRef& y,
+                   int64_t T, J& L) {
+    const GpuProfileOptions& o = run.o;
+    const cudaStream_t s = run.stream.get();
+    DenseResult d = dense_forward_cuda(cfg, g.w, x, y, kDenseNoLimit, nullptr, 0, s, nullptr);
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s));
+    J dj;
+    dj["ran"] = d.ran;
+    dj["capacity"] = d.capacity;
+    dj["bytes_needed"] = d.bytes_needed;
+    dj["peak_bytes"] = d.peak_bytes;
+    if (d.routed) {
+        const DenseMemory dm = dense_memory(cfg, T, d.capacity);
+        dj["product_bytes"] = dm.product;
+        dj["onehot_bytes"] = dm.dispatch + dm.combine;
+    }
+    if (d.ran) {
+        const int dreps = std::max(3, std::min(o.reps, 5));
+        const double ms = cuda_median_ms(
+            [&] { d = dense_forward_cuda(cfg, g.w, x, y, kDenseNoLimit, nullptr, 0, s, nullptr); },
+            std::min(o.warmup, 1), dreps, s, run.ev);
+        J r = rate_fields(ms, L.value("flops", 0.0), L.value("bytes", 0.0), run.tflops, run.gbs);
+        for (auto it = r.begin(); it != r.end(); ++it) dj[it.key()] = it.value();
+        if (L.contains("switchyard")) dj["switchyard_speedup"] = ms / L["switchyard"]["ms"].get<double>();
+    } else {
+        dj["reason"] = d.reason;
+    }
+    if (L.contains("memory") && d.bytes_needed > 0 && d.bytes_needed != SIZE_MAX)
+        L["dense_over_workspace"] =
+            double(d.bytes_needed) / double(std::max<size_t>(1, L["memory"]["workspace_bytes"].get<size_t>()));
+    L["dense"] = dj;
+}
+
+// One (shape, T): inputs on the device, then routers, Switchyard's layer and the dense baseline, each recording its
+// failure and going on.
+void measure_point(GpuRun& run, const std::string& shape, const MoEConfig& cfg, const GpuLayer* g, int64_t T,
+                   J& routers, J& layers) {
+    const std::string where = shape + " T=" + std::to_string(T);
+    run.progress("router, layer, stages, dense baseline: " + where);
+    J rr = {{"shape", shape}, {"tokens", T}};
+    J L = {{"shape", shape}, {"tokens", T}, {"config", cfg.to_string()}};
+    if (!g || run.ctx_dead) {
+        rr["error"] = L["error"] = run.ctx_dead ? "skipped: CUDA context lost earlier" : "no weights";
+        routers.push_back(rr);
+        layers.push_back(L);
+        return;
+    }
+    const int64_t H = cfg.hidden_size;
+    const DType dt = cfg.dtype;
+    std::unique_ptr<DeviceBuffer> xb, yb;
+    TensorRef x, y;
+    try {
+        xb = std::make_unique<DeviceBuffer>(size_t(T * H) * dtype_size(dt));
+        yb = std::make_unique<DeviceBuffer>(size_t(T * H) * dtype_size(dt));
+        cuda::fill_uniform(dt, xb->get(), T * H, -1.0f, 1.0f, run.o.seed * 1000 + uint64_t(T), run.stream.get());
+        x = TensorRef(xb->get(), dt, {T, H}, Device::kCUDA, 0);
+        y = TensorRef(yb->get(), dt, {T, H}, Device::kCUDA, 0);
+    } catch (const std::exception& e) {
+        run.fail(where + " inputs", e.what());
+        rr["error"] = L["error"] = std::string("inputs: ") + e.what();
+        routers.push_back(rr);
+        layers.push_back(L);
+        run.after_failure(where);
+        return;
+    }
+    try {
+        measure_routers(run, cfg, *g, x, T, rr);
+    } catch (const std::exception& e) {
+        rr["error"] = e.what();
+        run.fail(where + " router", e.what());
+        run.after_failure(where + " router");
+    }
+    routers.push_back(rr);
+    if (!run.ctx_dead) {
+        try {
+            measure_switchyard_layer(run, cfg, *g, x, y, T, L);
+        } catch (const std::exception& e) {
+            L["switchyard_error"] = e.what();
+            run.fail(where + " switchyard layer", e.what());
+            run.after_failure(where + " switchyard layer");
+        }
+    }
+    if (!run.ctx_dead) {
+        try {
+            measure_dense(run, cfg, *g, x, y, T, L);
+        } catch (const std::exception& e) {
+            L["dense"] = {{"ran", false}, {"reason", std::string("error: ") + e.what()}};
+            run.fail(where + " dense baseline", e.what());
+            run.after_failure(where + " dense baseline");
+        }
+    }
+    layers.push_back(L);
+}
+
+// One shape: its weights on the GPU, what fits beside them, then every token count.
+void measure_shape(GpuRun& run, size_t si, J& routers, J& layers, J& fits) {
+    const std::string& shape = run.o.shapes[si];
+    MoEConfig cfg;
+    try {
+        cfg = named_shape(shape, run.o.dtype);
+        cfg.validate();
+    } catch (const std::exception& e) {
+        run.fail(shape, e.what());
+        return;
+    }
+    run.progress("weights of " + shape + " on the GPU");
+    std::unique_ptr<GpuLayer> g;
+    J fit = {{"shape", shape}};
+    if (!run.ctx_dead) {
+        try {
+            g = make_weights(cfg, run.o.seed + si, run.stream.get());
+        } catch (const std::exception& e) {
+            run.fail(shape + " weights", e.what());
+            run.after_failure(shape + " weights");
+        }
+    }
+    if (g) {
+        try {
+            measure_fits(cfg, *g, fit);
+        } catch (const std::exception& e) {
+            run.fail(shape + " fits", e.what());
+        }
+    } else {
+        fit["error"] = "weights could not be placed on the GPU";
+    }
+    fits.push_back(fit);
+    for (int64_t T : run.o.tokens) measure_point(run, shape, cfg, g.get(), T, routers, layers);
+}
+
+// The PyTorch peers of each layer row (times, % of floor, speed-ups, the best non-dense peer).
+void attach_torch_peers(J& layers, const J& t) {
+    for (J& L : layers) {
+        const std::string model = L["shape"] == "deepseek-v3" ? "deepseek" : L["shape"].get<std::string>();
+        J peers = J::object();
+        double best = 0;
+        std::string best_impl;
+        for (const J& r : t["rows"]) {
+            if (r.value("model", "") != model || r.value("tokens", int64_t(-1)) != L["tokens"].get<int64_t>())
+                continue;
+            J p;
+            const double ms = r["ms"].is_number() ? r["ms"].get<double>() : NAN;
+            p["ok"] = std::isfinite(ms);
+            if (std::isfinite(ms)) {
+                p["ms"] = ms;
+                p["tflops"] = r.value("tflops", 0.0);
+                p["pct_of_floor_torch"] = 100.0 * r.value("floor_ms", 0.0) / ms;
+                if (r["peak_extra_gb"].is_number() && std::isfinite(r["peak_extra_gb"].get<double>()))
+                    p["peak_extra_gb"] = r["peak_extra_gb"];
+                if (L.contains("floor_ms")) p["pct_of_floor"] = 100.0 * L["floor_ms"].get<double>() / ms;
+                if (L.contains("switchyard")) p["switchyard_speedup"] = ms / L["switchyard"]["ms"].get<double>();
+                if (r.value("impl", "") != "dense" && (best == 0 || ms < best)) best = ms, best_impl = r.value("impl", "");
+            } else {
+                p["note"] = r.value("note", std::string("failed"));
+            }
+            peers[r.value("impl", std::string("?"))] = p;
+        }
+        L["torch"] = peers;
+        if (best > 0) {
+            L["best_torch_impl"] = best_impl;
+            L["best_torch_ms"] = best;
+            if (L.contains("switchyard")) L["speedup_vs_best_torch"] = best / L["switchyard"]["ms"].get<double>();
+        }
+    }
+}
+
 }  // namespace
 
 int run_ncu_child(const std::string& shape, int64_t T, DType dtype, uint64_t seed) {
     MoEConfig cfg = named_shape(shape, dtype);
     cfg.validate();
-    Stream s;
+    CudaStream s;
     auto g = make_weights(cfg, seed, s.get());
     const int64_t H = cfg.hidden_size;
     DeviceBuffer xb(static_cast<size_t>(T * H) * dtype_size(dtype)), yb(xb.size());
@@ -514,385 +849,21 @@ int run_ncu_child(const std::string& shape, int64_t T, DType dtype, uint64_t see
     MoELayer layer(cfg, g->w);
     DeviceBuffer ws(layer.workspace_size(T));
     layer.forward(x, y, ws.get(), ws.size(), s.get(), nullptr);  // warm (cuBLAS handle, CUTLASS setup)
-    ck(cudaStreamSynchronize(s.get()), "warm forward");
-    ck(cudaProfilerStart(), "cudaProfilerStart");
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+    SWITCHYARD_CUDA_CHECK(cudaProfilerStart());
     layer.forward(x, y, ws.get(), ws.size(), s.get(), nullptr);
-    ck(cudaStreamSynchronize(s.get()), "profiled forward");
-    ck(cudaProfilerStop(), "cudaProfilerStop");
+    SWITCHYARD_CUDA_CHECK(cudaStreamSynchronize(s.get()));
+    SWITCHYARD_CUDA_CHECK(cudaProfilerStop());
     return kExitOk;
 }
 
 J run_gpu_profile(const GpuProfileOptions& o, const std::function<void(const std::string&)>& progress,
                   const std::function<void(const std::string&)>& note) {
+    GpuRun run(o, progress, note);
     J j;
-    J failures = J::array();
-    auto fail = [&](const std::string& where, const std::string& err) {
-        failures.push_back({{"where", where}, {"error", err}});
-        note("failed: " + where + ": " + err);
-    };
-    bool ctx_dead = false;
-    auto after_failure = [&](const std::string& where) {
-        std::string why;
-        if (!context_ok(&why)) {
-            ctx_dead = true;
-            fail(where, "the CUDA context is unusable after this failure (" + why + "); later GPU steps are skipped");
-        }
-    };
-
-    // ---- hardware and ceilings ----
-    progress("GPU hardware and ceilings (bf16 GEMM, device copy)");
-    J hw;
-    {
-        cudaDeviceProp p;
-        ck(cudaGetDeviceProperties(&p, 0), "cudaGetDeviceProperties");
-        ck(cudaSetDevice(0), "cudaSetDevice");
-        int drv = 0, rt = 0;
-        cudaDriverGetVersion(&drv);
-        cudaRuntimeGetVersion(&rt);
-        size_t fr = 0, tot = 0;
-        ck(cudaMemGetInfo(&fr, &tot), "cudaMemGetInfo");
-        hw["gpu_name"] = p.name;
-        hw["sm_count"] = p.multiProcessorCount;
-        hw["compute_capability"] = std::to_string(p.major) + "." + std::to_string(p.minor);
-        hw["memory_total_bytes"] = tot;
-        hw["memory_free_bytes_at_start"] = fr;
-        hw["memory_total_gib"] = double(tot) / double(1ull << 30);
-        hw["memory_free_gib_at_start"] = double(fr) / double(1ull << 30);
-        hw["l2_cache_mib"] = double(p.l2CacheSize) / double(1 << 20);
-        hw["driver_cuda_version"] = std::to_string(drv / 1000) + "." + std::to_string((drv % 1000) / 10);
-        hw["runtime_cuda_version"] = std::to_string(rt / 1000) + "." + std::to_string((rt % 1000) / 10);
-        const HostInfo hi = host_info();
-        hw["cpu_model"] = hi.cpu_model;
-        hw["logical_cores"] = hi.logical_cores;
-        hw["host_mem_total_gib"] = hi.mem_total_gib;
-    }
-    double tflops = 785, gbs = 3000;
-    hw["ceiling_source"] = "measured in this run";
-    try {
-        const cuda::ProbeResult g = cuda::probe_bf16_gemm(8192, o.quick ? 10 : 20);
-        const cuda::ProbeResult c = cuda::probe_copy(size_t(1) << 30, o.quick ? 6 : 12);
-        tflops = g.rate;
-        gbs = c.rate;
-        hw["bf16_gemm_n"] = 8192;
-        hw["bf16_gemm_ms"] = g.ms;
-        hw["bf16_tflops"] = g.rate;
-        hw["copy_bytes"] = size_t(1) << 30;
-        hw["copy_ms"] = c.ms;
-        hw["copy_gbs"] = c.rate;
-    } catch (const std::exception& e) {
-        fail("ceilings", e.what());
-        hw["ceiling_source"] = "DESIGN.md's H100 figures (the probes failed)";
-        hw["bf16_tflops"] = tflops;
-        hw["copy_gbs"] = gbs;
-        after_failure("ceilings");
-    }
-    j["hardware"] = hw;
-
-    Stream stream;
-    const cudaStream_t s = stream.get();
-    EventPool ev;
+    j["hardware"] = probe_gpu_hardware(run);
     J routers = J::array(), layers = J::array(), fits = J::array();
-    const DType dt = o.dtype;
-    const size_t a = dtype_size(dt);
-
-    for (size_t si = 0; si < o.shapes.size(); ++si) {
-        const std::string& shape = o.shapes[si];
-        MoEConfig cfg;
-        try {
-            cfg = named_shape(shape, dt);
-            cfg.validate();
-        } catch (const std::exception& e) {
-            fail(shape, e.what());
-            continue;
-        }
-        progress("weights of " + shape + " on the GPU");
-        std::unique_ptr<GpuLayer> g;
-        J fit = {{"shape", shape}};
-        if (!ctx_dead) {
-            try {
-                g = make_weights(cfg, o.seed + si, s);
-            } catch (const std::exception& e) {
-                fail(shape + " weights", e.what());
-                after_failure(shape + " weights");
-            }
-        }
-        if (g) {
-            // Largest T that fits beside the weights: workspace + x + y (Switchyard); arena + x + y (dense, at
-            // capacity factor 1.0, its best case; dropless runs need more).
-            try {
-                const size_t fr = free_bytes();
-                const int64_t H = cfg.hidden_size;
-                auto fits_sparse = [&](int64_t T) {
-                    return cuda::moe_workspace_size(cfg, T) + 2 * size_t(T * H) * a <= fr;
-                };
-                MoEConfig c1 = cfg;
-                c1.capacity_factor = 1.0;
-                auto fits_dense = [&](int64_t T) {
-                    const size_t need = dense_bytes_needed(c1, T, c1.capacity(T));
-                    return need != SIZE_MAX && need + 2 * size_t(T * H) * a <= fr;
-                };
-                auto largest = [](const std::function<bool(int64_t)>& ok, int64_t hi) {
-                    if (!ok(1)) return int64_t(0);
-                    int64_t lo = 1;
-                    while (lo < hi) {
-                        const int64_t mid = lo + (hi - lo + 1) / 2;
-                        if (ok(mid)) lo = mid; else hi = mid - 1;
-                    }
-                    return lo;
-                };
-                const int64_t cap = std::min<int64_t>(int64_t(1) << 30, (int64_t(INT32_MAX) / 2) / cfg.top_k);
-                fit["free_bytes_with_weights"] = fr;
-                fit["weight_bytes"] = g->weight_bytes;
-                fit["switchyard_max_tokens"] = largest(fits_sparse, cap);
-                fit["dense_max_tokens"] = largest(fits_dense, cap);
-                const int64_t T1 = 4096;
-                fit["switchyard_bytes_per_token"] =
-                    double(cuda::moe_workspace_size(cfg, 2 * T1) - cuda::moe_workspace_size(cfg, T1)) / double(T1) +
-                    2.0 * double(H * a);
-            } catch (const std::exception& e) {
-                fail(shape + " fits", e.what());
-            }
-        } else {
-            fit["error"] = "weights could not be placed on the GPU";
-        }
-        fits.push_back(fit);
-
-        for (int64_t T : o.tokens) {
-            const std::string where = shape + " T=" + std::to_string(T);
-            progress("router, layer, stages, dense baseline: " + where);
-            J rr = {{"shape", shape}, {"tokens", T}};
-            J L = {{"shape", shape}, {"tokens", T}, {"config", cfg.to_string()}};
-            if (!g || ctx_dead) {
-                rr["error"] = L["error"] = ctx_dead ? "skipped: CUDA context lost earlier" : "no weights";
-                routers.push_back(rr);
-                layers.push_back(L);
-                continue;
-            }
-            const int64_t H = cfg.hidden_size, E = cfg.num_experts, k = cfg.top_k;
-            std::unique_ptr<DeviceBuffer> xb, yb;
-            TensorRef x, y;
-            try {
-                xb = std::make_unique<DeviceBuffer>(size_t(T * H) * a);
-                yb = std::make_unique<DeviceBuffer>(size_t(T * H) * a);
-                cuda::fill_uniform(dt, xb->get(), T * H, -1.0f, 1.0f, o.seed * 1000 + uint64_t(T), s);
-                x = TensorRef(xb->get(), dt, {T, H}, Device::kCUDA, 0);
-                y = TensorRef(yb->get(), dt, {T, H}, Device::kCUDA, 0);
-            } catch (const std::exception& e) {
-                fail(where + " inputs", e.what());
-                rr["error"] = L["error"] = std::string("inputs: ") + e.what();
-                routers.push_back(rr);
-                layers.push_back(L);
-                after_failure(where);
-                continue;
-            }
-
-            // ---- routers ----
-            try {
-                const cuda::RouterBytes sb = cuda::sparse_router_bytes(cfg, T);
-                DeviceBuffer ws(sb.total);
-                rr["switchyard_ms"] = time_ms(
-                    [&] {
-                        cuda::sparse_router_forward(cfg, x.data, g->w.gate.data, g->w.score_bias.ptr<float>(), T,
-                                                    ws.get(), ws.size(), s);
-                    },
-                    o.warmup, o.reps, s, ev);
-                rr["switchyard_bytes"] = sb.total;
-                rr["switchyard_plan_bytes"] = sb.plan;
-                // Seed: count first (C = 0), C = the largest count, then time with the one-hot tensors.
-                const cuda::RouterBytes c0 = cuda::seed_router_bytes(cfg, T, 0);
-                int64_t C = 0;
-                {
-                    DeviceBuffer w0(c0.total);
-                    const int32_t* counts = nullptr;
-                    cuda::seed_router_forward(cfg, x.data, g->w.gate.data, T, 0, w0.get(), w0.size(), s, &counts);
-                    std::vector<int32_t> hc(static_cast<size_t>(E));
-                    ck(cudaMemcpyAsync(hc.data(), counts, 4 * E, cudaMemcpyDeviceToHost, s), "counts copy");
-                    ck(cudaStreamSynchronize(s), "seed router count");
-                    for (int32_t c : hc) C = std::max<int64_t>(C, c);
-                }
-                const cuda::RouterBytes sd = cuda::seed_router_bytes(cfg, T, C);
-                rr["seed_capacity"] = C;
-                rr["seed_bytes"] = sd.total;
-                rr["seed_onehot_bytes"] = sd.onehot;
-                rr["seed_probs_bytes"] = sd.probs;
-                if (sd.total + (size_t(256) << 20) > free_bytes()) {
-                    rr["seed_error"] = "needs " + human_bytes(double(sd.total)) + ", the device has " +
-                                       human_bytes(double(free_bytes())) + " free";
-                } else {
-                    DeviceBuffer wsd(sd.total);
-                    rr["seed_ms"] = time_ms(
-                        [&] {
-                            cuda::seed_router_forward(cfg, x.data, g->w.gate.data, T, C, wsd.get(), wsd.size(), s);
-                        },
-                        o.warmup, o.reps, s, ev);
-                    rr["speedup"] = rr["seed_ms"].get<double>() / std::max(rr["switchyard_ms"].get<double>(), 1e-9);
-                }
-                // The router's floor: gate GEMM FLOPs; x and gate read, ids / weights and the plan's row maps written.
-                const double flops = 2.0 * double(T) * double(E) * double(H);
-                const double bytes = double(a) * double(T * H + E * H) + 4.0 * double(T * k) * 5 + 8.0 * double(E);
-                J rf = rate_fields(rr["switchyard_ms"].get<double>(), flops, bytes, tflops, gbs);
-                rr["floor_ms"] = rf["floor_ms"];
-                rr["bytes_moved"] = bytes;
-                rr["achieved_gbs"] = rf["gbs"];
-                rr["pct_of_floor"] = rf["pct_of_floor"];
-                rr["bound"] = rf["bound"];
-            } catch (const std::exception& e) {
-                rr["error"] = e.what();
-                fail(where + " router", e.what());
-                after_failure(where + " router");
-            }
-            routers.push_back(rr);
-            if (ctx_dead) {
-                layers.push_back(L);
-                continue;
-            }
-
-            // ---- Switchyard's layer: stats, whole-layer time, stages ----
-            int64_t kept = 0, hit = 0;
-            try {
-                MoELayer layer(cfg, g->w);
-                const size_t wsb = layer.workspace_size(T);
-                const size_t before = free_bytes();
-                DeviceBuffer ws(wsb);
-                const size_t after = free_bytes();
-                LoadStats st;
-                ForwardOutputs out;
-                out.stats = &st;
-                layer.forward(x, y, ws.get(), ws.size(), s, &out);
-                ck(cudaStreamSynchronize(s), "forward with stats");
-                for (int64_t c : st.kept_counts) kept += c, hit += c > 0;
-                L["kept_rows"] = kept;
-                L["experts_hit"] = hit;
-                L["load"] = {{"max_over_mean", st.max_over_mean()}, {"cv", st.cv}, {"aux_loss", st.aux_loss},
-                             {"dropped", st.dropped}, {"expert_counts", st.expert_counts}};
-                const double flops = layer_flops(cfg, T, kept), bytes = layer_bytes(cfg, T, hit, dt);
-                L["flops"] = flops;
-                L["bytes"] = bytes;
-                const double floor_ms = std::max(flops / (tflops * 1e12), bytes / (gbs * 1e9)) * 1e3;
-                L["floor_ms"] = floor_ms;
-                L["bound"] = flops / (tflops * 1e12) >= bytes / (gbs * 1e9) ? "compute" : "bandwidth";
-                const double ms =
-                    time_ms([&] { layer.forward(x, y, ws.get(), ws.size(), s, nullptr); }, o.warmup, o.reps, s, ev);
-                L["switchyard"] = rate_fields(ms, flops, bytes, tflops, gbs);
-
-                // Stages: events recorded by moe_forward_staged's callback after each stage.
-                std::map<std::string, std::vector<double>> samples;
-                std::vector<std::string> names;
-                const int sreps = std::max(3, o.reps / 2);
-                for (int it = 0; it < o.warmup + sreps; ++it) {
-                    std::vector<std::pair<std::string, cudaEvent_t>> marks;
-                    cuda::moe_forward_staged(cfg, g->w, x, y, ws.get(), ws.size(), s, nullptr,
-                                             [&](const char* stage, cudaStream_t str) {
-                                                 cudaEvent_t e = ev.at(2 + marks.size());
-                                                 ck(cudaEventRecord(e, str), "cudaEventRecord");
-                                                 marks.emplace_back(stage, e);
-                                             });
-                    ck(cudaStreamSynchronize(s), "staged forward");
-                    if (it < o.warmup) continue;
-                    for (size_t i = 1; i < marks.size(); ++i) {
-                        float m = 0;
-                        ck(cudaEventElapsedTime(&m, marks[i - 1].second, marks[i].second), "cudaEventElapsedTime");
-                        if (!samples.count(marks[i].first)) names.push_back(marks[i].first);
-                        samples[marks[i].first].push_back(m);
-                    }
-                }
-                J stages = J::array();
-                double sum = 0;
-                for (const std::string& n : names) sum += median(samples[n]);
-                for (const std::string& n : names) {
-                    const StageWork w = stage_work(n, cfg, T, kept, hit);
-                    J sj = rate_fields(median(samples[n]), w.flops, w.bytes, tflops, gbs);
-                    sj["stage"] = n;
-                    sj["flops"] = w.flops;
-                    sj["gflop"] = w.flops / 1e9;  // the unit the report's stage table prints
-                    sj["bytes"] = w.bytes;
-                    sj["share_pct"] = sum > 0 ? 100.0 * median(samples[n]) / sum : 0.0;
-                    sj["gap_ms"] = std::max(0.0, sj["ms"].get<double>() - sj["floor_ms"].get<double>());
-                    stages.push_back(sj);
-                }
-                L["stages"] = stages;
-                L["stages_sum_ms"] = sum;
-
-                // Memory: the workspace recounted slice by slice, live bytes per stage, the measured allocation.
-                const std::vector<Slice> slices = workspace_slices(cfg, T);
-                size_t counted = 0;
-                J sl = J::object();
-                for (const Slice& x2 : slices) counted += x2.bytes, sl[x2.name] = x2.bytes;
-                J by_stage = J::array();
-                size_t stage_peak = 0;
-                std::string stage_peak_name;
-                for (const auto& st2 : stage_slices()) {
-                    size_t live = 0;
-                    bool present = false;
-                    for (const char* n : st2.second)
-                        if (sl.contains(n)) live += sl[n].get<size_t>();
-                    for (const std::string& n : names) present |= n == st2.first;
-                    if (!present) continue;
-                    by_stage.push_back({{"stage", st2.first}, {"live_bytes", live}});
-                    if (live > stage_peak) stage_peak = live, stage_peak_name = st2.first;
-                }
-                J mem;
-                mem["workspace_bytes"] = wsb;
-                mem["workspace_recounted_bytes"] = counted;
-                mem["layout_check"] = counted == wsb;
-                mem["workspace_measured_bytes"] = before >= after ? before - after : 0;
-                mem["slices"] = sl;
-                mem["by_stage"] = by_stage;
-                mem["stage_peak_bytes"] = stage_peak;
-                mem["stage_peak_stage"] = stage_peak_name;
-                mem["io_bytes"] = 2 * size_t(T * H) * a;
-                mem["weight_bytes"] = g->weight_bytes;
-                mem["design_budget_bytes"] = gpu_budget_bytes(cfg, T);
-                mem["fused_goal_bytes"] = gpu_fused_goal_bytes(cfg, T);
-                mem["workspace_over_budget"] = double(wsb) / double(std::max<size_t>(1, gpu_budget_bytes(cfg, T)));
-                L["memory"] = mem;
-            } catch (const std::exception& e) {
-                L["switchyard_error"] = e.what();
-                fail(where + " switchyard layer", e.what());
-                after_failure(where + " switchyard layer");
-            }
-            if (ctx_dead) {
-                layers.push_back(L);
-                continue;
-            }
-
-            // ---- dense baseline ----
-            try {
-                DenseResult d = dense_forward_cuda(cfg, g->w, x, y, kDenseNoLimit, nullptr, 0, s, nullptr);
-                ck(cudaStreamSynchronize(s), "dense forward");
-                J dj;
-                dj["ran"] = d.ran;
-                dj["capacity"] = d.capacity;
-                dj["bytes_needed"] = d.bytes_needed;
-                dj["peak_bytes"] = d.peak_bytes;
-                if (d.routed) {
-                    const DenseMemory dm = dense_memory(cfg, T, d.capacity);
-                    dj["product_bytes"] = dm.product;
-                    dj["onehot_bytes"] = dm.dispatch + dm.combine;
-                }
-                if (d.ran) {
-                    const int dreps = std::max(3, std::min(o.reps, 5));
-                    const double ms = time_ms(
-                        [&] { d = dense_forward_cuda(cfg, g->w, x, y, kDenseNoLimit, nullptr, 0, s, nullptr); },
-                        std::min(o.warmup, 1), dreps, s, ev);
-                    J r = rate_fields(ms, L.value("flops", 0.0), L.value("bytes", 0.0), tflops, gbs);
-                    for (auto it = r.begin(); it != r.end(); ++it) dj[it.key()] = it.value();
-                    if (L.contains("switchyard")) dj["switchyard_speedup"] = ms / L["switchyard"]["ms"].get<double>();
-                } else {
-                    dj["reason"] = d.reason;
-                }
-                if (L.contains("memory") && d.bytes_needed > 0 && d.bytes_needed != SIZE_MAX)
-                    L["dense_over_workspace"] =
-                        double(d.bytes_needed) / double(std::max<size_t>(1, L["memory"]["workspace_bytes"].get<size_t>()));
-                L["dense"] = dj;
-            } catch (const std::exception& e) {
-                L["dense"] = {{"ran", false}, {"reason", std::string("error: ") + e.what()}};
-                fail(where + " dense baseline", e.what());
-                after_failure(where + " dense baseline");
-            }
-            layers.push_back(L);
-        }
-    }
+    for (size_t si = 0; si < o.shapes.size(); ++si) measure_shape(run, si, routers, layers, fits);
     j["router"] = routers;
     j["layers"] = layers;
     j["fits"] = fits;
@@ -903,43 +874,7 @@ J run_gpu_profile(const GpuProfileOptions& o, const std::function<void(const std
         J t = run_torch(o);
         if (!t["available"].get<bool>()) note("PyTorch peers: " + t.value("reason", std::string("not run")));
         j["torch"] = t;
-        if (t["available"].get<bool>()) {
-            for (J& L : j["layers"]) {
-                const std::string model = L["shape"] == "deepseek-v3" ? "deepseek" : L["shape"].get<std::string>();
-                J peers = J::object();
-                double best = 0;
-                std::string best_impl;
-                for (const J& r : t["rows"]) {
-                    if (r.value("model", "") != model || r.value("tokens", int64_t(-1)) != L["tokens"].get<int64_t>())
-                        continue;
-                    J p;
-                    const double ms = r["ms"].is_number() ? r["ms"].get<double>() : NAN;
-                    p["ok"] = std::isfinite(ms);
-                    if (std::isfinite(ms)) {
-                        p["ms"] = ms;
-                        p["tflops"] = r.value("tflops", 0.0);
-                        p["pct_of_floor_torch"] = 100.0 * r.value("floor_ms", 0.0) / ms;
-                        if (r["peak_extra_gb"].is_number() && std::isfinite(r["peak_extra_gb"].get<double>()))
-                            p["peak_extra_gb"] = r["peak_extra_gb"];
-                        if (L.contains("floor_ms")) p["pct_of_floor"] = 100.0 * L["floor_ms"].get<double>() / ms;
-                        if (L.contains("switchyard"))
-                            p["switchyard_speedup"] = ms / L["switchyard"]["ms"].get<double>();
-                        if (r.value("impl", "") != "dense" && (best == 0 || ms < best))
-                            best = ms, best_impl = r.value("impl", "");
-                    } else {
-                        p["note"] = r.value("note", std::string("failed"));
-                    }
-                    peers[r.value("impl", std::string("?"))] = p;
-                }
-                L["torch"] = peers;
-                if (best > 0) {
-                    L["best_torch_impl"] = best_impl;
-                    L["best_torch_ms"] = best;
-                    if (L.contains("switchyard"))
-                        L["speedup_vs_best_torch"] = best / L["switchyard"]["ms"].get<double>();
-                }
-            }
-        }
+        if (t["available"].get<bool>()) attach_torch_peers(j["layers"], t);
     } else {
         j["torch"] = {{"available", false}, {"reason", "--torch off"}};
     }
@@ -956,9 +891,10 @@ J run_gpu_profile(const GpuProfileOptions& o, const std::function<void(const std
     } else {
         j["ncu"] = {{"ran", false}, {"reason", "off (pass --ncu to run Nsight Compute on one forward)"}};
     }
-    j["failures"] = failures;
+    j["failures"] = run.failures;
     return j;
 }
+
 
 #endif  // SWITCHYARD_WITH_CUDA
 
