@@ -6,6 +6,8 @@
 // three types are here too (round to nearest even, as the host conversions in switchyard/dtype.h).
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,34 +33,18 @@ void dispatch_float_dtype(DType dtype, const char* what, F&& f) {
     SWITCHYARD_FAIL(what, ": dtype=", to_string(dtype), " is not supported (fp32, bf16, fp16)");
 }
 
+// Element <-> fp32: exact widening; narrowing rounds to nearest even (switchyard/dtype.h does the same on the host).
 template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) {
-    return v;
+__device__ __forceinline__ float to_f32(T v) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) return __bfloat162float(v);
+    else if constexpr (std::is_same<T, __half>::value) return __half2float(v);
+    else return v;
 }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) {
-    return __half2float(v);
-}
-
 template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) {
-    return v;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) {
-    return __float2half_rn(v);
+__device__ __forceinline__ T from_f32(float v) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16_rn(v);
+    else if constexpr (std::is_same<T, __half>::value) return __float2half_rn(v);
+    else return v;
 }
 
 // Elements of T in one 16-byte vector.

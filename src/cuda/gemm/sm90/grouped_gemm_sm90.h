@@ -41,14 +41,17 @@ enum class TileConfig : int {
     kPingpong128x128 = 2,     // KernelPtrArrayTmaWarpSpecializedPingpong, tile 128x128x64, cluster 1x1x1 (bf16)
 };
 
-struct GemmOps {
+// The entry points of one compiled CUTLASS configuration; Args is GroupedGemmArgs (forward) or GroupedGemmGradArgs
+// (grouped_gemm_sm90_backward.h).
+template <typename Args>
+struct GemmOpsOf {
     const char* name;
     // Bytes of workspace (device arrays + CUTLASS workspace) for num_groups groups on sm_count SMs.
     size_t (*workspace_size)(int64_t num_groups, int sm_count);
     // Runs the grouped GEMM. args validated by the caller; workspace_bytes >= workspace_size(...).
-    void (*run)(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
-                cudaStream_t stream);
+    void (*run)(const Args& args, void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream);
 };
+using GemmOps = GemmOpsOf<GroupedGemmArgs>;
 
 // One per translation unit.
 extern const GemmOps kBF16Cooperative;  // grouped_gemm_sm90.cu

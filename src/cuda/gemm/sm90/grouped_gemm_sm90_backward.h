@@ -32,15 +32,8 @@ enum class GradLayout : int {
     kWgrad = 1,
 };
 
-struct GradGemmOps {
-    const char* name;
-    // Bytes of workspace (device arrays + CUTLASS workspace) for num_groups groups on sm_count SMs.
-    size_t (*workspace_size)(int64_t num_groups, int sm_count);
-    // Runs the grouped GEMM of this layout. args validated by the caller; workspace_bytes >= workspace_size(...).
-    // wgrad does not zero the dB of empty groups (the dispatcher does).
-    void (*run)(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, int sm_count,
-                cudaStream_t stream);
-};
+// wgrad's run does not zero the dB of empty groups (the dispatcher does).
+using GradGemmOps = GemmOpsOf<GroupedGemmGradArgs>;
 
 // One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1.
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
