@@ -57,6 +57,41 @@ struct Result {
     double ms = 0;
 };
 
+// The table of backends against the reference, with the first element out of tolerance of each failure; true when
+// every backend that ran passed.
+bool print_results(const std::vector<Result>& results, const std::vector<float>& ref, double ref_ms, int64_t T,
+                   int64_t H) {
+    std::printf("  %-10s %12s %12s %10s %10s %9s  %s\n", "backend", "max_abs", "max_rel", "rtol", "atol*max", "ms",
+                "result");
+    std::printf("  %-10s %12s %12s %10s %10s %9.2f  %s\n", "reference", "-", "-", "-", "-", ref_ms,
+                "(oracle, max|y| below)");
+    bool ok = true;
+    for (const Result& r : results) {
+        if (!r.ran) {
+            std::printf("  %-10s %12s %12s %10s %10s %9s  SKIP (%s)\n", r.name.c_str(), "-", "-", "-", "-", "-",
+                        r.note.c_str());
+            continue;
+        }
+        bool pass = r.cmp.num_bad == 0 && !r.cmp.nonfinite;
+        ok = ok && pass;
+        std::printf("  %-10s %12.3e %12.3e %10.2e %10.2e %9.2f  %s\n", r.name.c_str(), r.cmp.max_abs, r.cmp.max_rel,
+                    r.rtol, r.atol * r.cmp.ref_max, r.ms, pass ? "PASS" : "FAIL");
+        if (!pass) {
+            int64_t i = r.cmp.first_bad;
+            std::printf(
+                "             %lld of %lld elements out of tolerance; first at [t=%lld, h=%lld]: got %.9g, expected "
+                "%.9g\n",
+                static_cast<long long>(r.cmp.num_bad), static_cast<long long>(T * H),
+                static_cast<long long>(i / std::max<int64_t>(H, 1)),
+                static_cast<long long>(i % std::max<int64_t>(H, 1)), r.got_first_bad, static_cast<double>(ref[i]));
+        }
+    }
+    double ref_max = 0;
+    for (float v : ref) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
+    std::printf("  max|y_ref| = %.6g; %s\n", ref_max, ok ? "all backends PASS" : "FAILED");
+    return ok;
+}
+
 int run_check(const CheckOptions& o) {
     MoEConfig cfg = make_config(o.layer);
     SWITCHYARD_CHECK(o.tokens >= 0, "--tokens must be >= 0, got ", o.tokens);
@@ -166,35 +201,7 @@ int run_check(const CheckOptions& o) {
     SWITCHYARD_CHECK(!results.empty(), "--only '", o.only,
                      "' names no available backend (cpu, dense-cpu, cuda, dense-cuda)");
 
-    std::printf("  %-10s %12s %12s %10s %10s %9s  %s\n", "backend", "max_abs", "max_rel", "rtol", "atol*max", "ms",
-                "result");
-    std::printf("  %-10s %12s %12s %10s %10s %9.2f  %s\n", "reference", "-", "-", "-", "-", ref_ms,
-                "(oracle, max|y| below)");
-    bool ok = true;
-    for (const Result& r : results) {
-        if (!r.ran) {
-            std::printf("  %-10s %12s %12s %10s %10s %9s  SKIP (%s)\n", r.name.c_str(), "-", "-", "-", "-", "-",
-                        r.note.c_str());
-            continue;
-        }
-        bool pass = r.cmp.num_bad == 0 && !r.cmp.nonfinite;
-        ok = ok && pass;
-        std::printf("  %-10s %12.3e %12.3e %10.2e %10.2e %9.2f  %s\n", r.name.c_str(), r.cmp.max_abs, r.cmp.max_rel,
-                    r.rtol, r.atol * r.cmp.ref_max, r.ms, pass ? "PASS" : "FAIL");
-        if (!pass) {
-            int64_t i = r.cmp.first_bad;
-            std::printf(
-                "             %lld of %lld elements out of tolerance; first at [t=%lld, h=%lld]: got %.9g, expected "
-                "%.9g\n",
-                static_cast<long long>(r.cmp.num_bad), static_cast<long long>(T * H),
-                static_cast<long long>(i / std::max<int64_t>(H, 1)),
-                static_cast<long long>(i % std::max<int64_t>(H, 1)), r.got_first_bad, static_cast<double>(ref[i]));
-        }
-    }
-    double ref_max = 0;
-    for (float v : ref) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
-    std::printf("  max|y_ref| = %.6g; %s\n", ref_max, ok ? "all backends PASS" : "FAILED");
-    return ok ? kExitOk : kExitFailure;
+    return print_results(results, ref, ref_ms, T, H) ? kExitOk : kExitFailure;
 }
 
 }  // namespace
