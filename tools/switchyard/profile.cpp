@@ -368,7 +368,6 @@ void render_cpu_header(const CpuProfile& p, std::ostringstream& md) {
     const int warmup = p.warmup;
     const double budget = p.budget;
     const std::vector<MoEConfig>& cfgs = p.cfgs;
-    const std::vector<FullMem>& full = p.full;
     md << "# MoE Router Baseline Profiling\n\n"
        << "This document contains profiling results and analysis for the seed's baseline MoE router and layer "
           "(dense GShard dispatch/combine, `--impl dense`) beside Switchyard's sparse path, measured by "
@@ -491,7 +490,6 @@ void render_cpu_layer(const CpuProfile& p, std::ostringstream& md) {
 
 void render_cpu_memory(const CpuProfile& p, std::ostringstream& md) {
     const ProfileOptions& o = p.o;
-    const double budget = p.budget;
     const std::vector<LayerRow>& rows = p.rows;
     const LayerRow* big = p.big;
     const std::vector<FullMem>& full = p.full;
@@ -704,45 +702,30 @@ nlohmann::ordered_json cpu_layer_json(const LayerRow& r) {
 }
 
 nlohmann::ordered_json cpu_profile_json(const CpuProfile& p) {
-    const ProfileOptions& o = p.o;
-    const std::string& cmdline = p.cmdline;
-    const Device dev = p.dev;
-    const int reps = p.reps;
-    const int warmup = p.warmup;
-    const double budget = p.budget;
-    const std::vector<LayerRow>& rows = p.rows;
-    const std::vector<UtilRow>& util = p.util;
-    const std::vector<FullMem>& full = p.full;
-    const HostInfo& hi = p.hw.hi;
-    const std::string& loadavg = p.hw.loadavg;
-    const double gemm_gflops = p.hw.gemm_gflops;
-    const double bw_gbs = p.hw.bw_gbs;
-    const std::string& gpu_line = p.hw.gpu_line;
-    const std::string& cuda_line = p.hw.cuda_line;
     nlohmann::ordered_json j;
     j["generated"] = now_utc();
-    j["command"] = cmdline;
-    j["device"] = to_string(dev);
-    j["dtype"] = o.dtype;
-    j["warmup"] = warmup;
-    j["reps"] = reps;
-    j["budget_s"] = budget;
-    j["hardware"] = {{"cpu_model", hi.cpu_model},
-                     {"logical_cores", hi.logical_cores},
-                     {"omp_threads", hi.omp_threads},
-                     {"mem_total_gib", hi.mem_total_gib},
-                     {"mem_available_gib", hi.mem_available_gib},
-                     {"cpu_gemm_gflops", gemm_gflops},
-                     {"memcpy_gbs", bw_gbs},
-                     {"gpu", gpu_line},
-                     {"cuda", cuda_line},
-                     {"loadavg_at_start", loadavg}};
+    j["command"] = p.cmdline;
+    j["device"] = to_string(p.dev);
+    j["dtype"] = p.o.dtype;
+    j["warmup"] = p.warmup;
+    j["reps"] = p.reps;
+    j["budget_s"] = p.budget;
+    j["hardware"] = {{"cpu_model", p.hw.hi.cpu_model},
+                     {"logical_cores", p.hw.hi.logical_cores},
+                     {"omp_threads", p.hw.hi.omp_threads},
+                     {"mem_total_gib", p.hw.hi.mem_total_gib},
+                     {"mem_available_gib", p.hw.hi.mem_available_gib},
+                     {"cpu_gemm_gflops", p.hw.gemm_gflops},
+                     {"memcpy_gbs", p.hw.bw_gbs},
+                     {"gpu", p.hw.gpu_line},
+                     {"cuda", p.hw.cuda_line},
+                     {"loadavg_at_start", p.hw.loadavg}};
     j["layers"] = nlohmann::ordered_json::array();
-    for (const LayerRow& r : rows) j["layers"].push_back(cpu_layer_json(r));
-    j["utilisation"] = util_json(util);
+    for (const LayerRow& r : p.rows) j["layers"].push_back(cpu_layer_json(r));
+    j["utilisation"] = util_json(p.util);
     j["constants"] = constants_json();
     j["full_size_memory"] = nlohmann::ordered_json::array();
-    for (const FullMem& f : full)
+    for (const FullMem& f : p.full)
         j["full_size_memory"].push_back({{"shape", f.shape},
                                          {"tokens", f.T},
                                          {"dense_total", f.dm.total},
