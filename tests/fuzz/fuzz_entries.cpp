@@ -258,10 +258,13 @@ int fuzz_cli(const uint8_t* data, size_t size) {
     o.quiet = true;
     fx.clean();
     bool failed = false;
+    const bool verbose = std::getenv("SWITCHYARD_FUZZ_VERBOSE") != nullptr;  // one line per run, for corpus work
     try {
         cli::run_forward(o);
+        if (verbose) std::fprintf(stderr, "fuzz_cli: forward ok\n");
     } catch (const Error& e) {
         failed = true;
+        if (verbose) std::fprintf(stderr, "fuzz_cli: %s\n", cli::one_line_message(e).c_str());
         check_message(e);
         const std::string line = cli::one_line_message(e);
         if (line.size() > cli::kMaxMessageBytes + 64) property_failed("error line not bounded", line);
