@@ -17,15 +17,7 @@ namespace {
 using test::HostLayer;
 using test::HostTensor;
 
-void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-    try {
-        f();
-        ADD_FAILURE() << "no Error thrown (expected a message with '" << parts[0] << "')";
-    } catch (const Error& e) {
-        const std::string msg = e.what();
-        for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "missing '" << p << "' in: " << msg;
-    }
-}
+using test::expect_error;
 
 TEST(TensorRefApi, ContiguousViews) {
     float buf[24];

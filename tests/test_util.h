@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -34,6 +35,7 @@
 
 #include "ref/ref.h"
 #include "switchyard/config.h"
+#include "switchyard/error.h"
 #include "switchyard/dtype.h"
 #include "switchyard/moe_layer.h"
 #include "switchyard/tensor.h"
@@ -250,7 +252,7 @@ inline MoEConfig tiny_config(DType dtype = DType::kF32) {
 // Owning host weights of a layer and the MoEWeights that view them.
 struct HostLayer {
     MoEConfig cfg;
-    HostTensor gate, score_bias, w13, w2, shared_w13, shared_w2;
+    HostTensor gate, score_bias, w13, w2, shared_w13, shared_w2, shared_gate;
     MoEWeights weights() const {
         MoEWeights w;
         w.gate = gate.ref();
@@ -259,6 +261,7 @@ struct HostLayer {
         w.w2 = w2.ref();
         w.shared_w13 = shared_w13.ref();
         w.shared_w2 = shared_w2.ref();
+        w.shared_gate = shared_gate.ref();
         return w;
     }
 };
@@ -291,8 +294,22 @@ inline HostLayer random_layer(const MoEConfig& cfg, uint64_t seed, DType weight_
                                                weight_dtype, {rows, hidden});
         l.shared_w2 =
             HostTensor::from_floats(scaled(random_uniform(hidden * s, seed * 7 + 6), s), weight_dtype, {hidden, s});
+        if (cfg.shared_expert_gate)
+            l.shared_gate = HostTensor::from_floats(scaled(random_uniform(hidden, seed * 7 + 8), hidden), weight_dtype,
+                                                    {1, hidden});
     }
     return l;
+}
+
+// Expects f() to throw switchyard::Error whose message contains every one of parts.
+inline void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
+    try {
+        f();
+        ADD_FAILURE() << "no Error thrown (expected a message with '" << parts[0] << "')";
+    } catch (const Error& e) {
+        const std::string msg = e.what();
+        for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "missing '" << p << "' in: " << msg;
+    }
 }
 
 // The CPU forward as one monolithic function (tests/ref_pipeline.cpp): the oracle MoELayer's CPU forward, a chain

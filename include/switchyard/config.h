@@ -91,6 +91,9 @@ struct MoEConfig {
     // of width num_shared_experts * shared_ffn_size (as DeepSeek-V3 checkpoints store them).
     int64_t num_shared_experts = 0;
     int64_t shared_ffn_size = 0;
+    // Gated shared expert (Qwen2-MoE): the shared expert's output of token t is scaled by sigmoid(x[t] . g) with
+    // g = MoEWeights::shared_gate [1, H] (the checkpoint's shared_expert_gate.weight). Needs num_shared_experts > 0.
+    bool shared_expert_gate = false;
 
     double aux_loss_coef = 0.0;  // weight of the Switch load-balancing loss in LoadStats::weighted_loss
     double z_loss_coef = 0.0;    // weight of the router z-loss in LoadStats::weighted_loss

@@ -1,6 +1,7 @@
 // switchyard/moe_layer.h: one MoE layer, forward.
 //
-//   y[t] = sum_j w[t, j] * Expert_{id[t, j]}(x[t])  (+ Shared(x[t]))
+//   y[t] = sum_j w[t, j] * Expert_{id[t, j]}(x[t])  (+ s_t * Shared(x[t]), s_t = sigmoid(x[t] . shared_gate) when
+//          MoEConfig::shared_expert_gate, else 1)
 //   Expert_e(a) = W2_e · act(W13_e · a),  act per MoEConfig::activation
 //
 // Numerics (the contract every backend keeps, written out in src/ref/moe_ref.cpp):
@@ -32,6 +33,7 @@ struct MoEWeights {
     TensorRef w2;          // [E, H, F]    down projection
     TensorRef shared_w13;  // [2S, H] or [S, H] with S = num_shared_experts * shared_ffn_size
     TensorRef shared_w2;   // [H, S]
+    TensorRef shared_gate; // [1, H]       gated shared expert (cfg.shared_expert_gate): scale sigmoid(x . shared_gate)
     TensorRef w13_scale;   // reserved for quantised experts; must be left undefined for now
     TensorRef w2_scale;    // reserved for quantised experts; must be left undefined for now
 };

@@ -17,7 +17,7 @@
 //   gather          x [T, H], row_token [R]                -> xp [R, H] (x's rows in expert order, 0 where row_token<0)
 //   grouped_gemm    a [R, K], b [E, N, K], offsets [E+1]   -> c [R, N], per expert c = a_e . b_e^T
 //   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
-//   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H]) -> y [T, H]
+//   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H], gate) -> y [T, H]
 //   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
 // Backward (training; selection held fixed, forward roundings treated as identity):
 //   route_backward, router_losses_backward, gather_backward, grouped_gemm_dgrad / _wgrad, activation_backward,
@@ -113,11 +113,13 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
                          cudaStream_t stream = nullptr);
 
 // ---- combine ----------------------------------------------------------------------------------------------------
-// y[t] = dtype( sum over j = 0..k-1 with slot_row[t, j] >= 0 of w[t, j] * out[slot_row[t, j]] (+ shared[t]) ),
+// y[t] = dtype( sum over j = 0..k-1 with slot_row[t, j] >= 0 of w[t, j] * out[slot_row[t, j]] (+ s_t * shared[t]) ),
 // slots in order, no atomics: bitwise reproducible. out [R, H], slot_row [T, k] int32, weights [T, k] fp32,
-// shared [T, H] optional (same dtype as out), y [T, H].
+// shared [T, H] optional (same dtype as out), y [T, H]. shared_gate [T, 1] fp32 optional (with shared): gate logits,
+// s_t = sigmoid(shared_gate[t]) (1 without it).
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y, cudaStream_t stream = nullptr);
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream = nullptr,
+             const TensorRef& shared_gate = TensorRef());
 // d_out [R, H]: d_out[slot_row[t, j]] = w[t, j] * dy[t], rows no pair points at are 0; d_weights [T, k] =
 // <dy[t], out[slot_row[t, j]]> (0 for dropped pairs). The shared expert's gradient is dy itself.
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

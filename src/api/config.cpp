@@ -167,6 +167,8 @@ void MoEConfig::validate() const {
                      " must be positive when num_shared_experts=", num_shared_experts);
     SWITCHYARD_CHECK(num_shared_experts > 0 || shared_ffn_size == 0, "shared_ffn_size=", shared_ffn_size,
                      " given but num_shared_experts=0");
+    SWITCHYARD_CHECK(!shared_expert_gate || num_shared_experts > 0,
+                     "shared_expert_gate=true needs a shared expert (num_shared_experts=", num_shared_experts, ")");
     SWITCHYARD_CHECK(std::isfinite(aux_loss_coef), "aux_loss_coef=", aux_loss_coef, " must be finite");
     SWITCHYARD_CHECK(std::isfinite(z_loss_coef), "z_loss_coef=", z_loss_coef, " must be finite");
     SWITCHYARD_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
@@ -215,6 +217,7 @@ std::string MoEConfig::to_string() const {
     if (eval_capacity_factor >= 0) os << " eval_capacity_factor=" << eval_capacity_factor;
     os << " act=" << switchyard::to_string(activation);
     if (num_shared_experts > 0) os << " shared=" << num_shared_experts << "x" << shared_ffn_size;
+    if (shared_expert_gate) os << " shared_gate=sigmoid";
     if (aux_loss_coef != 0 || z_loss_coef != 0) os << " aux_coef=" << aux_loss_coef << " z_coef=" << z_loss_coef;
     os << " dtype=" << switchyard::to_string(dtype);
     return os.str();

@@ -11,7 +11,8 @@
 //   activation  h [R, F] = act(g1), rows past offsets[E] skipped
 //   gemm2       out [R, H] = grouped_gemm(h, w2, offsets)            (out reuses xp's memory: xp is dead by then)
 //   shared      the shared expert on all T rows: grouped_gemm(x, shared_w13) -> activation -> grouped_gemm(., shared_w2)
-//   combine     y = combine(out, slot_row, weights, shared)
+//               (gated: + router_gemm(x, shared_gate) -> gate logits [T, 1])
+//   combine     y = combine(out, slot_row, weights, shared, gate)
 //   stats       load_stats (host statistics; synchronises on CUDA), only when asked for
 // The workspace layout (ForwardLayout) is computed once, here, for sizing, for the forward and for the profiler
 // (workspace_layout()).
@@ -58,6 +59,7 @@ struct ForwardLayout {
     void* shared_g1;          // [T, R13s]
     void* shared_h;           // [T, S]
     void* shared_out;         // [T, H]
+    float* shared_gate;       // [T, 1] fp32 gate logits of the gated shared expert
     void* gemm_ws;            // the largest of the four grouped GEMMs' workspaces (one GEMM at a time)
     size_t gemm_ws_bytes;
     void* router_ws;          // router_gemm_workspace_size
@@ -102,6 +104,7 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
         l.shared_g1 = take("shared_g1", T * shared_rows(cfg) * es);
         l.shared_h = take("shared_h", T * s * es);
         l.shared_out = take("shared_out", T * H * es);
+        if (cfg.shared_expert_gate) l.shared_gate = static_cast<float*>(take("shared_gate", sizeof(float) * T));
         gemm_ws = std::max({gemm_ws, grouped_gemm_workspace_size(dev, cfg.dtype, 1, shared_rows(cfg), H, T),
                             grouped_gemm_workspace_size(dev, cfg.dtype, 1, H, s, T)});
     }
@@ -185,12 +188,19 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                          "shared_w2 is required when num_shared_experts=", cfg_.num_shared_experts);
         check_weight(w_.shared_w13, {shared_rows(cfg_), hidden}, "shared_w13");
         check_weight(w_.shared_w2, {hidden, cfg_.shared_width()}, "shared_w2");
+        if (cfg_.shared_expert_gate) {
+            SWITCHYARD_CHECK(w_.shared_gate.defined(), "shared_gate is required when shared_expert_gate=true");
+            check_weight(w_.shared_gate, {1, hidden}, "shared_gate");
+        }
     } else {
         SWITCHYARD_CHECK(!w_.shared_w13.defined(), "shared_w13 ", w_.shared_w13.shape_string(),
                          " given but num_shared_experts=0");
         SWITCHYARD_CHECK(!w_.shared_w2.defined(), "shared_w2 ", w_.shared_w2.shape_string(),
                          " given but num_shared_experts=0");
     }
+    if (!cfg_.shared_expert_gate)
+        SWITCHYARD_CHECK(!w_.shared_gate.defined(), "shared_gate ", w_.shared_gate.shape_string(),
+                         " given but shared_expert_gate=false");
     SWITCHYARD_CHECK(!w_.w13_scale.defined(), "w13_scale ", w_.w13_scale.shape_string(),
                      " given: quantised experts are not supported yet");
     SWITCHYARD_CHECK(!w_.w2_scale.defined(), "w2_scale ", w_.w2_scale.shape_string(),
@@ -285,7 +295,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     stage_done("activation");
     grouped_gemm(h, w_.w2, plan.expert_offsets, xp, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
     stage_done("gemm2");
-    TensorRef shared;
+    TensorRef shared, shared_gate;
     if (has_shared(cfg_) && T > 0) {
         const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, shared_rows(cfg_)}, like);
         const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
@@ -293,9 +303,13 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         grouped_gemm(x, w_.shared_w13, TensorRef(), sg1, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
         activation(cfg_.activation, sg1, sh, TensorRef(), stream);
         grouped_gemm(sh, w_.shared_w2, TensorRef(), shared, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+        if (cfg_.shared_expert_gate) {  // gate logits x . shared_gate^T [T, 1]; combine scales by their sigmoid
+            shared_gate = view(l.shared_gate, DType::kF32, {T, 1}, like);
+            router_gemm(x, w_.shared_gate, shared_gate, l.router_ws, l.router_ws_bytes, stream);
+        }
         stage_done("shared");
     }
-    combine(xp, plan.slot_row, weights, shared, y, stream);
+    combine(xp, plan.slot_row, weights, shared, y, stream, shared_gate);
     stage_done("combine");
     if (out != nullptr && out->stats != nullptr)
         load_stats(cfg_, logits, ids, plan, *out->stats, l.stats_ws, l.stats_ws_bytes, stream);

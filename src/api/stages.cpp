@@ -335,7 +335,7 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
 // ---- combine ------------------------------------------------------------------------------------------------------
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y, cudaStream_t stream) {
+             const TensorRef& shared, const TensorRef& y, cudaStream_t stream, const TensorRef& shared_gate) {
     check_float_tensor(expert_out, "expert_out", {kAny, kAny});
     check_tensor(slot_row, "slot_row", DType::kI32, {kAny, kAny});
     check_same_device(slot_row, "slot_row", expert_out, "expert_out");
@@ -348,12 +348,17 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
         check_tensor(shared, "shared", expert_out.dtype, {num_tokens, hidden});
         check_same_device(shared, "shared", expert_out, "expert_out");
     }
+    if (shared_gate.defined()) {
+        SWITCHYARD_CHECK(shared.defined(), "shared_gate given without a shared expert output");
+        check_tensor(shared_gate, "shared_gate", DType::kF32, {num_tokens, 1});
+        check_same_device(shared_gate, "shared_gate", expert_out, "expert_out");
+    }
     check_tensor(y, "y", expert_out.dtype, {num_tokens, hidden});
     check_same_device(y, "y", expert_out, "expert_out");
     api::check_backend(expert_out.device, "combine");
     if (y.numel() == 0) return;
-    SWITCHYARD_DISPATCH(expert_out.device, combine(expert_out, slot_row, weights, shared, y),
-                        combine(expert_out, slot_row, weights, shared, y, stream));
+    SWITCHYARD_DISPATCH(expert_out.device, combine(expert_out, slot_row, weights, shared, shared_gate, y),
+                        combine(expert_out, slot_row, weights, shared, shared_gate, y, stream));
 }
 
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

@@ -72,11 +72,12 @@ void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t 
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
                      int64_t ffn, void* out, cudaStream_t stream);
 
-// y[t] = dtype( (sum_{j=0..k-1, slot_row[t,j] >= 0} w[t,j] * expert_out[slot_row[t,j]]) + shared[t] ), fp32.
-// shared [T, H] of dtype or null. One block per token, no atomics: bitwise reproducible.
+// y[t] = dtype( (sum_{j=0..k-1, slot_row[t,j] >= 0} w[t,j] * expert_out[slot_row[t,j]]) + s_t * shared[t] ), fp32.
+// shared [T, H] of dtype or null; shared_gate [T] fp32 gate logits or null (s_t = sigmoid(shared_gate[t]), else 1).
+// One block per token, no atomics: bitwise reproducible.
 void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, const float* topk_weights,
                   const void* shared, int64_t num_tokens, int64_t top_k, int64_t hidden, void* y,
-                  cudaStream_t stream);
+                  cudaStream_t stream, const float* shared_gate = nullptr);
 
 // Writes offsets = {0, n} (device int32 [2]), the one-group offsets of the shared expert GEMMs.
 void write_single_group_offsets(int32_t* offsets, int64_t n, cudaStream_t stream);

@@ -214,11 +214,11 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y, cudaStream_t stream) {
+             const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream) {
     DeviceGuard guard(expert_out.device_index);
     combine_rows(expert_out.dtype, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
                  ptr_or_null<const void>(shared), slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], y.data,
-                 stream);
+                 stream, ptr_or_null<const float>(shared_gate));
 }
 
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

@@ -47,7 +47,7 @@ void activation(Activation act, const TensorRef& g, const TensorRef& h, const Te
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          cudaStream_t stream);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y, cudaStream_t stream);
+             const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
                       cudaStream_t stream);

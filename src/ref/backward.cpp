@@ -390,7 +390,7 @@ void activation_backward(Activation act, const double* g, const double* dh, int6
 // ---- combine ------------------------------------------------------------------------------------------------
 
 void combine_forward(const int32_t* slot_row, const double* weights, const double* expert_out, const double* shared,
-                     int64_t num_tokens, int64_t top_k, int64_t hidden, double* y) {
+                     int64_t num_tokens, int64_t top_k, int64_t hidden, double* y, const double* shared_scale) {
 #pragma omp parallel for schedule(static) if (num_tokens * top_k * hidden >= (1 << 16))
     for (int64_t t = 0; t < num_tokens; ++t) {
         double* yt = y + t * hidden;
@@ -402,8 +402,10 @@ void combine_forward(const int32_t* slot_row, const double* weights, const doubl
             const double* o = expert_out + static_cast<int64_t>(r) * hidden;
             for (int64_t h = 0; h < hidden; ++h) yt[h] += w * o[h];
         }
-        if (shared != nullptr)
-            for (int64_t h = 0; h < hidden; ++h) yt[h] += shared[t * hidden + h];
+        if (shared != nullptr) {
+            const double st = shared_scale != nullptr ? shared_scale[t] : 1.0;
+            for (int64_t h = 0; h < hidden; ++h) yt[h] += st * shared[t * hidden + h];
+        }
     }
 }
 

@@ -73,9 +73,11 @@ double silu_grad(double v);
 double gelu_tanh_grad(double v);
 
 // ---- combine ------------------------------------------------------------------------------------------------
-// y [T, H] = sum_{j, slot_row[t,j] >= 0} w[t, j] * out[slot_row[t, j]] (j in order) (+ shared[t] when not null).
+// y [T, H] = sum_{j, slot_row[t,j] >= 0} w[t, j] * out[slot_row[t, j]] (j in order) (+ s_t * shared[t] when shared
+// is not null; s_t = shared_scale[t], or 1 when shared_scale is null).
 void combine_forward(const int32_t* slot_row, const double* weights, const double* expert_out, const double* shared,
-                     int64_t num_tokens, int64_t top_k, int64_t hidden, double* y);
+                     int64_t num_tokens, int64_t top_k, int64_t hidden, double* y,
+                     const double* shared_scale = nullptr);
 // d_out [max_rows, H] (overwritten): d_out[slot_row[t,j]] = w[t,j] * dy[t]; rows no pair points at are 0.
 // d_weights [T, k] (overwritten): dot(dy[t], out[slot_row[t,j]]) (h in increasing order), 0 for dropped pairs.
 // The shared expert's gradient is dy itself. Either output may be null.

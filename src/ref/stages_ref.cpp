@@ -7,6 +7,7 @@
 #include "ref/stages_ref.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -230,18 +231,22 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y) {
+             const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y) {
     const int64_t num_tokens = slot_row.shape[0], k = slot_row.shape[1], hidden = expert_out.shape[1];
     const std::vector<int32_t> sr = copy_vector<int32_t>(slot_row);
     for (size_t i = 0; i < sr.size(); ++i)
         SWITCHYARD_CHECK(sr[i] < expert_out.shape[0], "slot_row[", i, "]=", sr[i], " is not a row of expert_out (",
                          expert_out.shape[0], " rows)");
     const std::vector<double> o = to_double(expert_out), w = to_double(weights);
-    std::vector<double> s;
+    std::vector<double> s, scale;
     if (shared.defined()) s = to_double(shared);
+    if (shared_gate.defined()) {  // s_t = sigmoid(gate logit), in double
+        scale = to_double(shared_gate);
+        for (double& v : scale) v = 1.0 / (1.0 + std::exp(-v));
+    }
     std::vector<double> out(static_cast<size_t>(num_tokens * hidden));
     combine_forward(sr.data(), w.data(), o.data(), s.empty() ? nullptr : s.data(), num_tokens, k, hidden,
-                    out.data());
+                    out.data(), scale.empty() ? nullptr : scale.data());
     store_all(out, y);
 }
 

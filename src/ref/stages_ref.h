@@ -31,7 +31,7 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
-             const TensorRef& shared, const TensorRef& y);
+             const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights);
 void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,

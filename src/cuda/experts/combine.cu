@@ -1,9 +1,10 @@
 // src/cuda/experts/combine.cu: un-permute and weighted sum of the expert outputs, plus the shared expert.
 //
 // Inputs:  expert_out [rows, H] (dtype, rows in expert order), slot_row [T, k] int32 (-1 = dropped pair),
-//          topk_weights [T, k] fp32, shared [T, H] (dtype, optional).
+//          topk_weights [T, k] fp32, shared [T, H] (dtype, optional), shared_gate [T] fp32 gate logits (optional).
 // Output:  y [T, H] (dtype): y[t, h] = dtype( fp32 sum over j = 0..k-1 of w[t,j] * out[slot_row[t,j], h],
-//          then + shared[t, h] ), rounded once (ref::combine). Each element is computed by one thread in a fixed
+//          then + s_t * shared[t, h] ), rounded once (ref::combine_forward); s_t = sigmoid(shared_gate[t]) (expf), or
+//          1 without a gate (fmaf(1, s, acc) == acc + s, so ungated results are unchanged). Each element is computed by one thread in a fixed
 //          order with no atomics, so y is bitwise reproducible. One block per token, 16-byte vectors when H allows.
 #include <cstdint>
 
@@ -22,8 +23,8 @@ constexpr int kCombineMaxTopK = 512;
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const T* __restrict__ expert_out, const int32_t* __restrict__ slot_row,
-                   const float* __restrict__ weights, const T* __restrict__ shared, int top_k, int64_t hidden,
-                   T* __restrict__ y) {
+                   const float* __restrict__ weights, const T* __restrict__ shared,
+                   const float* __restrict__ shared_gate, int top_k, int64_t hidden, T* __restrict__ y) {
     __shared__ int32_t rows_s[kCombineMaxTopK];
     __shared__ float w_s[kCombineMaxTopK];
     const int64_t t = blockIdx.x;
@@ -32,6 +33,7 @@ __global__ void __launch_bounds__(kCombineThreads)
         w_s[j] = weights[t * top_k + j];
     }
     __syncthreads();
+    const float gate = shared_gate != nullptr ? 1.0f / (1.0f + expf(-shared_gate[t])) : 1.0f;
     T* dst = y + t * hidden;
     if constexpr (kVec) {
         constexpr int kN = kVecElems<T>;
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kCombineThreads)
             if (shared != nullptr) {
                 const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(shared + t * hidden)[i];
 #pragma unroll
-                for (int q = 0; q < kN; ++q) acc[q] += to_f32(s.v[q]);
+                for (int q = 0; q < kN; ++q) acc[q] = fmaf(gate, to_f32(s.v[q]), acc[q]);
             }
             Vec16<T> o;
 #pragma unroll
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kCombineThreads)
                 if (r < 0) continue;
                 acc = fmaf(w_s[j], to_f32(expert_out[static_cast<int64_t>(r) * hidden + i]), acc);
             }
-            if (shared != nullptr) acc += to_f32(shared[t * hidden + i]);
+            if (shared != nullptr) acc = fmaf(gate, to_f32(shared[t * hidden + i]), acc);
             dst[i] = from_f32<T>(acc);
         }
     }
@@ -81,7 +83,7 @@ __global__ void single_group_offsets_kernel(int32_t* offsets, int32_t n) {
 
 void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, const float* topk_weights,
                   const void* shared, int64_t num_tokens, int64_t top_k, int64_t hidden, void* y,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, const float* shared_gate) {
     if (num_tokens == 0 || hidden == 0) return;
     SWITCHYARD_CHECK(top_k >= 1 && top_k <= kCombineMaxTopK, "combine: top_k=", top_k, " must be in [1, ",
                      kCombineMaxTopK, "]");
@@ -95,11 +97,11 @@ void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, 
         if (vec) {
             combine_kernel<T, true><<<grid, kCombineThreads, 0, stream>>>(
                 static_cast<const T*>(expert_out), slot_row, topk_weights, static_cast<const T*>(shared),
-                static_cast<int>(top_k), hidden, static_cast<T*>(y));
+                shared_gate, static_cast<int>(top_k), hidden, static_cast<T*>(y));
         } else {
             combine_kernel<T, false><<<grid, kCombineThreads, 0, stream>>>(
                 static_cast<const T*>(expert_out), slot_row, topk_weights, static_cast<const T*>(shared),
-                static_cast<int>(top_k), hidden, static_cast<T*>(y));
+                shared_gate, static_cast<int>(top_k), hidden, static_cast<T*>(y));
         }
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });
