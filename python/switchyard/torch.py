@@ -23,6 +23,7 @@ traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -37,6 +38,9 @@ _ops = torch.ops.switchyard
 SCORE_FUNCTIONS = {"softmax": 0, "topk-softmax": 1, "sigmoid": 2}
 DROP_POLICIES = {"position": 0, "probability": 1}
 ACTIVATIONS = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}
+ROUTING_MODES = {"token-choice": 0, "expert-choice": 1}
+GROUP_SCORES = {"top2-sum": 0, "max": 1}
+_FLOAT_MAX = 3.4028234663852886e38
 
 # ---- fake (meta) implementations: shapes and dtypes only -----------------------------------------------------
 
@@ -277,7 +281,16 @@ _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setu
 
 @dataclasses.dataclass
 class MoEConfig:
-    """Every option of switchyard::MoEConfig (include/switchyard/config.h), with the same meaning."""
+    """Every option of switchyard::MoEConfig (include/switchyard/config.h), with the same meaning and the same
+    validation, plus ``group_score`` (Python only, see below). The activation dtype is the module's ``dtype``.
+
+    Options that the torch ops do not run yet are accepted here (so a config round-trips) and refused by
+    :class:`MoE` with a message: ``routing_mode="expert-choice"`` (no expert-choice route op in bindings/torch).
+    ``group_score`` picks how group-limited routing scores a group: ``"top2-sum"`` (DeepSeek-V3, the library's rule:
+    the sum of the group's two best biased scores) or ``"max"`` (DeepSeek-V2's ``group_limited_greedy``: the group's
+    best score). ``"max"`` is computed in Python before the route op (the library has no such option).
+    ``shared_expert_gate`` (Qwen2-MoE) scales the shared expert's output by ``sigmoid(x . shared_gate)``, with
+    ``shared_gate`` [1, H] a parameter of the module."""
     hidden_size: int
     ffn_size: int
     num_experts: int
@@ -287,25 +300,80 @@ class MoEConfig:
     routed_scale: float = 1.0
     num_groups: int = 1
     topk_groups: int = 1
+    group_score: str = "top2-sum"  # top2-sum (DeepSeek-V3, the library's) | max (DeepSeek-V2, Python only)
     use_score_bias: bool = False
     capacity_factor: float = 0.0  # 0 = dropless
     min_capacity: int = 0
     drop_policy: str = "position"  # position | probability
+    eval_capacity_factor: float = -1.0  # capacity factor in eval mode; < 0: the same as capacity_factor
+    routing_mode: str = "token-choice"  # token-choice | expert-choice
+    bias_update_rate: float = 1e-3  # MoE.update_score_bias: score_bias += rate * sign(mean load - load)
     activation: str = "swiglu"  # swiglu | geglu | gelu | relu
     num_shared_experts: int = 0
     shared_ffn_size: int = 0
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . shared_gate)
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
 
+    MAX_EXPERTS = 512  # MoEConfig::kMaxExperts
+    MAX_TOP_K = 32  # MoEConfig::kMaxTopK
+
     def validate(self):
+        """Raises ValueError naming the first bad option and its value (the checks of MoEConfig::validate)."""
+        def bad(msg):
+            raise ValueError(f"switchyard: {msg}")
+
         for name, table in (("score_function", SCORE_FUNCTIONS), ("drop_policy", DROP_POLICIES),
-                            ("activation", ACTIVATIONS)):
+                            ("activation", ACTIVATIONS), ("routing_mode", ROUTING_MODES),
+                            ("group_score", GROUP_SCORES)):
             if getattr(self, name) not in table:
-                raise ValueError(f"switchyard: {name}={getattr(self, name)!r}, expected one of {sorted(table)}")
+                bad(f"{name}={getattr(self, name)!r}, expected one of {sorted(table)}")
+        for name in ("hidden_size", "ffn_size", "num_experts"):
+            if int(getattr(self, name)) <= 0:
+                bad(f"{name}={getattr(self, name)} must be positive")
+        if self.num_experts > self.MAX_EXPERTS:
+            bad(f"num_experts={self.num_experts} exceeds the kernel limit {self.MAX_EXPERTS}")
         if not 0 < self.top_k <= self.num_experts:
-            raise ValueError(f"switchyard: top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+            bad(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.top_k > self.MAX_TOP_K:
+            bad(f"top_k={self.top_k} exceeds the kernel limit {self.MAX_TOP_K}")
+        if not math.isfinite(self.routed_scale) or abs(self.routed_scale) > _FLOAT_MAX:
+            bad(f"routed_scale={self.routed_scale} must be finite in fp32")
         if self.num_groups < 1 or self.num_experts % self.num_groups != 0:
-            raise ValueError(f"switchyard: num_groups={self.num_groups} must divide num_experts={self.num_experts}")
+            bad(f"num_groups={self.num_groups} must be >= 1 and divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            bad(f"topk_groups={self.topk_groups} must be in [1, num_groups={self.num_groups}]")
+        if self.num_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.num_groups):
+            bad(f"top_k={self.top_k} exceeds the experts of the topk_groups={self.topk_groups} kept groups "
+                f"({self.topk_groups * (self.num_experts // self.num_groups)})")
+        if self.group_score == "max" and self.num_groups > 1 and self.use_score_bias:
+            bad("group_score='max' (computed in Python) does not take use_score_bias=True")
+        if not math.isfinite(self.capacity_factor) or self.capacity_factor < 0:
+            bad(f"capacity_factor={self.capacity_factor} must be finite and >= 0 (0 = dropless)")
+        if self.min_capacity < 0:
+            bad(f"min_capacity={self.min_capacity} must be >= 0")
+        if not math.isfinite(self.eval_capacity_factor):
+            bad(f"eval_capacity_factor={self.eval_capacity_factor} must be finite (< 0: same as capacity_factor)")
+        if not (math.isfinite(self.bias_update_rate) and 0 <= self.bias_update_rate <= _FLOAT_MAX):
+            bad(f"bias_update_rate={self.bias_update_rate} must be finite in fp32 and >= 0")
+        if self.routing_mode == "expert-choice":
+            if self.score_function == "topk-softmax":
+                bad("score_function=topk-softmax is not defined under expert-choice routing")
+            if self.use_score_bias:
+                bad("use_score_bias=True has no effect under expert-choice routing; turn it off")
+            if self.num_groups != 1:
+                bad(f"num_groups={self.num_groups}: expert-choice routing needs num_groups=1")
+        if self.num_shared_experts < 0 or self.shared_ffn_size < 0:
+            bad(f"num_shared_experts={self.num_shared_experts} and shared_ffn_size={self.shared_ffn_size} "
+                "must be >= 0")
+        if (self.num_shared_experts > 0) != (self.shared_ffn_size > 0):
+            bad(f"shared_ffn_size={self.shared_ffn_size} and num_shared_experts={self.num_shared_experts} must be "
+                "both positive or both 0")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            bad("shared_expert_gate=True needs a shared expert (num_shared_experts=0)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if not math.isfinite(getattr(self, name)):
+                bad(f"{name}={getattr(self, name)} must be finite")
 
     @property
     def gated(self) -> bool:
@@ -314,6 +382,12 @@ class MoEConfig:
     @property
     def shared_width(self) -> int:
         return self.num_shared_experts * self.shared_ffn_size
+
+    def capacity_factor_for(self, training: bool) -> float:
+        """The capacity factor a forward in training (or eval) mode runs with."""
+        if training or self.eval_capacity_factor < 0:
+            return float(self.capacity_factor)
+        return float(self.eval_capacity_factor)
 
 
 @dataclasses.dataclass
@@ -334,15 +408,18 @@ class MoE(nn.Module):
     Parameters: ``gate`` [E, H] (router, nn.Linear layout); ``score_bias`` [E] (buffer, selection only, when
     use_score_bias); ``w13`` [E, 2F, H] (gate_proj rows then up_proj rows; [E, F, H] for ungated activations);
     ``w2`` [E, H, F] (down_proj); ``shared_w13`` [2S, H] / [S, H] and ``shared_w2`` [H, S] with
-    S = num_shared_experts * shared_ffn_size.
+    S = num_shared_experts * shared_ffn_size; ``shared_gate`` [1, H] when shared_expert_gate.
 
     forward(x [..., H]) returns ``y`` of x's shape in eval mode, and a :class:`MoEOutput` in training (y, losses,
-    load statistics) unless ``return_stats`` says otherwise.
+    load statistics) unless ``return_stats`` says otherwise. Eval mode uses ``eval_capacity_factor`` when it is >= 0.
     """
 
     def __init__(self, config: MoEConfig, dtype: torch.dtype = torch.float32, device=None, return_stats=None):
         super().__init__()
         config.validate()
+        if config.routing_mode != "token-choice":
+            raise NotImplementedError(f"switchyard.torch.MoE: routing_mode={config.routing_mode!r} has no torch op "
+                                      "yet (the C++ MoELayer runs it); use token-choice")
         self.config = config
         self.return_stats = return_stats
         c = config
@@ -362,6 +439,10 @@ class MoE(nn.Module):
         else:
             self.shared_w13 = None
             self.shared_w2 = None
+        if c.shared_expert_gate:
+            self.shared_gate = nn.Parameter(torch.empty(1, c.hidden_size, **kw))
+        else:
+            self.shared_gate = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -369,21 +450,67 @@ class MoE(nn.Module):
             for p in self.parameters():
                 nn.init.normal_(p, std=p.shape[-1] ** -0.5)
 
-    # The routed experts, the shared expert and the combine; returns (y, logits, ids, plan).
+    @torch.no_grad()
+    def update_score_bias(self, expert_counts: torch.Tensor, rate: Optional[float] = None):
+        """Aux-loss-free balancing (DeepSeek-V3), switchyard::update_score_bias: score_bias[e] += rate *
+        sign(mean load - load_e), rate = config.bias_update_rate unless given; expert_counts [E] (e.g.
+        MoEOutput.expert_counts of the last step). Needs use_score_bias."""
+        if self.score_bias is None:
+            raise ValueError("switchyard.torch.MoE.update_score_bias: the config has use_score_bias=False")
+        rate = self.config.bias_update_rate if rate is None else float(rate)
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"switchyard: update_score_bias rate={rate} must be finite and >= 0")
+        counts = expert_counts.to(device=self.score_bias.device, dtype=torch.int64)
+        diff = counts.sum() - counts.numel() * counts  # E * (mean - load_e), exact in integers
+        self.score_bias.copy_((self.score_bias.double() + rate * torch.sign(diff).double()).float())
+
+    # Router logits [T, E], fp32 (fp64 when x is fp64). Subclasses change where the GEMM is rounded.
+    def _router_logits(self, x2: torch.Tensor) -> torch.Tensor:
+        logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        return F.linear(x2.to(logit_dtype), self.gate.to(logit_dtype))
+
+    # Selection and combine weights: (ids [T, k] int32, w [T, k] differentiable in logits).
+    def _route(self, logits: torch.Tensor):
+        c = self.config
+        if c.num_groups > 1 and c.group_score == "max":
+            return self._route_group_max(logits)
+        return _ops.route(logits, self.score_bias, c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize,
+                          float(c.routed_scale), c.num_groups, c.topk_groups)
+
+    # DeepSeek-V2's group_limited_greedy: a group's score is its best score; the topk_groups best groups are kept
+    # (computed here in torch: the library's groups score by the sum of the two best), the experts of the other
+    # groups get -inf logits, and the route op selects top-k of what is left (its tie rule: lower index first).
+    # The weights come from the unmasked scores in torch autograd, as transformers computes them.
+    def _route_group_max(self, logits: torch.Tensor):
+        c = self.config
+        e, g = c.num_experts, c.num_groups
+        with torch.no_grad():
+            lg = logits.detach()
+            scores = torch.sigmoid(lg) if c.score_function == "sigmoid" else \
+                (torch.softmax(lg, -1) if c.score_function == "softmax" else lg)
+            group_best = scores.view(-1, g, e // g).amax(-1)
+            kept = torch.zeros_like(group_best, dtype=torch.bool)
+            kept.scatter_(1, group_best.topk(c.topk_groups, -1).indices, True)
+            masked = lg.masked_fill(~kept.repeat_interleave(e // g, 1), float("-inf"))
+        ids, _ = _ops.route(masked, None, c.top_k, SCORE_FUNCTIONS[c.score_function], False, 1.0, 1, 1)
+        return ids, _weights_of(c, logits, ids)
+
+    # The routed experts, the shared expert and the combine; returns (y, logits, ids, offsets, counts).
     def _layer(self, x2: torch.Tensor):
         c = self.config
-        logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        logits = F.linear(x2.to(logit_dtype), self.gate.to(logit_dtype))
-        ids, w = _ops.route(logits, self.score_bias, c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize,
-                            float(c.routed_scale), c.num_groups, c.topk_groups)
-        offsets, slot_row, row_token, counts = _ops.plan(ids, w.detach(), c.num_experts, float(c.capacity_factor),
-                                                         c.min_capacity, DROP_POLICIES[c.drop_policy])
+        logits = self._router_logits(x2)
+        ids, w = self._route(logits)
+        offsets, slot_row, row_token, counts = _ops.plan(ids, w.detach(), c.num_experts,
+                                                         c.capacity_factor_for(self.training), c.min_capacity,
+                                                         DROP_POLICIES[c.drop_policy])
         act = ACTIVATIONS[c.activation]
         g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
         out = _activated_grouped_mm(g, act, self.w2, offsets)
         shared = None
         if self.shared_w13 is not None:
             shared = F.linear(_ops.activation(F.linear(x2, self.shared_w13), act), self.shared_w2)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x2, self.shared_gate)) * shared
         y = _ops.combine(out, slot_row, w, shared)
         return y, logits, ids, offsets, counts
 
@@ -405,91 +532,32 @@ class MoE(nn.Module):
 
     @classmethod
     def from_hf(cls, block: nn.Module, hf_config=None, dtype=None, device=None) -> "MoE":
-        """Builds a MoE from a transformers Mixtral / Qwen3-MoE / DeepSeek-V3 sparse MoE block.
+        """Builds a MoE from one transformers sparse-MoE block: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2,
+        DeepSeek-V3 (switchyard.hf says what each reads from the block and its config).
 
-        Weights are COPIED: the per-expert nn.Linear weights (w1/w3/w2, or gate_proj/up_proj/down_proj) are stacked
-        into w13 [E, 2F, H] and w2 [E, H, F] (newer transformers versions that already hold fused
-        ``gate_up_proj`` [E, 2F, H] / ``down_proj`` [E, H, F] parameters are copied as they are). Later changes to
-        the block do not reach the MoE, and the other way round. Routing options come from the block's attributes
-        or from ``hf_config`` (Mixtral: softmax, renormalised top-k; Qwen3-MoE: softmax, renormalised when
-        norm_topk_prob; DeepSeek-V3: sigmoid with e_score_correction_bias, groups, renormalisation, routed scale,
-        shared experts).
-        """
-        cfg_src = hf_config if hf_config is not None else getattr(block, "config", None)
-
-        def opt(name, default=None):
-            for src in (block, getattr(block, "gate", None), cfg_src):
-                if src is not None and hasattr(src, name):
-                    return getattr(src, name)
-            return default
-
-        gate_mod = block.gate
-        gate_w = gate_mod.weight if hasattr(gate_mod, "weight") else gate_mod
-        num_experts, hidden = gate_w.shape
-        experts = block.experts
-        if hasattr(experts, "gate_up_proj"):  # fused layout
-            w13 = experts.gate_up_proj.detach()
-            w2 = experts.down_proj.detach()
-            if w13.shape[1] == hidden:  # stored [E, H, 2F]: transpose into nn.Linear layout
-                w13 = w13.transpose(1, 2)
-            if w2.shape[1] != hidden:
-                w2 = w2.transpose(1, 2)
-        else:
-            def lin(e, *names):
-                for n in names:
-                    if hasattr(e, n):
-                        return getattr(e, n).weight.detach()
-                raise AttributeError(f"switchyard.from_hf: expert has none of {names}")
-            w13 = torch.stack([torch.cat([lin(e, "w1", "gate_proj"), lin(e, "w3", "up_proj")], 0) for e in experts])
-            w2 = torch.stack([lin(e, "w2", "down_proj") for e in experts])
-        ffn = w2.shape[2]
-        bias = getattr(gate_mod, "e_score_correction_bias", None)
-        is_deepseek = bias is not None or opt("n_group") is not None
-        top_k = opt("top_k", None) or opt("num_experts_per_tok")
-        shared = getattr(block, "shared_experts", None)
-        c = MoEConfig(hidden_size=hidden, ffn_size=ffn, num_experts=num_experts, top_k=int(top_k))
-        if is_deepseek:
-            c.score_function = "sigmoid"
-            c.use_score_bias = bias is not None
-            c.num_groups = int(opt("n_group", 1))
-            c.topk_groups = int(opt("topk_group", 1))
-            c.renormalize = bool(opt("norm_topk_prob", True))
-            c.routed_scale = float(opt("routed_scaling_factor", 1.0))
-        else:
-            c.score_function = "softmax"
-            c.renormalize = bool(opt("norm_topk_prob", True))  # Mixtral always renormalises
-        if shared is not None:
-            s13 = torch.cat([shared.gate_proj.weight.detach(), shared.up_proj.weight.detach()], 0)
-            c.num_shared_experts = 1
-            c.shared_ffn_size = shared.down_proj.weight.shape[1]
-        dtype = dtype or gate_w.dtype
-        device = device or gate_w.device
-        m = cls(c, dtype=dtype, device=device)
-        with torch.no_grad():
-            m.gate.copy_(gate_w.detach())
-            m.w13.copy_(w13)
-            m.w2.copy_(w2)
-            if bias is not None:
-                m.score_bias.copy_(bias.detach().float())
-            if shared is not None:
-                m.shared_w13.copy_(s13)
-                m.shared_w2.copy_(shared.down_proj.weight.detach())
-        return m
+        Weights are COPIED (later changes to the block do not reach the MoE, nor the other way round). The expert
+        layout comes from the experts module's class: fused ``gate_up_proj`` parameters with transformers'
+        ``is_transposed`` / ``is_concatenated`` flags, or per-expert nn.Linear modules (w1/w3/w2 or
+        gate_proj/up_proj/down_proj); never from shapes. The result is a :class:`switchyard.hf.HFMoE` (a MoE) with
+        the MoE calling convention (y in eval mode, MoEOutput in training); :func:`patch_model` builds the same
+        module with the block's calling convention instead. Raises switchyard.hf.UnsupportedBlock for anything
+        else."""
+        from switchyard import hf
+        return hf.convert_block(block, hf_config=hf_config, dtype=dtype, device=device, copy=True,
+                                mimic_block=False)
 
 
-def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = None):
-    """The same layer in plain PyTorch autograd (a loop over experts), for tests and the training comparison.
+def patch_model(model: nn.Module, **kwargs) -> int:
+    """Replaces, in place, every supported sparse-MoE block of a transformers model with a Switchyard module that
+    takes the block's input and returns what the block returned; returns how many were replaced. See
+    :func:`switchyard.hf.patch_model`."""
+    from switchyard import hf
+    return hf.patch_model(model, **kwargs)
 
-    Routing uses the Switchyard selection (``ids``, or the module's own route op when None) so that the two
-    implementations compute the same function; everything differentiable (weights from the scores, the experts,
-    the shared expert, the combine) is plain torch. Returns (y, logits, ids)."""
-    c = module.config
-    x2 = x.reshape(-1, c.hidden_size)
-    logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
-    logits = F.linear(x2.to(logit_dtype), module.gate.to(logit_dtype))
-    if ids is None:
-        ids, _ = _ops.route(logits.detach(), module.score_bias, c.top_k, SCORE_FUNCTIONS[c.score_function],
-                            c.renormalize, float(c.routed_scale), c.num_groups, c.topk_groups)
+
+# Combine weights [T, k] from logits and a selection, in torch autograd (config's score function, renormalisation
+# and scale): what the route op computes for its weights, for code that selects in Python.
+def _weights_of(c: MoEConfig, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     ids_l = ids.long()
     if c.score_function == "softmax":
         w = torch.softmax(logits, -1).gather(1, ids_l)
@@ -499,9 +567,24 @@ def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = No
         w = torch.softmax(logits.gather(1, ids_l), -1)
     if c.renormalize:
         w = w / w.sum(-1, keepdim=True)
-    w = w * c.routed_scale
-    offsets, slot_row, _, _ = _ops.plan(ids, w.detach(), c.num_experts, float(c.capacity_factor), c.min_capacity,
-                                        DROP_POLICIES[c.drop_policy])
+    return w * c.routed_scale
+
+
+def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = None):
+    """The same layer in plain PyTorch autograd (a loop over experts), for tests and the training comparison.
+
+    Routing uses the Switchyard selection (``ids``, or the module's own routing when None) so that the two
+    implementations compute the same function; everything differentiable (weights from the scores, the experts,
+    the shared expert and its gate, the combine) is plain torch. Returns (y, logits, ids)."""
+    c = module.config
+    x2 = x.reshape(-1, c.hidden_size)
+    logits = module._router_logits(x2)
+    if ids is None:
+        ids, _ = module._route(logits.detach())
+    ids_l = ids.long()
+    w = _weights_of(c, logits, ids)
+    offsets, slot_row, _, _ = _ops.plan(ids, w.detach(), c.num_experts, c.capacity_factor_for(module.training),
+                                        c.min_capacity, DROP_POLICIES[c.drop_policy])
     w = w * (slot_row >= 0).to(w.dtype)  # dropped pairs contribute nothing
 
     def act(g):
@@ -520,5 +603,8 @@ def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = No
         out = F.linear(act(F.linear(x2[tok], module.w13[e])), module.w2[e])
         y = y.index_add(0, tok, (w[tok, slot].unsqueeze(1) * out.to(w.dtype)).to(y.dtype))
     if module.shared_w13 is not None:
-        y = y + F.linear(act(F.linear(x2, module.shared_w13)), module.shared_w2).to(y.dtype)
+        shared = F.linear(act(F.linear(x2, module.shared_w13)), module.shared_w2)
+        if module.shared_gate is not None:
+            shared = torch.sigmoid(F.linear(x2, module.shared_gate)) * shared
+        y = y + shared.to(y.dtype)
     return y.to(x.dtype).reshape(x.shape), logits, ids

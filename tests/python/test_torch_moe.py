@@ -29,6 +29,8 @@ CONFIGS = {
     "gelu": dict(activation="gelu"),
     "relu": dict(activation="relu"),
     "losses": dict(aux_loss_coef=0.3, z_loss_coef=0.05),
+    "shared-gate": dict(num_shared_experts=1, shared_ffn_size=4, shared_expert_gate=True),  # Qwen2-MoE
+    "groups-max": dict(num_groups=2, topk_groups=1, group_score="max", routed_scale=1.5),  # DeepSeek-V2
 }
 
 
@@ -204,7 +206,74 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.switchyard.router_losses.default, (logits, ids, 0))
 
 
-# ---- from_hf with stand-ins of the transformers blocks (transformers itself is not a dependency) -------------
+# ---- MoEConfig options beyond the route/plan arguments ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(routing_mode="sideways"), dict(top_k=0), dict(top_k=9), dict(num_groups=3),
+                                 dict(num_groups=4, topk_groups=5), dict(num_groups=4, topk_groups=1, top_k=3),
+                                 dict(capacity_factor=-1.0), dict(eval_capacity_factor=float("nan")),
+                                 dict(bias_update_rate=-1e-3), dict(shared_expert_gate=True),
+                                 dict(num_shared_experts=1), dict(group_score="mean"), dict(routed_scale=1e39),
+                                 dict(routing_mode="expert-choice", use_score_bias=True),
+                                 dict(routing_mode="expert-choice", score_function="topk-softmax")])
+def test_config_validation_names_the_option(bad):
+    kw = dict(hidden_size=H, ffn_size=F, num_experts=E, top_k=K)
+    kw.update(bad)
+    with pytest.raises(ValueError, match="switchyard: "):
+        st.MoEConfig(**kw).validate()
+
+
+def test_expert_choice_config_is_valid_but_has_no_torch_op_yet():
+    cfg = st.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, routing_mode="expert-choice")
+    cfg.validate()
+    with pytest.raises(NotImplementedError, match="expert-choice"):
+        st.MoE(cfg)
+
+
+def test_eval_capacity_factor_applies_in_eval_only():
+    torch.manual_seed(51)
+    m = st.MoE(st.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, capacity_factor=0.5,
+                            eval_capacity_factor=0.0), dtype=torch.float64)
+    x = torch.randn(4 * T, H, dtype=torch.float64)
+    m.train()
+    assert int(m(x).kept_counts.sum()) < 4 * T * K  # training: capacity 0.5 drops pairs
+    m.eval()
+    y_eval = m(x)
+    m.return_stats = True
+    assert int(m(x).kept_counts.sum()) == 4 * T * K  # eval: dropless
+    m.return_stats = None
+    y_ref, _, _ = st.reference_moe(m, x)
+    torch.testing.assert_close(y_eval, y_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_update_score_bias_is_the_library_rule():
+    m = make_module("sigmoid-bias-groups")
+    m.config.bias_update_rate = 0.25
+    before = m.score_bias.clone()
+    counts = torch.tensor([4, 0, 2, 2, 2, 3, 1, 2], dtype=torch.int32)  # mean 2
+    m.update_score_bias(counts)
+    torch.testing.assert_close(m.score_bias, before + 0.25 * torch.tensor([-1., 1, 0, 0, 0, -1, 1, 0]))
+    with pytest.raises(ValueError, match="use_score_bias"):
+        make_module("softmax").update_score_bias(counts)
+
+
+def test_group_score_max_keeps_the_groups_with_the_best_expert():
+    """DeepSeek-V2's group_limited_greedy: groups ranked by their best score, top-k inside the kept groups."""
+    m = make_module("groups-max", seed=61)
+    torch.manual_seed(62)
+    logits = torch.randn(50, E, dtype=torch.float64)
+    ids, w = m._route(logits)
+    p = torch.softmax(logits, -1)
+    group_best = p.view(50, 2, 4).amax(-1)
+    kept = torch.zeros(50, 2, dtype=torch.bool).scatter_(1, group_best.topk(1, -1).indices, True)
+    want = p.masked_fill(~kept.repeat_interleave(4, 1), 0).topk(K, -1)
+    assert torch.equal(ids.long().sort(-1).values, want.indices.sort(-1).values)
+    torch.testing.assert_close(w, p.gather(1, ids.long()) * 1.5)
+    assert not torch.equal(ids.long().sort(-1).values, p.topk(K, -1).indices.sort(-1).values)  # groups mattered
+
+
+# ---- from_hf with stand-ins of transformers 4.x blocks (one nn.Linear module per expert, no transformers needed);
+# tests/python/test_torch_hf.py converts the real transformers classes ------------------------------------------
 
 
 def _linear(o, i):
@@ -215,13 +284,15 @@ class _MixtralExpert(nn.Module):
     def __init__(self):
         super().__init__()
         self.w1, self.w3, self.w2 = _linear(F, H), _linear(F, H), _linear(H, F)
+        self.act_fn = nn.SiLU()
 
     def forward(self, x):
         return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
-class _MixtralBlock(nn.Module):
-    """Mixtral's sparse MoE block: softmax over E, top-k, renormalised, loop over experts."""
+class MixtralSparseMoeBlock(nn.Module):
+    """Mixtral's sparse MoE block as transformers 4.x wrote it: softmax over E, top-k, renormalised, loop over
+    experts (from_hf recognises blocks by class name)."""
 
     def __init__(self):
         super().__init__()
@@ -256,13 +327,13 @@ class _DSGate(nn.Module):
         self.e_score_correction_bias = torch.randn(E, dtype=torch.float64) * 0.1
 
 
-class _DeepSeekBlock(nn.Module):
+class DeepseekV3MoE(nn.Module):
     """DeepSeek-V3's MoE: sigmoid scores, bias for selection, group-limited top-k, renormalise, scale, shared."""
 
     def __init__(self):
         super().__init__()
         self.config = types.SimpleNamespace(num_experts_per_tok=K, n_group=4, topk_group=2, norm_topk_prob=True,
-                                            routed_scaling_factor=2.5)
+                                            routed_scaling_factor=2.5, hidden_act="silu")
         self.gate = _DSGate()
         self.experts = nn.ModuleList([_DSExpert(F) for _ in range(E)])
         self.shared_experts = _DSExpert(5)
@@ -284,7 +355,7 @@ class _DeepSeekBlock(nn.Module):
         return y + self.shared_experts(x)
 
 
-@pytest.mark.parametrize("block_cls", [_MixtralBlock, _DeepSeekBlock])
+@pytest.mark.parametrize("block_cls", [MixtralSparseMoeBlock, DeepseekV3MoE])
 def test_from_hf_matches_block(block_cls):
     torch.manual_seed(71)
     block = block_cls()
