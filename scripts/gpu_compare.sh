@@ -5,16 +5,17 @@
 # DeepSeek-V3 shapes at T = 1, 16, 4096 and 16384 tokens; the two builds take turns on every (shape, T) and every round
 # (the first implementation timed on a fresh problem reads slow, so the order flips each round). Prints one row per
 # (shape, T): the median over rounds of each build's eager and CUDA-graph times and their ratio (new / base).
-# Raw JSON per run goes to $OUT/compare/ (or ./gpu-out/compare/).
+# Raw JSON per run goes to $OUT/compare/ (or ./gpu-out/compare/); runs already there (earlier rounds) are included.
 set -uo pipefail
 BASE=${1:?base build folder}
 NEW=${2:?new build folder}
 ROUNDS=${3:-3}
+FIRST_ROUND=${FIRST_ROUND:-1}  # rounds FIRST_ROUND..FIRST_ROUND+ROUNDS-1 (to split the rounds over several calls)
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT/compare"
 SHAPES=${SHAPES:-mixtral qwen3 deepseek-v3}
 TOKENS=${TOKENS:-1 16 4096 16384}
-for round in $(seq 1 "$ROUNDS"); do
+for round in $(seq "$FIRST_ROUND" $((FIRST_ROUND + ROUNDS - 1))); do
   for shape in $SHAPES; do
     for t in $TOKENS; do
       order="base new"
