@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "switchyard/balance.h"
@@ -82,16 +83,11 @@ MoEConfig router_config(int64_t num_experts, int64_t top_k, int64_t score_functi
     SWITCHYARD_CHECK(score_function >= 0 && score_function <= 2, "score_function=", score_function,
                      " (0 softmax, 1 topk-softmax, 2 sigmoid)");
     MoEConfig c;
-    c.hidden_size = 1;
-    c.ffn_size = 1;
-    c.num_experts = num_experts;
-    c.top_k = top_k;
-    c.score_function = static_cast<ScoreFunction>(score_function);
-    c.renormalize = renormalize;
-    c.routed_scale = routed_scale;
-    c.num_groups = num_groups;
-    c.topk_groups = topk_groups;
-    c.use_score_bias = use_bias;
+    c.hidden_size = c.ffn_size = 1;  // the router does not read them
+    std::tie(c.num_experts, c.top_k, c.num_groups, c.topk_groups) =
+        std::make_tuple(num_experts, top_k, num_groups, topk_groups);
+    std::tie(c.score_function, c.renormalize, c.routed_scale, c.use_score_bias) =
+        std::make_tuple(static_cast<ScoreFunction>(score_function), renormalize, routed_scale, use_bias);
     return c;
 }
 

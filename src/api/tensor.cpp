@@ -6,6 +6,7 @@
 
 #include <sstream>
 #include <string>
+#include <tuple>
 
 #include "switchyard/error.h"
 
@@ -20,11 +21,7 @@ TensorRef::TensorRef(void* ptr, DType t, std::initializer_list<int64_t> dims, De
 TensorRef TensorRef::contiguous(void* ptr, DType t, const int64_t* dims, int ndim, Device dev, int dev_idx) {
     SWITCHYARD_CHECK(ndim >= 1 && ndim <= kMaxRank, "TensorRef: rank=", ndim, " outside [1, ", kMaxRank, "]");
     TensorRef r;
-    r.data = ptr;
-    r.dtype = t;
-    r.rank = ndim;
-    r.device = dev;
-    r.device_index = dev_idx;
+    std::tie(r.data, r.dtype, r.rank, r.device, r.device_index) = std::make_tuple(ptr, t, ndim, dev, dev_idx);
     int64_t stride = 1;
     for (int d = ndim - 1; d >= 0; --d) {
         SWITCHYARD_CHECK(dims[d] >= 0, "TensorRef: shape[", d, "]=", dims[d], " is negative");

@@ -27,6 +27,7 @@
 #include "cuda/common.cuh"
 #include "cuda/cublas_util.h"
 #include "cuda/dispatch.cuh"
+#include "baseline/dense_common.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
 
@@ -309,20 +310,9 @@ DenseResult dense_forward_cuda(const MoEConfig& cfg, const MoEWeights& w, const 
         SWITCHYARD_CUDA_CHECK(
             cudaMemcpyAsync(d_loc, loc.data(), loc.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
     }
-    res.routed = true;
-    res.capacity = C;
-    res.dropped = plan.dropped();
-    if (stats != nullptr) ref::plan_stats(cfg, logits, plan, *stats);
-
     // ---- the rest of the arena ----
-    const DenseLayout l = dense_layout(cfg, T, C);
-    res.bytes_needed = l.total;
-    if (l.total > memory_limit_bytes) {
-        const size_t held = res.peak_bytes;
-        refuse_limit(l.total, C);
-        res.peak_bytes = held;
-        return res;
-    }
+    DenseLayout l;
+    if (!dense::record_routing(cfg, T, C, plan, logits, stats, memory_limit_bytes, res, l, refuse_limit)) return res;
     DeviceArena main_arena;
     char* base = nullptr;  // base + (offset - router_end) addresses the main part
     if (workspace != nullptr && workspace_bytes >= l.total && rbase == workspace) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "switchyard/baseline.h"
+#include "baseline/dense_common.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
 
@@ -324,20 +325,9 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
         a_loc[i] = r < 0 ? -1 : r - plan.expert_offsets[ids[i]];
         SWITCHYARD_CHECK(a_loc[i] < C, "internal: location ", a_loc[i], " of pair ", i, " past capacity ", C);
     }
-    res.routed = true;
-    res.capacity = C;
-    res.dropped = plan.dropped();
-    if (stats != nullptr) ref::plan_stats(cfg, logits, plan, *stats);
-
     // ---- the rest of the arena, now that C is known ----
-    const DenseLayout l = dense_layout(cfg, T, C);
-    res.bytes_needed = l.total;
-    if (l.total > memory_limit_bytes) {
-        const size_t held = res.peak_bytes;
-        refuse(l.total, C);
-        res.peak_bytes = held;
-        return res;
-    }
+    DenseLayout l;
+    if (!dense::record_routing(cfg, T, C, plan, logits, stats, memory_limit_bytes, res, l, refuse)) return res;
     // As the CUDA version checks free device memory: refuse rather than let the kernel's OOM killer decide.
     const size_t avail = host_available_bytes();
     if (l.total - l.router_end > avail) {

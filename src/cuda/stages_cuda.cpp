@@ -5,6 +5,7 @@
 // the same function sizing and partitioning them.
 #include "cuda/stages_cuda.h"
 
+#include <tuple>
 #include <vector>
 
 #include "cuda/backward/backward.h"
@@ -39,13 +40,27 @@ T* ptr_or_null(const TensorRef& t) {
 template <typename Args>
 Args sized(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows, const int32_t* offsets = nullptr) {
     Args g;
-    g.dtype = dtype;
-    g.num_groups = num_groups;
-    g.n = n;
-    g.k = k;
-    g.max_rows = max_rows;
-    g.offsets = offsets;
+    std::tie(g.dtype, g.num_groups, g.n, g.k, g.max_rows, g.offsets) =
+        std::make_tuple(dtype, num_groups, n, k, max_rows, offsets);
     return g;
+}
+
+// The two gradient GEMMs: dgrad (operand = b [E, N, K], out = da) or wgrad (operand = a, out = db [E, N, K]).
+void run_grad(bool dgrad, const TensorRef& dc, const TensorRef& operand, const TensorRef& offsets,
+              const TensorRef& out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(dc.device_index);
+    const TensorRef& enk = dgrad ? operand : out;
+    auto g = sized<GroupedGemmGradArgs>(dc.dtype, enk.shape[0], enk.shape[1], enk.shape[2], dc.shape[0],
+                                        offsets.ptr<int32_t>());
+    g.dc = dc.data;
+    (dgrad ? g.b : g.a) = operand.data;
+    if (dgrad) {
+        g.da = out.data;
+        cuda::grouped_gemm_dgrad(g, workspace, workspace_bytes, stream);
+    } else {
+        g.db = out.data;
+        cuda::grouped_gemm_wgrad(g, workspace, workspace_bytes, stream);
+    }
 }
 
 // Statistics scratch of load_stats: ids / weights of a token-choice routing pass (its partial sums are what is
@@ -180,24 +195,12 @@ size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t
 
 void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    DeviceGuard guard(dc.device_index);
-    auto g = sized<GroupedGemmGradArgs>(dc.dtype, b.shape[0], b.shape[1], b.shape[2], dc.shape[0],
-                                        offsets.ptr<int32_t>());
-    g.dc = dc.data;
-    g.b = b.data;
-    g.da = da.data;
-    cuda::grouped_gemm_dgrad(g, workspace, workspace_bytes, stream);
+    run_grad(true, dc, b, offsets, da, workspace, workspace_bytes, stream);
 }
 
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-    DeviceGuard guard(dc.device_index);
-    auto g = sized<GroupedGemmGradArgs>(dc.dtype, db.shape[0], db.shape[1], db.shape[2], dc.shape[0],
-                                        offsets.ptr<int32_t>());
-    g.dc = dc.data;
-    g.a = a.data;
-    g.db = db.data;
-    cuda::grouped_gemm_wgrad(g, workspace, workspace_bytes, stream);
+    run_grad(false, dc, a, offsets, db, workspace, workspace_bytes, stream);
 }
 
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,

@@ -250,17 +250,9 @@ void gather_forward(const double* x, const int32_t* row_token, int64_t max_rows,
 
 void gather_backward(const int32_t* slot_row, const double* d_xp, int64_t num_tokens, int64_t top_k, int64_t hidden,
                      double* dx) {
-#pragma omp parallel for schedule(static) if (num_tokens * top_k * hidden >= (1 << 16))
-    for (int64_t t = 0; t < num_tokens; ++t) {
-        double* d = dx + t * hidden;
-        std::fill(d, d + hidden, 0.0);
-        for (int64_t j = 0; j < top_k; ++j) {
-            const int32_t r = slot_row[t * top_k + j];
-            if (r < 0) continue;
-            const double* s = d_xp + static_cast<int64_t>(r) * hidden;
-            for (int64_t h = 0; h < hidden; ++h) d[h] += s[h];
-        }
-    }
+    // The sum over a token's slots in order is combine's with unit weights (1.0 * v == v exactly).
+    const std::vector<double> ones(static_cast<size_t>(num_tokens * top_k), 1.0);
+    combine_forward(slot_row, ones.data(), d_xp, nullptr, num_tokens, top_k, hidden, dx);
 }
 
 // ---- grouped GEMM -------------------------------------------------------------------------------------------
