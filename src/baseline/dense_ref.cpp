@@ -27,6 +27,26 @@
 namespace switchyard {
 namespace {
 
+// The arena's tensors past the router part (DenseLayout offsets >= router_end), as pointers into the main slice,
+// which starts at layout offset router_end.
+struct DenseBuffers {
+    uint8_t *dispatch, *combine, *expert_in;
+    float* pre;
+    uint8_t *hidden, *expert_out, *product;
+    float* shared_pre;
+    uint8_t *shared_h, *shared_out, *output;
+};
+inline DenseBuffers dense_buffers(const DenseLayout& l, void* main_slice) {
+    uint8_t* base = static_cast<uint8_t*>(main_slice);
+    auto at = [&](size_t offset) { return base + (offset - l.router_end); };
+    return DenseBuffers{at(l.dispatch),   at(l.combine),    at(l.expert_in),
+                        reinterpret_cast<float*>(at(l.pre)),
+                        at(l.hidden),     at(l.expert_out), at(l.product),
+                        reinterpret_cast<float*>(at(l.shared_pre)),
+                        at(l.shared_h),   at(l.shared_out), at(l.output)};
+}
+
+
 // Loops with less work than this stay on one thread (a parallel region costs more than they do).
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 
@@ -342,16 +362,8 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
     }
     res.peak_bytes = l.total;
     // The main slice holds [router_end, total) of the layout.
-    auto at = [&](size_t offset) { return main.get() + (offset - l.router_end); };
-    uint8_t* dispatch = at(l.dispatch);
-    uint8_t* combine = at(l.combine);
-    uint8_t* expert_in = at(l.expert_in);
-    float* pre = reinterpret_cast<float*>(at(l.pre));
-    uint8_t* hidden = at(l.hidden);
-    uint8_t* expert_out = at(l.expert_out);
-    uint8_t* product = at(l.product);
-    uint8_t* shared_out = at(l.shared_out);
-    uint8_t* out = at(l.output);
+    const auto [dispatch, combine, expert_in, pre, hidden, expert_out, product, shared_pre, shared_h, shared_out,
+                out] = dense_buffers(l, main.get());
     const size_t a = dtype_size(dt);
 
     // dispatch / combine [T, E, C]: one-hot, and the combine weight in the dtype.
@@ -402,7 +414,7 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
     // Shared experts on every token, as the sparse path adds them.
     if (S > 0) {
         dense_mlp(cfg.activation, dt, static_cast<const uint8_t*>(x.data), T, H, S, mat(w.shared_w13, 0, Rs, H),
-                  mat(w.shared_w2, 0, H, S), reinterpret_cast<float*>(at(l.shared_pre)), at(l.shared_h),
+                  mat(w.shared_w2, 0, H, S), shared_pre, shared_h,
                   shared_out);
     }
 
