@@ -63,6 +63,14 @@ if [ "${SWITCHYARD_NO_TORCH:-0}" != 1 ]; then
     pip_install "$TORCH_PIN"
   fi
   if ! py_has pytest; then echo "setup: pip install pytest"; pip_install "pytest>=8"; fi
+  # transformers, for switchyard.torch.patch_model's tests (tests/python/test_torch_hf.py, tiny random models built
+  # from config objects: no model downloads) and examples/finetune_hf_moe.py. Pinned to the GPU machine's version:
+  # switchyard.hf reads the MoE block classes of this release (5.x: fused gate_up_proj experts, router modules).
+  TRANSFORMERS_PIN="transformers==5.17.0"
+  if ! python3 -c "import transformers, sys; sys.exit(0 if transformers.__version__ == '5.17.0' else 1)" >/dev/null 2>&1; then
+    echo "setup: pip install $TRANSFORMERS_PIN"
+    pip_install "$TRANSFORMERS_PIN"
+  fi
 fi
 # ------------------------------------------------------------------------------------------ [torch block end]
 exit 0
