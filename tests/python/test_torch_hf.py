@@ -166,6 +166,64 @@ def test_router_logits_and_aux_loss_are_recorded(family):
             assert rel(grads_got[k], p.grad) < 1e-4, k
 
 
+def test_router_logits_when_hooks_were_installed_before_patching():
+    model = make_model("olmoe", seed=5).train()
+    ids = tokens(6)
+    want = model(ids, output_router_logits=True).router_logits  # installs transformers' hooks on the old routers
+    pm, _ = patched(model)
+    got = pm(ids, output_router_logits=True).router_logits
+    assert len(got) == len(want) == 2 and all(rel(a, b) < 1e-5 for a, b in zip(got, want))
+
+
+class _Expert4x(nn.Module):
+    def __init__(self, h, f):
+        super().__init__()
+        self.w1, self.w3, self.w2 = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    """transformers 4.x's Mixtral block: per-expert modules, an nn.Linear gate, returns (y, router_logits)."""
+
+    def __init__(self, h=16, f=8, e=4, k=2):
+        super().__init__()
+        self.top_k, self.jitter_noise = k, 0.0
+        self.gate = nn.Linear(h, e, bias=False)
+        self.experts = nn.ModuleList([_Expert4x(h, f) for _ in range(e)])
+
+    def forward(self, hidden_states):
+        b, s, h = hidden_states.shape
+        x = hidden_states.view(-1, h)
+        logits = self.gate(x)
+        w, ids = torch.softmax(logits, -1, dtype=torch.float).topk(self.top_k, -1)
+        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
+        y = torch.zeros_like(x)
+        for j in range(self.top_k):
+            for e, expert in enumerate(self.experts):
+                sel = ids[:, j] == e
+                y[sel] += w[sel, j, None] * expert(x[sel])
+        return y.view(b, s, h), logits
+
+
+def test_tuple_returning_block_keeps_its_output_structure():
+    torch.manual_seed(17)
+    container = nn.ModuleList([MixtralSparseMoeBlock()])
+    block = container[0]
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        y_want, logits_want = block(x)
+    assert st.patch_model(container) == 1
+    with torch.no_grad():
+        out = container[0](x)
+    assert isinstance(out, tuple) and len(out) == 2
+    assert rel(out[0], y_want) < 1e-5 and out[1].shape == logits_want.shape and rel(out[1], logits_want) < 1e-6
+    sd = hf.hf_state_dict(container)
+    assert torch.equal(sd["0.experts.3.w3.weight"], block.experts[3].w3.weight)
+
+
 def test_torch_compile_of_the_patched_model():
     model = make_model("qwen2_moe", seed=7)
     pm, _ = patched(model)
