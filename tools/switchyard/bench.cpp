@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <tuple>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -248,10 +249,8 @@ int run_bench(const BenchOptions& o) {
 
 void add_bench(CLI::App& app, int* exit_code) {
     auto o = std::make_shared<BenchOptions>();
-    o->layer.hidden = 512;
-    o->layer.ffn = 1792;
-    o->layer.experts = 8;
-    o->layer.top_k = 2;
+    // default layer: H, F, E, k
+    std::tie(o->layer.hidden, o->layer.ffn, o->layer.experts, o->layer.top_k) = std::make_tuple(512, 1792, 8, 2);
     CLI::App* sub = app.add_subcommand("bench", "time the layer (and its CPU stages) beside its floor");
     sub->add_option("--shape", o->shape,
                     "named shape: mixtral | qwen3 | deepseek-v3 | small | small-many "

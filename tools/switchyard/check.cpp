@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <tuple>
 
 #include "switchyard/baseline.h"
 #include "cli_common.h"
@@ -208,10 +209,8 @@ int run_check(const CheckOptions& o) {
 
 void add_check(CLI::App& app, int* exit_code) {
     auto o = std::make_shared<CheckOptions>();
-    o->layer.hidden = 256;
-    o->layer.ffn = 512;
-    o->layer.experts = 8;
-    o->layer.top_k = 2;
+    // default layer: H, F, E, k
+    std::tie(o->layer.hidden, o->layer.ffn, o->layer.experts, o->layer.top_k) = std::make_tuple(256, 512, 8, 2);
     CLI::App* sub = app.add_subcommand("check", "one random config through every backend against the CPU reference");
     sub->add_option("--top-k", o->layer.top_k, "experts per token k")->capture_default_str();
     sub->add_option("--tokens", o->tokens, "tokens T")->capture_default_str();
