@@ -99,8 +99,16 @@ void check_sizes(const GroupedGemmGradArgs& g) {
 }
 
 // Checks the workspace and device for a 16-bit call; returns the device facts.
+// The checks of a 16-bit gradient call: dtype, workspace, and 16-byte alignment (TMA) of dC and the two operands the
+// layout reads or writes (dgrad: B and dA; wgrad: A and dB).
 DeviceFacts check_grad_16bit_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes,
                                   const char* what) {
+    const bool dgrad = g.da != nullptr;
+    const void* in = dgrad ? g.b : g.a;
+    const void* out = dgrad ? g.da : g.db;
+    SWITCHYARD_CHECK(aligned16(g.dc) && aligned16(in) && aligned16(out), what, ": dc, ", dgrad ? "b and da" : "a and db",
+                     " must be 16-byte aligned for TMA (dc=", g.dc, ", ", dgrad ? "b=" : "a=", in, ", ",
+                     dgrad ? "da=" : "db=", out, ")");
     return check_16bit_call(what, g.dtype, workspace, workspace_bytes, grouped_gemm_grad_workspace_size(g));
 }
 
@@ -209,9 +217,6 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     }
 
     const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
-    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.b) && aligned16(args.da),
-                     "grouped_gemm dgrad: dc, b and da must be 16-byte aligned for TMA (dc=", args.dc, ", b=", args.b,
-                     ", da=", args.da, ")");
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
@@ -243,10 +248,9 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
         return;
     }
 
-    const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm wgrad");
-    SWITCHYARD_CHECK(aligned16(args.dc) && aligned16(args.a) && aligned16(args.db),
-                     "grouped_gemm wgrad: dc, a and db must be 16-byte aligned for TMA (dc=", args.dc, ", a=", args.a,
-                     ", db=", args.db, ")");
+    GroupedGemmGradArgs w = args;
+    w.da = nullptr;  // the wgrad layout (check_grad_16bit_call reads which operands from da)
+    const DeviceFacts facts = check_grad_16bit_call(w, workspace, workspace_bytes, "grouped_gemm wgrad");
     // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
     const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
     zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
