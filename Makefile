@@ -43,7 +43,7 @@ test: build
 #  $(SAN_BUILD_DIR): g++ with ASan + UBSan (float-cast-overflow included, -fno-sanitize-recover: the first report
 #    fails the test) running the CPU suite. No torch binding: torch's wheels are not ASan-built and an ASan
 #    executable cannot load them into python without LD_PRELOAD tricks, so the torch pytest tests are skipped here.
-#  $(FUZZ_BUILD_DIR): clang with libFuzzer + ASan + UBSan, only the fuzz targets, each run FUZZ_SECONDS.
+#  $(FUZZ_BUILD_DIR): clang 14 with libFuzzer + ASan + UBSan, only the fuzz targets, each run FUZZ_SECONDS.
 $(SAN_BUILD_DIR)/CMakeCache.txt:
 	@mkdir -p $(SAN_BUILD_DIR) && cmake -S . -B $(SAN_BUILD_DIR) $(GENERATOR) -DCMAKE_BUILD_TYPE=Release -DSWITCHYARD_CUDA=OFF \
 	  -DSWITCHYARD_BUILD_TORCH=OFF -DSWITCHYARD_SANITIZE=ON $(CMAKE_ARGS) >$(SAN_BUILD_DIR)/configure.log 2>&1 || \
