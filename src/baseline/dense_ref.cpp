@@ -362,20 +362,19 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
     }
     res.peak_bytes = l.total;
     // The main slice holds [router_end, total) of the layout.
-    const auto [dispatch, combine, expert_in, pre, hidden, expert_out, product, shared_pre, shared_h, shared_out,
-                out] = dense_buffers(l, main.get());
+    const DenseBuffers buf = dense_buffers(l, main.get());
     const size_t a = dtype_size(dt);
 
     // dispatch / combine [T, E, C]: one-hot, and the combine weight in the dtype.
-    std::memset(dispatch, 0, static_cast<size_t>(T * E * C) * a);  // +0.0 in every float dtype
-    std::memset(combine, 0, static_cast<size_t>(T * E * C) * a);
+    std::memset(buf.dispatch, 0, static_cast<size_t>(T * E * C) * a);  // +0.0 in every float dtype
+    std::memset(buf.combine, 0, static_cast<size_t>(T * E * C) * a);
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t j = 0; j < k; ++j) {
             const int32_t c = a_loc[t * k + j];
             if (c < 0) continue;
             const int64_t at = (t * E + a_ids[t * k + j]) * C + c;
-            st(dispatch, dt, at, 1.0f);
-            st(combine, dt, at, round_to(dt, a_wts[t * k + j]));
+            st(buf.dispatch, dt, at, 1.0f);
+            st(buf.combine, dt, at, round_to(dt, a_wts[t * k + j]));
         }
     }
 
@@ -385,37 +384,37 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
         const int64_t e = ec / C, c = ec % C;
         std::vector<double> acc(static_cast<size_t>(H), 0.0);
         for (int64_t t = 0; t < T; ++t) {
-            const double d = ld(dispatch, dt, (t * E + e) * C + c);
+            const double d = ld(buf.dispatch, dt, (t * E + e) * C + c);
             const float* xr = xf.data() + t * H;
             for (int64_t h = 0; h < H; ++h) acc[h] += d * xr[h];
         }
-        for (int64_t h = 0; h < H; ++h) st(expert_in, dt, ec * H + h, round_double(dt, acc[h]));
+        for (int64_t h = 0; h < H; ++h) st(buf.expert_in, dt, ec * H + h, round_double(dt, acc[h]));
     }
 
     // Expert FFNs on [E, C, H] (empty capacity slots hold zero rows and give zero rows).
     for (int64_t e = 0; e < E; ++e) {
-        dense_mlp(cfg.activation, dt, expert_in + static_cast<size_t>(e * C * H) * a, C, H, F,
-                  mat(w.w13, e * R * H, R, H), mat(w.w2, e * H * F, H, F), pre + e * C * R,
-                  hidden + static_cast<size_t>(e * C * F) * a, expert_out + static_cast<size_t>(e * C * H) * a);
+        dense_mlp(cfg.activation, dt, buf.expert_in + static_cast<size_t>(e * C * H) * a, C, H, F,
+                  mat(w.w13, e * R * H, R, H), mat(w.w2, e * H * F, H, F), buf.pre + e * C * R,
+                  buf.hidden + static_cast<size_t>(e * C * F) * a, buf.expert_out + static_cast<size_t>(e * C * H) * a);
     }
 
     // The seed's broadcast multiply: product[t, e, c, h] = combine[t, e, c] * expert_out[e, c, h].
 #pragma omp parallel for schedule(static) if (T * E * C * H > kParallelMin)
     for (int64_t tec = 0; tec < T * E * C; ++tec) {
         const int64_t ec = tec % (E * C);
-        const float cw = ld(combine, dt, tec);
+        const float cw = ld(buf.combine, dt, tec);
         for (int64_t h = 0; h < H; ++h) {
             // Both factors are dtype values: their fp32 product is exact for bf16/fp16 and one fp32 rounding
             // for fp32, then one rounding to the dtype (as CUDA's __fmul_rn + conversion).
-            st(product, dt, tec * H + h, round_to(dt, cw * ld(expert_out, dt, ec * H + h)));
+            st(buf.product, dt, tec * H + h, round_to(dt, cw * ld(buf.expert_out, dt, ec * H + h)));
         }
     }
 
     // Shared experts on every token, as the sparse path adds them.
     if (S > 0) {
         dense_mlp(cfg.activation, dt, static_cast<const uint8_t*>(x.data), T, H, S, mat(w.shared_w13, 0, Rs, H),
-                  mat(w.shared_w2, 0, H, S), shared_pre, shared_h,
-                  shared_out);
+                  mat(w.shared_w2, 0, H, S), buf.shared_pre, buf.shared_h,
+                  buf.shared_out);
     }
 
     // out[t, h] = dtype( sum_e sum_c product[t, e, c, h] + shared_out[t, h] ), double accumulation.
@@ -424,12 +423,12 @@ DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const T
         for (int64_t h = 0; h < H; ++h) {
             double acc = 0.0;
             for (int64_t e = 0; e < E; ++e)
-                for (int64_t c = 0; c < C; ++c) acc += ld(product, dt, ((t * E + e) * C + c) * H + h);
-            if (S > 0) acc += ld(shared_out, dt, t * H + h);
-            st(out, dt, t * H + h, round_double(dt, acc));
+                for (int64_t c = 0; c < C; ++c) acc += ld(buf.product, dt, ((t * E + e) * C + c) * H + h);
+            if (S > 0) acc += ld(buf.shared_out, dt, t * H + h);
+            st(buf.output, dt, t * H + h, round_double(dt, acc));
         }
     }
-    if (T > 0) std::memcpy(y.data, out, static_cast<size_t>(T * H) * a);
+    if (T > 0) std::memcpy(y.data, buf.output, static_cast<size_t>(T * H) * a);
     res.ran = true;
     res.reason.clear();
     return res;

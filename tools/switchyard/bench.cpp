@@ -189,7 +189,7 @@ void bench_cuda(const BenchOptions& o, const MoEConfig& cfg, double tflops, doub
 
 int run_bench(const BenchOptions& o) {
     const Device dev = parse_device(o.device);
-    MoEConfig cfg = o.shape.empty() ? make_config(o.layer) : named_shape(o.shape, parse_dtype(o.layer.dtype));
+    MoEConfig cfg = o.shape.empty() ? make_config(o.layer) : named_shape(o.shape, parse_activation_dtype(o.layer.dtype));
     cfg.validate();
     SWITCHYARD_CHECK(o.impl == "sparse" || o.impl == "dense" || o.impl == "both",
                      "--impl must be sparse, dense or both, got '", o.impl, "'");

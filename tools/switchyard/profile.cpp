@@ -140,7 +140,7 @@ int run_profile_gpu(const ProfileOptions& o, const std::string& cmdline) {
     g.shapes = o.shapes_given ? o.shapes : std::vector<std::string>{"mixtral", "qwen3", "deepseek-v3"};
     g.tokens = o.tokens_given ? o.tokens : std::vector<int64_t>{16, 256, 4096, 16384};
     if (o.quick && !o.tokens_given) g.tokens = {16, 4096};
-    g.dtype = o.dtype_given ? parse_dtype(o.dtype) : DType::kBF16;
+    g.dtype = o.dtype_given ? parse_activation_dtype(o.dtype) : DType::kBF16;
     g.reps = o.reps_given ? o.reps : (o.quick ? 10 : 20);
     g.warmup = o.warmup_given ? o.warmup : (o.quick ? 2 : 5);
     g.seed = o.seed;
@@ -262,7 +262,7 @@ void resolve_cpu_settings(CpuProfile& p) {
     SWITCHYARD_CHECK(!p.tokens.empty() && !o.shapes.empty(), "--tokens and --shapes must not be empty");
     for (int64_t t : p.tokens) SWITCHYARD_CHECK(t > 0, "--tokens entries must be > 0, got ", t);
     SWITCHYARD_CHECK(p.reps > 0 && p.warmup >= 0, "--reps must be > 0 and --warmup >= 0");
-    const DType dtype = parse_dtype(o.dtype);
+    const DType dtype = parse_activation_dtype(o.dtype);
     for (const auto& s : o.shapes) {
         p.cfgs.push_back(named_shape(s, dtype));
         p.cfgs.back().validate();
@@ -784,7 +784,7 @@ int run_cpu_profile(const ProfileOptions& o, const std::string& cmdline) {
 }
 
 int run_profile(const ProfileOptions& o, const std::string& cmdline) {
-    if (!o.ncu_child.empty()) return run_ncu_child(o.ncu_child, o.ncu_tokens, parse_dtype(o.dtype), o.seed);
+    if (!o.ncu_child.empty()) return run_ncu_child(o.ncu_child, o.ncu_tokens, parse_activation_dtype(o.dtype), o.seed);
     if (!o.render_json.empty()) {
         std::ifstream f(o.render_json);
         SWITCHYARD_CHECK(f.good(), "--render-json: cannot read '", o.render_json, "'");
