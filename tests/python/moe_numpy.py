@@ -194,7 +194,8 @@ def keep_mask(cfg, ids, w):
 def moe_forward(cfg, x, weights):
     """cfg: dict (top_k, num_experts, score, renormalize, routed_scale, groups, topk_groups, use_bias,
     capacity_factor, min_capacity, drop_policy, activation, dtype); x [T, H] float64 (values of the dtype);
-    weights: dict gate [E, H], bias [E] or None, w13 [E, R, H], w2 [E, H, F], shared_w13, shared_w2 or None.
+    weights: dict gate [E, H], bias [E] or None, w13 [E, R, H], w2 [E, H, F], shared_w13, shared_w2 or None,
+    shared_gate [1, H] or None (the shared output of token t is then scaled by sigmoid(x[t] . shared_gate)).
     Returns y [T, H] float64 (values of the dtype), ids, w, keep."""
     dtype = cfg.get("dtype", "fp32")
     act = cfg.get("activation", "swiglu")
@@ -210,5 +211,9 @@ def moe_forward(cfg, x, weights):
                 e = ids[t, j]
                 y[t] += w[t, j] * mlp(x[t : t + 1], weights["w13"][e], weights["w2"][e], act, dtype)[0]
     if weights.get("shared_w13") is not None:
-        y += mlp(x, weights["shared_w13"], weights["shared_w2"], act, dtype)
+        shared = mlp(x, weights["shared_w13"], weights["shared_w2"], act, dtype)
+        if weights.get("shared_gate") is not None:  # Qwen2-MoE: sigmoid(x . g) per token, g from fp32 logits
+            g = (x @ weights["shared_gate"].T).astype(np.float32).astype(np.float64)
+            shared = shared / (1.0 + np.exp(-g))
+        y += shared
     return round_to(y, dtype), ids, w, keep

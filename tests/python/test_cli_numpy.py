@@ -43,7 +43,7 @@ def uniform(rng, shape, fan_in):
     return rng.uniform(-b, b, size=shape)
 
 
-def make_layer(seed, H, F, E, dtype, act="swiglu", S=0, bias=False):
+def make_layer(seed, H, F, E, dtype, act="swiglu", S=0, bias=False, shared_gate=False):
     """Random weights as the dtype's values (float64 arrays)."""
     rng = np.random.default_rng(seed)
     r = 2 * F if mn.gated(act) else F
@@ -54,11 +54,14 @@ def make_layer(seed, H, F, E, dtype, act="swiglu", S=0, bias=False):
         "bias": rng.uniform(-0.1, 0.1, size=E).astype(np.float32).astype(np.float64) if bias else None,
         "shared_w13": None,
         "shared_w2": None,
+        "shared_gate": None,
     }
     if S:
         w["shared_w13"] = uniform(rng, (2 * S if mn.gated(act) else S, H), H)
         w["shared_w2"] = uniform(rng, (H, S), S)
-    for key in ("gate", "w13", "w2", "shared_w13", "shared_w2"):
+        if shared_gate:
+            w["shared_gate"] = uniform(rng, (1, H), H)
+    for key in ("gate", "w13", "w2", "shared_w13", "shared_w2", "shared_gate"):
         if w[key] is not None:
             w[key] = mn.round_to(w[key], dtype)
     return w
@@ -103,6 +106,8 @@ def hf_tensors(w, scheme, prefix, dtype, act="swiglu", shared_name="shared_exper
             else:
                 t[q + "up_proj.weight"] = mn.encode(w["shared_w13"], dtype)
             t[q + "down_proj.weight"] = mn.encode(w["shared_w2"], dtype)
+            if w.get("shared_gate") is not None:
+                t[f"{prefix}mlp.shared_expert_gate.weight"] = mn.encode(w["shared_gate"], dtype)
     return t
 
 
@@ -493,6 +498,15 @@ def main():
         x = np.random.default_rng(6).uniform(-1, 1, size=(T, H)).astype(np.float32).astype(np.float64)
         forward_case(cli, tmp, "qwen2_relu_fp32", cfg, w, x, "qwen", shared_name="shared_expert",
                      extra=["--score", "topk-softmax", "--activation", "relu"])
+
+        # Qwen2-MoE's gated shared expert: mlp.shared_expert_gate.weight scales the shared output by its sigmoid.
+        H, F, E, S, T = 32, 24, 6, 40, 23
+        cfg = {"top_k": 2, "num_experts": E, "score": "softmax", "activation": "swiglu", "dtype": "fp32"}
+        w = make_layer(11, H, F, E, "fp32", S=S, shared_gate=True)
+        x = np.random.default_rng(12).uniform(-1, 1, size=(T, H)).astype(np.float32).astype(np.float64)
+        y_plain = mn.moe_forward(cfg, x, dict(w, shared_gate=None))[0]
+        check("qwen2 shared gate changes the output", np.abs(mn.moe_forward(cfg, x, w)[0] - y_plain).max() > 1e-3)
+        forward_case(cli, tmp, "qwen2_shared_gate_fp32", cfg, w, x, "qwen", shared_name="shared_expert")
 
         # bf16: weights and input in bf16 (input .npy as '<u2' bits), Mixtral names.
         H, F, E, T = 64, 48, 8, 29

@@ -53,6 +53,7 @@ void LoadedWeights::apply_to(MoEConfig& cfg) const {
     cfg.num_experts = num_experts;
     cfg.num_shared_experts = num_shared_experts;
     cfg.shared_ffn_size = shared_ffn_size;
+    cfg.shared_expert_gate = has_shared_gate;
     cfg.use_score_bias = has_score_bias;
 }
 
@@ -275,6 +276,7 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
 
     // Shared experts (Qwen/DeepSeek naming): mlp.shared_experts.* (DeepSeek) or mlp.shared_expert.* (Qwen2-MoE).
     const SafetensorInfo *sg = nullptr, *su = nullptr, *sd = nullptr;
+    const SafetensorInfo* sgate = nullptr;  // Qwen2-MoE: mlp.shared_expert_gate.weight [1, H]
     int64_t n_shared = 0, S = 0;
     if (out.scheme == NamingScheme::kQwenDeepSeek) {
         std::string sp;
@@ -291,11 +293,6 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
             SWITCHYARD_CHECK(L.has(sp + "down_proj.weight"), path, ": shared-expert tensors under '",
                              printable(L.full(sp)), "' but no '", printable(L.full(sp + "down_proj.weight")),
                              "' (an incomplete shared expert)");
-        if (L.has("mlp.shared_expert_gate.weight")) {
-            used.insert(L.full("mlp.shared_expert_gate.weight"));
-            out.notes.push_back("'" + printable(L.full("mlp.shared_expert_gate.weight")) +
-                                "' (Qwen2-MoE shared-expert gate) is not supported and was ignored");
-        }
         n_shared = opts.num_shared_experts;
         SWITCHYARD_CHECK(n_shared >= -1, "--shared-experts must be >= 0, got ", n_shared);
         if (n_shared < 0) n_shared = sp.empty() ? 0 : 1;
@@ -322,11 +319,17 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
                 su = &L.need(sp + "up_proj.weight", {S, H});
             }
             L.same_dtype(*su, sd->dtype, "shared expert");
-            for (const SafetensorInfo* x : {sg, su, sd})
+            // Qwen2-MoE scales its shared expert by sigmoid(x . shared_expert_gate) (MoEConfig::shared_expert_gate).
+            if (L.has("mlp.shared_expert_gate.weight")) {
+                sgate = &L.need("mlp.shared_expert_gate.weight", {1, H});
+                L.same_dtype(*sgate, sd->dtype, "shared expert");
+            }
+            for (const SafetensorInfo* x : {sg, su, sd, sgate})
                 if (x) used.insert(x->name);
         } else if (!sp.empty()) {
             for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
                 if (L.has(sp + part)) used.insert(L.full(sp + part));
+            if (L.has("mlp.shared_expert_gate.weight")) used.insert(L.full("mlp.shared_expert_gate.weight"));
             out.notes.push_back("shared-expert tensors under '" + printable(L.full(sp)) + "' present but not used");
         }
     } else {
@@ -354,7 +357,7 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
     for (const ExpertTensors& t : experts)
         for (const SafetensorInfo* x : {t.in0, t.in1, t.down})
             if (x) finite(*x);
-    for (const SafetensorInfo* x : {sg, su, sd})
+    for (const SafetensorInfo* x : {sg, su, sd, sgate})
         if (x) finite(*x);
 
     // ---- 2. Allocate and copy (every size here was checked against tensors that exist in the file).
@@ -402,6 +405,11 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
             std::memcpy(s13, L.data(*su), sblock);
         }
         std::memcpy(out.owned.w.shared_w2.data, L.data(*sd), sblock);
+        if (sgate != nullptr) {
+            out.owned.w.shared_gate = out.owned.allocate(sdt, {1, H});
+            std::memcpy(out.owned.w.shared_gate.data, L.data(*sgate), static_cast<size_t>(H) * dtype_size(sdt));
+            out.has_shared_gate = true;
+        }
         out.num_shared_experts = n_shared;
         out.shared_ffn_size = S / n_shared;
     }

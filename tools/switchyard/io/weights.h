@@ -70,11 +70,12 @@ struct LoadedWeights {
     int64_t hidden_size = 0, ffn_size = 0, num_experts = 0;
     int64_t num_shared_experts = 0, shared_ffn_size = 0;  // shared width S = product
     bool has_score_bias = false;
+    bool has_shared_gate = false;  // Qwen2-MoE's shared_expert_gate.weight was loaded (MoEConfig::shared_expert_gate)
     DType expert_dtype = DType::kF32;
     std::vector<std::string> notes;  // tensors present but not used, etc.
     OwnedWeights owned;
 
-    // Sets hidden/ffn/experts/shared sizes and use_score_bias of cfg from the weights.
+    // Sets hidden/ffn/experts/shared sizes, shared_expert_gate and use_score_bias of cfg from the weights.
     void apply_to(MoEConfig& cfg) const;
 };
 
