@@ -89,23 +89,6 @@ nlohmann::ordered_json stats_json(const MoEConfig& cfg, const LoadStats& s, cons
     return j;
 }
 
-// First non-finite element of n float values of dtype dt (exponent bits all ones), or -1.
-int64_t first_non_finite(const void* data, DType dt, int64_t n) {
-    const uint8_t* p = static_cast<const uint8_t*>(data);
-    for (int64_t i = 0; i < n; ++i) {
-        if (dt == DType::kF32) {
-            uint32_t v;
-            std::memcpy(&v, p + 4 * i, 4);
-            if ((v & 0x7f800000u) == 0x7f800000u) return i;
-        } else {
-            uint16_t v;
-            std::memcpy(&v, p + 2 * i, 2);
-            const uint16_t e = dt == DType::kBF16 ? 0x7f80 : 0x7c00;
-            if ((v & e) == e) return i;
-        }
-    }
-    return -1;
-}
 
 }  // namespace
 
@@ -167,7 +150,7 @@ int run_forward(const ForwardOptions& o) {
     const int64_t T = x.numel() / cfg.hidden_size;
     const int64_t H = cfg.hidden_size, k = cfg.route_slots();
     if (!o.allow_non_finite) {
-        const int64_t bad = first_non_finite(x.data.data(), cfg.dtype, x.numel());
+        const int64_t bad = io::first_non_finite(x.data.data(), cfg.dtype, x.numel());
         SWITCHYARD_CHECK(bad < 0, io::printable(o.input), ": input has a non-finite value (NaN or Inf) at row ",
                          bad < 0 ? 0 : bad / H, ", column ", bad < 0 ? 0 : bad % H,
                          " (--allow-non-finite lets it through)");
@@ -211,7 +194,7 @@ int run_forward(const ForwardOptions& o) {
     if (!o.allow_non_finite) {
         // Finite inputs, weights and config can still overflow inside the layer (fp16 especially): say so rather
         // than write Inf/NaN.
-        const int64_t bad = first_non_finite(y.data(), cfg.dtype, T * H);
+        const int64_t bad = io::first_non_finite(y.data(), cfg.dtype, T * H);
         SWITCHYARD_CHECK(bad < 0, "the layer's output has a non-finite value at row ", bad < 0 ? 0 : bad / H,
                          ", column ", bad < 0 ? 0 : bad % H, " although the input and the weights are finite (an ",
                          to_string(cfg.dtype), " overflow); nothing was written (--allow-non-finite writes it anyway)");

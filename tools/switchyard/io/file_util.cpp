@@ -104,7 +104,7 @@ void require_regular_file(const std::string& path, const char* what) {
                      kind_of(st.st_mode), ", not a regular file");
 }
 
-std::vector<uint8_t> read_file_bytes(const std::string& path) {
+int open_regular_file(const std::string& path, size_t* size) {
     require_regular_file(path);  // before open(): opening a FIFO would block
     int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     SWITCHYARD_CHECK(fd >= 0, "cannot open '", printable(path), "': ", std::strerror(errno));
@@ -113,9 +113,16 @@ std::vector<uint8_t> read_file_bytes(const std::string& path) {
         ::close(fd);
         SWITCHYARD_FAIL("cannot read '", printable(path), "': not a regular file");
     }
+    *size = static_cast<size_t>(st.st_size);
+    return fd;
+}
+
+std::vector<uint8_t> read_file_bytes(const std::string& path) {
+    size_t size = 0;
+    const int fd = open_regular_file(path, &size);
     std::vector<uint8_t> bytes;
     try {
-        bytes.resize(static_cast<size_t>(st.st_size));
+        bytes.resize(size);
     } catch (...) {
         ::close(fd);
         throw;

@@ -29,6 +29,9 @@ namespace io {
 // `what` names the role in messages ("input", "weights"); empty: no role.
 std::vector<uint8_t> read_file_bytes(const std::string& path);
 void require_regular_file(const std::string& path, const char* what = "");
+// require_regular_file, then open(2) for reading (never blocking) and a second check on the open descriptor;
+// returns the descriptor (the caller closes it) and the file's size in *size.
+int open_regular_file(const std::string& path, size_t* size);
 
 // True when a and b name the same file (or, for paths that do not exist yet, the same entry of the same folder).
 bool same_file(const std::string& a, const std::string& b);

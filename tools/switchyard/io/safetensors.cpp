@@ -65,15 +65,7 @@ int64_t SafetensorInfo::numel() const {
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-    require_regular_file(path);  // before open(): a FIFO would block it
-    int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    SWITCHYARD_CHECK(fd >= 0, "cannot open '", printable(path), "': ", std::strerror(errno));
-    struct stat st;
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        SWITCHYARD_FAIL("cannot read '", printable(path), "': not a regular file");
-    }
-    size_ = static_cast<size_t>(st.st_size);
+    const int fd = open_regular_file(path, &size_);
     if (size_ > 0) {
         void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
         if (m == MAP_FAILED) {

@@ -47,6 +47,24 @@ const char* to_string(NamingScheme s) {
     return "?";
 }
 
+// First non-finite element of n float values of dtype dt (exponent bits all ones: Inf or NaN), or -1.
+int64_t first_non_finite(const void* data, DType dt, int64_t n) {
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    for (int64_t i = 0; i < n; ++i) {
+        if (dt == DType::kF32) {
+            uint32_t v;
+            std::memcpy(&v, p + 4 * i, 4);
+            if ((v & 0x7f800000u) == 0x7f800000u) return i;
+        } else {
+            uint16_t v;
+            std::memcpy(&v, p + 2 * i, 2);
+            const uint16_t e = dt == DType::kBF16 ? 0x7f80 : 0x7c00;
+            if ((v & e) == e) return i;
+        }
+    }
+    return -1;
+}
+
 void LoadedWeights::apply_to(MoEConfig& cfg) const {
     cfg.hidden_size = hidden_size;
     cfg.ffn_size = ffn_size;
@@ -59,19 +77,6 @@ void LoadedWeights::apply_to(MoEConfig& cfg) const {
 
 namespace {
 
-const char* act_name(Activation a) {
-    switch (a) {
-        case Activation::kSwiGLU:
-            return "swiglu";
-        case Activation::kGeGLU:
-            return "geglu";
-        case Activation::kGELU:
-            return "gelu";
-        case Activation::kReLU:
-            return "relu";
-    }
-    return "?";
-}
 
 bool is_float(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
 
@@ -124,22 +129,6 @@ std::string candidate_prefixes(const SafetensorsFile& f) {
 
 namespace {
 
-// First non-finite element of a float tensor's bytes (by exponent bits: all ones = Inf or NaN), or -1.
-int64_t first_non_finite(const uint8_t* p, DType dt, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) {
-        if (dt == DType::kF32) {
-            uint32_t v;
-            std::memcpy(&v, p + 4 * i, 4);
-            if ((v & 0x7f800000u) == 0x7f800000u) return i;
-        } else {
-            uint16_t v;
-            std::memcpy(&v, p + 2 * i, 2);
-            const uint16_t e = dt == DType::kBF16 ? 0x7f80 : 0x7c00;
-            if ((v & e) == e) return i;
-        }
-    }
-    return -1;
-}
 
 // Parses "<digits>" (no sign, no leading zero unless "0") into *out; false otherwise.
 bool parse_index(const std::string& s, int64_t* out) {
@@ -253,7 +242,7 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
             L.same_dtype(*t.in1, edt, "expert");
         } else {
             SWITCHYARD_CHECK(!L.has(ename(i, other_name)), path, ": tensor '", printable(L.full(ename(i, other_name))),
-                             "' is present but activation ", act_name(opts.activation),
+                             "' is present but activation ", to_string(opts.activation),
                              " is ungated (use swiglu or geglu for gated experts)");
             t.in0 = &L.need(ename(i, in_name), {F, H});
         }
@@ -315,7 +304,7 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
             } else {
                 SWITCHYARD_CHECK(!L.has(sp + "gate_proj.weight"), path, ": tensor '",
                                  printable(L.full(sp + "gate_proj.weight")), "' is present but activation ",
-                                 act_name(opts.activation), " is ungated");
+                                 to_string(opts.activation), " is ungated");
                 su = &L.need(sp + "up_proj.weight", {S, H});
             }
             L.same_dtype(*su, sd->dtype, "shared expert");

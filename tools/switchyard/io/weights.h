@@ -87,6 +87,9 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
 // always filled. The same (cfg, seed) gives the same bits on every platform (own generator, no <random>).
 OwnedWeights random_weights(const MoEConfig& cfg, uint64_t seed);
 
+// First non-finite element (Inf or NaN) of n values of a float dtype (fp32, bf16, fp16) at data, or -1.
+int64_t first_non_finite(const void* data, DType dt, int64_t n);
+
 // n values uniform in [lo, hi) rounded to dtype (float dtypes only), as raw little-endian bytes.
 std::vector<uint8_t> random_values(DType dtype, int64_t n, double lo, double hi, uint64_t seed);
 
