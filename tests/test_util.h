@@ -119,6 +119,8 @@ class HostTensor {
                 return static_cast<float>(ptr<int32_t>()[i]);
             case DType::kI64:
                 return static_cast<float>(ptr<int64_t>()[i]);
+            case DType::kF64:
+                return static_cast<float>(ptr<double>()[i]);
         }
         return 0.0f;
     }
@@ -138,6 +140,9 @@ class HostTensor {
                 break;
             case DType::kI64:
                 ptr<int64_t>()[i] = static_cast<int64_t>(v);
+                break;
+            case DType::kF64:
+                ptr<double>()[i] = v;
                 break;
         }
     }

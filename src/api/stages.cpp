@@ -14,6 +14,8 @@
 #define SWITCHYARD_ON_CUDA(call) return cuda::stage::call
 #else
 #define SWITCHYARD_ON_CUDA(call) SWITCHYARD_FAIL("this build has no CUDA backend (built without CUDA)")
+// Without the CUDA backend the stream, workspace and sizing arguments are read by the CUDA calls only.
+#pragma GCC diagnostic ignored "-Wunused-parameter"
 #endif
 
 // Runs `cpu_call` for host tensors and `cuda_call` for CUDA tensors (dev is the call's device).

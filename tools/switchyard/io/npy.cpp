@@ -197,6 +197,8 @@ const char* descr_of(DType t) {
             return "<i8";
         case DType::kBF16:
             return "<u2";
+        case DType::kF64:  // not a CLI dtype (the library takes fp64 on the CPU for gradient checks only)
+            return "";
     }
     return "";
 }

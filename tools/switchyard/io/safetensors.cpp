@@ -54,6 +54,8 @@ const char* safetensors_dtype_name(DType t) {
             return "I32";
         case DType::kI64:
             return "I64";
+        case DType::kF64:
+            return "F64";
     }
     return "?";
 }
