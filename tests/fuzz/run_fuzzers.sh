@@ -31,3 +31,5 @@ for t in "${targets[@]}"; do
   cov=$(grep -o 'cov: [0-9]*' "$build/fuzz-artifacts/$t.log" | tail -1 || true)
   echo "run_fuzzers: fuzz_$t passed: $runs inputs in $(( $(date +%s) - start )) s, $cov"
 done
+# The plain closing line CI reads: every target ran its time without a finding.
+echo "fuzz: ${#targets[@]} passed, 0 failed"
