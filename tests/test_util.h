@@ -121,6 +121,8 @@ class HostTensor {
                 return static_cast<float>(ptr<int64_t>()[i]);
             case DType::kF64:
                 return static_cast<float>(ptr<double>()[i]);
+            case DType::kF8E4M3:
+                return fp8_e4m3_to_float(ptr<uint8_t>()[i]);
         }
         return 0.0f;
     }
@@ -143,6 +145,9 @@ class HostTensor {
                 break;
             case DType::kF64:
                 ptr<double>()[i] = v;
+                break;
+            case DType::kF8E4M3:
+                ptr<uint8_t>()[i] = float_to_fp8_e4m3(v);
                 break;
         }
     }

@@ -24,6 +24,8 @@ const char* to_string(DType t) {
             return "int64";
         case DType::kF64:
             return "fp64";
+        case DType::kF8E4M3:
+            return "fp8e4m3";
     }
     return "unknown-dtype";
 }
@@ -37,7 +39,8 @@ DType parse_dtype(const std::string& s) {
     if (v == "fp64" || v == "f64" || v == "float64" || v == "double") return DType::kF64;
     if (v == "int32" || v == "i32") return DType::kI32;
     if (v == "int64" || v == "i64") return DType::kI64;
-    SWITCHYARD_FAIL("dtype='", s, "' is not one of fp32|bf16|fp16|fp64|int32|int64");
+    if (v == "fp8" || v == "fp8e4m3" || v == "f8_e4m3") return DType::kF8E4M3;
+    SWITCHYARD_FAIL("dtype='", s, "' is not one of fp32|bf16|fp16|fp64|int32|int64|fp8e4m3");
 }
 
 const char* to_string(Device d) {

@@ -26,6 +26,8 @@ float load_as_float(const void* data, DType t, int64_t i) {
             return static_cast<float>(static_cast<const int64_t*>(data)[i]);
         case DType::kF64:
             return static_cast<float>(static_cast<const double*>(data)[i]);
+        case DType::kF8E4M3:
+            return fp8_e4m3_to_float(static_cast<const uint8_t*>(data)[i]);
     }
     SWITCHYARD_FAIL("load_as_float: unknown dtype ", static_cast<int>(t));
 }
@@ -49,6 +51,9 @@ void store_from_float(void* data, DType t, int64_t i, float v) {
             return;
         case DType::kF64:
             static_cast<double*>(data)[i] = v;
+            return;
+        case DType::kF8E4M3:
+            static_cast<uint8_t*>(data)[i] = float_to_fp8_e4m3(v);
             return;
     }
     SWITCHYARD_FAIL("store_from_float: unknown dtype ", static_cast<int>(t));

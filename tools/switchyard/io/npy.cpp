@@ -199,6 +199,8 @@ const char* descr_of(DType t) {
             return "<u2";
         case DType::kF64:  // not a CLI dtype (the library takes fp64 on the CPU for gradient checks only)
             return "";
+        case DType::kF8E4M3:  // no numpy type; FP8 weights come from safetensors
+            return "";
     }
     return "";
 }

@@ -56,6 +56,8 @@ const char* safetensors_dtype_name(DType t) {
             return "I64";
         case DType::kF64:
             return "F64";
+        case DType::kF8E4M3:
+            return "F8_E4M3";
     }
     return "?";
 }
