@@ -34,11 +34,20 @@ enum class Activation : int {
     kReLU = 3,    // relu(up)
 };
 
+// Quantised experts (docs/fp8.md; the recipe is written out in stages.h at grouped_gemm_fp8).
+enum class QuantMode : int {
+    kNone = 0,       // expert weights in a float dtype
+    kFP8Block = 1,   // fp8 e4m3 weights, fp32 scales per 128x128 block; activations per token and 128 channels
+    kFP8Tensor = 2,  // fp8 e4m3 weights, one fp32 scale per matrix; activations per token (or a static input scale)
+};
+
 const char* to_string(ScoreFunction s);
 const char* to_string(DropPolicy p);
 const char* to_string(Activation a);
 const char* to_string(RoutingMode m);
+const char* to_string(QuantMode q);
 RoutingMode parse_routing_mode(const std::string& s);     // token-choice | expert-choice
+QuantMode parse_quant_mode(const std::string& s);          // none | fp8-block | fp8-tensor
 ScoreFunction parse_score_function(const std::string& s);  // softmax | topk-softmax | sigmoid
 DropPolicy parse_drop_policy(const std::string& s);        // position | probability
 Activation parse_activation(const std::string& s);         // swiglu | geglu | gelu | relu
@@ -99,6 +108,10 @@ struct MoEConfig {
     double z_loss_coef = 0.0;    // weight of the router z-loss in LoadStats::weighted_loss
 
     DType dtype = DType::kF32;  // activations (x, y, intermediates); weights carry their own dtype
+
+    // Routed experts' weights (w13, w2) in fp8 e4m3 with scale tensors (MoEWeights), or not quantised (kNone).
+    // Shared experts may then be fp8 too (with their own scales) or of a float dtype. CPU backend only for now.
+    QuantMode quant_mode = QuantMode::kNone;
 
     // Throws switchyard::Error naming the first bad parameter and its value.
     void validate() const;

@@ -25,7 +25,13 @@
 namespace switchyard {
 
 // Weights in the layout checkpoints use (nn.Linear: [out, in]). Optional ones are left default.
-// Every weight carries its own dtype (fp32, bf16, fp16); quantised weights will add scale tensors.
+// Every weight carries its own dtype (fp32, bf16, fp16). Quantised experts (MoEConfig::quant_mode != kNone; CPU only
+// for now): w13 and w2 are fp8e4m3 with fp32 scales (the recipe: stages.h, grouped_gemm_fp8; docs/fp8.md), and
+// shared_w13 / shared_w2 may be fp8e4m3 too (with their scales) or of a float dtype. Scale shapes, with B(n) =
+// ceil(n / 128): fp8-block w13_scale [E, B(R13), B(H)], w2_scale [E, B(H), B(F)], shared_w13_scale [B(2S or S), B(H)],
+// shared_w2_scale [B(H), B(S)]; fp8-tensor: [E] for experts, [1] for a shared matrix. Static input scales (fp8-tensor
+// only, optional): w13_input_scale / w2_input_scale [E], shared_*_input_scale [1]. Scales must be finite, input
+// scales positive, and fp8 weights free of NaN codes (checked once, by the constructor).
 struct MoEWeights {
     TensorRef gate;        // [E, H]       router weight
     TensorRef score_bias;  // [E] fp32     selection-only bias (required when cfg.use_score_bias)
@@ -34,8 +40,14 @@ struct MoEWeights {
     TensorRef shared_w13;  // [2S, H] or [S, H] with S = num_shared_experts * shared_ffn_size
     TensorRef shared_w2;   // [H, S]
     TensorRef shared_gate; // [1, H]       gated shared expert (cfg.shared_expert_gate): scale sigmoid(x . shared_gate)
-    TensorRef w13_scale;   // reserved for quantised experts; must be left undefined for now
-    TensorRef w2_scale;    // reserved for quantised experts; must be left undefined for now
+    TensorRef w13_scale;   // fp32, fp8 w13's weight scales (checkpoints: weight_scale_inv / weight_scale)
+    TensorRef w2_scale;    // fp32, fp8 w2's weight scales
+    TensorRef shared_w13_scale;        // fp32, fp8 shared_w13's weight scales
+    TensorRef shared_w2_scale;         // fp32, fp8 shared_w2's weight scales
+    TensorRef w13_input_scale;         // [E] fp32, static activation scales of GEMM1 (fp8-tensor, optional)
+    TensorRef w2_input_scale;          // [E] fp32, static activation scales of GEMM2 (fp8-tensor, optional)
+    TensorRef shared_w13_input_scale;  // [1] fp32 (fp8-tensor, optional)
+    TensorRef shared_w2_input_scale;   // [1] fp32 (fp8-tensor, optional)
 };
 
 // Optional outputs of a forward. Each defined TensorRef is filled; each non-null pointer too.

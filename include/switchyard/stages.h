@@ -16,6 +16,7 @@
 //   build_plan      topk_ids, topk_weights                 -> RoutingPlan (routing.h): counts, offsets, rows
 //   gather          x [T, H], row_token [R]                -> xp [R, H] (x's rows in expert order, 0 where row_token<0)
 //   grouped_gemm    a [R, K], b [E, N, K], offsets [E+1]   -> c [R, N], per expert c = a_e . b_e^T
+//   grouped_gemm_fp8  the same with b fp8 e4m3 + scales and a quantised on the fly (W8A8, CPU only for now)
 //   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
 //   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H], gate) -> y [T, H]
 //   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
@@ -101,6 +102,42 @@ void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef
                         void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- FP8 grouped GEMM (quantised experts; CPU backend only for now, CUDA refuses it) ------------------------------
+// A stage of its own rather than more options on grouped_gemm: it takes two more tensors (weight scales, an optional
+// static input scale) and a quantisation mode, quantises its input, has no backward, and will be a different kernel
+// on CUDA (FP8 tensor cores, blockwise scaling); grouped_gemm keeps its one-dtype contract and its gradients.
+//
+// The recipe (issue 13; DeepSeek-V3's W8A8 inference recipe for kFP8Block, per-tensor FP8 for kFP8Tensor). Here
+// e4m3(v) = float_to_fp8_e4m3(v) (switchyard/dtype.h: nearest even, saturating to +-448), dec(q) its exact decoding,
+// G = 128, and r a row of a in group e:
+//   weights    w[n, kk] = dec(b[e, n, kk]) * s_w[...]        s_w = b_scale[e, n / G, kk / G]   (kFP8Block)
+//                                                            s_w = b_scale[e]                  (kFP8Tensor)
+//              (edge blocks partial; b_scale is a checkpoint's weight_scale_inv / weight_scale: it multiplies)
+//   activations, dynamic: the fp32 input row a[r] (a's values read exactly) is cut into groups j of G channels
+//              (kFP8Block; the last group partial) or taken as one group (kFP8Tensor, per token);
+//              s_a[r, j] = amax_j / 448 (fp32 division), q_a[r, kk] = e4m3(a[r, kk] / s_a[r, j]) (fp32 division);
+//              an all-zero group has s_a = 0 and q_a = 0.
+//              static (kFP8Tensor with input_scale [E] defined): s_a[r] = input_scale[e] for every row of group e.
+//   product    c[r, n] = sum_kk (dec(q_a[r, kk]) * s_a[r, kk / G]) * w[n, kk], every factor and product in double
+//              (the CPU; fp32 accumulation on a GPU), stored once in c's dtype as grouped_gemm stores.
+// Operands: a [R, K] fp32/bf16/fp16, b [E, N, K] (or [N, K]) fp8e4m3, c [R, N] of a's dtype, offsets as grouped_gemm.
+// b_scale fp32: [E, ceil(N/128), ceil(K/128)] (or [ceil(N/128), ceil(K/128)]) for kFP8Block, [E] (or [1]) for
+// kFP8Tensor. input_scale: fp32 [E] (or [1]), kFP8Tensor only, optional (undefined: dynamic per token).
+// The values of scales and codes are not read here beyond the arithmetic; MoELayer checks them once (finite scales,
+// positive input scales, no NaN codes).
+struct Fp8GemmOptions {
+    QuantMode mode = QuantMode::kFP8Block;  // kFP8Block or kFP8Tensor
+    bool zero_unowned_rows = true;          // as GroupedGemmOptions
+};
+size_t grouped_gemm_fp8_workspace_size(Device device, QuantMode mode, int64_t num_groups, int64_t n, int64_t k,
+                                       int64_t max_rows);
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream = nullptr, const Fp8GemmOptions& options = Fp8GemmOptions());
+// The block size of kFP8Block scales, and the number of blocks that cover n elements.
+constexpr int64_t kFp8BlockSize = 128;
+inline int64_t fp8_blocks(int64_t n) { return (n + kFp8BlockSize - 1) / kFp8BlockSize; }
 
 // ---- activation -------------------------------------------------------------------------------------------------
 // h [R, F] = act(g[:, :F]) * g[:, F:] (gated, g [R, 2F]) or act(g) (g [R, F]); g and h share one dtype.

@@ -83,6 +83,26 @@ const char* to_string(RoutingMode m) {
     return "unknown-routing-mode";
 }
 
+const char* to_string(QuantMode q) {
+    switch (q) {
+        case QuantMode::kNone:
+            return "none";
+        case QuantMode::kFP8Block:
+            return "fp8-block";
+        case QuantMode::kFP8Tensor:
+            return "fp8-tensor";
+    }
+    return "unknown-quant-mode";
+}
+
+QuantMode parse_quant_mode(const std::string& s) {
+    const std::string v = lower(s);
+    if (v == "none") return QuantMode::kNone;
+    if (v == "fp8-block" || v == "fp8_block") return QuantMode::kFP8Block;
+    if (v == "fp8-tensor" || v == "fp8_tensor") return QuantMode::kFP8Tensor;
+    SWITCHYARD_FAIL("quant_mode='", s, "' is not one of none|fp8-block|fp8-tensor");
+}
+
 RoutingMode parse_routing_mode(const std::string& s) {
     const std::string v = lower(s);
     if (v == "token-choice" || v == "token_choice" || v == "token") return RoutingMode::kTokenChoice;
@@ -173,6 +193,8 @@ void MoEConfig::validate() const {
     SWITCHYARD_CHECK(std::isfinite(z_loss_coef), "z_loss_coef=", z_loss_coef, " must be finite");
     SWITCHYARD_CHECK(dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16,
                      "dtype=", switchyard::to_string(dtype), " must be fp32, bf16 or fp16");
+    SWITCHYARD_CHECK(static_cast<int>(quant_mode) >= 0 && static_cast<int>(quant_mode) <= 2,
+                     "quant_mode=", static_cast<int>(quant_mode), " is not a QuantMode");
 }
 
 int64_t MoEConfig::capacity(int64_t num_tokens) const {
@@ -220,6 +242,7 @@ std::string MoEConfig::to_string() const {
     if (shared_expert_gate) os << " shared_gate=sigmoid";
     if (aux_loss_coef != 0 || z_loss_coef != 0) os << " aux_coef=" << aux_loss_coef << " z_coef=" << z_loss_coef;
     os << " dtype=" << switchyard::to_string(dtype);
+    if (quant_mode != QuantMode::kNone) os << " quant=" << switchyard::to_string(quant_mode);
     return os.str();
 }
 

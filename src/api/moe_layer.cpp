@@ -7,7 +7,7 @@
 //               route_expert_choice: ids / weights / slot_row [T, E] and the plan in one go)
 //   plan        build_plan: counts, offsets, slot_row, row_token, row_slot
 //   dispatch    xp [R, H] = gather(x, row_token)                       R = T*k (E*C under expert choice)
-//   gemm1       g1 [R, R13] = grouped_gemm(xp, w13, offsets)
+//   gemm1       g1 [R, R13] = grouped_gemm(xp, w13, offsets)  (fp8 weights: grouped_gemm_fp8 with their scales)
 //   activation  h [R, F] = act(g1), rows past offsets[E] skipped
 //   gemm2       out [R, H] = grouped_gemm(h, w2, offsets)            (out reuses xp's memory: xp is dead by then)
 //   shared      the shared expert on all T rows: grouped_gemm(x, shared_w13) -> activation -> grouped_gemm(., shared_w2)
@@ -19,7 +19,9 @@
 #include "switchyard/moe_layer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <memory>
 #include <vector>
 
@@ -170,9 +172,68 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                              " must equal the layer dtype ", to_string(cfg_.dtype),
                              " (weights of another dtype are not supported on CUDA yet)");
     };
+    const bool quantised = cfg_.quant_mode != QuantMode::kNone;
+    for (const TensorRef* t : {&w_.w13, &w_.w2, &w_.shared_w13, &w_.shared_w2})
+        SWITCHYARD_CHECK(!(quantised || (t->defined() && t->dtype == DType::kF8E4M3)) || dev == Device::kCPU,
+                         "FP8 experts run on the cpu only for now (quant_mode=", to_string(cfg_.quant_mode),
+                         ", weights on ", to_string(dev), ")");
+    // An expert matrix: fp8e4m3 (quantised layers) with its scales, else a float weight without any.
+    auto check_matrix = [&](const TensorRef& t, std::initializer_list<int64_t> dims, const char* name,
+                            const TensorRef& scale, const char* scale_name, const TensorRef& input_scale,
+                            const char* input_scale_name, int64_t num_groups /* 0: a shared matrix */) {
+        if (!t.defined() || t.dtype != DType::kF8E4M3) {
+            check_weight(t, dims, name);
+            SWITCHYARD_CHECK(!scale.defined(), scale_name, " ", scale.shape_string(), " given but ", name, " is ",
+                             to_string(t.dtype), ", not fp8e4m3");
+            SWITCHYARD_CHECK(!input_scale.defined(), input_scale_name, " ", input_scale.shape_string(), " given but ",
+                             name, " is ", to_string(t.dtype), ", not fp8e4m3");
+            return;
+        }
+        SWITCHYARD_CHECK(quantised, name, " dtype=fp8e4m3 needs quant_mode=fp8-block or fp8-tensor (quant_mode=none)");
+        api::check_tensor(t, name, DType::kF8E4M3, dims);
+        api::check_device(t, name, dev, dev_idx);
+        const uint8_t* codes = t.ptr<uint8_t>();
+        for (int64_t i = 0; i < t.numel(); ++i)
+            SWITCHYARD_CHECK((codes[i] & 0x7fu) != 0x7fu, name, " holds an fp8 NaN code (", static_cast<int>(codes[i]),
+                             ") at element ", i);
+        const int64_t rows = *(dims.end() - 2), cols = *(dims.end() - 1);
+        SWITCHYARD_CHECK(scale.defined(), scale_name, " is required: ", name, " is fp8e4m3 (quant_mode=",
+                         to_string(cfg_.quant_mode), ")");
+        if (cfg_.quant_mode == QuantMode::kFP8Block) {
+            if (num_groups > 0)
+                api::check_tensor(scale, scale_name, DType::kF32, {num_groups, fp8_blocks(rows), fp8_blocks(cols)});
+            else
+                api::check_tensor(scale, scale_name, DType::kF32, {fp8_blocks(rows), fp8_blocks(cols)});
+            SWITCHYARD_CHECK(!input_scale.defined(), input_scale_name, " ", input_scale.shape_string(),
+                             " given: static input scales are a fp8-tensor option (quant_mode=fp8-block quantises "
+                             "activations dynamically)");
+        } else {
+            api::check_tensor(scale, scale_name, DType::kF32, {num_groups > 0 ? num_groups : 1});
+        }
+        api::check_device(scale, scale_name, dev, dev_idx);
+        const float* sv = scale.ptr<float>();
+        for (int64_t i = 0; i < scale.numel(); ++i)
+            SWITCHYARD_CHECK(std::isfinite(sv[i]), scale_name, "[", i, "]=", sv[i], " is not finite");
+        if (input_scale.defined()) {
+            api::check_tensor(input_scale, input_scale_name, DType::kF32, {num_groups > 0 ? num_groups : 1});
+            api::check_device(input_scale, input_scale_name, dev, dev_idx);
+            const float* iv = input_scale.ptr<float>();
+            for (int64_t i = 0; i < input_scale.numel(); ++i)
+                SWITCHYARD_CHECK(std::isfinite(iv[i]) && iv[i] > 0.0f, input_scale_name, "[", i, "]=", iv[i],
+                                 " must be finite and positive");
+        }
+    };
     check_weight(w_.gate, {num_experts, hidden}, "gate");
-    check_weight(w_.w13, {num_experts, cfg_.w13_rows(), hidden}, "w13");
-    check_weight(w_.w2, {num_experts, hidden, ffn}, "w2");
+    if (quantised) {
+        for (const auto& m : {std::make_pair(&w_.w13, "w13"), std::make_pair(&w_.w2, "w2")})
+            SWITCHYARD_CHECK(!m.first->defined() || m.first->dtype == DType::kF8E4M3, "quant_mode=",
+                             to_string(cfg_.quant_mode), ": ", m.second, " dtype=", to_string(m.first->dtype),
+                             ", expected fp8e4m3");
+    }
+    check_matrix(w_.w13, {num_experts, cfg_.w13_rows(), hidden}, "w13", w_.w13_scale, "w13_scale", w_.w13_input_scale,
+                 "w13_input_scale", num_experts);
+    check_matrix(w_.w2, {num_experts, hidden, ffn}, "w2", w_.w2_scale, "w2_scale", w_.w2_input_scale,
+                 "w2_input_scale", num_experts);
     if (cfg_.use_score_bias) {
         SWITCHYARD_CHECK(w_.score_bias.defined(), "score_bias is required when use_score_bias=true");
         api::check_tensor(w_.score_bias, "score_bias", DType::kF32, {num_experts});
@@ -186,8 +247,10 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                          "shared_w13 is required when num_shared_experts=", cfg_.num_shared_experts);
         SWITCHYARD_CHECK(w_.shared_w2.defined(),
                          "shared_w2 is required when num_shared_experts=", cfg_.num_shared_experts);
-        check_weight(w_.shared_w13, {shared_rows(cfg_), hidden}, "shared_w13");
-        check_weight(w_.shared_w2, {hidden, cfg_.shared_width()}, "shared_w2");
+        check_matrix(w_.shared_w13, {shared_rows(cfg_), hidden}, "shared_w13", w_.shared_w13_scale,
+                     "shared_w13_scale", w_.shared_w13_input_scale, "shared_w13_input_scale", 0);
+        check_matrix(w_.shared_w2, {hidden, cfg_.shared_width()}, "shared_w2", w_.shared_w2_scale, "shared_w2_scale",
+                     w_.shared_w2_input_scale, "shared_w2_input_scale", 0);
         if (cfg_.shared_expert_gate) {
             SWITCHYARD_CHECK(w_.shared_gate.defined(), "shared_gate is required when shared_expert_gate=true");
             check_weight(w_.shared_gate, {1, hidden}, "shared_gate");
@@ -201,10 +264,13 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
     if (!cfg_.shared_expert_gate)
         SWITCHYARD_CHECK(!w_.shared_gate.defined(), "shared_gate ", w_.shared_gate.shape_string(),
                          " given but shared_expert_gate=false");
-    SWITCHYARD_CHECK(!w_.w13_scale.defined(), "w13_scale ", w_.w13_scale.shape_string(),
-                     " given: quantised experts are not supported yet");
-    SWITCHYARD_CHECK(!w_.w2_scale.defined(), "w2_scale ", w_.w2_scale.shape_string(),
-                     " given: quantised experts are not supported yet");
+    if (cfg_.num_shared_experts == 0)
+        for (const auto& m : {std::make_pair(&w_.shared_w13_scale, "shared_w13_scale"),
+                              std::make_pair(&w_.shared_w2_scale, "shared_w2_scale"),
+                              std::make_pair(&w_.shared_w13_input_scale, "shared_w13_input_scale"),
+                              std::make_pair(&w_.shared_w2_input_scale, "shared_w2_input_scale")})
+            SWITCHYARD_CHECK(!m.first->defined(), m.second, " ", m.first->shape_string(),
+                             " given but num_shared_experts=0");
 }
 
 MoELayer::~MoELayer() = default;
@@ -289,20 +355,32 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     stage_done("plan");  // under expert choice the plan was built with the routing
     gather(x, plan.row_token, xp, stream);
     stage_done("dispatch");
-    grouped_gemm(xp, w_.w13, plan.expert_offsets, g1, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+    // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h).
+    auto expert_gemm = [&](const TensorRef& a, const TensorRef& b, const TensorRef& b_scale,
+                           const TensorRef& input_scale, const TensorRef& offsets, const TensorRef& c) {
+        if (b.dtype != DType::kF8E4M3) {
+            grouped_gemm(a, b, offsets, c, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+            return;
+        }
+        Fp8GemmOptions o;
+        o.mode = cfg_.quant_mode;
+        o.zero_unowned_rows = false;
+        grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, l.gemm_ws, l.gemm_ws_bytes, stream, o);
+    };
+    expert_gemm(xp, w_.w13, w_.w13_scale, w_.w13_input_scale, plan.expert_offsets, g1);
     stage_done("gemm1");
     activation(cfg_.activation, g1, h, used_rows, stream);
     stage_done("activation");
-    grouped_gemm(h, w_.w2, plan.expert_offsets, xp, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+    expert_gemm(h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, xp);
     stage_done("gemm2");
     TensorRef shared, shared_gate;
     if (has_shared(cfg_) && T > 0) {
         const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, shared_rows(cfg_)}, like);
         const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
         shared = view(l.shared_out, cfg_.dtype, {T, H}, like);
-        grouped_gemm(x, w_.shared_w13, TensorRef(), sg1, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+        expert_gemm(x, w_.shared_w13, w_.shared_w13_scale, w_.shared_w13_input_scale, TensorRef(), sg1);
         activation(cfg_.activation, sg1, sh, TensorRef(), stream);
-        grouped_gemm(sh, w_.shared_w2, TensorRef(), shared, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
+        expert_gemm(sh, w_.shared_w2, w_.shared_w2_scale, w_.shared_w2_input_scale, TensorRef(), shared);
         if (cfg_.shared_expert_gate) {  // gate logits x . shared_gate^T [T, 1]; combine scales by their sigmoid
             shared_gate = view(l.shared_gate, DType::kF32, {T, 1}, like);
             router_gemm(x, w_.shared_gate, shared_gate, l.router_ws, l.router_ws_bytes, stream);

@@ -245,6 +245,69 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
                         grouped_gemm(a, b, offsets, c, workspace, workspace_bytes, stream, options.zero_unowned_rows));
 }
 
+// ---- FP8 grouped GEMM ---------------------------------------------------------------------------------------------
+
+namespace {
+const char* const kFp8CpuOnly = "FP8 experts run on the cpu only for now (no CUDA FP8 grouped GEMM yet)";
+}  // namespace
+
+size_t grouped_gemm_fp8_workspace_size(Device device, QuantMode mode, int64_t num_groups, int64_t n, int64_t k,
+                                       int64_t max_rows) {
+    SWITCHYARD_CHECK(mode == QuantMode::kFP8Block || mode == QuantMode::kFP8Tensor,
+                     "grouped_gemm_fp8_workspace_size: quant mode ", to_string(mode), " is not an FP8 mode");
+    SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0,
+                     "grouped_gemm_fp8_workspace_size: num_groups=", num_groups, " n=", n, " k=", k,
+                     " max_rows=", max_rows);
+    api::check_backend(device, "grouped_gemm_fp8_workspace_size");
+    SWITCHYARD_CHECK(device == Device::kCPU, "grouped_gemm_fp8_workspace_size: ", kFp8CpuOnly);
+    return 0;
+}
+
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream, const Fp8GemmOptions& options) {
+    const QuantMode mode = options.mode;
+    SWITCHYARD_CHECK(mode == QuantMode::kFP8Block || mode == QuantMode::kFP8Tensor, "grouped_gemm_fp8: mode=",
+                     to_string(mode), " is not an FP8 mode (fp8-block or fp8-tensor)");
+    (void)stream;  // CPU only for now
+    check_float_tensor(a, "a", {kAny, kAny});
+    SWITCHYARD_CHECK(a.dtype != DType::kF64, "a dtype=fp64: grouped_gemm_fp8 takes fp32, bf16 or fp16");
+    SWITCHYARD_CHECK(b.rank == 2 || b.rank == 3, "b shape=", b.shape_string(), ", expected [E, N, K] or [N, K]");
+    if (b.rank == 3)
+        check_tensor(b, "b", DType::kF8E4M3, {kAny, kAny, a.shape[1]});
+    else
+        check_tensor(b, "b", DType::kF8E4M3, {kAny, a.shape[1]});
+    check_same_device(b, "b", a, "a");
+    const int64_t groups = gemm_groups(b), n = b.shape[b.rank - 2], kk = a.shape[1], rows = a.shape[0];
+    if (mode == QuantMode::kFP8Block) {
+        if (b.rank == 3)
+            check_tensor(b_scale, "b_scale", DType::kF32, {groups, fp8_blocks(n), fp8_blocks(kk)});
+        else
+            check_tensor(b_scale, "b_scale", DType::kF32, {fp8_blocks(n), fp8_blocks(kk)});
+        SWITCHYARD_CHECK(!input_scale.defined(), "input_scale ", input_scale.shape_string(),
+                         " given: a static input scale is a fp8-tensor option (fp8-block quantises activations "
+                         "dynamically per 128 channels)");
+    } else {
+        check_tensor(b_scale, "b_scale", DType::kF32, {groups});
+        if (input_scale.defined()) {
+            check_tensor(input_scale, "input_scale", DType::kF32, {groups});
+            check_same_device(input_scale, "input_scale", a, "a");
+        }
+    }
+    check_same_device(b_scale, "b_scale", a, "a");
+    if (offsets.defined())
+        check_offsets(offsets, groups, a, "a");
+    else
+        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
+    check_tensor(c, "c", a.dtype, {rows, n});
+    check_same_device(c, "c", a, "a");
+    api::check_backend(a.device, "grouped_gemm_fp8");
+    SWITCHYARD_CHECK(a.device == Device::kCPU, "grouped_gemm_fp8: ", kFp8CpuOnly);
+    check_workspace(workspace, workspace_bytes, grouped_gemm_fp8_workspace_size(a.device, mode, groups, n, kk, rows),
+                    "grouped_gemm_fp8");
+    ref::stage::grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, mode, options.zero_unowned_rows);
+}
+
 size_t grouped_gemm_grad_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
                                         int64_t max_rows) {
     SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0,

@@ -14,6 +14,7 @@
 #include "ref/backward.h"
 #include "ref/ref.h"
 #include "switchyard/error.h"
+#include "switchyard/stages.h"
 
 namespace switchyard {
 namespace ref {
@@ -187,6 +188,76 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
         const int64_t used = off.back() * n;
 #pragma omp parallel for schedule(static) if (used >= (1 << 16))
         for (int64_t i = 0; i < used; ++i) store_from_double(c.data, c.dtype, i, cd[i]);
+    }
+    if (zero_unowned_rows) zero_rows(c, off.back(), rows, n);
+}
+
+namespace {
+
+// One row of GEMM input quantised as stages.h's FP8 recipe says and read back: out[kk] = dec(q[kk]) * s, in double.
+// Groups of `group` channels (the last one partial) each get scale amax / 448 (fp32), or *static_scale for all.
+// A scale of 0 (an all-zero group) quantises the group to 0.
+void quantize_row_fp8(const float* x, int64_t k, int64_t group, const float* static_scale, double* out) {
+    for (int64_t g0 = 0; g0 < k; g0 += group) {
+        const int64_t g1 = std::min(k, g0 + group);
+        float scale;
+        if (static_scale != nullptr) {
+            scale = *static_scale;
+        } else {
+            float amax = 0.0f;
+            for (int64_t i = g0; i < g1; ++i) amax = std::max(amax, std::fabs(x[i]));
+            scale = amax / 448.0f;
+        }
+        if (scale == 0.0f) {
+            std::fill(out + g0, out + g1, 0.0);
+            continue;
+        }
+        for (int64_t i = g0; i < g1; ++i)
+            out[i] = static_cast<double>(fp8_e4m3_to_float(float_to_fp8_e4m3(x[i] / scale))) * static_cast<double>(scale);
+    }
+}
+
+}  // namespace
+
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, QuantMode mode, bool zero_unowned_rows) {
+    const int64_t rows = a.shape[0], kk = a.shape[1];
+    const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2];
+    const std::vector<int32_t> off = host_offsets(offsets, rows);
+    SWITCHYARD_CHECK(static_cast<int64_t>(off.size()) == groups + 1, "offsets has ", off.size(),
+                     " entries, expected E+1=", groups + 1);
+    const bool block = mode == QuantMode::kFP8Block;
+    const int64_t G = kFp8BlockSize, nb = fp8_blocks(n), kb = fp8_blocks(kk);
+    const std::vector<float> af = to_float(a), ws = to_float(b_scale);
+    const std::vector<float> in = input_scale.defined() ? to_float(input_scale) : std::vector<float>();
+    const uint8_t* bq = static_cast<const uint8_t*>(b.data);
+    std::vector<double> w, aq;
+    for (int64_t e = 0; e < groups; ++e) {
+        const int64_t begin = off[e], m = off[e + 1] - off[e];
+        if (m == 0) continue;
+        w.resize(static_cast<size_t>(n * kk));  // dequantised weights of group e [N, K]
+#pragma omp parallel for schedule(static) if (n * kk >= (1 << 16))
+        for (int64_t nn = 0; nn < n; ++nn)
+            for (int64_t k = 0; k < kk; ++k) {
+                const float s = block ? ws[static_cast<size_t>((e * nb + nn / G) * kb + k / G)] : ws[e];
+                w[nn * kk + k] = static_cast<double>(fp8_e4m3_to_float(bq[(e * n + nn) * kk + k])) *
+                                 static_cast<double>(s);
+            }
+        aq.resize(static_cast<size_t>(m * kk));  // quantised-and-read-back activations of its rows
+        const float* static_scale = in.empty() ? nullptr : &in[e];
+#pragma omp parallel for schedule(static) if (m * kk >= (1 << 16))
+        for (int64_t r = 0; r < m; ++r)
+            quantize_row_fp8(af.data() + (begin + r) * kk, kk, block ? G : std::max<int64_t>(kk, 1), static_scale,
+                             aq.data() + r * kk);
+#pragma omp parallel for schedule(static) if (m * n * kk >= (1 << 18))
+        for (int64_t i = 0; i < m * n; ++i) {
+            const int64_t r = i / n, nn = i % n;
+            const double* ar = aq.data() + r * kk;
+            const double* wr = w.data() + nn * kk;
+            double acc = 0.0;
+            for (int64_t k = 0; k < kk; ++k) acc += ar[k] * wr[k];
+            store_from_double(c.data, c.dtype, (begin + r) * n + nn, acc);
+        }
     }
     if (zero_unowned_rows) zero_rows(c, off.back(), rows, n);
 }

@@ -26,6 +26,9 @@ void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp)
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx);
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   bool zero_unowned_rows);
+// The FP8 recipe of stages.h (grouped_gemm_fp8); mode is kFP8Block or kFP8Tensor.
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, QuantMode mode, bool zero_unowned_rows);
 void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da);
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db);
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows);
