@@ -21,8 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "api/check.h"
@@ -68,6 +68,7 @@ struct ForwardLayout {
     size_t router_ws_bytes;
     void* stats_ws;           // load_stats_workspace_size: reuses g1's memory when it fits (g1 is dead by then)
     size_t stats_ws_bytes;
+    size_t bytes;             // the whole workspace (aliased slices counted once)
 };
 
 ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_tokens, void* base, size_t capacity,
@@ -122,6 +123,7 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     } else {
         l.stats_ws = take("stats_scratch", l.stats_ws_bytes);
     }
+    l.bytes = wc.used();
     return l;
 }
 
@@ -278,10 +280,9 @@ MoELayer::MoELayer(MoELayer&&) noexcept = default;
 MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 
 size_t MoELayer::workspace_size(int64_t num_tokens) const {
-    size_t total = 0;
-    for (const WorkspaceSlice& s : workspace_layout(num_tokens))
-        if (s.aliases.empty()) total += s.bytes;
-    return total;
+    SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
+    // A sizing pass only (no slice names recorded): forward() calls this every time, with nothing allocated.
+    return forward_layout(cfg_, device(), num_tokens, nullptr, 0).bytes;
 }
 
 std::vector<WorkspaceSlice> MoELayer::workspace_layout(int64_t num_tokens) const {
