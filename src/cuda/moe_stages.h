@@ -82,5 +82,26 @@ void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, 
 // Writes offsets = {0, n} (device int32 [2]), the one-group offsets of the shared expert GEMMs.
 void write_single_group_offsets(int32_t* offsets, int64_t n, cudaStream_t stream);
 
+// ---- FP8 activations and scales (fp8/quantize.cu; issue 13, the recipe of switchyard/stages.h) ----------------------
+// Quantises a [max_rows, k] (dtype fp32/bf16/fp16) rows r < offsets[E] for the FP8 grouped GEMM (grouped_gemm.h's
+// Fp8GroupedGemmArgs): q [max_rows, k] e4m3 and sfa in the GEMM's layout (group e's scales at sfa + offsets[e] * Kb
+// as [Kb][M_e], Kb = ceil(k / 128)). per_row false (fp8-block): each row's groups of 128 channels (the last one
+// partial) get scale amax / 448; per_row true (fp8-tensor): the whole row gets one scale, written to all Kb slots;
+// static_scale [E] (per_row only, may be null): the scale of every row of group e. q = e4m3(x / scale) with IEEE
+// fp32 divisions and round-to-nearest-even saturating conversion (cvt.rn.satfinite: what float_to_fp8_e4m3 does on
+// the host); a zero scale gives q = 0. Rows at and past offsets[E] are not written. k must be a multiple of 16.
+void quantize_rows_fp8(DType dtype, const void* a, int64_t max_rows, int64_t k, const int32_t* offsets,
+                       int64_t num_groups, bool per_row, const float* static_scale, void* q, float* sfa,
+                       cudaStream_t stream);
+
+// The weight scales in the GEMM's SFB layout [E][Kb][Nb]: from a checkpoint's block scales b_scale [E, Nb, Kb]
+// (per_tensor false) or from one scale per expert b_scale [E] (per_tensor true: every block of expert e gets it).
+void fp8_weight_scales_mn_major(const float* b_scale, bool per_tensor, int64_t num_groups, int64_t n_blocks,
+                                int64_t k_blocks, float* sfb, cudaStream_t stream);
+
+// The index of the first e4m3 NaN code (0x7f / 0xff) in codes [n] on the current device, or -1. Synchronous (a
+// one-off check of MoELayer's constructor): allocates 8 bytes of device memory and waits for the scan.
+int64_t fp8_first_nan_code(const void* codes, int64_t n);
+
 }  // namespace cuda
 }  // namespace switchyard

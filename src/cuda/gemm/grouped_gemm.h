@@ -114,3 +114,51 @@ const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args);
 
 }  // namespace cuda
 }  // namespace switchyard
+
+namespace switchyard {
+namespace cuda {
+
+// ---- FP8 grouped GEMM with blockwise scales (issue 13; the inference path of quantised experts) ----
+// For every group e with rows [offsets[e], offsets[e+1]) of QA, with Kb = ceil(K / 128) and Nb = ceil(N / 128):
+//   D[r, n] = sum_kb SFA(r, kb) * SFB(e, n / 128, kb) * sum_{k in block kb} dec(QA[r, k]) * dec(B[e, n, k])
+// QA [max_rows, K] e4m3 row-major (activations already quantised: src/cuda/moe_stages.h, quantize_rows_fp8),
+// B [E, N, K] e4m3 row-major (nn.Linear layout), D [max_rows, N] row-major of out_dtype (bf16, fp16 or fp32).
+// Each block product is accumulated by the FP8 tensor cores in fp32 and promoted (scaled and added to an fp32
+// accumulator) every 128 k; one rounding to out_dtype at the end. The scale layouts are CUTLASS's sm90 blockwise
+// layouts (M- and N-major):
+//   SFA: group e's scales at sfa + offsets[e] * Kb, as [Kb][M_e] (M_e = its rows): SFA(r, kb) at
+//        sfa[offsets[e] * Kb + kb * M_e + (r - offsets[e])]. [max_rows * Kb] floats in all.
+//   SFB: [E][Kb][Nb]: SFB(e, nb, kb) at sfb[(e * Kb + kb) * Nb + nb] (the checkpoint's [E, Nb, Kb] transposed
+//        per expert: fp8_weight_scales_mn_major).
+// Partial blocks are exact: TMA fills the k past K and the n past N with zeros. Alignment (16-byte TMA rows): K a
+// multiple of 16, N a multiple of 8 (16-bit D) or 4 (fp32 D); base pointers 16-byte aligned. Empty groups are valid;
+// rows past offsets[E] are left untouched. No host synchronisation, nothing allocated (graph-capturable). Each output
+// tile is computed by one CTA over the whole K: bitwise reproducible. sm_90a only (CUTLASS
+// KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise, tile 128x128x128, cluster 1x2x1).
+struct Fp8GroupedGemmArgs {
+    const void* qa = nullptr;   // [max_rows, K] e4m3
+    const float* sfa = nullptr;  // [max_rows * Kb], layout above
+    const void* b = nullptr;    // [E, N, K] e4m3
+    const float* sfb = nullptr;  // [E * Kb * Nb], layout above
+    void* d = nullptr;          // [max_rows, N] of out_dtype
+    DType out_dtype = DType::kBF16;
+    int64_t num_groups = 0;  // E
+    int64_t n = 0;
+    int64_t k = 0;
+    int64_t max_rows = 0;
+    const int32_t* offsets = nullptr;  // device [E+1], non-decreasing from 0, offsets[E] <= max_rows
+};
+
+// Throws unless out_dtype is bf16/fp16/fp32, 1 <= num_groups, 1 <= n, k < 2^31, 0 <= max_rows < 2^31, K % 16 == 0
+// and N a multiple of 16 bytes of out_dtype. `what` names the caller in the message.
+void check_fp8_gemm_sizes(const char* what, DType out_dtype, int64_t num_groups, int64_t n, int64_t k,
+                          int64_t max_rows);
+// Workspace bytes of grouped_gemm_fp8 (device arrays + CUTLASS's), the largest over the output dtypes (so it does
+// not depend on out_dtype). Sizes are not checked here (the call checks them).
+size_t grouped_gemm_fp8_workspace_size(int64_t num_groups);
+void grouped_gemm_fp8(const Fp8GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// The kernel grouped_gemm_fp8 runs for out_dtype, for logs and benchmarks.
+const char* grouped_gemm_fp8_kernel_name(DType out_dtype);
+
+}  // namespace cuda
+}  // namespace switchyard
