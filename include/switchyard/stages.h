@@ -16,7 +16,7 @@
 //   build_plan      topk_ids, topk_weights                 -> RoutingPlan (routing.h): counts, offsets, rows
 //   gather          x [T, H], row_token [R]                -> xp [R, H] (x's rows in expert order, 0 where row_token<0)
 //   grouped_gemm    a [R, K], b [E, N, K], offsets [E+1]   -> c [R, N], per expert c = a_e . b_e^T
-//   grouped_gemm_fp8  the same with b fp8 e4m3 + scales and a quantised on the fly (W8A8, CPU only for now)
+//   grouped_gemm_fp8  the same with b fp8 e4m3 + scales and a quantised on the fly (W8A8)
 //   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
 //   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H], gate) -> y [T, H]
 //   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
@@ -103,7 +103,7 @@ void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 
-// ---- FP8 grouped GEMM (quantised experts; CPU backend only for now, CUDA refuses it) ------------------------------
+// ---- FP8 grouped GEMM (quantised experts) --------------------------------------------------------------------------
 // A stage of its own rather than more options on grouped_gemm: it takes two more tensors (weight scales, an optional
 // static input scale) and a quantisation mode, quantises its input, has no backward, and will be a different kernel
 // on CUDA (FP8 tensor cores, blockwise scaling); grouped_gemm keeps its one-dtype contract and its gradients.
@@ -124,6 +124,13 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
 // Operands: a [R, K] fp32/bf16/fp16, b [E, N, K] (or [N, K]) fp8e4m3, c [R, N] of a's dtype, offsets as grouped_gemm.
 // b_scale fp32: [E, ceil(N/128), ceil(K/128)] (or [ceil(N/128), ceil(K/128)]) for kFP8Block, [E] (or [1]) for
 // kFP8Tensor. input_scale: fp32 [E] (or [1]), kFP8Tensor only, optional (undefined: dynamic per token).
+// CUDA (sm_90 only): the activations are quantised by a kernel of their own (bit for bit the recipe: IEEE fp32
+// divisions, round-to-nearest-even saturating e4m3), then a CUTLASS grouped GEMM on the FP8 tensor cores with
+// blockwise scales (activation scales per row and 128 k, weight scales per 128 x 128 block; fp8-tensor runs the same
+// kernel with its scales broadcast) sums each 128-k block in fp32 and adds it, scaled, to an fp32 accumulator; one
+// rounding to c's dtype. K must be a multiple of 16 and N of 16 bytes of c's dtype (TMA rows); partial 128-blocks are
+// exact. Workspace (grouped_gemm_fp8_workspace_size): the quantised a [R, K], its scales, the weight scales in the
+// kernel's layout and the GEMM's arrays. No host synchronisation. Decode-sized batches run the same kernel.
 // The values of scales and codes are not read here beyond the arithmetic; MoELayer checks them once (finite scales,
 // positive input scales, no NaN codes).
 struct Fp8GemmOptions {

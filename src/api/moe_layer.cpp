@@ -30,6 +30,10 @@
 #include "switchyard/stages.h"
 #include "util/workspace.h"
 
+#ifdef SWITCHYARD_WITH_CUDA
+#include "cuda/stages_cuda.h"
+#endif
+
 namespace switchyard {
 namespace {
 
@@ -100,16 +104,23 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     const size_t g1_offset = wc.used();
     l.g1 = take("g1", g1_bytes);
     l.h = take("h", rows * cfg.ffn_size * es);
-    size_t gemm_ws = std::max(grouped_gemm_workspace_size(dev, cfg.dtype, E, cfg.w13_rows(), H, rows),
-                              grouped_gemm_workspace_size(dev, cfg.dtype, E, H, cfg.ffn_size, rows));
+    // An FP8 layer's routed experts run grouped_gemm_fp8; its shared expert may be fp8 or float: sized for both.
+    const bool fp8 = cfg.quant_mode != QuantMode::kNone;
+    auto expert_gemm_ws = [&](int64_t groups, int64_t n, int64_t k, int64_t m, bool routed) {
+        const size_t fp8_ws = fp8 ? grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, groups, n, k, m) : 0;
+        if (fp8 && routed) return fp8_ws;
+        return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
+    };
+    size_t gemm_ws = std::max(expert_gemm_ws(E, cfg.w13_rows(), H, rows, true),
+                              expert_gemm_ws(E, H, cfg.ffn_size, rows, true));
     if (has_shared(cfg)) {
         const int64_t s = cfg.shared_width();
         l.shared_g1 = take("shared_g1", T * shared_rows(cfg) * es);
         l.shared_h = take("shared_h", T * s * es);
         l.shared_out = take("shared_out", T * H * es);
         if (cfg.shared_expert_gate) l.shared_gate = static_cast<float*>(take("shared_gate", sizeof(float) * T));
-        gemm_ws = std::max({gemm_ws, grouped_gemm_workspace_size(dev, cfg.dtype, 1, shared_rows(cfg), H, T),
-                            grouped_gemm_workspace_size(dev, cfg.dtype, 1, H, s, T)});
+        gemm_ws = std::max({gemm_ws, expert_gemm_ws(1, shared_rows(cfg), H, T, false),
+                            expert_gemm_ws(1, H, s, T, false)});
     }
     l.gemm_ws_bytes = gemm_ws;
     l.gemm_ws = take("gemm_scratch", gemm_ws);
@@ -125,6 +136,42 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     }
     l.bytes = wc.used();
     return l;
+}
+
+// The constructor's FP8 weight checks read codes and scales on the host; CUDA weights are scanned on the device
+// (one kernel and one synchronisation per matrix) and their scales copied to the host, once, at construction.
+// The index of the first e4m3 NaN code (0x7f / 0xff) of t, or -1; *code receives it.
+int64_t first_fp8_nan_code(const TensorRef& t, int* code) {
+    if (t.device == Device::kCPU) {
+        const uint8_t* codes = t.ptr<uint8_t>();
+        for (int64_t i = 0; i < t.numel(); ++i)
+            if ((codes[i] & 0x7fu) == 0x7fu) {
+                *code = codes[i];
+                return i;
+            }
+        return -1;
+    }
+#ifdef SWITCHYARD_WITH_CUDA
+    const int64_t i = cuda::stage::fp8_first_nan_code(t);
+    if (i >= 0) {
+        uint8_t byte = 0;
+        cuda::stage::copy_bytes_to_host(t, i, 1, &byte);
+        *code = byte;
+    }
+    return i;
+#else
+    SWITCHYARD_FAIL("this build has no CUDA backend (built without CUDA)");
+#endif
+}
+
+// An fp32 tensor's values on the host.
+std::vector<float> host_f32(const TensorRef& t) {
+    if (t.device == Device::kCPU) return std::vector<float>(t.ptr<float>(), t.ptr<float>() + t.numel());
+#ifdef SWITCHYARD_WITH_CUDA
+    return cuda::stage::copy_f32_to_host(t);
+#else
+    SWITCHYARD_FAIL("this build has no CUDA backend (built without CUDA)");
+#endif
 }
 
 // A contiguous view of part of the forward's workspace, on the device of `like`.
@@ -175,10 +222,6 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                              " (weights of another dtype are not supported on CUDA yet)");
     };
     const bool quantised = cfg_.quant_mode != QuantMode::kNone;
-    for (const TensorRef* t : {&w_.w13, &w_.w2, &w_.shared_w13, &w_.shared_w2})
-        SWITCHYARD_CHECK(!(quantised || (t->defined() && t->dtype == DType::kF8E4M3)) || dev == Device::kCPU,
-                         "FP8 experts run on the cpu only for now (quant_mode=", to_string(cfg_.quant_mode),
-                         ", weights on ", to_string(dev), ")");
     // An expert matrix: fp8e4m3 (quantised layers) with its scales, else a float weight without any.
     auto check_matrix = [&](const TensorRef& t, std::initializer_list<int64_t> dims, const char* name,
                             const TensorRef& scale, const char* scale_name, const TensorRef& input_scale,
@@ -194,11 +237,15 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
         SWITCHYARD_CHECK(quantised, name, " dtype=fp8e4m3 needs quant_mode=fp8-block or fp8-tensor (quant_mode=none)");
         api::check_tensor(t, name, DType::kF8E4M3, dims);
         api::check_device(t, name, dev, dev_idx);
-        const uint8_t* codes = t.ptr<uint8_t>();
-        for (int64_t i = 0; i < t.numel(); ++i)
-            SWITCHYARD_CHECK((codes[i] & 0x7fu) != 0x7fu, name, " holds an fp8 NaN code (", static_cast<int>(codes[i]),
-                             ") at element ", i);
+        int nan_code = 0;
+        const int64_t nan_at = first_fp8_nan_code(t, &nan_code);
+        SWITCHYARD_CHECK(nan_at < 0, name, " holds an fp8 NaN code (", nan_code, ") at element ", nan_at);
         const int64_t rows = *(dims.end() - 2), cols = *(dims.end() - 1);
+#ifdef SWITCHYARD_WITH_CUDA
+        // The CUDA FP8 GEMM's limits (16-byte TMA rows: K % 16, N aligned for the layer dtype), named here rather
+        // than at the first forward.
+        if (dev == Device::kCUDA) cuda::stage::check_fp8_gemm_shape(name, cfg_.dtype, rows, cols);
+#endif
         SWITCHYARD_CHECK(scale.defined(), scale_name, " is required: ", name, " is fp8e4m3 (quant_mode=",
                          to_string(cfg_.quant_mode), ")");
         if (cfg_.quant_mode == QuantMode::kFP8Block) {
@@ -213,13 +260,13 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
             api::check_tensor(scale, scale_name, DType::kF32, {num_groups > 0 ? num_groups : 1});
         }
         api::check_device(scale, scale_name, dev, dev_idx);
-        const float* sv = scale.ptr<float>();
+        const std::vector<float> sv = host_f32(scale);
         for (int64_t i = 0; i < scale.numel(); ++i)
             SWITCHYARD_CHECK(std::isfinite(sv[i]), scale_name, "[", i, "]=", sv[i], " is not finite");
         if (input_scale.defined()) {
             api::check_tensor(input_scale, input_scale_name, DType::kF32, {num_groups > 0 ? num_groups : 1});
             api::check_device(input_scale, input_scale_name, dev, dev_idx);
-            const float* iv = input_scale.ptr<float>();
+            const std::vector<float> iv = host_f32(input_scale);
             for (int64_t i = 0; i < input_scale.numel(); ++i)
                 SWITCHYARD_CHECK(std::isfinite(iv[i]) && iv[i] > 0.0f, input_scale_name, "[", i, "]=", iv[i],
                                  " must be finite and positive");

@@ -247,10 +247,6 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
 
 // ---- FP8 grouped GEMM ---------------------------------------------------------------------------------------------
 
-namespace {
-const char* const kFp8CpuOnly = "FP8 experts run on the cpu only for now (no CUDA FP8 grouped GEMM yet)";
-}  // namespace
-
 size_t grouped_gemm_fp8_workspace_size(Device device, QuantMode mode, int64_t num_groups, int64_t n, int64_t k,
                                        int64_t max_rows) {
     SWITCHYARD_CHECK(mode == QuantMode::kFP8Block || mode == QuantMode::kFP8Tensor,
@@ -258,9 +254,8 @@ size_t grouped_gemm_fp8_workspace_size(Device device, QuantMode mode, int64_t nu
     SWITCHYARD_CHECK(num_groups >= 1 && n >= 0 && k >= 0 && max_rows >= 0,
                      "grouped_gemm_fp8_workspace_size: num_groups=", num_groups, " n=", n, " k=", k,
                      " max_rows=", max_rows);
-    api::check_backend(device, "grouped_gemm_fp8_workspace_size");
-    SWITCHYARD_CHECK(device == Device::kCPU, "grouped_gemm_fp8_workspace_size: ", kFp8CpuOnly);
-    return 0;
+    if (!cuda_workspace(device, 0, "grouped_gemm_fp8_workspace_size")) return 0;
+    SWITCHYARD_ON_CUDA(grouped_gemm_fp8_workspace_size(num_groups, n, k, max_rows));
 }
 
 void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
@@ -269,7 +264,6 @@ void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b
     const QuantMode mode = options.mode;
     SWITCHYARD_CHECK(mode == QuantMode::kFP8Block || mode == QuantMode::kFP8Tensor, "grouped_gemm_fp8: mode=",
                      to_string(mode), " is not an FP8 mode (fp8-block or fp8-tensor)");
-    (void)stream;  // CPU only for now
     check_float_tensor(a, "a", {kAny, kAny});
     SWITCHYARD_CHECK(a.dtype != DType::kF64, "a dtype=fp64: grouped_gemm_fp8 takes fp32, bf16 or fp16");
     SWITCHYARD_CHECK(b.rank == 2 || b.rank == 3, "b shape=", b.shape_string(), ", expected [E, N, K] or [N, K]");
@@ -302,10 +296,16 @@ void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b
     check_tensor(c, "c", a.dtype, {rows, n});
     check_same_device(c, "c", a, "a");
     api::check_backend(a.device, "grouped_gemm_fp8");
-    SWITCHYARD_CHECK(a.device == Device::kCPU, "grouped_gemm_fp8: ", kFp8CpuOnly);
+#ifdef SWITCHYARD_WITH_CUDA
+    // CUDA's shape limits (16-byte TMA rows) before the workspace check, so that their message comes first.
+    if (a.device == Device::kCUDA) cuda::stage::check_fp8_gemm_shape("grouped_gemm_fp8", c.dtype, n, kk);
+#endif
     check_workspace(workspace, workspace_bytes, grouped_gemm_fp8_workspace_size(a.device, mode, groups, n, kk, rows),
                     "grouped_gemm_fp8");
-    ref::stage::grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, mode, options.zero_unowned_rows);
+    SWITCHYARD_DISPATCH(a.device,
+                        grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, mode, options.zero_unowned_rows),
+                        grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, mode, workspace, workspace_bytes,
+                                         stream, options.zero_unowned_rows));
 }
 
 size_t grouped_gemm_grad_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,

@@ -189,6 +189,92 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
     if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream);
 }
 
+namespace {
+
+// The FP8 GEMM's workspace: one function sizes (null base) and partitions it.
+struct Fp8Layout {
+    int32_t* single;  // [2] offsets {0, R} of a one-group call (undefined offsets)
+    void* q;          // [R, K] e4m3
+    float* sfa;       // [R * Kb]
+    float* sfb;       // [E * Kb * Nb]
+    void* gemm;       // grouped_gemm_fp8's arrays and CUTLASS workspace
+    size_t gemm_bytes;
+};
+
+Fp8Layout grouped_gemm_fp8_layout(WorkspaceCarver& wc, int64_t groups, int64_t n, int64_t k, int64_t rows) {
+    Fp8Layout l{};
+    const int64_t kb = fp8_blocks(k), nb = fp8_blocks(n);
+    l.single = wc.take<int32_t>(2);
+    l.q = wc.take_bytes(static_cast<size_t>(rows * k));
+    l.sfa = wc.take<float>(rows * kb);
+    l.sfb = wc.take<float>(groups * kb * nb);
+    l.gemm_bytes = cuda::grouped_gemm_fp8_workspace_size(groups);
+    l.gemm = wc.take_bytes(l.gemm_bytes);
+    return l;
+}
+
+}  // namespace
+
+size_t grouped_gemm_fp8_workspace_size(int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
+    WorkspaceCarver wc;
+    grouped_gemm_fp8_layout(wc, num_groups, n, k, max_rows);
+    return wc.used();
+}
+
+void check_fp8_gemm_shape(const char* what, DType out_dtype, int64_t n, int64_t k) {
+    check_fp8_gemm_sizes(what, out_dtype, 1, n, k, 0);
+}
+
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, QuantMode mode, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows) {
+    DeviceGuard guard(a.device_index);
+    const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
+    const int64_t rows = a.shape[0];
+    check_fp8_gemm_sizes("grouped_gemm_fp8", c.dtype, groups, n, k, rows);  // before anything is enqueued
+    const bool per_tensor = mode == QuantMode::kFP8Tensor;
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    const Fp8Layout l = grouped_gemm_fp8_layout(wc, groups, n, k, rows);
+    const int32_t* offs = offsets.defined() ? offsets.ptr<int32_t>() : l.single;
+    if (!offsets.defined()) write_single_group_offsets(l.single, rows, stream);
+    if (rows == 0) return;
+    quantize_rows_fp8(a.dtype, a.data, rows, k, offs, groups, per_tensor, ptr_or_null<const float>(input_scale), l.q,
+                      l.sfa, stream);
+    fp8_weight_scales_mn_major(b_scale.ptr<float>(), per_tensor, groups, fp8_blocks(n), fp8_blocks(k), l.sfb, stream);
+    Fp8GroupedGemmArgs g;
+    g.qa = l.q;
+    g.sfa = l.sfa;
+    g.b = b.data;
+    g.sfb = l.sfb;
+    g.d = c.data;
+    g.out_dtype = c.dtype;
+    std::tie(g.num_groups, g.n, g.k, g.max_rows, g.offsets) = std::make_tuple(groups, n, k, rows, offs);
+    cuda::grouped_gemm_fp8(g, l.gemm, l.gemm_bytes, stream);
+    if (zero_unowned_rows) zero_rows_past_groups(c.data, c.dtype, offs, groups, n, rows, stream);
+}
+
+int64_t fp8_first_nan_code(const TensorRef& codes) {
+    DeviceGuard guard(codes.device_index);
+    return cuda::fp8_first_nan_code(codes.data, codes.numel());
+}
+
+std::vector<float> copy_f32_to_host(const TensorRef& t) {
+    DeviceGuard guard(t.device_index);
+    std::vector<float> host(static_cast<size_t>(t.numel()));
+    if (!host.empty()) {
+        SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());  // written on any stream: wait for the device
+        SWITCHYARD_CUDA_CHECK(cudaMemcpy(host.data(), t.data, sizeof(float) * host.size(), cudaMemcpyDeviceToHost));
+    }
+    return host;
+}
+
+void copy_bytes_to_host(const TensorRef& t, int64_t offset, int64_t bytes, void* dst) {
+    DeviceGuard guard(t.device_index);
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());
+    SWITCHYARD_CUDA_CHECK(cudaMemcpy(dst, static_cast<const char*>(t.data) + offset, static_cast<size_t>(bytes),
+                                     cudaMemcpyDeviceToHost));
+}
+
 size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
     return cuda::grouped_gemm_grad_workspace_size(sized<GroupedGemmGradArgs>(dtype, num_groups, n, k, max_rows));
 }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <vector>
 
 #include "switchyard/routing.h"
 #include "switchyard/stages.h"
@@ -37,6 +38,20 @@ void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const Ten
 size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows);
+// FP8 grouped GEMM (stages.h's recipe): quantise a (quantize_rows_fp8), lay the weight scales out for the GEMM, run
+// the blockwise-scaled FP8 GEMM (grouped_gemm.h). Workspace: the one-group offsets, q [R, K] e4m3, the activation
+// scales [R * Kb], the weight scales [E * Kb * Nb] and the GEMM's arrays (grouped_gemm_fp8_layout in the .cpp).
+size_t grouped_gemm_fp8_workspace_size(int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
+void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
+                      const TensorRef& offsets, const TensorRef& c, QuantMode mode, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows);
+// Throws what grouped_gemm_fp8 would throw for these sizes on CUDA (K % 16, N alignment of the output dtype).
+void check_fp8_gemm_shape(const char* what, DType out_dtype, int64_t n, int64_t k);
+// MoELayer's one-off checks of FP8 weights on the device (synchronous): the index of the first e4m3 NaN code of
+// `codes`, or -1; and a host copy of an fp32 tensor (the scales, read on the host).
+int64_t fp8_first_nan_code(const TensorRef& codes);
+std::vector<float> copy_f32_to_host(const TensorRef& t);
+void copy_bytes_to_host(const TensorRef& t, int64_t offset, int64_t bytes, void* dst);
 size_t grouped_gemm_grad_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
 void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
