@@ -35,6 +35,8 @@ bool parse_dtype_str(const std::string& s, DType& out) {
         out = DType::kI32;
     else if (s == "I64")
         out = DType::kI64;
+    else if (s == "F8_E4M3")
+        out = DType::kF8E4M3;
     else
         return false;
     return true;
@@ -264,8 +266,18 @@ const SafetensorInfo& SafetensorsFile::info(const std::string& name) const {
     SWITCHYARD_CHECK(it != tensors_.end(), path_, ": tensor '", printable(name), "' not found");
     SWITCHYARD_CHECK(it->second.dtype_ok, path_, ": tensor '", printable(name), "' has unsupported dtype ",
                      printable(it->second.dtype_str, 24),
-                     " (supported: F32, BF16, F16, I32, I64)");
+                     " (supported: F32, BF16, F16, I32, I64, F8_E4M3)");
     return it->second;
+}
+
+const SafetensorInfo& SafetensorsFile::raw_info(const std::string& name) const {
+    auto it = tensors_.find(name);
+    SWITCHYARD_CHECK(it != tensors_.end(), path_, ": tensor '", printable(name), "' not found");
+    return it->second;
+}
+
+const uint8_t* SafetensorsFile::raw_data(const std::string& name) const {
+    return base_ + data_start_ + raw_info(name).begin;
 }
 
 const uint8_t* SafetensorsFile::data(const std::string& name) const {
@@ -279,8 +291,28 @@ std::vector<std::string> SafetensorsFile::names() const {
     return out;
 }
 
-std::vector<uint8_t> encode_safetensors(const std::vector<SafetensorToWrite>& tensors,
-                                        const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// Bytes of one tensor to write: its dtype string (verbatim when given, else the DType's name) and its size.
+std::string write_dtype_name(const SafetensorToWrite& t) {
+    return t.dtype_str.empty() ? std::string(safetensors_dtype_name(t.dtype)) : t.dtype_str;
+}
+
+uint64_t write_nbytes(const SafetensorToWrite& t) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) {
+        SWITCHYARD_CHECK(d >= 0, "tensor '", t.name, "' has a negative dimension");
+        numel *= static_cast<uint64_t>(d);
+    }
+    const size_t esize = t.dtype_str.empty() ? dtype_size(t.dtype) : spec_dtype_size(t.dtype_str);
+    SWITCHYARD_CHECK(esize > 0, "tensor '", t.name, "' has dtype '", printable(t.dtype_str, 24),
+                     "', which the safetensors format does not define");
+    return numel * esize;
+}
+
+// The 8-byte length and the JSON header (padded with spaces to a multiple of 8); *data_bytes gets the data size.
+std::string encode_header(const std::vector<SafetensorToWrite>& tensors, const std::map<std::string, std::string>& metadata,
+                          uint64_t* data_bytes) {
     nlohmann::ordered_json j = nlohmann::ordered_json::object();
     if (!metadata.empty()) {
         nlohmann::ordered_json m = nlohmann::ordered_json::object();
@@ -291,39 +323,48 @@ std::vector<uint8_t> encode_safetensors(const std::vector<SafetensorToWrite>& te
     for (const auto& t : tensors) {
         SWITCHYARD_CHECK(!t.name.empty() && t.name != "__metadata__", "bad safetensors tensor name '", t.name, "'");
         SWITCHYARD_CHECK(!j.contains(t.name), "safetensors tensor '", t.name, "' given twice");
-        uint64_t numel = 1;
-        for (int64_t d : t.shape) {
-            SWITCHYARD_CHECK(d >= 0, "tensor '", t.name, "' has a negative dimension");
-            numel *= static_cast<uint64_t>(d);
-        }
-        uint64_t nbytes = numel * dtype_size(t.dtype);
+        const uint64_t nbytes = write_nbytes(t);
         SWITCHYARD_CHECK(t.data != nullptr || nbytes == 0, "tensor '", t.name, "' has no data");
-        j[t.name] = {{"dtype", safetensors_dtype_name(t.dtype)},
-                     {"shape", t.shape},
-                     {"data_offsets", {offset, offset + nbytes}}};
+        j[t.name] = {{"dtype", write_dtype_name(t)}, {"shape", t.shape}, {"data_offsets", {offset, offset + nbytes}}};
         offset += nbytes;
     }
     std::string header = j.dump();
     header.append((8 - header.size() % 8) % 8, ' ');
+    std::string out(8, '\0');
+    const uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>(static_cast<uint8_t>(n >> (8 * i)));
+    *data_bytes = offset;
+    return out + header;
+}
+
+}  // namespace
+
+std::vector<uint8_t> encode_safetensors(const std::vector<SafetensorToWrite>& tensors,
+                                        const std::map<std::string, std::string>& metadata) {
+    uint64_t data_bytes = 0;
+    const std::string head = encode_header(tensors, metadata, &data_bytes);
     std::vector<uint8_t> out;
-    out.reserve(8 + header.size() + offset);
-    uint64_t n = header.size();
-    for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));
-    out.insert(out.end(), header.begin(), header.end());
+    out.reserve(head.size() + data_bytes);
+    out.insert(out.end(), head.begin(), head.end());
     for (const auto& t : tensors) {
-        uint64_t numel = 1;
-        for (int64_t d : t.shape) numel *= static_cast<uint64_t>(d);
+        const uint64_t nbytes = write_nbytes(t);
         const uint8_t* p = static_cast<const uint8_t*>(t.data);
-        if (numel) out.insert(out.end(), p, p + numel * dtype_size(t.dtype));
+        if (nbytes) out.insert(out.end(), p, p + nbytes);
     }
     return out;
 }
 
+// Streams the header and each tensor's bytes into the temporary (no second copy of the data in memory).
 void write_safetensors(const std::string& path, const std::vector<SafetensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata) {
-    std::vector<uint8_t> bytes = encode_safetensors(tensors, metadata);
+    uint64_t data_bytes = 0;
+    const std::string head = encode_header(tensors, metadata, &data_bytes);
     write_file_atomic(path, [&](std::ostream& os) {
-        os.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+        os.write(head.data(), static_cast<std::streamsize>(head.size()));
+        for (const auto& t : tensors) {
+            const uint64_t nbytes = write_nbytes(t);
+            if (nbytes) os.write(static_cast<const char*>(t.data), static_cast<std::streamsize>(nbytes));
+        }
     });
 }
 

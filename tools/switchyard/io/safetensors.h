@@ -1,7 +1,7 @@
 // tools/switchyard/io/safetensors.h: the safetensors format, read (memory-mapped) and write.
 //
 // File layout: uint64 LE header length N, N bytes of JSON, then the data region. The JSON maps each tensor
-// name to {"dtype": "F32"|"BF16"|"F16"|"I32"|"I64", "shape": [...], "data_offsets": [begin, end]} (offsets
+// name to {"dtype": "F32"|"BF16"|"F16"|"I32"|"I64"|"F8_E4M3", "shape": [...], "data_offsets": [begin, end]} (offsets
 // relative to the data region, end exclusive) and may hold "__metadata__": {string: string}.
 // Checks on open (each failure throws switchyard::Error naming the file and, where it applies, the tensor;
 // names and strings from the file appear escaped and cut short, file_util.h printable()):
@@ -9,10 +9,11 @@
 // a JSON object with no key twice and no nesting beyond tensor entries; each entry has exactly dtype, shape and
 // data_offsets, a dtype the format defines, a shape of non-negative ints and offsets inside the data region;
 // end - begin == numel * dtype size; the tensors cover the data region exactly (no overlap, no gap, no
-// trailing bytes: the format forbids holes). Dtypes other than the five above (F64, F8_E4M3, BOOL, ...) are
-// rejected when the tensor is opened, not at file open, so a checkpoint shard with an unused odd tensor loads.
+// trailing bytes: the format forbids holes). Dtypes other than the six above (F64, F8_E5M2, BOOL, ...) are
+// rejected when the tensor is opened by info()/data(), not at file open, so a checkpoint shard with an unused odd
+// tensor loads; raw_info()/raw_data() give any tensor's entry and bytes as stored (copying it through unchanged).
 // Writing: tensors in the given order, packed, header padded with spaces to a multiple of 8 bytes;
-// all-or-nothing (file_util.h).
+// all-or-nothing (file_util.h); write_safetensors streams each tensor's bytes into the temporary file.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +53,9 @@ class SafetensorsFile {
     const SafetensorInfo& info(const std::string& name) const;
     // Pointer to the tensor's bytes (valid while this object lives); checks the dtype is supported.
     const uint8_t* data(const std::string& name) const;
+    // Entry and bytes of any tensor the file holds, whatever its dtype (dtype_ok false: only dtype_str is known).
+    const SafetensorInfo& raw_info(const std::string& name) const;
+    const uint8_t* raw_data(const std::string& name) const;
     std::vector<std::string> names() const;  // sorted
     const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
@@ -73,6 +77,8 @@ struct SafetensorToWrite {
     DType dtype = DType::kF32;
     std::vector<int64_t> shape;
     const void* data = nullptr;  // numel * dtype_size bytes
+    std::string dtype_str;       // when not empty: written verbatim instead of dtype (any dtype the format defines,
+                                 // e.g. a tensor copied through from raw_info)
 };
 
 std::vector<uint8_t> encode_safetensors(const std::vector<SafetensorToWrite>& tensors,
@@ -80,7 +86,7 @@ std::vector<uint8_t> encode_safetensors(const std::vector<SafetensorToWrite>& te
 void write_safetensors(const std::string& path, const std::vector<SafetensorToWrite>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 
-// "F32" <-> DType::kF32 etc.
+// DType::kF32 -> "F32" etc.
 const char* safetensors_dtype_name(DType t);
 
 }  // namespace io
