@@ -328,6 +328,12 @@ DeviceWeights to_device(const MoEWeights& h) {
     d.w.w2 = to_device(h.w2, d.bufs);
     d.w.shared_w13 = to_device(h.shared_w13, d.bufs);
     d.w.shared_w2 = to_device(h.shared_w2, d.bufs);
+    d.w.shared_gate = to_device(h.shared_gate, d.bufs);
+    // FP8 experts' scales (undefined ones stay undefined): the layer checks them on the weights' device.
+    for (auto m : {&MoEWeights::w13_scale, &MoEWeights::w2_scale, &MoEWeights::shared_w13_scale,
+                   &MoEWeights::shared_w2_scale, &MoEWeights::w13_input_scale, &MoEWeights::w2_input_scale,
+                   &MoEWeights::shared_w13_input_scale, &MoEWeights::shared_w2_input_scale})
+        d.w.*m = to_device(h.*m, d.bufs);
     return d;
 }
 

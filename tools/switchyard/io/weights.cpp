@@ -2,6 +2,7 @@
 // See weights.h for the naming schemes, the w13 layout and the dtype rules.
 #include "io/weights.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -9,6 +10,7 @@
 #include "io/file_util.h"
 #include "io/npy.h"
 #include "switchyard/error.h"
+#include "switchyard/stages.h"
 
 namespace switchyard {
 namespace io {
@@ -73,12 +75,32 @@ void LoadedWeights::apply_to(MoEConfig& cfg) const {
     cfg.shared_ffn_size = shared_ffn_size;
     cfg.shared_expert_gate = has_shared_gate;
     cfg.use_score_bias = has_score_bias;
+    cfg.quant_mode = quant_mode;
 }
 
 namespace {
 
 
 bool is_float(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
+
+// Element i of a float tensor (fp32, bf16, fp16) as fp32 (exact).
+float float_at(const uint8_t* src, DType dt, int64_t i) {
+    if (dt == DType::kF32) {
+        float v;
+        std::memcpy(&v, src + 4 * i, 4);
+        return v;
+    }
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    return dt == DType::kBF16 ? bf16_to_float(h) : half_to_float(h);
+}
+
+// First fp8 e4m3 NaN code (0x7f, 0xff) among n codes, or -1.
+int64_t first_fp8_nan(const uint8_t* codes, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+        if ((codes[i] & 0x7fu) == 0x7fu) return i;
+    return -1;
+}
 
 class Loader {
  public:
@@ -87,13 +109,15 @@ class Loader {
     std::string full(const std::string& n) const { return o_.prefix + n; }
     bool has(const std::string& n) const { return f_.has(full(n)); }
 
-    // Info of a required float tensor with the expected shape.
-    const SafetensorInfo& need(const std::string& n, const std::vector<int64_t>& shape) const {
+    // Info of a required float tensor (or, with allow_fp8, an expert matrix in F8_E4M3) with the expected shape.
+    const SafetensorInfo& need(const std::string& n, const std::vector<int64_t>& shape, bool allow_fp8 = false) const {
         std::string name = full(n);
         SWITCHYARD_CHECK(f_.has(name), f_.path(), ": tensor '", printable(name), "' not found");
         const SafetensorInfo& i = f_.info(name);
-        SWITCHYARD_CHECK(is_float(i.dtype), f_.path(), ": tensor '", printable(name), "' has dtype ", i.dtype_str,
-                         "; weights must be F32, BF16 or F16");
+        SWITCHYARD_CHECK(is_float(i.dtype) || (allow_fp8 && i.dtype == DType::kF8E4M3), f_.path(), ": tensor '",
+                         printable(name), "' has dtype ", i.dtype_str,
+                         allow_fp8 ? "; expert weights must be F32, BF16, F16 or F8_E4M3 (with scales)"
+                                   : "; weights must be F32, BF16 or F16");
         SWITCHYARD_CHECK(i.shape == shape, f_.path(), ": tensor '", printable(name), "' has shape ", shape_to_string(i.shape),
                          ", expected ", shape_to_string(shape));
         return i;
@@ -144,6 +168,12 @@ bool parse_index(const std::string& s, int64_t* out) {
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
 
+// The scale tensors beside one F8_E4M3 matrix of the file (null for a float matrix).
+struct MatrixScales {
+    const SafetensorInfo* w = nullptr;      // weight_scale_inv [B(rows), B(cols)] or weight_scale (scalar)
+    const SafetensorInfo* input = nullptr;  // input_scale (scalar, per-tensor only)
+};
+
 }  // namespace
 
 LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOptions& opts) {
@@ -179,6 +209,15 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
     }
     std::set<std::string> used;  // full names of the tensors the layer takes (or that were reported)
     auto finite = [&](const SafetensorInfo& i) {
+        if (i.dtype == DType::kF8E4M3) {  // the layer never takes NaN codes (e4m3fn has no infinities)
+            const int64_t bad = first_fp8_nan(L.data(i), i.numel());
+            const int64_t cols = i.shape.empty() ? 1 : i.shape.back();
+            SWITCHYARD_CHECK(bad < 0, path, ": tensor '", printable(i.name), "' (F8_E4M3) holds the NaN code ",
+                             bad < 0 ? "" : (L.data(i)[bad] == 0x7f ? "0x7f" : "0xff"), " at row ",
+                             bad < 0 ? 0 : bad / cols, ", column ", bad < 0 ? 0 : bad % cols,
+                             "; FP8 weights must be finite (--allow-non-finite does not apply to them)");
+            return;
+        }
         if (opts.allow_non_finite) return;
         const int64_t bad = first_non_finite(L.data(i), i.dtype, i.numel());
         SWITCHYARD_CHECK(bad < 0, path, ": tensor '", printable(i.name), "' has a non-finite value (NaN or Inf) at flat index ",
@@ -224,30 +263,31 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
         SWITCHYARD_CHECK(fi.shape.size() == 2 && fi.shape[1] == H && fi.shape[0] > 0, path, ": tensor '",
                          printable(fi.name), "' has shape ", shape_to_string(fi.shape), ", expected [ffn_size, ", H, "]");
         out.ffn_size = fi.shape[0];
-        SWITCHYARD_CHECK(is_float(fi.dtype), path, ": tensor '", printable(fi.name), "' has dtype ", fi.dtype_str,
-                         "; weights must be F32, BF16 or F16");
+        SWITCHYARD_CHECK(is_float(fi.dtype) || fi.dtype == DType::kF8E4M3, path, ": tensor '", printable(fi.name),
+                         "' has dtype ", fi.dtype_str, "; expert weights must be F32, BF16, F16 or F8_E4M3 (with scales)");
         out.expert_dtype = fi.dtype;
     }
     const int64_t F = out.ffn_size;
     const DType edt = out.expert_dtype;
     struct ExpertTensors {
         const SafetensorInfo *in0 = nullptr, *in1 = nullptr, *down = nullptr;
+        MatrixScales s_in0, s_in1, s_down;  // F8_E4M3 only
     };
     std::vector<ExpertTensors> experts(static_cast<size_t>(E));
     for (int64_t i = 0; i < E; ++i) {
         ExpertTensors& t = experts[static_cast<size_t>(i)];
         if (gated) {
-            t.in0 = &L.need(ename(i, g_name), {F, H});
-            t.in1 = &L.need(ename(i, u_name), {F, H});
+            t.in0 = &L.need(ename(i, g_name), {F, H}, true);
+            t.in1 = &L.need(ename(i, u_name), {F, H}, true);
             L.same_dtype(*t.in1, edt, "expert");
         } else {
             SWITCHYARD_CHECK(!L.has(ename(i, other_name)), path, ": tensor '", printable(L.full(ename(i, other_name))),
                              "' is present but activation ", to_string(opts.activation),
                              " is ungated (use swiglu or geglu for gated experts)");
-            t.in0 = &L.need(ename(i, in_name), {F, H});
+            t.in0 = &L.need(ename(i, in_name), {F, H}, true);
         }
         L.same_dtype(*t.in0, edt, "expert");
-        t.down = &L.need(ename(i, d_name), {H, F});
+        t.down = &L.need(ename(i, d_name), {H, F}, true);
         L.same_dtype(*t.down, edt, "expert");
         for (const SafetensorInfo* x : {t.in0, t.in1, t.down})
             if (x) used.insert(x->name);
@@ -296,34 +336,154 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
             S = d0.shape[1];
             SWITCHYARD_CHECK(S % n_shared == 0, path, ": shared width ", S, " of '", printable(d0.name),
                              "' is not a multiple of the number of shared experts ", n_shared);
-            sd = &L.need(sp + "down_proj.weight", {H, S});
+            sd = &L.need(sp + "down_proj.weight", {H, S}, true);
             if (gated) {
-                sg = &L.need(sp + "gate_proj.weight", {S, H});
-                su = &L.need(sp + "up_proj.weight", {S, H});
+                sg = &L.need(sp + "gate_proj.weight", {S, H}, true);
+                su = &L.need(sp + "up_proj.weight", {S, H}, true);
                 L.same_dtype(*sg, sd->dtype, "shared expert");
             } else {
                 SWITCHYARD_CHECK(!L.has(sp + "gate_proj.weight"), path, ": tensor '",
                                  printable(L.full(sp + "gate_proj.weight")), "' is present but activation ",
                                  to_string(opts.activation), " is ungated");
-                su = &L.need(sp + "up_proj.weight", {S, H});
+                su = &L.need(sp + "up_proj.weight", {S, H}, true);
             }
             L.same_dtype(*su, sd->dtype, "shared expert");
             // Qwen2-MoE scales its shared expert by sigmoid(x . shared_expert_gate) (MoEConfig::shared_expert_gate).
+            // It is never quantised: with an F8_E4M3 shared expert it keeps its own float dtype.
             if (L.has("mlp.shared_expert_gate.weight")) {
                 sgate = &L.need("mlp.shared_expert_gate.weight", {1, H});
-                L.same_dtype(*sgate, sd->dtype, "shared expert");
+                if (sd->dtype != DType::kF8E4M3) L.same_dtype(*sgate, sd->dtype, "shared expert");
             }
             for (const SafetensorInfo* x : {sg, su, sd, sgate})
                 if (x) used.insert(x->name);
         } else if (!sp.empty()) {
-            for (const char* part : {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-                if (L.has(sp + part)) used.insert(L.full(sp + part));
+            for (const char* proj : {"gate_proj.", "up_proj.", "down_proj."})
+                for (const char* part : {"weight", "weight_scale_inv", "weight_scale", "input_scale"})
+                    if (L.has(sp + proj + part)) used.insert(L.full(sp + proj + part));
             if (L.has("mlp.shared_expert_gate.weight")) used.insert(L.full("mlp.shared_expert_gate.weight"));
             out.notes.push_back("shared-expert tensors under '" + printable(L.full(sp)) + "' present but not used");
         }
     } else {
         SWITCHYARD_CHECK(opts.num_shared_experts <= 0, path, ": ", opts.num_shared_experts,
                          " shared experts requested but Mixtral-named weights have none");
+    }
+
+    // FP8 experts: an F8_E4M3 matrix has its scale beside it (<name>_scale_inv: 128x128 blocks; <name>_scale: one
+    // per tensor; optional <base>input_scale, per tensor only); a float matrix has none. One scheme per layer.
+    const SafetensorInfo* mode_from = nullptr;  // the first F8_E4M3 matrix (names the scheme in messages)
+    auto scheme_name = [](QuantMode m) {
+        return m == QuantMode::kFP8Block ? "block-scaled (weight_scale_inv)" : "per-tensor scaled (weight_scale)";
+    };
+    auto scales_of = [&](const SafetensorInfo& wt) {
+        MatrixScales ms;
+        const std::string base = wt.name.substr(0, wt.name.size() - std::string("weight").size());
+        const std::string n_inv = base + "weight_scale_inv", n_ts = base + "weight_scale", n_in = base + "input_scale";
+        if (wt.dtype != DType::kF8E4M3) {
+            for (const std::string& n : {n_inv, n_ts, n_in})
+                SWITCHYARD_CHECK(!file.has(n), path, ": tensor '", printable(n), "' is a quantisation scale but '",
+                                 printable(wt.name), "' is ", wt.dtype_str, ", not F8_E4M3");
+            return ms;
+        }
+        const bool has_inv = file.has(n_inv), has_ts = file.has(n_ts);
+        SWITCHYARD_CHECK(has_inv || has_ts, path, ": tensor '", printable(wt.name), "' is F8_E4M3 but has no scale ('",
+                         printable(n_inv), "' for 128x128 blocks or '", printable(n_ts), "' per tensor)");
+        SWITCHYARD_CHECK(!(has_inv && has_ts), path, ": tensor '", printable(wt.name), "' has both '", printable(n_inv),
+                         "' (block) and '", printable(n_ts), "' (per-tensor) scales");
+        const QuantMode m = has_inv ? QuantMode::kFP8Block : QuantMode::kFP8Tensor;
+        if (mode_from == nullptr) {
+            out.quant_mode = m;
+            mode_from = &wt;
+        }
+        SWITCHYARD_CHECK(m == out.quant_mode, path, ": tensor '", printable(wt.name), "' is ", scheme_name(m), " but '",
+                         printable(mode_from->name), "' is ", scheme_name(out.quant_mode),
+                         "; one layer uses one FP8 scheme");
+        // want empty: a scalar ([] or [1]); input: an input scale (> 0; weight scales may be 0, an all-zero block).
+        auto scale_tensor = [&](const std::string& n, const std::vector<int64_t>& want, bool input) {
+            const SafetensorInfo& si = file.info(n);
+            SWITCHYARD_CHECK(is_float(si.dtype), path, ": tensor '", printable(n), "' has dtype ", si.dtype_str,
+                             "; scales must be F32 (BF16 and F16 are read exactly)");
+            const bool scalar = want.empty();
+            const bool ok = scalar ? si.shape.empty() || si.shape == std::vector<int64_t>{1} : si.shape == want;
+            const std::string expected =
+                scalar ? "a scalar ([] or [1]; per-channel scales are not supported)"
+                       : shape_to_string(want) + " (one per 128x128 block of '" + printable(wt.name) + "' " +
+                             shape_to_string(wt.shape) + ")";
+            SWITCHYARD_CHECK(ok, path, ": tensor '", printable(n), "' has shape ", shape_to_string(si.shape),
+                             ", expected ", expected);
+            const uint8_t* p = L.data(si);
+            for (int64_t i = 0; i < si.numel(); ++i) {
+                const float v = float_at(p, si.dtype, i);
+                SWITCHYARD_CHECK(std::isfinite(v), path, ": tensor '", printable(n), "' has a non-finite scale ", v,
+                                 " at flat index ", i);
+                SWITCHYARD_CHECK(v > 0.0f || (!input && v == 0.0f), path, ": tensor '", printable(n), "' has the scale ",
+                                 v, " at flat index ", i,
+                                 input ? "; input scales must be > 0" : "; weight scales must be >= 0");
+            }
+            used.insert(n);
+            return &si;
+        };
+        if (m == QuantMode::kFP8Block) {
+            ms.w = scale_tensor(n_inv, {fp8_blocks(wt.shape[0]), fp8_blocks(wt.shape[1])}, false);
+            SWITCHYARD_CHECK(!file.has(n_in), path, ": tensor '", printable(n_in),
+                             "' is a static input scale, which only per-tensor FP8 (weight_scale) takes; '",
+                             printable(wt.name), "' is block-scaled (its activations are quantised per token and 128 "
+                             "channels)");
+        } else {
+            ms.w = scale_tensor(n_ts, {}, false);
+            if (file.has(n_in)) ms.input = scale_tensor(n_in, {}, true);
+        }
+        return ms;
+    };
+    for (ExpertTensors& t : experts) {
+        t.s_in0 = scales_of(*t.in0);
+        if (t.in1) t.s_in1 = scales_of(*t.in1);
+        t.s_down = scales_of(*t.down);
+    }
+    MatrixScales ssg, ssu, ssd;  // shared expert
+    if (sd) {
+        SWITCHYARD_CHECK(sd->dtype != DType::kF8E4M3 || edt == DType::kF8E4M3, path, ": shared-expert tensor '",
+                         printable(sd->name), "' is F8_E4M3 but the routed experts are ", safetensors_dtype_name(edt),
+                         "; FP8 layers need F8_E4M3 routed experts (a float shared expert beside them is fine)");
+        if (sg) ssg = scales_of(*sg);
+        ssu = scales_of(*su);
+        ssd = scales_of(*sd);
+    }
+    // The router (and Qwen2-MoE's shared-expert gate) is never quantised: a scale beside it is an error too.
+    scales_of(*gi);
+    if (sgate) scales_of(*sgate);
+    // Block scales cover 128-row blocks of the fused w13 [2F, H] (gate rows, then up rows): with F % 128 != 0 the
+    // last gate block and the first up block would share rows, and one scale, so the checkpoint's two scales could
+    // not be kept. Real block-scaled checkpoints have F % 128 == 0 (DeepSeek-V3 2048, Qwen3-30B-A3B 768).
+    if (out.quant_mode == QuantMode::kFP8Block && gated) {
+        SWITCHYARD_CHECK(F % kFp8BlockSize == 0, path, ": block-scaled FP8 experts with a gated activation need an FFN "
+                         "width that is a multiple of 128 ('", printable(experts[0].in0->name), "' has ", F,
+                         " rows): the fused [gate; up] matrix would put rows of both in one 128x128 scale block");
+        SWITCHYARD_CHECK(!sd || sd->dtype != DType::kF8E4M3 || S % kFp8BlockSize == 0, path,
+                         ": block-scaled FP8 shared experts with a gated activation need a width that is a multiple of "
+                         "128 ('", printable(sd ? sd->name : ""), "' has ", S, " columns)");
+    }
+    // Static input scales: for every matrix of a group or for none (the layer takes one per expert and GEMM).
+    auto all_or_none = [&](const std::vector<std::pair<const SafetensorInfo*, const MatrixScales*>>& group) {
+        const SafetensorInfo *with = nullptr, *without = nullptr;  // the first matrix with / without one
+        for (const auto& g : group) {
+            if (g.first == nullptr || g.first->dtype != DType::kF8E4M3) continue;
+            const SafetensorInfo*& slot = g.second->input ? with : without;
+            if (slot == nullptr) slot = g.first;
+        }
+        SWITCHYARD_CHECK(!(with && without), path, ": tensor '", printable(with ? with->name : ""),
+                         "' has an input_scale but '", printable(without ? without->name : ""),
+                         "' has none; give static input scales for every expert of a projection or for none");
+    };
+    {
+        std::vector<std::pair<const SafetensorInfo*, const MatrixScales*>> g13, g2;
+        for (const ExpertTensors& t : experts) {
+            g13.push_back({t.in0, &t.s_in0});
+            g13.push_back({t.in1, &t.s_in1});
+            g2.push_back({t.down, &t.s_down});
+        }
+        all_or_none(g13);
+        all_or_none(g2);
+        all_or_none({{sg, &ssg}, {su, &ssu}});
     }
 
     // Every other tensor of the MoE block is reported: it is not part of the layer and was ignored.
@@ -401,6 +561,108 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
         }
         out.num_shared_experts = n_shared;
         out.shared_ffn_size = S / n_shared;
+    }
+    // ---- 3. FP8 scales (fp32). Block: each matrix's [B(rows), B(cols)] blocks as stored, w13's gate blocks over its
+    // up blocks (F % 128 == 0, checked above, so they line up with the fused rows). Tensor: one scale per fused w13;
+    // when gate and up have different scales, w13 takes the larger and the other matrix's codes are requantised to it
+    // (e4m3(dec(q) * s / s_max), as vLLM does for the same checkpoints: the one lossy step of the loader).
+    // Static input scales: GEMM1's is the larger of gate's and up's (llm-compressor / vLLM), GEMM2's down's.
+    if (out.quant_mode != QuantMode::kNone) {
+        const bool block = out.quant_mode == QuantMode::kFP8Block;
+        auto scale_value = [&](const SafetensorInfo* si) { return float_at(L.data(*si), si->dtype, 0); };
+        auto copy_scales = [&](const SafetensorInfo* si, float* dst) {
+            for (int64_t j = 0; j < si->numel(); ++j) dst[j] = float_at(L.data(*si), si->dtype, j);
+        };
+        int64_t requantised = 0, input_max = 0;
+        // Fuses gate's and up's per-tensor scales for the [gate; up] codes at w13 (n codes each); returns the scale.
+        auto fuse_tensor_scales = [&](uint8_t* w13, int64_t n, float sg, float su) {
+            const float s = std::max(sg, su);
+            if (sg != su) {
+                uint8_t* codes = sg < su ? w13 : w13 + n;
+                const double ratio = static_cast<double>(std::min(sg, su)) / static_cast<double>(s);
+                for (int64_t j = 0; j < n; ++j)
+                    codes[j] = float_to_fp8_e4m3(static_cast<float>(fp8_e4m3_to_float(codes[j]) * ratio));
+                ++requantised;
+            }
+            return s;
+        };
+        auto fused_input = [&](const MatrixScales& g, const MatrixScales& u) {
+            const float a = scale_value(g.input), b = scale_value(u.input);
+            if (a != b) ++input_max;
+            return std::max(a, b);
+        };
+        const int64_t R13 = gated ? 2 * F : F;
+        if (block) {
+            const int64_t bh = fp8_blocks(H), bf = fp8_blocks(F);
+            out.owned.w.w13_scale = out.owned.allocate(DType::kF32, {E, fp8_blocks(R13), bh});
+            out.owned.w.w2_scale = out.owned.allocate(DType::kF32, {E, bh, bf});
+            for (int64_t i = 0; i < E; ++i) {
+                const ExpertTensors& t = experts[static_cast<size_t>(i)];
+                float* d13 = out.owned.w.w13_scale.ptr<float>() + i * fp8_blocks(R13) * bh;
+                copy_scales(t.s_in0.w, d13);
+                if (gated) copy_scales(t.s_in1.w, d13 + bf * bh);
+                copy_scales(t.s_down.w, out.owned.w.w2_scale.ptr<float>() + i * bh * bf);
+            }
+        } else {
+            out.owned.w.w13_scale = out.owned.allocate(DType::kF32, {E});
+            out.owned.w.w2_scale = out.owned.allocate(DType::kF32, {E});
+            const bool in13 = experts[0].s_in0.input != nullptr, in2 = experts[0].s_down.input != nullptr;
+            if (in13) out.owned.w.w13_input_scale = out.owned.allocate(DType::kF32, {E});
+            if (in2) out.owned.w.w2_input_scale = out.owned.allocate(DType::kF32, {E});
+            for (int64_t i = 0; i < E; ++i) {
+                const ExpertTensors& t = experts[static_cast<size_t>(i)];
+                uint8_t* codes = w13 + static_cast<size_t>(i * R13 * H);
+                out.owned.w.w13_scale.ptr<float>()[i] =
+                    gated ? fuse_tensor_scales(codes, F * H, scale_value(t.s_in0.w), scale_value(t.s_in1.w))
+                          : scale_value(t.s_in0.w);
+                out.owned.w.w2_scale.ptr<float>()[i] = scale_value(t.s_down.w);
+                if (in13)
+                    out.owned.w.w13_input_scale.ptr<float>()[i] =
+                        gated ? fused_input(t.s_in0, t.s_in1) : scale_value(t.s_in0.input);
+                if (in2) out.owned.w.w2_input_scale.ptr<float>()[i] = scale_value(t.s_down.input);
+            }
+        }
+        if (sd && sd->dtype == DType::kF8E4M3) {
+            const int64_t Rs = gated ? 2 * S : S;
+            if (block) {
+                const int64_t bh = fp8_blocks(H);
+                out.owned.w.shared_w13_scale = out.owned.allocate(DType::kF32, {fp8_blocks(Rs), bh});
+                out.owned.w.shared_w2_scale = out.owned.allocate(DType::kF32, {bh, fp8_blocks(S)});
+                float* d13 = out.owned.w.shared_w13_scale.ptr<float>();
+                if (gated) {
+                    copy_scales(ssg.w, d13);
+                    copy_scales(ssu.w, d13 + fp8_blocks(S) * bh);
+                } else {
+                    copy_scales(ssu.w, d13);
+                }
+                copy_scales(ssd.w, out.owned.w.shared_w2_scale.ptr<float>());
+            } else {
+                out.owned.w.shared_w13_scale = out.owned.allocate(DType::kF32, {1});
+                out.owned.w.shared_w2_scale = out.owned.allocate(DType::kF32, {1});
+                uint8_t* codes = static_cast<uint8_t*>(out.owned.w.shared_w13.data);
+                out.owned.w.shared_w13_scale.ptr<float>()[0] =
+                    gated ? fuse_tensor_scales(codes, S * H, scale_value(ssg.w), scale_value(ssu.w))
+                          : scale_value(ssu.w);
+                out.owned.w.shared_w2_scale.ptr<float>()[0] = scale_value(ssd.w);
+                if (ssu.input) {
+                    out.owned.w.shared_w13_input_scale = out.owned.allocate(DType::kF32, {1});
+                    out.owned.w.shared_w13_input_scale.ptr<float>()[0] =
+                        gated ? fused_input(ssg, ssu) : scale_value(ssu.input);
+                }
+                if (ssd.input) {
+                    out.owned.w.shared_w2_input_scale = out.owned.allocate(DType::kF32, {1});
+                    out.owned.w.shared_w2_input_scale.ptr<float>()[0] = scale_value(ssd.input);
+                }
+            }
+        }
+        if (requantised > 0)
+            out.notes.push_back(std::to_string(requantised) +
+                                " fused gate/up pair(s) have different per-tensor weight scales: w13 takes the larger "
+                                "and the other matrix's codes were requantised to it (as vLLM does)");
+        if (input_max > 0)
+            out.notes.push_back(std::to_string(input_max) +
+                                " gate/up pair(s) have different input scales: GEMM1 uses the larger (llm-compressor / "
+                                "vLLM convention)");
     }
     return out;
 }

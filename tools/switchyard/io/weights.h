@@ -17,6 +17,19 @@
 // activation is an error (it would be silently ignored otherwise).
 // Dtypes: weights F32, BF16 or F16, as stored (one dtype for all routed experts' tensors, one for the shared
 // MLP; the router weight keeps its own); the selection bias is converted exactly to fp32.
+// FP8 experts (docs/fp8.md, "Loading"): routed expert matrices in F8_E4M3 make an FP8 layer; each such matrix
+// `<base>weight` needs its scale beside it: `<base>weight_scale_inv` [ceil(rows/128), ceil(cols/128)] (block
+// scales, DeepSeek-V3 / Qwen3-FP8: quant_mode fp8-block) or `<base>weight_scale` [] or [1] (per tensor,
+// llm-compressor: fp8-tensor), plus optionally `<base>input_scale` [] or [1] (static activation scale,
+// fp8-tensor only). Scales may be F32, BF16 or F16 (read exactly into fp32 MoEWeights scale tensors); weight
+// scales finite and >= 0, input scales finite and > 0. The shared expert may be F8_E4M3 (same scheme) or float;
+// the router is never quantised. Block mode with a gated activation needs F % 128 == 0 (and S % 128 == 0 for an
+// F8_E4M3 shared expert): w13 fuses [gate; up] and one 128-row scale block must not hold rows of both.
+// Per-tensor mode fuses gate's and up's scales into one w13 scale: the larger, with the other matrix's codes
+// requantised to it (a note says so; vLLM does the same); GEMM1's static input scale is the larger of gate's and
+// up's. Errors name the tensor: a missing scale, both scale kinds, a scale beside a float weight, a shape
+// mismatch, a non-finite or negative scale, an fp8 NaN code (0x7f / 0xff, always an error), F8_E4M3 mixed with
+// float routed experts, two schemes in one layer, input scales on some experts only.
 // Qwen2-MoE's mlp.shared_expert_gate.weight (a sigmoid gate on the shared expert) is not part of the layer
 // contract: it is ignored and reported in LoadedWeights::notes, as is every other tensor under the MoE block's
 // prefix (`block_sparse_moe.` or `mlp.`) that the layer does not use.
@@ -71,11 +84,13 @@ struct LoadedWeights {
     int64_t num_shared_experts = 0, shared_ffn_size = 0;  // shared width S = product
     bool has_score_bias = false;
     bool has_shared_gate = false;  // Qwen2-MoE's shared_expert_gate.weight was loaded (MoEConfig::shared_expert_gate)
-    DType expert_dtype = DType::kF32;
+    DType expert_dtype = DType::kF32;              // F8_E4M3 for FP8 experts
+    QuantMode quant_mode = QuantMode::kNone;       // from the scale tensors beside F8_E4M3 experts
     std::vector<std::string> notes;  // tensors present but not used, etc.
     OwnedWeights owned;
 
-    // Sets hidden/ffn/experts/shared sizes, shared_expert_gate and use_score_bias of cfg from the weights.
+    // Sets hidden/ffn/experts/shared sizes, shared_expert_gate, use_score_bias and quant_mode of cfg from the
+    // weights.
     void apply_to(MoEConfig& cfg) const;
 };
 
