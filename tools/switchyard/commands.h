@@ -13,6 +13,7 @@ void add_check(CLI::App& app, int* exit_code);
 void add_bench(CLI::App& app, int* exit_code);
 void add_profile(CLI::App& app, int* exit_code);
 void add_balance(CLI::App& app, int* exit_code);
+void add_quantize(CLI::App& app, int* exit_code);
 
 }  // namespace cli
 }  // namespace switchyard

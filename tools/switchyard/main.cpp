@@ -5,6 +5,7 @@
 //   switchyard bench    timings (median of N after warm-up) beside the shape's floor
 //   switchyard profile  report/PROFILE.md + report/profile.json from measurements of this run
 //   switchyard balance  load-balancing simulation under a skewed router (JSON + plot)
+//   switchyard quantize a float checkpoint's expert projections -> FP8 (F8_E4M3 + scales) safetensors
 // Exit codes: 0 success, 1 a check failed, 2 bad input or any error (one line `switchyard: error: ...` on
 // stderr; no partial output files).
 #include <CLI/CLI.hpp>
@@ -30,6 +31,7 @@ int main(int argc, char** argv) {
         cli::add_bench(app, &exit_code);
         cli::add_profile(app, &exit_code);
         cli::add_balance(app, &exit_code);
+        cli::add_quantize(app, &exit_code);
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
         return app.exit(e);
