@@ -93,6 +93,42 @@ def deepseek(E, H, F, S=0, dt="F32", prefix="", bias=True, shared="shared_expert
     return ts
 
 
+def fp8_codes(n, rng):
+    """n F8_E4M3 codes, none of them a NaN code (0x7f, 0xff)."""
+    return bytes(c if (c & 0x7F) != 0x7F else c ^ 1 for c in (rng.randrange(256) for _ in range(n)))
+
+
+def f32s(*v):
+    return struct.pack("<%df" % len(v), *v)
+
+
+def fp8_layer(E, H, F, S=0, block=True, prefix="", mixtral_names=False, input_scales=False, rng=None):
+    """An FP8 layer (docs/fp8.md, "Loading"): F8_E4M3 expert matrices with weight_scale_inv blocks or per-tensor
+    weight_scale (+ input_scale) beside them; a float router."""
+    B = lambda n: (n + 127) // 128
+    if mixtral_names:
+        ts = [(prefix + "block_sparse_moe.gate.weight", "BF16", [E, H])]
+        mats = [(f"{prefix}block_sparse_moe.experts.{e}.{w}.", shape) for e in range(E)
+                for w, shape in (("w1", [F, H]), ("w3", [F, H]), ("w2", [H, F]))]
+    else:
+        ts = [(prefix + "mlp.gate.weight", "BF16", [E, H]), (prefix + "mlp.gate.e_score_correction_bias", "F32", [E])]
+        mats = [(f"{prefix}mlp.experts.{e}.{w}.", shape) for e in range(E)
+                for w, shape in (("gate_proj", [F, H]), ("up_proj", [F, H]), ("down_proj", [H, F]))]
+        if S:
+            mats += [(f"{prefix}mlp.shared_experts.{w}.", shape)
+                     for w, shape in (("gate_proj", [S, H]), ("up_proj", [S, H]), ("down_proj", [H, S]))]
+    for base, shape in mats:
+        ts.append((base + "weight", "F8_E4M3", shape, fp8_codes(numel(shape), rng)))
+        if block:
+            sb = [B(shape[0]), B(shape[1])]
+            ts.append((base + "weight_scale_inv", "F32", sb, f32s(*[rng.uniform(1e-4, 1e-2) for _ in range(numel(sb))])))
+        else:
+            ts.append((base + "weight_scale", "F32", [], f32s(rng.uniform(1e-4, 1e-2))))
+            if input_scales:
+                ts.append((base + "input_scale", "F32", [1], f32s(rng.uniform(1e-3, 1e-1))))
+    return ts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus"))
@@ -185,6 +221,21 @@ def main():
         ("block_sparse_moe.experts.0.w1.weight", "F32", [1, 2], nan * 2),
         ("block_sparse_moe.experts.0.w3.weight", "F32", [1, 2]), ("block_sparse_moe.experts.0.w2.weight", "F32", [2, 1])])
     W["nonfinite_weight_allowed"] = b"\x40" + W["nonfinite_weight"][1:]
+    # FP8 experts (issue 13): block scales with a shared expert (F = S = 128: gated block mode needs multiples of
+    # 128), per-tensor scales with static input scales (Mixtral names), and malformed ones.
+    frng = random.Random(13)
+    W["fp8_block_shared"] = b"\x04" + safetensors(fp8_layer(2, 4, 128, S=128, rng=frng))
+    W["fp8_tensor_input_scales"] = b"\x00" + safetensors(
+        fp8_layer(2, 4, 3, block=False, mixtral_names=True, input_scales=True, rng=frng))
+    bad = fp8_layer(2, 4, 3, block=False, rng=frng)
+    W["fp8_nan_code"] = b"\x04" + safetensors([t if t[0] != "mlp.experts.1.up_proj.weight" else
+                                               (t[0], t[1], t[2], b"\x7f" + t[3][1:]) for t in bad])
+    W["fp8_missing_scale"] = b"\x04" + safetensors([t for t in bad if t[0] != "mlp.experts.0.down_proj.weight_scale"])
+    W["fp8_block_scale_shape"] = b"\x04" + safetensors([t if t[0] != "mlp.experts.0.gate_proj.weight_scale_inv" else
+                                                        (t[0], "F32", [2, 1], f32s(1.0, 1.0))
+                                                        for t in fp8_layer(1, 4, 128, rng=frng)])
+    S["fp8_e4m3_with_scale"] = safetensors([("w.weight", "F8_E4M3", [3, 5], fp8_codes(15, frng)),
+                                            ("w.weight_scale_inv", "F32", [1, 1], f32s(0.5))], {"format": "pt"})
 
     # ---- cli: forward's arguments, NUL-separated, paths as placeholders (fuzz_entries.h).
     C = files["cli"]

@@ -8,7 +8,9 @@ and an element-wise check |y - ref| <= atol * max|ref| + rtol * |ref| with toler
 points). Cases: Mixtral-style (softmax, top-2, SwiGLU, Mixtral names), DeepSeek-style (sigmoid,
 e_score_correction_bias, groups, renormalise, routed scale, shared experts, prefix model.layers.3.),
 Qwen2 spelling with an ungated activation, bf16, capacity with drops under both policies, the stats JSON,
-and the error paths (exit code 2, one line `switchyard: error: ...`, no output file).
+and the error paths (exit code 2, one line `switchyard: error: ...`, no output file); `switchyard quantize` to
+fp8-block and fp8-tensor and `forward` on its output (relative L2 < 0.1 against the float reference), and the
+FP8 / quantize error paths.
 Usage: test_cli_numpy.py --cli path/to/switchyard [--device cuda]      Prints 'N passed, N failed'; exit 1 on any failure.
 """
 import argparse
@@ -455,6 +457,62 @@ def robustness_cases(cli, tmp):
           p.returncode == 2 and "fp32, bf16 or fp16" in p.stderr and "int32" not in p.stderr, p.stderr.strip())
 
 
+def fp8_cases(cli, tmp):
+    """Issue 13: `switchyard quantize` writes a checkpoint `forward` runs (within FP8 error of the float64 reference),
+    and bad FP8 / quantize inputs are clean errors (exit 2, one line, no output, inputs unchanged)."""
+    H, F, E, T = 64, 128, 4, 16  # F a multiple of 128: fp8-block with SwiGLU fuses gate and up exactly
+    cfg = {"top_k": 2, "num_experts": E, "score": "softmax", "activation": "swiglu", "dtype": "fp32"}
+    w = make_layer(41, H, F, E, "fp32")
+    src = os.path.join(tmp, "fp8_src.safetensors")
+    mn.write_safetensors(src, hf_tensors(w, "mixtral", "model.layers.0.", "fp32"))
+    x = np.random.default_rng(42).uniform(-1, 1, size=(T, H)).astype(np.float32)
+    xpath = os.path.join(tmp, "fp8_x.npy")
+    np.save(xpath, x)
+    ref = mn.moe_forward(cfg, x.astype(np.float64), w)[0]
+    for fmt in ("fp8-block", "fp8-tensor"):
+        q = os.path.join(tmp, f"fp8_{fmt}.safetensors")
+        rc, _, err = run_cli(cli, ["quantize", "--weights", src, "--out", q, "--format", fmt])
+        check(f"quantize {fmt}", rc == 0 and os.path.isfile(q) and "quantize" in err, err.strip()[:300])
+        if rc != 0:
+            continue
+        leftovers = [f for f in os.listdir(tmp) if ".tmp." in f]
+        check(f"quantize {fmt}: no temporary left", not leftovers, str(leftovers))
+        y = os.path.join(tmp, f"fp8_{fmt}_y.npy")
+        # On the CPU backend (the FP8 specification) whatever --device says: this case tests the file formats.
+        rc, _, err = run_cli(cli, ["forward", "--weights", q, "--prefix", "model.layers.0.", "--input", xpath,
+                                   "--output", y, "--top-k", "2"])
+        ok = rc == 0 and f"quant={fmt}" in err
+        rel = float(np.linalg.norm(np.load(y) - ref) / np.linalg.norm(ref)) if ok else float("nan")
+        check(f"forward on the {fmt} checkpoint: relative L2 vs the float64 reference < 0.1", ok and 0 < rel < 0.1,
+              f"rc={rc} rel={rel} stderr={err.strip()[:300]!r}")
+    blk = os.path.join(tmp, "fp8_fp8-block.safetensors")
+    out = os.path.join(tmp, "fp8_err.safetensors")
+    y = os.path.join(tmp, "fp8_err_y.npy")
+    q_base = ["quantize", "--weights", src, "--out", out]
+    expect_clean_error(cli, "quantize: --out is --weights", ["quantize", "--weights", src, "--out", src, "--format",
+                                                             "fp8-block"], "same file", [src], [src])
+    expect_clean_error(cli, "quantize: unknown format", q_base + ["--format", "fp4"], "fp8-block", [out], [src])
+    expect_clean_error(cli, "quantize: prefix without experts", q_base + ["--format", "fp8-block", "--prefix",
+                                                                         "model.layers.9."], "no expert projection",
+                       [out], [src])
+    if os.path.isfile(blk):
+        expect_clean_error(cli, "quantize: already FP8", ["quantize", "--weights", blk, "--out", out, "--format",
+                                                          "fp8-tensor"], "already F8_E4M3", [out], [blk])
+        # An fp8 NaN code in one expert matrix: forward refuses it by name.
+        with open(blk, "rb") as f:
+            data = bytearray(f.read())
+        n = struct.unpack("<Q", data[:8])[0]
+        name = "model.layers.0.block_sparse_moe.experts.2.w3.weight"
+        begin = json.loads(data[8:8 + n])[name]["data_offsets"][0]
+        data[8 + n + begin + 5] = 0xFF
+        nan_w = os.path.join(tmp, "fp8_nan.safetensors")
+        with open(nan_w, "wb") as f:
+            f.write(data)
+        expect_clean_error(cli, "forward: fp8 NaN code", ["forward", "--weights", nan_w, "--prefix", "model.layers.0.",
+                                                          "--input", xpath, "--output", y, "--top-k", "2"],
+                           "NaN code 0xff", [y], [nan_w, xpath])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cli", required=True, help="path to the switchyard binary")
@@ -577,6 +635,7 @@ def main():
         os.remove(out)
 
         robustness_cases(cli, tmp)
+        fp8_cases(cli, tmp)
 
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
     return 1 if RESULTS["failed"] else 0
