@@ -9,6 +9,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/experts/act_fn.cuh"
 #include "cuda/moe_stages.h"
 
 namespace switchyard {
@@ -16,18 +17,6 @@ namespace cuda {
 namespace {
 
 constexpr int kActThreads = 128;
-
-template <Activation kAct>
-__device__ __forceinline__ float act_fn(float v) {
-    if constexpr (kAct == Activation::kSwiGLU) {
-        return v / (1.0f + expf(-v));
-    } else if constexpr (kAct == Activation::kGeGLU || kAct == Activation::kGELU) {
-        constexpr float kSqrt2OverPi = 0.7978845608028654f;
-        return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
-    } else {
-        return v > 0.0f ? v : 0.0f;
-    }
-}
 
 template <typename T, Activation kAct, bool kVec>
 __global__ void __launch_bounds__(kActThreads)
