@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/compare_torch.py: PyTorch peers beside Switchyard, measured in one run on the GPU machine.
 
-Four modes:
+Five modes:
 
   GEMM mode (default): the expert GEMMs of the DESIGN.md shapes, Switchyard's grouped GEMM beside
   torch._grouped_mm on identical problems (same per-expert row counts, same N/K, random bf16 data).
@@ -32,6 +32,22 @@ Four modes:
   torch ops (grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad: --torch-lib) beside torch._grouped_mm on the same
   tensors (for wgrad its 2-D x 2-D form grouped along the reduction), with the floor of each.
       python3 bench/compare_torch.py --train-gemms --torch-lib build/bindings/torch/_switchyard_torch.so
+
+  Decode mode (--decode; tokens default 1,2,4,8,16,32,64; issue 12): whole layers at decode batch sizes, each
+  timed eager and as a replayed CUDA graph (one call captured on a static x after warm-up):
+    switchyard        : switchyard.torch.MoE (--torch-lib) in eval mode under no_grad, whose forward takes the fused
+                        small-batch op for bf16 CUDA inputs of T <= 64 (MoE.fused_max_tokens = None);
+    switchyard-staged : the same weights with fused_max_tokens = 0 (the staged ops); a binding without the
+                        attribute is reported as staged only;
+    sort              : the layer mode's sort path;
+    vllm              : vLLM's Triton fused_moe_kernel (bench/vllm_peer.py, needs .deps/vllm and triton).
+  All share one copy of the weights (the switchyard modules wrap the same tensors) and one routing function:
+  softmax over fp32 logits, top-k, no renormalisation. Implementations are alternated per measurement and the L2
+  cache is flushed before every timed call. Floor per (shape, T): the bytes of the experts that x's routing hits,
+  plus x and y, over the copy bandwidth. Each output is checked against the sort path (relative L2, flagged above
+  2e-2). Prints a table per shape and the smallest T where the staged ops beat the fused op; --json has every
+  number (null where not measured).
+      python3 bench/compare_torch.py --decode --torch-lib build/bindings/torch/_switchyard_torch.so --json out.json
 
 Floors: max(FLOPs / measured bf16 ceiling, bytes / measured copy bandwidth); the ceiling is a torch 8192^3 bf16
 matmul and the copy bandwidth a 1 GiB device copy, both measured in this run (the GEMM mode takes the
@@ -69,11 +85,12 @@ MODELS = {
 }
 
 
-def time_interleaved(fns, warmup=5, iters=20):
+def time_interleaved(fns, warmup=5, iters=20, before=None):
     """Median milliseconds of each fn between CUDA events, timed in alternation (fn0, fn1, ..., fn0, fn1, ...) after
     warm-up rounds of all of them, so that clock, power and cache drift over the measurement falls on every
     implementation alike. (Timed one after the other, the first implementation measured on a fresh problem read up
-    to 13-20% slower on an H100: bench/NOTES.md, 2026-11-27.)"""
+    to 13-20% slower on an H100: bench/NOTES.md, 2026-11-27.) before: called ahead of every timed call, outside
+    the events, then the device is synchronised (the decode mode flushes the L2 cache there)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -81,6 +98,9 @@ def time_interleaved(fns, warmup=5, iters=20):
     times = [[] for _ in fns]
     for _ in range(iters):
         for i, fn in enumerate(fns):
+            if before is not None:
+                before()
+                torch.cuda.synchronize()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -254,12 +274,12 @@ def layer_loop(x, wg, w13, w2, top_k):
     return y
 
 
-def layer_sort(x, wg, w13, w2, top_k):
+def layer_sort(x, wg, w13, w2, top_k, router_fn=router):
     """Sort by expert, permute, grouped GEMM, SwiGLU, grouped GEMM, weighted un-permute (no host sync)."""
     t, h = x.shape
     e = w13.shape[0]
     f = w2.shape[2]
-    weights, ids = router(x, wg, top_k)
+    weights, ids = router_fn(x, wg, top_k)
     flat = ids.flatten()
     order = flat.argsort(stable=True)
     counts = torch.zeros(e, dtype=torch.int32, device=x.device).scatter_add_(
@@ -615,10 +635,301 @@ def train_gemm_mode(args):
                 copy_tbps=copy_tbps, rows=results)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Decode mode (--decode): small batches, eager and CUDA-graph replay (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+DECODE_IMPLS = ("switchyard", "switchyard-staged", "sort", "vllm")
+DECODE_ROUTING = ("softmax over fp32 logits (x.float() @ gate.float().T), top-k, no renormalisation, the same for "
+                  "every impl and shape (switchyard: MoEConfig score_function=softmax, renormalize=False; "
+                  "Qwen3-30B-A3B itself renormalises, DeepSeek-V3 uses grouped sigmoid routing: not run here)")
+
+
+def router_fp32(x, wg32, top_k):
+    """The decode mode's router: softmax top-k of fp32 logits, no renormalisation. wg32: the gate in fp32 (converted
+    once, outside the timed calls). This is what switchyard.torch.MoE computes (its router GEMM runs in fp32), so
+    every implementation selects the same experts; the layer mode's router() rounds the logits to bf16 first, which
+    changes the selection on near-ties."""
+    logits = x.float() @ wg32.t()
+    return logits.softmax(dim=-1).topk(top_k, dim=-1)
+
+
+def decode_floor_us(experts_hit, tokens, hidden, ffn, copy_tbps, elem_bytes=2):
+    """Bytes of the weights of the experts hit (w13 [2F, H] and w2 [H, F] each) plus x and y [T, H], over the copy
+    bandwidth, in microseconds. The router's gate [E, H] is left out (small beside the experts; the floor stays a
+    lower bound)."""
+    nbytes = experts_hit * 3 * hidden * ffn * elem_bytes + 2 * tokens * hidden * elem_bytes
+    return nbytes / (copy_tbps * 1e12) * 1e6
+
+
+def rel_l2(y, ref):
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def capture_graph(fn, warmup=3):
+    """Warms fn up on a side stream, captures one call in a CUDA graph; returns (graph.replay, the call's static
+    output). Inputs are whatever fn closes over (static buffers)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize()
+    return graph.replay, out
+
+
+def decode_crossover(rows, mode):
+    """Smallest T whose switchyard-staged time (mode 'graph' or 'eager') beats switchyard's fused path, among the T
+    where the fused path ran; None when it never does. rows: {T: {impl: row}}."""
+    for t in sorted(rows):
+        fused, staged = rows[t].get("switchyard"), rows[t].get("switchyard-staged")
+        if not fused or not staged or fused.get("path") != "fused":
+            continue
+        a, b = fused.get(f"{mode}_us"), staged.get(f"{mode}_us")
+        if a is not None and b is not None and a == a and b == b and b < a:
+            return t
+    return None
+
+
+def _fmt_us(v, width=9):
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width}.1f}"
+
+
+def _decode_switchyard_modules(sy_torch, h, f, e, k, wg, w13, w2, device):
+    """Two switchyard.torch.MoE in eval mode on the SAME weight storage as the sort path (nn.Parameter around the
+    existing tensors, no copy): (fused-or-automatic module, staged module or None, note). The modules are built on
+    the meta device first so that their own parameters never take memory (DeepSeek-V3's experts are 22 GB)."""
+    cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
+                             renormalize=False, activation="swiglu")
+
+    def build():
+        try:
+            m = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="meta", return_stats=False)
+        except Exception:  # noqa: BLE001 - a binding that cannot build on meta: build for real, then replace
+            m = sy_torch.MoE(cfg, dtype=torch.bfloat16, device=device, return_stats=False)
+        m.gate = torch.nn.Parameter(wg, requires_grad=False)
+        m.w13 = torch.nn.Parameter(w13, requires_grad=False)
+        m.w2 = torch.nn.Parameter(w2, requires_grad=False)
+        return m.eval()
+
+    fused = build()
+    if not hasattr(fused, "fused_max_tokens"):
+        return fused, None, "staged only (this binding's MoE has no fused_max_tokens)"
+    fused.fused_max_tokens = None  # automatic: the fused path for bf16 CUDA inputs of T <= 64
+    staged = build()
+    staged.fused_max_tokens = 0
+    return fused, staged, ""
+
+
+def _decode_path(moe, x):
+    """'fused' or 'staged': which path moe(x) takes (MoE._use_fused where the binding has it)."""
+    if getattr(moe, "fused_max_tokens", None) == 0 or not hasattr(moe, "_use_fused"):
+        return "staged"
+    try:
+        return "fused" if moe._use_fused(x.reshape(-1, x.shape[-1]).contiguous()) else "staged"
+    except Exception as err:  # noqa: BLE001
+        return f"unknown ({type(err).__name__})"
+
+
+def decode_mode(args, device="cuda"):
+    """Decode-sized batches (T <= 64) of whole layers, eager and CUDA-graph replay, beside the floor.
+
+    Implementations, all on ONE copy of the weights (gate, w13 [E, 2F, H], w2 [E, H, F]), the same x and the same
+    routing function (DECODE_ROUTING):
+      switchyard        switchyard.torch.MoE in eval mode under no_grad, fused_max_tokens=None (the fused
+                        small-batch op for bf16 CUDA inputs of T <= 64, when the binding has it);
+      switchyard-staged the same weights with fused_max_tokens=0 (the staged ops);
+      sort              layer_sort (sort + torch._grouped_mm);
+      vllm              vllm_peer.vllm_layer_fn (vLLM's Triton fused_moe_kernel and its tuned config for T).
+    Each runs eager and as a replayed CUDA graph (one call captured on the static x after warm-up); all 2 x 4
+    callables of one (shape, T) are timed in alternation (time_interleaved) with the L2 cache flushed (a 256 MB
+    read) and the device synchronised before every timed call, so no call finds the weights another left in L2
+    (in a model, the other layers run in between). Floor: decode_floor_us on the experts hit by x's routing.
+    Check: relative L2 of each output (eager and graph) against the sort path's eager output, flagged > 2e-2."""
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    requested = [i for i in (args.impls or "").split(",") if i in DECODE_IMPLS]
+    impls = [i for i in DECODE_IMPLS if i in requested] if requested else list(DECODE_IMPLS)
+    want_sy = any(i.startswith("switchyard") for i in impls)
+    sy_torch, sy_why = load_switchyard_torch(args.torch_lib) if want_sy else (None, None)
+    on_cuda = str(device).startswith("cuda")
+    ceiling, copy_tbps = measure_ceilings()
+    device_name = torch.cuda.get_device_name() if on_cuda else str(device)
+    print(f"device: {device_name}  torch {torch.__version__}  (decode: eager and CUDA-graph replay)")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    print(f"routing: {DECODE_ROUTING}")
+    print("timing: median of CUDA events, impls alternated, L2 flushed before every timed call; floor = bytes of "
+          "the experts hit + x + y over the copy bandwidth")
+    if sy_torch is None and want_sy:
+        print(f"switchyard: {sy_why}")
+    scrub = torch.ones((64 << 20) if on_cuda else 1024, dtype=torch.float32, device=device)  # 256 MB > L2
+
+    def flush_l2():
+        scrub.sum()
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    results, crossover = [], {}
+    torch.manual_seed(args.seed)
+    for m in models:
+        h, f, e, k = MODELS[m]
+        wg = torch.empty(e, h, device=device, dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w13 = torch.empty(e, 2 * f, h, device=device, dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w2 = torch.empty(e, h, f, device=device, dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
+        wg32 = wg.float()
+
+        def route(x_, _wg, top_k, wg32=wg32):
+            return router_fp32(x_, wg32, top_k)
+
+        sy_fused = sy_staged = None
+        sy_note = sy_why or ""
+        if sy_torch is not None:
+            try:
+                sy_fused, sy_staged, sy_note = _decode_switchyard_modules(sy_torch, h, f, e, k, wg, w13, w2, device)
+            except Exception as err:  # noqa: BLE001 - the row says why, the run goes on
+                sy_note = f"switchyard.torch.MoE not built: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        weights_gb = (wg.numel() + w13.numel() + w2.numel()) * 2 / 1e9
+        print(f"\n{m}: H={h} F={f} E={e} top_k={k}, weights {weights_gb:.1f} GB (one copy, shared by every impl)")
+        hdr = (f"{'T':>4}{'hit':>5}{'floor us':>10} |{'sy graph':>10}{'%floor':>8}{'sy eager':>10} |"
+               f"{'staged g':>10}{'sort g':>9}{'vllm g':>9} |{'staged e':>10}{'sort e':>9}{'vllm e':>9}")
+        print(hdr)
+        print("-" * len(hdr))
+        by_t, notes, checks = {}, [], []
+        with torch.no_grad():
+            for t in tokens:
+                x = torch.randn(t, h, device=device, dtype=torch.bfloat16)
+                _, ids = route(x, wg, k)
+                hit = int(torch.unique(ids).numel())
+                floor_us = decode_floor_us(hit, t, h, f, copy_tbps)
+                rows = {}
+                eager_fns = {}
+                y_ref = fn = y = moe = None
+                for impl in impls:
+                    row = dict(model=m, tokens=t, impl=impl, experts_hit=hit, floor_us=floor_us, graph_us=None,
+                               eager_us=None, graph_pct_floor=None, eager_pct_floor=None, rel_l2_graph=None,
+                               rel_l2_eager=None, path=None, note="")
+                    rows[impl] = row
+                    try:
+                        if impl == "sort":
+                            fn = (lambda x=x: layer_sort(x, wg, w13, w2, k, router_fn=route))
+                            row["path"] = "sort + torch._grouped_mm"
+                        elif impl == "vllm":
+                            fn, row["note"] = vllm_layer_fn(x, wg, w13, w2, k, router_fn=route)
+                            row["path"] = "vllm fused_moe_kernel"
+                        else:
+                            moe = sy_fused if impl == "switchyard" else sy_staged
+                            if moe is None:
+                                row["note"] = sy_note or "switchyard not available"
+                                if impl == "switchyard-staged" and sy_fused is not None:
+                                    row["note"] = "not measured: " + sy_note + " (the switchyard row is staged)"
+                                continue
+                            row["path"] = _decode_path(moe, x)
+                            if impl == "switchyard" and sy_note:
+                                row["note"] = sy_note
+                            fn = (lambda x=x, moe=moe: moe(x))
+                        y = fn()
+                        sync()
+                        eager_fns[impl] = fn
+                        if impl == "sort":
+                            y_ref = y.float()
+                        rows[impl]["_y_eager"] = y
+                    except PeerUnavailable as err:
+                        row["note"] = f"vllm peer not run: {err}"
+                    except torch.cuda.OutOfMemoryError as err:
+                        row["note"] = f"OOM: {str(err).splitlines()[0][:160]}"
+                    except Exception as err:  # noqa: BLE001 - e.g. an op missing from this build of the binding
+                        row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                graphs, graph_outs = {}, {}
+                for impl, fn in eager_fns.items():
+                    try:
+                        graphs[impl], graph_outs[impl] = capture_graph(fn)
+                    except Exception as err:  # noqa: BLE001 - the eager row still stands
+                        rows[impl]["note"] = (rows[impl]["note"] + "; " if rows[impl]["note"] else "") + \
+                            f"graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                        sync()
+                timed = [(impl, "graph", g) for impl, g in graphs.items()] + \
+                        [(impl, "eager", fn) for impl, fn in eager_fns.items()]
+                if timed:
+                    try:
+                        ms = time_interleaved([fn for _, _, fn in timed], args.warmup, args.iters, before=flush_l2)
+                        for (impl, mode, _), v in zip(timed, ms):
+                            rows[impl][f"{mode}_us"] = v * 1e3
+                            rows[impl][f"{mode}_pct_floor"] = 100 * floor_us / (v * 1e3)
+                    except Exception as err:  # noqa: BLE001 - the run goes on; the rows say why
+                        for impl in eager_fns:
+                            rows[impl]["note"] += f"; timing failed: {str(err).splitlines()[0][:160]}"
+                for impl in impls:  # outputs against the sort path's eager output
+                    row = rows[impl]
+                    y = row.pop("_y_eager", None)
+                    if y_ref is None:
+                        continue
+                    if y is not None:
+                        row["rel_l2_eager"] = rel_l2(y, y_ref)
+                    if impl in graph_outs:
+                        row["rel_l2_graph"] = rel_l2(graph_outs[impl], y_ref)
+                by_t[t] = rows
+                r = {i: rows.get(i, {}) for i in DECODE_IMPLS}
+                sy = r["switchyard"]
+                pct = sy.get("graph_pct_floor")
+                print(f"{t:>4}{hit:>5}{floor_us:>10.1f} |{_fmt_us(sy.get('graph_us'), 10)}"
+                      f"{('-' if pct is None else f'{pct:.1f}%'):>8}{_fmt_us(sy.get('eager_us'), 10)} |"
+                      f"{_fmt_us(r['switchyard-staged'].get('graph_us'), 10)}{_fmt_us(r['sort'].get('graph_us'))}"
+                      f"{_fmt_us(r['vllm'].get('graph_us'))} |{_fmt_us(r['switchyard-staged'].get('eager_us'), 10)}"
+                      f"{_fmt_us(r['sort'].get('eager_us'))}{_fmt_us(r['vllm'].get('eager_us'))}", flush=True)
+                parts = []
+                for impl in impls:
+                    a, b = rows[impl]["rel_l2_graph"], rows[impl]["rel_l2_eager"]
+                    if a is None and b is None:
+                        continue
+                    worst = max(v for v in (a, b) if v is not None)
+                    parts.append(f"{impl} {_fmt_rel(a)}/{_fmt_rel(b)}" + (" (CHECK > 2e-2)" if worst > 2e-2 else ""))
+                checks.append(f"  T={t:<3} " + ("; ".join(parts) if parts else "no output compared"))
+                for impl in impls:
+                    row = rows[impl]
+                    bits = [row["note"]] if row["note"] else []
+                    if impl == "switchyard" and row["path"] not in (None, "fused"):
+                        bits.insert(0, f"ran the {row['path']} path, not the fused op")
+                    if bits:
+                        notes.append(f"  T={t:<3} {impl}: " + "; ".join(bits))
+                    results.append(row)
+                # drop every reference to this T's graphs (their memory pools), closures and outputs
+                graphs = graph_outs = eager_fns = timed = fn = y = moe = x = y_ref = None
+                sync()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+        print("rel L2 vs the sort path (graph/eager):")
+        print("\n".join(checks))
+        if notes:
+            print("notes:")
+            print("\n".join(notes))
+        xg, xe = decode_crossover(by_t, "graph"), decode_crossover(by_t, "eager")
+        crossover[m] = dict(graph=xg, eager=xe)
+        print("crossover (smallest T where switchyard-staged beats switchyard's fused path): "
+              f"graph {'none' if xg is None else f'T={xg}'}, eager {'none' if xe is None else f'T={xe}'}")
+        del sy_fused, sy_staged, wg, w13, w2, wg32
+        if on_cuda:
+            torch.cuda.empty_cache()
+    return dict(mode="decode", device=device_name, torch=torch.__version__, ceiling_tflops=ceiling,
+                copy_tbps=copy_tbps, routing=DECODE_ROUTING, l2="flushed (256 MB read) before every timed call",
+                crossover=crossover, rows=results)
+
+
+def _fmt_rel(v):
+    return "-" if v is None else f"{v:.1e}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mixtral,qwen3,deepseek")
-    p.add_argument("--tokens", default=None, help="default 16,256,4096,16384; with --train 4096,16384")
+    p.add_argument("--tokens", default=None,
+                   help="default 16,256,4096,16384; with --train or --train-gemms 4096,16384; with --decode "
+                        "1,2,4,8,16,32,64")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
@@ -626,7 +937,9 @@ def main():
                    help="Switchyard grouped GEMM benchmark binary (GEMM mode)")
     p.add_argument("--gemm-json", default="", help="read Switchyard's GEMM results from this file instead")
     p.add_argument("--layers", action="store_true", help="time whole-layer PyTorch peers instead of the GEMMs")
-    p.add_argument("--impls", default="dense,loop,sort,switchyard", help="layer mode: which implementations")
+    p.add_argument("--impls", default=None,
+                   help="layer mode: which implementations (default dense,loop,sort,switchyard); --decode: a subset "
+                        "of " + ",".join(DECODE_IMPLS) + " (default all)")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="dense baseline capacity factor")
     p.add_argument("--switchyard-cli", default="build/switchyard", help="layer mode: Switchyard CLI")
     p.add_argument("--json", default="", help="write the results here")
@@ -637,16 +950,25 @@ def main():
                    help="layer mode: forward + backward of the layer (sort path and switchyard.torch.MoE)")
     p.add_argument("--torch-lib",
                    default=os.environ.get("SWITCHYARD_TORCH_LIB", "build/bindings/torch/_switchyard_torch.so"),
-                   help="--train: the torch binding _switchyard_torch.so")
+                   help="--train, --train-gemms, --decode: the torch binding _switchyard_torch.so")
     p.add_argument("--train-gemms", action="store_true",
                    help="forward, dgrad and wgrad of the expert GEMMs: switchyard ops vs torch._grouped_mm")
+    p.add_argument("--decode", action="store_true",
+                   help="decode-sized batches (tokens default 1,2,4,8,16,32,64): switchyard.torch.MoE fused and "
+                        "staged, sort path, vLLM peer; eager and CUDA-graph replay, with the floor")
     args = p.parse_args()
     args.layers = args.layers or args.train
+    if args.decode:
+        args.tokens = args.tokens or "1,2,4,8,16,32,64"
     args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms else "16,256,4096,16384")
+    if not args.decode:
+        args.impls = args.impls or "dense,loop,sort,switchyard"
     if not torch.cuda.is_available():
         print("compare_torch.py: no CUDA device", file=sys.stderr)
         return 1
-    if args.train_gemms:
+    if args.decode:
+        res = decode_mode(args)
+    elif args.train_gemms:
         res = train_gemm_mode(args)
     else:
         res = (layer_train_mode(args) if args.train else layer_mode(args)) if args.layers else gemm_mode(args)
