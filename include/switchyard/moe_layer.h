@@ -65,7 +65,9 @@ struct ForwardOutputs {
 
 // Called on the host after the work of each stage of a forward has been enqueued on `stream` (e.g. to record an
 // event or read a clock): "begin" before the first stage, then router, plan, dispatch, gemm1, activation, gemm2,
-// shared (only with shared experts), combine, in that order. On the CPU each stage has finished when it is called.
+// shared (only with shared experts), combine, in that order; on the fused small-batch path begin, router, plan,
+// experts (router and plan are one step there unless capacity or expert choice routes with the staged chain).
+// On the CPU each stage has finished when it is called.
 using StageCallback = std::function<void(const char* stage, cudaStream_t stream)>;
 
 // One named slice of a forward's workspace (offset and size in bytes, 256-byte aligned). Slices may alias where
@@ -102,12 +104,22 @@ class MoELayer {
                  cudaStream_t stream = nullptr, ForwardOutputs* out = nullptr,
                  const StageCallback& on_stage = StageCallback()) const;
 
+    // The fused small-batch path (stages.h: route_fused, experts_fused) runs a CUDA forward of T tokens when
+    // T <= the limit and fused_path_supported(config, device, T). max_tokens: -1 automatic (up to
+    // fused_path_max_tokens()), 0 never, else that many tokens at most. The default is 0 until the path's GPU tests
+    // and the crossover measurement have run on an H100 (bench/NOTES.md, issue 12). The CPU backend always runs the
+    // staged chain.
+    void set_fused_max_tokens(int64_t max_tokens);
+    int64_t fused_max_tokens() const { return fused_max_tokens_; }
+    bool uses_fused_path(int64_t num_tokens) const;
+
     // Convenience for the CPU backend: allocates its own workspace.
     void forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out = nullptr) const;
 
  private:
     MoEConfig cfg_;
     MoEWeights w_;
+    int64_t fused_max_tokens_ = 0;
 };
 
 // Throws unless x is [T, H] of cfg.dtype, contiguous, on `dev`. Shared by every entry point.

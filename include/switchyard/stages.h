@@ -20,6 +20,7 @@
 //   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
 //   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H], gate) -> y [T, H]
 //   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
+//   route_fused / experts_fused  the router + plan, and gather .. combine, each in one step (the decode path)
 // Backward (training; selection held fixed, forward roundings treated as identity):
 //   route_backward, router_losses_backward, gather_backward, grouped_gemm_dgrad / _wgrad, activation_backward,
 //   combine_backward, each the exact derivative of its forward in the arithmetic of its backend.
@@ -189,5 +190,35 @@ void router_losses_backward(const MoEConfig& cfg, const TensorRef& logits, const
 size_t load_stats_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
 void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids, const RoutingPlan& plan,
                 LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+
+// ---- the fused small-batch (decode) path ---------------------------------------------------------------------------
+// Two stages that compute what chains of the stages above compute, in fewer launches on CUDA: for T <= 64 tokens of
+// a bf16/fp16 layer (fused_path_supported) each is two kernels that stream their weights once over the whole card
+// (tensor-core GEMVs, programmatic dependent launch, no host synchronisation, capturable, bitwise reproducible).
+// The CPU backend runs the chains themselves (the specification); MoELayer chooses the path (moe_layer.h).
+//
+// route_fused = router_gemm(x, gate) -> logits, route -> topk_ids / topk_weights, build_plan -> plan, for token
+// choice without capacity (cfg.capacity_factor == 0), plus, with shared_gate [1, H] defined, the gate logits of a
+// gated shared expert shared_gate_logits [T, 1] fp32 = router_gemm(x, shared_gate). On CUDA the selection and the
+// plan are those of route / build_plan on the logits it computes (another fp32 summation order than cuBLAS's).
+size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
+void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate, const TensorRef& score_bias,
+                 const TensorRef& shared_gate, const TensorRef& logits, const TensorRef& topk_ids,
+                 const TensorRef& topk_weights, const RoutingPlan& plan, const TensorRef& shared_gate_logits,
+                 void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+// experts_fused: y = combine(grouped_gemm(activation(grouped_gemm(gather(x, plan.row_token), w13)), w2), plan,
+// topk_weights) + the shared expert when shared_w13 / shared_w2 are defined (scaled by sigmoid(shared_gate_logits)
+// when that is defined), for any plan (capacity drops, expert choice). The weights have x's dtype. On CUDA the expert
+// outputs are summed in fp32 before the one rounding of y (the chain rounds each expert output first).
+size_t experts_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
+                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
+                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
+// Whether the CUDA kernels of the fused path take this layer for num_tokens tokens: bf16/fp16, not quantised,
+// 1 <= T <= fused_path_max_tokens(), E <= 512, top_k <= 32, H, F and the shared width multiples of 8. (The CPU
+// backend runs the fused stages for any layer.)
+bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_tokens);
+constexpr int64_t fused_path_max_tokens() { return 64; }
 
 }  // namespace switchyard

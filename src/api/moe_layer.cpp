@@ -14,6 +14,9 @@
 //               (gated: + router_gemm(x, shared_gate) -> gate logits [T, 1])
 //   combine     y = combine(out, slot_row, weights, shared, gate)
 //   stats       load_stats (host statistics; synchronises on CUDA), only when asked for
+// Small batches on CUDA (uses_fused_path: T <= fused_max_tokens, fused_path_supported) take the fused path instead:
+//   route_fused (router GEMM, scoring, top-k, dropless plan; with capacity or expert choice the routing stages
+//   above) -> experts_fused (gather .. combine, shared expert included): four kernels for the layer.
 // The workspace layout (ForwardLayout) is computed once, here, for sizing, for the forward and for the profiler
 // (workspace_layout()).
 #include "switchyard/moe_layer.h"
@@ -72,11 +75,13 @@ struct ForwardLayout {
     size_t router_ws_bytes;
     void* stats_ws;           // load_stats_workspace_size: reuses g1's memory when it fits (g1 is dead by then)
     size_t stats_ws_bytes;
+    void* fused_ws;           // route_fused / experts_fused scratch (the fused path only): aliases xp_out.. when it fits
+    size_t fused_ws_bytes;
     size_t bytes;             // the whole workspace (aliased slices counted once)
 };
 
-ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_tokens, void* base, size_t capacity,
-                             std::vector<WorkspaceSlice>* recorder = nullptr) {
+ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_tokens, bool fused, void* base,
+                             size_t capacity, std::vector<WorkspaceSlice>* recorder = nullptr) {
     WorkspaceCarver wc(base, capacity);
     auto take = [&](const char* name, size_t bytes) {
         const size_t at = wc.used();
@@ -99,11 +104,13 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     l.plan_ws_bytes = cfg.expert_choice() ? route_expert_choice_workspace_size(cfg, dev, T)
                                           : plan_workspace_size(cfg, dev, T);
     l.plan_ws = take("plan_scratch", l.plan_ws_bytes);
+    const size_t xp_offset = wc.used();
     l.xp_out = take("xp_out", rows * H * es);
     const size_t g1_bytes = rows * cfg.w13_rows() * es;
     const size_t g1_offset = wc.used();
     l.g1 = take("g1", g1_bytes);
     l.h = take("h", rows * cfg.ffn_size * es);
+    const size_t h_end = wc.used();
     // An FP8 layer's routed experts run grouped_gemm_fp8; its shared expert may be fp8 or float: sized for both.
     const bool fp8 = cfg.quant_mode != QuantMode::kNone;
     auto expert_gemm_ws = [&](int64_t groups, int64_t n, int64_t k, int64_t m, bool routed) {
@@ -133,6 +140,18 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
             recorder->push_back({"stats_scratch", g1_offset, align_up(l.stats_ws_bytes), "g1"});
     } else {
         l.stats_ws = take("stats_scratch", l.stats_ws_bytes);
+    }
+    // The fused path's scratch (route_fused's partial logits, then experts_fused's h and shared_h) in the memory of
+    // xp_out, g1 and h, which that path never touches, when it fits there.
+    if (fused) {
+        l.fused_ws_bytes = std::max(route_fused_workspace_size(cfg, dev, T), experts_fused_workspace_size(cfg, dev, T));
+        if (l.fused_ws_bytes <= h_end - xp_offset) {
+            l.fused_ws = l.xp_out;
+            if (recorder != nullptr && l.fused_ws_bytes > 0)
+                recorder->push_back({"fused_scratch", xp_offset, align_up(l.fused_ws_bytes), "xp_out"});
+        } else {
+            l.fused_ws = take("fused_scratch", l.fused_ws_bytes);
+        }
     }
     l.bytes = wc.used();
     return l;
@@ -329,13 +348,13 @@ MoELayer& MoELayer::operator=(MoELayer&&) noexcept = default;
 size_t MoELayer::workspace_size(int64_t num_tokens) const {
     SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
     // A sizing pass only (no slice names recorded): forward() calls this every time, with nothing allocated.
-    return forward_layout(cfg_, device(), num_tokens, nullptr, 0).bytes;
+    return forward_layout(cfg_, device(), num_tokens, uses_fused_path(num_tokens), nullptr, 0).bytes;
 }
 
 std::vector<WorkspaceSlice> MoELayer::workspace_layout(int64_t num_tokens) const {
     SWITCHYARD_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
     std::vector<WorkspaceSlice> slices;
-    forward_layout(cfg_, device(), num_tokens, nullptr, 0, &slices);
+    forward_layout(cfg_, device(), num_tokens, uses_fused_path(num_tokens), nullptr, 0, &slices);
     return slices;
 }
 
@@ -368,7 +387,10 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     }
     api::check_workspace(workspace, workspace_bytes, need, "MoELayer::forward");
 
-    const ForwardLayout l = forward_layout(cfg_, dev, T, workspace, workspace_bytes);
+    // (x and y not 16-byte aligned: the staged chain, which the workspace layout of the fused path also holds.)
+    const bool fused = uses_fused_path(T) && reinterpret_cast<uintptr_t>(x.data) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(y.data) % 16 == 0;
+    const ForwardLayout l = forward_layout(cfg_, dev, T, fused, workspace, workspace_bytes);
     const bool ec = cfg_.expert_choice();
     const int64_t rows = expert_rows(cfg_, T);
     const TensorRef& like = x;
@@ -392,15 +414,42 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         if (on_stage) on_stage(name, stream);
     };
 
+    auto route_and_plan = [&]() {
+        router_gemm(x, w_.gate, logits, l.router_ws, l.router_ws_bytes, stream);
+        if (ec)
+            route_expert_choice(cfg_, logits, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
+        else
+            route(cfg_, logits, w_.score_bias, ids, weights, stream);
+        stage_done("router");
+        if (!ec) build_plan(cfg_, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
+        stage_done("plan");  // under expert choice the plan was built with the routing
+    };
+    auto finish = [&]() {
+        if (out != nullptr && out->stats != nullptr)
+            load_stats(cfg_, logits, ids, plan, *out->stats, l.stats_ws, l.stats_ws_bytes, stream);
+    };
+
     stage_done("begin");
-    router_gemm(x, w_.gate, logits, l.router_ws, l.router_ws_bytes, stream);
-    if (ec)
-        route_expert_choice(cfg_, logits, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
-    else
-        route(cfg_, logits, w_.score_bias, ids, weights, stream);
-    stage_done("router");
-    if (!ec) build_plan(cfg_, ids, weights, plan, l.plan_ws, l.plan_ws_bytes, stream);
-    stage_done("plan");  // under expert choice the plan was built with the routing
+    if (fused) {  // the small-batch path (stages.h): route_fused (or the routing chain) and experts_fused
+        const bool shared_expert = has_shared(cfg_), gated_shared = shared_expert && cfg_.shared_expert_gate;
+        const TensorRef shared_gate = gated_shared ? view(l.shared_gate, DType::kF32, {T, 1}, like) : TensorRef();
+        if (!ec && cfg_.capacity_factor == 0.0) {
+            route_fused(cfg_, x, w_.gate, w_.score_bias, gated_shared ? w_.shared_gate : TensorRef(), logits, ids,
+                        weights, plan, shared_gate, l.fused_ws, l.fused_ws_bytes, stream);
+            stage_done("router");
+            stage_done("plan");
+        } else {
+            route_and_plan();
+            if (gated_shared) router_gemm(x, w_.shared_gate, shared_gate, l.router_ws, l.router_ws_bytes, stream);
+        }
+        experts_fused(cfg_, x, w_.w13, w_.w2, plan, weights, shared_expert ? w_.shared_w13 : TensorRef(),
+                      shared_expert ? w_.shared_w2 : TensorRef(), shared_gate, y, l.fused_ws, l.fused_ws_bytes,
+                      stream);
+        stage_done("experts");
+        finish();
+        return;
+    }
+    route_and_plan();
     gather(x, plan.row_token, xp, stream);
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h).
@@ -437,8 +486,22 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     }
     combine(xp, plan.slot_row, weights, shared, y, stream, shared_gate);
     stage_done("combine");
-    if (out != nullptr && out->stats != nullptr)
-        load_stats(cfg_, logits, ids, plan, *out->stats, l.stats_ws, l.stats_ws_bytes, stream);
+    finish();
+}
+
+bool MoELayer::uses_fused_path(int64_t num_tokens) const {
+    const int64_t limit = fused_max_tokens_ >= 0 ? fused_max_tokens_ : fused_path_max_tokens();
+    if (num_tokens > limit || !fused_path_supported(cfg_, device(), num_tokens)) return false;
+    // The fused kernels read every row as 16-byte vectors.
+    for (const TensorRef* t : {&w_.gate, &w_.w13, &w_.w2, &w_.shared_w13, &w_.shared_w2, &w_.shared_gate})
+        if (t->defined() && reinterpret_cast<uintptr_t>(t->data) % 16 != 0) return false;
+    return true;
+}
+
+void MoELayer::set_fused_max_tokens(int64_t max_tokens) {
+    SWITCHYARD_CHECK(max_tokens >= -1 && max_tokens <= fused_path_max_tokens(), "fused_max_tokens=", max_tokens,
+                     " must be -1 (automatic), 0 (never) or at most ", fused_path_max_tokens());
+    fused_max_tokens_ = max_tokens;
 }
 
 void MoELayer::forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out) const {

@@ -5,6 +5,9 @@
 // src/cuda/stages_cuda.cpp, only in a build with SWITCHYARD_WITH_CUDA). The backends see checked input only.
 #include "switchyard/stages.h"
 
+#include <utility>
+#include <vector>
+
 #include "api/check.h"
 #include "ref/stages_ref.h"
 #include "switchyard/error.h"
@@ -515,6 +518,167 @@ void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& 
                     "load_stats");
     SWITCHYARD_DISPATCH(logits.device, load_stats(cfg, logits, topk_ids, plan, stats),
                         load_stats(cfg, logits, topk_ids, plan, stats, workspace, workspace_bytes, stream));
+}
+
+// ---- the fused small-batch (decode) path --------------------------------------------------------------------------
+
+namespace {
+
+int64_t shared_gemm_rows(const MoEConfig& cfg) {
+    return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
+}
+
+// The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch.
+void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
+                       const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
+                       const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y) {
+    const int64_t T = x.shape[0], H = cfg.hidden_size, R = plan.row_token.shape[0];
+    const size_t es = dtype_size(x.dtype);
+    auto host = [&](std::vector<char>& buf, int64_t rows, int64_t cols) {
+        buf.assign(static_cast<size_t>(rows * cols) * es + 1, 0);
+        return TensorRef(buf.data(), x.dtype, {rows, cols}, Device::kCPU, 0);
+    };
+    std::vector<char> xp_buf, g1_buf, h_buf, sg1_buf, sh_buf, so_buf;
+    const TensorRef xp = host(xp_buf, R, H), g1 = host(g1_buf, R, cfg.w13_rows()), h = host(h_buf, R, cfg.ffn_size);
+    GroupedGemmOptions keep_tail;
+    keep_tail.zero_unowned_rows = false;
+    const TensorRef used_rows(plan.expert_offsets.ptr<int32_t>() + cfg.num_experts, DType::kI32, {1}, Device::kCPU, 0);
+    gather(x, plan.row_token, xp);
+    grouped_gemm(xp, w13, plan.expert_offsets, g1, nullptr, 0, nullptr, keep_tail);
+    activation(cfg.activation, g1, h, used_rows);
+    grouped_gemm(h, w2, plan.expert_offsets, xp, nullptr, 0, nullptr, keep_tail);
+    TensorRef shared;
+    if (shared_w13.defined()) {
+        const TensorRef sg1 = host(sg1_buf, T, shared_gemm_rows(cfg)), sh = host(sh_buf, T, cfg.shared_width());
+        shared = host(so_buf, T, H);
+        grouped_gemm(x, shared_w13, TensorRef(), sg1, nullptr, 0);
+        activation(cfg.activation, sg1, sh);
+        grouped_gemm(sh, shared_w2, TensorRef(), shared, nullptr, 0);
+    }
+    combine(xp, plan.slot_row, topk_weights, shared, y, nullptr, shared_gate_logits);
+}
+
+}  // namespace
+
+bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    return device == Device::kCUDA && (cfg.dtype == DType::kBF16 || cfg.dtype == DType::kF16) &&
+           cfg.quant_mode == QuantMode::kNone && num_tokens >= 1 && num_tokens <= fused_path_max_tokens() &&
+           cfg.num_experts <= 512 && cfg.top_k <= 32 && cfg.hidden_size % 8 == 0 && cfg.ffn_size % 8 == 0 &&
+           cfg.shared_width() % 8 == 0;
+}
+
+size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    if (!cuda_workspace(device, num_tokens, "route_fused_workspace_size")) return 0;
+    SWITCHYARD_ON_CUDA(route_fused_workspace_size(cfg, num_tokens));
+}
+
+void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate, const TensorRef& score_bias,
+                 const TensorRef& shared_gate, const TensorRef& logits, const TensorRef& topk_ids,
+                 const TensorRef& topk_weights, const RoutingPlan& plan, const TensorRef& shared_gate_logits,
+                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    SWITCHYARD_CHECK(!cfg.expert_choice() && cfg.capacity_factor == 0.0,
+                     "route_fused: token choice without capacity only (routing=", to_string(cfg.routing_mode),
+                     ", capacity_factor=", cfg.capacity_factor, "); run route / route_expert_choice and build_plan");
+    check_float_tensor(x, "x", {kAny, cfg.hidden_size});
+    const int64_t T = x.shape[0];
+    check_float_tensor(gate, "gate", {cfg.num_experts, cfg.hidden_size});
+    check_same_device(gate, "gate", x, "x");
+    check_cuda_gemm_dtypes(x, "x", gate, "gate");
+    if (cfg.use_score_bias) {
+        check_tensor(score_bias, "score_bias", DType::kF32, {cfg.num_experts});
+        check_same_device(score_bias, "score_bias", x, "x");
+    } else {
+        SWITCHYARD_CHECK(!score_bias.defined(), "score_bias given but use_score_bias=false");
+    }
+    SWITCHYARD_CHECK(shared_gate.defined() == shared_gate_logits.defined(),
+                     "route_fused: shared_gate and shared_gate_logits go together");
+    if (shared_gate.defined()) {
+        check_float_tensor(shared_gate, "shared_gate", {1, cfg.hidden_size});
+        check_same_device(shared_gate, "shared_gate", x, "x");
+        check_cuda_gemm_dtypes(x, "x", shared_gate, "shared_gate");
+        check_tensor(shared_gate_logits, "shared_gate_logits", DType::kF32, {T, 1});
+        check_same_device(shared_gate_logits, "shared_gate_logits", x, "x");
+    }
+    check_tensor(logits, "logits", DType::kF32, {T, cfg.num_experts});
+    check_same_device(logits, "logits", x, "x");
+    check_tensor(topk_ids, "topk_ids", DType::kI32, {T, cfg.top_k});
+    check_same_device(topk_ids, "topk_ids", x, "x");
+    check_tensor(topk_weights, "topk_weights", DType::kF32, {T, cfg.top_k});
+    check_same_device(topk_weights, "topk_weights", x, "x");
+    check_plan(cfg, plan, T, cfg.top_k, T * cfg.top_k, topk_ids);
+    api::check_backend(x.device, "route_fused");
+    check_workspace(workspace, workspace_bytes, route_fused_workspace_size(cfg, x.device, T), "route_fused");
+    if (x.device == Device::kCPU) {
+        router_gemm(x, gate, logits, nullptr, 0);
+        route(cfg, logits, score_bias, topk_ids, topk_weights);
+        build_plan(cfg, topk_ids, topk_weights, plan, nullptr, 0);
+        if (shared_gate.defined()) router_gemm(x, shared_gate, shared_gate_logits, nullptr, 0);
+        return;
+    }
+    SWITCHYARD_CHECK(fused_path_supported(cfg, x.device, T) || T == 0, "route_fused: the CUDA kernels take bf16/fp16 "
+                     "layers of 1..", fused_path_max_tokens(), " tokens with E <= 512 and sizes multiple of 8 (T=", T,
+                     ", dtype=", to_string(cfg.dtype), ")");
+    SWITCHYARD_CHECK(x.dtype == cfg.dtype, "route_fused: x dtype=", to_string(x.dtype), " differs from the layer dtype ",
+                     to_string(cfg.dtype));
+    SWITCHYARD_ON_CUDA(route_fused(cfg, x, gate, score_bias, shared_gate, logits, topk_ids, topk_weights, plan,
+                                   shared_gate_logits, workspace, workspace_bytes, stream));
+}
+
+size_t experts_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    if (!cuda_workspace(device, num_tokens, "experts_fused_workspace_size")) return 0;
+    SWITCHYARD_ON_CUDA(experts_fused_workspace_size(cfg, num_tokens));
+}
+
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
+                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
+                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    cfg.validate();
+    const int64_t E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size, slots = cfg.route_slots();
+    check_float_tensor(x, "x", {kAny, H});
+    const int64_t T = x.shape[0];
+    const int64_t R = cfg.expert_choice() ? E * cfg.expert_choice_capacity(T) : T * cfg.top_k;
+    check_float_tensor(w13, "w13", {E, cfg.w13_rows(), H});
+    check_float_tensor(w2, "w2", {E, H, F});
+    for (const auto& t : {std::make_pair(&w13, "w13"), std::make_pair(&w2, "w2")}) {
+        check_same_device(*t.first, t.second, x, "x");
+        check_cuda_gemm_dtypes(x, "x", *t.first, t.second);
+    }
+    check_tensor(topk_weights, "topk_weights", DType::kF32, {T, slots});
+    check_same_device(topk_weights, "topk_weights", x, "x");
+    check_plan(cfg, plan, T, slots, R, topk_weights);
+    SWITCHYARD_CHECK(shared_w13.defined() == shared_w2.defined(), "experts_fused: shared_w13 and shared_w2 go together");
+    SWITCHYARD_CHECK(!shared_gate_logits.defined() || shared_w13.defined(),
+                     "experts_fused: shared_gate_logits given without a shared expert");
+    if (shared_w13.defined()) {
+        SWITCHYARD_CHECK(cfg.shared_width() > 0, "experts_fused: shared expert weights given but the config has none");
+        check_float_tensor(shared_w13, "shared_w13", {shared_gemm_rows(cfg), H});
+        check_float_tensor(shared_w2, "shared_w2", {H, cfg.shared_width()});
+        for (const auto& t : {std::make_pair(&shared_w13, "shared_w13"), std::make_pair(&shared_w2, "shared_w2")}) {
+            check_same_device(*t.first, t.second, x, "x");
+            check_cuda_gemm_dtypes(x, "x", *t.first, t.second);
+        }
+        if (shared_gate_logits.defined()) {
+            check_tensor(shared_gate_logits, "shared_gate_logits", DType::kF32, {T, 1});
+            check_same_device(shared_gate_logits, "shared_gate_logits", x, "x");
+        }
+    }
+    check_tensor(y, "y", x.dtype, {T, H});
+    check_same_device(y, "y", x, "x");
+    api::check_backend(x.device, "experts_fused");
+    check_workspace(workspace, workspace_bytes, experts_fused_workspace_size(cfg, x.device, T), "experts_fused");
+    if (x.device == Device::kCPU) {
+        experts_chain_cpu(cfg, x, w13, w2, plan, topk_weights, shared_w13, shared_w2, shared_gate_logits, y);
+        return;
+    }
+    SWITCHYARD_CHECK(fused_path_supported(cfg, x.device, T) || T == 0, "experts_fused: the CUDA kernels take "
+                     "bf16/fp16 layers of 1..", fused_path_max_tokens(), " tokens with E <= 512 and sizes multiple "
+                     "of 8 (T=", T, ", dtype=", to_string(cfg.dtype), ")");
+    SWITCHYARD_CHECK(x.dtype == cfg.dtype, "experts_fused: x dtype=", to_string(x.dtype),
+                     " differs from the layer dtype ", to_string(cfg.dtype));
+    SWITCHYARD_ON_CUDA(experts_fused(cfg, x, w13, w2, plan, topk_weights, shared_w13, shared_w2, shared_gate_logits, y,
+                                     workspace, workspace_bytes, stream));
 }
 
 }  // namespace switchyard

@@ -103,5 +103,68 @@ void fp8_weight_scales_mn_major(const float* b_scale, bool per_tensor, int64_t n
 // one-off check of MoELayer's constructor): allocates 8 bytes of device memory and waits for the scan.
 int64_t fp8_first_nan_code(const void* codes, int64_t n);
 
+
+// ---- the small-batch (decode) path (decode/decode_route.cu, decode/decode_experts.cu) ----------------------------
+// For T <= kDecodeMaxTokens tokens of a bf16/fp16 layer: the router GEMM, scoring, top-k and the dropless plan in
+// two kernels, and the expert MLPs with the combine in two more, each streaming its weights once over the whole
+// card (tensor-core GEMVs, skinny_mma.cuh), launched with programmatic dependent launch; no host synchronisation.
+constexpr int64_t kDecodeMaxTokens = 64;
+constexpr int64_t kDecodeMaxExperts = 512;
+
+// Split-K factor of the router GEMV for T tokens, `rows` gate rows (E, + 1 with a gated shared expert) and hidden
+// size H (a function of the shape only), and the bytes of fp32 partial logits it writes.
+int decode_router_splits(int64_t num_tokens, int64_t rows, int64_t hidden);
+size_t decode_route_workspace_size(int64_t num_tokens, int64_t rows, int64_t hidden);
+
+struct DecodeRouteArgs {
+    DType dtype = DType::kBF16;
+    const void* x = nullptr;            // [T, H]
+    const void* gate = nullptr;         // [E, H]
+    const void* shared_gate = nullptr;  // [1, H] or null: its logit goes to shared_gate_logits
+    const float* bias = nullptr;        // [E] or null
+    int64_t num_tokens = 0;
+    int64_t hidden = 0;
+    float* logits = nullptr;              // [T, E] out
+    float* shared_gate_logits = nullptr;  // [T] out (with shared_gate)
+    int32_t* topk_ids = nullptr;          // [T, k] out
+    float* topk_weights = nullptr;        // [T, k] out
+    int32_t* expert_counts = nullptr;     // [E] out
+    int32_t* expert_offsets = nullptr;    // [E + 1] out
+    int32_t* slot_row = nullptr;          // [T, k] out
+    int32_t* row_token = nullptr;         // [T k] out
+    int32_t* row_slot = nullptr;          // [T k] out
+};
+// Token choice without capacity (cfg.capacity_factor == 0 for this call): the same ids, weights and plan as
+// router_gemm + route_topk + build_plan on the same logits; the logits themselves come from another summation order
+// than cuBLAS's (fp32, within rounding).
+void decode_route(const MoEConfig& cfg, const DecodeRouteArgs& args, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream);
+
+struct DecodeExpertsArgs {
+    DType dtype = DType::kBF16;
+    Activation activation = Activation::kSwiGLU;
+    int64_t num_tokens = 0;
+    int64_t num_experts = 0;
+    int64_t hidden = 0;
+    int64_t ffn = 0;
+    int64_t shared_ffn = 0;              // S = the shared expert's width (with shared_w13)
+    int64_t max_rows = 0;                // R: rows the plan reserves (T k, or E C under expert choice)
+    const void* x = nullptr;             // [T, H]
+    const void* w13 = nullptr;           // [E, R13, H]
+    const void* w2 = nullptr;            // [E, H, F]
+    const int32_t* expert_offsets = nullptr;  // [E + 1]
+    const int32_t* row_token = nullptr;       // [R]
+    const int32_t* row_slot = nullptr;        // [R]
+    const float* topk_weights = nullptr;      // [T, slots]
+    const void* shared_w13 = nullptr;    // [R13s, H] or null
+    const void* shared_w2 = nullptr;     // [H, S]
+    const float* shared_gate = nullptr;  // [T] fp32 gate logits or null
+    void* h = nullptr;                   // [R, F] scratch
+    void* shared_h = nullptr;            // [T, S] scratch
+    void* y = nullptr;                   // [T, H] out
+};
+// y = combine(w2-GEMM(act(w13-GEMM(gather(x))))) + the shared expert, for any plan (capacity, expert choice).
+void decode_experts(const DecodeExpertsArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace switchyard

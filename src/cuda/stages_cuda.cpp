@@ -399,6 +399,102 @@ void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& 
     finalize_load_stats(cfg, stats);
 }
 
+// ---- the fused small-batch path -------------------------------------------------------------------------------------
+
+namespace {
+
+int64_t fused_rows(const MoEConfig& cfg, int64_t num_tokens) {
+    return cfg.expert_choice() ? cfg.num_experts * cfg.expert_choice_capacity(num_tokens) : num_tokens * cfg.top_k;
+}
+
+struct FusedScratch {
+    void* h;
+    void* shared_h;
+};
+
+FusedScratch carve_fused(WorkspaceCarver& wc, const MoEConfig& cfg, int64_t num_tokens) {
+    const size_t es = dtype_size(cfg.dtype);
+    FusedScratch s{};
+    s.h = wc.take_bytes(static_cast<size_t>(fused_rows(cfg, num_tokens) * cfg.ffn_size) * es);
+    s.shared_h = wc.take_bytes(static_cast<size_t>(num_tokens * cfg.shared_width()) * es);
+    return s;
+}
+
+}  // namespace
+
+size_t route_fused_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
+    const int64_t rows = cfg.num_experts + (cfg.shared_expert_gate && cfg.shared_width() > 0 ? 1 : 0);
+    return decode_route_workspace_size(num_tokens, rows, cfg.hidden_size);
+}
+
+void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate, const TensorRef& score_bias,
+                 const TensorRef& shared_gate, const TensorRef& logits, const TensorRef& topk_ids,
+                 const TensorRef& topk_weights, const RoutingPlan& plan, const TensorRef& shared_gate_logits,
+                 void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(x.device_index);
+    DecodeRouteArgs a;
+    a.dtype = x.dtype;
+    a.x = x.data;
+    a.gate = gate.data;
+    a.shared_gate = ptr_or_null<const void>(shared_gate);
+    a.bias = ptr_or_null<const float>(score_bias);
+    a.num_tokens = x.shape[0];
+    a.hidden = x.shape[1];
+    a.logits = logits.ptr<float>();
+    a.shared_gate_logits = shared_gate_logits.defined() ? shared_gate_logits.ptr<float>() : nullptr;
+    a.topk_ids = topk_ids.ptr<int32_t>();
+    a.topk_weights = topk_weights.ptr<float>();
+    a.expert_counts = plan.expert_counts.ptr<int32_t>();
+    a.expert_offsets = plan.expert_offsets.ptr<int32_t>();
+    a.slot_row = plan.slot_row.ptr<int32_t>();
+    a.row_token = plan.row_token.ptr<int32_t>();
+    a.row_slot = plan.row_slot.ptr<int32_t>();
+    // The partial logits need as many bytes as the size function says for this gate (with or without the shared row).
+    const int64_t rows = cfg.num_experts + (shared_gate.defined() ? 1 : 0);
+    SWITCHYARD_CHECK(workspace_bytes >= decode_route_workspace_size(x.shape[0], rows, cfg.hidden_size),
+                     "route_fused: workspace of ", workspace_bytes, " bytes is too small");
+    decode_route(cfg, a, workspace, workspace_bytes, stream);
+}
+
+size_t experts_fused_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
+    WorkspaceCarver wc;
+    carve_fused(wc, cfg, num_tokens);
+    return wc.used();
+}
+
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
+                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
+                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+                   void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(x.device_index);
+    const int64_t T = x.shape[0];
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    const FusedScratch s = carve_fused(wc, cfg, T);
+    DecodeExpertsArgs a;
+    a.dtype = x.dtype;
+    a.activation = cfg.activation;
+    a.num_tokens = T;
+    a.num_experts = cfg.num_experts;
+    a.hidden = cfg.hidden_size;
+    a.ffn = cfg.ffn_size;
+    a.shared_ffn = shared_w13.defined() ? cfg.shared_width() : 0;
+    a.max_rows = fused_rows(cfg, T);
+    a.x = x.data;
+    a.w13 = w13.data;
+    a.w2 = w2.data;
+    a.expert_offsets = plan.expert_offsets.ptr<int32_t>();
+    a.row_token = plan.row_token.ptr<int32_t>();
+    a.row_slot = plan.row_slot.ptr<int32_t>();
+    a.topk_weights = topk_weights.ptr<float>();
+    a.shared_w13 = ptr_or_null<const void>(shared_w13);
+    a.shared_w2 = ptr_or_null<const void>(shared_w2);
+    a.shared_gate = shared_gate_logits.defined() ? shared_gate_logits.ptr<float>() : nullptr;
+    a.h = s.h;
+    a.shared_h = s.shared_h;
+    a.y = y.data;
+    decode_experts(a, stream);
+}
+
 }  // namespace stage
 }  // namespace cuda
 }  // namespace switchyard

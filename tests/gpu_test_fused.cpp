@@ -1,0 +1,316 @@
+// tests/gpu_test_fused.cpp: the fused small-batch path (stages.h: route_fused, experts_fused; MoELayer's automatic
+// choice for T <= 64) on CUDA against the CPU specification, for T in {1, 2, 3, 7, 16, 33, 64} and every routing
+// option: softmax / sigmoid / top-k-softmax scores, selection bias, group-limited top-k, renormalisation, routed
+// scale, capacity with both drop policies, expert choice, shared experts (gated or not), every activation.
+//
+// Method: the CUDA layer's own logits (ForwardOutputs) are routed again by the CPU stages, so the ids, weights and
+// plan must be equal (weights to 1e-6: the same double arithmetic on the same fp32 logits); the CPU's experts_fused
+// (the chain gather .. combine, double sums, each stored value rounded to the dtype) on those routes is the
+// reference for y: normwise relative error <= the dtype's rounding (bf16 1e-2, fp16 2e-3) and every element within
+// rtol * (|want| + rms(want)). The logits themselves are compared with the CPU router GEMM (fp32 sums of H products
+// vs double). Each forward runs twice on poisoned buffers and must be bitwise equal; a graph replay on new inputs
+// must equal an eager forward bitwise.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "switchyard/moe_layer.h"
+#include "switchyard/stages.h"
+
+namespace switchyard {
+namespace {
+
+using testing::DeviceBuffer;
+
+struct FusedCase {
+    const char* name;
+    DType dtype;
+    int64_t H, F, E, k;
+    ScoreFunction score;
+    bool renormalize;
+    double routed_scale;
+    int64_t groups, topk_groups;
+    bool bias;
+    double capacity_factor;
+    DropPolicy policy;
+    RoutingMode mode;
+    Activation act;
+    int64_t num_shared, shared_ffn;
+    bool shared_gate;
+};
+
+MoEConfig config_of(const FusedCase& c) {
+    MoEConfig cfg;
+    cfg.hidden_size = c.H;
+    cfg.ffn_size = c.F;
+    cfg.num_experts = c.E;
+    cfg.top_k = c.k;
+    cfg.score_function = c.score;
+    cfg.renormalize = c.renormalize;
+    cfg.routed_scale = c.routed_scale;
+    cfg.num_groups = c.groups;
+    cfg.topk_groups = c.topk_groups;
+    cfg.use_score_bias = c.bias;
+    cfg.capacity_factor = c.capacity_factor;
+    cfg.drop_policy = c.policy;
+    cfg.routing_mode = c.mode;
+    cfg.activation = c.act;
+    cfg.num_shared_experts = c.num_shared;
+    cfg.shared_ffn_size = c.shared_ffn;
+    cfg.shared_expert_gate = c.shared_gate;
+    cfg.dtype = c.dtype;
+    return cfg;
+}
+
+// One tensor on the host (values rounded to its dtype, and their bytes) and on the device.
+struct Pair {
+    std::vector<float> values;
+    std::vector<uint8_t> bytes;
+    DeviceBuffer dev;
+    DType dtype = DType::kF32;
+    std::vector<int64_t> shape;
+
+    void make(std::vector<int64_t> dims, DType dt, float lo, float hi, uint64_t seed) {
+        shape = std::move(dims);
+        dtype = dt;
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        values = testing::random_values(static_cast<size_t>(n), dt, lo, hi, seed);
+        bytes = testing::encode(values, dt);
+        testing::upload(dev, values, dt);
+    }
+    TensorRef host() { return values.empty() ? TensorRef() : ref(bytes.data(), Device::kCPU); }
+    TensorRef device() { return values.empty() ? TensorRef() : ref(dev.get(), Device::kCUDA); }
+
+ private:
+    TensorRef ref(void* p, Device d) const {
+        switch (shape.size()) {
+            case 1: return TensorRef(p, dtype, {shape[0]}, d, 0);
+            case 2: return TensorRef(p, dtype, {shape[0], shape[1]}, d, 0);
+            default: return TensorRef(p, dtype, {shape[0], shape[1], shape[2]}, d, 0);
+        }
+    }
+};
+
+struct Weights {
+    Pair gate, bias, w13, w2, sw13, sw2, sgate;
+    MoEWeights host() { return pick(true); }
+    MoEWeights device() { return pick(false); }
+
+    Weights(const MoEConfig& cfg, uint64_t seed) {
+        const DType dt = cfg.dtype;
+        const int64_t H = cfg.hidden_size, F = cfg.ffn_size, E = cfg.num_experts, S = cfg.shared_width();
+        const float gh = 6.0f / std::sqrt(static_cast<float>(H)), ah = std::sqrt(3.0f / H), af = std::sqrt(3.0f / F);
+        gate.make({E, H}, dt, -gh, gh, seed + 1);
+        if (cfg.use_score_bias) bias.make({E}, DType::kF32, -0.1f, 0.1f, seed + 2);
+        w13.make({E, cfg.w13_rows(), H}, dt, -ah, ah, seed + 3);
+        w2.make({E, H, F}, dt, -af, af, seed + 4);
+        if (S > 0) {
+            const float as = std::sqrt(3.0f / S);
+            sw13.make({is_gated(cfg.activation) ? 2 * S : S, H}, dt, -ah, ah, seed + 5);
+            sw2.make({H, S}, dt, -as, as, seed + 6);
+            if (cfg.shared_expert_gate) sgate.make({1, H}, dt, -gh, gh, seed + 7);
+        }
+    }
+
+ private:
+    MoEWeights pick(bool on_host) {
+        auto t = [&](Pair& p) { return on_host ? p.host() : p.device(); };
+        MoEWeights w;
+        w.gate = t(gate);
+        w.score_bias = t(bias);
+        w.w13 = t(w13);
+        w.w2 = t(w2);
+        w.shared_w13 = t(sw13);
+        w.shared_w2 = t(sw2);
+        w.shared_gate = t(sgate);
+        return w;
+    }
+};
+
+TensorRef host_ref(void* p, DType dt, std::initializer_list<int64_t> dims) {
+    return TensorRef(p, dt, dims, Device::kCPU, 0);
+}
+
+::testing::AssertionResult y_matches(const std::vector<float>& got, const std::vector<float>& want, DType dt) {
+    const double rtol = dt == DType::kBF16 ? 1e-2 : 2e-3, scale = testing::rms(want);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        const double d = double(got[i]) - want[i];
+        num += d * d;
+        den += double(want[i]) * want[i];
+        if (!(std::fabs(d) <= rtol * (std::fabs(want[i]) + scale)))
+            return ::testing::AssertionFailure() << "y[" << i << "]: got " << got[i] << ", expected " << want[i];
+    }
+    const double rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+    if (rel > rtol) return ::testing::AssertionFailure() << "normwise relative error " << rel << " > " << rtol;
+    return ::testing::AssertionSuccess();
+}
+
+void run_case(const FusedCase& c, int64_t T) {
+    const MoEConfig cfg = config_of(c);
+    const uint64_t seed = 4242 + static_cast<uint64_t>(T * 131 + c.E * 7 + c.H);
+    SCOPED_TRACE(std::string(c.name) + " T=" + std::to_string(T) + " seed=" + std::to_string(seed));
+    Weights W(cfg, seed);
+    MoELayer gpu(cfg, W.device());
+    gpu.set_fused_max_tokens(-1);  // automatic (off by default until this test has passed on a GPU)
+    ASSERT_TRUE(gpu.uses_fused_path(T)) << "the fused path should take this layer";
+    const DType dt = cfg.dtype;
+    const int64_t H = c.H, E = c.E, slots = cfg.route_slots();
+    Pair x;
+    x.make({T, H}, dt, -1.0f, 1.0f, seed + 100);
+    const size_t ws_bytes = gpu.workspace_size(T);
+    DeviceBuffer ws(ws_bytes), d_y(T * H * dtype_size(dt) + 16), d_logits(T * E * 4 + 4), d_ids(T * slots * 4 + 4),
+        d_w(T * slots * 4 + 4), d_slot(T * slots * 4 + 4), d_counts(E * 4 + 4);
+    ForwardOutputs out;
+    out.logits = TensorRef(d_logits.get(), DType::kF32, {T, E}, Device::kCUDA);
+    out.topk_ids = TensorRef(d_ids.get(), DType::kI32, {T, slots}, Device::kCUDA);
+    out.topk_weights = TensorRef(d_w.get(), DType::kF32, {T, slots}, Device::kCUDA);
+    out.slot_row = TensorRef(d_slot.get(), DType::kI32, {T, slots}, Device::kCUDA);
+    out.expert_counts = TensorRef(d_counts.get(), DType::kI32, {E}, Device::kCUDA);
+    std::vector<std::vector<uint8_t>> runs;
+    for (int run = 0; run < 2; ++run) {
+        for (DeviceBuffer* b : {&ws, &d_y, &d_logits, &d_ids, &d_w, &d_slot, &d_counts}) b->poison();
+        GPU_CHECK(cudaDeviceSynchronize());
+        gpu.forward(x.device(), TensorRef(d_y.get(), dt, {T, H}, Device::kCUDA), ws.get(), ws_bytes, nullptr, &out);
+        GPU_CHECK(cudaDeviceSynchronize());
+        runs.push_back(testing::download_raw<uint8_t>(d_y.get(), T * H * dtype_size(dt)));
+    }
+    EXPECT_TRUE(testing::bitwise_equal(runs[0], runs[1], "y run to run"));
+
+    // The CPU routes the GPU's logits again: the same decisions and plan.
+    std::vector<float> logits = testing::download_raw<float>(d_logits.get(), T * E);
+    std::vector<float> ref_logits(T * E);
+    router_gemm(x.host(), W.gate.host(), host_ref(ref_logits.data(), DType::kF32, {T, E}), nullptr, 0);
+    EXPECT_TRUE(testing::all_close(logits, ref_logits, 2e-5, 1e-5, "logits", E));
+    const int64_t R = cfg.expert_choice() ? E * cfg.expert_choice_capacity(T) : T * c.k;
+    std::vector<int32_t> ids(T * slots), slot_row(T * slots), counts(E), offsets(E + 1), row_token(R), row_slot(R);
+    std::vector<float> weights(T * slots);
+    RoutingPlan plan;
+    plan.expert_counts = host_ref(counts.data(), DType::kI32, {E});
+    plan.expert_offsets = host_ref(offsets.data(), DType::kI32, {E + 1});
+    plan.slot_row = host_ref(slot_row.data(), DType::kI32, {T, slots});
+    plan.row_token = host_ref(row_token.data(), DType::kI32, {R});
+    plan.row_slot = host_ref(row_slot.data(), DType::kI32, {R});
+    const TensorRef lg = host_ref(logits.data(), DType::kF32, {T, E});
+    const TensorRef id = host_ref(ids.data(), DType::kI32, {T, slots});
+    const TensorRef wt = host_ref(weights.data(), DType::kF32, {T, slots});
+    if (cfg.expert_choice()) {
+        route_expert_choice(cfg, lg, id, wt, plan, nullptr, 0);
+    } else {
+        route(cfg, lg, W.bias.host(), id, wt);
+        build_plan(cfg, id, wt, plan, nullptr, 0);
+    }
+    EXPECT_EQ(testing::download_raw<int32_t>(d_ids.get(), T * slots), ids);
+    EXPECT_TRUE(testing::all_close(testing::download_raw<float>(d_w.get(), T * slots), weights, 1e-7, 1e-6,
+                                   "topk_weights", slots));
+    EXPECT_EQ(testing::download_raw<int32_t>(d_slot.get(), T * slots), slot_row);
+    EXPECT_EQ(testing::download_raw<int32_t>(d_counts.get(), E), counts);
+
+    // y: the CPU's experts_fused (the staged chain) on those routes.
+    std::vector<float> sg_logits;
+    TensorRef sg;
+    if (cfg.shared_expert_gate) {
+        sg_logits.resize(T);
+        sg = host_ref(sg_logits.data(), DType::kF32, {T, 1});
+        router_gemm(x.host(), W.sgate.host(), sg, nullptr, 0);
+    }
+    std::vector<uint8_t> want_bytes(T * H * dtype_size(dt) + 1);
+    experts_fused(cfg, x.host(), W.w13.host(), W.w2.host(), plan, wt, W.sw13.host(), W.sw2.host(), sg,
+                  host_ref(want_bytes.data(), dt, {T, H}), nullptr, 0);
+    want_bytes.pop_back();
+    EXPECT_TRUE(y_matches(testing::decode(runs[0], dt), testing::decode(want_bytes, dt), dt));
+}
+
+constexpr ScoreFunction kSoft = ScoreFunction::kSoftmax, kSig = ScoreFunction::kSigmoid,
+                        kTopkSoft = ScoreFunction::kTopkSoftmax;
+constexpr RoutingMode kTC = RoutingMode::kTokenChoice, kEC = RoutingMode::kExpertChoice;
+constexpr DropPolicy kPos = DropPolicy::kPosition, kProb = DropPolicy::kProbability;
+
+const FusedCase kCases[] = {
+    // name, dtype, H, F, E, k, score, renorm, scale, G, TG, bias, capacity, policy, mode, act, shared, S, gated
+    {"mixtral_like", DType::kBF16, 256, 448, 8, 2, kSoft, true, 1.0, 1, 1, false, 0.0, kPos, kTC,
+     Activation::kSwiGLU, 0, 0, false},
+    {"qwen3_like", DType::kBF16, 512, 96, 128, 8, kSoft, true, 1.0, 1, 1, false, 0.0, kPos, kTC,
+     Activation::kSwiGLU, 0, 0, false},
+    {"deepseek_like", DType::kBF16, 384, 128, 64, 6, kSig, true, 2.5, 8, 3, true, 0.0, kPos, kTC,
+     Activation::kSwiGLU, 1, 128, false},
+    {"qwen2_gated_shared", DType::kBF16, 256, 64, 60, 4, kSoft, false, 1.0, 1, 1, false, 0.0, kPos, kTC,
+     Activation::kSwiGLU, 1, 200, true},
+    {"topk_softmax_fp16_geglu", DType::kF16, 128, 80, 16, 4, kTopkSoft, false, 1.0, 1, 1, false, 0.0, kPos, kTC,
+     Activation::kGeGLU, 0, 0, false},
+    {"capacity_position_gelu", DType::kBF16, 128, 64, 8, 2, kSoft, false, 1.0, 1, 1, false, 1.0, kPos, kTC,
+     Activation::kGELU, 0, 0, false},
+    {"capacity_probability_relu", DType::kF16, 136, 72, 32, 4, kSoft, true, 1.0, 1, 1, false, 0.5, kProb, kTC,
+     Activation::kReLU, 2, 40, false},
+    {"expert_choice", DType::kBF16, 128, 64, 16, 2, kSoft, false, 1.0, 1, 1, false, 0.0, kPos, kEC,
+     Activation::kSwiGLU, 1, 64, false},
+};
+
+class GpuFused : public ::testing::TestWithParam<FusedCase> {};
+
+TEST_P(GpuFused, MatchesTheCpuChainForEveryBatchSize) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    for (int64_t T : {1, 2, 3, 7, 16, 33, 64}) run_case(GetParam(), T);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GpuFused, ::testing::ValuesIn(kCases),
+                         [](const ::testing::TestParamInfo<FusedCase>& info) { return std::string(info.param.name); });
+
+// Graph capture: replaying one captured fused forward on new inputs copied into its buffers equals an eager forward
+// bitwise; the staged path (fused_max_tokens 0) gives the same routing and a y within the dtype's rounding.
+TEST(GpuFusedGraph, ReplayEqualsEagerAndStagedAgrees) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    const FusedCase c = kCases[2];
+    const MoEConfig cfg = config_of(c);
+    const int64_t T = 16, H = c.H, E = c.E;
+    Weights W(cfg, 77);
+    MoELayer layer(cfg, W.device());
+    layer.set_fused_max_tokens(-1);
+    ASSERT_TRUE(layer.uses_fused_path(T));
+    const DType dt = cfg.dtype;
+    const size_t ws_bytes = layer.workspace_size(T);
+    DeviceBuffer ws(ws_bytes), d_x(T * H * 2), d_y(T * H * 2), d_y2(T * H * 2);
+    const TensorRef x(d_x.get(), dt, {T, H}, Device::kCUDA), y(d_y.get(), dt, {T, H}, Device::kCUDA);
+    cudaStream_t s;
+    GPU_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    GPU_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    layer.forward(x, y, ws.get(), ws_bytes, s);
+    GPU_CHECK(cudaStreamEndCapture(s, &graph));
+    GPU_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (uint64_t seed : {5u, 6u}) {
+        const auto xv = testing::random_values(T * H, dt, -1.0f, 1.0f, seed);
+        const auto xb = testing::encode(xv, dt);
+        GPU_CHECK(cudaMemcpy(d_x.get(), xb.data(), xb.size(), cudaMemcpyHostToDevice));
+        d_y.poison();
+        GPU_CHECK(cudaGraphLaunch(exec, s));
+        GPU_CHECK(cudaStreamSynchronize(s));
+        const auto replay = testing::download_raw<uint8_t>(d_y.get(), T * H * 2);
+        d_y.poison();
+        layer.forward(x, y, ws.get(), ws_bytes, s);
+        GPU_CHECK(cudaStreamSynchronize(s));
+        EXPECT_TRUE(testing::bitwise_equal(replay, testing::download_raw<uint8_t>(d_y.get(), T * H * 2), "replay"));
+        MoELayer staged(cfg, W.device());
+        staged.set_fused_max_tokens(0);
+        ASSERT_FALSE(staged.uses_fused_path(T));
+        DeviceBuffer ws2(staged.workspace_size(T));
+        staged.forward(x, TensorRef(d_y2.get(), dt, {T, H}, Device::kCUDA), ws2.get(), ws2.bytes(), s);
+        GPU_CHECK(cudaStreamSynchronize(s));
+        EXPECT_TRUE(y_matches(testing::decode(replay, dt), testing::download(d_y2.get(), T * H, dt), dt))
+            << "fused vs staged";
+    }
+    (void)E;
+    GPU_CHECK(cudaGraphExecDestroy(exec));
+    GPU_CHECK(cudaGraphDestroy(graph));
+    GPU_CHECK(cudaStreamDestroy(s));
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,241 @@
+// tests/test_fused.cpp: the fused small-batch stages (stages.h: route_fused, experts_fused) on the CPU backend, their
+// validation, and MoELayer's choice of path.
+//
+// On the CPU the fused stages are the chains they stand for (the specification the CUDA kernels are tested against in
+// tests/gpu_test_fused.cpp), so the layer built from them must equal MoELayer::forward bitwise for every routing option
+// (capacity drops, expert choice, shared experts with and without their gate).
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "switchyard/moe_layer.h"
+#include "switchyard/stages.h"
+#include "test_util.h"
+
+namespace switchyard {
+namespace {
+
+MoEConfig base_config() {
+    MoEConfig c;
+    c.hidden_size = 24;
+    c.ffn_size = 16;
+    c.num_experts = 8;
+    c.top_k = 2;
+    c.dtype = DType::kF32;
+    return c;
+}
+
+// The layer through the fused stages (route_fused where it applies, else the routing stages).
+void fused_forward(const MoEConfig& c, const MoEWeights& w, const test::HostTensor& x, test::HostTensor& y) {
+    const int64_t T = x.ref().shape[0], E = c.num_experts, slots = c.route_slots();
+    const int64_t R = c.expert_choice() ? E * c.expert_choice_capacity(T) : T * c.top_k;
+    test::HostTensor logits(DType::kF32, {T, E}), ids(DType::kI32, {T, slots}), wt(DType::kF32, {T, slots});
+    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, slots});
+    test::HostTensor row_token(DType::kI32, {R}), row_slot(DType::kI32, {R}), sg(DType::kF32, {T, 1});
+    RoutingPlan plan;
+    plan.expert_counts = counts.ref();
+    plan.expert_offsets = offsets.ref();
+    plan.slot_row = slot_row.ref();
+    plan.row_token = row_token.ref();
+    plan.row_slot = row_slot.ref();
+    const bool gated = c.shared_expert_gate && c.shared_width() > 0;
+    if (!c.expert_choice() && c.capacity_factor == 0.0) {
+        route_fused(c, x.ref(), w.gate, w.score_bias, gated ? w.shared_gate : TensorRef(), logits.ref(), ids.ref(),
+                    wt.ref(), plan, gated ? sg.ref() : TensorRef(), nullptr, 0);
+    } else {
+        router_gemm(x.ref(), w.gate, logits.ref(), nullptr, 0);
+        if (c.expert_choice()) {
+            route_expert_choice(c, logits.ref(), ids.ref(), wt.ref(), plan, nullptr, 0);
+        } else {
+            route(c, logits.ref(), w.score_bias, ids.ref(), wt.ref());
+            build_plan(c, ids.ref(), wt.ref(), plan, nullptr, 0);
+        }
+        if (gated) router_gemm(x.ref(), w.shared_gate, sg.ref(), nullptr, 0);
+    }
+    experts_fused(c, x.ref(), w.w13, w.w2, plan, wt.ref(), w.shared_w13, w.shared_w2, gated ? sg.ref() : TensorRef(),
+                  y.ref(), nullptr, 0);
+}
+
+struct Variant {
+    const char* name;
+    void (*apply)(MoEConfig&);
+};
+
+const Variant kVariants[] = {
+    {"softmax", [](MoEConfig&) {}},
+    {"sigmoid_bias_groups",
+     [](MoEConfig& c) {
+         c.score_function = ScoreFunction::kSigmoid;
+         c.use_score_bias = true;
+         c.num_groups = 4;
+         c.topk_groups = 2;
+         c.routed_scale = 2.5;
+     }},
+    {"topk_softmax_geglu",
+     [](MoEConfig& c) {
+         c.score_function = ScoreFunction::kTopkSoftmax;
+         c.activation = Activation::kGeGLU;
+     }},
+    {"capacity_position",
+     [](MoEConfig& c) {
+         c.capacity_factor = 1.0;
+         c.activation = Activation::kGELU;
+     }},
+    {"capacity_probability",
+     [](MoEConfig& c) {
+         c.capacity_factor = 0.5;
+         c.drop_policy = DropPolicy::kProbability;
+         c.activation = Activation::kReLU;
+     }},
+    {"expert_choice",
+     [](MoEConfig& c) {
+         c.routing_mode = RoutingMode::kExpertChoice;
+         c.num_shared_experts = 1;
+         c.shared_ffn_size = 12;
+     }},
+    {"shared", [](MoEConfig& c) {
+         c.num_shared_experts = 2;
+         c.shared_ffn_size = 8;
+     }},
+    {"gated_shared", [](MoEConfig& c) {
+         c.num_shared_experts = 1;
+         c.shared_ffn_size = 20;
+         c.shared_expert_gate = true;
+     }},
+};
+
+TEST(FusedStages, EqualTheLayerBitwiseOnTheCpu) {
+    for (const Variant& v : kVariants) {
+        for (DType dt : {DType::kF32, DType::kBF16}) {
+            for (int64_t T : {1, 3, 16, 33}) {
+                const uint64_t seed = 700 + static_cast<uint64_t>(T);
+                SCOPED_TRACE(std::string(v.name) + " " + to_string(dt) + " T=" + std::to_string(T) + " " +
+                             test::seed_trace(seed));
+                MoEConfig c = base_config();
+                v.apply(c);
+                c.dtype = dt;
+                const test::HostLayer L = test::random_layer(c, seed, dt);
+                const int64_t H = c.hidden_size;
+                const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, seed + 1), dt, {T, H});
+                test::HostTensor y_layer(dt, {T, H}), y_fused(dt, {T, H});
+                const MoELayer layer(c, L.weights());
+                EXPECT_FALSE(layer.uses_fused_path(T)) << "the CPU backend always runs the staged chain";
+                layer.forward(x.ref(), y_layer.ref());
+                fused_forward(c, L.weights(), x, y_fused);
+                EXPECT_EQ(std::memcmp(y_layer.data(), y_fused.data(), static_cast<size_t>(T * H) * dtype_size(dt)), 0)
+                    << "y differs";
+            }
+        }
+    }
+}
+
+TEST(FusedStages, RouteFusedRefusesWhatItDoesNotDo) {
+    MoEConfig c = base_config();
+    const test::HostLayer L = test::random_layer(c, 1);
+    const int64_t T = 4, E = c.num_experts, H = c.hidden_size;
+    const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, 2), DType::kF32, {T, H});
+    test::HostTensor logits(DType::kF32, {T, E}), ids(DType::kI32, {T, 2}), wt(DType::kF32, {T, 2});
+    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, 2});
+    test::HostTensor row_token(DType::kI32, {T * 2}), row_slot(DType::kI32, {T * 2});
+    RoutingPlan plan;
+    plan.expert_counts = counts.ref();
+    plan.expert_offsets = offsets.ref();
+    plan.slot_row = slot_row.ref();
+    plan.row_token = row_token.ref();
+    plan.row_slot = row_slot.ref();
+    auto call = [&](const MoEConfig& cfg) {
+        route_fused(cfg, x.ref(), L.gate.ref(), TensorRef(), TensorRef(), logits.ref(), ids.ref(), wt.ref(), plan,
+                    TensorRef(), nullptr, 0);
+    };
+    EXPECT_NO_THROW(call(c));
+    MoEConfig cap = c;
+    cap.capacity_factor = 1.0;
+    test::expect_error([&] { call(cap); }, {"token choice without capacity"});
+    MoEConfig ec = c;
+    ec.routing_mode = RoutingMode::kExpertChoice;
+    test::expect_error([&] { call(ec); }, {"token choice without capacity"});
+    // shared_gate and its logits go together
+    test::HostTensor sg(DType::kF32, {T, 1});
+    test::expect_error(
+        [&] {
+            route_fused(c, x.ref(), L.gate.ref(), TensorRef(), TensorRef(), logits.ref(), ids.ref(), wt.ref(), plan,
+                        sg.ref(), nullptr, 0);
+        },
+        {"go together"});
+    // a plan of the wrong size
+    test::HostTensor short_rows(DType::kI32, {T});
+    RoutingPlan bad = plan;
+    bad.row_token = short_rows.ref();
+    test::expect_error(
+        [&] {
+            route_fused(c, x.ref(), L.gate.ref(), TensorRef(), TensorRef(), logits.ref(), ids.ref(), wt.ref(), bad,
+                        TensorRef(), nullptr, 0);
+        },
+        {"plan.row_token"});
+}
+
+TEST(FusedStages, ExpertsFusedValidatesItsArguments) {
+    MoEConfig c = base_config();
+    c.num_shared_experts = 1;
+    c.shared_ffn_size = 8;
+    const test::HostLayer L = test::random_layer(c, 3);
+    const int64_t T = 2, E = c.num_experts, H = c.hidden_size;
+    const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, 4), DType::kF32, {T, H});
+    test::HostTensor wt(DType::kF32, {T, 2}), y(DType::kF32, {T, H});
+    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, 2});
+    test::HostTensor row_token(DType::kI32, {T * 2}), row_slot(DType::kI32, {T * 2});
+    RoutingPlan plan;
+    plan.expert_counts = counts.ref();
+    plan.expert_offsets = offsets.ref();
+    plan.slot_row = slot_row.ref();
+    plan.row_token = row_token.ref();
+    plan.row_slot = row_slot.ref();
+    test::expect_error(
+        [&] {
+            experts_fused(c, x.ref(), L.w13.ref(), L.w2.ref(), plan, wt.ref(), L.shared_w13.ref(), TensorRef(),
+                          TensorRef(), y.ref(), nullptr, 0);
+        },
+        {"shared_w13 and shared_w2 go together"});
+    test::expect_error(
+        [&] {
+            experts_fused(c, x.ref(), L.w2.ref(), L.w2.ref(), plan, wt.ref(), TensorRef(), TensorRef(), TensorRef(),
+                          y.ref(), nullptr, 0);
+        },
+        {"w13"});
+}
+
+TEST(FusedStages, LayerPathChoice) {
+    MoEConfig c = base_config();
+    const test::HostLayer L = test::random_layer(c, 5);
+    MoELayer layer(c, L.weights());
+    EXPECT_EQ(layer.fused_max_tokens(), 0);  // off by default until measured on a GPU
+    layer.set_fused_max_tokens(-1);
+    EXPECT_EQ(layer.fused_max_tokens(), -1);
+    EXPECT_FALSE(layer.uses_fused_path(1));  // the CPU backend
+    test::expect_error([&] { layer.set_fused_max_tokens(fused_path_max_tokens() + 1); }, {"fused_max_tokens"});
+    test::expect_error([&] { layer.set_fused_max_tokens(-2); }, {"fused_max_tokens"});
+    // The rules of the CUDA kernels (no device needed to ask).
+    MoEConfig b = c;
+    b.dtype = DType::kBF16;
+    b.hidden_size = 64;
+    b.ffn_size = 32;
+    EXPECT_TRUE(fused_path_supported(b, Device::kCUDA, 1));
+    EXPECT_TRUE(fused_path_supported(b, Device::kCUDA, fused_path_max_tokens()));
+    EXPECT_FALSE(fused_path_supported(b, Device::kCUDA, 0));
+    EXPECT_FALSE(fused_path_supported(b, Device::kCUDA, fused_path_max_tokens() + 1));
+    EXPECT_FALSE(fused_path_supported(b, Device::kCPU, 1));
+    MoEConfig f32 = b;
+    f32.dtype = DType::kF32;
+    EXPECT_FALSE(fused_path_supported(f32, Device::kCUDA, 1));
+    MoEConfig odd = b;
+    odd.ffn_size = 36;
+    EXPECT_FALSE(fused_path_supported(odd, Device::kCUDA, 1));
+    MoEConfig fp8 = b;
+    fp8.quant_mode = QuantMode::kFP8Block;
+    EXPECT_FALSE(fused_path_supported(fp8, Device::kCUDA, 1));
+}
+
+}  // namespace
+}  // namespace switchyard
