@@ -475,6 +475,36 @@ TEST(Fp8Load, TensorScaledGateUpScalesDifferAreFusedToTheMax) {
     }
 }
 
+// Scales stored as BF16 (some compressed-tensors checkpoints) are read exactly into the fp32 scale tensors.
+TEST(Fp8Load, Bf16ScalesAreReadExactly) {
+    Fp8Layer L;
+    L.E = 2;
+    L.H = 160;
+    L.F = 128;
+    L.build(6);
+    for (auto& kv : L.ckpt)
+        if (kv.first.find("weight_scale_inv") != std::string::npos)
+            kv.second = floats_entry(DType::kBF16, kv.second.shape, as_floats(kv.second));
+    SafetensorsFile f(image(L.ckpt), "bf16_scales.st");
+    LoadedWeights lw = load_moe_weights(f, WeightLoadOptions{});
+    ASSERT_EQ(lw.quant_mode, QuantMode::kFP8Block);
+    for (int64_t e = 0; e < L.E; ++e) {
+        const std::vector<float> g = as_floats(L.ckpt.at("mlp.experts." + std::to_string(e) + ".gate_proj.weight_scale_inv"));
+        const std::vector<float> u = as_floats(L.ckpt.at("mlp.experts." + std::to_string(e) + ".up_proj.weight_scale_inv"));
+        const std::vector<float> d = as_floats(L.ckpt.at("mlp.experts." + std::to_string(e) + ".down_proj.weight_scale_inv"));
+        ASSERT_EQ(g.size(), 2u);
+        const float* s13 = lw.owned.w.w13_scale.ptr<float>() + e * 4;  // [B(2F) = 2, B(H) = 2]
+        EXPECT_EQ(s13[0], g[0]);
+        EXPECT_EQ(s13[1], g[1]);
+        EXPECT_EQ(s13[2], u[0]);
+        EXPECT_EQ(s13[3], u[1]);
+        const float* s2 = lw.owned.w.w2_scale.ptr<float>() + e * 2;  // [B(H) = 2, B(F) = 1]
+        EXPECT_EQ(s2[0], d[0]);
+        EXPECT_EQ(s2[1], d[1]);
+        EXPECT_GT(g[0], 0.0f);
+    }
+}
+
 // ---- malformed FP8 checkpoints ----------------------------------------------------------------------------------
 
 TEST(Fp8Load, BadInputsNameTheTensorAndWriteNothing) {
