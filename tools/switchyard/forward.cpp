@@ -13,6 +13,8 @@
 // Sizes H, F, E (and the shared width) come from the weights; --hidden/--ffn/--experts, when given, must agree.
 // The selection bias mlp.gate.e_score_correction_bias is used automatically when present (--no-bias: not).
 // Shared experts are used when their tensors are present (--shared-experts 0: not).
+// FP8 experts: F8_E4M3 expert matrices with weight_scale_inv (128x128 blocks) or weight_scale (+ input_scale) beside
+// them make an fp8-block / fp8-tensor layer (io/weights.h, docs/fp8.md "Loading"); the activations keep --dtype.
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -217,7 +219,9 @@ int run_forward(const ForwardOptions& o) {
 }
 
 void add_forward_options(CLI::App* sub, ForwardOptions& o) {
-    sub->add_option("--weights", o.weights, "safetensors file with the layer's weights (Hugging Face names)")
+    sub->add_option("--weights", o.weights,
+                    "safetensors file with the layer's weights (Hugging Face names; F8_E4M3 experts with their "
+                    "weight_scale_inv / weight_scale tensors load as an FP8 layer)")
         ->required();
     sub->add_option("--prefix", o.prefix, "name prefix of the layer, e.g. model.layers.3.");
     sub->add_option("--input", o.input, "input .npy [T, H] of --dtype (bf16 as '<u2' bits)")->required();
