@@ -52,6 +52,7 @@ struct BenchOptions {
     uint64_t seed = 1;
     bool graph = true;    // CUDA: also time graph replays
     bool stages = true;   // CUDA: also time each stage
+    int64_t fused_max_tokens = 0;  // CUDA: MoELayer::set_fused_max_tokens (0: the layer's default)
 };
 
 
@@ -139,13 +140,16 @@ void bench_cuda(const BenchOptions& o, const MoEConfig& cfg, double tflops, doub
         nlohmann::ordered_json r;
         double floor_ms = 0;
         if (o.impl != "dense") {
-            const CudaLayerTiming t = time_cuda_layer(cfg, dw.w, T, o.warmup, o.reps, o.seed + T, o.graph, o.stages);
+            const CudaLayerTiming t = time_cuda_layer(cfg, dw.w, T, o.warmup, o.reps, o.seed + T, o.graph, o.stages,
+                                                      o.fused_max_tokens);
             r = floor_entry(cfg, T, t.kept_rows, t.experts_hit, dw.w.w13.dtype, tflops, gbps, &floor_ms);
             r["sparse_ms"] = t.eager_ms;
             r["sparse_pct_of_floor"] = t.eager_ms > 0 ? 100 * floor_ms / t.eager_ms : 0.0;
             r["workspace_bytes"] = t.workspace_bytes;
             r["input_copies"] = t.input_copies;
-            std::printf("  sparse %10.4f ms eager (%5.1f%% of floor)", t.eager_ms, 100 * floor_ms / t.eager_ms);
+            r["path"] = t.fused ? "fused" : "staged";
+            std::printf("  sparse %10.4f ms eager (%5.1f%% of floor, %s path)", t.eager_ms, 100 * floor_ms / t.eager_ms,
+                        t.fused ? "fused" : "staged");
             if (o.graph) {
                 r["graph_ms"] = t.graph_ms;
                 r["graph_pct_of_floor"] = t.graph_ms > 0 ? 100 * floor_ms / t.graph_ms : 0.0;
@@ -271,6 +275,9 @@ void add_bench(CLI::App& app, int* exit_code) {
     sub->add_option("--json", o->json, "write every number to this JSON file");
     sub->add_flag("--graph,!--no-graph", o->graph, "CUDA: also time CUDA-graph replays (default on)");
     sub->add_flag("--stages,!--no-stages", o->stages, "CUDA: also time each stage with events (default on)");
+    sub->add_option("--fused-max-tokens", o->fused_max_tokens,
+                    "CUDA: largest T of the fused small-batch path (-1 automatic, 0 never: the default)")
+        ->capture_default_str();
     add_layer_flags(sub, o->layer, /*random_weights=*/true);
     sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
 }

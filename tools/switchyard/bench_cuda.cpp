@@ -87,12 +87,14 @@ DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed) {
 }
 
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& w, int64_t T, int warmup, int reps,
-                                uint64_t seed, bool graph, bool stages) {
+                                uint64_t seed, bool graph, bool stages, int64_t fused_max_tokens) {
     SWITCHYARD_CHECK(reps > 0 && warmup >= 0, "time_cuda_layer: reps=", reps, " warmup=", warmup);
     CudaLayerTiming r;
     r.num_tokens = T;
     const int64_t H = cfg.hidden_size;
     MoELayer layer(cfg, w);
+    layer.set_fused_max_tokens(fused_max_tokens);
+    r.fused = layer.uses_fused_path(T);
     CudaStream st;
 
     // Inputs rotated past L2: enough copies that the x reads of consecutive runs exceed 2 x L2 (at most 8).

@@ -28,6 +28,7 @@ struct CudaLayerTiming {
     int64_t kept_rows = 0;
     int64_t experts_hit = 0;
     int input_copies = 1;
+    bool fused = false;  // the forward took the fused small-batch path
     LoadStats stats;
 };
 
@@ -35,8 +36,10 @@ struct CudaLayerTiming {
 // config's dtype, score bias uniform(-0.1, 0.1) fp32 when cfg.use_score_bias.
 DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed);
 
+// fused_max_tokens: MoELayer::set_fused_max_tokens (-1 automatic, 0 the staged path only).
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
-                                int warmup, int reps, uint64_t seed, bool graph, bool stages);
+                                int warmup, int reps, uint64_t seed, bool graph, bool stages,
+                                int64_t fused_max_tokens = 0);
 
 }  // namespace cli
 }  // namespace switchyard

@@ -148,6 +148,9 @@ const std::vector<std::pair<const char*, std::vector<const char*>>>& stage_slice
         {"gemm2", {"topk_weights", "expert_offsets", "slot_row", "h", "xp_out", "gemm_scratch"}},
         {"shared", {"topk_weights", "slot_row", "xp_out", "shared_g1", "shared_h", "shared_out", "gemm_scratch"}},
         {"combine", {"topk_weights", "slot_row", "xp_out", "shared_out"}},
+        // The fused small-batch path (T <= 64): gather .. combine in one stage.
+        {"experts", {"topk_weights", "expert_offsets", "slot_row", "row_token", "row_slot", "shared_gate",
+                     "fused_scratch"}},
     };
     return m;
 }
@@ -183,6 +186,9 @@ StageWork stage_work(const std::string& st, const MoEConfig& cfg, int64_t T, int
         w.bytes = a * (Rs * H + H * S + t * H + t * Rs + t * S + t * H);
     } else if (st == "combine") {
         w.bytes = a * (rows * H + t * H + (S > 0 ? t * H : 0)) + 8 * t * k;
+    } else if (st == "experts") {  // the fused path: both GEMMs of the experts hit and the shared expert, x in, y out
+        w.flops = 2 * rows * H * R + 2 * rows * F * H + (S > 0 ? 2 * t * H * Rs + 2 * t * S * H : 0);
+        w.bytes = a * (double(hit) * (R * H + H * F) + (S > 0 ? Rs * H + H * S : 0) + 2 * t * H) + 8 * rows;
     }
     return w;
 }

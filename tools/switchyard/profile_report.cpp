@@ -64,7 +64,8 @@ std::vector<std::string> shapes_of(const J& j) {
     return s;
 }
 
-const char* kStageOrder[] = {"router", "plan", "dispatch", "gemm1", "activation", "gemm2", "shared", "combine"};
+const char* kStageOrder[] = {"router", "plan",   "dispatch", "gemm1",  "activation",
+                             "gemm2",  "shared", "combine",  "experts"};
 
 
 // Title, run settings and the shapes profiled.
