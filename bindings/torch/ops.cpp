@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -316,6 +317,77 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_op(const at::Tensor& dy_in, 
     });
 }
 
+// The fused small-batch path (route_fused + experts_fused): the whole layer for inference in one op.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
+    const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& w13_in, const at::Tensor& w2_in, const c10::optional<at::Tensor>& shared_w13,
+    const c10::optional<at::Tensor>& shared_w2, const c10::optional<at::Tensor>& shared_gate, int64_t top_k,
+    int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
+    int64_t activation) {
+    return guarded([&] {
+        const at::Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), w13 = w13_in.contiguous(),
+                         w2 = w2_in.contiguous();
+        TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
+                    "switchyard.moe_fused: x [T, H], gate [E, H], w13 [E, R13, H], w2 [E, H, F] expected");
+        const bool use_bias = bias.has_value() && bias->defined();
+        MoEConfig cfg = router_config(gate.size(0), top_k, score_function, renormalize, routed_scale, num_groups,
+                                      topk_groups, use_bias);
+        cfg.hidden_size = x.size(1);
+        cfg.ffn_size = w2.size(2);
+        cfg.activation = activation_of(activation);
+        cfg.dtype = dtype_of(x);
+        at::Tensor b, sw13, sw2, sg;
+        if (use_bias) b = bias->to(x.device(), at::kFloat).contiguous();
+        const bool shared = shared_w13.has_value() && shared_w13->defined();
+        if (shared) {
+            TORCH_CHECK(shared_w2.has_value() && shared_w2->defined(), "switchyard.moe_fused: shared_w13 without "
+                        "shared_w2");
+            sw13 = shared_w13->contiguous();
+            sw2 = shared_w2->contiguous();
+            cfg.num_shared_experts = 1;
+            cfg.shared_ffn_size = sw2.size(1);
+            if (shared_gate.has_value() && shared_gate->defined()) {
+                sg = shared_gate->contiguous();
+                cfg.shared_expert_gate = true;
+            }
+        }
+        const int64_t T = x.size(0), E = cfg.num_experts, R = T * top_k;
+        const auto i32 = x.options().dtype(at::kInt), f32 = x.options().dtype(at::kFloat);
+        at::Tensor logits = at::empty({T, E}, f32), ids = at::empty({T, top_k}, i32), w = at::empty({T, top_k}, f32);
+        at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32), slot_row = at::empty({T, top_k}, i32);
+        at::Tensor row_token = at::empty({R}, i32), row_slot = at::empty({R}, i32), y = at::empty_like(x);
+        at::Tensor sgl = sg.defined() ? at::empty({T, 1}, f32) : at::Tensor();
+        RoutingPlan plan;
+        plan.expert_counts = ref(counts);
+        plan.expert_offsets = ref(offsets);
+        plan.slot_row = ref(slot_row);
+        plan.row_token = ref_or_none(row_token);
+        plan.row_slot = ref_or_none(row_slot);
+        const Device dev = sy_device(x);
+        Workspace ws = workspace_like(x, std::max(route_fused_workspace_size(cfg, dev, T),
+                                                  experts_fused_workspace_size(cfg, dev, T)));
+        if (T > 0) {
+            route_fused(cfg, ref(x), ref(gate), ref_or_none(b), ref_or_none(sg), ref(logits), ref(ids), ref(w), plan,
+                        ref_or_none(sgl), ws.ptr, ws.bytes, stream_of(x));
+            experts_fused(cfg, ref(x), ref(w13), ref(w2), plan, ref(w), ref_or_none(sw13), ref_or_none(sw2),
+                          ref_or_none(sgl), ref(y), ws.ptr, ws.bytes, stream_of(x));
+        }
+        return std::make_tuple(y, logits, ids, counts);
+    });
+}
+
+// Whether the fused op's CUDA kernels take this layer (stages.h: fused_path_supported), for the Python module.
+bool fused_path_supported_op(int64_t num_tokens, int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k,
+                             int64_t shared_width, const at::Tensor& like) {
+    MoEConfig c;
+    std::tie(c.hidden_size, c.ffn_size, c.num_experts, c.top_k) = std::make_tuple(hidden, ffn, num_experts, top_k);
+    c.num_shared_experts = shared_width > 0 ? 1 : 0;
+    c.shared_ffn_size = shared_width;
+    c.dtype = like.scalar_type() == at::kBFloat16 ? DType::kBF16 : like.scalar_type() == at::kHalf ? DType::kF16
+                                                                                                   : DType::kF32;
+    return fused_path_supported(c, sy_device(like), num_tokens);
+}
+
 }  // namespace
 
 #ifndef SWITCHYARD_TORCH_CUDA
@@ -347,6 +419,11 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("activation_backward(Tensor g, Tensor dh, int activation) -> Tensor");
     m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
     m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights) -> (Tensor, Tensor)");
+    m.def("moe_fused(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
+          "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
+          "float routed_scale, int num_groups, int topk_groups, int activation) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("fused_path_supported(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
+          "Tensor like) -> bool");
 }
 
 // One implementation per op serves both devices: the stage function runs the backend of the tensors' device.
@@ -366,7 +443,9 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("activation", &activation_op);                                     \
     m.impl("activation_backward", &activation_backward_op);                   \
     m.impl("combine", &combine_op);                                           \
-    m.impl("combine_backward", &combine_backward_op)
+    m.impl("combine_backward", &combine_backward_op);                         \
+    m.impl("moe_fused", &moe_fused_op);                                       \
+    m.impl("fused_path_supported", &fused_path_supported_op)
 
 TORCH_LIBRARY_IMPL(switchyard, CPU, m) { SWITCHYARD_TORCH_IMPLS(m); }
 #ifdef SWITCHYARD_TORCH_CUDA

@@ -15,6 +15,9 @@
 //   grouped_mm (+ _backward, _dgrad, _wgrad) a [T*k, K], b [E, N, K] -> c [T*k, N]
 //   activation / activation_backward       g [R, 2F or F] -> h [R, F]
 //   combine / combine_backward             out [T*k, H], slot_row, weights (+ shared [T, H]) -> y [T, H]
+//   moe_fused (inference, no backward)     x, gate, w13, w2 (+ shared) -> y, logits, ids, counts: route_fused +
+//                                          experts_fused, the small-batch path in four kernels on CUDA
+//   fused_path_supported                   whether moe_fused's CUDA kernels take a layer (stages.h)
 #pragma once
 
 #include <ATen/ATen.h>

@@ -16,6 +16,10 @@ fake (meta) implementation for shape inference and an autograd formula that call
     y  [T, H]      = combine(out, slot_row, w, shared)       backward: combine_backward
     aux, z         = router_losses(logits, ids)              backward: router_losses_backward
 
+Inference (no gradient needed) of 1..64 tokens of a bf16/fp16 layer on CUDA runs instead one op, moe_fused
+(stages.h: route_fused + experts_fused, four kernels that stream the weights of the experts hit once);
+``MoE.fused_max_tokens`` (None: automatic, 0: never, the default for now) chooses.
+
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
 (double accumulation; fp64 in gives fp64 results for gradcheck), CUDA tensors the CUDA kernels.
@@ -123,6 +127,14 @@ def _combine_fake(expert_out, slot_row, weights, shared):
 @torch.library.register_fake("switchyard::combine_backward")
 def _combine_backward_fake(dy, expert_out, slot_row, weights):
     return torch.empty_like(expert_out), torch.empty_like(weights)
+
+
+@torch.library.register_fake("switchyard::moe_fused")
+def _moe_fused_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, top_k, score_function, renormalize,
+                    routed_scale, num_groups, topk_groups, activation):
+    t, e = x.shape[0], gate.shape[0]
+    return (torch.empty_like(x), x.new_empty((t, e), dtype=torch.float32), x.new_empty((t, top_k), dtype=torch.int32),
+            x.new_empty((e,), dtype=torch.int32))
 
 
 # ---- autograd ----------------------------------------------------------------------------------------------
@@ -422,6 +434,10 @@ class MoE(nn.Module):
                                       "yet (the C++ MoELayer runs it); use token-choice")
         self.config = config
         self.return_stats = return_stats
+        # Largest T of the fused inference path (moe_fused): None = the library's limit (64), 0 = never. Off by
+        # default until the path's GPU tests and crossover measurement have run (issue 12).
+        self.fused_max_tokens: Optional[int] = 0
+        self._fused_ok_cache = {}
         c = config
         r13 = 2 * c.ffn_size if c.gated else c.ffn_size
         kw = dict(dtype=dtype, device=device)
@@ -514,10 +530,52 @@ class MoE(nn.Module):
         y = _ops.combine(out, slot_row, w, shared)
         return y, logits, ids, offsets, counts
 
+    # Whether this call can run the fused inference op: no gradient wanted, token choice without capacity, the
+    # library's router GEMM (not a subclass's), one 16-bit dtype on CUDA, and moe_fused's kernels take the shape.
+    def _use_fused(self, x2: torch.Tensor) -> bool:
+        c, t = self.config, x2.shape[0]
+        limit = 64 if self.fused_max_tokens is None else int(self.fused_max_tokens)
+        if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if x2.data_ptr() % 16 != 0:  # the fused kernels read 16-byte vectors
+            return False
+        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if c.capacity_factor_for(self.training) > 0 or (c.num_groups > 1 and c.group_score == "max"):
+            return False
+        if type(self)._router_logits is not MoE._router_logits:
+            return False
+        params = [self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate]
+        if any(p is not None and (p.dtype != x2.dtype or p.device != x2.device) for p in params):
+            return False
+        key = (t, x2.dtype, x2.device)
+        if key not in self._fused_ok_cache:
+            self._fused_ok_cache[key] = bool(_ops.fused_path_supported(t, c.hidden_size, c.ffn_size, c.num_experts,
+                                                                       c.top_k, c.shared_width, x2))
+        return self._fused_ok_cache[key]
+
+    def _fused_layer(self, x2: torch.Tensor):
+        c = self.config
+        y, logits, ids, counts = _ops.moe_fused(
+            x2, self.gate, self.score_bias, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate,
+            c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups,
+            c.topk_groups, ACTIVATIONS[c.activation])
+        return y, logits, ids, counts
+
     def forward(self, x: torch.Tensor):
         c = self.config
         shape = x.shape
         x2 = x.reshape(-1, c.hidden_size).contiguous()
+        if self._use_fused(x2):
+            y, logits, ids, counts = self._fused_layer(x2)
+            y = y.reshape(shape)
+            want_stats = self.training if self.return_stats is None else self.return_stats
+            if not want_stats:
+                return y
+            losses = _ops.router_losses(logits, ids, SCORE_FUNCTIONS[c.score_function])
+            aux, z = losses[0], losses[1]
+            return MoEOutput(y=y, aux_loss=aux, z_loss=z, loss=c.aux_loss_coef * aux + c.z_loss_coef * z,
+                             expert_counts=counts, kept_counts=counts)
         y, logits, ids, offsets, counts = self._layer(x2)
         y = y.reshape(shape)
         want_stats = self.training if self.return_stats is None else self.return_stats

@@ -369,3 +369,35 @@ def test_from_hf_matches_block(block_cls):
         block.experts[0].w2.weight.add_(1.0) if hasattr(block.experts[0], "w2") else \
             block.experts[0].down_proj.weight.add_(1.0)
     assert torch.equal(m.w2.detach(), before)
+
+
+# The fused inference op (moe_fused = route_fused + experts_fused): on CPU tensors it runs the CPU chains, so it must
+# compute what the module's staged ops compute (logits from the library's router GEMM in double vs F.linear in fp32:
+# the same selection on these seeds, y within fp32 rounding).
+@pytest.mark.parametrize("name", ["softmax", "topk-softmax", "sigmoid-bias-groups", "renormalize", "scale",
+                                  "shared-experts", "geglu", "gelu", "relu", "shared-gate"])
+def test_moe_fused_op_on_cpu_matches_the_staged_module(name):
+    m = make_module(name, dtype=torch.float32, seed=11).eval()
+    c = m.config
+    torch.manual_seed(12)
+    x = torch.randn(T, H)
+    with torch.no_grad():
+        want = m(x)
+        y, logits, ids, counts = torch.ops.switchyard.moe_fused(
+            x, m.gate, m.score_bias, m.w13, m.w2, m.shared_w13, m.shared_w2, m.shared_gate, c.top_k,
+            st.SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups, c.topk_groups,
+            st.ACTIVATIONS[c.activation])
+    want_ids, _ = m._route(m._router_logits(x))
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1).long(), minlength=E).int())
+    torch.testing.assert_close(logits, m._router_logits(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_path_is_off_by_default_and_cuda_only():
+    m = make_module("softmax", dtype=torch.float32).eval()
+    assert m.fused_max_tokens == 0  # until the path has been measured on a GPU (issue 12)
+    m.fused_max_tokens = None
+    with torch.no_grad():
+        assert not m._use_fused(torch.randn(3, H))  # CPU tensors: the staged ops
+    assert not torch.ops.switchyard.fused_path_supported(1, 64, 32, 8, 2, 0, torch.empty(1))  # cpu
