@@ -13,12 +13,16 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <stdexcept>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "gpu_test_util.h"
+#include "io/quantize.h"
 #include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
 
@@ -221,8 +225,7 @@ void run_case(const FusedCase& c, int64_t T) {
         router_gemm(x.host(), W.sgate.host(), sg, nullptr, 0);
     }
     std::vector<uint8_t> want_bytes(T * H * dtype_size(dt) + 1);
-    experts_fused(cfg, x.host(), W.w13.host(), W.w2.host(), plan, wt, W.sw13.host(), W.sw2.host(), sg,
-                  host_ref(want_bytes.data(), dt, {T, H}), nullptr, 0);
+    experts_fused(cfg, x.host(), W.host(), plan, wt, sg, host_ref(want_bytes.data(), dt, {T, H}), nullptr, 0);
     want_bytes.pop_back();
     EXPECT_TRUE(y_matches(testing::decode(runs[0], dt), testing::decode(want_bytes, dt), dt));
 }
@@ -310,6 +313,159 @@ TEST(GpuFusedGraph, ReplayEqualsEagerAndStagedAgrees) {
     GPU_CHECK(cudaGraphExecDestroy(exec));
     GPU_CHECK(cudaGraphDestroy(graph));
     GPU_CHECK(cudaStreamDestroy(s));
+}
+
+// FP8 experts (W8A8, dynamic scales) on the fused path: the same method against the CPU chain, whose FP8 GEMMs are
+// the recipe's specification; tolerance: the relative L2 1e-2 (the GPU's h may sit one bf16 rounding from the
+// CPU's, which can move one fp8 code of h), elementwise 5e-2 of (|want| + rms). Also agrees with the staged CUDA FP8
+// path at 1e-2.
+struct HostFp8 {
+    std::vector<uint8_t> codes;
+    std::vector<float> scales;
+    DeviceBuffer d_codes, d_scales;
+    TensorRef host_codes, host_scales, dev_codes, dev_scales;
+};
+
+void quantize_matrix(HostFp8& q, const std::vector<float>& w, int64_t groups, int64_t rows, int64_t cols,
+                     QuantMode mode) {
+    const int64_t rb = fp8_blocks(rows), cb = fp8_blocks(cols);
+    q.codes.assign(static_cast<size_t>(groups * rows * cols), 0);
+    q.scales.assign(static_cast<size_t>(mode == QuantMode::kFP8Block ? groups * rb * cb : groups), 0.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+        const float* wg = w.data() + g * rows * cols;
+        if (mode == QuantMode::kFP8Block) {
+            io::quantize_fp8_block(wg, rows, cols, q.codes.data() + g * rows * cols, q.scales.data() + g * rb * cb);
+        } else {
+            float amax = 0.0f;
+            for (int64_t i = 0; i < rows * cols; ++i) amax = std::max(amax, std::fabs(wg[i]));
+            q.scales[g] = io::fp8_scale_for_amax(amax);
+            io::quantize_fp8_with_scale(wg, rows * cols, q.scales[g], q.codes.data() + g * rows * cols);
+        }
+    }
+    q.d_codes.reset(q.codes.size());
+    q.d_scales.reset(q.scales.size() * 4);
+    if (cudaMemcpy(q.d_codes.get(), q.codes.data(), q.codes.size(), cudaMemcpyHostToDevice) != cudaSuccess ||
+        cudaMemcpy(q.d_scales.get(), q.scales.data(), q.scales.size() * 4, cudaMemcpyHostToDevice) != cudaSuccess)
+        throw std::runtime_error("cudaMemcpy failed");
+    auto refs = [&](void* c, void* sc, Device d, TensorRef& cr, TensorRef& sr) {
+        cr = groups > 1 ? TensorRef(c, DType::kF8E4M3, {groups, rows, cols}, d)
+                                     : TensorRef(c, DType::kF8E4M3, {rows, cols}, d);
+        if (mode == QuantMode::kFP8Block)
+            sr = groups > 1 ? TensorRef(sc, DType::kF32, {groups, rb, cb}, d) : TensorRef(sc, DType::kF32, {rb, cb}, d);
+        else
+            sr = TensorRef(sc, DType::kF32, {groups}, d);
+    };
+    refs(q.codes.data(), q.scales.data(), Device::kCPU, q.host_codes, q.host_scales);
+    refs(q.d_codes.get(), q.d_scales.get(), Device::kCUDA, q.dev_codes, q.dev_scales);
+}
+
+TEST(GpuFusedFp8, MatchesTheCpuChainAndTheStagedPath) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    for (QuantMode mode : {QuantMode::kFP8Block, QuantMode::kFP8Tensor}) {
+        for (int64_t T : {1, 3, 16, 64}) {
+            const uint64_t seed = 31 + static_cast<uint64_t>(T);
+            SCOPED_TRACE(std::string(to_string(mode)) + " T=" + std::to_string(T) + " seed=" + std::to_string(seed));
+            MoEConfig cfg;
+            cfg.hidden_size = 384;
+            cfg.ffn_size = 256;
+            cfg.num_experts = 16;
+            cfg.top_k = 4;
+            cfg.score_function = ScoreFunction::kSigmoid;
+            cfg.renormalize = true;
+            cfg.num_shared_experts = 1;
+            cfg.shared_ffn_size = 128;
+            cfg.dtype = DType::kBF16;
+            cfg.quant_mode = mode;
+            const int64_t H = cfg.hidden_size, F = cfg.ffn_size, E = cfg.num_experts, S = cfg.shared_width();
+            const DType dt = cfg.dtype;
+            const float ah = std::sqrt(3.0f / H), af = std::sqrt(3.0f / F), as = std::sqrt(3.0f / S);
+            Pair gate, x;
+            gate.make({E, H}, dt, -0.3f, 0.3f, seed + 1);
+            x.make({T, H}, dt, -1.0f, 1.0f, seed + 2);
+            HostFp8 w13, w2, sw13, sw2;
+            quantize_matrix(w13, testing::random_values(E * 2 * F * H, DType::kF32, -ah, ah, seed + 3), E, 2 * F, H,
+                            mode);
+            quantize_matrix(w2, testing::random_values(E * H * F, DType::kF32, -af, af, seed + 4), E, H, F, mode);
+            quantize_matrix(sw13, testing::random_values(2 * S * H, DType::kF32, -ah, ah, seed + 5), 1, 2 * S, H, mode);
+            quantize_matrix(sw2, testing::random_values(H * S, DType::kF32, -as, as, seed + 6), 1, H, S, mode);
+            auto weights = [&](bool dev) {
+                MoEWeights w;
+                w.gate = dev ? gate.device() : gate.host();
+                w.w13 = dev ? w13.dev_codes : w13.host_codes;
+                w.w13_scale = dev ? w13.dev_scales : w13.host_scales;
+                w.w2 = dev ? w2.dev_codes : w2.host_codes;
+                w.w2_scale = dev ? w2.dev_scales : w2.host_scales;
+                w.shared_w13 = dev ? sw13.dev_codes : sw13.host_codes;
+                w.shared_w13_scale = dev ? sw13.dev_scales : sw13.host_scales;
+                w.shared_w2 = dev ? sw2.dev_codes : sw2.host_codes;
+                w.shared_w2_scale = dev ? sw2.dev_scales : sw2.host_scales;
+                return w;
+            };
+            MoELayer gpu(cfg, weights(true));
+            gpu.set_fused_max_tokens(-1);
+            ASSERT_TRUE(gpu.uses_fused_path(T));
+            const size_t ws_bytes = gpu.workspace_size(T);
+            DeviceBuffer ws(ws_bytes), d_y(T * H * 2), d_y2(T * H * 2), d_logits(T * E * 4);
+            ForwardOutputs out;
+            out.logits = TensorRef(d_logits.get(), DType::kF32, {T, E}, Device::kCUDA);
+            std::vector<std::vector<uint8_t>> runs;
+            for (int run = 0; run < 2; ++run) {
+                ws.poison();
+                d_y.poison();
+                gpu.forward(x.device(), TensorRef(d_y.get(), dt, {T, H}, Device::kCUDA), ws.get(), ws_bytes, nullptr,
+                            &out);
+                GPU_CHECK(cudaDeviceSynchronize());
+                runs.push_back(testing::download_raw<uint8_t>(d_y.get(), T * H * 2));
+            }
+            EXPECT_TRUE(testing::bitwise_equal(runs[0], runs[1], "y run to run"));
+            // The CPU chain on the GPU's routing.
+            std::vector<float> logits = testing::download_raw<float>(d_logits.get(), T * E);
+            const int64_t k = cfg.top_k, R = T * k;
+            std::vector<int32_t> ids(R), slot_row(R), counts(E), offsets(E + 1), row_token(R), row_slot(R);
+            std::vector<float> wts(R);
+            RoutingPlan plan;
+            plan.expert_counts = host_ref(counts.data(), DType::kI32, {E});
+            plan.expert_offsets = host_ref(offsets.data(), DType::kI32, {E + 1});
+            plan.slot_row = host_ref(slot_row.data(), DType::kI32, {T, k});
+            plan.row_token = host_ref(row_token.data(), DType::kI32, {R});
+            plan.row_slot = host_ref(row_slot.data(), DType::kI32, {R});
+            const TensorRef id = host_ref(ids.data(), DType::kI32, {T, k}), wt = host_ref(wts.data(), DType::kF32, {T, k});
+            route(cfg, host_ref(logits.data(), DType::kF32, {T, E}), TensorRef(), id, wt);
+            build_plan(cfg, id, wt, plan, nullptr, 0);
+            std::vector<uint8_t> want(T * H * 2 + 1);
+            experts_fused(cfg, x.host(), weights(false), plan, wt, TensorRef(), host_ref(want.data(), dt, {T, H}),
+                          nullptr, 0);
+            want.pop_back();
+            const std::vector<float> got = testing::decode(runs[0], dt), ref = testing::decode(want, dt);
+            const double scale = testing::rms(ref);
+            double num = 0, den = 0;
+            int64_t bad = 0;
+            for (size_t i = 0; i < got.size(); ++i) {
+                const double d = double(got[i]) - ref[i];
+                num += d * d;
+                den += double(ref[i]) * ref[i];
+                bad += !(std::fabs(d) <= 5e-2 * (std::fabs(ref[i]) + scale));
+            }
+            const double rel = std::sqrt(num / den);
+            std::printf("[gpu fused fp8] %s T=%lld rel L2 %.3g vs the CPU chain\n", to_string(mode),
+                        static_cast<long long>(T), rel);
+            EXPECT_LE(rel, 1e-2);
+            EXPECT_EQ(bad, 0) << "elements off by more than 5e-2 * (|want| + rms)";
+            // The staged CUDA FP8 path on the same inputs.
+            MoELayer staged(cfg, weights(true));
+            DeviceBuffer ws2(staged.workspace_size(T));
+            staged.forward(x.device(), TensorRef(d_y2.get(), dt, {T, H}, Device::kCUDA), ws2.get(), ws2.bytes(),
+                           nullptr);
+            GPU_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> st = testing::download(d_y2.get(), T * H, dt);
+            double n2 = 0, d2 = 0;
+            for (size_t i = 0; i < got.size(); ++i) {
+                n2 += (double(got[i]) - st[i]) * (double(got[i]) - st[i]);
+                d2 += double(st[i]) * st[i];
+            }
+            EXPECT_LE(std::sqrt(n2 / d2), 1e-2) << "fused vs staged FP8";
+        }
+    }
 }
 
 }  // namespace

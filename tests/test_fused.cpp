@@ -6,12 +6,15 @@
 // (capacity drops, expert choice, shared experts with and without their gate).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
+#include "io/quantize.h"
 #include "test_util.h"
 
 namespace switchyard {
@@ -54,8 +57,7 @@ void fused_forward(const MoEConfig& c, const MoEWeights& w, const test::HostTens
         }
         if (gated) router_gemm(x.ref(), w.shared_gate, sg.ref(), nullptr, 0);
     }
-    experts_fused(c, x.ref(), w.w13, w.w2, plan, wt.ref(), w.shared_w13, w.shared_w2, gated ? sg.ref() : TensorRef(),
-                  y.ref(), nullptr, 0);
+    experts_fused(c, x.ref(), w, plan, wt.ref(), gated ? sg.ref() : TensorRef(), y.ref(), nullptr, 0);
 }
 
 struct Variant {
@@ -192,18 +194,14 @@ TEST(FusedStages, ExpertsFusedValidatesItsArguments) {
     plan.slot_row = slot_row.ref();
     plan.row_token = row_token.ref();
     plan.row_slot = row_slot.ref();
-    test::expect_error(
-        [&] {
-            experts_fused(c, x.ref(), L.w13.ref(), L.w2.ref(), plan, wt.ref(), L.shared_w13.ref(), TensorRef(),
-                          TensorRef(), y.ref(), nullptr, 0);
-        },
-        {"shared_w13 and shared_w2 go together"});
-    test::expect_error(
-        [&] {
-            experts_fused(c, x.ref(), L.w2.ref(), L.w2.ref(), plan, wt.ref(), TensorRef(), TensorRef(), TensorRef(),
-                          y.ref(), nullptr, 0);
-        },
-        {"w13"});
+    MoEWeights half = L.weights();
+    half.shared_w2 = TensorRef();
+    test::expect_error([&] { experts_fused(c, x.ref(), half, plan, wt.ref(), TensorRef(), y.ref(), nullptr, 0); },
+                       {"shared_w13 and shared_w2 go together"});
+    MoEWeights swapped = L.weights();
+    swapped.w13 = L.w2.ref();
+    test::expect_error([&] { experts_fused(c, x.ref(), swapped, plan, wt.ref(), TensorRef(), y.ref(), nullptr, 0); },
+                       {"w13"});
 }
 
 TEST(FusedStages, LayerPathChoice) {
@@ -232,9 +230,83 @@ TEST(FusedStages, LayerPathChoice) {
     MoEConfig odd = b;
     odd.ffn_size = 36;
     EXPECT_FALSE(fused_path_supported(odd, Device::kCUDA, 1));
-    MoEConfig fp8 = b;
+    MoEConfig fp8 = b;  // FP8 layers: sizes multiple of 16 (16 fp8 bytes per row granule)
     fp8.quant_mode = QuantMode::kFP8Block;
+    EXPECT_TRUE(fused_path_supported(fp8, Device::kCUDA, 1));
+    fp8.ffn_size = 40;
     EXPECT_FALSE(fused_path_supported(fp8, Device::kCUDA, 1));
+}
+
+// FP8 experts (W8A8, fp8-block and fp8-tensor; routed and shared): the fused stages take the same grouped_gemm_fp8
+// chain as MoELayer, bitwise.
+struct Fp8Layer {
+    std::vector<std::vector<uint8_t>> codes;
+    std::vector<std::vector<float>> scales;
+    MoEWeights w;
+};
+
+// Quantises float matrix [groups, rows, cols] (fp32 host tensor) into codes + scales in `mode` (the quantize
+// command's rules, tools/switchyard/io/quantize.h).
+void quantize_into(Fp8Layer& L, const test::HostTensor& m, int64_t groups, int64_t rows, int64_t cols, QuantMode mode,
+                   TensorRef& codes_ref, TensorRef& scale_ref) {
+    const float* src = m.ptr<float>();
+    L.codes.emplace_back(static_cast<size_t>(groups * rows * cols) + 1);
+    const int64_t rb = fp8_blocks(rows), cb = fp8_blocks(cols);
+    L.scales.emplace_back(static_cast<size_t>(mode == QuantMode::kFP8Block ? groups * rb * cb : groups) + 1);
+    std::vector<uint8_t>& c = L.codes.back();
+    std::vector<float>& sc = L.scales.back();
+    for (int64_t g = 0; g < groups; ++g) {
+        const float* wg = src + g * rows * cols;
+        if (mode == QuantMode::kFP8Block) {
+            io::quantize_fp8_block(wg, rows, cols, c.data() + g * rows * cols, sc.data() + g * rb * cb);
+        } else {
+            float amax = 0.0f;
+            for (int64_t i = 0; i < rows * cols; ++i) amax = std::max(amax, std::fabs(wg[i]));
+            sc[g] = io::fp8_scale_for_amax(amax);
+            io::quantize_fp8_with_scale(wg, rows * cols, sc[g], c.data() + g * rows * cols);
+        }
+    }
+    const bool stacked = m.ref().rank == 3;
+    codes_ref = stacked ? TensorRef(c.data(), DType::kF8E4M3, {groups, rows, cols})
+                        : TensorRef(c.data(), DType::kF8E4M3, {rows, cols});
+    if (mode == QuantMode::kFP8Block)
+        scale_ref = stacked ? TensorRef(sc.data(), DType::kF32, {groups, rb, cb}) : TensorRef(sc.data(), DType::kF32, {rb, cb});
+    else
+        scale_ref = TensorRef(sc.data(), DType::kF32, {stacked ? groups : 1});
+}
+
+TEST(FusedStages, Fp8ExpertsEqualTheLayerBitwiseOnTheCpu) {
+    for (QuantMode mode : {QuantMode::kFP8Block, QuantMode::kFP8Tensor}) {
+        for (int64_t T : {1, 5, 33}) {
+            const uint64_t seed = 900 + static_cast<uint64_t>(T);
+            SCOPED_TRACE(std::string(to_string(mode)) + " T=" + std::to_string(T) + " " + test::seed_trace(seed));
+            MoEConfig c = base_config();
+            c.hidden_size = 160;  // partial 128-blocks in both directions
+            c.ffn_size = 144;
+            c.num_shared_experts = 1;
+            c.shared_ffn_size = 48;
+            c.dtype = DType::kBF16;
+            const test::HostLayer F = test::random_layer(c, seed, DType::kF32);
+            c.quant_mode = mode;
+            Fp8Layer L;
+            L.w = F.weights();
+            test::HostTensor gate_bf16 = test::HostTensor::from_floats(  // the router in the layer dtype
+                std::vector<float>(F.gate.ptr<float>(), F.gate.ptr<float>() + F.gate.numel()), DType::kBF16,
+                {c.num_experts, c.hidden_size});
+            L.w.gate = gate_bf16.ref();
+            const int64_t E = c.num_experts, H = c.hidden_size;
+            quantize_into(L, F.w13, E, c.w13_rows(), H, mode, L.w.w13, L.w.w13_scale);
+            quantize_into(L, F.w2, E, H, c.ffn_size, mode, L.w.w2, L.w.w2_scale);
+            quantize_into(L, F.shared_w13, 1, 2 * c.shared_width(), H, mode, L.w.shared_w13, L.w.shared_w13_scale);
+            quantize_into(L, F.shared_w2, 1, H, c.shared_width(), mode, L.w.shared_w2, L.w.shared_w2_scale);
+            const test::HostTensor x =
+                test::HostTensor::from_floats(test::random_uniform(T * H, seed + 1), DType::kBF16, {T, H});
+            test::HostTensor y_layer(DType::kBF16, {T, H}), y_fused(DType::kBF16, {T, H});
+            MoELayer(c, L.w).forward(x.ref(), y_layer.ref());
+            fused_forward(c, L.w, x, y_fused);
+            EXPECT_EQ(std::memcmp(y_layer.data(), y_fused.data(), static_cast<size_t>(T * H) * 2), 0) << "y differs";
+        }
+    }
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "switchyard/balance.h"
 #include "switchyard/config.h"
 #include "switchyard/error.h"
+#include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
 
 namespace switchyard {
@@ -369,8 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
         if (T > 0) {
             route_fused(cfg, ref(x), ref(gate), ref_or_none(b), ref_or_none(sg), ref(logits), ref(ids), ref(w), plan,
                         ref_or_none(sgl), ws.ptr, ws.bytes, stream_of(x));
-            experts_fused(cfg, ref(x), ref(w13), ref(w2), plan, ref(w), ref_or_none(sw13), ref_or_none(sw2),
-                          ref_or_none(sgl), ref(y), ws.ptr, ws.bytes, stream_of(x));
+            MoEWeights mw;
+            mw.w13 = ref(w13);
+            mw.w2 = ref(w2);
+            mw.shared_w13 = ref_or_none(sw13);
+            mw.shared_w2 = ref_or_none(sw2);
+            experts_fused(cfg, ref(x), mw, plan, ref(w), ref_or_none(sgl), ref(y), ws.ptr, ws.bytes, stream_of(x));
         }
         return std::make_tuple(y, logits, ids, counts);
     });

@@ -39,6 +39,7 @@
 #include <cstdint>
 
 #include "switchyard/config.h"
+#include "switchyard/moe_layer.h"
 #include "switchyard/routing.h"
 #include "switchyard/tensor.h"
 
@@ -207,17 +208,19 @@ void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate
                  const TensorRef& topk_weights, const RoutingPlan& plan, const TensorRef& shared_gate_logits,
                  void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 // experts_fused: y = combine(grouped_gemm(activation(grouped_gemm(gather(x, plan.row_token), w13)), w2), plan,
-// topk_weights) + the shared expert when shared_w13 / shared_w2 are defined (scaled by sigmoid(shared_gate_logits)
-// when that is defined), for any plan (capacity drops, expert choice). The weights have x's dtype. On CUDA the expert
-// outputs are summed in fp32 before the one rounding of y (the chain rounds each expert output first).
+// topk_weights) + the shared expert when w.shared_w13 / w.shared_w2 are defined (scaled by
+// sigmoid(shared_gate_logits) when that is defined), for any plan (capacity drops, expert choice). It reads w13, w2,
+// shared_w13, shared_w2 of `w` and, for an FP8 layer (cfg.quant_mode), their scales: the expert GEMMs are then
+// grouped_gemm_fp8 (W8A8, dynamic activation scales; static input scales are not taken here). Float weights have
+// x's dtype. On CUDA the expert outputs are summed in fp32 before the one rounding of y (the chain rounds each expert
+// output first).
 size_t experts_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
-void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
-                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
-                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
+                   const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y,
                    void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
-// Whether the CUDA kernels of the fused path take this layer for num_tokens tokens: bf16/fp16, not quantised,
-// 1 <= T <= fused_path_max_tokens(), E <= 512, top_k <= 32, H, F and the shared width multiples of 8. (The CPU
-// backend runs the fused stages for any layer.)
+// Whether the CUDA kernels of the fused path take this layer for num_tokens tokens: bf16/fp16 activations,
+// 1 <= T <= fused_path_max_tokens(), E <= 512, top_k <= 32, H, F and the shared width multiples of 8 (of 16 for an
+// FP8 layer). (The CPU backend runs the fused stages for any layer.)
 bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_tokens);
 constexpr int64_t fused_path_max_tokens() { return 64; }
 

@@ -431,7 +431,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
 
     stage_done("begin");
     if (fused) {  // the small-batch path (stages.h): route_fused (or the routing chain) and experts_fused
-        const bool shared_expert = has_shared(cfg_), gated_shared = shared_expert && cfg_.shared_expert_gate;
+        const bool gated_shared = has_shared(cfg_) && cfg_.shared_expert_gate;
         const TensorRef shared_gate = gated_shared ? view(l.shared_gate, DType::kF32, {T, 1}, like) : TensorRef();
         if (!ec && cfg_.capacity_factor == 0.0) {
             route_fused(cfg_, x, w_.gate, w_.score_bias, gated_shared ? w_.shared_gate : TensorRef(), logits, ids,
@@ -442,9 +442,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
             route_and_plan();
             if (gated_shared) router_gemm(x, w_.shared_gate, shared_gate, l.router_ws, l.router_ws_bytes, stream);
         }
-        experts_fused(cfg_, x, w_.w13, w_.w2, plan, weights, shared_expert ? w_.shared_w13 : TensorRef(),
-                      shared_expert ? w_.shared_w2 : TensorRef(), shared_gate, y, l.fused_ws, l.fused_ws_bytes,
-                      stream);
+        experts_fused(cfg_, x, w_, plan, weights, shared_gate, y, l.fused_ws, l.fused_ws_bytes, stream);
         stage_done("experts");
         finish();
         return;
@@ -492,6 +490,11 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
 bool MoELayer::uses_fused_path(int64_t num_tokens) const {
     const int64_t limit = fused_max_tokens_ >= 0 ? fused_max_tokens_ : fused_path_max_tokens();
     if (num_tokens > limit || !fused_path_supported(cfg_, device(), num_tokens)) return false;
+    // FP8 layers: dynamic activation scales only, and a shared expert (if any) in FP8 too.
+    if (cfg_.quant_mode != QuantMode::kNone &&
+        (w_.w13_input_scale.defined() || w_.w2_input_scale.defined() || w_.shared_w13_input_scale.defined() ||
+         w_.shared_w2_input_scale.defined() || (w_.shared_w13.defined() && w_.shared_w13.dtype != DType::kF8E4M3)))
+        return false;
     // The fused kernels read every row as 16-byte vectors.
     for (const TensorRef* t : {&w_.gate, &w_.w13, &w_.w2, &w_.shared_w13, &w_.shared_w2, &w_.shared_gate})
         if (t->defined() && reinterpret_cast<uintptr_t>(t->data) % 16 != 0) return false;

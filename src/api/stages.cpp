@@ -528,10 +528,10 @@ int64_t shared_gemm_rows(const MoEConfig& cfg) {
     return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
 }
 
-// The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch.
-void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
-                       const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
-                       const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y) {
+// The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch. An fp8 matrix
+// runs grouped_gemm_fp8 (MoELayer's rule), a float one grouped_gemm.
+void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
+                       const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y) {
     const int64_t T = x.shape[0], H = cfg.hidden_size, R = plan.row_token.shape[0];
     const size_t es = dtype_size(x.dtype);
     auto host = [&](std::vector<char>& buf, int64_t rows, int64_t cols) {
@@ -540,20 +540,31 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const TensorRef
     };
     std::vector<char> xp_buf, g1_buf, h_buf, sg1_buf, sh_buf, so_buf;
     const TensorRef xp = host(xp_buf, R, H), g1 = host(g1_buf, R, cfg.w13_rows()), h = host(h_buf, R, cfg.ffn_size);
-    GroupedGemmOptions keep_tail;
-    keep_tail.zero_unowned_rows = false;
+    auto gemm = [&](const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& offsets,
+                    const TensorRef& c) {
+        if (b.dtype != DType::kF8E4M3) {
+            GroupedGemmOptions keep_tail;
+            keep_tail.zero_unowned_rows = false;
+            grouped_gemm(a, b, offsets, c, nullptr, 0, nullptr, keep_tail);
+            return;
+        }
+        Fp8GemmOptions o;
+        o.mode = cfg.quant_mode;
+        o.zero_unowned_rows = false;
+        grouped_gemm_fp8(a, b, b_scale, TensorRef(), offsets, c, nullptr, 0, nullptr, o);
+    };
     const TensorRef used_rows(plan.expert_offsets.ptr<int32_t>() + cfg.num_experts, DType::kI32, {1}, Device::kCPU, 0);
     gather(x, plan.row_token, xp);
-    grouped_gemm(xp, w13, plan.expert_offsets, g1, nullptr, 0, nullptr, keep_tail);
+    gemm(xp, w.w13, w.w13_scale, plan.expert_offsets, g1);
     activation(cfg.activation, g1, h, used_rows);
-    grouped_gemm(h, w2, plan.expert_offsets, xp, nullptr, 0, nullptr, keep_tail);
+    gemm(h, w.w2, w.w2_scale, plan.expert_offsets, xp);
     TensorRef shared;
-    if (shared_w13.defined()) {
+    if (w.shared_w13.defined()) {
         const TensorRef sg1 = host(sg1_buf, T, shared_gemm_rows(cfg)), sh = host(sh_buf, T, cfg.shared_width());
         shared = host(so_buf, T, H);
-        grouped_gemm(x, shared_w13, TensorRef(), sg1, nullptr, 0);
+        gemm(x, w.shared_w13, w.shared_w13_scale, TensorRef(), sg1);
         activation(cfg.activation, sg1, sh);
-        grouped_gemm(sh, shared_w2, TensorRef(), shared, nullptr, 0);
+        gemm(sh, w.shared_w2, w.shared_w2_scale, TensorRef(), shared);
     }
     combine(xp, plan.slot_row, topk_weights, shared, y, nullptr, shared_gate_logits);
 }
@@ -561,10 +572,10 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const TensorRef
 }  // namespace
 
 bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_tokens) {
-    return device == Device::kCUDA && (cfg.dtype == DType::kBF16 || cfg.dtype == DType::kF16) &&
-           cfg.quant_mode == QuantMode::kNone && num_tokens >= 1 && num_tokens <= fused_path_max_tokens() &&
-           cfg.num_experts <= 512 && cfg.top_k <= 32 && cfg.hidden_size % 8 == 0 && cfg.ffn_size % 8 == 0 &&
-           cfg.shared_width() % 8 == 0;
+    const int64_t align = cfg.quant_mode == QuantMode::kNone ? 8 : 16;
+    return device == Device::kCUDA && (cfg.dtype == DType::kBF16 || cfg.dtype == DType::kF16) && num_tokens >= 1 &&
+           num_tokens <= fused_path_max_tokens() && cfg.num_experts <= 512 && cfg.top_k <= 32 &&
+           cfg.hidden_size % align == 0 && cfg.ffn_size % align == 0 && cfg.shared_width() % align == 0;
 }
 
 size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
@@ -630,35 +641,57 @@ size_t experts_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t
     SWITCHYARD_ON_CUDA(experts_fused_workspace_size(cfg, num_tokens));
 }
 
-void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
-                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
-                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
+                   const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y,
                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
     cfg.validate();
     const int64_t E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size, slots = cfg.route_slots();
     check_float_tensor(x, "x", {kAny, H});
     const int64_t T = x.shape[0];
     const int64_t R = cfg.expert_choice() ? E * cfg.expert_choice_capacity(T) : T * cfg.top_k;
-    check_float_tensor(w13, "w13", {E, cfg.w13_rows(), H});
-    check_float_tensor(w2, "w2", {E, H, F});
-    for (const auto& t : {std::make_pair(&w13, "w13"), std::make_pair(&w2, "w2")}) {
-        check_same_device(*t.first, t.second, x, "x");
-        check_cuda_gemm_dtypes(x, "x", *t.first, t.second);
-    }
+    const bool fp8 = cfg.quant_mode != QuantMode::kNone;
+    // A weight matrix: float of x's dtype on CUDA (any float dtype on the CPU), or fp8 e4m3 with its scales (the
+    // shapes MoELayer's constructor checks; their values it checks there too).
+    auto check_matrix = [&](const TensorRef& m, std::initializer_list<int64_t> dims, const char* name,
+                            const TensorRef& scale, const char* scale_name, int64_t groups) {
+        if (m.dtype == DType::kF8E4M3) {
+            SWITCHYARD_CHECK(fp8, "experts_fused: ", name, " is fp8e4m3 but quant_mode=none");
+            check_tensor(m, name, DType::kF8E4M3, dims);
+            const int64_t rows = *(dims.end() - 2), cols = *(dims.end() - 1);
+            if (cfg.quant_mode == QuantMode::kFP8Block) {
+                if (groups > 0)
+                    check_tensor(scale, scale_name, DType::kF32, {groups, fp8_blocks(rows), fp8_blocks(cols)});
+                else
+                    check_tensor(scale, scale_name, DType::kF32, {fp8_blocks(rows), fp8_blocks(cols)});
+            } else {
+                check_tensor(scale, scale_name, DType::kF32, {groups > 0 ? groups : 1});
+            }
+            check_same_device(scale, scale_name, x, "x");
+        } else {
+            check_float_tensor(m, name, dims);
+            check_cuda_gemm_dtypes(x, "x", m, name);
+            SWITCHYARD_CHECK(!scale.defined(), "experts_fused: ", scale_name, " given but ", name, " is not fp8");
+        }
+        check_same_device(m, name, x, "x");
+    };
+    check_matrix(w.w13, {E, cfg.w13_rows(), H}, "w13", w.w13_scale, "w13_scale", E);
+    check_matrix(w.w2, {E, H, F}, "w2", w.w2_scale, "w2_scale", E);
+    SWITCHYARD_CHECK(!fp8 || (w.w13.dtype == DType::kF8E4M3 && w.w2.dtype == DType::kF8E4M3),
+                     "experts_fused: quant_mode=", to_string(cfg.quant_mode), " needs fp8e4m3 w13 and w2");
+    SWITCHYARD_CHECK(!w.w13_input_scale.defined() && !w.w2_input_scale.defined() &&
+                         !w.shared_w13_input_scale.defined() && !w.shared_w2_input_scale.defined(),
+                     "experts_fused: static input scales are not supported (the staged path takes them)");
     check_tensor(topk_weights, "topk_weights", DType::kF32, {T, slots});
     check_same_device(topk_weights, "topk_weights", x, "x");
     check_plan(cfg, plan, T, slots, R, topk_weights);
-    SWITCHYARD_CHECK(shared_w13.defined() == shared_w2.defined(), "experts_fused: shared_w13 and shared_w2 go together");
-    SWITCHYARD_CHECK(!shared_gate_logits.defined() || shared_w13.defined(),
+    SWITCHYARD_CHECK(w.shared_w13.defined() == w.shared_w2.defined(),
+                     "experts_fused: shared_w13 and shared_w2 go together");
+    SWITCHYARD_CHECK(!shared_gate_logits.defined() || w.shared_w13.defined(),
                      "experts_fused: shared_gate_logits given without a shared expert");
-    if (shared_w13.defined()) {
+    if (w.shared_w13.defined()) {
         SWITCHYARD_CHECK(cfg.shared_width() > 0, "experts_fused: shared expert weights given but the config has none");
-        check_float_tensor(shared_w13, "shared_w13", {shared_gemm_rows(cfg), H});
-        check_float_tensor(shared_w2, "shared_w2", {H, cfg.shared_width()});
-        for (const auto& t : {std::make_pair(&shared_w13, "shared_w13"), std::make_pair(&shared_w2, "shared_w2")}) {
-            check_same_device(*t.first, t.second, x, "x");
-            check_cuda_gemm_dtypes(x, "x", *t.first, t.second);
-        }
+        check_matrix(w.shared_w13, {shared_gemm_rows(cfg), H}, "shared_w13", w.shared_w13_scale, "shared_w13_scale", 0);
+        check_matrix(w.shared_w2, {H, cfg.shared_width()}, "shared_w2", w.shared_w2_scale, "shared_w2_scale", 0);
         if (shared_gate_logits.defined()) {
             check_tensor(shared_gate_logits, "shared_gate_logits", DType::kF32, {T, 1});
             check_same_device(shared_gate_logits, "shared_gate_logits", x, "x");
@@ -669,16 +702,19 @@ void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w1
     api::check_backend(x.device, "experts_fused");
     check_workspace(workspace, workspace_bytes, experts_fused_workspace_size(cfg, x.device, T), "experts_fused");
     if (x.device == Device::kCPU) {
-        experts_chain_cpu(cfg, x, w13, w2, plan, topk_weights, shared_w13, shared_w2, shared_gate_logits, y);
+        experts_chain_cpu(cfg, x, w, plan, topk_weights, shared_gate_logits, y);
         return;
     }
     SWITCHYARD_CHECK(fused_path_supported(cfg, x.device, T) || T == 0, "experts_fused: the CUDA kernels take "
                      "bf16/fp16 layers of 1..", fused_path_max_tokens(), " tokens with E <= 512 and sizes multiple "
-                     "of 8 (T=", T, ", dtype=", to_string(cfg.dtype), ")");
+                     "of 8 (16 for FP8) (T=", T, ", dtype=", to_string(cfg.dtype), ")");
     SWITCHYARD_CHECK(x.dtype == cfg.dtype, "experts_fused: x dtype=", to_string(x.dtype),
                      " differs from the layer dtype ", to_string(cfg.dtype));
-    SWITCHYARD_ON_CUDA(experts_fused(cfg, x, w13, w2, plan, topk_weights, shared_w13, shared_w2, shared_gate_logits, y,
-                                     workspace, workspace_bytes, stream));
+    SWITCHYARD_CHECK(!fp8 || !w.shared_w13.defined() || w.shared_w13.dtype == DType::kF8E4M3,
+                     "experts_fused: on CUDA a shared expert beside FP8 experts must be FP8 too (the staged path "
+                     "takes a float one)");
+    SWITCHYARD_ON_CUDA(experts_fused(cfg, x, w, plan, topk_weights, shared_gate_logits, y, workspace, workspace_bytes,
+                                     stream));
 }
 
 }  // namespace switchyard

@@ -12,6 +12,7 @@
 #include "switchyard/config.h"
 #include "switchyard/moe_layer.h"
 #include "switchyard/routing.h"
+#include "util/workspace.h"
 
 namespace switchyard {
 namespace cuda {
@@ -140,8 +141,23 @@ struct DecodeRouteArgs {
 void decode_route(const MoEConfig& cfg, const DecodeRouteArgs& args, void* workspace, size_t workspace_bytes,
                   cudaStream_t stream);
 
+// Scratch of the FP8 decode path: the one-group offsets {0, T}, x / h / shared_h in e4m3 and their scales
+// (quantize_rows_fp8's layouts).
+struct DecodeFp8Scratch {
+    int32_t* one_group = nullptr;
+    void* xq = nullptr;
+    float* xs = nullptr;
+    void* hq = nullptr;
+    float* hs = nullptr;
+    void* sq = nullptr;
+    float* ss = nullptr;
+};
+DecodeFp8Scratch carve_decode_fp8(WorkspaceCarver& wc, int64_t num_tokens, int64_t hidden, int64_t ffn,
+                                  int64_t max_rows, int64_t shared_ffn);
+
 struct DecodeExpertsArgs {
     DType dtype = DType::kBF16;
+    QuantMode quant_mode = QuantMode::kNone;  // FP8: w13 / w2 (and the shared expert's) e4m3 with their scales
     Activation activation = Activation::kSwiGLU;
     int64_t num_tokens = 0;
     int64_t num_experts = 0;
@@ -162,8 +178,15 @@ struct DecodeExpertsArgs {
     void* h = nullptr;                   // [R, F] scratch
     void* shared_h = nullptr;            // [T, S] scratch
     void* y = nullptr;                   // [T, H] out
+    // FP8 (W8A8, dynamic activation scales): the weight scales as MoEWeights holds them, and the scratch.
+    const float* w13_scale = nullptr;
+    const float* w2_scale = nullptr;
+    const float* shared_w13_scale = nullptr;
+    const float* shared_w2_scale = nullptr;
+    DecodeFp8Scratch fp8;
 };
 // y = combine(w2-GEMM(act(w13-GEMM(gather(x))))) + the shared expert, for any plan (capacity, expert choice).
+// FP8 layers add three quantisation launches (x, h, shared h: quantize_rows_fp8) between the two kernels' inputs.
 void decode_experts(const DecodeExpertsArgs& args, cudaStream_t stream);
 
 }  // namespace cuda

@@ -410,13 +410,17 @@ int64_t fused_rows(const MoEConfig& cfg, int64_t num_tokens) {
 struct FusedScratch {
     void* h;
     void* shared_h;
+    DecodeFp8Scratch fp8;
 };
 
 FusedScratch carve_fused(WorkspaceCarver& wc, const MoEConfig& cfg, int64_t num_tokens) {
     const size_t es = dtype_size(cfg.dtype);
+    const int64_t rows = fused_rows(cfg, num_tokens);
     FusedScratch s{};
-    s.h = wc.take_bytes(static_cast<size_t>(fused_rows(cfg, num_tokens) * cfg.ffn_size) * es);
+    s.h = wc.take_bytes(static_cast<size_t>(rows * cfg.ffn_size) * es);
     s.shared_h = wc.take_bytes(static_cast<size_t>(num_tokens * cfg.shared_width()) * es);
+    if (cfg.quant_mode != QuantMode::kNone)
+        s.fp8 = carve_decode_fp8(wc, num_tokens, cfg.hidden_size, cfg.ffn_size, rows, cfg.shared_width());
     return s;
 }
 
@@ -462,9 +466,8 @@ size_t experts_fused_workspace_size(const MoEConfig& cfg, int64_t num_tokens) {
     return wc.used();
 }
 
-void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
-                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
-                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
+                   const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y,
                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
     DeviceGuard guard(x.device_index);
     const int64_t T = x.shape[0];
@@ -472,26 +475,32 @@ void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w1
     const FusedScratch s = carve_fused(wc, cfg, T);
     DecodeExpertsArgs a;
     a.dtype = x.dtype;
+    a.quant_mode = cfg.quant_mode;
     a.activation = cfg.activation;
     a.num_tokens = T;
     a.num_experts = cfg.num_experts;
     a.hidden = cfg.hidden_size;
     a.ffn = cfg.ffn_size;
-    a.shared_ffn = shared_w13.defined() ? cfg.shared_width() : 0;
+    a.shared_ffn = w.shared_w13.defined() ? cfg.shared_width() : 0;
     a.max_rows = fused_rows(cfg, T);
     a.x = x.data;
-    a.w13 = w13.data;
-    a.w2 = w2.data;
+    a.w13 = w.w13.data;
+    a.w2 = w.w2.data;
     a.expert_offsets = plan.expert_offsets.ptr<int32_t>();
     a.row_token = plan.row_token.ptr<int32_t>();
     a.row_slot = plan.row_slot.ptr<int32_t>();
     a.topk_weights = topk_weights.ptr<float>();
-    a.shared_w13 = ptr_or_null<const void>(shared_w13);
-    a.shared_w2 = ptr_or_null<const void>(shared_w2);
+    a.shared_w13 = ptr_or_null<const void>(w.shared_w13);
+    a.shared_w2 = ptr_or_null<const void>(w.shared_w2);
     a.shared_gate = shared_gate_logits.defined() ? shared_gate_logits.ptr<float>() : nullptr;
     a.h = s.h;
     a.shared_h = s.shared_h;
     a.y = y.data;
+    a.w13_scale = ptr_or_null<const float>(w.w13_scale);
+    a.w2_scale = ptr_or_null<const float>(w.w2_scale);
+    a.shared_w13_scale = ptr_or_null<const float>(w.shared_w13_scale);
+    a.shared_w2_scale = ptr_or_null<const float>(w.shared_w2_scale);
+    a.fp8 = s.fp8;
     decode_experts(a, stream);
 }
 

@@ -77,16 +77,16 @@ void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& 
                 LoadStats& stats, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 // The fused small-batch path (decode/decode_route.cu, decode/decode_experts.cu). Workspace: the router's partial
-// logits; h [R, F] and shared_h [T, S] of the layer dtype.
+// logits; h [R, F] and shared_h [T, S] of the layer dtype, and for FP8 layers the quantised x, h, shared_h and their
+// scales (carve_decode_fp8).
 size_t route_fused_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
 void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate, const TensorRef& score_bias,
                  const TensorRef& shared_gate, const TensorRef& logits, const TensorRef& topk_ids,
                  const TensorRef& topk_weights, const RoutingPlan& plan, const TensorRef& shared_gate_logits,
                  void* workspace, size_t workspace_bytes, cudaStream_t stream);
 size_t experts_fused_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
-void experts_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& w13, const TensorRef& w2,
-                   const RoutingPlan& plan, const TensorRef& topk_weights, const TensorRef& shared_w13,
-                   const TensorRef& shared_w2, const TensorRef& shared_gate_logits, const TensorRef& y,
+void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
+                   const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y,
                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace stage

@@ -104,6 +104,91 @@ __device__ __forceinline__ void skinny_mma(const T* const (&w_lo)[kTiles], const
     }
 }
 
+// ---- FP8 (W8A8, the recipe of switchyard/stages.h) --------------------------------------------------------------
+// e4m3 weights and activations with fp32 scales per 128 columns: mma.m16n8k32 (e4m3 x e4m3 -> fp32) over each
+// 128-column block into a partial, then acc += partial * s_w * s_a (the block's weight scale of the tile and the
+// activation scale of the accumulator's row), as DeepSeek-V3's recipe promotes the FP8 products every 128 elements.
+// The lane layout is the bf16 one with 16 fp8 bytes per lane: lane 4g + q reads columns [c + 16q, c + 16q + 16) of
+// rows g, g + 8 and of activation row g; bytes 0-3 / 4-7 feed the first mma (fragment k 4q..4q+3 / 4q+16..4q+19),
+// bytes 8-11 / 12-15 the second (CUTLASS's SM89_16x8x32 traits; the same register pattern as skinny_mma).
+__device__ __forceinline__ void mma_m16n8k32_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Scales of one 16-row weight tile (both rows of the lane lie in one 128-row block: tiles start at multiples of 16)
+// and of the lane's two accumulator activation rows per group: value at block kb = ptr[kb * stride] (stride 0: one
+// scale for every block, per-tensor weights). A null activation pointer stands for a row past the end (scale 0).
+template <int kTiles, int kGroups>
+struct Fp8Scales {
+    const float* w[kTiles];
+    int w_stride;
+    const float* a[kGroups][2];
+    int a_stride;
+};
+
+// acc[i][gr] += sum over the 128-column blocks kb in [kb_begin, kb_end) of s_w * s_a * (W_i[16 rows, kb] .
+// X_gr[8 rows, kb]^T), fp8 operands (rows of K bytes, K a multiple of 16, 16-byte aligned; columns >= K read as 0).
+template <int kTiles, int kGroups>
+__device__ __forceinline__ void skinny_mma_fp8(const uint8_t* const (&w_lo)[kTiles],
+                                               const uint8_t* const (&w_hi)[kTiles],
+                                               const uint8_t* const (&x_row)[kGroups], int kb_begin, int kb_end,
+                                               int K, const Fp8Scales<kTiles, kGroups>& sc,
+                                               float (&acc)[kTiles][kGroups][4]) {
+    const int q16 = (threadIdx.x & 3) * 16;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    // Both 64-column halves of a block in flight at once, unless that many registers would spill (gated tiles with
+    // 32 activation rows): then one half at a time.
+    constexpr int kInFlight = 2 * kTiles + kGroups > 6 ? 1 : 2;
+    for (int kb = kb_begin; kb < kb_end; ++kb) {
+        float part[kTiles][kGroups][4];
+        zero_acc(part);
+#pragma unroll
+        for (int u0 = 0; u0 < 2; u0 += kInFlight) {
+            uint4 wl[kInFlight][kTiles], wh[kInFlight][kTiles], xv[kInFlight][kGroups];
+#pragma unroll
+            for (int u = 0; u < kInFlight; ++u) {
+                const int col = kb * 128 + 64 * (u0 + u) + q16;
+                const bool ok = col < K;
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i) {
+                    wl[u][i] = (ok && w_lo[i] != nullptr) ? load_weight16(w_lo[i] + col) : zero;
+                    wh[u][i] = (ok && w_hi[i] != nullptr) ? load_weight16(w_hi[i] + col) : zero;
+                }
+#pragma unroll
+                for (int g = 0; g < kGroups; ++g)
+                    xv[u][g] = (ok && x_row[g] != nullptr) ? load_act16(x_row[g] + col) : zero;
+            }
+#pragma unroll
+            for (int u = 0; u < kInFlight; ++u)
+#pragma unroll
+                for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+                    for (int g = 0; g < kGroups; ++g) {
+                        mma_m16n8k32_e4m3(part[i][g], wl[u][i].x, wh[u][i].x, wl[u][i].y, wh[u][i].y, xv[u][g].x,
+                                          xv[u][g].y);
+                        mma_m16n8k32_e4m3(part[i][g], wl[u][i].z, wh[u][i].z, wl[u][i].w, wh[u][i].w, xv[u][g].z,
+                                          xv[u][g].w);
+                    }
+        }
+#pragma unroll
+        for (int i = 0; i < kTiles; ++i) {
+            const float sw = sc.w[i] != nullptr ? sc.w[i][kb * sc.w_stride] : 0.0f;
+#pragma unroll
+            for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const float sa = sc.a[g][j] != nullptr ? sc.a[g][j][kb * sc.a_stride] : 0.0f;
+                    acc[i][g][j] = fmaf(part[i][g][j] * sw, sa, acc[i][g][j]);
+                    acc[i][g][2 + j] = fmaf(part[i][g][2 + j] * sw, sa, acc[i][g][2 + j]);
+                }
+        }
+    }
+}
+
 // Programmatic dependent launch (sm90): wait until the kernels this one depends on have finished and their memory
 // is visible; let the next kernel in the stream start launching (it waits on its own griddep_wait before reading
 // anything this kernel writes). Both are no-ops for a kernel launched without the PDL attribute.
