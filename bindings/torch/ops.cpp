@@ -32,6 +32,7 @@ DType dtype_of(const at::Tensor& t) {
         case at::kDouble: return DType::kF64;
         case at::kInt: return DType::kI32;
         case at::kLong: return DType::kI64;
+        case at::kFloat8_e4m3fn: return DType::kF8E4M3;
         default: TORCH_CHECK(false, "switchyard: unsupported dtype ", t.scalar_type());
     }
 }
@@ -222,6 +223,34 @@ at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const a
         const Workspace ws = workspace_like(
             a, grouped_gemm_workspace_size(sy_device(a), dtype_of(a), b.size(0), b.size(1), b.size(2), a.size(0)));
         grouped_gemm(ref(a), ref(b), ref(off), ref(c), ws.ptr, ws.bytes, stream_of(a));
+        return c;
+    });
+}
+
+// FP8 grouped GEMM (inference; no backward op): c [R, N] in a's dtype = grouped_gemm_fp8(a, b fp8 e4m3, b_scale,
+// input_scale, offsets) under mode 1 (fp8-block) or 2 (fp8-tensor), QuantMode's values. Scales are taken as given
+// (fp32; the stage names a wrong dtype or shape); undefined offsets mean one group (b [N, K]).
+at::Tensor grouped_mm_fp8_op(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& b_scale_in,
+                             const c10::optional<at::Tensor>& input_scale, const c10::optional<at::Tensor>& offsets,
+                             int64_t mode) {
+    return guarded([&] {
+        TORCH_CHECK(mode == static_cast<int64_t>(QuantMode::kFP8Block) ||
+                        mode == static_cast<int64_t>(QuantMode::kFP8Tensor),
+                    "switchyard.grouped_mm_fp8: mode=", mode, " (1 fp8-block, 2 fp8-tensor)");
+        const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), bs = b_scale_in.contiguous();
+        TORCH_CHECK(a.dim() == 2 && (b.dim() == 2 || b.dim() == 3), "switchyard.grouped_mm_fp8: a [R, K] and b "
+                    "[E, N, K] or [N, K] expected, got a ", a.sizes(), " b ", b.sizes());
+        at::Tensor is, off;
+        if (input_scale.has_value() && input_scale->defined()) is = input_scale->contiguous();
+        if (offsets.has_value() && offsets->defined()) off = offsets->contiguous();
+        const int64_t groups = b.dim() == 3 ? b.size(0) : 1, n = b.size(-2), k = b.size(-1);
+        Fp8GemmOptions opts;
+        opts.mode = static_cast<QuantMode>(mode);
+        at::Tensor c = at::empty({a.size(0), n}, a.options());  // rows past offsets[E]: written as 0
+        const Workspace ws =
+            workspace_like(a, grouped_gemm_fp8_workspace_size(sy_device(a), opts.mode, groups, n, k, a.size(0)));
+        grouped_gemm_fp8(ref(a), ref(b), ref(bs), ref_or_none(is), ref_or_none(off), ref(c), ws.ptr, ws.bytes,
+                         stream_of(a), opts);
         return c;
     });
 }
@@ -420,6 +449,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("grouped_mm_backward(Tensor dc, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
     m.def("grouped_mm_dgrad(Tensor dc, Tensor b, Tensor offsets) -> Tensor");
     m.def("grouped_mm_wgrad(Tensor dc, Tensor a, Tensor offsets) -> Tensor");
+    m.def("grouped_mm_fp8(Tensor a, Tensor b, Tensor b_scale, Tensor? input_scale, Tensor? offsets, int mode) "
+          "-> Tensor");
     m.def("activation(Tensor g, int activation) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation) -> Tensor");
     m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
@@ -445,6 +476,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("grouped_mm_backward", &grouped_mm_backward_op);                   \
     m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_op);                         \
     m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_op);                         \
+    m.impl("grouped_mm_fp8", &grouped_mm_fp8_op);                             \
     m.impl("activation", &activation_op);                                     \
     m.impl("activation_backward", &activation_backward_op);                   \
     m.impl("combine", &combine_op);                                           \

@@ -13,6 +13,9 @@
 //   plan                                   ids, weights -> offsets [E+1], slot_row [T, k], row_token [T*k], counts [E]
 //   gather / gather_backward               x [T, H] -> xp [T*k, H] in expert order
 //   grouped_mm (+ _backward, _dgrad, _wgrad) a [T*k, K], b [E, N, K] -> c [T*k, N]
+//   grouped_mm_fp8 (inference, no backward) a [T*k, K], b [E, N, K] fp8 e4m3 + b_scale (+ input_scale) -> c [T*k, N]
+//                                          grouped_gemm_fp8 (W8A8, the recipe in stages.h); mode 1 fp8-block,
+//                                          2 fp8-tensor; autograd raises if anything needs a gradient through it
 //   activation / activation_backward       g [R, 2F or F] -> h [R, F]
 //   combine / combine_backward             out [T*k, H], slot_row, weights (+ shared [T, H]) -> y [T, H]
 //   moe_fused (inference, no backward)     x, gate, w13, w2 (+ shared) -> y, logits, ids, counts: route_fused +

@@ -29,6 +29,17 @@ decorator says (``is_transposed``, ``is_concatenated``, ``has_bias``; [E, 2F, H]
 per-expert nn.Linear modules (w1/w3/w2 or gate_proj/up_proj/down_proj, transformers 4.x); the sizes come from
 the experts module's attributes (num_experts, hidden_dim, intermediate_dim) or the Linear modules, and a tensor
 whose shape disagrees with them is refused, never transposed on a guess.
+
+FP8 blocks (transformers' fine-grained FP8, quantization_config quant_method "fp8" with weight_block_size
+[128, 128], e.g. DeepSeek-V3 / Qwen3-*-FP8 checkpoints): the experts module (FP8Experts) holds float8_e4m3fn
+``gate_up_proj`` / ``down_proj`` with fp32 ``gate_up_proj_scale_inv`` [E, B(2F), B(H)] / ``down_proj_scale_inv``
+[E, B(H), B(F)] (B(n) = ceil(n / 128)), and nn.Linear projections become FP8Linear (``weight`` float8_e4m3fn,
+``weight_scale_inv`` [B(out), B(in)]). Such blocks convert to an FP8 MoE (quant_mode "fp8-block", inference only)
+holding the same codes and scales: w13's scales are gate's blocks stacked over up's, as switchyard's safetensors
+loader stacks them (tools/switchyard/io/weights.cpp), which needs F % 128 == 0 for gated experts (and S % 128 == 0
+for an FP8 shared expert). Refused with UnsupportedBlock: other block sizes and per-tensor FP8 (block_size None),
+static activation scales, an FP8 router or shared-expert gate, FP8 and float routed experts mixed, an FP8 shared
+expert beside float routed experts. A float shared expert beside FP8 routed experts stays float.
 """
 from __future__ import annotations
 
@@ -138,12 +149,19 @@ class HFMoE(MoE):
         out: Dict[str, Optional[torch.Tensor]] = {lay.get("gate", "gate.weight"): val(self.gate)}
         w13, w2 = val(self.w13), val(self.w2)
         f = c.ffn_size
+        bf = -(-f // 128)  # FP8 (block-scaled, F % 128 == 0): the first bf scale rows of w13 are gate's
+        s13 = None if grads or self.w13_scale is None else self.w13_scale.detach()
+        s2 = None if grads or self.w2_scale is None else self.w2_scale.detach()
         if lay.get("experts") == "per_expert":
             g_name, u_name, d_name = lay["names"]
             for e in range(c.num_experts):
                 out[f"experts.{e}.{g_name}.weight"] = None if w13 is None else w13[e, :f]
                 out[f"experts.{e}.{u_name}.weight"] = None if w13 is None else w13[e, f:]
                 out[f"experts.{e}.{d_name}.weight"] = None if w2 is None else w2[e]
+                if s13 is not None:
+                    out[f"experts.{e}.{g_name}.weight_scale_inv"] = s13[e, :bf]
+                    out[f"experts.{e}.{u_name}.weight_scale_inv"] = s13[e, bf:]
+                    out[f"experts.{e}.{d_name}.weight_scale_inv"] = s2[e]
         else:
             if w13 is not None and not lay.get("is_concatenated", True):  # back to gate0, up0, gate1, up1, ...
                 w13 = torch.stack([w13[:, :f], w13[:, f:]], 2).reshape(w13.shape)
@@ -152,6 +170,9 @@ class HFMoE(MoE):
                 w2 = None if w2 is None else w2.transpose(1, 2)
             out["experts.gate_up_proj"] = w13
             out["experts.down_proj"] = w2
+            if s13 is not None:
+                out["experts.gate_up_proj_scale_inv"] = s13
+                out["experts.down_proj_scale_inv"] = s2
         if self.score_bias is not None and not grads:
             out[lay.get("score_bias", "gate.e_score_correction_bias")] = self.score_bias.detach()
         if self.shared_w13 is not None:
@@ -161,6 +182,11 @@ class HFMoE(MoE):
             out[f"{prefix}.gate_proj.weight"] = None if s13 is None else s13[:s]
             out[f"{prefix}.up_proj.weight"] = None if s13 is None else s13[s:]
             out[f"{prefix}.down_proj.weight"] = s2
+            if not grads and self.shared_w13_scale is not None:
+                bs = -(-s // 128)
+                out[f"{prefix}.gate_proj.weight_scale_inv"] = self.shared_w13_scale[:bs]
+                out[f"{prefix}.up_proj.weight_scale_inv"] = self.shared_w13_scale[bs:]
+                out[f"{prefix}.down_proj.weight_scale_inv"] = self.shared_w2_scale
         if self.shared_gate is not None:
             out[lay.get("shared_gate", "shared_expert_gate.weight")] = val(self.shared_gate)
         return out
@@ -232,8 +258,48 @@ def _linear_weight(mod, names):
     raise UnsupportedBlock(f"expert {type(mod).__name__} has none of {names} as nn.Linear")
 
 
+_FP8 = torch.float8_e4m3fn
+_BLOCK = 128
+
+
+def _blocks(n: int) -> int:
+    return -(-n // _BLOCK)
+
+
+def _check_fp8_block_size(owner, what: str):
+    """Refuses anything but 128x128 dynamic block scales (the one FP8 scheme from_hf reads)."""
+    bs = getattr(owner, "block_size", None)
+    if bs is None or tuple(bs) != (_BLOCK, _BLOCK):
+        raise UnsupportedBlock(f"{what}: FP8 with block_size={bs} (Switchyard reads fine-grained FP8 with "
+                               "weight_block_size [128, 128] only)")
+    if getattr(owner, "activation_scheme", "dynamic") != "dynamic":
+        raise UnsupportedBlock(f"{what}: FP8 activation_scheme={owner.activation_scheme!r} (block-scaled FP8 runs "
+                               "with dynamic activation scales only)")
+
+
+def _fp8_gated_rows(f: int, what: str):
+    if f % _BLOCK:
+        raise UnsupportedBlock(f"{what}: block-scaled FP8 with a gated activation needs a width that is a multiple "
+                               f"of 128, got {f} (the fused [gate; up] matrix would put rows of both in one 128x128 "
+                               "scale block)")
+
+
+def _linear_fp8(lin, name: str, rows: int, cols: int):
+    """(codes, scale_inv) of an FP8Linear-like module, or None for a float nn.Linear."""
+    w = lin.weight
+    if w.dtype != _FP8:
+        return None
+    _check_fp8_block_size(lin, name)
+    s = getattr(lin, "weight_scale_inv", None)
+    if not isinstance(s, torch.Tensor) or tuple(s.shape) != (_blocks(rows), _blocks(cols)):
+        raise UnsupportedBlock(f"{name}: FP8 weight {tuple(w.shape)} needs weight_scale_inv of shape "
+                               f"{(_blocks(rows), _blocks(cols))}, got {None if s is None else tuple(s.shape)}")
+    return w.detach(), s.detach()
+
+
 def _expert_weights(experts, num_experts: int, hidden: int, ffn_hint: Optional[int]):
-    """(w13 [E, 2F, H], w2 [E, H, F], layout dict, originals to take requires_grad from)."""
+    """(w13 [E, 2F, H], w2 [E, H, F], layout dict, originals to take requires_grad from, fp8) with fp8 None for
+    float experts, else {"w13_scale": [E, B(2F), B(H)], "w2_scale": [E, B(H), B(F)]} (w13 / w2 are then the codes)."""
     if isinstance(experts, (nn.ModuleList, list, tuple)):  # transformers 4.x: one MLP module per expert
         if len(experts) != num_experts:
             raise UnsupportedBlock(f"{len(experts)} expert modules for a router of {num_experts} experts")
@@ -251,7 +317,20 @@ def _expert_weights(experts, num_experts: int, hidden: int, ffn_hint: Optional[i
                 raise UnsupportedBlock(f"expert weight of shape {tuple(w.shape)}, expected {shape}")
         w13 = torch.stack([torch.cat([g.detach(), u.detach()], 0) for g, u in zip(gs, us)])
         w2 = torch.stack([d.detach() for d in ds])
-        return w13, w2, dict(experts="per_expert", names=(g_name, u_name, d_name)), (gs[0], ds[0])
+        layout = dict(experts="per_expert", names=(g_name, u_name, d_name))
+        kinds = {w.dtype == _FP8 for w in gs + us + ds}
+        if kinds == {False}:
+            return w13, w2, layout, (gs[0], ds[0]), None
+        if len(kinds) > 1:
+            raise UnsupportedBlock("FP8 and float expert projections mixed in one block")
+        _fp8_gated_rows(f, "experts")
+        s13, s2 = [], []
+        for i, mod in enumerate(experts):
+            sg = _linear_fp8(getattr(mod, g_name), f"experts.{i}.{g_name}", f, hidden)[1]
+            su = _linear_fp8(getattr(mod, u_name), f"experts.{i}.{u_name}", f, hidden)[1]
+            s13.append(torch.cat([sg, su], 0))
+            s2.append(_linear_fp8(getattr(mod, d_name), f"experts.{i}.{d_name}", hidden, f)[1])
+        return w13, w2, layout, (gs[0], ds[0]), dict(w13_scale=torch.stack(s13), w2_scale=torch.stack(s2))
     gate_up = getattr(experts, "gate_up_proj", None)
     down = getattr(experts, "down_proj", None)
     if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
@@ -275,6 +354,25 @@ def _expert_weights(experts, num_experts: int, hidden: int, ffn_hint: Optional[i
         raise UnsupportedBlock(f"gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} do not have "
                                f"the layout the experts class declares (is_transposed={transposed}): "
                                f"{want13} / {want2}")
+    fp8 = None
+    if gate_up.dtype == _FP8 or down.dtype == _FP8:
+        if gate_up.dtype != down.dtype:
+            raise UnsupportedBlock(f"gate_up_proj {gate_up.dtype} and down_proj {down.dtype}: FP8 and float experts "
+                                   "mixed")
+        if transposed or not concatenated:
+            raise UnsupportedBlock("FP8 experts in a transposed or interleaved layout (transformers' FP8Experts "
+                                   "hold [E, 2F, H] / [E, H, F], gate rows then up rows)")
+        _check_fp8_block_size(experts, "experts")
+        _fp8_gated_rows(f, "experts")
+        s13 = getattr(experts, "gate_up_proj_scale_inv", None)
+        s2 = getattr(experts, "down_proj_scale_inv", None)
+        want13, want2 = (e, _blocks(2 * f), _blocks(h)), (e, _blocks(h), _blocks(f))
+        if not isinstance(s13, torch.Tensor) or not isinstance(s2, torch.Tensor) or \
+                tuple(s13.shape) != want13 or tuple(s2.shape) != want2:
+            raise UnsupportedBlock(f"FP8 experts need gate_up_proj_scale_inv {want13} and down_proj_scale_inv {want2}, "
+                                   f"got {None if s13 is None else tuple(s13.shape)} and "
+                                   f"{None if s2 is None else tuple(s2.shape)}")
+        fp8 = dict(w13_scale=s13.detach(), w2_scale=s2.detach())
     w13 = gate_up.detach()
     w2 = down.detach()
     if transposed:
@@ -282,18 +380,29 @@ def _expert_weights(experts, num_experts: int, hidden: int, ffn_hint: Optional[i
         w2 = w2.transpose(1, 2)
     if not concatenated:  # gate0, up0, gate1, up1, ... -> gate rows then up rows
         w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], 1)
-    return w13, w2, dict(experts="fused", is_transposed=transposed, is_concatenated=concatenated), (gate_up, down)
+    return w13, w2, dict(experts="fused", is_transposed=transposed, is_concatenated=concatenated), (gate_up, down), fp8
 
 
 def _shared_mlp(mlp, hidden: int):
-    """(w13 [2S, H], w2 [H, S], S) of a gated MLP with gate_proj / up_proj / down_proj and no biases."""
-    _, g = _linear_weight(mlp, ("gate_proj", "w1"))
-    _, u = _linear_weight(mlp, ("up_proj", "w3"))
-    _, d = _linear_weight(mlp, ("down_proj", "w2"))
+    """(w13 [2S, H], w2 [H, S], S, original, fp8) of a gated MLP with gate_proj / up_proj / down_proj and no biases;
+    fp8 None for float projections, else {"shared_w13_scale": [B(2S), B(H)], "shared_w2_scale": [B(H), B(S)]}."""
+    gn, g = _linear_weight(mlp, ("gate_proj", "w1"))
+    un, u = _linear_weight(mlp, ("up_proj", "w3"))
+    dn, d = _linear_weight(mlp, ("down_proj", "w2"))
     s = g.shape[0]
     if tuple(g.shape) != (s, hidden) or tuple(u.shape) != (s, hidden) or tuple(d.shape) != (hidden, s):
         raise UnsupportedBlock("shared expert weights do not match the hidden size")
-    return torch.cat([g.detach(), u.detach()], 0), d.detach(), s, g
+    fp8 = None
+    kinds = {w.dtype == _FP8 for w in (g, u, d)}
+    if len(kinds) > 1:
+        raise UnsupportedBlock("FP8 and float projections mixed in the shared expert")
+    if kinds == {True}:
+        _fp8_gated_rows(s, "shared expert")
+        sg = _linear_fp8(getattr(mlp, gn), f"shared expert {gn}", s, hidden)[1]
+        su = _linear_fp8(getattr(mlp, un), f"shared expert {un}", s, hidden)[1]
+        sd = _linear_fp8(getattr(mlp, dn), f"shared expert {dn}", hidden, s)[1]
+        fp8 = dict(shared_w13_scale=torch.cat([sg, su], 0), shared_w2_scale=sd)
+    return torch.cat([g.detach(), u.detach()], 0), d.detach(), s, g, fp8
 
 
 def _routing(family: str, block, router, opts: _Options, num_experts: int) -> dict:
@@ -364,17 +473,20 @@ def convert_block(block: nn.Module, hf_config=None, dtype=None, device=None, cop
         hf_config = hf_config.get_text_config()
     router_name, router = _router_of(block)
     gate_w = router.weight
+    if gate_w.dtype == _FP8:
+        raise UnsupportedBlock(f"{type(block).__name__}: an FP8 router (Switchyard never quantises the router)")
     num_experts, hidden = gate_w.shape
     opts = _Options(block, router, hf_config)
     experts = getattr(block, "experts", None)
     if experts is None:
         raise UnsupportedBlock(f"{type(block).__name__} has no experts")
     ffn_key = "intermediate_size" if family in ("mixtral", "olmoe") else "moe_intermediate_size"
-    w13, w2, layout, originals = _expert_weights(experts, num_experts, hidden, opts.config_get(ffn_key))
+    w13, w2, layout, originals, fp8 = _expert_weights(experts, num_experts, hidden, opts.config_get(ffn_key))
     routing = _routing(family, block, router, opts, num_experts)
     extras = {k: routing.pop(k) for k in _EXTRAS if k in routing}
     cfg = MoEConfig(hidden_size=hidden, ffn_size=w2.shape[2], num_experts=num_experts,
-                    activation=_activation(opts, experts), **routing)
+                    activation=_activation(opts, experts), quant_mode="fp8-block" if fp8 else "none", **routing)
+    fp8_tensors = dict(fp8 or {})  # name -> scale of each fp8 weight
     layout["gate"] = f"{router_name}.weight"
     tensors = {"gate": (gate_w.detach(), gate_w), "w13": (w13, originals[0]), "w2": (w2, originals[1])}
 
@@ -388,7 +500,10 @@ def convert_block(block: nn.Module, hf_config=None, dtype=None, device=None, cop
     if family in ("qwen2_moe", "deepseek_v2", "deepseek_v3") and shared_name is None:
         raise UnsupportedBlock(f"{type(block).__name__} without its shared expert")
     if shared_name is not None:
-        s13, s2, width, s_orig = _shared_mlp(getattr(block, shared_name), hidden)
+        s13, s2, width, s_orig, s_fp8 = _shared_mlp(getattr(block, shared_name), hidden)
+        if s_fp8 and not fp8:
+            raise UnsupportedBlock("an FP8 shared expert beside float routed experts")
+        fp8_tensors.update(s_fp8 or {})
         if width > 0:
             n_shared = int(opts.config_get("n_shared_experts", default=1) or 1)
             if family == "qwen2_moe" or width % n_shared:
@@ -401,6 +516,9 @@ def convert_block(block: nn.Module, hf_config=None, dtype=None, device=None, cop
                 sg = getattr(block, "shared_expert_gate", None)
                 if not isinstance(sg, nn.Linear) or sg.bias is not None or tuple(sg.weight.shape) != (1, hidden):
                     raise UnsupportedBlock("Qwen2-MoE shared_expert_gate is not a Linear(H, 1) without bias")
+                if sg.weight.dtype == _FP8:
+                    raise UnsupportedBlock("an FP8 shared_expert_gate (Switchyard never quantises the router; keep "
+                                           "it in modules_to_not_convert)")
                 cfg.shared_expert_gate = True
                 tensors["shared_gate"] = (sg.weight.detach(), sg.weight)
                 layout["shared_gate"] = "shared_expert_gate.weight"
@@ -415,6 +533,15 @@ def convert_block(block: nn.Module, hf_config=None, dtype=None, device=None, cop
     m = HFMoE(cfg, dtype=dtype, device="meta", family=family, mimic_block=mimic_block, returns_router_logits=returns,
               hf_layout=layout, **extras)
     for name, (t, orig) in tensors.items():
+        if f"{name}_scale" in fp8_tensors:  # fp8 codes and their scales: exactly as the block holds them
+            try:
+                m.set_fp8_weight(name, t.to(device), fp8_tensors[f"{name}_scale"].to(device))
+            except ValueError as err:
+                raise UnsupportedBlock(str(err)) from None
+            continue
+        if name.startswith(("w13", "w2", "shared_w")):  # a float weight has no scales
+            setattr(m, f"{name}_scale", None)
+            setattr(m, f"{name}_input_scale", None)
         new = t.to(device=device, dtype=dtype)
         if copy or new.data_ptr() == 0 or not new.is_contiguous():
             new = new.clone(memory_format=torch.contiguous_format) if (copy or not new.is_contiguous()) else new

@@ -16,6 +16,11 @@ fake (meta) implementation for shape inference and an autograd formula that call
     y  [T, H]      = combine(out, slot_row, w, shared)       backward: combine_backward
     aux, z         = router_losses(logits, ids)              backward: router_losses_backward
 
+FP8 experts (inference only; docs/fp8.md): with ``MoEConfig.quant_mode`` "fp8-block" or "fp8-tensor" (or after
+``MoE.quantize_``), w13 / w2 (and the shared expert's) are float8_e4m3fn buffers with fp32 scale buffers, and the
+two expert GEMMs are the op grouped_mm_fp8 (stages.h: grouped_gemm_fp8, W8A8 with activations quantised per token
+and 128 channels); routing, activation and combine as above. grouped_mm_fp8 has no backward.
+
 Inference (no gradient needed) of 1..64 tokens of a bf16/fp16 layer on CUDA runs instead one op, moe_fused
 (stages.h: route_fused + experts_fused, four kernels that stream the weights of the experts hit once);
 ``MoE.fused_max_tokens`` (None: automatic, 0: never, the default for now) chooses.
@@ -44,6 +49,9 @@ DROP_POLICIES = {"position": 0, "probability": 1}
 ACTIVATIONS = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}
 ROUTING_MODES = {"token-choice": 0, "expert-choice": 1}
 GROUP_SCORES = {"top2-sum": 0, "max": 1}
+QUANT_MODES = {"none": 0, "fp8-block": 1, "fp8-tensor": 2}  # switchyard::QuantMode
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_BLOCK = 128  # kFp8BlockSize: the side of a weight scale block and the activation group
 _FLOAT_MAX = 3.4028234663852886e38
 
 # ---- fake (meta) implementations: shapes and dtypes only -----------------------------------------------------
@@ -91,6 +99,11 @@ def _gather_backward_fake(d_xp, slot_row):
 @torch.library.register_fake("switchyard::grouped_mm")
 def _grouped_mm_fake(a, b, offsets):
     return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.register_fake("switchyard::grouped_mm_fp8")
+def _grouped_mm_fp8_fake(a, b, b_scale, input_scale, offsets, mode):
+    return a.new_empty((a.shape[0], b.shape[-2]))
 
 
 @torch.library.register_fake("switchyard::grouped_mm_backward")
@@ -183,6 +196,16 @@ def _gmm_backward(ctx, dc):
 
 
 torch.library.register_autograd("switchyard::grouped_mm", _gmm_backward, setup_context=_gmm_setup)
+
+
+# grouped_mm_fp8 is inference only: its autograd formula refuses as soon as an input needs a gradient (setup_context
+# runs in the forward, only when grad mode is on and some input requires grad), rather than at backward time.
+def _gmm_fp8_no_grad(*_args, **_kwargs):
+    raise RuntimeError("switchyard.grouped_mm_fp8 is inference only (FP8 weights have no backward), but an input "
+                       "requires grad: run it under torch.no_grad() / torch.inference_mode(), or detach the input")
+
+
+torch.library.register_autograd("switchyard::grouped_mm_fp8", _gmm_fp8_no_grad, setup_context=_gmm_fp8_no_grad)
 
 
 def _act_setup(ctx, inputs, output):
@@ -288,6 +311,75 @@ def _agmm_backward(ctx, dc):
 
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)
 
+# ---- FP8 weights ---------------------------------------------------------------------------------------------
+
+
+def _fp8_scale_shape(shape, mode: str):
+    """Scale shape of an fp8 weight of `shape` ([E, N, K] or [N, K]) under `mode` (docs/fp8.md's table)."""
+    lead, (n, k) = tuple(shape[:-2]), tuple(shape[-2:])
+    if mode == "fp8-block":
+        return lead + (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+    return lead or (1,)
+
+
+def quantize_fp8(w: torch.Tensor, mode: str = "fp8-block", name: str = "weight"):
+    """(codes float8_e4m3fn of w's shape, scales fp32) of a float weight w [E, N, K] (each w[e] a matrix) or [N, K],
+    by the recipe of ``switchyard quantize`` (tools/switchyard/io/quantize.cpp), bit for bit:
+    fp8-block: per 128x128 block (edge blocks partial) s = amax / 448 in fp32, scales [E, B(N), B(K)] ([B(N), B(K)]);
+    fp8-tensor: s = amax / 448 per matrix, scales [E] ([1]); then q = e4m3(w / s) with an fp32 division, rounded to
+    nearest even and saturated to +-448 (switchyard's float_to_fp8_e4m3: torch's own conversion rounds the same way
+    but turns values past 464 into NaN, so values are clamped first); a block or matrix of zeros gets s = 0, q = 0.
+    w is read exactly as fp32 (fp32, bf16 or fp16 weights; non-finite values are refused, naming the element)."""
+    if mode not in ("fp8-block", "fp8-tensor"):
+        raise ValueError(f"switchyard: quantize mode={mode!r}, expected 'fp8-block' or 'fp8-tensor'")
+    if w.dim() not in (2, 3):
+        raise ValueError(f"switchyard: {name} shape {tuple(w.shape)}: quantize takes [E, N, K] or [N, K]")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"switchyard: {name} dtype {w.dtype}: quantize takes float32, bfloat16 or float16 weights")
+    if w.is_meta:
+        return (torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="meta"),
+                torch.empty(_fp8_scale_shape(w.shape, mode), dtype=torch.float32, device="meta"))
+    w32 = w.detach().to(torch.float32)
+    bad = ~torch.isfinite(w32)
+    if bool(bad.any()):
+        at = bad.nonzero()[0].tolist()
+        raise ValueError(f"switchyard: {name} has a non-finite value ({w32[tuple(at)].item()}) at {at}; only finite "
+                         "weights can be quantised")
+    w3 = w32 if w32.dim() == 3 else w32.unsqueeze(0)
+    e, n, k = w3.shape
+    if mode == "fp8-block":
+        g = FP8_BLOCK
+        bn, bk = -(-n // g), -(-k // g)
+        padded = F.pad(w3, (0, bk * g - k, 0, bn * g - n)).view(e, bn, g, bk, g)  # zeros do not change an amax
+        scale = padded.abs().amax(dim=(2, 4)) / FP8_MAX  # [E, B(N), B(K)], an fp32 division
+        codes = _e4m3_codes(padded, scale[:, :, None, :, None]).view(e, bn * g, bk * g)[:, :n, :k]
+    else:
+        scale = w3.abs().amax(dim=(1, 2)) / FP8_MAX  # [E]
+        codes = _e4m3_codes(w3, scale[:, None, None])
+    if w32.dim() == 2:
+        codes = codes[0]
+        scale = scale[0] if mode == "fp8-block" else scale
+    return codes.contiguous(), scale.contiguous()
+
+
+def _e4m3_codes(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    q = torch.where(s == 0, torch.zeros((), dtype=torch.float32, device=w.device), w / s)
+    q = torch.where(q > FP8_MAX, FP8_MAX, torch.where(q < -FP8_MAX, -FP8_MAX, q))  # saturate (keeps -0.0)
+    return q.to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, mode: str, dtype: torch.dtype = torch.float32):
+    """The weight the recipe computes with, dec(q) * s per block or matrix (the product in fp64, then `dtype`)."""
+    w = codes.to(torch.float64)
+    s = scale.to(torch.float64)
+    if mode == "fp8-block":
+        n, k = w.shape[-2:]
+        s = s.repeat_interleave(FP8_BLOCK, -2)[..., :n, :].repeat_interleave(FP8_BLOCK, -1)[..., :k]
+    else:
+        s = s.reshape(s.shape + (1, 1)) if w.dim() == 3 else s.reshape(1, 1)
+    return (w * s).to(dtype)
+
+
 # ---- the module --------------------------------------------------------------------------------------------
 
 
@@ -326,6 +418,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . shared_gate)
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    quant_mode: str = "none"  # none | fp8-block | fp8-tensor: FP8 experts (inference only; docs/fp8.md)
 
     MAX_EXPERTS = 512  # MoEConfig::kMaxExperts
     MAX_TOP_K = 32  # MoEConfig::kMaxTopK
@@ -337,7 +430,7 @@ class MoEConfig:
 
         for name, table in (("score_function", SCORE_FUNCTIONS), ("drop_policy", DROP_POLICIES),
                             ("activation", ACTIVATIONS), ("routing_mode", ROUTING_MODES),
-                            ("group_score", GROUP_SCORES)):
+                            ("group_score", GROUP_SCORES), ("quant_mode", QUANT_MODES)):
             if getattr(self, name) not in table:
                 bad(f"{name}={getattr(self, name)!r}, expected one of {sorted(table)}")
         for name in ("hidden_size", "ffn_size", "num_experts"):
@@ -459,12 +552,132 @@ class MoE(nn.Module):
             self.shared_gate = nn.Parameter(torch.empty(1, c.hidden_size, **kw))
         else:
             self.shared_gate = None
+        for w in _FP8_MATRICES:  # fp32 scales of fp8 weights (None while a weight is float)
+            self.register_buffer(f"{w}_scale", None)
+            self.register_buffer(f"{w}_input_scale", None)
         self.reset_parameters()
+        if c.quant_mode != "none":  # FP8 experts: the random init quantised (from_hf / load_state_dict replace it)
+            self._quantize_weights(c.quant_mode)
 
     def reset_parameters(self):
         with torch.no_grad():
             for p in self.parameters():
                 nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+
+    # ---- FP8 experts (inference) ------------------------------------------------------------------------------
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the experts are FP8 (config.quant_mode fp8-block / fp8-tensor)."""
+        return self.config.quant_mode != "none"
+
+    @torch.no_grad()
+    def quantize_(self, mode: str = "fp8-block") -> "MoE":
+        """Converts this module's experts to FP8 in place, for inference: w13, w2 and a shared expert's shared_w13 /
+        shared_w2 become float8_e4m3fn buffers with fp32 scale buffers (w13_scale, ...), by :func:`quantize_fp8` --
+        the recipe of ``switchyard quantize``, bit for bit (fp8-block: the scales are those of w13's [R13, H]
+        matrices, so for gated layers with F % 128 == 0 they are exactly the CLI's gate blocks stacked over its up
+        blocks; with other F a 128-row block may hold gate and up rows, which the CLI's separate matrices cannot).
+        The router (gate, score_bias, shared_gate) stays as it is. Returns self; config becomes a copy with
+        quant_mode set. Forward then runs the grouped_mm_fp8 op and refuses training mode."""
+        if mode not in ("fp8-block", "fp8-tensor"):
+            raise ValueError(f"switchyard: quantize_ mode={mode!r}, expected 'fp8-block' or 'fp8-tensor'")
+        if self.quantized:
+            raise ValueError(f"switchyard: the experts are already quantised (quant_mode={self.config.quant_mode!r})")
+        self._quantize_weights(mode)
+        self.config = dataclasses.replace(self.config, quant_mode=mode)
+        self._fused_ok_cache = {}
+        return self
+
+    def _quantize_weights(self, mode: str):
+        for name in _FP8_MATRICES:
+            w = getattr(self, name)
+            if w is not None:
+                codes, scale = quantize_fp8(w, mode, name=name)
+                self._put_fp8(name, codes, scale, None)
+
+    def _put_fp8(self, name, codes, scale, input_scale):
+        delattr(self, name)  # the float Parameter (or the fp8 buffer being replaced)
+        self.register_buffer(name, codes)
+        setattr(self, f"{name}_scale", scale)
+        setattr(self, f"{name}_input_scale", input_scale)
+
+    @torch.no_grad()
+    def set_fp8_weight(self, name: str, codes: torch.Tensor, scale: torch.Tensor,
+                       input_scale: Optional[torch.Tensor] = None):
+        """Sets one expert weight (w13, w2, shared_w13, shared_w2) of an FP8 module from fp8 codes and fp32 scales
+        (e.g. a checkpoint's weight and weight_scale_inv), after the checks MoELayer makes: shapes and dtypes per
+        docs/fp8.md (scales in another float dtype are converted exactly to fp32), finite scales >= 0, input
+        scales (fp8-tensor only) finite and > 0, no fp8 NaN codes. A shared expert may stay float: pass a float
+        ``codes`` tensor without scales. Tensors are copied to the device of ``gate``."""
+        c = self.config
+        if not self.quantized:
+            raise ValueError("switchyard: set_fp8_weight needs an FP8 module (quant_mode fp8-block / fp8-tensor)")
+        shapes = self._weight_shapes()
+        if name not in shapes or shapes[name] is None:
+            raise ValueError(f"switchyard: {name} is not an expert weight of this module ({sorted(k for k, v in shapes.items() if v)})")
+        dev = self.gate.device
+        want = shapes[name]
+        if tuple(codes.shape) != want:
+            raise ValueError(f"switchyard: {name} shape {tuple(codes.shape)}, expected {want}")
+        if codes.dtype != torch.float8_e4m3fn:
+            if not name.startswith("shared_") or scale is not None or input_scale is not None:
+                raise ValueError(f"switchyard: {name} dtype {codes.dtype}: expected float8_e4m3fn with its scale "
+                                 "(only a shared expert may stay float, without scales)")
+            delattr(self, name)
+            setattr(self, name, nn.Parameter(codes.detach().to(dev).clone(), requires_grad=False))
+            setattr(self, f"{name}_scale", None)
+            setattr(self, f"{name}_input_scale", None)
+            return
+        nan = (codes.view(torch.uint8) & 0x7F) == 0x7F
+        if bool(nan.any()):
+            at = nan.nonzero()[0].tolist()
+            raise ValueError(f"switchyard: {name} holds an fp8 NaN code at {at}")
+        want_s = _fp8_scale_shape(want, c.quant_mode)
+        if scale is None or tuple(scale.shape) != want_s:
+            raise ValueError(f"switchyard: {name}_scale shape {None if scale is None else tuple(scale.shape)}, "
+                             f"expected {want_s} ({c.quant_mode})")
+        scale = self._fp32_scale(f"{name}_scale", scale, positive=False).to(dev)
+        if input_scale is not None:
+            if c.quant_mode != "fp8-tensor":
+                raise ValueError(f"switchyard: {name}_input_scale given: static input scales are a fp8-tensor option "
+                                 "(fp8-block quantises activations dynamically)")
+            if tuple(input_scale.shape) != want_s:
+                raise ValueError(f"switchyard: {name}_input_scale shape {tuple(input_scale.shape)}, expected {want_s}")
+            input_scale = self._fp32_scale(f"{name}_input_scale", input_scale, positive=True).to(dev)
+        self._put_fp8(name, codes.detach().to(dev).clone(), scale, input_scale)
+        self._fused_ok_cache = {}
+
+    @staticmethod
+    def _fp32_scale(name, t, positive):
+        if not t.is_floating_point() or t.dtype == torch.float8_e4m3fn:
+            raise ValueError(f"switchyard: {name} dtype {t.dtype}: scales are float32 (other float dtypes are read "
+                             "exactly)")
+        s = t.detach().to(torch.float32).clone()  # exact from bf16, fp16, e8m0 (power-of-two scales)
+        if t.dtype == torch.float64 and bool(s.double().ne(t.detach()).any()):
+            raise ValueError(f"switchyard: {name} ({t.dtype}) is not exactly representable in float32")
+        ok = torch.isfinite(s) & ((s > 0) if positive else (s >= 0))
+        if not bool(ok.all()):
+            at = (~ok).nonzero()[0].tolist()
+            raise ValueError(f"switchyard: {name}{at} = {s[tuple(at)].item()} must be finite and "
+                             f"{'> 0' if positive else '>= 0'}")
+        return s
+
+    def _weight_shapes(self):
+        c = self.config
+        r13 = 2 * c.ffn_size if c.gated else c.ffn_size
+        s = c.shared_width
+        return {"w13": (c.num_experts, r13, c.hidden_size), "w2": (c.num_experts, c.hidden_size, c.ffn_size),
+                "shared_w13": ((2 * s if c.gated else s), c.hidden_size) if s else None,
+                "shared_w2": (c.hidden_size, s) if s else None}
+
+    # c = grouped_mm_fp8(a, <name> with its scales) (offsets: None for a shared matrix), or F.linear for a float one.
+    def _expert_mm(self, a, name, offsets):
+        w = getattr(self, name)
+        if w.dtype != torch.float8_e4m3fn:
+            return F.linear(a, w)
+        return _ops.grouped_mm_fp8(a, w, getattr(self, f"{name}_scale"), getattr(self, f"{name}_input_scale"),
+                                   offsets, QUANT_MODES[self.config.quant_mode])
 
     @torch.no_grad()
     def update_score_bias(self, expert_counts: torch.Tensor, rate: Optional[float] = None):
@@ -514,17 +727,25 @@ class MoE(nn.Module):
     # The routed experts, the shared expert and the combine; returns (y, logits, ids, offsets, counts).
     def _layer(self, x2: torch.Tensor):
         c = self.config
+        if self.quantized and self.training:
+            raise RuntimeError(f"switchyard.torch.MoE: FP8 experts (quant_mode={c.quant_mode!r}) are for inference "
+                               "only (no backward through FP8 weights); call .eval() and run under torch.no_grad() "
+                               "or torch.inference_mode()")
         logits = self._router_logits(x2)
         ids, w = self._route(logits)
         offsets, slot_row, row_token, counts = _ops.plan(ids, w.detach(), c.num_experts,
                                                          c.capacity_factor_for(self.training), c.min_capacity,
                                                          DROP_POLICIES[c.drop_policy])
         act = ACTIVATIONS[c.activation]
-        g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
-        out = _activated_grouped_mm(g, act, self.w2, offsets)
+        if self.quantized:
+            g = self._expert_mm(_ops.gather(x2, row_token), "w13", offsets)
+            out = self._expert_mm(_ops.activation(g, act), "w2", offsets)
+        else:
+            g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
+            out = _activated_grouped_mm(g, act, self.w2, offsets)
         shared = None
         if self.shared_w13 is not None:
-            shared = F.linear(_ops.activation(F.linear(x2, self.shared_w13), act), self.shared_w2)
+            shared = self._expert_mm(_ops.activation(self._expert_mm(x2, "shared_w13", None), act), "shared_w2", None)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x2, self.shared_gate)) * shared
         y = _ops.combine(out, slot_row, w, shared)
@@ -535,7 +756,7 @@ class MoE(nn.Module):
     def _use_fused(self, x2: torch.Tensor) -> bool:
         c, t = self.config, x2.shape[0]
         limit = 64 if self.fused_max_tokens is None else int(self.fused_max_tokens)
-        if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16):
+        if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16) or self.quantized:
             return False
         if x2.data_ptr() % 16 != 0:  # the fused kernels read 16-byte vectors
             return False
@@ -611,6 +832,9 @@ def patch_model(model: nn.Module, **kwargs) -> int:
     :func:`switchyard.hf.patch_model`."""
     from switchyard import hf
     return hf.patch_model(model, **kwargs)
+
+
+_FP8_MATRICES = ("w13", "w2", "shared_w13", "shared_w2")
 
 
 # Combine weights [T, k] from logits and a selection, in torch autograd (config's score function, renormalisation
