@@ -3,8 +3,10 @@
 #   bash scripts/gpu_run.sh [BUILD_DIR] [STEPS]
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
-# STEPS: comma list, run in this order: tests,torch,train,balance,layers,gemm,memcheck,racecheck,profile
-#        (default tests,torch,balance,layers,memcheck).
+# STEPS: comma list, run in this order: fused,tests,torch,train,balance,layers,gemm,memcheck,racecheck,
+#        fusedsan,decode,profile (default tests,torch,balance,layers,memcheck).
+#        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
+#        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
 set -uo pipefail
@@ -20,6 +22,15 @@ if [ ! -x "$BUILD/switchyard" ]; then
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$PWD/.deps/root/usr" \
     -DSWITCHYARD_CUTLASS_DIR="$PWD/.deps/cutlass/include" >"$OUT/build.log" 2>&1 &&
     cmake --build "$BUILD" -j16 >>"$OUT/build.log" 2>&1 || { note "build failed"; tail -30 "$OUT/build.log"; exit 1; }
+fi
+if has fused; then
+  "$BUILD/tests/switchyard_gpu_tests" --gtest_filter='*GpuFused*:*GpuFp8*' >"$OUT/fused_tests.log" 2>&1
+  note "fused/fp8 gpu tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|tests? ran' "$OUT/fused_tests.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED  \]|\[gpu (fused )?fp8\]" "$OUT/fused_tests.log" | head -40
+  SWITCHYARD_TORCH_LIB="$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH=python \
+    python3 -m pytest -q -m gpu -k "fused or fp8" tests/python/test_torch_gpu.py tests/python/test_torch_fp8.py \
+    >"$OUT/fused_torch.log" 2>&1
+  note "fused/fp8 torch gpu tests: rc=$? $(tail -1 "$OUT/fused_torch.log")"
 fi
 if has tests; then
   "$BUILD/tests/switchyard_gpu_tests" >"$OUT/gpu_tests.log" 2>&1
@@ -77,6 +88,19 @@ if has racecheck; then
   compute-sanitizer --tool racecheck "$BUILD/tests/switchyard_gpu_tests" \
     --gtest_filter="${RACECHECK_FILTER:-*T7_*:*Stage*}" >"$OUT/racecheck.log" 2>&1
   note "racecheck: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^\[  PASSED' "$OUT/racecheck.log" | tr '\n' ' ')"
+fi
+if has fusedsan; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
+      --gtest_filter="${FUSED_SAN_FILTER:-*GpuFused.*qwen3*:*GpuFused.*expert_choice*:GpuFusedGraph.*:GpuFusedFp8.*}" \
+      >"$OUT/fused_$tool.log" 2>&1
+    note "fused $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[  PASSED|^\[  FAILED' "$OUT/fused_$tool.log" | tr '\n' ' ')"
+  done
+fi
+if has decode; then
+  OUT="$OUT" bash scripts/gpu_decode.sh "$BUILD" "${DECODE_ROUNDS:-2}" >"$OUT/decode.log" 2>&1
+  note "decode table: rc=$?"
+  tail -25 "$OUT/decode.log"
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
