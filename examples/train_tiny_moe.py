@@ -37,6 +37,13 @@ verdict (evaluated when steps >= 50):
              the torch run's router gradient cut (combine weights detached, a subtle gradient bug that still
              trains to 0.98 instead of 0.92) differs by 0.045. Coarser bugs (a missing term in the expert
              gradients, wrong rows) stall or lag the curve by far more.
+Held-out evaluation with FP8 experts (issue 13): after training, each run's mean LM loss on --eval-batches held-out
+batches of the same chain (another sample stream, the same for every run) in eval mode; then the Switchyard model's
+MoE layers are quantised in place with MoE.quantize_(--fp8: fp8-block, 128x128 weight blocks, or fp8-tensor; the
+recipe of `switchyard quantize`; router, attention and embeddings untouched) and the same loss is evaluated again
+with FP8 experts (W8A8: activations quantised per token and 128 channels, the grouped_mm_fp8 op). Printed: both
+losses and FP8 - float; --fp8 none skips it. The experts are quantised from their weights in the compute dtype (what
+a saved bf16 / fp32 checkpoint holds).
 Exit status: 0 when the verdict passes or is not evaluated, 1 when it fails, 2 on bad arguments.
 
 Usage:
@@ -96,10 +103,20 @@ class SwitchyardFFN(nn.Module):
         self.moe = st.MoE(cfg, dtype=torch.float32, return_stats=True)
         self.compute_dtype = compute_dtype
 
+    @torch.no_grad()
+    def quantize_(self, mode: str):
+        """FP8 experts for inference: w13 / w2 rounded to the compute dtype, then MoE.quantize_(mode)."""
+        for name in ("w13", "w2"):
+            setattr(self.moe, name, nn.Parameter(getattr(self.moe, name).to(self.compute_dtype), requires_grad=False))
+        self.moe.quantize_(mode)
+
     def forward(self, x):
         """x [T, H] -> (y [T, H] in x's dtype, aux-weighted loss, expert counts [E])."""
         with torch.autocast(x.device.type, enabled=False):
             cd = self.compute_dtype
+            if self.moe.quantized:  # FP8 experts (inference): the module's own fp8 buffers
+                out = self.moe(x.to(cd))
+                return out.y.to(x.dtype), out.loss, out.expert_counts
             params = {"gate": self.moe.gate, "w13": self.moe.w13.to(cd), "w2": self.moe.w2.to(cd)}
             out = torch.func.functional_call(self.moe, params, (x.to(cd),))
             return out.y.to(x.dtype), out.loss, out.expert_counts
@@ -250,6 +267,21 @@ def train(model, batches, args, device, compute_dtype, label):
                 median_step_ms=statistics.median(times[min(3, len(times) - 1):]) if times else float("nan"))
 
 
+@torch.no_grad()
+def evaluate(model, batches, device, compute_dtype):
+    """Mean LM loss (no aux losses) over held-out batches, in eval mode."""
+    was = model.training
+    model.eval()
+    total = 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            lm, _aux, _counts = model(batch[:, :-1], batch[:, 1:])
+        total += lm.item()
+    model.train(was)
+    return total / max(1, len(batches))
+
+
 def ema(values, alpha=0.1):
     out, s = [], None
     for v in values:
@@ -299,12 +331,17 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--log-every", type=int, default=None, help="default: steps / 20")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches for the final evaluation (0: none)")
+    p.add_argument("--fp8", choices=["fp8-block", "fp8-tensor", "none"], default="fp8-block",
+                   help="after training, evaluate the Switchyard model again with its experts quantised this way")
     args = p.parse_args(argv)
     cpu = args.device.startswith("cpu")
     args.dtype = args.dtype or ("fp32" if cpu else "bf16")
     args.batch = args.batch or (4 if cpu else 32)
     args.seq_len = args.seq_len or (64 if cpu else 256)
     args.log_every = args.log_every or max(1, args.steps // 20)
+    if args.eval_batches < 0:
+        p.error(f"--eval-batches={args.eval_batches} must be >= 0")
     if args.steps < 1 or args.d_model % args.heads != 0:
         p.error(f"--steps={args.steps} must be >= 1 and --heads={args.heads} must divide --d-model={args.d_model}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -324,6 +361,9 @@ def main(argv=None):
 
     data = MarkovData(args.vocab, args.seed)
     batches = [data.batch(args.batch, args.seq_len) for _ in range(args.steps)]
+    held = MarkovData(args.vocab, args.seed)  # the same chain (successor table), another sample stream
+    held.gen.manual_seed(args.seed + 1_000_003)
+    eval_batches = [held.batch(args.batch, args.seq_len) for _ in range(args.eval_batches)]
 
     torch.manual_seed(args.seed)
     ref = TinyMoELM(args, "switchyard", compute_dtype)
@@ -338,6 +378,19 @@ def main(argv=None):
         model.to(device).train()
         torch.manual_seed(args.seed + 1)
         runs[impl] = train(model, batches, args, device, compute_dtype, impl)
+        if eval_batches:
+            r = runs[impl]
+            r["eval_loss"] = evaluate(model, eval_batches, device, compute_dtype)
+            print(f"[{impl:>10}] held-out loss ({len(eval_batches)} batches): {r['eval_loss']:.4f} ({args.dtype} "
+                  "experts)", flush=True)
+            if impl == "switchyard" and args.fp8 != "none":
+                for blk in model.blocks:
+                    blk.ffn.quantize_(args.fp8)
+                r["eval_loss_fp8"] = evaluate(model, eval_batches, device, compute_dtype)
+                r["fp8_mode"] = args.fp8
+                print(f"[{impl:>10}] held-out loss ({len(eval_batches)} batches): {r['eval_loss_fp8']:.4f} "
+                      f"({args.fp8} experts), FP8 - {args.dtype} = {r['eval_loss_fp8'] - r['eval_loss']:+.4f}",
+                      flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -348,6 +401,10 @@ def main(argv=None):
         last_load = r["load_max_over_mean"][-1] if r["load_max_over_mean"] else []
         print(f"  {impl:>10}: loss {ls[0]:.4f} -> {ls[-1]:.4f}, median {r['median_step_ms']:.2f} ms/step, "
               f"final load max/mean worst layer {max(last_load):.2f}")
+        if "eval_loss" in r:
+            fp8 = (f"; {r['fp8_mode']} experts {r['eval_loss_fp8']:.4f} (difference "
+                   f"{r['eval_loss_fp8'] - r['eval_loss']:+.4f})") if "eval_loss_fp8" in r else ""
+            print(f"  {impl:>10}: held-out loss {args.dtype} experts {r['eval_loss']:.4f}{fp8}")
     if "switchyard" in runs and "torch" in runs:
         n = min(len(runs["switchyard"]["losses"]), len(runs["torch"]["losses"]))
         d0 = abs(runs["switchyard"]["losses"][0] - runs["torch"]["losses"][0])

@@ -12,6 +12,7 @@ bound after an optimiser step: AdamW's first update is ~lr * sign(grad) per elem
 zero up to rounding may move by +-lr in one run and the other way in the other, a difference of order
 lr = 2e-3 in a few weights whose effect on the loss stays well below 1e-3 relative; a wrong gradient (missing term,
 wrong expert rows) moves the loss by far more than that after one step at this learning rate.
+Then the held-out evaluation: float losses of both runs, and the Switchyard model's with FP8 experts (quantize_).
 """
 import json
 import math
@@ -54,3 +55,11 @@ def test_train_example_cpu_smoke(tmp_path):
     for step, (a, b) in enumerate(zip(sy["losses"], pt["losses"])):
         rtol = 1e-5 if step == 0 else 1e-3
         assert abs(a - b) <= rtol * abs(b), f"seed {SEED}: step {step} loss switchyard {a} torch {b} (rtol {rtol})"
+    # Held-out evaluation: both trained models agree as their last training losses do; the Switchyard model with its
+    # experts quantised to fp8-block gives a finite loss that differs from the float one (it really ran FP8 experts)
+    # by no more than FP8 rounding can move a loss near ln 64 (measured: 8e-4 for this run).
+    assert abs(sy["eval_loss"] - pt["eval_loss"]) <= 1e-3 * abs(pt["eval_loss"]), (sy["eval_loss"], pt["eval_loss"])
+    assert sy["fp8_mode"] == "fp8-block" and "eval_loss_fp8" not in pt
+    assert math.isfinite(sy["eval_loss_fp8"]) and sy["eval_loss_fp8"] != sy["eval_loss"]
+    assert abs(sy["eval_loss_fp8"] - sy["eval_loss"]) < 0.05, (sy["eval_loss_fp8"], sy["eval_loss"])
+    assert "held-out loss fp32 experts" in r.stdout and "fp8-block experts" in r.stdout
