@@ -597,6 +597,10 @@ def test_from_hf_fp8_block(quantize_shared, dtype):
         want = deq(x)
     r = rel(y, want)
     assert 1e-3 < r < 0.06, r
+    # patch_model's conversion (the block's calling convention, tensors taken over) computes the same
+    pm = hf.convert_block(copy.deepcopy(fb), copy=False, mimic_block=True)
+    with torch.no_grad():
+        assert torch.equal(pm(x), y)
 
 
 def test_from_hf_fp8_refusals():
