@@ -25,6 +25,7 @@
 #include "io/quantize.h"
 #include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
+#include "test_util.h"
 
 namespace switchyard {
 namespace {
@@ -193,14 +194,13 @@ void run_case(const FusedCase& c, int64_t T) {
     router_gemm(x.host(), W.gate.host(), host_ref(ref_logits.data(), DType::kF32, {T, E}), nullptr, 0);
     EXPECT_TRUE(testing::all_close(logits, ref_logits, 2e-5, 1e-5, "logits", E));
     const int64_t R = cfg.expert_choice() ? E * cfg.expert_choice_capacity(T) : T * c.k;
-    std::vector<int32_t> ids(T * slots), slot_row(T * slots), counts(E), offsets(E + 1), row_token(R), row_slot(R);
+    std::vector<int32_t> ids(T * slots);
     std::vector<float> weights(T * slots);
-    RoutingPlan plan;
-    plan.expert_counts = host_ref(counts.data(), DType::kI32, {E});
-    plan.expert_offsets = host_ref(offsets.data(), DType::kI32, {E + 1});
-    plan.slot_row = host_ref(slot_row.data(), DType::kI32, {T, slots});
-    plan.row_token = host_ref(row_token.data(), DType::kI32, {R});
-    plan.row_slot = host_ref(row_slot.data(), DType::kI32, {R});
+    test::PlanTensors pt(E, T, slots, R);
+    const RoutingPlan& plan = pt.plan;
+    auto ints = [](const test::HostTensor& t) {
+        return std::vector<int32_t>(t.ptr<int32_t>(), t.ptr<int32_t>() + t.numel());
+    };
     const TensorRef lg = host_ref(logits.data(), DType::kF32, {T, E});
     const TensorRef id = host_ref(ids.data(), DType::kI32, {T, slots});
     const TensorRef wt = host_ref(weights.data(), DType::kF32, {T, slots});
@@ -213,8 +213,8 @@ void run_case(const FusedCase& c, int64_t T) {
     EXPECT_EQ(testing::download_raw<int32_t>(d_ids.get(), T * slots), ids);
     EXPECT_TRUE(testing::all_close(testing::download_raw<float>(d_w.get(), T * slots), weights, 1e-7, 1e-6,
                                    "topk_weights", slots));
-    EXPECT_EQ(testing::download_raw<int32_t>(d_slot.get(), T * slots), slot_row);
-    EXPECT_EQ(testing::download_raw<int32_t>(d_counts.get(), E), counts);
+    EXPECT_EQ(testing::download_raw<int32_t>(d_slot.get(), T * slots), ints(pt.slot_row));
+    EXPECT_EQ(testing::download_raw<int32_t>(d_counts.get(), E), ints(pt.counts));
 
     // y: the CPU's experts_fused (the staged chain) on those routes.
     std::vector<float> sg_logits;
@@ -421,14 +421,10 @@ TEST(GpuFusedFp8, MatchesTheCpuChainAndTheStagedPath) {
             // The CPU chain on the GPU's routing.
             std::vector<float> logits = testing::download_raw<float>(d_logits.get(), T * E);
             const int64_t k = cfg.top_k, R = T * k;
-            std::vector<int32_t> ids(R), slot_row(R), counts(E), offsets(E + 1), row_token(R), row_slot(R);
+            std::vector<int32_t> ids(R);
             std::vector<float> wts(R);
-            RoutingPlan plan;
-            plan.expert_counts = host_ref(counts.data(), DType::kI32, {E});
-            plan.expert_offsets = host_ref(offsets.data(), DType::kI32, {E + 1});
-            plan.slot_row = host_ref(slot_row.data(), DType::kI32, {T, k});
-            plan.row_token = host_ref(row_token.data(), DType::kI32, {R});
-            plan.row_slot = host_ref(row_slot.data(), DType::kI32, {R});
+            test::PlanTensors pt(E, T, k, R);
+            const RoutingPlan& plan = pt.plan;
             const TensorRef id = host_ref(ids.data(), DType::kI32, {T, k}), wt = host_ref(wts.data(), DType::kF32, {T, k});
             route(cfg, host_ref(logits.data(), DType::kF32, {T, E}), TensorRef(), id, wt);
             build_plan(cfg, id, wt, plan, nullptr, 0);

@@ -35,14 +35,9 @@ void fused_forward(const MoEConfig& c, const MoEWeights& w, const test::HostTens
     const int64_t T = x.ref().shape[0], E = c.num_experts, slots = c.route_slots();
     const int64_t R = c.expert_choice() ? E * c.expert_choice_capacity(T) : T * c.top_k;
     test::HostTensor logits(DType::kF32, {T, E}), ids(DType::kI32, {T, slots}), wt(DType::kF32, {T, slots});
-    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, slots});
-    test::HostTensor row_token(DType::kI32, {R}), row_slot(DType::kI32, {R}), sg(DType::kF32, {T, 1});
-    RoutingPlan plan;
-    plan.expert_counts = counts.ref();
-    plan.expert_offsets = offsets.ref();
-    plan.slot_row = slot_row.ref();
-    plan.row_token = row_token.ref();
-    plan.row_slot = row_slot.ref();
+    test::HostTensor sg(DType::kF32, {T, 1});
+    test::PlanTensors pt(E, T, slots, R);
+    const RoutingPlan& plan = pt.plan;
     const bool gated = c.shared_expert_gate && c.shared_width() > 0;
     if (!c.expert_choice() && c.capacity_factor == 0.0) {
         route_fused(c, x.ref(), w.gate, w.score_bias, gated ? w.shared_gate : TensorRef(), logits.ref(), ids.ref(),
@@ -139,14 +134,8 @@ TEST(FusedStages, RouteFusedRefusesWhatItDoesNotDo) {
     const int64_t T = 4, E = c.num_experts, H = c.hidden_size;
     const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, 2), DType::kF32, {T, H});
     test::HostTensor logits(DType::kF32, {T, E}), ids(DType::kI32, {T, 2}), wt(DType::kF32, {T, 2});
-    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, 2});
-    test::HostTensor row_token(DType::kI32, {T * 2}), row_slot(DType::kI32, {T * 2});
-    RoutingPlan plan;
-    plan.expert_counts = counts.ref();
-    plan.expert_offsets = offsets.ref();
-    plan.slot_row = slot_row.ref();
-    plan.row_token = row_token.ref();
-    plan.row_slot = row_slot.ref();
+    test::PlanTensors pt(E, T, 2, T * 2);
+    const RoutingPlan& plan = pt.plan;
     auto call = [&](const MoEConfig& cfg) {
         route_fused(cfg, x.ref(), L.gate.ref(), TensorRef(), TensorRef(), logits.ref(), ids.ref(), wt.ref(), plan,
                     TensorRef(), nullptr, 0);
@@ -186,14 +175,8 @@ TEST(FusedStages, ExpertsFusedValidatesItsArguments) {
     const int64_t T = 2, E = c.num_experts, H = c.hidden_size;
     const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, 4), DType::kF32, {T, H});
     test::HostTensor wt(DType::kF32, {T, 2}), y(DType::kF32, {T, H});
-    test::HostTensor counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, 2});
-    test::HostTensor row_token(DType::kI32, {T * 2}), row_slot(DType::kI32, {T * 2});
-    RoutingPlan plan;
-    plan.expert_counts = counts.ref();
-    plan.expert_offsets = offsets.ref();
-    plan.slot_row = slot_row.ref();
-    plan.row_token = row_token.ref();
-    plan.row_slot = row_slot.ref();
+    test::PlanTensors pt(E, T, 2, T * 2);
+    const RoutingPlan& plan = pt.plan;
     MoEWeights half = L.weights();
     half.shared_w2 = TensorRef();
     test::expect_error([&] { experts_fused(c, x.ref(), half, plan, wt.ref(), TensorRef(), y.ref(), nullptr, 0); },

@@ -38,6 +38,7 @@
 #include "switchyard/error.h"
 #include "switchyard/dtype.h"
 #include "switchyard/moe_layer.h"
+#include "switchyard/routing.h"
 #include "switchyard/tensor.h"
 
 namespace switchyard {
@@ -258,6 +259,24 @@ inline MoEConfig tiny_config(DType dtype = DType::kF32) {
     c.dtype = dtype;
     return c;
 }
+
+// Host buffers of a routing plan (E experts, T tokens with `slots` slots each, R reserved rows) and the RoutingPlan
+// that views them (routing.h). Not copyable: the plan points into the buffers.
+struct PlanTensors {
+    HostTensor counts, offsets, slot_row, row_token, row_slot;
+    RoutingPlan plan;
+    PlanTensors(int64_t E, int64_t T, int64_t slots, int64_t R)
+        : counts(DType::kI32, {E}), offsets(DType::kI32, {E + 1}), slot_row(DType::kI32, {T, slots}),
+          row_token(DType::kI32, {R}), row_slot(DType::kI32, {R}) {
+        plan.expert_counts = counts.ref();
+        plan.expert_offsets = offsets.ref();
+        plan.slot_row = slot_row.ref();
+        plan.row_token = row_token.ref();
+        plan.row_slot = row_slot.ref();
+    }
+    PlanTensors(const PlanTensors&) = delete;
+    PlanTensors& operator=(const PlanTensors&) = delete;
+};
 
 // Owning host weights of a layer and the MoEWeights that view them.
 struct HostLayer {
