@@ -368,8 +368,9 @@ LoadedWeights load_moe_weights(const SafetensorsFile& file, const WeightLoadOpti
                          " shared experts requested but Mixtral-named weights have none");
     }
 
-    // FP8 experts: an F8_E4M3 matrix has its scale beside it (<name>_scale_inv: 128x128 blocks; <name>_scale: one
-    // per tensor; optional <base>input_scale, per tensor only); a float matrix has none. One scheme per layer.
+    // FP8 experts: an F8_E4M3 matrix <base>weight has its scale beside it (<base>weight_scale_inv: 128x128 blocks;
+    // <base>weight_scale: one per tensor; optional <base>input_scale, per tensor only); a float matrix has none (the
+    // router included). One scheme per layer.
     const SafetensorInfo* mode_from = nullptr;  // the first F8_E4M3 matrix (names the scheme in messages)
     auto scheme_name = [](QuantMode m) {
         return m == QuantMode::kFP8Block ? "block-scaled (weight_scale_inv)" : "per-tensor scaled (weight_scale)";
