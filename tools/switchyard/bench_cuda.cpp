@@ -6,7 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <sstream>
 
+#include "bench_quant.h"
+#include "cuda/quantize_fill.h"
 #include "cuda/random_fill.h"
 #include "switchyard/cuda_check.h"
 #include "switchyard/error.h"
@@ -83,6 +87,100 @@ DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed) {
         d.w.shared_w2 = random_device_tensor(dt, {H, S}, bs, seed * 16 + 6, d.bufs);
     }
     SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());  // random weights ready
+    return d;
+}
+
+namespace {
+
+// One float weight [M, R, C] (M = 0: a single [R, C] matrix) generated on the device as random_device_tensor does
+// (uniform(-bound, bound) in dt from `seed`), quantised into codes and scales owned by d.bufs; the float copy is
+// freed on return. Checks the first and last matrix against the host recipe when `check`.
+void quantized_random_weight(QuantMode mode, DType dt, int64_t M, int64_t R, int64_t C, float bound, uint64_t seed,
+                             const char* name, DeviceWeights& d, TensorRef* codes, TensorRef* scale, bool check,
+                             Fp8QuantCheck* qc) {
+    int dev = 0;
+    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&dev));
+    const int64_t mats = std::max<int64_t>(M, 1), n = R * C;
+    const std::vector<int64_t> sshape = fp8_scale_shape(mode, M, R, C);
+    const int64_t per_scales = numel_of(sshape) / mats;
+    DeviceBuffer fw(static_cast<size_t>(mats * n) * dtype_size(dt));
+    cuda::fill_uniform(dt, fw.get(), mats * n, -bound, bound, seed, nullptr);
+    d.bufs.emplace_back(static_cast<size_t>(mats * n));
+    uint8_t* q = static_cast<uint8_t*>(d.bufs.back().get());
+    d.bufs.emplace_back(static_cast<size_t>(numel_of(sshape)) * sizeof(float));
+    float* s = static_cast<float*>(d.bufs.back().get());
+    if (mode == QuantMode::kFP8Block)
+        cuda::quantize_fp8_block(dt, fw.get(), mats, R, C, q, s, nullptr);
+    else
+        cuda::quantize_fp8_tensor(dt, fw.get(), mats, R, C, q, s, nullptr);
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());  // codes ready before the float copy is freed
+    *codes = M > 0 ? TensorRef(q, DType::kF8E4M3, {M, R, C}, Device::kCUDA, dev)
+                   : TensorRef(q, DType::kF8E4M3, {R, C}, Device::kCUDA, dev);
+    *scale = TensorRef::contiguous(s, DType::kF32, sshape.data(), static_cast<int>(sshape.size()), Device::kCUDA, dev);
+    if (!check) return;
+    const size_t esz = dtype_size(dt);
+    for (int64_t m : {int64_t{0}, mats - 1}) {
+        std::vector<uint8_t> wf(static_cast<size_t>(n) * esz), got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+        std::vector<float> got_s(static_cast<size_t>(per_scales)), want_s(static_cast<size_t>(per_scales));
+        SWITCHYARD_CUDA_CHECK(cudaMemcpy(wf.data(), static_cast<const uint8_t*>(fw.get()) + static_cast<size_t>(m * n) * esz,
+                                         wf.size(), cudaMemcpyDeviceToHost));
+        SWITCHYARD_CUDA_CHECK(cudaMemcpy(got.data(), q + m * n, got.size(), cudaMemcpyDeviceToHost));
+        SWITCHYARD_CUDA_CHECK(cudaMemcpy(got_s.data(), s + m * per_scales, got_s.size() * sizeof(float),
+                                         cudaMemcpyDeviceToHost));
+        quantize_matrices_host(dt, wf.data(), 1, R, C, mode, want.data(), want_s.data());
+        ++qc->matrices;
+        qc->elements += n;
+        for (int64_t i = 0; i < n; ++i) {
+            if (got[i] == want[i]) continue;
+            if (qc->first_mismatch.empty()) {
+                std::ostringstream os;
+                os << name << "[" << m << "] code at (" << i / C << ", " << i % C << "): GPU 0x" << std::hex
+                   << int(got[i]) << ", host 0x" << int(want[i]);
+                qc->first_mismatch = os.str();
+            }
+            ++qc->code_mismatches;
+        }
+        for (int64_t i = 0; i < per_scales; ++i) {
+            if (std::memcmp(&got_s[i], &want_s[i], sizeof(float)) == 0) continue;
+            if (qc->first_mismatch.empty()) {
+                std::ostringstream os;
+                os.precision(9);
+                os << name << "[" << m << "] scale " << i << ": GPU " << got_s[i] << ", host " << want_s[i];
+                qc->first_mismatch = os.str();
+            }
+            ++qc->scale_mismatches;
+        }
+        if (mats == 1) break;
+    }
+}
+
+}  // namespace
+
+DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, bool check, Fp8QuantCheck* qc) {
+    SWITCHYARD_CHECK(cfg.quant_mode == QuantMode::kFP8Block || cfg.quant_mode == QuantMode::kFP8Tensor,
+                     "random_device_weights_fp8: quant_mode=", to_string(cfg.quant_mode));
+    Fp8QuantCheck local;
+    if (!qc) qc = &local;
+    DeviceWeights d;
+    d.bufs.reserve(16);
+    const int64_t E = cfg.num_experts, H = cfg.hidden_size, F = cfg.ffn_size, S = cfg.shared_width();
+    const DType dt = cfg.dtype;
+    const QuantMode mode = cfg.quant_mode;
+    const float bh = 1.0f / std::sqrt(static_cast<float>(H)), bf = 1.0f / std::sqrt(static_cast<float>(F));
+    // Same seeds and bounds as random_device_weights: the FP8 layer quantises the bf16 layer's weights.
+    d.w.gate = random_device_tensor(dt, {E, H}, bh, seed * 16 + 1, d.bufs);
+    if (cfg.use_score_bias) d.w.score_bias = random_device_tensor(DType::kF32, {E}, 0.1f, seed * 16 + 2, d.bufs);
+    quantized_random_weight(mode, dt, E, cfg.w13_rows(), H, bh, seed * 16 + 3, "w13", d, &d.w.w13, &d.w.w13_scale,
+                            check, qc);
+    quantized_random_weight(mode, dt, E, H, F, bf, seed * 16 + 4, "w2", d, &d.w.w2, &d.w.w2_scale, check, qc);
+    if (S > 0) {
+        const float bs = 1.0f / std::sqrt(static_cast<float>(S));
+        quantized_random_weight(mode, dt, 0, is_gated(cfg.activation) ? 2 * S : S, H, bh, seed * 16 + 5, "shared_w13",
+                                d, &d.w.shared_w13, &d.w.shared_w13_scale, check, qc);
+        quantized_random_weight(mode, dt, 0, H, S, bs, seed * 16 + 6, "shared_w2", d, &d.w.shared_w2,
+                                &d.w.shared_w2_scale, check, qc);
+    }
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());
     return d;
 }
 

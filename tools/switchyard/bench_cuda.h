@@ -36,6 +36,25 @@ struct CudaLayerTiming {
 // config's dtype, score bias uniform(-0.1, 0.1) fp32 when cfg.use_score_bias.
 DeviceWeights random_device_weights(const MoEConfig& cfg, uint64_t seed);
 
+// What the check of the GPU quantiser found: the first and last matrix of w13 and of w2 (and the shared expert's
+// matrices) copied back and quantised again on the host by io/quantize.h's recipe (bench_quant.h), codes and
+// scales compared bit for bit.
+struct Fp8QuantCheck {
+    int64_t matrices = 0;          // matrices compared
+    int64_t elements = 0;          // codes compared
+    int64_t code_mismatches = 0;   // codes that differ from the host recipe's
+    int64_t scale_mismatches = 0;  // scales that differ (bits)
+    std::string first_mismatch;    // where the first difference is ("" when none)
+    bool ok() const { return matrices > 0 && code_mismatches == 0 && scale_mismatches == 0; }
+};
+
+// FP8 weights for cfg.quant_mode (fp8-block or fp8-tensor): the float weights random_device_weights generates (same
+// seeds and bounds, so the same values in cfg.dtype), with w13, w2, shared_w13 and shared_w2 quantised on the GPU
+// (cuda/quantize_fill.h, the rules of `switchyard quantize`) one tensor at a time, each float copy freed before the
+// next is generated (DeepSeek-V3's experts are 22.5 GB in bf16; the peak is one float tensor plus the codes).
+// Router gate and score bias stay as random_device_weights makes them. check: fill *check_result (see above).
+DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, bool check, Fp8QuantCheck* check_result);
+
 // fused_max_tokens: MoELayer::set_fused_max_tokens (-1 automatic, 0 the staged path only).
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
                                 int warmup, int reps, uint64_t seed, bool graph, bool stages,

@@ -12,6 +12,7 @@
 //           slot_row, row_token, row_slot [T*k] | plan scratch | dispatch [T,E,C] | combine [T,E,C] | cuBLAS ws
 //   sparse: logits [T,E] f32 | ids [T,k] i32 | w [T,k] f32 | counts [E] | offsets [E+1] |
 //           slot_row, row_token, row_slot [T*k] | plan scratch | cuBLAS ws
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -22,6 +23,7 @@
 
 #include "cuda/float_types.cuh"
 #include "cuda/probe.h"
+#include "cuda/quantize_fill.h"
 #include "cuda/random_fill.h"
 #include "switchyard/cuda_check.h"
 #include "switchyard/stages.h"
@@ -239,6 +241,85 @@ ProbeResult probe_bf16_gemm(int64_t n, int reps) {
                                       CUDA_R_16BF, ni, &beta, c.p, CUDA_R_16BF, ni, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT),
                          "cublasGemmEx");
+        },
+        3, reps, nullptr, ev);
+    r.rate = 2.0 * static_cast<double>(n) * n * n / (r.ms * 1e-3) / 1e12;
+    return r;
+}
+
+namespace {
+// cuBLASLt objects of one probe, destroyed on scope exit.
+struct LtProbe {
+    cublasLtHandle_t h = nullptr;
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulPreference_t pref = nullptr;
+    LtProbe() = default;
+    LtProbe(const LtProbe&) = delete;
+    LtProbe& operator=(const LtProbe&) = delete;
+    ~LtProbe() {
+        if (pref) cublasLtMatmulPreferenceDestroy(pref);
+        if (d) cublasLtMatrixLayoutDestroy(d);
+        if (b) cublasLtMatrixLayoutDestroy(b);
+        if (a) cublasLtMatrixLayoutDestroy(a);
+        if (op) cublasLtMatmulDescDestroy(op);
+        if (h) cublasLtDestroy(h);
+    }
+};
+}  // namespace
+
+ProbeResult probe_fp8_gemm(int64_t n, int reps, bool fast_accum) {
+    SWITCHYARD_CHECK(n > 0 && n <= 32768 && n % 16 == 0 && reps > 0, "probe_fp8_gemm: n=", n, " (a multiple of 16)",
+                     " reps=", reps);
+    const size_t elems = static_cast<size_t>(n * n);
+    const size_t ws_bytes = size_t(32) << 20;
+    ProbeAlloc src(elems * 2), a(elems), b(elems), d(elems * 2), scales(2 * sizeof(float)), ws(ws_bytes);
+    // Random operands: uniform(-1, 1) bf16 quantised per tensor (amax / 448), so A and B hold the spread of codes a
+    // real weight has (constant data would draw less power and read faster than real data).
+    float* sa = static_cast<float*>(scales.p);
+    float* sb = sa + 1;
+    fill_uniform(DType::kBF16, src.p, n * n, -1, 1, 21, nullptr);
+    quantize_fp8_tensor(DType::kBF16, src.p, 1, n, n, static_cast<uint8_t*>(a.p), sa, nullptr);
+    fill_uniform(DType::kBF16, src.p, n * n, -1, 1, 22, nullptr);
+    quantize_fp8_tensor(DType::kBF16, src.p, 1, n, n, static_cast<uint8_t*>(b.p), sb, nullptr);
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());
+
+    LtProbe lt;
+    cublas_check(cublasLtCreate(&lt.h), "cublasLtCreate");
+    cublas_check(cublasLtMatmulDescCreate(&lt.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+    // FP8 GEMMs take A transposed ("TN"): D [n x n] = op(A) B with A and B stored k-major, column-major layouts.
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const int8_t fast = fast_accum ? 1 : 0;
+    auto set = [&](cublasLtMatmulDescAttributes_t attr, const void* v, size_t bytes, const char* what) {
+        cublas_check(cublasLtMatmulDescSetAttribute(lt.op, attr, v, bytes), what);
+    };
+    set(CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta), "TRANSA");
+    set(CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb), "TRANSB");
+    set(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof(sa), "A_SCALE_POINTER");
+    set(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof(sb), "B_SCALE_POINTER");
+    set(CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast), "FAST_ACCUM");
+    const uint64_t un = static_cast<uint64_t>(n);
+    const int64_t ld = n;
+    cublas_check(cublasLtMatrixLayoutCreate(&lt.a, CUDA_R_8F_E4M3, un, un, ld), "cublasLtMatrixLayoutCreate(A)");
+    cublas_check(cublasLtMatrixLayoutCreate(&lt.b, CUDA_R_8F_E4M3, un, un, ld), "cublasLtMatrixLayoutCreate(B)");
+    cublas_check(cublasLtMatrixLayoutCreate(&lt.d, CUDA_R_16BF, un, un, ld), "cublasLtMatrixLayoutCreate(D)");
+    cublas_check(cublasLtMatmulPreferenceCreate(&lt.pref), "cublasLtMatmulPreferenceCreate");
+    cublas_check(cublasLtMatmulPreferenceSetAttribute(lt.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                      sizeof(ws_bytes)),
+                 "MAX_WORKSPACE_BYTES");
+    cublasLtMatmulHeuristicResult_t algo{};
+    int found = 0;
+    cublas_check(cublasLtMatmulAlgoGetHeuristic(lt.h, lt.op, lt.a, lt.b, lt.d, lt.d, lt.pref, 1, &algo, &found),
+                 "cublasLtMatmulAlgoGetHeuristic");
+    SWITCHYARD_CHECK(found > 0, "probe_fp8_gemm: cuBLASLt has no FP8 (e4m3, TN, bf16 out) algorithm for n=", n);
+    const float alpha = 1.0f, beta = 0.0f;
+    cli::EventPool ev;
+    ProbeResult r;
+    r.ms = cli::cuda_median_ms(
+        [&] {
+            cublas_check(cublasLtMatmul(lt.h, lt.op, &alpha, a.p, lt.a, b.p, lt.b, &beta, d.p, lt.d, d.p, lt.d,
+                                        &algo.algo, ws.p, ws_bytes, nullptr),
+                         "cublasLtMatmul");
         },
         3, reps, nullptr, ev);
     r.rate = 2.0 * static_cast<double>(n) * n * n / (r.ms * 1e-3) / 1e12;

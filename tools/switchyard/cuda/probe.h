@@ -4,6 +4,10 @@
 // pointers and a stream, allocates nothing and never synchronises, like the backend's stage launchers.
 //   probe_bf16_gemm      cuBLAS bf16 GEMM n x n x n (fp32 accumulation), median ms of `reps` runs between CUDA
 //                        events after 3 warm-up runs; TFLOP/s = 2 n^3 / time. The matrix ceiling of the floors.
+//   probe_fp8_gemm       cuBLASLt FP8 GEMM n x n x n: e4m3 A and B (random, quantised per tensor), fp32 scale
+//                        pointers (1.0) for A and B, fp32 accumulation, bf16 D; the TN layout cuBLASLt requires for
+//                        FP8; fast_accum sets CUBLASLT_MATMUL_DESC_FAST_ACCUM (torch._scaled_mm's use_fast_accum).
+//                        Median ms as probe_bf16_gemm. The FP8 matrix ceiling of `bench --quant`'s floors.
 //   probe_copy           device-to-device cudaMemcpyAsync of `bytes`, median ms; GB/s counts bytes read + written
 //                        (2 * bytes / time). The bandwidth ceiling of the floors.
 //   seed router          the seed study's router as separate passes, as its PyTorch code runs them:
@@ -35,6 +39,7 @@ struct ProbeResult {
     double rate = 0;  // TFLOP/s (GEMM) or GB/s (copy)
 };
 ProbeResult probe_bf16_gemm(int64_t n, int reps);
+ProbeResult probe_fp8_gemm(int64_t n, int reps, bool fast_accum);
 ProbeResult probe_copy(size_t bytes, int reps);
 
 // ---- the seed's router and Switchyard's router + plan ----------------------------------------------------
