@@ -10,9 +10,14 @@
   5. the real fused_moe_kernel run by Triton's CPU interpreter (TRITON_INTERPRET=1, in a subprocess) in fp32 and
      fp16 through vllm_fused_moe_layer, against the fp32 loop. The interpreter's bf16 tl.dot is wrong on CPU (a
      16x16 bf16 dot gives garbage there too), so bf16 is left to the GPU run, whose rows report their own error.
-     Skipped where the interpreter does not run (it fails under numpy >= 2.3: 'only 0-dimensional arrays').
+     Skipped where the interpreter does not run (it fails under numpy >= 2.3: 'only 0-dimensional arrays');
+  6. the fp8 block-quantised mode (compare_torch.py --fp8): vLLM's config file names and default fp8 config,
+     per_token_group_quant_fp8_torch against a scalar recipe written here (nearest-even e4m3 from a table of the
+     codes), and the fp8 layer wiring (a_scale / b_scale strides, group_n / group_k, BLOCK_SIZE_K = min(BK, 128))
+     with the emulated kernel scaling each 128-k block as fused_moe_kernel does, against reference_fp8_layer.
 Parts 2-4 are skipped (and say so) when .deps/vllm is absent. Ends with 'N passed, N failed'.
 """
+import math
 import os
 import sys
 import traceback
@@ -181,6 +186,16 @@ class EmulatedKernel:
             sorted_ids, expert_ids = kw["sorted_token_ids_ptr"], kw["expert_ids_ptr"]
             ntp = int(kw["num_tokens_post_padded_ptr"][0])
             w = kw["topk_weights_ptr"].reshape(-1)
+            fp8 = kw["use_fp8_w8a8"]
+            if fp8:  # block-quantised: scales per (row, 128-k group) and (expert, 128-n group, 128-k group)
+                gn, gk, bk = kw["group_n"], kw["group_k"], kw["BLOCK_SIZE_K"]
+                assert gn > 0 and gk > 0 and bk <= gk and gk % bk == 0, (gn, gk, bk)  # vLLM's min(BK, block) rule
+                assert a.dtype == b.dtype == torch.float8_e4m3fn and a.is_contiguous() and b.is_contiguous()
+                a, b = a.float(), b.float()  # same shapes and (contiguous) strides; CPU float8 cannot be indexed
+                nk = -(-k // gk)
+                a_s = kw["a_scale_ptr"].as_strided((a.shape[0], nk), (kw["stride_asm"], kw["stride_ask"]))
+                b_s = kw["b_scale_ptr"].as_strided((b.shape[0], -(-n // gn), nk),
+                                                   (kw["stride_bse"], kw["stride_bsn"], kw["stride_bsk"]))
             written = torch.zeros(nvalid, dtype=torch.int64)
             for pid_m in range(num_pid_m):
                 if pid_m * bm >= ntp:
@@ -189,7 +204,16 @@ class EmulatedKernel:
                 offs = sorted_ids[pid_m * bm:(pid_m + 1) * bm].long()
                 rows = offs[offs < nvalid]
                 e = int(expert_ids[pid_m])
-                acc = a2[rows // top_k].float() @ b3[e].float().t()
+                if fp8:
+                    a2 = a.as_strided((a.shape[0], k), (kw["stride_am"], kw["stride_ak"]))
+                    b3 = b.as_strided((b.shape[0], n, k), (kw["stride_be"], kw["stride_bn"], kw["stride_bk"]))
+                    acc = torch.zeros(rows.numel(), n)
+                    for kb in range(nk):
+                        ks = slice(kb * gk, min(k, (kb + 1) * gk))
+                        part = a2[rows // top_k][:, ks] @ b3[e][:, ks].t()
+                        acc += part * a_s[rows // top_k, kb][:, None] * b_s[e, torch.arange(n) // gn, kb][None, :]
+                else:
+                    acc = a2[rows // top_k].float() @ b3[e].float().t()
                 if kw["MUL_ROUTED_WEIGHT"]:
                     acc = acc * w[rows].float()[:, None]
                 c2[rows] = acc.to(c.dtype)
@@ -233,6 +257,112 @@ def test_layer_matches_compare_torch_sort():
     a = vllm_peer.router(x, wg, 2)
     b = compare_torch.router(x, wg, 2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_fp8_configs():
+    name = vllm_peer.config_file_name(128, 768, "NVIDIA_H200", vllm_peer.FP8_DTYPE, vllm_peer.FP8_BLOCK)
+    assert name == "E=128,N=768,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json", name
+    assert vllm_peer.config_file_name(8, 14336, "X") == "E=8,N=14336,device_name=X.json"
+    d = vllm_peer.default_config(16, 256, vllm_peer.FP8_DTYPE, vllm_peer.FP8_BLOCK)
+    assert d == {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 32, "SPLIT_K": 1,
+                 "num_warps": 4, "num_stages": 3}, d
+    cfg, src = vllm_peer.get_config(16, 256, 2048, device_name="NVIDIA H100 80GB HBM3", deps_dir="/nonexistent",
+                                    dtype=vllm_peer.FP8_DTYPE, block_shape=vllm_peer.FP8_BLOCK)
+    assert cfg == d and src.startswith("vLLM default") and "dtype=fp8_w8a8,block_shape=[128,128]" in src, src
+    if not have_deps():
+        return None
+    p = os.path.join(vllm_peer.DEPS_DIR, "configs", name)
+    if not os.path.exists(p):
+        return None
+    cfg, src = vllm_peer.get_config(16, 128, 768, device_name="NVIDIA H200", dtype=vllm_peer.FP8_DTYPE,
+                                    block_shape=vllm_peer.FP8_BLOCK)
+    assert src.startswith("tuned") and "fp8_w8a8" in src and "key 16" in src, src
+
+
+E4M3_VALUES = None
+
+
+def e4m3_table():
+    """(values of the 126 positive finite e4m3 codes 0..125+126: code i -> value), from the format's definition."""
+    global E4M3_VALUES
+    if E4M3_VALUES is None:
+        vals = []
+        for c in range(0x7F):  # 0x7F is NaN
+            e, m = c >> 3, c & 7
+            vals.append(m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+        E4M3_VALUES = vals
+    return E4M3_VALUES
+
+
+def e4m3_round(v):
+    """Nearest e4m3 value to a finite |v| <= 448 (ties to the even code), sign kept."""
+    table = e4m3_table()
+    a = abs(v)
+    best = min(range(len(table)), key=lambda c: (abs(table[c] - a), c & 1))
+    return math.copysign(table[best], v)
+
+
+def test_fp8_group_quant():
+    import numpy as np
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 384, generator=gen) * torch.tensor([1e-3, 1.0, 30.0]).repeat_interleave(128)).to(torch.bfloat16)
+    x[2, 128:256] = 0  # an all-zero group: scale eps / 448, codes 0
+    x[3, 0] = 7.0      # exact amax: 7 / (7/448) = 448
+    q, s = vllm_peer.per_token_group_quant_fp8_torch(x, 128)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.dtype == torch.float32 and s.shape == (5, 3)
+    xf = x.float().numpy()
+    qf = q.float().numpy()
+    for r in range(5):
+        for g in range(3):
+            grp = xf[r, g * 128:(g + 1) * 128]
+            want_s = np.float32(max(np.float32(np.abs(grp).max()), np.float32(1e-10))) / np.float32(448.0)
+            assert np.float32(s[r, g].item()) == want_s, (r, g, s[r, g].item(), want_s)
+            for j in range(0, 128, 7):
+                v = float(np.clip(np.float32(grp[j]) / want_s, -448.0, 448.0))
+                assert qf[r, g * 128 + j] == e4m3_round(v), (r, g, j, grp[j], qf[r, g * 128 + j], e4m3_round(v))
+    assert (qf[2, 128:256] == 0).all()
+    assert qf[3, 0] == 448.0
+
+
+def test_fp8_layer_wiring():
+    if not have_deps():
+        return "skip"
+    gen = torch.Generator().manual_seed(6)
+    kernel = EmulatedKernel(vllm_peer.kernel_arg_names())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for t, h, f, e, k, bm, bk in ((1, 256, 128, 8, 2, 16, 256), (7, 384, 256, 8, 2, 16, 128),
+                                      (70, 256, 384, 16, 4, 64, 64), (130, 128, 128, 4, 2, 64, 128)):
+            x = torch.randn(t, h, generator=gen).to(dtype)
+            wg = torch.randn(e, h, generator=gen).to(dtype) / h ** 0.5
+            w13 = torch.randn(e, 2 * f, h, generator=gen) / h ** 0.5
+            w2 = torch.randn(e, h, f, generator=gen) / f ** 0.5
+            q13, s13 = quantize_blocks(w13)
+            q2, s2 = quantize_blocks(w2)
+            cfg = {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 32, "num_warps": 4,
+                   "num_stages": 3}
+            y = vllm_peer.vllm_fused_moe_fp8_layer(x, wg, q13, s13, q2, s2, k, config=cfg, kernel=kernel,
+                                                   compute_type="emul")
+            ref = vllm_peer.reference_fp8_layer(x, wg, q13, s13, q2, s2, k)
+            assert y.shape == (t, h) and y.dtype == dtype, (y.shape, y.dtype)
+            err = float((y.float() - ref).norm() / ref.norm())
+            assert err < tol, f"{dtype} t={t} h={h} f={f} e={e} k={k} bm={bm} bk={bk}: rel L2 {err:.2e}"
+            # and W8A8 is close to the unquantised layer (a wiring slip in the scales would not be)
+            full = vllm_peer.reference_layer(x, wg, vllm_peer.dequantize_block(q13, s13),
+                                             vllm_peer.dequantize_block(q2, s2), k)
+            err = float((y.float() - full).norm() / full.norm())
+            assert err < 0.1, f"fp8 vs dequantised-weight layer rel L2 {err:.2e}"
+    assert kernel.launches == 16, kernel.launches
+
+
+def quantize_blocks(w, g=128):
+    """[E, N, K] fp32 -> (e4m3 codes, fp32 scales [E, N/g, K/g]) by switchyard quantize's recipe (amax / 448)."""
+    e, n, k = w.shape
+    bn, bk = -(-n // g), -(-k // g)
+    p = torch.nn.functional.pad(w, (0, bk * g - k, 0, bn * g - n)).view(e, bn, g, bk, g)
+    s = p.abs().amax(dim=(2, 4)) / 448.0
+    q = (p / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, bn * g, bk * g)[:, :n, :k]
+    return q.contiguous(), s.contiguous()
 
 
 INTERP_SCRIPT = r"""
@@ -288,5 +418,8 @@ if __name__ == "__main__":
     check("layer wiring with an emulated kernel vs fp32 loop", test_layer_wiring)
     check("router identical to compare_torch.router", test_layer_matches_compare_torch_sort)
     check("real fused_moe_kernel in Triton's CPU interpreter (fp32, fp16)", test_triton_interpreter)
+    check("fp8: vLLM config names and default block-fp8 config", test_fp8_configs)
+    check("fp8: per_token_group_quant_fp8_torch vs a scalar e4m3 recipe", test_fp8_group_quant)
+    check("fp8: layer wiring (scales, strides, groups) with an emulated kernel vs fp32 W8A8 loop", test_fp8_layer_wiring)
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed, {RESULTS['skipped']} skipped")
     sys.exit(1 if RESULTS["failed"] else 0)

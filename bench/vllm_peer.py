@@ -30,8 +30,26 @@ Config: vLLM's rule: the tuned file for (E, N=F, device) if present, the entry w
 else vLLM's get_default_config. SWITCHYARD_VLLM_SIBLING_CONFIGS=1 also accepts the other Hopper's file (H100 <-> H200)
 before falling back (vLLM itself does not). Not mirrored: vLLM's chunking of T above VLLM_FUSED_MOE_CHUNK_SIZE.
 
+FP8 block-quantised mode (vllm_fp8_layer_fn, compare_torch.py --fp8; mirrors fused_experts_impl with
+use_fp8_w8a8=True, block_shape=[128, 128], as vLLM runs DeepSeek-V3 / Qwen3-FP8 checkpoints on Hopper with the Triton
+backend):
+  weights     e4m3 codes w13 [E, 2F, H], w2 [E, H, F] with fp32 scales w1_scale [E, 2F/128, H/128], w2_scale
+              [E, H/128, F/128] (vLLM's names; they multiply: checkpoints' weight_scale_inv), given by the caller;
+  activations per_token_group_quant_fp8 in PyTorch, the math of vLLM's kernel (fp8_utils.per_token_group_quant_fp8,
+              group 128, row-major scales as moe_kernel_quantize_input asks): per token and 128 channels,
+              s = max(amax, 1e-10) / 448 (fp32), q = e4m3(clamp(x / s, -448, 448)) rounded to nearest even; x before
+              GEMM 1, the SwiGLU output (bf16) before GEMM 2. vLLM runs this as one CUDA kernel per GEMM, the peer as
+              about 8 PyTorch launches: the peer's time is an upper bound of vLLM's at small T (graph replay, which
+              compare_torch.py --fp8 also reports, removes most of the launch cost);
+  GEMMs       fused_moe_kernel with use_fp8_w8a8, group_n = group_k = 128, a_scale/b_scale and their strides as
+              invoke_fused_moe_kernel passes them, BLOCK_SIZE_K = min(config's, 128);
+  config      vLLM's rule with dtype "fp8_w8a8" and block_shape [128,128]: the tuned file
+              E={E},N={F},device_name={GPU},dtype=fp8_w8a8,block_shape=[128,128].json if present, else vLLM's
+              get_default_config for block fp8: BLOCK_SIZE_M 64, BLOCK_SIZE_N 128, BLOCK_SIZE_K 128, GROUP_SIZE_M 32,
+              num_warps 4, num_stages 3.
+
 Use from compare_torch.py's layer mode as impl `vllm`; vllm_layer_fn() compiles and checks once, then returns the
-closure to time. Self-check on CPU (no GPU): python3 bench/test_vllm_peer_align.py
+closure to time (vllm_fp8_layer_fn for the FP8 mode). Self-check on CPU (no GPU): python3 bench/test_vllm_peer_align.py
 """
 import ast
 import json
@@ -164,12 +182,25 @@ def vllm_device_name(name=None):
     return name
 
 
-def config_file_name(e, n, device_name):
-    return f"E={e},N={n},device_name={device_name}.json"  # bf16/fp16: no dtype selector, no block shape
+FP8_DTYPE = "fp8_w8a8"      # vLLM's dtype selector of fp8 W8A8 configs
+FP8_BLOCK = [128, 128]      # vLLM's block_shape of block-quantised fp8 (DeepSeek-V3 / Qwen3-FP8)
+FP8_MAX = 448.0             # torch.finfo(torch.float8_e4m3fn).max
+FP8_EPS = 1e-10             # per_token_group_quant_fp8's eps
 
 
-def default_config(m, e):
-    """vLLM's get_default_config for unquantized weights (not batch-invariant mode)."""
+def config_file_name(e, n, device_name, dtype=None, block_shape=None):
+    """vLLM's get_config_file_name: bf16/fp16 have no dtype selector and no block shape."""
+    sel = f",dtype={dtype}" if dtype else ""
+    if block_shape and all(block_shape):
+        sel += f",block_shape={list(block_shape)}".replace(" ", "")
+    return f"E={e},N={n},device_name={device_name}{sel}.json"
+
+
+def default_config(m, e, dtype=None, block_shape=None):
+    """vLLM's get_default_config (not batch-invariant mode) for unquantized weights and for block-quantised fp8."""
+    if dtype == FP8_DTYPE and block_shape is not None:
+        return {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": block_shape[0], "BLOCK_SIZE_K": block_shape[1], "GROUP_SIZE_M": 32,
+                "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}
     if m <= e:
         return {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "SPLIT_K": 1}
     return {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 8, "SPLIT_K": 1}
@@ -178,9 +209,10 @@ def default_config(m, e):
 _SIBLINGS = {"NVIDIA_H100_80GB_HBM3": "NVIDIA_H200", "NVIDIA_H200": "NVIDIA_H100_80GB_HBM3"}
 
 
-def get_config(m, e, n, device_name=None, deps_dir=None, allow_sibling=None):
+def get_config(m, e, n, device_name=None, deps_dir=None, allow_sibling=None, dtype=None, block_shape=None):
     """(config dict, human-readable source). m: tokens in the batch; e: experts; n: ffn size per expert (vLLM's N
-    in the file name is w2.shape[2], the per-expert intermediate size)."""
+    in the file name is w2.shape[2], the per-expert intermediate size); dtype / block_shape: vLLM's selectors
+    (FP8_DTYPE and FP8_BLOCK for block-quantised fp8, None for bf16)."""
     deps_dir = deps_dir or DEPS_DIR
     device_name = vllm_device_name(device_name)
     if allow_sibling is None:
@@ -189,15 +221,17 @@ def get_config(m, e, n, device_name=None, deps_dir=None, allow_sibling=None):
     if allow_sibling and device_name in _SIBLINGS:
         candidates.append((_SIBLINGS[device_name], "tuned for the other Hopper"))
     for dev, kind in candidates:
-        p = os.path.join(deps_dir, "configs", config_file_name(e, n, dev))
+        p = os.path.join(deps_dir, "configs", config_file_name(e, n, dev, dtype, block_shape))
         if os.path.exists(p):
             with open(p) as f:
                 table = json.load(f)
             table.pop("triton_version", None)
             table = {int(k): v for k, v in table.items()}
             key = min(table.keys(), key=lambda x: abs(x - m))
-            return dict(table[key]), f"{kind} E={e},N={n},{dev} key {key}"
-    return default_config(m, e), f"vLLM default (no {config_file_name(e, n, device_name)})"
+            what = f"E={e},N={n},{dev}" + (f",{dtype},block {list(block_shape)}" if dtype else "")
+            return dict(table[key]), f"{kind} {what} key {key}"
+    return (default_config(m, e, dtype, block_shape),
+            f"vLLM default (no {config_file_name(e, n, device_name, dtype, block_shape)})")
 
 
 def describe_config(cfg):
@@ -260,9 +294,16 @@ def _tl_dtype(dtype):
 
 
 def invoke_kernel(kernel, arg_names, a, b, c, topk_weights, sorted_ids, expert_ids, num_post, mul_routed_weight,
-                  top_k, config, compute_type):
-    """vLLM's invoke_fused_moe_kernel for unquantized weights, binding arguments by the kernel's own names.
-    a [M, K]; b [E, N, K]; c [M', top_k, N] written at rows sorted_ids (flat index); rows of a are index // top_k."""
+                  top_k, config, compute_type, a_scale=None, b_scale=None, block_shape=None):
+    """vLLM's invoke_fused_moe_kernel for unquantized weights, or (a_scale, b_scale and block_shape given) for
+    block-quantised fp8 W8A8, binding arguments by the kernel's own names.
+    a [M, K]; b [E, N, K]; c [M', top_k, N] written at rows sorted_ids (flat index); rows of a are index // top_k.
+    fp8: a and b float8_e4m3fn, a_scale [M, K/gk] fp32, b_scale [E, N/gn, K/gk] fp32, block_shape [gn, gk]."""
+    fp8 = block_shape is not None
+    if fp8:
+        assert a_scale is not None and b_scale is not None and b_scale.dim() == 3 and a_scale.dim() == 2
+        assert -(-b.size(-2) // block_shape[0]) == b_scale.size(-2) and -(-b.size(-1) // block_shape[1]) == \
+            b_scale.size(-1), (tuple(b.shape), tuple(b_scale.shape), block_shape)
     em = sorted_ids.size(0)
     if a.size(0) < config["BLOCK_SIZE_M"]:  # vLLM's small-batch cut of the grid
         em = min(em, a.size(0) * top_k * config["BLOCK_SIZE_M"])
@@ -276,14 +317,20 @@ def invoke_kernel(kernel, arg_names, a, b, c, topk_weights, sorted_ids, expert_i
         stride_bse=0, stride_bsk=0, stride_bsn=0, stride_bbe=0, stride_bbn=0, group_n=0, group_k=0,
         MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=compute_type, use_fp8_w8a8=False,
         use_int8_w8a8=False, use_int8_w8a16=False, per_channel_quant=False, HAS_BIAS=False, SPLIT_K=1,
-        even_Ks=(b.size(2) % config["BLOCK_SIZE_K"] == 0),  # older vLLM kernels
     )
+    if fp8:  # invoke_fused_moe_kernel's strides for 2-D a_scale and 3-D b_scale, and its group sizes
+        values.update(a_scale_ptr=a_scale, b_scale_ptr=b_scale, stride_asm=a_scale.stride(0),
+                      stride_ask=a_scale.stride(1), stride_bse=b_scale.stride(0), stride_bsk=b_scale.stride(2),
+                      stride_bsn=b_scale.stride(1), group_n=block_shape[0], group_k=block_shape[1], use_fp8_w8a8=True)
     opts = {}
     for k, v in config.items():
         if k in _LAUNCH_OPTIONS:
             opts[k] = v
         elif k in arg_names:
             values[k] = v
+    if fp8 and "BLOCK_SIZE_K" in values:  # vLLM: BLOCK_SIZE_K = min(BLOCK_SIZE_K, min(block_shape))
+        values["BLOCK_SIZE_K"] = min(values["BLOCK_SIZE_K"], min(block_shape))
+    values["even_Ks"] = b.size(2) % values.get("BLOCK_SIZE_K", config["BLOCK_SIZE_K"]) == 0  # older vLLM kernels
     missing = [n for n in arg_names if n not in values]
     if missing:
         raise PeerUnavailable(f"{KERNEL_NAME} takes arguments this peer does not know: {', '.join(missing)}")
@@ -383,5 +430,119 @@ def vllm_layer_fn(x, wg, w13, w2, top_k, router_fn=None, check_tokens=64):
 
     def fn():
         return vllm_fused_moe_layer(x, wg, w13, w2, top_k, config=config, kernel=kernel, router_fn=router_fn)
+
+    return fn, note
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 block-quantised mode (use_fp8_w8a8=True, block_shape [128, 128])
+# ---------------------------------------------------------------------------------------------------------------
+def per_token_group_quant_fp8_torch(x, group_size=FP8_BLOCK[1], eps=FP8_EPS):
+    """vLLM's per_token_group_quant_fp8 (column_major_scales=False, no ue8m0) in PyTorch: x [M, K] (K a multiple of
+    group_size) -> (q float8_e4m3fn [M, K], s fp32 [M, K / group_size]) with, per row and group of group_size
+    channels, s = max(eps, amax |x|) / 448 (fp32 division) and q = e4m3(clamp(x / s, -448, 448)) (fp32 division,
+    round to nearest even: torch's conversion, as c10's Float8_e4m3fn that vLLM's kernel uses)."""
+    m, k = x.shape
+    if k % group_size:
+        raise ValueError(f"per_token_group_quant_fp8: last dimension {k} is not a multiple of {group_size}")
+    xg = x.float().view(m, k // group_size, group_size)
+    s = xg.abs().amax(dim=-1).clamp_min(eps) / FP8_MAX
+    q = (xg / s.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(m, k), s
+
+
+def vllm_fused_moe_fp8_layer(x, wg, w13, w13_scale, w2, w2_scale, top_k, config=None, kernel=None, router_fn=None,
+                             compute_type=None, block_shape=None):
+    """vllm_fused_moe_layer's pipeline in vLLM's block-quantised fp8 mode: x [T, H] (bf16) quantised per token and 128
+    channels, GEMM 1 on w13 [E, 2F, H] e4m3 with w13_scale [E, 2F/128, H/128] (vLLM's w1_scale), SwiGLU in x.dtype,
+    the result quantised the same way, GEMM 2 on w2 [E, H, F] e4m3 with w2_scale [E, H/128, F/128] (the routed
+    weight applied in its epilogue), sum over the k slots. Returns y [T, H] of x.dtype."""
+    block_shape = list(block_shape or FP8_BLOCK)
+    t, h = x.shape
+    e, two_f, _ = w13.shape
+    f = w2.shape[2]
+    if kernel is None:
+        kernel = load_kernel()
+    if config is None:
+        config, _ = get_config(t, e, f, dtype=FP8_DTYPE, block_shape=block_shape)
+    if compute_type is None:
+        compute_type = _tl_dtype(x.dtype)
+    weights, ids = (router_fn or router)(x, wg, top_k)
+    weights = weights.contiguous()
+    sorted_ids, expert_ids, num_post = moe_align_block_size_torch(ids, config["BLOCK_SIZE_M"], e)
+    cache13 = torch.empty(t * top_k * max(two_f, h), device=x.device, dtype=x.dtype)
+    cache1 = cache13[: t * top_k * two_f].view(t, top_k, two_f)
+    cache3 = cache13[: t * top_k * h].view(t, top_k, h)
+    qx, sx = per_token_group_quant_fp8_torch(x, block_shape[1])
+    invoke_kernel(kernel, kernel.arg_names, qx, w13, cache1, weights, sorted_ids, expert_ids, num_post, False, top_k,
+                  config, compute_type, a_scale=sx, b_scale=w13_scale, block_shape=block_shape)
+    g = cache1.view(t * top_k, two_f)
+    act = F.silu(g[:, :f]) * g[:, f:]
+    qa, sa = per_token_group_quant_fp8_torch(act, block_shape[1])
+    invoke_kernel(kernel, kernel.arg_names, qa, w2, cache3, weights, sorted_ids, expert_ids, num_post, True, 1,
+                  config, compute_type, a_scale=sa, b_scale=w2_scale, block_shape=block_shape)
+    return cache3.sum(dim=1)
+
+
+def dequantize_block(codes, scale, block_shape=None):
+    """fp32 weights dec(q) * s of e4m3 codes [..., N, K] with block scales [..., N/bn, K/bk] (edge blocks partial)."""
+    bn, bk = block_shape or FP8_BLOCK
+    n, k = codes.shape[-2:]
+    s = scale.float().repeat_interleave(bn, -2)[..., :n, :].repeat_interleave(bk, -1)[..., :k]
+    return codes.float() * s
+
+
+def reference_fp8_layer(x, wg, w13, w13_scale, w2, w2_scale, top_k, router_fn=None, block_shape=None):
+    """fp32 loop over the experts hit of the same W8A8 recipe (activations quantised per token and 128 channels as
+    above, weights dequantised per block, fp32 products, the SwiGLU output rounded to x.dtype before its
+    quantisation): checks the peer's wiring (scales, strides, groups), not vLLM."""
+    bs = list(block_shape or FP8_BLOCK)
+    f = w2.shape[2]
+    weights, ids = (router_fn or router)(x, wg, top_k)
+    qx, sx = per_token_group_quant_fp8_torch(x, bs[1])
+    xd = (qx.float().view(x.shape[0], -1, bs[1]) * sx.unsqueeze(-1)).view(x.shape)
+    y = torch.zeros(x.shape[0], w2.shape[1], device=x.device, dtype=torch.float32)
+    for ei in torch.unique(ids).tolist():
+        tok, slot = torch.where(ids == ei)
+        g = (xd[tok] @ dequantize_block(w13[ei], w13_scale[ei], bs).t()).to(x.dtype)
+        act = F.silu(g[:, :f]) * g[:, f:]
+        qa, sa = per_token_group_quant_fp8_torch(act, bs[1])
+        ad = (qa.float().view(act.shape[0], -1, bs[1]) * sa.unsqueeze(-1)).view(act.shape)
+        out = ad @ dequantize_block(w2[ei], w2_scale[ei], bs).t()
+        y.index_add_(0, tok, out * weights[tok, slot].unsqueeze(1))
+    return y
+
+
+def vllm_fp8_layer_fn(x, wg, w13, w13_scale, w2, w2_scale, top_k, router_fn=None, check_tokens=64):
+    """vllm_layer_fn for the fp8 block-quantised mode: loads the kernel, picks vLLM's fp8 config for T, runs the layer
+    once (compiles), checks the first check_tokens rows against reference_fp8_layer, returns (closure, note).
+    Raises PeerUnavailable when it cannot run; a CUDA out-of-memory passes through unchanged."""
+    t = x.shape[0]
+    e, f = w13.shape[0], w2.shape[2]
+    try:
+        kernel = load_kernel()
+        config, source = get_config(t, e, f, dtype=FP8_DTYPE, block_shape=FP8_BLOCK)
+        y = vllm_fused_moe_fp8_layer(x, wg, w13, w13_scale, w2, w2_scale, top_k, config=config, kernel=kernel,
+                                     router_fn=router_fn)
+        torch.cuda.synchronize()
+    except PeerUnavailable:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:  # Triton compile or launch failure: report it in the row, keep the run going
+        raise PeerUnavailable(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    note = f"cfg {source}: {describe_config(config)}"
+    if check_tokens:
+        n = min(t, check_tokens)
+        ref = reference_fp8_layer(x[:n], wg, w13, w13_scale, w2, w2_scale, top_k, router_fn)
+        err = float((y[:n].float() - ref).norm() / ref.norm().clamp_min(1e-30))
+        note += f"; rel L2 vs fp32 W8A8 loop {err:.1e}" + (" (WRONG)" if not err < 2e-2 else "")
+        del ref
+    del y
+    torch.cuda.reset_peak_memory_stats()
+
+    def fn():
+        return vllm_fused_moe_fp8_layer(x, wg, w13, w13_scale, w2, w2_scale, top_k, config=config, kernel=kernel,
+                                        router_fn=router_fn)
 
     return fn, note
