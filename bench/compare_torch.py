@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/compare_torch.py: PyTorch peers beside Switchyard, measured in one run on the GPU machine.
 
-Five modes:
+Six modes:
 
   GEMM mode (default): the expert GEMMs of the DESIGN.md shapes, Switchyard's grouped GEMM beside
   torch._grouped_mm on identical problems (same per-expert row counts, same N/K, random bf16 data).
@@ -49,6 +49,25 @@ Five modes:
   number (null where not measured).
       python3 bench/compare_torch.py --decode --torch-lib build/bindings/torch/_switchyard_torch.so --json out.json
 
+  FP8 mode (--fp8; tokens default 1,16,4096,16384; issue 13): W8A8 layers with 128x128 block-scaled e4m3 weights
+  and activations quantised per token and 128 channels, for mixtral, qwen3 and deepseek (routed experts, softmax
+  top-k, SwiGLU): Switchyard's CLI bench in bf16 and with --quant fp8-block (the CLI's random weights quantised on
+  the GPU, checked there against the host recipe), eager and graph, speed-up fp8 over bf16 and % of the CLI's FP8
+  floor; vLLM's fused_moe Triton kernel in its block-fp8 mode (vllm_peer.vllm_fp8_layer_fn) and switchyard.torch.MoE
+  fp8 / bf16 on ONE torch weight copy quantised once by switchyard quantize's rule (quantize_fp8_block_torch), timed
+  in alternation; the FP8 ceiling torch._scaled_mm 8192^3 (e4m3, per-tensor scales, the faster of use_fast_accum
+  off/on) measured in the run and passed to the CLI (--peak-tflops-fp8); the output check at T=64 on the torch
+  weights (switchyard.torch fp8 vs its bf16 output and vs vLLM fp8, same routing: softmax of fp32 logits). The
+  correctness check uses switchyard.torch rather than the CLI's forward because DeepSeek-V3's weights would have to be
+  written to a 11-22 GB safetensors file. Expected: about 2-3 minutes on an H100 (3 x 2 CLI calls, two Triton
+  compiles per shape), well under 5.
+      python3 bench/compare_torch.py --fp8 --switchyard-cli BUILD/switchyard \
+          --torch-lib BUILD/bindings/torch/_switchyard_torch.so --json fp8.json
+  (.deps/vllm must travel with the call; --fp8-fused adds the CLI's fused path at T <= 64, --fp8-check-tokens N
+  the check's T.) Seen on the CPU (toy layer H=256 F=128 E=8 k=2 T=16): switchyard's fp8 layer and a W8A8 loop of
+  vLLM's recipe differ by 2.0e-2 relative L2 spread over every token while their bf16 layers agree to 4e-3, against
+  6.4e-2 for fp8 vs bf16; the check therefore flags only a difference above half of fp8-vs-bf16.
+
 Floors: max(FLOPs / measured bf16 ceiling, bytes / measured copy bandwidth); the ceiling is a torch 8192^3 bf16
 matmul and the copy bandwidth a 1 GiB device copy, both measured in this run (the GEMM mode takes the
 Switchyard benchmark's own measurements when it has them). Bytes: weights of every expert that receives a row,
@@ -69,13 +88,15 @@ import torch
 import torch.nn.functional as F
 
 try:  # vLLM's Triton fused-MoE kernel as layer impl `vllm` (bench/vllm_peer.py; needs .deps/vllm and triton)
-    from vllm_peer import PeerUnavailable, vllm_layer_fn
+    from vllm_peer import PeerUnavailable, vllm_fp8_layer_fn, vllm_layer_fn
 except ImportError as _vllm_import_error:
     class PeerUnavailable(Exception):
         pass
 
     def vllm_layer_fn(*_args, _why=str(_vllm_import_error), **_kwargs):
         raise PeerUnavailable(f"bench/vllm_peer.py not importable: {_why}")
+
+    vllm_fp8_layer_fn = vllm_layer_fn
 
 MODELS = {
     # name: (hidden H, ffn F, experts E, top_k)
@@ -295,28 +316,47 @@ def layer_sort(x, wg, w13, w2, top_k, router_fn=router):
     return y
 
 
-def run_switchyard_layer_bench(cli, model, tokens, ceiling_tflops, copy_tbps, warmup=5, iters=20, dtype="bf16"):
+def run_switchyard_layer_bench(cli, model, tokens, ceiling_tflops, copy_tbps, warmup=5, iters=20, dtype="bf16",
+                               quant="none", fp8_tflops=None, fused_max_tokens=None, full=False):
     """Switchyard's whole layer through `<cli> bench --device cuda --json`, with the same shape and routing rule
     as the PyTorch peers (softmax over E, top-k, no renormalisation, SwiGLU) and the ceilings measured here.
 
     Returns the CLI's run entry: sparse_ms (CUDA events, inputs rotated past L2), graph_ms (CUDA-graph replay),
     stages_ms, workspace_bytes (the only memory a forward uses beyond x, y and weights), floor fields. None (and
     says why) when the CLI is missing or fails.
+    tokens: one T, or a list (then one CLI call times them all on one weight copy). quant: "none" | "fp8-block" |
+    "fp8-tensor" (`bench --quant`: the CLI's random bf16 weights quantised on the GPU); fp8_tflops: the FP8 ceiling of
+    the FP8 floor (--peak-tflops-fp8; None: the CLI measures its own with cuBLASLt). fused_max_tokens: forwarded as
+    --fused-max-tokens (None: the CLI's default, the staged path). full: return the whole JSON document (runs,
+    rates, quant_check) instead of the first run; a CLI exit of 1 with a JSON written (the GPU quantiser differed
+    from the host recipe) still returns the document, whose quant_check says so.
     """
     if not cli or not os.path.exists(cli):
         print(f"  switchyard CLI not found at {cli}", file=sys.stderr)
         return None
     h, f, e, k = MODELS[model]
+    tok = ",".join(str(t) for t in tokens) if isinstance(tokens, (list, tuple)) else str(tokens)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sy.json")
         cmd = [cli, "bench", "--hidden", str(h), "--ffn", str(f), "--experts", str(e), "--top-k", str(k),
-               "--score", "softmax", "--activation", "swiglu", "--tokens", str(tokens), "--dtype", dtype,
+               "--score", "softmax", "--activation", "swiglu", "--tokens", tok, "--dtype", dtype,
                "--device", "cuda", "--warmup", str(warmup), "--reps", str(iters),
                "--peak-tflops", f"{ceiling_tflops:.1f}", "--peak-gbps", f"{copy_tbps * 1e3:.1f}", "--json", out]
+        if quant != "none":
+            cmd += ["--quant", quant]
+            if fp8_tflops:
+                cmd += ["--peak-tflops-fp8", f"{fp8_tflops:.1f}"]
+        if fused_max_tokens is not None:
+            cmd += ["--fused-max-tokens", str(fused_max_tokens)]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if r.returncode == 1 and full and os.path.exists(out):
+                print(f"  switchyard bench: {r.stderr.strip()[-400:]}", file=sys.stderr)
+            elif r.returncode != 0:
+                raise subprocess.CalledProcessError(r.returncode, cmd, r.stdout, r.stderr)
             with open(out) as fh:
-                return json.load(fh)["runs"][0]
+                doc = json.load(fh)
+            return doc if full else doc["runs"][0]
         except subprocess.CalledProcessError as err:
             print(f"  switchyard bench failed ({' '.join(cmd)}): {err.stderr.strip()[-400:]}", file=sys.stderr)
         except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError) as err:
@@ -920,6 +960,356 @@ def decode_mode(args, device="cuda"):
                 crossover=crossover, rows=results)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 mode (--fp8; tokens default 1,16,4096,16384; issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+FP8_IMPLS = ("vllm-fp8", "sy-torch-fp8", "sy-torch-bf16")
+FP8_MAX = 448.0
+
+
+def measure_fp8_ceiling(n=8192):
+    """torch._scaled_mm on n^3 e4m3 operands (uniform(-1, 1) quantised with one amax/448 scale per tensor, so the
+    codes spread like real weights), bf16 out, use_fast_accum off and on; TFLOP/s of each (None where _scaled_mm
+    refuses). The FP8 ceiling is the faster of the two."""
+    res = {}
+    a32 = torch.empty(n, n, device="cuda").uniform_(-1, 1)
+    sa = (a32.abs().amax() / FP8_MAX).float()
+    a = (a32 / sa).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    a32.uniform_(-1, 1)
+    sb = (a32.abs().amax() / FP8_MAX).float()
+    b = (a32 / sb).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # [N, K] row-major: b.t() is column-major
+    del a32
+    for fast in (False, True):
+        try:
+            ms = time_cuda(lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                                    use_fast_accum=fast), warmup=5, iters=20)
+            res[f"fast_accum_{'on' if fast else 'off'}_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+        except (RuntimeError, TypeError) as err:
+            res[f"fast_accum_{'on' if fast else 'off'}_error"] = str(err).splitlines()[0][:200]
+    del a, b
+    torch.cuda.empty_cache()
+    rates = [v for k_, v in res.items() if k_.endswith("_tflops")]
+    return (max(rates) if rates else None), res
+
+
+def quantize_fp8_block_torch(w, g=128):
+    """switchyard quantize's fp8-block rule (tools/switchyard/io/quantize.cpp) on w [E, N, K] (bf16/fp32), one expert
+    at a time (bounded temporaries: DeepSeek-V3's w13 is 15 GB in bf16): per 128x128 block (edge blocks partial)
+    s = amax / 448 in fp32; q = e4m3(w / s) with an fp32 division, saturated to +-448 and rounded to nearest even
+    (torch's conversion); an all-zero block gets s = 0 and q = 0. Returns (codes float8_e4m3fn [E, N, K], scales fp32
+    [E, ceil(N/128), ceil(K/128)]): vLLM's w1_scale / w2_scale layout and switchyard's w13_scale / w2_scale."""
+    e, n, k = w.shape
+    bn, bk = -(-n // g), -(-k // g)
+    codes = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    scales = torch.empty(e, bn, bk, dtype=torch.float32, device=w.device)
+    for i in range(e):
+        p = F.pad(w[i].float(), (0, bk * g - k, 0, bn * g - n)).view(bn, g, bk, g)
+        s = p.abs().amax(dim=(1, 3)) / FP8_MAX
+        s4 = s[:, None, :, None]
+        q = torch.where(s4 == 0, torch.zeros((), device=w.device), p / s4).clamp_(-FP8_MAX, FP8_MAX)
+        codes[i] = q.to(torch.float8_e4m3fn).view(bn * g, bk * g)[:n, :k]
+        scales[i] = s
+        del p, s, s4, q
+    return codes, scales
+
+
+def fp8_floor_ms(tokens, hit, h, f, e, k, ceiling, fp8_tflops, copy_tbps):
+    """The CLI's FP8 floor for the torch rows (bench.cpp, bench_quant.h): router FLOPs at the bf16 ceiling, expert
+    FLOPs at the FP8 ceiling; bytes = gate (bf16) + codes and 128x128 fp32 scales of the experts hit + x + y."""
+    scale_bytes = 4 * ((-(-2 * f // 128)) * (-(-h // 128)) + (-(-h // 128)) * (-(-f // 128)))
+    nbytes = 2 * e * h + hit * (3 * h * f + scale_bytes) + 2 * 2 * tokens * h
+    compute = 2.0 * tokens * h * e / (ceiling * 1e12) + 6.0 * tokens * k * h * f / (fp8_tflops * 1e12)
+    return max(compute, nbytes / (copy_tbps * 1e12)) * 1e3
+
+
+def _sy_torch_modules(sy_torch, h, f, e, k, wg, w13, w2, q13, s13, q2, s2):
+    """(bf16 module, fp8-block module) of switchyard.torch on the given tensors, in eval mode, built on the meta
+    device (no random weights: DeepSeek-V3's are 22 GB): the bf16 one wraps wg / w13 / w2 without a copy; the fp8 one
+    takes the codes and scales through MoE.set_fp8_weight (which copies them and checks them as MoELayer does)."""
+    kw = dict(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax", renormalize=False,
+              activation="swiglu")
+    bf = sy_torch.MoE(sy_torch.MoEConfig(**kw), dtype=torch.bfloat16, device="meta", return_stats=False)
+    bf.gate = torch.nn.Parameter(wg, requires_grad=False)
+    bf.w13 = torch.nn.Parameter(w13, requires_grad=False)
+    bf.w2 = torch.nn.Parameter(w2, requires_grad=False)
+    q = sy_torch.MoE(sy_torch.MoEConfig(**kw, quant_mode="fp8-block"), dtype=torch.bfloat16, device="meta",
+                     return_stats=False)
+    q.gate = torch.nn.Parameter(wg, requires_grad=False)
+    q.set_fp8_weight("w13", q13, s13)
+    q.set_fp8_weight("w2", q2, s2)
+    return bf.eval(), q.eval()
+
+
+def _rotating(fns):
+    """One callable that calls fns[0], fns[1], ... in turn (inputs rotated like the CLI's)."""
+    state = {"i": 0}
+
+    def call():
+        i = state["i"] % len(fns)
+        state["i"] += 1
+        return fns[i]()
+    return call
+
+
+def fp8_mode(args):
+    """FP8 (W8A8, 128x128 block scales) whole layers against Switchyard's bf16 layer and vLLM's FP8 Triton kernel.
+
+    Per shape (mixtral, qwen3, deepseek: H, F, E, k of MODELS, softmax top-k without renormalisation, SwiGLU, no
+    shared expert -- the routed-expert layer vLLM's fused_moe computes) and T:
+      switchyard (CLI)  `switchyard bench --quant none` and `--quant fp8-block` (one call each for all T: the CLI's
+                        random bf16 weights, then for fp8 the same values quantised on the GPU and checked against the
+                        host recipe), eager (inputs rotated past L2) and CUDA-graph replay, with the stage times and
+                        the CLI's floor; --fp8-fused also runs both with --fused-max-tokens -1 (T <= 64 fused);
+      vllm-fp8          vLLM's fused_moe_kernel with use_fp8_w8a8 and block_shape [128, 128] (bench/vllm_peer.py),
+                        activations quantised per token and 128 channels as vLLM's per_token_group_quant_fp8;
+      sy-torch-fp8/-bf16 switchyard.torch.MoE (--torch-lib) on the SAME codes/scales and bf16 weights as vllm-fp8,
+                        timed in alternation with it (same harness: the direct comparison with vLLM).
+    The torch-side weights: bf16 N(0, 1/in) quantised once by quantize_fp8_block_torch (switchyard quantize's rule),
+    the same codes and scales for vLLM and switchyard.torch. Their timing: eager and graph replay of each impl, all
+    alternated (time_interleaved), x rotated over as many copies as the CLI uses (2 x L2 of inputs, at most 8).
+    Floors: the CLI's own (FP8 rate: --peak-tflops-fp8 = the _scaled_mm ceiling measured here); fp8_floor_ms for
+    the torch rows. Check (T = --fp8-check-tokens): relative L2 of switchyard.torch fp8 against its bf16 output
+    and against vllm-fp8 (same routing: softmax over fp32 logits, as switchyard.torch computes it)."""
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    impls = [i for i in (args.impls or ",".join(FP8_IMPLS)).split(",") if i in FP8_IMPLS]
+    sy_torch, sy_why = load_switchyard_torch(args.torch_lib)
+    ceiling, copy_tbps = measure_ceilings()
+    fp8_tflops, fp8_probe = measure_fp8_ceiling()
+    device_name = torch.cuda.get_device_name()
+    print(f"device: {device_name}  torch {torch.__version__}  (FP8 W8A8, 128x128 block scales)")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, FP8 "
+          f"{'n/a' if fp8_tflops is None else f'{fp8_tflops:.0f}'} TFLOP/s (torch._scaled_mm 8192^3 e4m3, "
+          + ", ".join(f"{k_} {v:.0f}" if isinstance(v, float) else f"{k_} {v}" for k_, v in fp8_probe.items())
+          + f"), copy {copy_tbps:.2f} TB/s")
+    if sy_torch is None:
+        print(f"switchyard.torch: {sy_why} (no sy-torch rows, no output check)")
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    results, summary = [], []
+    gen_seed = args.seed
+    for m in models:
+        h, f, e, k = MODELS[m]
+        print(f"\n{m}: H={h} F={f} E={e} top_k={k}")
+        # ---- Switchyard CLI: bf16 and fp8-block, every T in one call each (staged; fused too with --fp8-fused)
+        cli = {}
+        for quant in ("none", "fp8-block"):
+            for fused in ((None, -1) if args.fp8_fused else (None,)):
+                doc = run_switchyard_layer_bench(args.switchyard_cli, m, tokens, ceiling, copy_tbps, args.warmup,
+                                                 args.iters, quant=quant, fp8_tflops=fp8_tflops,
+                                                 fused_max_tokens=fused, full=True)
+                cli[(quant, fused)] = doc
+                if doc and quant != "none":
+                    qc = doc.get("quant_check", {})
+                    print(f"  CLI fp8 weights: quantised on the GPU in {qc.get('seconds', float('nan')):.1f} s; "
+                          f"check vs host recipe: {'ok' if qc.get('ok') else 'FAILED ' + str(qc.get('first_mismatch'))}"
+                          f"; FP8 rate {doc.get('rate_tflops_fp8', float('nan')):.0f} TFLOP/s "
+                          f"({doc.get('rate_source_fp8')})")
+        # ---- torch side: one bf16 weight copy, quantised once
+        torch.manual_seed(gen_seed)
+        wg = torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w13 = torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+        w2 = torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
+        q13, s13 = quantize_fp8_block_torch(w13)
+        q2, s2 = quantize_fp8_block_torch(w2)
+        wg32 = wg.float()
+
+        def route(x_, _wg, top_k, wg32=wg32):
+            return router_fp32(x_, wg32, top_k)
+
+        sy_bf = sy_fp8 = None
+        sy_note = sy_why or ""
+        quant_same = None
+        if sy_torch is not None:
+            try:
+                c0, s0 = sy_torch.quantize_fp8(w13[:1], "fp8-block")
+                quant_same = bool(torch.equal(c0.view(torch.uint8), q13[:1].view(torch.uint8)) and torch.equal(s0, s13[:1]))
+                del c0, s0
+                sy_bf, sy_fp8 = _sy_torch_modules(sy_torch, h, f, e, k, wg, w13, w2, q13, s13, q2, s2)
+                # the fp8 module holds its own copy of the codes: let vLLM read the same buffers, free ours
+                q13, s13, q2, s2 = sy_fp8.w13, sy_fp8.w13_scale, sy_fp8.w2, sy_fp8.w2_scale
+                torch.cuda.empty_cache()
+            except Exception as err:  # noqa: BLE001 - the rows say why
+                sy_note = f"switchyard.torch modules not built: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                sy_bf = sy_fp8 = None
+        print(f"  torch weights: bf16 {(w13.numel() + w2.numel()) * 2 / 1e9:.1f} GB, fp8 "
+              f"{(q13.numel() + q2.numel()) / 1e9:.1f} GB; quantiser == switchyard.torch.quantize_fp8 (expert 0): "
+              f"{'n/a' if quant_same is None else quant_same}" + (f"; {sy_note}" if sy_note else ""))
+        hdr = (f"{'T':>6} |{'sy bf16 e':>10}{'g':>8} |{'sy fp8 e':>9}{'g':>8} |{'x e':>6}{'x g':>6} |{'%fp8fl':>7} |"
+               f"{'vllm8 e':>9}{'g':>8} |{'sy8/vllm8 g':>12} |{'syT8 g':>8}{'syT16 g':>8}")
+        print(hdr)
+        print("-" * len(hdr))
+        with torch.no_grad():
+            # ---- output check on the same weights (one T)
+            check = {}
+            tc = args.fp8_check_tokens
+            if tc > 0:
+                xc = torch.randn(tc, h, device="cuda", dtype=torch.bfloat16)
+                try:
+                    y_v = vllm_peer_fp8_output(xc, wg, q13, s13, q2, s2, k, route)
+                except PeerUnavailable as err:
+                    y_v, check["vllm_note"] = None, str(err)
+                y_ref = layer_sort(xc, wg, w13, w2, k, router_fn=route)
+                if sy_fp8 is not None:
+                    y_8, y_16 = sy_fp8(xc), sy_bf(xc)
+                    check["sy_fp8_vs_sy_bf16"] = rel_l2(y_8, y_16)
+                    check["sy_bf16_vs_sort_bf16"] = rel_l2(y_16, y_ref)
+                    if y_v is not None:
+                        check["sy_fp8_vs_vllm_fp8"] = rel_l2(y_8, y_v)
+                if y_v is not None:
+                    check["vllm_fp8_vs_sort_bf16"] = rel_l2(y_v, y_ref)
+                check["tokens"] = tc
+                # Two W8A8 implementations differ where the SwiGLU output is rounded before its quantisation (one
+                # bf16 ulp moves an e4m3 code now and then): flag only a difference that is not small against the
+                # quantisation error itself.
+                a_, b_ = check.get("sy_fp8_vs_vllm_fp8"), check.get("vllm_fp8_vs_sort_bf16")
+                if a_ is not None and b_ is not None:
+                    check["flag"] = bool(a_ > 0.5 * b_)
+                del xc, y_ref
+            for t in tokens:
+                row = dict(model=m, tokens=t)
+                for (quant, fused), doc in cli.items():
+                    run = next((r for r in (doc or {}).get("runs", []) if r.get("tokens") == t), None)
+                    tag = ("fp8" if quant != "none" else "bf16") + ("_fused" if fused is not None else "")
+                    if run is None:
+                        continue
+                    row[f"sy_{tag}_eager_ms"] = run.get("sparse_ms")
+                    row[f"sy_{tag}_graph_ms"] = run.get("graph_ms")
+                    row[f"sy_{tag}_floor_ms"] = run.get("floor_ms")
+                    row[f"sy_{tag}_path"] = run.get("path")
+                    row[f"sy_{tag}_stages_ms"] = run.get("stages_ms")
+                    row[f"sy_{tag}_experts_hit"] = run.get("experts_hit")
+                for mode_ in ("eager", "graph"):
+                    for sfx in ("", "_fused"):
+                        a, b = row.get(f"sy_bf16{sfx}_{mode_}_ms"), row.get(f"sy_fp8{sfx}_{mode_}_ms")
+                        if a and b:
+                            row[f"speedup{sfx}_{mode_}"] = a / b
+                    fl, b = row.get(f"sy_fp8_floor_ms"), row.get(f"sy_fp8_{mode_}_ms")
+                    if fl and b:
+                        row[f"sy_fp8_{mode_}_pct_fp8_floor"] = 100 * fl / b
+                # ---- torch-side impls, alternated
+                x_bytes = t * h * 2
+                copies = max(1, min(8, math.ceil(2 * l2 / max(x_bytes, 1))))
+                xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+                _, ids = route(xs[0], wg, k)
+                hit = int(torch.unique(ids).numel())
+                row["torch_floor_fp8_ms"] = fp8_floor_ms(t, hit, h, f, e, k, ceiling, fp8_tflops or 2 * ceiling,
+                                                         copy_tbps)
+                row["torch_input_copies"] = copies
+                fns, notes = {}, []
+                for impl in impls:
+                    try:
+                        if impl == "vllm-fp8":
+                            per = []
+                            for i, xi in enumerate(xs):
+                                fn, note = vllm_fp8_layer_fn(xi, wg, q13, s13, q2, s2, k, router_fn=route,
+                                                             check_tokens=64 if i == 0 else 0)
+                                per.append(fn)
+                                if i == 0:
+                                    row["vllm_fp8_note"] = note
+                        elif impl == "sy-torch-fp8" and sy_fp8 is not None:
+                            per = [(lambda xi=xi: sy_fp8(xi)) for xi in xs]
+                        elif impl == "sy-torch-bf16" and sy_bf is not None:
+                            per = [(lambda xi=xi: sy_bf(xi)) for xi in xs]
+                        else:
+                            continue
+                        for fn in per:
+                            fn()
+                        torch.cuda.synchronize()
+                        fns[impl] = per
+                    except PeerUnavailable as err:
+                        notes.append(f"{impl} not run: {err}")
+                    except Exception as err:  # noqa: BLE001 - e.g. OOM or an op missing from the binding
+                        notes.append(f"{impl} failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                        torch.cuda.empty_cache()
+                timed = []
+                for impl, per in fns.items():
+                    timed.append((impl, "eager", _rotating(per)))
+                    try:
+                        graphs = [capture_graph(fn)[0] for fn in per]
+                        timed.append((impl, "graph", _rotating(graphs)))
+                    except Exception as err:  # noqa: BLE001 - the eager row still stands
+                        notes.append(f"{impl} graph capture failed: {type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:160]}")
+                        torch.cuda.synchronize()
+                if timed:
+                    try:
+                        ms = time_interleaved([fn for _, _, fn in timed], args.warmup, args.iters)
+                        for (impl, mode_, _), v in zip(timed, ms):
+                            key = impl.replace("-", "_")
+                            row[f"{key}_{mode_}_ms"] = v
+                            if "fp8" in impl:
+                                row[f"{key}_{mode_}_pct_fp8_floor"] = 100 * row["torch_floor_fp8_ms"] / v
+                    except Exception as err:  # noqa: BLE001
+                        notes.append(f"timing failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+                for mode_ in ("eager", "graph"):
+                    a, b = row.get(f"sy_fp8_{mode_}_ms"), row.get(f"vllm_fp8_{mode_}_ms")
+                    if a and b:
+                        row[f"sy_fp8_cli_over_vllm_{mode_}"] = a / b
+                    a = row.get(f"sy_torch_fp8_{mode_}_ms")
+                    if a and b:
+                        row[f"sy_torch_fp8_over_vllm_{mode_}"] = a / b
+                row["notes"] = notes
+                if t == tokens[0]:
+                    row["check"] = check
+                results.append(row)
+                g = row.get
+                print(f"{t:>6} |{_fmt_ms(g('sy_bf16_eager_ms'), 10)}{_fmt_ms(g('sy_bf16_graph_ms'), 8)} |"
+                      f"{_fmt_ms(g('sy_fp8_eager_ms'), 9)}{_fmt_ms(g('sy_fp8_graph_ms'), 8)} |"
+                      f"{_fmt_x(g('speedup_eager'), 6)}{_fmt_x(g('speedup_graph'), 6)} |"
+                      f"{_fmt_pct(g('sy_fp8_graph_pct_fp8_floor'), 7)} |"
+                      f"{_fmt_ms(g('vllm_fp8_eager_ms'), 9)}{_fmt_ms(g('vllm_fp8_graph_ms'), 8)} |"
+                      f"{_fmt_x(g('sy_fp8_cli_over_vllm_graph'), 12)} |"
+                      f"{_fmt_ms(g('sy_torch_fp8_graph_ms'), 8)}{_fmt_ms(g('sy_torch_bf16_graph_ms'), 8)}", flush=True)
+                if args.fp8_fused and g("speedup_fused_graph"):
+                    print(f"{'':>6}   fused (T <= 64): bf16 {_fmt_ms(g('sy_bf16_fused_graph_ms'), 0)} ms, fp8 "
+                          f"{_fmt_ms(g('sy_fp8_fused_graph_ms'), 0)} ms graph, x{g('speedup_fused_graph'):.2f}")
+                for n_ in notes:
+                    print(f"{'':>6}   {n_}")
+                xs = fns = timed = per = None
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            if check:
+                print("  check (T=%d, same weights, same routing): " % check.get("tokens", 0) + ", ".join(
+                    f"{k_} {v:.2e}" for k_, v in check.items() if isinstance(v, float))
+                    + (" (CHECK: the two fp8 layers differ by more than half of fp8's own error)"
+                       if check.get("flag") else "")
+                    + (f"; {check['vllm_note']}" if "vllm_note" in check else ""))
+            vn = next((r.get("vllm_fp8_note") for r in results if r["model"] == m and r.get("vllm_fp8_note")), None)
+            if vn:
+                print(f"  vllm-fp8 (T={tokens[0]}): {vn}")
+        summary.append(dict(model=m, quantiser_matches_switchyard_torch=quant_same, torch_note=sy_note))
+        del sy_bf, sy_fp8, wg, w13, w2, q13, s13, q2, s2, wg32
+        torch.cuda.empty_cache()
+    print("\ncolumns: sy = switchyard CLI bench (bf16 / --quant fp8-block), e = eager, g = CUDA-graph replay; x = bf16 "
+          "ms / fp8 ms; %fp8fl = the CLI's FP8 floor / fp8 graph ms; vllm8 = vLLM fused_moe fp8 block (Triton); "
+          "sy8/vllm8 = CLI fp8 graph ms / vllm fp8 graph ms (< 1: Switchyard faster); syT8 / syT16 = switchyard.torch "
+          "fp8 / bf16 on vLLM's weights, timed in alternation with vllm8")
+    return dict(mode="fp8", device=device_name, torch=torch.__version__, ceiling_tflops=ceiling,
+                fp8_ceiling_tflops=fp8_tflops, fp8_ceiling_probe=fp8_probe,
+                fp8_ceiling_source="torch._scaled_mm 8192^3 e4m3 per-tensor scales, bf16 out, faster of "
+                                   "use_fast_accum off/on, measured in this run (passed to the CLI as "
+                                   "--peak-tflops-fp8)",
+                copy_tbps=copy_tbps, routing="softmax top-k, no renormalisation, SwiGLU, no shared expert",
+                models=summary, rows=results)
+
+
+def vllm_peer_fp8_output(x, wg, q13, s13, q2, s2, k, route):
+    fn, _ = vllm_fp8_layer_fn(x, wg, q13, s13, q2, s2, k, router_fn=route, check_tokens=0)
+    return fn()
+
+
+def _fmt_ms(v, width=9):
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width}.3f}"
+
+
+def _fmt_x(v, width=6):
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width - 1}.2f}x"
+
+
+def _fmt_pct(v, width=7):
+    return f"{'-':>{width}}" if v is None or v != v else f"{v:>{width - 1}.1f}%"
+
+
 def _fmt_rel(v):
     return "-" if v is None else f"{v:.1e}"
 
@@ -953,6 +1343,13 @@ def main():
                    help="--train, --train-gemms, --decode: the torch binding _switchyard_torch.so")
     p.add_argument("--train-gemms", action="store_true",
                    help="forward, dgrad and wgrad of the expert GEMMs: switchyard ops vs torch._grouped_mm")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 W8A8 (128x128 blocks; tokens default 1,16,4096,16384): switchyard bench bf16 and "
+                        "--quant fp8-block, vLLM's fp8 Triton kernel, switchyard.torch fp8/bf16, FP8 ceiling, check")
+    p.add_argument("--fp8-check-tokens", type=int, default=64,
+                   help="--fp8: tokens of the output check (0: none)")
+    p.add_argument("--fp8-fused", action="store_true",
+                   help="--fp8: also run the CLI with --fused-max-tokens -1 (the fused path for T <= 64)")
     p.add_argument("--decode", action="store_true",
                    help="decode-sized batches (tokens default 1,2,4,8,16,32,64): switchyard.torch.MoE fused and "
                         "staged, sort path, vLLM peer; eager and CUDA-graph replay, with the floor")
@@ -960,13 +1357,17 @@ def main():
     args.layers = args.layers or args.train
     if args.decode:
         args.tokens = args.tokens or "1,2,4,8,16,32,64"
+    if args.fp8:
+        args.tokens = args.tokens or "1,16,4096,16384"
     args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms else "16,256,4096,16384")
-    if not args.decode:
+    if not args.decode and not args.fp8:
         args.impls = args.impls or "dense,loop,sort,switchyard"
     if not torch.cuda.is_available():
         print("compare_torch.py: no CUDA device", file=sys.stderr)
         return 1
-    if args.decode:
+    if args.fp8:
+        res = fp8_mode(args)
+    elif args.decode:
         res = decode_mode(args)
     elif args.train_gemms:
         res = train_gemm_mode(args)
