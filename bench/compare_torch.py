@@ -61,8 +61,7 @@ Six modes:
   correctness check uses switchyard.torch rather than the CLI's forward because DeepSeek-V3's weights would have to be
   written to a 11-22 GB safetensors file. Expected: about 2-3 minutes on an H100 (3 x 2 CLI calls, two Triton
   compiles per shape), well under 5.
-      python3 bench/compare_torch.py --fp8 --switchyard-cli BUILD/switchyard \
-          --torch-lib BUILD/bindings/torch/_switchyard_torch.so --json fp8.json
+      python3 bench/compare_torch.py --fp8 --switchyard-cli BUILD/switchyard --torch-lib BUILD/bindings/torch/_switchyard_torch.so --json fp8.json
   (.deps/vllm must travel with the call; --fp8-fused adds the CLI's fused path at T <= 64, --fp8-check-tokens N
   the check's T.) Seen on the CPU (toy layer H=256 F=128 E=8 k=2 T=16): switchyard's fp8 layer and a W8A8 loop of
   vLLM's recipe differ by 2.0e-2 relative L2 spread over every token while their bf16 layers agree to 4e-3, against
