@@ -29,8 +29,9 @@ Forward on rank r for its own T_r tokens (docs/expert_parallel.md, "PyTorch"):
     y                combine(ret, slot_row, w, shared) at home; shared expert at home (as MoE)
 
 Gradients: the local experts' ``w13`` / ``w2`` get their full gradient on their owner rank (the rows of every rank
-meet there); ``gate``, ``shared_*`` (and x) get this rank's tokens' contribution only: sum them over the group
-(``all_reduce``) as data parallelism does, e.g. with DDP over the replicated parameters or by hand.
+meet there), i.e. the gradient of the SUM of all ranks' losses; ``gate``, ``shared_*`` get this rank's tokens'
+contribution only: sum them over the group as data parallelism does (:meth:`ExpertParallelMoE.all_reduce_replicated_grads`;
+not DDP, which averages and would average w13 / w2 too). x's gradient is complete (its tokens stay on its rank).
 
 Collective rules: every rank of the group calls forward (and backward) together, with the same config and placement,
 grad mode and ``requires_grad`` settings of the parameters (whether an exchange has a backward must agree on every
@@ -240,6 +241,24 @@ class ExpertParallelMoE(MoE):
             m.w2.copy_(moe.w2.index_select(0, idx))
         m.train(moe.training)
         return m
+
+    def replicated_parameters(self):
+        """(name, parameter) of the replicated parameters: every one but the local experts' w13 / w2."""
+        return [(n, p) for n, p in self.named_parameters() if n not in ("w13", "w2")]
+
+    @torch.no_grad()
+    def all_reduce_replicated_grads(self):
+        """Sums the replicated parameters' gradients over the group (collective), so that every gradient of this
+        module is that of the SUM of all ranks' losses, as the local experts' already are (their rows from every
+        rank meet on the owner). DDP instead AVERAGES: wrapping this module in DDP would also average (and need
+        equal shapes of) w13 / w2 and leave the experts' gradients W times the replicated ones' scale, so use this
+        (or divide everything by W for the mean). A parameter without a gradient on this rank contributes zeros."""
+        for _, p in self.replicated_parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.process_group)
 
     def quantize_(self, mode: str = "fp8-block"):
         raise NotImplementedError("switchyard.ep: FP8 experts are not supported in expert-parallel mode yet")

@@ -96,13 +96,16 @@ def _run_case(name, rank, world, ep):
     x = x_all[slices[rank]].clone().requires_grad_(x_grad)
     out = m(x)
     (out.y * gy_all[slices[rank]]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.all_reduce_replicated_grads()
+    reduced = {n: p.grad.clone() for n, p in m.replicated_parameters()}
     with torch.no_grad():
         y_nograd = m(x)  # inference: no backward graph, same exchanges
     m.eval()
     y_eval = m(x.detach())
     return dict(y=out.y.detach(), y_nograd=y_nograd.y, y_eval=y_eval.y.detach(), expert_counts=out.expert_counts,
                 kept_counts=out.kept_counts, x_grad=None if x.grad is None else x.grad.clone(),
-                grads={n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+                grads=grads, reduced=reduced,
                 local_experts=m.local_experts, shapes={n: tuple(p.shape) for n, p in m.named_parameters()})
 
 
@@ -212,6 +215,10 @@ def test_matches_single_process(group_results, name):
             close(res["x_grad"], x.grad[s], exact, f"rank {r} x grad")
         else:
             assert res["x_grad"] is None
+        assert sorted(res["reduced"]) == sorted(n for n, _ in m.named_parameters() if n not in ("w13", "w2"))
+        for pname, g in res["reduced"].items():  # all_reduce_replicated_grads: the whole batch's gradient
+            tol = 1e-10 if g.dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(g, dict(m.named_parameters())[pname].grad, rtol=tol, atol=tol)
         for pname, g in res["grads"].items():
             if pname not in ("w13", "w2"):
                 summed[pname] = g if pname not in summed else summed[pname] + g
