@@ -17,6 +17,7 @@ gradients are sums of per-rank GEMM reductions against one whole-batch reduction
 """
 import datetime
 import os
+import sys
 import tempfile
 import traceback
 
@@ -111,6 +112,8 @@ def _run_case(name, rank, world, ep):
 
 def _worker(rank, world, init_file, out_dir, names):
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):  # gloo's pairs over loopback: no dependence on the hostname resolving
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
     from switchyard import ep
     try:
