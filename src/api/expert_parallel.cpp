@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "api/check.h"
+#include "api/expert_chain.h"
 #include "switchyard/error.h"
 #include "switchyard/stages.h"
 #include "util/workspace.h"
@@ -587,26 +588,17 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
 
     const TensorRef local_offsets = view(s.local_offsets, DType::kI32, {L + 1}, like);
     const TensorRef used_rows = view(s.local_offsets + L, DType::kI32, {1}, like);
-    GroupedGemmOptions keep_tail;
-    keep_tail.zero_unowned_rows = false;
     auto expert_gemm = [&](const TensorRef& a, const TensorRef& b, const TensorRef& b_scale,
-                           const TensorRef& input_scale, const TensorRef& offsets, const TensorRef& c) {
-        if (b.dtype != DType::kF8E4M3) {
-            grouped_gemm(a, b, offsets, c, r.gemm_ws, r.gemm_ws_bytes, stream, keep_tail);
-            return;
-        }
-        Fp8GemmOptions o;
-        o.mode = cfg.quant_mode;
-        o.zero_unowned_rows = false;
-        grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, r.gemm_ws, r.gemm_ws_bytes, stream, o);
+                           const TensorRef& input_scale, const TensorRef& c) {
+        api::expert_gemm(cfg, a, b, b_scale, input_scale, local_offsets, c, r.gemm_ws, r.gemm_ws_bytes, stream);
     };
     const TensorRef g1 = view(r.g1, cfg.dtype, {R, cfg.w13_rows()}, like);
     const TensorRef h = view(r.h, cfg.dtype, {R, F}, like);
-    expert_gemm(xr, w.w13, w.w13_scale, w.w13_input_scale, local_offsets, g1);
+    expert_gemm(xr, w.w13, w.w13_scale, w.w13_input_scale, g1);
     stage_done("gemm1");
     activation(cfg.activation, g1, h, used_rows, stream);
     stage_done("activation");
-    expert_gemm(h, w.w2, w.w2_scale, w.w2_input_scale, local_offsets, xr);  // xr's inputs are dead after gemm1
+    expert_gemm(h, w.w2, w.w2_scale, w.w2_input_scale, xr);  // xr's inputs are dead after gemm1
     stage_done("gemm2");
 
     comm->all_to_all_v(r.xr, ep.recvs, s.xs, ep.sends, row_bytes, stream);
@@ -617,9 +609,7 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
         const TensorRef sg1 = view(s.shared_g1, cfg.dtype, {T, shared_rows(cfg)}, like);
         const TensorRef sh = view(s.shared_h, cfg.dtype, {T, cfg.shared_width()}, like);
         shared = view(s.shared_out, cfg.dtype, {T, H}, like);
-        expert_gemm(x, w.shared_w13, w.shared_w13_scale, w.shared_w13_input_scale, TensorRef(), sg1);
-        activation(cfg.activation, sg1, sh, TensorRef(), stream);
-        expert_gemm(sh, w.shared_w2, w.shared_w2_scale, w.shared_w2_input_scale, TensorRef(), shared);
+        api::shared_expert(cfg, x, w, sg1, sh, shared, r.gemm_ws, r.gemm_ws_bytes, stream);
         if (cfg.shared_expert_gate) {
             shared_gate = view(s.shared_gate, DType::kF32, {T, 1}, like);
             router_gemm(x, w.shared_gate, shared_gate, s.router_ws, s.router_ws_bytes, stream);

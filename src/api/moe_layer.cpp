@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "api/check.h"
+#include "api/expert_chain.h"
 #include "switchyard/error.h"
 #include "switchyard/stages.h"
 #include "util/workspace.h"
@@ -408,8 +409,6 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     const TensorRef xp = view(l.xp_out, cfg_.dtype, {rows, H}, like);
     const TensorRef g1 = view(l.g1, cfg_.dtype, {rows, cfg_.w13_rows()}, like);
     const TensorRef h = view(l.h, cfg_.dtype, {rows, F}, like);
-    GroupedGemmOptions keep_tail;
-    keep_tail.zero_unowned_rows = false;  // rows past offsets[E] are never read (activation and combine skip them)
     auto stage_done = [&](const char* name) {
         if (on_stage) on_stage(name, stream);
     };
@@ -451,31 +450,20 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     gather(x, plan.row_token, xp, stream);
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h).
-    auto expert_gemm = [&](const TensorRef& a, const TensorRef& b, const TensorRef& b_scale,
-                           const TensorRef& input_scale, const TensorRef& offsets, const TensorRef& c) {
-        if (b.dtype != DType::kF8E4M3) {
-            grouped_gemm(a, b, offsets, c, l.gemm_ws, l.gemm_ws_bytes, stream, keep_tail);
-            return;
-        }
-        Fp8GemmOptions o;
-        o.mode = cfg_.quant_mode;
-        o.zero_unowned_rows = false;
-        grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, l.gemm_ws, l.gemm_ws_bytes, stream, o);
-    };
-    expert_gemm(xp, w_.w13, w_.w13_scale, w_.w13_input_scale, plan.expert_offsets, g1);
+    api::expert_gemm(cfg_, xp, w_.w13, w_.w13_scale, w_.w13_input_scale, plan.expert_offsets, g1, l.gemm_ws,
+                     l.gemm_ws_bytes, stream);
     stage_done("gemm1");
     activation(cfg_.activation, g1, h, used_rows, stream);
     stage_done("activation");
-    expert_gemm(h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, xp);
+    api::expert_gemm(cfg_, h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, xp, l.gemm_ws,
+                     l.gemm_ws_bytes, stream);
     stage_done("gemm2");
     TensorRef shared, shared_gate;
     if (has_shared(cfg_) && T > 0) {
         const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, shared_rows(cfg_)}, like);
         const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
         shared = view(l.shared_out, cfg_.dtype, {T, H}, like);
-        expert_gemm(x, w_.shared_w13, w_.shared_w13_scale, w_.shared_w13_input_scale, TensorRef(), sg1);
-        activation(cfg_.activation, sg1, sh, TensorRef(), stream);
-        expert_gemm(sh, w_.shared_w2, w_.shared_w2_scale, w_.shared_w2_input_scale, TensorRef(), shared);
+        api::shared_expert(cfg_, x, w_, sg1, sh, shared, l.gemm_ws, l.gemm_ws_bytes, stream);
         if (cfg_.shared_expert_gate) {  // gate logits x . shared_gate^T [T, 1]; combine scales by their sigmoid
             shared_gate = view(l.shared_gate, DType::kF32, {T, 1}, like);
             router_gemm(x, w_.shared_gate, shared_gate, l.router_ws, l.router_ws_bytes, stream);

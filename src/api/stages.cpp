@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "api/check.h"
+#include "api/expert_chain.h"
 #include "ref/stages_ref.h"
 #include "switchyard/error.h"
 
@@ -528,8 +529,8 @@ int64_t shared_gemm_rows(const MoEConfig& cfg) {
     return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
 }
 
-// The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch. An fp8 matrix
-// runs grouped_gemm_fp8 (MoELayer's rule), a float one grouped_gemm.
+// The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch; the expert
+// GEMMs are MoELayer's (api/expert_chain.h).
 void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
                        const TensorRef& topk_weights, const TensorRef& shared_gate_logits, const TensorRef& y) {
     const int64_t T = x.shape[0], H = cfg.hidden_size, R = plan.row_token.shape[0];
@@ -540,31 +541,16 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeight
     };
     std::vector<char> xp_buf, g1_buf, h_buf, sg1_buf, sh_buf, so_buf;
     const TensorRef xp = host(xp_buf, R, H), g1 = host(g1_buf, R, cfg.w13_rows()), h = host(h_buf, R, cfg.ffn_size);
-    auto gemm = [&](const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& offsets,
-                    const TensorRef& c) {
-        if (b.dtype != DType::kF8E4M3) {
-            GroupedGemmOptions keep_tail;
-            keep_tail.zero_unowned_rows = false;
-            grouped_gemm(a, b, offsets, c, nullptr, 0, nullptr, keep_tail);
-            return;
-        }
-        Fp8GemmOptions o;
-        o.mode = cfg.quant_mode;
-        o.zero_unowned_rows = false;
-        grouped_gemm_fp8(a, b, b_scale, TensorRef(), offsets, c, nullptr, 0, nullptr, o);
-    };
     const TensorRef used_rows(plan.expert_offsets.ptr<int32_t>() + cfg.num_experts, DType::kI32, {1}, Device::kCPU, 0);
     gather(x, plan.row_token, xp);
-    gemm(xp, w.w13, w.w13_scale, plan.expert_offsets, g1);
+    api::expert_gemm(cfg, xp, w.w13, w.w13_scale, w.w13_input_scale, plan.expert_offsets, g1, nullptr, 0, nullptr);
     activation(cfg.activation, g1, h, used_rows);
-    gemm(h, w.w2, w.w2_scale, plan.expert_offsets, xp);
+    api::expert_gemm(cfg, h, w.w2, w.w2_scale, w.w2_input_scale, plan.expert_offsets, xp, nullptr, 0, nullptr);
     TensorRef shared;
     if (w.shared_w13.defined()) {
         const TensorRef sg1 = host(sg1_buf, T, shared_gemm_rows(cfg)), sh = host(sh_buf, T, cfg.shared_width());
         shared = host(so_buf, T, H);
-        gemm(x, w.shared_w13, w.shared_w13_scale, TensorRef(), sg1);
-        activation(cfg.activation, sg1, sh);
-        gemm(sh, w.shared_w2, w.shared_w2_scale, TensorRef(), shared);
+        api::shared_expert(cfg, x, w, sg1, sh, shared, nullptr, 0, nullptr);
     }
     combine(xp, plan.slot_row, topk_weights, shared, y, nullptr, shared_gate_logits);
 }
