@@ -26,8 +26,10 @@
 #include "cuda/common.cuh"
 #include "cuda/decode/skinny_mma.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
 #include "cuda/experts/act_fn.cuh"
 #include "cuda/moe_stages.h"
+#include "switchyard/stages.h"
 
 namespace switchyard {
 namespace cuda {
@@ -343,20 +345,13 @@ __global__ void __launch_bounds__(kDownWarps * 32) decode_down_kernel(DownParams
     }
 }
 
-int sm_count() {
-    int dev = 0, n = 0;
-    SWITCHYARD_CUDA_CHECK(cudaGetDevice(&dev));
-    SWITCHYARD_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
-}
-
 // Activation rows per pass: 8 * groups >= the rows one expert can have (at most T), capped at 32.
 int token_groups(int64_t num_tokens) { return num_tokens <= 8 ? 1 : (num_tokens <= 16 ? 2 : 4); }
 
 template <typename T, Activation kAct, int kGroups, bool kFp8>
 void launch_up(const UpParams& p, int64_t max_units, cudaStream_t stream) {
     const int blocks_per_sm = 8;
-    const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_units, sm_count() * blocks_per_sm)));
+    const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(max_units, device_facts().sm_count * blocks_per_sm)));
     launch_pdl(decode_up_kernel<T, kAct, kGroups, kFp8>, grid, kUpWarps * 32, sizeof(int) * p.num_experts, stream,
                p);
 }
@@ -392,8 +387,6 @@ void launch_down(const DownParams& p, cudaStream_t stream) {
     }
 }
 
-int64_t blocks_of(int64_t n) { return ceil_div<int64_t>(n, 128); }
-
 }  // namespace
 
 DecodeFp8Scratch carve_decode_fp8(WorkspaceCarver& wc, int64_t num_tokens, int64_t hidden, int64_t ffn,
@@ -401,11 +394,11 @@ DecodeFp8Scratch carve_decode_fp8(WorkspaceCarver& wc, int64_t num_tokens, int64
     DecodeFp8Scratch s;
     s.one_group = wc.take<int32_t>(2);
     s.xq = wc.take_bytes(static_cast<size_t>(num_tokens * hidden));
-    s.xs = wc.take<float>(static_cast<size_t>(blocks_of(hidden) * num_tokens));
+    s.xs = wc.take<float>(static_cast<size_t>(fp8_blocks(hidden) * num_tokens));
     s.hq = wc.take_bytes(static_cast<size_t>(max_rows * ffn));
-    s.hs = wc.take<float>(static_cast<size_t>(blocks_of(ffn) * max_rows));
+    s.hs = wc.take<float>(static_cast<size_t>(fp8_blocks(ffn) * max_rows));
     s.sq = wc.take_bytes(static_cast<size_t>(num_tokens * shared_ffn));
-    s.ss = wc.take<float>(static_cast<size_t>(blocks_of(shared_ffn) * num_tokens));
+    s.ss = wc.take<float>(static_cast<size_t>(fp8_blocks(shared_ffn) * num_tokens));
     return s;
 }
 
@@ -423,7 +416,7 @@ void decode_experts(const DecodeExpertsArgs& a, cudaStream_t stream) {
     SWITCHYARD_CHECK(a.hidden <= INT32_MAX / 2 && a.ffn <= INT32_MAX / 2, "decode experts: sizes exceed int32");
     for (const void* p : std::initializer_list<const void*>{a.x, a.w13, a.w2, a.shared_w13, a.shared_w2, a.h,
                                                            a.shared_h})
-        SWITCHYARD_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "decode experts: x, the weights and the scratch "
+        SWITCHYARD_CHECK(aligned16(p), "decode experts: x, the weights and the scratch "
                          "must be 16-byte aligned (rows are read as 16-byte vectors)");
     const bool shared = a.shared_w13 != nullptr;
     if (fp8)

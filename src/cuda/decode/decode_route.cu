@@ -16,6 +16,7 @@
 #include "cuda/common.cuh"
 #include "cuda/decode/skinny_mma.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/gemm/sm90/grouped_gemm_sm90.h"
 #include "cuda/moe_stages.h"
 #include "cuda/routing/route_token.cuh"
 
@@ -212,9 +213,7 @@ void decode_route(const MoEConfig& cfg, const DecodeRouteArgs& a, void* workspac
     if (T == 0) return;
     SWITCHYARD_CHECK(T <= kDecodeMaxTokens, "decode route: num_tokens=", T, " exceeds ", kDecodeMaxTokens);
     SWITCHYARD_CHECK(E <= kDecodeMaxExperts, "decode route: num_experts=", E, " exceeds ", kDecodeMaxExperts);
-    SWITCHYARD_CHECK(H % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(a.gate) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(a.shared_gate) % 16 == 0,
+    SWITCHYARD_CHECK(H % 8 == 0 && aligned16(a.x) && aligned16(a.gate) && aligned16(a.shared_gate),
                      "decode route: hidden_size=", H, " must be a multiple of 8 and x / gate 16-byte aligned");
     const int64_t rows = E + (a.shared_gate != nullptr ? 1 : 0);
     const int splits = decode_router_splits(T, rows, H);
