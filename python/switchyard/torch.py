@@ -351,15 +351,21 @@ def quantize_fp8(w: torch.Tensor, mode: str = "fp8-block", name: str = "weight")
         g = FP8_BLOCK
         bn, bk = -(-n // g), -(-k // g)
         padded = F.pad(w3, (0, bk * g - k, 0, bn * g - n)).view(e, bn, g, bk, g)  # zeros do not change an amax
-        scale = padded.abs().amax(dim=(2, 4)) / FP8_MAX  # [E, B(N), B(K)], an fp32 division
+        scale = _div_by_fp8_max(padded.abs().amax(dim=(2, 4)))  # [E, B(N), B(K)]
         codes = _e4m3_codes(padded, scale[:, :, None, :, None]).view(e, bn * g, bk * g)[:, :n, :k]
     else:
-        scale = w3.abs().amax(dim=(1, 2)) / FP8_MAX  # [E]
+        scale = _div_by_fp8_max(w3.abs().amax(dim=(1, 2)))  # [E]
         codes = _e4m3_codes(w3, scale[:, None, None])
     if w32.dim() == 2:
         codes = codes[0]
         scale = scale[0] if mode == "fp8-block" else scale
     return codes.contiguous(), scale.contiguous()
+
+
+def _div_by_fp8_max(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 448 as an fp32 division, correctly rounded on every device: CUDA's tensor / Python-scalar multiplies by
+    the scalar's reciprocal (one unit off for some amax), a tensor divisor is divided by."""
+    return torch.div(amax, torch.full_like(amax, FP8_MAX))
 
 
 def _e4m3_codes(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
