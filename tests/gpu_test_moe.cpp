@@ -340,14 +340,6 @@ std::vector<float> reference_y(const Layer& L, int64_t T, const std::vector<floa
     return ::testing::AssertionFailure() << "normwise relative error " << rel << " > " << bound;
 }
 
-// One unit in the last place of v stored in dtype dt.
-double ulp_of(DType dt, double v) {
-    const int p = dt == DType::kBF16 ? 7 : dt == DType::kF16 ? 10 : 23;
-    int e = 0;
-    std::frexp(v == 0.0 ? 1e-30 : v, &e);
-    return std::max(std::ldexp(1.0, e - 1 - p), dt == DType::kF16 ? std::ldexp(1.0, -24) : 0.0);
-}
-
 // Per element: |got - want| <= rtol * (|want| + rms(want)) + sum_j |w_j| ulp(out[row_j, h]) + ulp(shared[t, h]):
 // each stored expert output (and shared output) may sit one rounding away from the reference's when its fp32 sum
 // and the reference's double sum fall on either side of a rounding boundary; that flip reaches y scaled by w_j.
@@ -361,9 +353,9 @@ double ulp_of(DType dt, double v) {
             double tol = base + rtol * std::fabs(want[t * H + h]);
             for (int64_t j = 0; j < k; ++j) {
                 const int32_t r = plan.slot_row[t * k + j];
-                if (r >= 0) tol += std::fabs(plan.topk_weights[t * k + j]) * ulp_of(dt, expert_out[r * H + h]);
+                if (r >= 0) tol += std::fabs(plan.topk_weights[t * k + j]) * testing::ulp_of(dt, expert_out[r * H + h]);
             }
-            if (!shared.empty()) tol += ulp_of(dt, shared[t * H + h]);
+            if (!shared.empty()) tol += testing::ulp_of(dt, shared[t * H + h]);
             const double g = got[t * H + h], w = want[t * H + h];
             if (!(std::fabs(g - w) <= tol))
                 return ::testing::AssertionFailure() << "y[" << t << ", " << h << "]: got " << g << ", expected " << w

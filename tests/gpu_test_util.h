@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -135,6 +136,14 @@ inline double rms(const std::vector<float>& v) {
     double s = 0.0;
     for (float x : v) s += static_cast<double>(x) * x;
     return v.empty() ? 0.0 : std::sqrt(s / v.size());
+}
+
+// One unit in the last place of v stored in dtype dt (fp16: not below its smallest subnormal).
+inline double ulp_of(DType dt, double v) {
+    const int p = dt == DType::kBF16 ? 7 : dt == DType::kF16 ? 10 : 23;
+    int e = 0;
+    std::frexp(v == 0.0 ? 1e-30 : v, &e);
+    return std::max(std::ldexp(1.0, e - 1 - p), dt == DType::kF16 ? std::ldexp(1.0, -24) : 0.0);
 }
 
 // Every element: |got - ref| <= atol + rtol * |ref| (NaN only where ref is NaN). Reports the first bad one.
