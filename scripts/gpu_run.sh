@@ -4,9 +4,11 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,tests,torch,train,balance,layers,gemm,memcheck,racecheck,
-#        fusedsan,decode,profile (default tests,torch,balance,layers,memcheck).
+#        fusedsan,decode,decodepeers,fp8bench,profile (default tests,torch,balance,layers,memcheck).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
-#        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table).
+#        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
+#        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
+#        runs (bench/NOTES.md, "FP8 benchmark": the CLI bf16 / fp8-block / fp8-tensor on DeepSeek-V3, compare_torch --fp8).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
 set -uo pipefail
@@ -101,6 +103,27 @@ if has decode; then
   OUT="$OUT" bash scripts/gpu_decode.sh "$BUILD" "${DECODE_ROUNDS:-2}" >"$OUT/decode.log" 2>&1
   note "decode table: rc=$?"
   tail -25 "$OUT/decode.log"
+fi
+if has decodepeers; then
+  python3 bench/compare_torch.py --decode --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
+    --json "$OUT/decode_peers.json" >"$OUT/decode_peers.log" 2>&1
+  note "decode peers: rc=$?"
+  tail -40 "$OUT/decode_peers.log"
+fi
+if has fp8bench; then
+  {
+    for q in none fp8-block; do
+      "$BUILD/switchyard" bench --shape deepseek-v3 --dtype bf16 --device cuda --tokens "${FP8_TOKENS:-1,16,4096,16384}" \
+        --quant "$q" --json "$OUT/ds-$q.json" || echo "bench --quant $q failed"
+    done
+    "$BUILD/switchyard" bench --shape deepseek-v3 --dtype bf16 --device cuda --tokens 16,4096 --quant fp8-tensor \
+      --json "$OUT/ds-fp8-tensor.json" || echo "bench --quant fp8-tensor failed"
+  } >"$OUT/fp8_cli.log" 2>&1
+  note "fp8 cli bench: $(grep -c failed "$OUT/fp8_cli.log") failures"
+  python3 bench/compare_torch.py --fp8 --fp8-fused --switchyard-cli "$BUILD/switchyard" \
+    --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/fp8.json" >"$OUT/fp8.log" 2>&1
+  note "fp8 compare: rc=$?"
+  tail -40 "$OUT/fp8.log"
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
