@@ -9,6 +9,7 @@
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
 #        runs (bench/NOTES.md, "FP8 benchmark": the CLI bf16 / fp8-block / fp8-tensor on DeepSeek-V3, compare_torch --fp8).
+# SAN_TIMEOUT (seconds, default 1800) bounds each compute-sanitizer run (rc 124 when it is cut off).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
 set -uo pipefail
@@ -81,19 +82,19 @@ if has gemm; then
   note "gemm bench: rc=$?"
 fi
 if has memcheck; then
-  compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
+  timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
     --gtest_filter="${MEMCHECK_FILTER:-*T7_*:*T129_*:*T1_*:*T0_*:*Graph*:*Kernel*:*Stage*:GpuBalance.*:GpuGroupedGemm.*Small*}" \
     >"$OUT/memcheck.log" 2>&1
   note "memcheck: rc=$? $(grep -E 'ERROR SUMMARY|^\[  PASSED|^\[  FAILED' "$OUT/memcheck.log" | tr '\n' ' ')"
 fi
 if has racecheck; then
-  compute-sanitizer --tool racecheck "$BUILD/tests/switchyard_gpu_tests" \
+  timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool racecheck "$BUILD/tests/switchyard_gpu_tests" \
     --gtest_filter="${RACECHECK_FILTER:-*T7_*:*Stage*}" >"$OUT/racecheck.log" 2>&1
   note "racecheck: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^\[  PASSED' "$OUT/racecheck.log" | tr '\n' ' ')"
 fi
 if has fusedsan; then
   for tool in memcheck racecheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
+    timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool $tool --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
       --gtest_filter="${FUSED_SAN_FILTER:-*GpuFused.*qwen3*:*GpuFused.*expert_choice*:GpuFusedGraph.*:GpuFusedFp8.*}" \
       >"$OUT/fused_$tool.log" 2>&1
     note "fused $tool: rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|^\[  PASSED|^\[  FAILED' "$OUT/fused_$tool.log" | tr '\n' ' ')"
