@@ -235,7 +235,7 @@ void run_case(const FusedCase& c, int64_t T) {
     SCOPED_TRACE(std::string(c.name) + " T=" + std::to_string(T) + " seed=" + std::to_string(seed));
     Weights W(cfg, seed);
     MoELayer gpu(cfg, W.device());
-    gpu.set_fused_max_tokens(-1);  // automatic (off by default until this test has passed on a GPU)
+    gpu.set_fused_max_tokens(fused_path_max_tokens());  // the fused path wherever supported (not the automatic rule)
     ASSERT_TRUE(gpu.uses_fused_path(T)) << "the fused path should take this layer";
     const DType dt = cfg.dtype;
     const int64_t H = c.H, E = c.E, slots = cfg.route_slots();
@@ -348,7 +348,7 @@ TEST(GpuFusedGraph, ReplayEqualsEagerAndStagedAgrees) {
     const int64_t T = 16, H = c.H, E = c.E;
     Weights W(cfg, 77);
     MoELayer layer(cfg, W.device());
-    layer.set_fused_max_tokens(-1);
+    layer.set_fused_max_tokens(fused_path_max_tokens());
     ASSERT_TRUE(layer.uses_fused_path(T));
     const DType dt = cfg.dtype;
     const size_t ws_bytes = layer.workspace_size(T);
@@ -476,7 +476,7 @@ TEST(GpuFusedFp8, MatchesTheCpuChainAndTheStagedPath) {
                 return w;
             };
             MoELayer gpu(cfg, weights(true));
-            gpu.set_fused_max_tokens(-1);
+            gpu.set_fused_max_tokens(fused_path_max_tokens());
             ASSERT_TRUE(gpu.uses_fused_path(T));
             const size_t ws_bytes = gpu.workspace_size(T);
             DeviceBuffer ws(ws_bytes), d_y(T * H * 2), d_y2(T * H * 2), d_logits(T * E * 4);

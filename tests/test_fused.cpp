@@ -187,13 +187,50 @@ TEST(FusedStages, ExpertsFusedValidatesItsArguments) {
                        {"w13"});
 }
 
+// The automatic choice (stages.h: fused_path_preferred): the bytes of the experts a batch can hit against the
+// measured threshold, at the three model shapes (bf16 unless named) and the boundary itself.
+TEST(FusedStages, AutomaticChoiceFollowsTheMeasuredThreshold) {
+    auto shape = [](int64_t H, int64_t F, int64_t E, int64_t k, int64_t S) {
+        MoEConfig c;
+        c.hidden_size = H, c.ffn_size = F, c.num_experts = E, c.top_k = k;
+        c.num_shared_experts = S > 0 ? 1 : 0, c.shared_ffn_size = S;
+        c.dtype = DType::kBF16;
+        return c;
+    };
+    const MoEConfig qwen3 = shape(2048, 768, 128, 8, 0), mixtral = shape(4096, 14336, 8, 2, 0),
+                    deepseek = shape(7168, 2048, 256, 8, 2048);
+    // Qwen3: 9.4 MB per expert: 8 experts (75 MB) at T = 1 and 16 (151 MB) at T = 2 are under 160 MiB, 32 are not.
+    EXPECT_TRUE(fused_path_preferred(qwen3, Device::kCUDA, 1));
+    EXPECT_TRUE(fused_path_preferred(qwen3, Device::kCUDA, 2));
+    EXPECT_FALSE(fused_path_preferred(qwen3, Device::kCUDA, 4));
+    EXPECT_FALSE(fused_path_preferred(qwen3, Device::kCPU, 1));
+    for (int64_t T : {1, 2, 16, 64}) {
+        EXPECT_FALSE(fused_path_preferred(mixtral, Device::kCUDA, T)) << T;
+        EXPECT_FALSE(fused_path_preferred(deepseek, Device::kCUDA, T)) << T;
+    }
+    EXPECT_FALSE(fused_path_preferred(qwen3, Device::kCUDA, fused_path_max_tokens() + 1));  // never past the limit
+    // FP8 weights are one byte: Qwen3 streams half as much, so T = 4 (32 experts, 151 MB) qualifies too.
+    MoEConfig q8 = qwen3;
+    q8.quant_mode = QuantMode::kFP8Block;
+    EXPECT_TRUE(fused_path_preferred(q8, Device::kCUDA, 4));
+    EXPECT_FALSE(fused_path_preferred(q8, Device::kCUDA, 8));
+    // At the boundary: the most 6 MiB experts that fit under the threshold are taken, one token (two experts) more is
+    // not.
+    MoEConfig edge = shape(1024, 1024, 16, 2, 0);  // gated: 3 * 1024 * 1024 * 2 bytes = 6 MiB per expert
+    const int64_t per_expert = 3 * 1024 * 1024 * 2, fits = fused_path_auto_bytes() / per_expert;
+    edge.num_experts = 64;
+    EXPECT_TRUE(fused_path_preferred(edge, Device::kCUDA, fits / 2));   // min(T * 2, 64) = fits experts
+    EXPECT_FALSE(fused_path_preferred(edge, Device::kCUDA, fits / 2 + 1));
+}
+
 TEST(FusedStages, LayerPathChoice) {
     MoEConfig c = base_config();
     const test::HostLayer L = test::random_layer(c, 5);
     MoELayer layer(c, L.weights());
-    EXPECT_EQ(layer.fused_max_tokens(), 0);  // off by default until measured on a GPU
+    EXPECT_EQ(layer.fused_max_tokens(), -1);  // automatic by default
+    layer.set_fused_max_tokens(0);
+    EXPECT_EQ(layer.fused_max_tokens(), 0);
     layer.set_fused_max_tokens(-1);
-    EXPECT_EQ(layer.fused_max_tokens(), -1);
     EXPECT_FALSE(layer.uses_fused_path(1));  // the CPU backend
     test::expect_error([&] { layer.set_fused_max_tokens(fused_path_max_tokens() + 1); }, {"fused_max_tokens"});
     test::expect_error([&] { layer.set_fused_max_tokens(-2); }, {"fused_max_tokens"});
@@ -203,6 +240,7 @@ TEST(FusedStages, LayerPathChoice) {
     b.hidden_size = 64;
     b.ffn_size = 32;
     EXPECT_TRUE(fused_path_supported(b, Device::kCUDA, 1));
+    EXPECT_FALSE(fused_path_preferred(b, Device::kCPU, 1));
     EXPECT_TRUE(fused_path_supported(b, Device::kCUDA, fused_path_max_tokens()));
     EXPECT_FALSE(fused_path_supported(b, Device::kCUDA, 0));
     EXPECT_FALSE(fused_path_supported(b, Device::kCUDA, fused_path_max_tokens() + 1));

@@ -410,16 +410,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
     });
 }
 
-// Whether the fused op's CUDA kernels take this layer (stages.h: fused_path_supported), for the Python module.
-bool fused_path_supported_op(int64_t num_tokens, int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k,
-                             int64_t shared_width, const at::Tensor& like) {
+// The layer shape the fused-path queries need (the routing options do not change them).
+MoEConfig fused_query_config(int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k, int64_t shared_width,
+                             const at::Tensor& like) {
     MoEConfig c;
     std::tie(c.hidden_size, c.ffn_size, c.num_experts, c.top_k) = std::make_tuple(hidden, ffn, num_experts, top_k);
     c.num_shared_experts = shared_width > 0 ? 1 : 0;
     c.shared_ffn_size = shared_width;
     c.dtype = like.scalar_type() == at::kBFloat16 ? DType::kBF16 : like.scalar_type() == at::kHalf ? DType::kF16
                                                                                                    : DType::kF32;
-    return fused_path_supported(c, sy_device(like), num_tokens);
+    return c;
+}
+
+// Whether the fused op's CUDA kernels take this layer (stages.h: fused_path_supported), for the Python module.
+bool fused_path_supported_op(int64_t num_tokens, int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k,
+                             int64_t shared_width, const at::Tensor& like) {
+    return fused_path_supported(fused_query_config(hidden, ffn, num_experts, top_k, shared_width, like),
+                                sy_device(like), num_tokens);
+}
+
+// The automatic choice (stages.h: fused_path_preferred), for the Python module's fused_max_tokens=None.
+bool fused_path_preferred_op(int64_t num_tokens, int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k,
+                             int64_t shared_width, int64_t activation, const at::Tensor& like) {
+    MoEConfig c = fused_query_config(hidden, ffn, num_experts, top_k, shared_width, like);
+    c.activation = static_cast<Activation>(activation);
+    return fused_path_preferred(c, sy_device(like), num_tokens);
 }
 
 }  // namespace
@@ -460,6 +475,8 @@ TORCH_LIBRARY(switchyard, m) {
           "float routed_scale, int num_groups, int topk_groups, int activation) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("fused_path_supported(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
           "Tensor like) -> bool");
+    m.def("fused_path_preferred(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
+          "int activation, Tensor like) -> bool");
 }
 
 // One implementation per op serves both devices: the stage function runs the backend of the tensors' device.
@@ -482,7 +499,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("combine", &combine_op);                                           \
     m.impl("combine_backward", &combine_backward_op);                         \
     m.impl("moe_fused", &moe_fused_op);                                       \
-    m.impl("fused_path_supported", &fused_path_supported_op)
+    m.impl("fused_path_supported", &fused_path_supported_op);                 \
+    m.impl("fused_path_preferred", &fused_path_preferred_op)
 
 TORCH_LIBRARY_IMPL(switchyard, CPU, m) { SWITCHYARD_TORCH_IMPLS(m); }
 #ifdef SWITCHYARD_TORCH_CUDA

@@ -104,11 +104,10 @@ class MoELayer {
                  cudaStream_t stream = nullptr, ForwardOutputs* out = nullptr,
                  const StageCallback& on_stage = StageCallback()) const;
 
-    // The fused small-batch path (stages.h: route_fused, experts_fused) runs a CUDA forward of T tokens when
-    // T <= the limit and fused_path_supported(config, device, T). max_tokens: -1 automatic (up to
-    // fused_path_max_tokens()), 0 never, else that many tokens at most. The default is 0 until the path's GPU tests
-    // and the crossover measurement have run on an H100 (bench/NOTES.md, issue 12). The CPU backend always runs the
-    // staged chain.
+    // The fused small-batch path (stages.h: route_fused, experts_fused) for a CUDA forward of T tokens.
+    // max_tokens: -1 automatic, the default (stages.h: fused_path_preferred, the measured crossover); 0 never; N in
+    // 1..fused_path_max_tokens(): whenever T <= N and fused_path_supported(config, device, T). The CPU backend always
+    // runs the staged chain.
     void set_fused_max_tokens(int64_t max_tokens);
     int64_t fused_max_tokens() const { return fused_max_tokens_; }
     bool uses_fused_path(int64_t num_tokens) const;
@@ -119,7 +118,7 @@ class MoELayer {
  private:
     MoEConfig cfg_;
     MoEWeights w_;
-    int64_t fused_max_tokens_ = 0;
+    int64_t fused_max_tokens_ = -1;
 };
 
 // Throws unless x is [T, H] of cfg.dtype, contiguous, on `dev`. Shared by every entry point.

@@ -223,5 +223,13 @@ void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w
 // FP8 layer). (The CPU backend runs the fused stages for any layer.)
 bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_tokens);
 constexpr int64_t fused_path_max_tokens() { return 64; }
+// The automatic choice (MoELayer's default, switchyard.torch.MoE's too): the fused path where it is supported and
+// the expert weights a batch of num_tokens tokens can stream -- min(T * top_k, E) routed experts plus the shared
+// expert, at the weights' element size -- come to at most fused_path_auto_bytes(). The threshold is measured
+// (bench/NOTES.md, "Decode path"; H100): the fused kernels stream at ~60% of the copy rate where the staged GEMMs
+// reach 70-97%, and the staged chain costs ~45-50 us more in launches, so the fused path wins only where the
+// weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or DeepSeek-V3 at any T).
+constexpr int64_t fused_path_auto_bytes() { return int64_t{160} << 20; }
+bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens);
 
 }  // namespace switchyard

@@ -23,7 +23,9 @@ and 128 channels); routing, activation and combine as above. grouped_mm_fp8 has 
 
 Inference (no gradient needed) of 1..64 tokens of a bf16/fp16 layer on CUDA runs instead one op, moe_fused
 (stages.h: route_fused + experts_fused, four kernels that stream the weights of the experts hit once);
-``MoE.fused_max_tokens`` (None: automatic, 0: never, the default for now) chooses.
+``MoE.fused_max_tokens`` chooses: None (the default) automatic, by the library's measured rule (stages.h:
+fused_path_preferred: where the weights a batch can hit take under ~60 us to read, e.g. Qwen3-30B-A3B at 1-2
+tokens); 0 never; N whenever T <= N.
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -533,9 +535,9 @@ class MoE(nn.Module):
                                       "yet (the C++ MoELayer runs it); use token-choice")
         self.config = config
         self.return_stats = return_stats
-        # Largest T of the fused inference path (moe_fused): None = the library's limit (64), 0 = never. Off by
-        # default until the path's GPU tests and crossover measurement have run (issue 12).
-        self.fused_max_tokens: Optional[int] = 0
+        # The fused inference path (moe_fused): None = automatic (stages.h: fused_path_preferred, the measured
+        # crossover), 0 = never, N = whenever T <= N (at most 64).
+        self.fused_max_tokens: Optional[int] = None
         self._fused_ok_cache = {}
         c = config
         r13 = 2 * c.ffn_size if c.gated else c.ffn_size
@@ -775,10 +777,16 @@ class MoE(nn.Module):
         params = [self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate]
         if any(p is not None and (p.dtype != x2.dtype or p.device != x2.device) for p in params):
             return False
-        key = (t, x2.dtype, x2.device)
+        automatic = self.fused_max_tokens is None
+        key = (t, x2.dtype, x2.device, automatic)
         if key not in self._fused_ok_cache:
-            self._fused_ok_cache[key] = bool(_ops.fused_path_supported(t, c.hidden_size, c.ffn_size, c.num_experts,
-                                                                       c.top_k, c.shared_width, x2))
+            if automatic:
+                ok = _ops.fused_path_preferred(t, c.hidden_size, c.ffn_size, c.num_experts, c.top_k, c.shared_width,
+                                               ACTIVATIONS[c.activation], x2)
+            else:
+                ok = _ops.fused_path_supported(t, c.hidden_size, c.ffn_size, c.num_experts, c.top_k, c.shared_width,
+                                               x2)
+            self._fused_ok_cache[key] = bool(ok)
         return self._fused_ok_cache[key]
 
     def _fused_layer(self, x2: torch.Tensor):

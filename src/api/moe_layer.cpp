@@ -476,8 +476,9 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
 }
 
 bool MoELayer::uses_fused_path(int64_t num_tokens) const {
-    const int64_t limit = fused_max_tokens_ >= 0 ? fused_max_tokens_ : fused_path_max_tokens();
-    if (num_tokens > limit || !fused_path_supported(cfg_, device(), num_tokens)) return false;
+    if (fused_max_tokens_ < 0 ? !fused_path_preferred(cfg_, device(), num_tokens)
+                              : num_tokens > fused_max_tokens_ || !fused_path_supported(cfg_, device(), num_tokens))
+        return false;
     // FP8 layers: dynamic activation scales only, and a shared expert (if any) in FP8 too.
     if (cfg_.quant_mode != QuantMode::kNone &&
         (w_.w13_input_scale.defined() || w_.w2_input_scale.defined() || w_.shared_w13_input_scale.defined() ||
@@ -491,7 +492,7 @@ bool MoELayer::uses_fused_path(int64_t num_tokens) const {
 
 void MoELayer::set_fused_max_tokens(int64_t max_tokens) {
     SWITCHYARD_CHECK(max_tokens >= -1 && max_tokens <= fused_path_max_tokens(), "fused_max_tokens=", max_tokens,
-                     " must be -1 (automatic), 0 (never) or at most ", fused_path_max_tokens());
+                     " must be -1 (automatic: fused_path_preferred), 0 (never) or at most ", fused_path_max_tokens());
     fused_max_tokens_ = max_tokens;
 }
 

@@ -564,6 +564,16 @@ bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_token
            cfg.hidden_size % align == 0 && cfg.ffn_size % align == 0 && cfg.shared_width() % align == 0;
 }
 
+bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    if (!fused_path_supported(cfg, device, num_tokens)) return false;
+    const int64_t elem = cfg.quant_mode == QuantMode::kNone ? static_cast<int64_t>(dtype_size(cfg.dtype)) : 1;
+    const int64_t H = cfg.hidden_size, S = cfg.shared_width();
+    const int64_t expert = (cfg.w13_rows() + cfg.ffn_size) * H * elem;
+    const int64_t shared = S > 0 ? ((is_gated(cfg.activation) ? 2 * S : S) + S) * H * elem : 0;
+    const int64_t experts = std::min(num_tokens * cfg.top_k, cfg.num_experts);
+    return experts * expert + shared <= fused_path_auto_bytes();
+}
+
 size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
     if (!cuda_workspace(device, num_tokens, "route_fused_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(route_fused_workspace_size(cfg, num_tokens));

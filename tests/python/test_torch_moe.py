@@ -394,10 +394,10 @@ def test_moe_fused_op_on_cpu_matches_the_staged_module(name):
     torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)
 
 
-def test_fused_path_is_off_by_default_and_cuda_only():
+def test_fused_path_is_automatic_by_default_and_cuda_only():
     m = make_module("softmax", dtype=torch.float32).eval()
-    assert m.fused_max_tokens == 0  # until the path has been measured on a GPU (issue 12)
-    m.fused_max_tokens = None
+    assert m.fused_max_tokens is None  # automatic: stages.h fused_path_preferred
     with torch.no_grad():
         assert not m._use_fused(torch.randn(3, H))  # CPU tensors: the staged ops
     assert not torch.ops.switchyard.fused_path_supported(1, 64, 32, 8, 2, 0, torch.empty(1))  # cpu
+    assert not torch.ops.switchyard.fused_path_preferred(1, 64, 32, 8, 2, 0, 0, torch.empty(1))  # cpu
