@@ -36,7 +36,7 @@ Six modes:
   Decode mode (--decode; tokens default 1,2,4,8,16,32,64; issue 12): whole layers at decode batch sizes, each
   timed eager and as a replayed CUDA graph (one call captured on a static x after warm-up):
     switchyard        : switchyard.torch.MoE (--torch-lib) in eval mode under no_grad, whose forward takes the fused
-                        small-batch op for bf16 CUDA inputs of T <= 64 (MoE.fused_max_tokens = None);
+                        small-batch op for bf16 CUDA inputs of T <= 64 (MoE.fused_max_tokens = 64);
     switchyard-staged : the same weights with fused_max_tokens = 0 (the staged ops); a binding without the
                         attribute is reported as staged only;
     sort              : the layer mode's sort path;
@@ -326,7 +326,7 @@ def run_switchyard_layer_bench(cli, model, tokens, ceiling_tflops, copy_tbps, wa
     tokens: one T, or a list (then one CLI call times them all on one weight copy). quant: "none" | "fp8-block" |
     "fp8-tensor" (`bench --quant`: the CLI's random bf16 weights quantised on the GPU); fp8_tflops: the FP8 ceiling of
     the FP8 floor (--peak-tflops-fp8; None: the CLI measures its own with cuBLASLt). fused_max_tokens: forwarded as
-    --fused-max-tokens (None: the CLI's default, the staged path). full: return the whole JSON document (runs,
+    --fused-max-tokens (None: the CLI's default, the automatic choice; 0 staged; 64 fused wherever supported). full: return the whole JSON document (runs,
     rates, quant_check) instead of the first run; a CLI exit of 1 with a JSON written (the GPU quantiser differed
     from the host recipe) still returns the document, whose quant_check says so.
     """
@@ -758,7 +758,7 @@ def _decode_switchyard_modules(sy_torch, h, f, e, k, wg, w13, w2, device):
     fused = build()
     if not hasattr(fused, "fused_max_tokens"):
         return fused, None, "staged only (this binding's MoE has no fused_max_tokens)"
-    fused.fused_max_tokens = None  # automatic: the fused path for bf16 CUDA inputs of T <= 64
+    fused.fused_max_tokens = 64  # the fused path for every bf16 CUDA input of T <= 64 (None: the automatic rule)
     staged = build()
     staged.fused_max_tokens = 0
     return fused, staged, ""
@@ -779,7 +779,7 @@ def decode_mode(args, device="cuda"):
 
     Implementations, all on ONE copy of the weights (gate, w13 [E, 2F, H], w2 [E, H, F]), the same x and the same
     routing function (DECODE_ROUTING):
-      switchyard        switchyard.torch.MoE in eval mode under no_grad, fused_max_tokens=None (the fused
+      switchyard        switchyard.torch.MoE in eval mode under no_grad, fused_max_tokens=64 (the fused
                         small-batch op for bf16 CUDA inputs of T <= 64, when the binding has it);
       switchyard-staged the same weights with fused_max_tokens=0 (the staged ops);
       sort              layer_sort (sort + torch._grouped_mm);
@@ -1003,7 +1003,8 @@ def quantize_fp8_block_torch(w, g=128):
     scales = torch.empty(e, bn, bk, dtype=torch.float32, device=w.device)
     for i in range(e):
         p = F.pad(w[i].float(), (0, bk * g - k, 0, bn * g - n)).view(bn, g, bk, g)
-        s = p.abs().amax(dim=(1, 3)) / FP8_MAX
+        s = p.abs().amax(dim=(1, 3))
+        s = torch.div(s, torch.full_like(s, FP8_MAX))  # a true division (CUDA's tensor / scalar multiplies)
         s4 = s[:, None, :, None]
         q = torch.where(s4 == 0, torch.zeros((), device=w.device), p / s4).clamp_(-FP8_MAX, FP8_MAX)
         codes[i] = q.to(torch.float8_e4m3fn).view(bn * g, bk * g)[:n, :k]
@@ -1092,7 +1093,7 @@ def fp8_mode(args):
         # ---- Switchyard CLI: bf16 and fp8-block, every T in one call each (staged; fused too with --fp8-fused)
         cli = {}
         for quant in ("none", "fp8-block"):
-            for fused in ((None, -1) if args.fp8_fused else (None,)):
+            for fused in ((0, 64) if args.fp8_fused else (0,)):  # staged; the fused path wherever supported
                 doc = run_switchyard_layer_bench(args.switchyard_cli, m, tokens, ceiling, copy_tbps, args.warmup,
                                                  args.iters, quant=quant, fp8_tflops=fp8_tflops,
                                                  fused_max_tokens=fused, full=True)
@@ -1168,7 +1169,7 @@ def fp8_mode(args):
                 row = dict(model=m, tokens=t)
                 for (quant, fused), doc in cli.items():
                     run = next((r for r in (doc or {}).get("runs", []) if r.get("tokens") == t), None)
-                    tag = ("fp8" if quant != "none" else "bf16") + ("_fused" if fused is not None else "")
+                    tag = ("fp8" if quant != "none" else "bf16") + ("_fused" if fused else "")
                     if run is None:
                         continue
                     row[f"sy_{tag}_eager_ms"] = run.get("sparse_ms")

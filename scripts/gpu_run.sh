@@ -137,6 +137,7 @@ cat "$OUT/summary.txt"
 [ -f "$OUT/layers.log" ] && grep -vE "^\s*$" "$OUT/layers.log" | grep -vE " (dense|loop) " | tail -40
 [ -f "$OUT/train.log" ] && grep -E "switchyard |sort |verdict|ceilings" "$OUT/train.log" | tail -16
 # The device returns at most 8 files: keep the summary, pack the rest.
-(cd "$OUT" && tar -czf all.tar.gz --exclude=all.tar.gz --exclude=summary.txt . &&
-  find . -maxdepth 1 -type f ! -name all.tar.gz ! -name summary.txt -delete)
+# The archive is written outside $OUT first (tar fails on a folder that changes while it reads it).
+(cd "$OUT" && pack=$(mktemp /tmp/gpu_run_XXXXXX.tar.gz) && tar -czf "$pack" --exclude=summary.txt . &&
+  find . -mindepth 1 ! -name summary.txt -delete && mv "$pack" all.tar.gz)
 exit 0

@@ -63,7 +63,7 @@ struct BenchOptions {
     uint64_t seed = 1;
     bool graph = true;    // CUDA: also time graph replays
     bool stages = true;   // CUDA: also time each stage
-    int64_t fused_max_tokens = 0;  // CUDA: MoELayer::set_fused_max_tokens (0: the layer's default)
+    int64_t fused_max_tokens = -1;  // CUDA: MoELayer::set_fused_max_tokens (-1: automatic, the layer's default)
     std::string quant = "none";     // none | fp8-block | fp8-tensor: FP8 experts from the random float weights
     double peak_tflops_fp8 = 0;     // FP8 matrix rate of the floor (0: measured)
     bool quant_check = true;        // CUDA: check the GPU quantiser against the host recipe on sampled matrices
@@ -406,7 +406,8 @@ void add_bench(CLI::App& app, int* exit_code) {
     sub->add_flag("--graph,!--no-graph", o->graph, "CUDA: also time CUDA-graph replays (default on)");
     sub->add_flag("--stages,!--no-stages", o->stages, "CUDA: also time each stage with events (default on)");
     sub->add_option("--fused-max-tokens", o->fused_max_tokens,
-                    "CUDA: largest T of the fused small-batch path (-1 automatic, 0 never: the default)")
+                    "CUDA: the fused small-batch path: -1 automatic (the layer's default, stages.h "
+                    "fused_path_preferred), 0 never, N whenever T <= N (at most 64)")
         ->capture_default_str();
     add_layer_flags(sub, o->layer, /*random_weights=*/true);
     sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
