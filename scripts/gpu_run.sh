@@ -4,11 +4,13 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,tests,torch,train,balance,layers,gemm,memcheck,racecheck,
-#        fusedsan,decode,decodepeers,fp8bench,profile (default tests,torch,balance,layers,memcheck).
+#        fusedsan,decode,decodepeers,fp8bench,ncudecode,profile (default tests,torch,balance,layers,memcheck).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
-#        runs (bench/NOTES.md, "FP8 benchmark": the CLI bf16 / fp8-block / fp8-tensor on DeepSeek-V3, compare_torch --fp8).
+#        runs (bench/NOTES.md, "FP8 benchmark": the CLI bf16 / fp8-block / fp8-tensor on DeepSeek-V3, compare_torch --fp8);
+#        ncudecode: Nsight Compute on the fused path's four kernels (time, DRAM bytes, achieved bandwidth, occupancy)
+#        at Qwen3 T=1, Mixtral T=1 and DeepSeek-V3 T=16, clocks left as they are (--clock-control none).
 # SAN_TIMEOUT (seconds, default 1800) bounds each compute-sanitizer run (rc 124 when it is cut off).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
@@ -125,6 +127,16 @@ if has fp8bench; then
     --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/fp8.json" >"$OUT/fp8.log" 2>&1
   note "fp8 compare: rc=$?"
   tail -40 "$OUT/fp8.log"
+fi
+if has ncudecode; then
+  for run in qwen3:1 mixtral:1 deepseek-v3:16; do
+    ncu --clock-control none --cache-control all -k regex:'decode_|router_partials|route_plan' --launch-count 8 --csv \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__registers_per_thread,launch__occupancy_limit_registers \
+      "$BUILD/switchyard" bench --shape "${run%%:*}" --tokens "${run##*:}" --device cuda --dtype bf16 --warmup 0 \
+      --reps 1 --no-graph --no-stages --fused-max-tokens 64 --peak-tflops 790 --peak-gbps 3000 \
+      >"$OUT/ncu_${run%%:*}_${run##*:}.csv" 2>&1
+    note "ncu decode ${run}: rc=$? $(grep -cE 'decode_|route_plan|router_partials' "$OUT/ncu_${run%%:*}_${run##*:}.csv") metric rows"
+  done
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
