@@ -226,7 +226,7 @@ constexpr int64_t fused_path_max_tokens() { return 64; }
 // The automatic choice (MoELayer's default, switchyard.torch.MoE's too): the fused path where it is supported and
 // the expert weights a batch of num_tokens tokens can stream -- min(T * top_k, E) routed experts plus the shared
 // expert, at the weights' element size -- come to at most fused_path_auto_bytes(). The threshold is measured
-// (bench/NOTES.md, "Decode path"; H100): the fused kernels stream at ~60% of the copy rate where the staged GEMMs
+// (bench/NOTES.md, "Fused small-batch path"; H100): the fused kernels stream at ~60% of the copy rate where the staged GEMMs
 // reach 70-97%, and the staged chain costs ~45-50 us more in launches, so the fused path wins only where the
 // weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or DeepSeek-V3 at any T).
 constexpr int64_t fused_path_auto_bytes() { return int64_t{160} << 20; }

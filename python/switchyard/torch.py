@@ -25,7 +25,8 @@ Inference (no gradient needed) of 1..64 tokens of a bf16/fp16 layer on CUDA runs
 (stages.h: route_fused + experts_fused, four kernels that stream the weights of the experts hit once);
 ``MoE.fused_max_tokens`` chooses: None (the default) automatic, by the library's measured rule (stages.h:
 fused_path_preferred: where the weights a batch can hit take under ~60 us to read, e.g. Qwen3-30B-A3B at 1-2
-tokens); 0 never; N whenever T <= N.
+tokens); 0 never; N whenever T <= N. Under torch.compile the staged ops run (they trace; the fused op is for eager
+calls and CUDA-graph capture).
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -759,9 +760,13 @@ class MoE(nn.Module):
         y = _ops.combine(out, slot_row, w, shared)
         return y, logits, ids, offsets, counts
 
-    # Whether this call can run the fused inference op: no gradient wanted, token choice without capacity, the
-    # library's router GEMM (not a subclass's), one 16-bit dtype on CUDA, and moe_fused's kernels take the shape.
+    # Whether this call can run the fused inference op: not inside torch.compile (the choice reads the input's address
+    # and asks the library on the host; compiled graphs keep the staged ops, which trace), no gradient wanted, token
+    # choice without capacity, the library's router GEMM (not a subclass's), one 16-bit dtype on CUDA, and
+    # moe_fused's kernels take the shape.
     def _use_fused(self, x2: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return False
         c, t = self.config, x2.shape[0]
         limit = 64 if self.fused_max_tokens is None else int(self.fused_max_tokens)
         if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16) or self.quantized:

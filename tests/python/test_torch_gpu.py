@@ -198,3 +198,21 @@ def test_fused_inference_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, m(x)), "graph replay differs from eager"
+
+
+def test_automatic_choice_and_torch_compile():
+    """The default (fused_max_tokens=None) takes the fused op where the library's rule prefers it (this small layer's
+    weights are far under the threshold) and the staged ops where it does not; under torch.compile(fullgraph=True)
+    the staged ops run, so the compiled module traces and agrees with eager."""
+    m = _module(seed=12).eval()
+    assert m.fused_max_tokens is None
+    x = torch.randn(2, H, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert m._use_fused(x)
+        eager = m(x)
+        m.fused_max_tokens = 0
+        staged = m(x)
+        m.fused_max_tokens = None
+        compiled = torch.compile(m, fullgraph=True)(x)
+    assert torch.equal(compiled, staged) or (compiled.float() - staged.float()).norm() / staged.float().norm() < 1e-2
+    assert (eager.float() - staged.float()).norm() / staged.float().norm() < 1e-2
