@@ -209,15 +209,23 @@ TEST(FusedStages, AutomaticChoiceFollowsTheMeasuredThreshold) {
         EXPECT_FALSE(fused_path_preferred(deepseek, Device::kCUDA, T)) << T;
     }
     EXPECT_FALSE(fused_path_preferred(qwen3, Device::kCUDA, fused_path_max_tokens() + 1));  // never past the limit
-    // FP8 weights are one byte: Qwen3 streams half as much, so T = 4 (32 experts, 151 MB) qualifies too.
-    MoEConfig q8 = qwen3;
-    q8.quant_mode = QuantMode::kFP8Block;
-    EXPECT_TRUE(fused_path_preferred(q8, Device::kCUDA, 4));
-    EXPECT_FALSE(fused_path_preferred(q8, Device::kCUDA, 8));
+    // FP8 weights are one byte and the threshold is 512 MiB (the staged FP8 chain has two more kernels): Qwen3 up to
+    // T = 8 (64 experts, 302 MB), not T = 16 (all 128, 604 MB); Mixtral and DeepSeek-V3 (with its shared expert) at
+    // T = 1 (352 / 396 MB), not T = 2 (704 / 748 MB).
+    auto fp8 = [](MoEConfig c) {
+        c.quant_mode = QuantMode::kFP8Block;
+        return c;
+    };
+    EXPECT_TRUE(fused_path_preferred(fp8(qwen3), Device::kCUDA, 8));
+    EXPECT_FALSE(fused_path_preferred(fp8(qwen3), Device::kCUDA, 16));
+    EXPECT_TRUE(fused_path_preferred(fp8(mixtral), Device::kCUDA, 1));
+    EXPECT_FALSE(fused_path_preferred(fp8(mixtral), Device::kCUDA, 2));
+    EXPECT_TRUE(fused_path_preferred(fp8(deepseek), Device::kCUDA, 1));
+    EXPECT_FALSE(fused_path_preferred(fp8(deepseek), Device::kCUDA, 2));
     // At the boundary: the most 6 MiB experts that fit under the threshold are taken, one token (two experts) more is
     // not.
     MoEConfig edge = shape(1024, 1024, 16, 2, 0);  // gated: 3 * 1024 * 1024 * 2 bytes = 6 MiB per expert
-    const int64_t per_expert = 3 * 1024 * 1024 * 2, fits = fused_path_auto_bytes() / per_expert;
+    const int64_t per_expert = 3 * 1024 * 1024 * 2, fits = fused_path_auto_bytes(QuantMode::kNone) / per_expert;
     edge.num_experts = 64;
     EXPECT_TRUE(fused_path_preferred(edge, Device::kCUDA, fits / 2));   // min(T * 2, 64) = fits experts
     EXPECT_FALSE(fused_path_preferred(edge, Device::kCUDA, fits / 2 + 1));

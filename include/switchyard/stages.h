@@ -225,11 +225,15 @@ bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_token
 constexpr int64_t fused_path_max_tokens() { return 64; }
 // The automatic choice (MoELayer's default, switchyard.torch.MoE's too): the fused path where it is supported and
 // the expert weights a batch of num_tokens tokens can stream -- min(T * top_k, E) routed experts plus the shared
-// expert, at the weights' element size -- come to at most fused_path_auto_bytes(). The threshold is measured
-// (bench/NOTES.md, "Fused small-batch path"; H100): the fused kernels stream at ~60% of the copy rate where the staged GEMMs
-// reach 70-97%, and the staged chain costs ~45-50 us more in launches, so the fused path wins only where the
-// weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or DeepSeek-V3 at any T).
-constexpr int64_t fused_path_auto_bytes() { return int64_t{160} << 20; }
+// expert, at the weights' element size -- come to at most fused_path_auto_bytes(cfg.quant_mode). The thresholds are
+// measured (bench/NOTES.md, "Fused small-batch path"; H100): the fused kernels stream at ~60% of the copy rate where
+// the staged GEMMs reach 70-97%, and the staged chain costs ~45-50 us more in launches (bf16), so the fused path wins
+// only where the weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or DeepSeek-V3 at any
+// T). The staged FP8 chain adds two activation quantisers, and there the fused path won at T = 1 for all three shapes
+// (336 MiB for Mixtral and DeepSeek-V3's routed experts) and lost or tied at T = 16 (>= 576 MiB).
+constexpr int64_t fused_path_auto_bytes(QuantMode mode) {
+    return mode == QuantMode::kNone ? int64_t{160} << 20 : int64_t{512} << 20;
+}
 bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens);
 
 }  // namespace switchyard

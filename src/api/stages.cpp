@@ -571,7 +571,7 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
     const int64_t expert = (cfg.w13_rows() + cfg.ffn_size) * H * elem;
     const int64_t shared = S > 0 ? ((is_gated(cfg.activation) ? 2 * S : S) + S) * H * elem : 0;
     const int64_t experts = std::min(num_tokens * cfg.top_k, cfg.num_experts);
-    return experts * expert + shared <= fused_path_auto_bytes();
+    return experts * expert + shared <= fused_path_auto_bytes(cfg.quant_mode);
 }
 
 size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
