@@ -174,7 +174,7 @@ class ExpertParallelMoE(MoE):
 
     forward(x [..., H]) is collective (module docstring); it returns what MoE returns, for this rank's tokens:
     ``MoEOutput.expert_counts`` / ``kept_counts`` count this rank's pairs per global expert (all_reduce them for the
-    batch's, e.g. before :meth:`update_score_bias`, whose bias must stay the same on every rank), and the auxiliary
+    batch's; :meth:`update_score_bias` does, so that the bias stays the same on every rank), and the auxiliary
     losses are those of this rank's tokens. One host synchronisation per forward (the exchanged row counts are read
     on the host to size the variable all-to-all); none in the backward. Not capturable in a CUDA graph, and
     torch.compile breaks the graph at the exchanges.
@@ -259,6 +259,19 @@ class ExpertParallelMoE(MoE):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=self.process_group)
+
+    @torch.no_grad()
+    def update_score_bias(self, expert_counts: torch.Tensor, rate=None, all_reduce: bool = True):
+        """Aux-loss-free balancing on the group's load (collective unless all_reduce=False): expert_counts [E], this
+        rank's counts (MoEOutput.expert_counts), are summed over the group first, then every rank applies
+        MoE.update_score_bias to the sum, so the replicated bias stays bitwise the same on every rank, equal to a
+        single process's update on the whole batch. all_reduce=False: expert_counts are already the group's."""
+        if self.score_bias is None:  # checked before the collective, so that every rank raises alike
+            raise ValueError("switchyard.ep.update_score_bias: the config has use_score_bias=False")
+        counts = expert_counts.detach().to(device=self.score_bias.device, dtype=torch.int64).clone()
+        if all_reduce:
+            dist.all_reduce(counts, group=self.process_group)
+        super().update_score_bias(counts, rate)
 
     def quantize_(self, mode: str = "fp8-block"):
         raise NotImplementedError("switchyard.ep: FP8 experts are not supported in expert-parallel mode yet")

@@ -104,7 +104,12 @@ def _run_case(name, rank, world, ep):
         y_nograd = m(x)  # inference: no backward graph, same exchanges
     m.eval()
     y_eval = m(x.detach())
+    bias = None
+    if m.score_bias is not None:  # last: the update moves the routing
+        m.update_score_bias(out.expert_counts, rate=0.125)  # collective: the group's counts
+        bias = m.score_bias.clone()
     return dict(y=out.y.detach(), y_nograd=y_nograd.y, y_eval=y_eval.y.detach(), expert_counts=out.expert_counts,
+                bias=bias,
                 kept_counts=out.kept_counts, x_grad=None if x.grad is None else x.grad.clone(),
                 grads=grads, reduced=reduced,
                 local_experts=m.local_experts, shapes={n: tuple(p.shape) for n, p in m.named_parameters()})
@@ -237,6 +242,12 @@ def test_matches_single_process(group_results, name):
     assert torch.equal(summed["kept_counts"], out.expert_counts.long())
     if name.startswith("skewed") and world == 4:
         assert out.expert_counts[2:].sum() == 0, "the skewed case should leave ranks 1..3 without rows"
+    if m.score_bias is not None:  # update_score_bias on the group's counts: the single process's update, every rank
+        before = m.score_bias.clone()
+        m.update_score_bias(out.expert_counts, rate=0.125)
+        assert not torch.equal(m.score_bias, before), "the update should move some bias"
+        for r in range(world):
+            assert torch.equal(results[(name, r)]["bias"], m.score_bias), f"rank {r} score_bias after the update"
 
 
 def test_placement_contiguous_and_lists():
