@@ -1029,6 +1029,7 @@ def _sy_torch_modules(sy_torch, h, f, e, k, wg, w13, w2, q13, s13, q2, s2):
     kw = dict(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax", renormalize=False,
               activation="swiglu")
     bf = sy_torch.MoE(sy_torch.MoEConfig(**kw), dtype=torch.bfloat16, device="meta", return_stats=False)
+    bf.fused_max_tokens = 0  # the staged ops, as the fp8 module (quantised modules never take the fused op)
     bf.gate = torch.nn.Parameter(wg, requires_grad=False)
     bf.w13 = torch.nn.Parameter(w13, requires_grad=False)
     bf.w2 = torch.nn.Parameter(w2, requires_grad=False)
@@ -1059,7 +1060,8 @@ def fp8_mode(args):
       switchyard (CLI)  `switchyard bench --quant none` and `--quant fp8-block` (one call each for all T: the CLI's
                         random bf16 weights, then for fp8 the same values quantised on the GPU and checked against the
                         host recipe), eager (inputs rotated past L2) and CUDA-graph replay, with the stage times and
-                        the CLI's floor; --fp8-fused also runs both with --fused-max-tokens -1 (T <= 64 fused);
+                        the CLI's floor, staged (--fused-max-tokens 0); --fp8-fused also runs both with
+                        --fused-max-tokens 64 (the fused path for T <= 64);
       vllm-fp8          vLLM's fused_moe_kernel with use_fp8_w8a8 and block_shape [128, 128] (bench/vllm_peer.py),
                         activations quantised per token and 128 channels as vLLM's per_token_group_quant_fp8;
       sy-torch-fp8/-bf16 switchyard.torch.MoE (--torch-lib) on the SAME codes/scales and bf16 weights as vllm-fp8,
@@ -1349,7 +1351,7 @@ def main():
     p.add_argument("--fp8-check-tokens", type=int, default=64,
                    help="--fp8: tokens of the output check (0: none)")
     p.add_argument("--fp8-fused", action="store_true",
-                   help="--fp8: also run the CLI with --fused-max-tokens -1 (the fused path for T <= 64)")
+                   help="--fp8: also run the CLI with --fused-max-tokens 64 (the fused path for T <= 64)")
     p.add_argument("--decode", action="store_true",
                    help="decode-sized batches (tokens default 1,2,4,8,16,32,64): switchyard.torch.MoE fused and "
                         "staged, sort path, vLLM peer; eager and CUDA-graph replay, with the floor")
