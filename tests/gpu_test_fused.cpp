@@ -1,5 +1,5 @@
-// tests/gpu_test_fused.cpp: the fused small-batch path (stages.h: route_fused, experts_fused; MoELayer's automatic
-// choice for T <= 64) on CUDA against the CPU specification, for T in {1, 2, 3, 7, 16, 33, 64} and every routing
+// tests/gpu_test_fused.cpp: the fused small-batch path (stages.h: route_fused, experts_fused; MoELayer forced onto
+// it with set_fused_max_tokens(64), whatever the automatic rule would pick) on CUDA against the CPU specification, for T in {1, 2, 3, 7, 16, 33, 64} and every routing
 // option: softmax / sigmoid / top-k-softmax scores, selection bias, group-limited top-k, renormalisation, routed
 // scale, capacity with both drop policies, expert choice, shared experts (gated or not), every activation.
 //
@@ -7,7 +7,7 @@
 // plan must be equal (weights to 1e-6: the same double arithmetic on the same fp32 logits); the CPU's experts_fused
 // (the chain gather .. combine, double sums, each stored value rounded to the dtype) on those routes is the
 // reference for y: normwise relative error <= the dtype's rounding (bf16 1e-2, fp16 2e-3) and every element within
-// rtol * (|want| + rms(want)). The logits themselves are compared with the CPU router GEMM (fp32 sums of H products
+// rtol * (|want| + rms(want)) plus one rounding of each weighted expert output and of the shared output (y_close). The logits themselves are compared with the CPU router GEMM (fp32 sums of H products
 // vs double). Each forward runs twice on poisoned buffers and must be bitwise equal; a graph replay on new inputs
 // must equal an eager forward bitwise.
 #include <cuda_runtime.h>

@@ -388,7 +388,8 @@ TEST_P(GpuMoE, MatchesReferenceAndIsDeterministic) {
     ASSERT_TRUE(gemm_supported(L.cfg, c.T)) << "grouped_gemm does not support this shape";
     const int64_t T = c.T, H = c.H, E = c.E, k = c.k;
     const DType dt = c.dtype;
-    const MoELayer layer(L.cfg, L.weights);
+    MoELayer layer(L.cfg, L.weights);
+    layer.set_fused_max_tokens(0);  // the staged chain (the fused path has gpu_test_fused.cpp)
     const size_t ws_bytes = layer.workspace_size(T);
     DeviceBuffer ws(ws_bytes), d_y(T * H * dtype_size(dt) + 16), d_logits(T * E * 4 + 4), d_ids(T * k * 4 + 4),
         d_w(T * k * 4 + 4), d_slot(T * k * 4 + 4);
@@ -477,7 +478,8 @@ TEST(GpuMoEGraph, ReplayOnNewInputsMatchesEager) {
     Layer L(c, seed);
     const int64_t T = c.T, H = c.H;
     const size_t ybytes = T * H * 2;
-    const MoELayer layer(L.cfg, L.weights);
+    MoELayer layer(L.cfg, L.weights);
+    layer.set_fused_max_tokens(0);  // the staged chain (the fused path has gpu_test_fused.cpp)
     const size_t ws_bytes = layer.workspace_size(T);
     DeviceBuffer ws(ws_bytes), d_y(ybytes), d_y_eager(ybytes), d_slot(T * c.k * 4);
     TensorRef tx(L.d_x.get(), c.dtype, {T, H}, Device::kCUDA), ty(d_y.get(), c.dtype, {T, H}, Device::kCUDA),

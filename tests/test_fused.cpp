@@ -229,6 +229,17 @@ TEST(FusedStages, AutomaticChoiceFollowsTheMeasuredThreshold) {
     edge.num_experts = 64;
     EXPECT_TRUE(fused_path_preferred(edge, Device::kCUDA, fits / 2));   // min(T * 2, 64) = fits experts
     EXPECT_FALSE(fused_path_preferred(edge, Device::kCUDA, fits / 2 + 1));
+    // Exactly at the threshold (it is inclusive), non-gated: ReLU, (F + F) * H * 2 bytes = 5 MiB per expert, top-1:
+    // 32 tokens stream 160 MiB, 33 do not; with E = 32 the experts a batch can hit stop at 32, so 64 tokens still
+    // qualify. A shared expert's bytes count too.
+    MoEConfig relu = shape(1024, 1280, 64, 1, 0);
+    relu.activation = Activation::kReLU;
+    EXPECT_TRUE(fused_path_preferred(relu, Device::kCUDA, 32));
+    EXPECT_FALSE(fused_path_preferred(relu, Device::kCUDA, 33));
+    relu.num_experts = 32;
+    EXPECT_TRUE(fused_path_preferred(relu, Device::kCUDA, 64));
+    relu.num_shared_experts = 1, relu.shared_ffn_size = 16;  // + 32 * 1024 * 2 bytes
+    EXPECT_FALSE(fused_path_preferred(relu, Device::kCUDA, 64));
 }
 
 TEST(FusedStages, LayerPathChoice) {
