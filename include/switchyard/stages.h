@@ -226,11 +226,13 @@ constexpr int64_t fused_path_max_tokens() { return 64; }
 // The automatic choice (MoELayer's default, switchyard.torch.MoE's too): the fused path where it is supported and
 // the expert weights a batch of num_tokens tokens can stream -- min(T * top_k, E) routed experts plus the shared
 // expert, at the weights' element size -- come to at most fused_path_auto_bytes(cfg.quant_mode). The thresholds are
-// measured (bench/NOTES.md, "Fused small-batch path"; H100): the fused kernels stream at ~60% of the copy rate where
-// the staged GEMMs reach 70-97%, and the staged chain costs ~45-50 us more in launches (bf16), so the fused path wins
-// only where the weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or DeepSeek-V3 at any
-// T). The staged FP8 chain adds two activation quantisers, and there the fused path won at T = 1 for all three shapes
-// (336 MiB for Mixtral and DeepSeek-V3's routed experts) and lost or tied at T = 16 (>= 576 MiB).
+// measured (bench/NOTES.md, "Fused small-batch path"; H100): the fused kernels reach 40-68% of the floor (weights of
+// the experts hit over the copy rate), the staged chain 85-98% once the weights dominate but with a fixed cost of
+// ~45-50 us of launches and small kernels (Qwen3-30B-A3B T = 1: 77 us for a 25 us floor, fused 64 us), so the fused
+// path wins only where the weights take under ~60 us to read (Qwen3-30B-A3B at T = 1 and 2; not Mixtral or
+// DeepSeek-V3 at any T). The staged FP8 chain adds two activation quantisers, and there the fused path won at T = 1
+// for all three shapes (336 MiB for Mixtral and DeepSeek-V3's routed experts) and lost or tied at T = 16 (>= 576
+// MiB). switchyard.torch.MoE runs quantised modules on the staged ops only, so the FP8 threshold is MoELayer's.
 constexpr int64_t fused_path_auto_bytes(QuantMode mode) {
     return mode == QuantMode::kNone ? int64_t{160} << 20 : int64_t{512} << 20;
 }
