@@ -127,11 +127,17 @@ def _worker(rank, world, init_file, out_dir, names):
         for name in names:
             torch.save(_run_case(name, rank, world, ep), os.path.join(out_dir, f"{name}.{rank}.pt"))
         dist.barrier()
-        dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"error.{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    # Every rank's results are on disk and every rank has passed the barrier: leave without tearing gloo down.
+    # A CI run saw one rank of four abort at exit with "terminate called without an active exception" (a gloo
+    # thread still joinable when the process group is destroyed), after its results were written; the test checks
+    # the results, not torch's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_group(world, names, deadline_s=240):
