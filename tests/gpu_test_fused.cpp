@@ -180,7 +180,7 @@ ChainTerms chain_terms(const MoEConfig& cfg, const TensorRef& x, const MoEWeight
     ChainTerms terms;
     terms.out = testing::decode(out, dt);
     if (S > 0) {
-        const int64_t R13s = is_gated(cfg.activation) ? 2 * S : S;
+        const int64_t R13s = cfg.shared_w13_rows();
         std::vector<uint8_t> sg(T * R13s * sz), sh(T * S * sz), so(T * H * sz);
         std::vector<uint8_t> sws(std::max(grouped_gemm_workspace_size(Device::kCPU, dt, 1, R13s, H, T),
                                           grouped_gemm_workspace_size(Device::kCPU, dt, 1, H, S, T)) + 1);

@@ -193,9 +193,6 @@ bool nccl_available() { return false; }
 namespace {
 
 bool has_shared(const MoEConfig& cfg) { return cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0; }
-int64_t shared_rows(const MoEConfig& cfg) {
-    return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
-}
 
 // The part of the workspace that depends on the rank's token count.
 struct HomeSlices {
@@ -261,7 +258,7 @@ HomeSlices home_slices(const MoEConfig& cfg, Device dev, int world, int64_t num_
     s.xs = take("send_rows", pairs * H * es);
     s.local_offsets = static_cast<int32_t*>(take("local_offsets", i4 * (num_local + 1)));
     if (has_shared(cfg)) {
-        s.shared_g1 = take("shared_g1", T * shared_rows(cfg) * es);
+        s.shared_g1 = take("shared_g1", T * cfg.shared_w13_rows() * es);
         s.shared_h = take("shared_h", T * cfg.shared_width() * es);
         s.shared_out = take("shared_out", T * H * es);
         if (cfg.shared_expert_gate) s.shared_gate = static_cast<float*>(take("shared_gate", sizeof(float) * T));
@@ -290,7 +287,7 @@ RecvSlices recv_slices(const MoEConfig& cfg, Device dev, int64_t num_local, int6
     };
     size_t ws = std::max(gemm_ws(num_local, cfg.w13_rows(), H, rows, true), gemm_ws(num_local, H, cfg.ffn_size, rows, true));
     if (has_shared(cfg))
-        ws = std::max({ws, gemm_ws(1, shared_rows(cfg), H, T, false), gemm_ws(1, H, cfg.shared_width(), T, false)});
+        ws = std::max({ws, gemm_ws(1, cfg.shared_w13_rows(), H, T, false), gemm_ws(1, H, cfg.shared_width(), T, false)});
     s.gemm_ws_bytes = ws;
     s.gemm_ws = take("gemm_scratch", ws);
     return s;
@@ -606,7 +603,7 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
 
     TensorRef shared, shared_gate;
     if (has_shared(cfg) && T > 0) {
-        const TensorRef sg1 = view(s.shared_g1, cfg.dtype, {T, shared_rows(cfg)}, like);
+        const TensorRef sg1 = view(s.shared_g1, cfg.dtype, {T, cfg.shared_w13_rows()}, like);
         const TensorRef sh = view(s.shared_h, cfg.dtype, {T, cfg.shared_width()}, like);
         shared = view(s.shared_out, cfg.dtype, {T, H}, like);
         api::shared_expert(cfg, x, w, sg1, sh, shared, r.gemm_ws, r.gemm_ws_bytes, stream);

@@ -42,9 +42,6 @@ namespace switchyard {
 namespace {
 
 bool has_shared(const MoEConfig& cfg) { return cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0; }
-int64_t shared_rows(const MoEConfig& cfg) {
-    return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
-}
 
 // Rows of expert work reserved in the plan: T*k, or E*C under expert choice.
 int64_t expert_rows(const MoEConfig& cfg, int64_t num_tokens) {
@@ -123,11 +120,11 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
                               expert_gemm_ws(E, H, cfg.ffn_size, rows, true));
     if (has_shared(cfg)) {
         const int64_t s = cfg.shared_width();
-        l.shared_g1 = take("shared_g1", T * shared_rows(cfg) * es);
+        l.shared_g1 = take("shared_g1", T * cfg.shared_w13_rows() * es);
         l.shared_h = take("shared_h", T * s * es);
         l.shared_out = take("shared_out", T * H * es);
         if (cfg.shared_expert_gate) l.shared_gate = static_cast<float*>(take("shared_gate", sizeof(float) * T));
-        gemm_ws = std::max({gemm_ws, expert_gemm_ws(1, shared_rows(cfg), H, T, false),
+        gemm_ws = std::max({gemm_ws, expert_gemm_ws(1, cfg.shared_w13_rows(), H, T, false),
                             expert_gemm_ws(1, H, s, T, false)});
     }
     l.gemm_ws_bytes = gemm_ws;
@@ -316,7 +313,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& weights) : cfg_(cfg),
                          "shared_w13 is required when num_shared_experts=", cfg_.num_shared_experts);
         SWITCHYARD_CHECK(w_.shared_w2.defined(),
                          "shared_w2 is required when num_shared_experts=", cfg_.num_shared_experts);
-        check_matrix(w_.shared_w13, {shared_rows(cfg_), hidden}, "shared_w13", w_.shared_w13_scale,
+        check_matrix(w_.shared_w13, {cfg_.shared_w13_rows(), hidden}, "shared_w13", w_.shared_w13_scale,
                      "shared_w13_scale", w_.shared_w13_input_scale, "shared_w13_input_scale", 0);
         check_matrix(w_.shared_w2, {hidden, cfg_.shared_width()}, "shared_w2", w_.shared_w2_scale, "shared_w2_scale",
                      w_.shared_w2_input_scale, "shared_w2_input_scale", 0);
@@ -460,7 +457,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     stage_done("gemm2");
     TensorRef shared, shared_gate;
     if (has_shared(cfg_) && T > 0) {
-        const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, shared_rows(cfg_)}, like);
+        const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, cfg_.shared_w13_rows()}, like);
         const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
         shared = view(l.shared_out, cfg_.dtype, {T, H}, like);
         api::shared_expert(cfg_, x, w_, sg1, sh, shared, l.gemm_ws, l.gemm_ws_bytes, stream);

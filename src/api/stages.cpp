@@ -525,10 +525,6 @@ void load_stats(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& 
 
 namespace {
 
-int64_t shared_gemm_rows(const MoEConfig& cfg) {
-    return is_gated(cfg.activation) ? 2 * cfg.shared_width() : cfg.shared_width();
-}
-
 // The chain that experts_fused stands for, on the CPU backend (the specification), with host scratch; the expert
 // GEMMs are MoELayer's (api/expert_chain.h).
 void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,
@@ -548,7 +544,7 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeight
     api::expert_gemm(cfg, h, w.w2, w.w2_scale, w.w2_input_scale, plan.expert_offsets, xp, nullptr, 0, nullptr);
     TensorRef shared;
     if (w.shared_w13.defined()) {
-        const TensorRef sg1 = host(sg1_buf, T, shared_gemm_rows(cfg)), sh = host(sh_buf, T, cfg.shared_width());
+        const TensorRef sg1 = host(sg1_buf, T, cfg.shared_w13_rows()), sh = host(sh_buf, T, cfg.shared_width());
         shared = host(so_buf, T, H);
         api::shared_expert(cfg, x, w, sg1, sh, shared, nullptr, 0, nullptr);
     }
@@ -567,9 +563,9 @@ bool fused_path_supported(const MoEConfig& cfg, Device device, int64_t num_token
 bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens) {
     if (!fused_path_supported(cfg, device, num_tokens)) return false;
     const int64_t elem = cfg.quant_mode == QuantMode::kNone ? static_cast<int64_t>(dtype_size(cfg.dtype)) : 1;
-    const int64_t H = cfg.hidden_size, S = cfg.shared_width();
+    const int64_t H = cfg.hidden_size;
     const int64_t expert = (cfg.w13_rows() + cfg.ffn_size) * H * elem;
-    const int64_t shared = S > 0 ? ((is_gated(cfg.activation) ? 2 * S : S) + S) * H * elem : 0;
+    const int64_t shared = (cfg.shared_w13_rows() + cfg.shared_width()) * H * elem;
     const int64_t experts = std::min(num_tokens * cfg.top_k, cfg.num_experts);
     return experts * expert + shared <= fused_path_auto_bytes(cfg.quant_mode);
 }
@@ -686,7 +682,7 @@ void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w
                      "experts_fused: shared_gate_logits given without a shared expert");
     if (w.shared_w13.defined()) {
         SWITCHYARD_CHECK(cfg.shared_width() > 0, "experts_fused: shared expert weights given but the config has none");
-        check_matrix(w.shared_w13, {shared_gemm_rows(cfg), H}, "shared_w13", w.shared_w13_scale, "shared_w13_scale", 0);
+        check_matrix(w.shared_w13, {cfg.shared_w13_rows(), H}, "shared_w13", w.shared_w13_scale, "shared_w13_scale", 0);
         check_matrix(w.shared_w2, {H, cfg.shared_width()}, "shared_w2", w.shared_w2_scale, "shared_w2_scale", 0);
         if (shared_gate_logits.defined()) {
             check_tensor(shared_gate_logits, "shared_gate_logits", DType::kF32, {T, 1});
