@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench/compare_torch.py: PyTorch peers beside Switchyard, measured in one run on the GPU machine.
 
-Six modes:
+Seven modes:
 
   GEMM mode (default): the expert GEMMs of the DESIGN.md shapes, Switchyard's grouped GEMM beside
   torch._grouped_mm on identical problems (same per-expert row counts, same N/K, random bf16 data).
@@ -32,6 +32,11 @@ Six modes:
   torch ops (grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad: --torch-lib) beside torch._grouped_mm on the same
   tensors (for wgrad its 2-D x 2-D form grouped along the reduction), with the floor of each.
       python3 bench/compare_torch.py --train-gemms --torch-lib build/bindings/torch/_switchyard_torch.so
+
+  Prefill mode (--prefill; tokens default 4096,16384; issue 11): the forward as a user runs it, switchyard.torch.MoE
+  (eval, no_grad) beside the sort path and vLLM's Triton kernel on the module's weights, timed in alternation,
+  with the floor, each one's peak extra memory and Switchyard's output checked against the sort path.
+      python3 bench/compare_torch.py --prefill --torch-lib build/bindings/torch/_switchyard_torch.so
 
   Decode mode (--decode; tokens default 1,2,4,8,16,32,64; issue 12): whole layers at decode batch sizes, each
   timed eager and as a replayed CUDA graph (one call captured on a static x after warm-up):
@@ -480,6 +485,113 @@ def layer_mode(args):
         del wg, w13, w2
         torch.cuda.empty_cache()
     return dict(mode="layers", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
+                rows=results)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill mode (--prefill; issue 11): the forward as a user runs it, alternated with the peers
+# ---------------------------------------------------------------------------------------------------------------
+def prefill_mode(args):
+    """Forward of whole layers at prefill sizes (tokens default 4096,16384), eval mode under no_grad:
+
+    switchyard : switchyard.torch.MoE (--torch-lib; bf16, softmax top-k without renormalisation, SwiGLU), the staged
+                 torch ops a user gets for T > 64;
+    sort       : layer_sort (torch._grouped_mm), its router rounding the logits to bf16 as models do;
+    vllm       : vLLM's Triton fused_moe_kernel with vLLM's config for T (bench/vllm_peer.py; .deps/vllm carried).
+    All three use the module's weight tensors. Timed in alternation (time_interleaved) after each was run once
+    alone for its peak extra memory (max_memory_allocated beyond x and the weights). Floor as the layer mode:
+    max(FLOPs incl. the router / bf16 ceiling, (weights of the experts hit + x + y) / copy bandwidth), ceilings
+    measured here. Check: Switchyard's y against the sort path with Switchyard's selection (softmax of fp32 logits),
+    relative L2 over all rows, flagged above 1e-2."""
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    impls = [i for i in args.impls.split(",") if i in ("switchyard", "sort", "vllm")]
+    sy_torch, sy_why = load_switchyard_torch(args.torch_lib)
+    ceiling, copy_tbps = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (prefill forward, alternated)")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    if sy_torch is None:
+        print(f"switchyard: {sy_why}")
+    hdr = (f"{'model':<9}{'T':>6} {'floor ms':>9} " + "".join(f"{i + ' ms':>14}{'%floor':>8}" for i in impls) +
+           f" {'sy/sort':>8} {'sy/vllm':>8}  peak extra GB / check")
+    print(hdr)
+    print("-" * len(hdr))
+    results = []
+    torch.manual_seed(args.seed)
+    for m in models:
+        h, f, e, k = MODELS[m]
+        moe = None
+        if sy_torch is not None:
+            cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
+                                     renormalize=False, activation="swiglu")
+            moe = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="cuda", return_stats=False).eval()
+            wg, w13, w2 = moe.gate.detach(), moe.w13.detach(), moe.w2.detach()
+        else:
+            wg = torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+            w13 = torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
+            w2 = torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
+        for t in tokens:
+            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                _, ids = router(x, wg, k)
+            hit = int(torch.unique(ids).numel())
+            flops = 2.0 * t * h * e + t * k * 6.0 * h * f
+            bytes_ = hit * 3 * h * f * 2 + 2 * t * h * 2
+            floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+            fns, notes, peaks = {}, {}, {}
+            with torch.no_grad():
+                for impl in impls:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    try:
+                        if impl == "switchyard":
+                            if moe is None:
+                                notes[impl] = sy_why
+                                continue
+                            fn = lambda: moe(x)
+                        elif impl == "sort":
+                            fn = lambda: layer_sort(x, wg, w13, w2, k)
+                        else:
+                            fn, notes[impl] = vllm_layer_fn(x, wg, w13, w2, k, router_fn=router)
+                        for _ in range(2):
+                            fn()
+                        torch.cuda.synchronize()
+                        peaks[impl] = (torch.cuda.max_memory_allocated() - base) / 1e9
+                        fns[impl] = fn
+                    except PeerUnavailable as err:
+                        notes[impl] = f"not run: {err}"
+                    except torch.cuda.OutOfMemoryError:
+                        notes[impl] = "OOM"
+                        torch.cuda.empty_cache()
+                if "switchyard" in fns and "sort" in fns:
+                    wg32 = wg.float()
+                    fp32_router = lambda xx, _wg, kk: router_fp32(xx, wg32, kk)
+                    want = layer_sort(x, wg, w13, w2, k, router_fn=fp32_router).float()
+                    got = moe(x).float()
+                    rel = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+                    notes["switchyard"] = f"y vs sort (same selection): rel L2 {rel:.1e}" + \
+                        ("" if rel < 1e-2 else " (WRONG)")
+                    del want, got, wg32
+                names = list(fns)
+                times = dict(zip(names, time_interleaved([fns[n] for n in names], args.warmup, args.iters)))
+            row = dict(model=m, tokens=t, floor_ms=floor_ms, experts_hit=hit,
+                       ms={i: times.get(i) for i in impls}, peak_extra_gb={i: peaks.get(i) for i in impls},
+                       notes=notes)
+            results.append(row)
+            cells = "".join(f"{_fmt_ms(times.get(i), 14)}{_fmt_pct(100 * floor_ms / times[i] if i in times else None, 8)}"
+                            for i in impls)
+            sy = times.get("switchyard")
+            ratio = lambda o: sy / times[o] if sy and o in times else None
+            extra = " ".join(f"{i} {peaks[i]:.2f}" for i in impls if i in peaks)
+            print(f"{m:<9}{t:>6} {floor_ms:>9.3f} {cells} {_fmt_x(ratio('sort'), 8)} {_fmt_x(ratio('vllm'), 8)}  "
+                  f"{extra}; " + "; ".join(f"{i}: {n}" for i, n in notes.items()), flush=True)
+            del x, fns
+            torch.cuda.empty_cache()
+        del wg, w13, w2, moe
+        torch.cuda.empty_cache()
+    return dict(mode="prefill", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
                 rows=results)
 
 
@@ -1352,6 +1464,9 @@ def main():
                    help="--fp8: tokens of the output check (0: none)")
     p.add_argument("--fp8-fused", action="store_true",
                    help="--fp8: also run the CLI with --fused-max-tokens 64 (the fused path for T <= 64)")
+    p.add_argument("--prefill", action="store_true",
+                   help="issue 11's forward table (tokens default 4096,16384): switchyard.torch.MoE, sort path, vLLM, "
+                        "alternated, with floor, peak extra memory and an output check")
     p.add_argument("--decode", action="store_true",
                    help="decode-sized batches (tokens default 1,2,4,8,16,32,64): switchyard.torch.MoE fused and "
                         "staged, sort path, vLLM peer; eager and CUDA-graph replay, with the floor")
@@ -1361,7 +1476,10 @@ def main():
         args.tokens = args.tokens or "1,2,4,8,16,32,64"
     if args.fp8:
         args.tokens = args.tokens or "1,16,4096,16384"
-    args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms else "16,256,4096,16384")
+    if args.prefill:
+        args.impls = args.impls or "switchyard,sort,vllm"
+    args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms or args.prefill
+                                  else "16,256,4096,16384")
     if not args.decode and not args.fp8:
         args.impls = args.impls or "dense,loop,sort,switchyard"
     if not torch.cuda.is_available():
@@ -1373,6 +1491,8 @@ def main():
         res = decode_mode(args)
     elif args.train_gemms:
         res = train_gemm_mode(args)
+    elif args.prefill:
+        res = prefill_mode(args)
     else:
         res = (layer_train_mode(args) if args.train else layer_mode(args)) if args.layers else gemm_mode(args)
     if args.json:

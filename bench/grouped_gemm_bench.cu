@@ -11,10 +11,11 @@
 // alone are larger). In the same run the bf16 ceiling is measured with cuBLAS on 8192^3 and the copy bandwidth
 // with a 1 GiB device-to-device copy; the floor of a GEMM is max(FLOPs / ceiling, bytes / bandwidth) where the
 // bytes are the weights of every expert that receives a row plus A read and C written once.
-// --all-tiles also times every tile configuration (large / medium / small) besides the automatic choice.
+// --all-tiles also times every tile configuration (large / medium / small / large-n2 / large-c1: grouped_gemm.h)
+// besides the automatic choice.
 // --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
 // dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
-// rasterisations (raster-m / raster-n).
+// rasterisations (raster-m / raster-n), and dgrad with both clusters (large = 2x1, large-n2 = 1x2).
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -382,7 +383,9 @@ int main(int argc, char** argv) {
                         const std::pair<const char*, switchyard::cuda::GroupedGemmTile> all[] = {
                             {"large", switchyard::cuda::GroupedGemmTile::kLarge},
                             {"medium", switchyard::cuda::GroupedGemmTile::kMedium},
-                            {"small", switchyard::cuda::GroupedGemmTile::kSmall}};
+                            {"small", switchyard::cuda::GroupedGemmTile::kSmall},
+                            {"large-n2", switchyard::cuda::GroupedGemmTile::kLargeClusterN},
+                            {"large-c1", switchyard::cuda::GroupedGemmTile::kLargeNoCluster}};
                         // Every configuration is timed afresh, the automatic one included: on an H100 the first
                         // configuration timed on a new problem read up to 13% slower than the same one re-timed
                         // later (2026-11-27), so the automatic row's own time is not reused for the comparison.
@@ -433,6 +436,16 @@ int main(int argc, char** argv) {
                                                          time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
                                 }
                                 ga.raster = GemmRaster::kAuto;
+                                if (!wgrad) {  // dgrad's M is the expert's rows: both clusters, as the forward
+                                    using switchyard::cuda::GroupedGemmTile;
+                                    for (auto dt : {std::make_pair("large", GroupedGemmTile::kLarge),
+                                                    std::make_pair("large-n2", GroupedGemmTile::kLargeClusterN)}) {
+                                        ga.dgrad_tile = dt.second;
+                                        b.tiles.emplace_back(
+                                            dt.first, time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
+                                    }
+                                    ga.dgrad_tile = GroupedGemmTile::kAuto;
+                                }
                             }
                             rows.push_back(b);
                             print_row(b, ceil.bf16_tflops);

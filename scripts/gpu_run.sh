@@ -3,8 +3,14 @@
 #   bash scripts/gpu_run.sh [BUILD_DIR] [STEPS]
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
-# STEPS: comma list, run in this order: fused,tests,torch,train,balance,layers,gemm,memcheck,racecheck,
-#        fusedsan,decode,decodepeers,fp8bench,ncudecode,profile (default tests,torch,balance,layers,memcheck).
+# STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
+#        trainfb,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        (default tests,torch,balance,layers,memcheck).
+#        gemmtests: the grouped GEMM GPU tests alone; gemmtiles: grouped_gemm_bench --all-tiles --backward at
+#        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
+#        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated);
+#        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
+#        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
@@ -36,6 +42,11 @@ if has fused; then
     python3 -m pytest -q -m gpu -k "fused or fp8" tests/python/test_torch_gpu.py tests/python/test_torch_fp8.py \
     >"$OUT/fused_torch.log" 2>&1
   note "fused/fp8 torch gpu tests: rc=$? $(tail -1 "$OUT/fused_torch.log")"
+fi
+if has gemmtests; then
+  "$BUILD/tests/switchyard_gpu_tests" --gtest_filter='GpuGroupedGemm*' >"$OUT/gemm_tests.log" 2>&1
+  note "grouped gemm gpu tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|tests? ran' "$OUT/gemm_tests.log" | tr '\n' ' ')"
+  grep -E "^\[  FAILED  \]" "$OUT/gemm_tests.log" | head -20
 fi
 if has tests; then
   "$BUILD/tests/switchyard_gpu_tests" >"$OUT/gpu_tests.log" 2>&1
@@ -82,6 +93,24 @@ fi
 if has gemm; then
   "$BUILD/bench/grouped_gemm_bench" --backward --json "$OUT/gemm.json" >"$OUT/gemm.log" 2>&1
   note "gemm bench: rc=$?"
+fi
+if has gemmtiles; then
+  "$BUILD/bench/grouped_gemm_bench" --all-tiles --backward --tokens "${TILE_TOKENS:-4096,16384}" \
+    --json "$OUT/gemm_tiles.json" >"$OUT/gemm_tiles.log" 2>&1
+  note "gemm tiles bench: rc=$?"
+  grep -E "T=(4096|16384)" "$OUT/gemm_tiles.log" | sed -E 's/ +/ /g' | cut -c1-400
+fi
+if has prefill; then
+  python3 bench/compare_torch.py --prefill --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
+    --models "${MODELS:-mixtral,qwen3,deepseek}" --json "$OUT/prefill.json" >"$OUT/prefill.log" 2>&1
+  note "prefill table: rc=$?"
+  tail -12 "$OUT/prefill.log"
+fi
+if has trainfb; then
+  python3 bench/compare_torch.py --train --tokens "${TRAIN_TOKENS_FB:-16384}" --check \
+    --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/trainfb.json" >"$OUT/trainfb.log" 2>&1
+  note "train fwd+bwd table: rc=$?"
+  tail -10 "$OUT/trainfb.log"
 fi
 if has memcheck; then
   timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \
@@ -137,6 +166,16 @@ if has ncudecode; then
       >"$OUT/ncu_${run%%:*}_${run##*:}.csv" 2>&1
     note "ncu decode ${run}: rc=$? $(grep -cE 'decode_|route_plan|router_partials' "$OUT/ncu_${run%%:*}_${run##*:}.csv") metric rows"
   done
+fi
+if has ncuprefill; then
+  for shape in qwen3 deepseek-v3 mixtral; do
+    ncu --clock-control none --cache-control all --csv \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
+      "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
+      --no-graph --no-stages >"$OUT/ncu_prefill_$shape.csv" 2>&1
+    note "ncu prefill $shape: rc=$? $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu_prefill_$shape.csv") kernels"
+  done
+  python3 scripts/ncu_table.py "$OUT"/ncu_prefill_*.csv 2>&1 | tee "$OUT/ncu_prefill_table.txt" | tail -60
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1

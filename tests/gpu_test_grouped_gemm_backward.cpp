@@ -33,6 +33,7 @@ namespace {
 
 using cuda::GroupedGemmGradArgs;
 using cuda::GemmRaster;
+using cuda::GroupedGemmTile;
 using testing::DeviceBuffer;
 
 int gpu_major() {
@@ -64,6 +65,7 @@ struct Case {
     bool integer_inputs = true;
     bool graph = false;  // run through a captured CUDA graph, offsets changed after capture
     GemmRaster raster = GemmRaster::kAuto;
+    GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
     uint32_t seed = 1;
 };
 
@@ -71,6 +73,7 @@ std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
        << " slack=" << c.slack_rows << (c.integer_inputs ? " integer" : " real") << (c.graph ? " graph" : "")
+       << " dgrad_tile=" << static_cast<int>(c.dgrad_tile)
        << " seed=" << c.seed << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 16; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 16) os << ",...";
@@ -163,6 +166,7 @@ void run_case(const Case& c) {
     args.max_rows = max_rows;
     args.offsets = d_off.get<const int32_t>();
     args.raster = c.raster;
+    args.dgrad_tile = c.dgrad_tile;
     ASSERT_TRUE(cuda::grouped_gemm_grad_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -302,6 +306,28 @@ TEST(GpuGroupedGemmBackward, BothRasterOrders) {
             c.raster = r;
             c.seed = 151 + 7 * static_cast<uint32_t>(t) + static_cast<uint32_t>(r);
             run_case(c);
+        }
+    }
+}
+
+// bf16 dgrad under both clusters of the Cooperative tile (2x1 rounds each expert's M tiles up to a pair, 1x2 the N
+// tiles: K = 520 has three 256-wide tiles, so the 1x2 cluster's last CTA runs past N; K = 1024 has four).
+TEST(GpuGroupedGemmBackward, BothDgradClusters) {
+    SKIP_WITHOUT_GPU(DType::kBF16);
+    for (GroupedGemmTile tile : {GroupedGemmTile::kLarge, GroupedGemmTile::kLargeClusterN}) {
+        for (int64_t k : {520, 1024}) {
+            for (bool integer : {true, false}) {
+                Case c;
+                c.dtype = DType::kBF16;
+                c.counts = {0, 1, 7, 129, 300, 0, 3, 64, 257, 128};
+                c.n = 264;
+                c.k = k;
+                c.slack_rows = 3;
+                c.integer_inputs = integer;
+                c.dgrad_tile = tile;
+                c.seed = 171 + static_cast<uint32_t>(tile) * 5 + static_cast<uint32_t>(k) + (integer ? 0 : 1);
+                run_case(c);
+            }
         }
     }
 }

@@ -193,6 +193,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_op(const at::Ten
     });
 }
 
+at::Tensor router_gemm_op(const at::Tensor& x_in, const at::Tensor& gate_in) {
+    return guarded([&] {
+        const at::Tensor x = x_in.contiguous(), gate = gate_in.contiguous();
+        TORCH_CHECK(x.dim() == 2 && gate.dim() == 2, "switchyard.router_gemm: x [T, H] and gate [E, H] expected, got ",
+                    x.sizes(), " and ", gate.sizes());
+        at::Tensor logits = at::empty({x.size(0), gate.size(0)}, x.options().dtype(at::kFloat));
+        const Workspace ws = workspace_like(x, router_gemm_workspace_size(sy_device(x)));
+        router_gemm(ref(x), ref(gate), ref(logits), ws.ptr, ws.bytes, stream_of(x));
+        return logits;
+    });
+}
+
 at::Tensor gather_op(const at::Tensor& x_in, const at::Tensor& row_token_in) {
     return guarded([&] {
         const at::Tensor x = x_in.contiguous(), rt = row_token_in.contiguous();
@@ -458,6 +470,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("router_losses_backward(Tensor logits, Tensor topk_ids, Tensor d_losses, int score_function) -> Tensor");
     m.def("plan(Tensor topk_ids, Tensor topk_weights, int num_experts, float capacity_factor, int min_capacity, "
           "int drop_policy) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("router_gemm(Tensor x, Tensor gate) -> Tensor");
     m.def("gather(Tensor x, Tensor row_token) -> Tensor");
     m.def("gather_backward(Tensor d_xp, Tensor slot_row) -> Tensor");
     m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
@@ -487,6 +500,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("router_losses", &router_losses_op);                               \
     m.impl("router_losses_backward", &router_losses_backward_op);             \
     m.impl("plan", &plan_op);                                                 \
+    m.impl("router_gemm", &router_gemm_op);                                   \
     m.impl("gather", &gather_op);                                             \
     m.impl("gather_backward", &gather_backward_op);                           \
     m.impl("grouped_mm", &grouped_mm_op);                                     \

@@ -8,6 +8,8 @@
 // the tensors' device: CPU tensors run the CPU backend (double arithmetic; fp64 tensors give exact double results,
 // what gradcheck needs), CUDA tensors the CUDA kernels on torch's current stream, with outputs and workspaces from
 // torch's caching allocator (no host synchronisation).
+//   router_gemm (backward in torch.py)     x [T, H], gate [E, H] -> logits [T, E] fp32 (fp32 accumulation; on CUDA
+//                                          cuBLAS on x's dtype: bf16 x runs on the tensor cores, not cast to fp32)
 //   route / route_backward                 logits [T, E] -> topk_ids [T, k] int32, topk_weights [T, k]
 //   router_losses / router_losses_backward logits, ids -> [2] = (Switch aux loss, z-loss)
 //   plan                                   ids, weights -> offsets [E+1], slot_row [T, k], row_token [T*k], counts [E]

@@ -89,6 +89,11 @@ def _plan_fake(topk_ids, topk_weights, num_experts, capacity_factor, min_capacit
             topk_ids.new_empty((t * k,), **i32), topk_ids.new_empty((num_experts,), **i32))
 
 
+@torch.library.register_fake("switchyard::router_gemm")
+def _router_gemm_fake(x, gate):
+    return x.new_empty((x.shape[0], gate.shape[0]), dtype=torch.float32)
+
+
 @torch.library.register_fake("switchyard::gather")
 def _gather_fake(x, row_token):
     return x.new_empty((row_token.shape[0], x.shape[1]))
@@ -185,6 +190,22 @@ def _losses_backward(ctx, d_losses):
 
 
 torch.library.register_autograd("switchyard::router_losses", _losses_backward, setup_context=_losses_setup)
+
+
+# The router GEMM's gradients in fp32, as autograd takes them through F.linear(x.float(), gate.float()): d_logits is
+# fp32, dx and dgate are rounded once to their tensor's dtype.
+def _router_gemm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _router_gemm_backward(ctx, d_logits):
+    x, gate = ctx.saved_tensors
+    dx = (d_logits @ gate.to(d_logits.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dgate = (d_logits.t() @ x.to(d_logits.dtype)).to(gate.dtype) if ctx.needs_input_grad[1] else None
+    return dx, dgate
+
+
+torch.library.register_autograd("switchyard::router_gemm", _router_gemm_backward, setup_context=_router_gemm_setup)
 
 
 def _gmm_setup(ctx, inputs, output):
@@ -702,8 +723,13 @@ class MoE(nn.Module):
         diff = counts.sum() - counts.numel() * counts  # E * (mean - load_e), exact in integers
         self.score_bias.copy_((self.score_bias.double() + rate * torch.sign(diff).double()).float())
 
-    # Router logits [T, E], fp32 (fp64 when x is fp64). Subclasses change where the GEMM is rounded.
+    # Router logits [T, E], fp32 (fp64 when x is fp64). Subclasses change where the GEMM is rounded. The library's
+    # router_gemm stage (fp32 accumulation of the exact products, on the tensor cores for 16-bit x) when x and the
+    # gate share a dtype: it computes what F.linear(x.float(), gate.float()) does (another summation order) without
+    # the fp32 copy of x and the fp32 GEMM off the tensor cores (bench/NOTES.md, "Router GEMM in the torch module").
     def _router_logits(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.dtype != torch.float64 and self.gate.dtype == x2.dtype and self.gate.device == x2.device:
+            return _ops.router_gemm(x2, self.gate)
         logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
         return F.linear(x2.to(logit_dtype), self.gate.to(logit_dtype))
 

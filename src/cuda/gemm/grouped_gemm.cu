@@ -50,23 +50,27 @@ void check_sizes(const GroupedGemmArgs& g) {
 }
 
 sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
+    const bool bf16 = g.dtype == DType::kBF16;
     switch (g.tile) {
         case GroupedGemmTile::kLarge: return sm90::TileConfig::kCooperative128x256;
         case GroupedGemmTile::kSmall: return sm90::TileConfig::kPingpong64x128;
         case GroupedGemmTile::kMedium: return sm90::TileConfig::kPingpong128x128;
+        case GroupedGemmTile::kLargeClusterN:
+            return bf16 ? sm90::TileConfig::kCooperative128x256N2 : sm90::TileConfig::kCooperative128x256;
+        case GroupedGemmTile::kLargeNoCluster:
+            return bf16 ? sm90::TileConfig::kCooperative128x256C1 : sm90::TileConfig::kCooperative128x256;
         case GroupedGemmTile::kAuto: break;
     }
     // Measured on an H200 (bench/NOTES.md, change 2) and an H100 (2026-11-27) over the DESIGN.md expert shapes: with
     // few rows per group the 64-row Pingpong tile wastes the least MMA work and streams the weights fastest; up to 64
     // rows, and for short K (<= 1024: few k-steps per tile, so the epilogue matters) the 128x128 Pingpong tile, whose
     // two warpgroups overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest
-    // MMA rate). At 128 rows per group (DeepSeek-V3, T=4096) the 128x256 tile is 15-18% faster on the H100 and 3-4%
-    // slower on the H200: the rule follows DESIGN.md's card. fp16 has no 128x128 instantiation: two-way rule.
+    // MMA rate), with the cluster of cooperative_cluster_n. fp16 has no 128x128 or 1x2-cluster instantiation.
     const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
-    const bool has_medium = g.dtype == DType::kBF16;
     if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
-    if (avg_rows <= 64) return has_medium ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
-    if (g.k <= 1024 && has_medium) return sm90::TileConfig::kPingpong128x128;
+    if (avg_rows <= 64) return bf16 ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
+    if (g.k <= 1024 && bf16) return sm90::TileConfig::kPingpong128x128;
+    if (bf16 && cooperative_cluster_n(avg_rows, g.n)) return sm90::TileConfig::kCooperative128x256N2;
     return sm90::TileConfig::kCooperative128x256;
 }
 
@@ -135,7 +139,8 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
     // The largest over the tile configurations, so a caller may size once and let kAuto choose per call.
     size_t bytes = 0;
     for (auto tile : {sm90::TileConfig::kCooperative128x256, sm90::TileConfig::kPingpong64x128,
-                      sm90::TileConfig::kPingpong128x128}) {
+                      sm90::TileConfig::kPingpong128x128, sm90::TileConfig::kCooperative128x256N2,
+                      sm90::TileConfig::kCooperative128x256C1}) {
         bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
     }
     return bytes;

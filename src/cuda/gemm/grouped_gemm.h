@@ -21,14 +21,18 @@
 namespace switchyard {
 namespace cuda {
 
-// Tile configuration of the 16-bit path. kAuto picks from the average rows per group (max_rows / E), N and K
-// (grouped_gemm.cu, choose_tile): kSmall for <= 32 rows or N <= 128, kMedium for <= 64 rows or K <= 1024 (bf16),
-// else kLarge. The override exists for tests and benchmarks.
+// Tile configuration of the 16-bit path. kAuto picks from N, K and the average rows per group (max_rows / E)
+// (grouped_gemm.cu, choose_tile, which says what each rule rests on). The overrides exist for tests and benchmarks.
+// The cluster matters because CUTLASS's group scheduler rounds each group's M tiles up to a multiple of the
+// cluster's M extent, and a rounded-up tile runs the whole mainloop on zeros: with the 2x1 cluster an expert of
+// 129-256 rows costs 2 tiles but one of 257-384 rows costs 4.
 enum class GroupedGemmTile : int {
     kAuto = 0,
-    kLarge = 1,  // Cooperative 128x256x64, cluster 2x1x1
+    kLarge = 1,  // Cooperative 128x256x64, cluster 2x1x1 (the weight tile multicast to two M tiles)
     kSmall = 2,  // Pingpong 64x128x128, cluster 1x1x1
     kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
+    kLargeClusterN = 4,  // Cooperative 128x256x64, cluster 1x2x1 (the A tile multicast to two N tiles; bf16, else kLarge)
+    kLargeNoCluster = 5,  // Cooperative 128x256x64, cluster 1x1x1 (bf16, else kLarge)
 };
 
 // Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
@@ -95,6 +99,9 @@ struct GroupedGemmGradArgs {
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
     GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
+    // dgrad's tile (its M is the expert's rows, as the forward's): kAuto, kLarge or kLargeClusterN (bf16); wgrad
+    // (M = the weight's N, a multiple of the cluster's tiles) always runs kLarge.
+    GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

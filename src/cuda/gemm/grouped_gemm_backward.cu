@@ -176,14 +176,32 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return 0;
     const int sm_count = device_facts().sm_count;
-    return std::max(sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).workspace_size(args.num_groups, sm_count),
-                    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).workspace_size(args.num_groups, sm_count));
+    size_t bytes = sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).workspace_size(args.num_groups, sm_count);
+    for (bool n2 : {false, true}) {
+        bytes = std::max(bytes, sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, n2)
+                                    .workspace_size(args.num_groups, sm_count));
+    }
+    return bytes;
 }
+
+namespace {
+
+// dgrad's cluster: the forward's rule (cooperative_cluster_n) on its own (M, N) = (rows_e, K), or the override.
+bool dgrad_cluster_n(const GroupedGemmGradArgs& g) {
+    switch (g.dgrad_tile) {
+        case GroupedGemmTile::kLargeClusterN: return true;
+        case GroupedGemmTile::kAuto:
+            return cooperative_cluster_n(g.max_rows / std::max<int64_t>(g.num_groups, 1), g.k);
+        default: return false;
+    }
+}
+
+}  // namespace
 
 const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
-    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).name;
+    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, dgrad_cluster_n(args)).name;
 }
 
 const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
@@ -220,7 +238,8 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, dgrad_cluster_n(args))
+        .run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {

@@ -39,6 +39,8 @@ enum class TileConfig : int {
     kCooperative128x256 = 0,  // KernelPtrArrayTmaWarpSpecializedCooperative, tile 128x256x64, cluster 2x1x1
     kPingpong64x128 = 1,      // KernelPtrArrayTmaWarpSpecializedPingpong, tile 64x128x128, cluster 1x1x1
     kPingpong128x128 = 2,     // KernelPtrArrayTmaWarpSpecializedPingpong, tile 128x128x64, cluster 1x1x1 (bf16)
+    kCooperative128x256N2 = 3,  // as kCooperative128x256 with cluster 1x2x1 (bf16)
+    kCooperative128x256C1 = 4,  // as kCooperative128x256 with cluster 1x1x1 (bf16)
 };
 
 // The entry points of one compiled CUTLASS configuration; Args is GroupedGemmArgs (forward) or GroupedGemmGradArgs
@@ -57,6 +59,8 @@ using GemmOps = GemmOpsOf<GroupedGemmArgs>;
 extern const GemmOps kBF16Cooperative;  // grouped_gemm_sm90.cu
 extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
 extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
+extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
+extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 
@@ -65,6 +69,8 @@ inline const GemmOps& ops_for(DType dtype, TileConfig tile) {
         switch (tile) {
             case TileConfig::kPingpong64x128: return kBF16Pingpong;
             case TileConfig::kPingpong128x128: return kBF16Pingpong128;
+            case TileConfig::kCooperative128x256N2: return kBF16CooperativeN2;
+            case TileConfig::kCooperative128x256C1: return kBF16CooperativeC1;
             default: return kBF16Cooperative;
         }
     }
@@ -91,6 +97,17 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 // and (16-bit types) n and k are multiples of 8 (16-byte TMA rows). `what` names the caller in the message.
 void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
                       int64_t max_rows);
+
+// For the Cooperative 128x256 tile (forward and dgrad, whose M is the expert's rows): true for the 1x2 cluster,
+// false for the 2x1. CUTLASS's group scheduler rounds a group's M tiles up to the cluster's M extent and runs the
+// rounded-up tiles on zeros, so the 2x1 cluster costs up to one 128-row tile of MMA per expert; the 1x2 cluster
+// rounds the N tiles instead (free when ceil(N / 256) is even) but multicasts the smaller operand (A, not the
+// weights). The 1x2 cluster is taken when N allows it and the average expert has few M tiles (the threshold is
+// measured: bench/NOTES.md, "Cluster shape and M padding").
+constexpr int64_t kClusterNMaxRows = 1024;
+inline bool cooperative_cluster_n(int64_t avg_rows, int64_t n) {
+    return (n + 255) / 256 % 2 == 0 && avg_rows <= kClusterNMaxRows;
+}
 
 // GemmRaster::kAuto resolved (grouped_gemm.h says why it is kAlongM).
 inline GemmRaster resolve_raster(GemmRaster r) { return r == GemmRaster::kAuto ? GemmRaster::kAlongM : r; }

@@ -35,14 +35,16 @@ enum class GradLayout : int {
 // wgrad's run does not zero the dB of empty groups (the dispatcher does).
 using GradGemmOps = GemmOpsOf<GroupedGemmGradArgs>;
 
-// One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1.
+// One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1, and bf16 dgrad also has the
+// cluster 1x2x1 twin (the forward's kCooperative128x256N2, for the same reason: dgrad's M is the expert's rows).
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
+extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 
-inline const GradGemmOps& grad_ops_for(DType dtype, GradLayout layout) {
-    if (dtype == DType::kBF16) return layout == GradLayout::kDgrad ? kBF16Dgrad : kBF16Wgrad;
+inline const GradGemmOps& grad_ops_for(DType dtype, GradLayout layout, bool cluster_n2 = false) {
+    if (dtype == DType::kBF16) return layout == GradLayout::kDgrad ? (cluster_n2 ? kBF16DgradN2 : kBF16Dgrad) : kBF16Wgrad;
     return layout == GradLayout::kDgrad ? kF16Dgrad : kF16Wgrad;
 }
 

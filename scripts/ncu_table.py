@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""scripts/ncu_table.py: one table per Nsight Compute CSV (ncu --csv --metrics ..., the long format: one row per
+kernel launch and metric), for bench/NOTES.md.
+
+    python3 scripts/ncu_table.py ncu_prefill_qwen3.csv [more.csv ...]
+
+Per launch: kernel (shortened), time (us), DRAM read and written (MB), achieved DRAM bandwidth (TB/s, bytes read +
+written over the kernel's time), DRAM and SM throughput (% of peak, as ncu reports them). A last line sums the
+launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
+import csv
+import re
+import sys
+
+UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
+         "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "%": 1.0}
+
+
+def short(name):
+    name = re.sub(r"\(.*", "", name)  # argument lists
+    name = re.sub(r"<.*", "", name)   # template arguments
+    name = name.replace("cutlass::device_kernel", "cutlass").replace("void ", "")
+    return name.split("::")[-1][:44]
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    if not lines:
+        return []
+    launches = {}
+    for r in csv.DictReader(lines):
+        if "Metric Name" not in r or r.get("ID") in (None, "ID"):
+            continue
+        d = launches.setdefault(int(r["ID"]), {"kernel": r["Kernel Name"]})
+        try:
+            v = float(r["Metric Value"].replace(",", ""))
+        except ValueError:
+            continue
+        d[r["Metric Name"]] = v * UNITS.get(r.get("Metric Unit", ""), 1.0)
+    return [launches[i] for i in sorted(launches)]
+
+
+def main(paths):
+    for path in paths:
+        rows = rows_of(path)
+        print(f"== {path}: {len(rows)} launches")
+        print(f"{'kernel':<45}{'us':>9}{'read MB':>10}{'write MB':>10}{'TB/s':>7}{'dram%':>7}{'sm%':>7}")
+        tot_us = tot_r = tot_w = 0.0
+        for d in rows:
+            us = d.get("gpu__time_duration.sum", float("nan"))
+            rd = d.get("dram__bytes_read.sum", 0.0) / 1e6
+            wr = d.get("dram__bytes_write.sum", 0.0) / 1e6
+            tbps = (rd + wr) * 1e6 / (us * 1e-6) / 1e12 if us and us == us else float("nan")
+            print(f"{short(d['kernel']):<45}{us:>9.1f}{rd:>10.1f}{wr:>10.1f}{tbps:>7.2f}"
+                  f"{d.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}"
+                  f"{d.get('sm__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}")
+            if us == us:
+                tot_us += us
+            tot_r += rd
+            tot_w += wr
+        print(f"{'sum':<45}{tot_us:>9.1f}{tot_r:>10.1f}{tot_w:>10.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
