@@ -204,6 +204,34 @@ def test_opcheck():
     out = torch.randn(T * K, H, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.combine.default, (out, slot_row, w.requires_grad_(True), None))
     torch.library.opcheck(torch.ops.switchyard.router_losses.default, (logits, ids, 0))
+    xr = torch.randn(T, H, requires_grad=True)  # router_gemm takes fp32 / bf16 / fp16 (its logits are fp32)
+    gr = torch.randn(E, H, requires_grad=True)
+    torch.library.opcheck(torch.ops.switchyard.router_gemm.default, (xr, gr))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_gemm_is_the_fp32_linear(dtype):
+    """The module's router logits come from the router_gemm stage: the exact products summed (in double on the CPU,
+    rounded once to fp32), and its gradients are those autograd takes through torch.nn.functional.linear(x.float(), gate.float()),
+    rounded to each tensor's dtype."""
+    torch.manual_seed(67)
+    x = torch.randn(37, H, dtype=dtype, requires_grad=True)
+    gate = torch.randn(E, H, dtype=dtype, requires_grad=True)
+    logits = torch.ops.switchyard.router_gemm(x, gate)
+    assert logits.dtype == torch.float32 and logits.shape == (37, E)
+    assert torch.equal(logits, torch.nn.functional.linear(x.detach().double(), gate.detach().double()).float())
+    d = torch.randn(37, E)
+    dx, dg = torch.autograd.grad(logits, (x, gate), d)
+    x2 = x.detach().clone().requires_grad_(True)
+    g2 = gate.detach().clone().requires_grad_(True)
+    want_dx, want_dg = torch.autograd.grad(torch.nn.functional.linear(x2.float(), g2.float()), (x2, g2), d)
+    assert dx.dtype == dtype and dg.dtype == dtype
+    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
+    torch.testing.assert_close(dg, want_dg, rtol=0, atol=0)
+    cfg = st.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K)
+    m = st.MoE(cfg, dtype=dtype)
+    xm = torch.randn(5, H, dtype=dtype)
+    assert torch.equal(m._router_logits(xm), torch.ops.switchyard.router_gemm(xm, m.gate))
 
 
 # ---- MoEConfig options beyond the route/plan arguments ---------------------------------------------------------
