@@ -13,7 +13,7 @@
 // after round r of the k warp-argmax rounds lane r holds slot r. Grouped routing stages the biased scores of the
 // warp's token in shared memory ([E] fp64 per warp) so that one lane per group can find the group's best two.
 // Determinism: no float atomics; each warp owns a fixed set of tokens (grid-stride with a grid that depends on T
-// only) and the block sums its warps' statistics in warp order.
+// and on whether statistics are wanted, nothing else) and the block sums its warps' statistics in warp order.
 // E <= 32 without group limit: route_seg_kernel, one token per segment of kW = pow2 >= max(E, 4) lanes, 32 / kW
 // tokens per warp at once, log2(kW) shuffle rounds per reduction instead of 5. Exactness: the scoring is the same
 // fp64 code on the same fp32 logits as route_topk_kernel<1>; lanes >= E contributed exact zeros (sums) or -inf
@@ -34,6 +34,7 @@ namespace {
 
 constexpr int kRouterWarps = 4;        // warps (tokens in flight) per block
 constexpr int kRouterMaxBlocks = 264;  // 2 blocks per H100 SM; bounds the statistics partials
+constexpr int64_t kRouterMaxGridNoStats = 1 << 16;  // grid-stride beyond 2^18 tokens
 
 // kPerLane: experts per lane (E <= 32 * kPerLane). kGrouped: group-limited routing (uses dynamic shared memory).
 template <int kPerLane, bool kGrouped>
@@ -234,7 +235,15 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
         make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
     if (num_tokens == 0) return;
     const bool grouped = params.num_groups > 1;
-    const int blocks = router_stat_blocks(num_tokens);
+    // With statistics the grid is capped (it sizes the partials, and their fixed summation order depends on it); a
+    // token's ids and weights do not depend on which warp routes it, so without statistics every token gets a warp
+    // of its own (up to kRouterMaxGridNoStats blocks): the per-token chain (fp64 scoring, k warp-argmax rounds) is
+    // latency-bound, and the capped grid left 8 warps per SM with several tokens each.
+    const int64_t one_per_warp = ceil_div<int64_t>(num_tokens, kRouterWarps);
+    const int blocks = prob_partials != nullptr
+                           ? router_stat_blocks(num_tokens)
+                           : static_cast<int>(one_per_warp < kRouterMaxGridNoStats ? one_per_warp
+                                                                                    : kRouterMaxGridNoStats);
     const int64_t E = cfg.num_experts;
     if (E <= 32 && !grouped) {
         launch_seg(params, blocks, stream);
