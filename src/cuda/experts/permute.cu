@@ -16,6 +16,7 @@ namespace cuda {
 namespace {
 
 constexpr int kPermuteThreads = 128;
+constexpr int kPermuteUnroll = 4;
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kPermuteThreads)
@@ -33,10 +34,24 @@ __global__ void __launch_bounds__(kPermuteThreads)
     const T* src = x + static_cast<int64_t>(tok) * hidden;
     T* dst = xp + row * hidden;
     if constexpr (kVec) {
+        // All of a thread's loads (up to kPermuteUnroll 16-byte vectors) are issued before its stores, so that a row
+        // of up to kPermuteThreads * kPermuteUnroll vectors (8 KB: H = 4096 in bf16) is in flight at once.
         const int64_t nvec = hidden / kVecElems<T>;
         const uint4* s = reinterpret_cast<const uint4*>(src);
         uint4* d = reinterpret_cast<uint4*>(dst);
-        for (int64_t i = threadIdx.x; i < nvec; i += kPermuteThreads) d[i] = s[i];
+        for (int64_t base = threadIdx.x; base < nvec; base += kPermuteThreads * kPermuteUnroll) {
+            uint4 v[kPermuteUnroll];
+#pragma unroll
+            for (int u = 0; u < kPermuteUnroll; ++u) {
+                const int64_t i = base + u * kPermuteThreads;
+                if (i < nvec) v[u] = s[i];
+            }
+#pragma unroll
+            for (int u = 0; u < kPermuteUnroll; ++u) {
+                const int64_t i = base + u * kPermuteThreads;
+                if (i < nvec) d[i] = v[u];
+            }
+        }
     } else {
         for (int64_t i = threadIdx.x; i < hidden; i += kPermuteThreads) dst[i] = src[i];
     }
