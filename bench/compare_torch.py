@@ -541,6 +541,9 @@ def prefill_mode(args):
             fns, notes, peaks = {}, {}, {}
             with torch.no_grad():
                 for impl in impls:
+                    # The previous closure may hold the previous model's weights: drop it before the baseline (else
+                    # they are freed during the measurement and the peak reads as 0).
+                    fn = None
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
                     base = torch.cuda.memory_allocated()
