@@ -401,6 +401,19 @@ def check_switchyard_output(cli, x, wg, w13, w2, top_k):
     return float((y_sy - y_ref).norm() / y_ref.norm())
 
 
+def layer_floor(x, wg, model, ceiling, copy_tbps):
+    """The forward floor of a layer on x (the issue's definition): max(FLOPs incl. the router / bf16 ceiling,
+    (weights of the experts x's routing hits + x + y) / copy bandwidth). Returns (experts hit, FLOPs, floor ms)."""
+    t = x.shape[0]
+    h, f, e, k = MODELS[model]
+    with torch.no_grad():
+        _, ids = router(x, wg, k)
+    hit = int(torch.unique(ids).numel())
+    flops = 2.0 * t * h * e + t * k * 6.0 * h * f
+    bytes_ = hit * 3 * h * f * 2 + 2 * t * h * 2
+    return hit, flops, max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+
+
 def layer_mode(args):
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -420,12 +433,7 @@ def layer_mode(args):
         w2 = torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                _, ids = router(x, wg, k)
-            hit = int(torch.unique(ids).numel())
-            flops = 2.0 * t * h * e + t * k * 6.0 * h * f
-            bytes_ = hit * 3 * h * f * 2 + 2 * t * h * 2
-            floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+            hit, flops, floor_ms = layer_floor(x, wg, m, ceiling, copy_tbps)
             for impl in impls:
                 note = ""
                 extra = {}
@@ -491,6 +499,24 @@ def layer_mode(args):
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill mode (--prefill; issue 11): the forward as a user runs it, alternated with the peers
 # ---------------------------------------------------------------------------------------------------------------
+def bench_layer(sy_torch, model, train):
+    """The benchmark's layer weights for a model: a switchyard.torch.MoE (bf16, softmax top-k without
+    renormalisation, SwiGLU, return_stats=False; train() or eval()) and its (gate, w13, w2) parameters, or, without
+    the binding, plain tensors of the same initialisation (requires_grad when train). Returns (moe or None, params)."""
+    h, f, e, k = MODELS[model]
+    if sy_torch is not None:
+        cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
+                                 renormalize=False, activation="swiglu")
+        moe = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="cuda", return_stats=False).train(train)
+        return moe, [moe.gate, moe.w13, moe.w2]
+    params = [torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
+              torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
+              torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))]
+    for p_ in params:
+        p_.requires_grad_(train)
+    return None, params
+
+
 def prefill_mode(args):
     """Forward of whole layers at prefill sizes (tokens default 4096,16384), eval mode under no_grad:
 
@@ -520,24 +546,11 @@ def prefill_mode(args):
     torch.manual_seed(args.seed)
     for m in models:
         h, f, e, k = MODELS[m]
-        moe = None
-        if sy_torch is not None:
-            cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
-                                     renormalize=False, activation="swiglu")
-            moe = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="cuda", return_stats=False).eval()
-            wg, w13, w2 = moe.gate.detach(), moe.w13.detach(), moe.w2.detach()
-        else:
-            wg = torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
-            w13 = torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h))
-            w2 = torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))
+        moe, params = bench_layer(sy_torch, m, train=False)
+        wg, w13, w2 = (p_.detach() for p_ in params)
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                _, ids = router(x, wg, k)
-            hit = int(torch.unique(ids).numel())
-            flops = 2.0 * t * h * e + t * k * 6.0 * h * f
-            bytes_ = hit * 3 * h * f * 2 + 2 * t * h * 2
-            floor_ms = max(flops / (ceiling * 1e12), bytes_ / (copy_tbps * 1e12)) * 1e3
+            hit, flops, floor_ms = layer_floor(x, wg, m, ceiling, copy_tbps)
             fns, notes, peaks = {}, {}, {}
             with torch.no_grad():
                 for impl in impls:
@@ -592,7 +605,7 @@ def prefill_mode(args):
                   f"{extra}; " + "; ".join(f"{i}: {n}" for i, n in notes.items()), flush=True)
             del x, fns
             torch.cuda.empty_cache()
-        del wg, w13, w2, moe
+        del wg, w13, w2, moe, params
         torch.cuda.empty_cache()
     return dict(mode="prefill", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
                 rows=results)
@@ -646,28 +659,13 @@ def layer_train_mode(args):
     torch.manual_seed(args.seed)
     for m in models:
         h, f, e, k = MODELS[m]
-        moe = None
-        if sy_torch is not None:
-            cfg = sy_torch.MoEConfig(hidden_size=h, ffn_size=f, num_experts=e, top_k=k, score_function="softmax",
-                                     renormalize=False, activation="swiglu")
-            moe = sy_torch.MoE(cfg, dtype=torch.bfloat16, device="cuda", return_stats=False).train()
-            params = [moe.gate, moe.w13, moe.w2]
-        else:
-            params = [torch.empty(e, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
-                      torch.empty(e, 2 * f, h, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(h)),
-                      torch.empty(e, h, f, device="cuda", dtype=torch.bfloat16).normal_(0, 1 / math.sqrt(f))]
-            for p_ in params:
-                p_.requires_grad_(True)
+        moe, params = bench_layer(sy_torch, m, train=True)
         wg, w13, w2 = params
         grad_gb = sum(p_.numel() * p_.element_size() for p_ in params) / 1e9
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
-            with torch.no_grad():
-                _, ids = router(x, wg, k)
-            hit = int(torch.unique(ids).numel())
-            fwd_flops = 2.0 * t * h * e + t * k * 6.0 * h * f
-            fwd_bytes = hit * 3 * h * f * 2 + 2 * t * h * 2
-            floor_ms = 3 * max(fwd_flops / (ceiling * 1e12), fwd_bytes / (copy_tbps * 1e12)) * 1e3
+            hit, fwd_flops, fwd_floor_ms = layer_floor(x, wg, m, ceiling, copy_tbps)
+            floor_ms = 3 * fwd_floor_ms
             check, steps, rows = {}, {}, {}
             for impl in impls:  # peak memory (and the --check tensors) per implementation, alone
                 note, peak = f"param grads {grad_gb:.2f} GB", float("nan")

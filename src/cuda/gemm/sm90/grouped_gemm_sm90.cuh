@@ -34,32 +34,20 @@ namespace sm90 {
 using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // <M, N, K> per group
 using UnderlyingShape = ProblemShape::UnderlyingProblemShape;
 
-struct CooperativeConfig {
+// Cooperative 128x256x64 with a cluster of ClusterM x ClusterN CTAs. The 2x1 cluster multicasts the weight (B)
+// tile to two M tiles of one expert, the 1x2 cluster the A tile to two N tiles. CUTLASS's group scheduler rounds a
+// group's M tiles up to a multiple of ClusterM (and its N tiles to ClusterN), and the rounded-up tiles still run
+// the whole mainloop on TMA-filled zeros: with the 2x1 cluster an expert of 1-128 rows costs two M tiles of MMA.
+template <int ClusterM, int ClusterN>
+struct CooperativeClusterConfig {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
     using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-    using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+    using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
 };
-
-// The same tile with a 1x2 cluster: the two CTAs of a cluster take neighbouring N tiles of one expert and share its
-// A tile by multicast. The group scheduler rounds each expert's M tiles up to a multiple of the cluster's M extent,
-// and the rounded-up tiles still run the whole mainloop on TMA-filled zeros: with the 2x1 cluster an expert of 1-128
-// rows costs two M tiles of MMA. The 1x2 cluster rounds the N tiles instead, which costs nothing when ceil(N / 256)
-// is even (the heuristic in grouped_gemm.cu takes it only then).
-struct CooperativeN2Config {
-    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-    using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-    using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
-};
-
-// The same tile without a cluster (no multicast, nothing rounded).
-struct CooperativeC1Config {
-    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-    using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
-    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-};
+using CooperativeConfig = CooperativeClusterConfig<2, 1>;
+using CooperativeN2Config = CooperativeClusterConfig<1, 2>;
+using CooperativeC1Config = CooperativeClusterConfig<1, 1>;
 
 struct PingpongConfig {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
