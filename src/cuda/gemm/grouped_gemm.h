@@ -83,7 +83,8 @@ void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int6
 // dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
 // expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
-// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1;
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1, bf16
+// dgrad with a 1x2 cluster where its N tiles pair up and experts are small: dgrad_tile;
 // N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
 // (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
