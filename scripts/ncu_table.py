@@ -11,15 +11,30 @@ import csv
 import re
 import sys
 
+# Values are converted to bytes and microseconds; ncu writes either the short or the long unit names.
 UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12,
-         "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6, "%": 1.0}
+         "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+         "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
+         "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6, "%": 1.0}
 
 
 def short(name):
-    name = re.sub(r"\(.*", "", name)  # argument lists
-    name = re.sub(r"<.*", "", name)   # template arguments
-    name = name.replace("cutlass::device_kernel", "cutlass").replace("void ", "")
-    return name.split("::")[-1][:44]
+    name = name.replace("<unnamed>", "anon").replace("void ", "", 1)
+    depth, out = 0, []
+    for ch in name:  # drop template arguments (nested) and stop at the argument list
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            break
+        elif depth == 0:
+            out.append(ch)
+    base = "".join(out).split("::")[-1]
+    if base == "device_kernel":  # CUTLASS's kernel wrapper: name the tile it runs
+        m = re.search(r"Shape<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<(\d+)>", name)
+        base = "cutlass " + ("x".join(m.groups()) if m else "gemm")
+    return base[:44]
 
 
 def rows_of(path):

@@ -65,15 +65,16 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     // few rows per group the 64-row Pingpong tile wastes the least MMA work and streams the weights fastest; up to 64
     // rows, and for short K (<= 1024: few k-steps per tile, so the epilogue matters) the 128x128 Pingpong tile, whose
     // two warpgroups overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest
-    // MMA rate): without a cluster up to kClusterNMaxRows rows per expert (no M tile rounded up to a cluster pair:
+    // MMA rate): without a cluster up to kNoClusterMaxRows rows per expert (no M tile rounded up to a cluster pair:
     // grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above. Measured (bench/NOTES.md, "Cluster shape
-    // and M padding"): no cluster and the 1x2 cluster tie within a few percent and both beat 2x1 by 5-16% at
-    // 128-1024 rows; at Mixtral's 4096 rows the three tie. fp16 has only the 2x1 Cooperative tile.
+    // and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster is as fast as the 2x1 cluster or
+    // faster (up to 16% on the H200, 13% on the H100), the 1x2 cluster no better and on the H100 much slower on
+    // DeepSeek-V3; at Mixtral's 4096 rows they tie. fp16 has only the 2x1 Cooperative tile.
     const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
     if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
     if (avg_rows <= 64) return bf16 ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
     if (g.k <= 1024 && bf16) return sm90::TileConfig::kPingpong128x128;
-    if (bf16 && avg_rows <= kClusterNMaxRows) return sm90::TileConfig::kCooperative128x256C1;
+    if (bf16 && avg_rows <= kNoClusterMaxRows) return sm90::TileConfig::kCooperative128x256C1;
     return sm90::TileConfig::kCooperative128x256;
 }
 

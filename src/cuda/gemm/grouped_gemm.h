@@ -84,7 +84,7 @@ void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int6
 // expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
 // allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1, bf16
-// dgrad with a 1x2 cluster where its N tiles pair up and experts are small: dgrad_tile;
+// dgrad with a 1x2 cluster on request: dgrad_tile;
 // N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
 // (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
@@ -100,8 +100,8 @@ struct GroupedGemmGradArgs {
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
     GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
-    // dgrad's tile (its M is the expert's rows, as the forward's): kAuto, kLarge or kLargeClusterN (bf16); wgrad
-    // (M = the weight's N, a multiple of the cluster's tiles) always runs kLarge.
+    // dgrad's tile (its M is the expert's rows, as the forward's): kAuto (= kLarge, measured: grouped_gemm_backward.cu)
+    // or kLargeClusterN (bf16); wgrad (M = the weight's N, a multiple of the cluster's tiles) always runs kLarge.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
 };
 

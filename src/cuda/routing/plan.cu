@@ -159,12 +159,11 @@ constexpr int kAssignThreads = 256;    // one tile = 256 consecutive pairs, 8 wa
 constexpr int kAssignWarps = kAssignThreads / 32;
 constexpr int kMaxChunks = 512;
 
-// Chunk size (pairs): a multiple of the tile, as small as one tile, and at most kMaxChunks chunks. A function of n
-// only. Small chunks give the two per-chunk kernels more blocks (at 32768 pairs: 128 blocks of one tile each rather
-// than 32 blocks walking 4 tiles in sequence).
+// Chunk size (pairs): at least 1024, a multiple of the tile, and at most kMaxChunks chunks. A function of n only.
 int64_t plan_chunk_size(int64_t n) {
     const int64_t per = ceil_div<int64_t>(n, kMaxChunks);
-    return ceil_div<int64_t>(per, kAssignThreads) * kAssignThreads;
+    const int64_t c = ceil_div<int64_t>(per, kAssignThreads) * kAssignThreads;
+    return std::max<int64_t>(1024, c);
 }
 int64_t plan_num_chunks(int64_t n) { return n > 0 ? ceil_div<int64_t>(n, plan_chunk_size(n)) : 0; }
 

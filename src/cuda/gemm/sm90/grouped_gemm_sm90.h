@@ -98,16 +98,11 @@ inline bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr
 void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t max_groups, int64_t n, int64_t k,
                       int64_t max_rows);
 
-// For the Cooperative 128x256 tile (forward and dgrad, whose M is the expert's rows): true for the 1x2 cluster,
-// false for the 2x1. CUTLASS's group scheduler rounds a group's M tiles up to the cluster's M extent and runs the
-// rounded-up tiles on zeros, so the 2x1 cluster costs up to one 128-row tile of MMA per expert; the 1x2 cluster
-// rounds the N tiles instead (free when ceil(N / 256) is even) but multicasts the smaller operand (A, not the
-// weights). The 1x2 cluster is taken when N allows it and the average expert has few M tiles (the threshold is
-// measured: bench/NOTES.md, "Cluster shape and M padding").
-constexpr int64_t kClusterNMaxRows = 1024;
-inline bool cooperative_cluster_n(int64_t avg_rows, int64_t n) {
-    return (n + 255) / 256 % 2 == 0 && avg_rows <= kClusterNMaxRows;
-}
+// The forward's Cooperative 128x256 tile runs without a cluster up to this many rows per expert on average, with
+// the 2x1 cluster above (grouped_gemm.cu, choose_tile). CUTLASS's group scheduler rounds a group's M tiles up to the
+// cluster's M extent and runs the rounded-up tiles on zeros, so the 2x1 cluster costs up to one 128-row tile of MMA
+// per expert; where experts are large that is little, and the weight multicast pays for it.
+constexpr int64_t kNoClusterMaxRows = 1024;
 
 // GemmRaster::kAuto resolved (grouped_gemm.h says why it is kAlongM).
 inline GemmRaster resolve_raster(GemmRaster r) { return r == GemmRaster::kAuto ? GemmRaster::kAlongM : r; }
