@@ -798,7 +798,8 @@ DECODE_ROUTING = ("softmax over fp32 logits (x.float() @ gate.float().T), top-k,
 
 def router_fp32(x, wg32, top_k):
     """The decode mode's router: softmax top-k of fp32 logits, no renormalisation. wg32: the gate in fp32 (converted
-    once, outside the timed calls). This is what switchyard.torch.MoE computes (its router GEMM runs in fp32), so
+    once, outside the timed calls). This is what switchyard.torch.MoE computes (its router GEMM accumulates the exact
+    products in fp32; another summation order), so
     every implementation selects the same experts; the layer mode's router() rounds the logits to bf16 first, which
     changes the selection on near-ties."""
     logits = x.float() @ wg32.t()

@@ -31,9 +31,15 @@ def short(name):
         elif depth == 0:
             out.append(ch)
     base = "".join(out).split("::")[-1]
-    if base == "device_kernel":  # CUTLASS's kernel wrapper: name the tile it runs
-        m = re.search(r"Shape<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<(\d+)>", name)
-        base = "cutlass " + ("x".join(m.groups()) if m else "gemm")
+    if base == "device_kernel":  # CUTLASS's kernel wrapper: name the schedule, tile, cluster and stages it runs
+        m = re.search(r"WarpSpecialized\w*<(\d+), cute::tuple<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<1>>, "
+                      r"gemm::Kernel\w*?(Cooperative|Pingpong)\w*>, "
+                      r"cute::tuple<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<(\d+)>>", name)
+        if m:
+            stages, cm, cn, sched, tm, tn, tk = m.groups()
+            base = f"cutlass {sched.lower()} {tm}x{tn}x{tk} c{cm}x{cn} s{stages}"
+        else:
+            base = "cutlass gemm"
     return base[:44]
 
 

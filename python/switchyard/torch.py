@@ -3,7 +3,9 @@
 The layer runs as a chain of torch custom ops (``torch.ops.switchyard.*``, bindings/torch/ops.cpp), each with a
 fake (meta) implementation for shape inference and an autograd formula that calls its backward op:
 
-    logits [T, E]  = F.linear(x, gate)                      fp32 (fp64 when x is fp64); plain torch GEMM
+    logits [T, E]  = router_gemm(x, gate)                    fp32: the library's router GEMM (fp32 accumulation,
+                                                             tensor cores for 16-bit x); backward in torch, fp32;
+                                                             fp64 x (gradcheck): F.linear in fp64
     ids, w [T, k]  = route(logits, bias)                     backward: route_backward (selection held fixed)
     offsets, slot_row, row_token, counts = plan(ids, w)       integer outputs, no gradient
     g1 [T*k, R13]  = gathered_grouped_mm(x, row_token, w13)   = grouped_mm(gather(x, row_token), w13, offsets);
@@ -725,13 +727,13 @@ class MoE(nn.Module):
 
     # Router logits [T, E], fp32 (fp64 when x is fp64). Subclasses change where the GEMM is rounded. The library's
     # router_gemm stage (fp32 accumulation of the exact products, on the tensor cores for 16-bit x) when x and the
-    # gate share a dtype: it computes what F.linear(x.float(), gate.float()) does (another summation order) without
-    # the fp32 copy of x and the fp32 GEMM off the tensor cores (bench/NOTES.md, "Router GEMM in the torch module").
+    # gate share a dtype and device: it computes what F.linear(x.float(), gate.float()) does (another summation
+    # order) without the forward's fp32 copy of x and fp32 GEMM off the tensor cores (bench/NOTES.md, "Router and
+    # plan"); its backward still runs in fp32 (_router_gemm_backward).
     def _router_logits(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.dtype != torch.float64 and self.gate.dtype == x2.dtype and self.gate.device == x2.device:
             return _ops.router_gemm(x2, self.gate)
-        logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
-        return F.linear(x2.to(logit_dtype), self.gate.to(logit_dtype))
+        return _linear_logits(x2, self.gate)
 
     # Selection and combine weights: (ids [T, k] int32, w [T, k] differentiable in logits).
     def _route(self, logits: torch.Tensor):
@@ -882,6 +884,12 @@ def patch_model(model: nn.Module, **kwargs) -> int:
 _FP8_MATRICES = ("w13", "w2", "shared_w13", "shared_w2")
 
 
+# Router logits in plain torch: F.linear on x and the gate both in fp32 (fp64 when x is fp64).
+def _linear_logits(x2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    return F.linear(x2.to(logit_dtype), gate.to(logit_dtype))
+
+
 # Combine weights [T, k] from logits and a selection, in torch autograd (config's score function, renormalisation
 # and scale): what the route op computes for its weights, for code that selects in Python.
 def _weights_of(c: MoEConfig, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -905,7 +913,12 @@ def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = No
     the shared expert and its gate, the combine) is plain torch. Returns (y, logits, ids)."""
     c = module.config
     x2 = x.reshape(-1, c.hidden_size)
-    logits = module._router_logits(x2)
+    # The base module's logits in plain torch (an independent check of its router_gemm op); a subclass's own rule
+    # (switchyard.hf's logits in the input dtype, ...) as the subclass computes it.
+    if type(module)._router_logits is MoE._router_logits:
+        logits = _linear_logits(x2, module.gate)
+    else:
+        logits = module._router_logits(x2)
     if ids is None:
         ids, _ = module._route(logits.detach())
     ids_l = ids.long()

@@ -67,9 +67,11 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     // two warpgroups overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest
     // MMA rate): without a cluster up to kNoClusterMaxRows rows per expert (no M tile rounded up to a cluster pair:
     // grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above. Measured (bench/NOTES.md, "Cluster shape
-    // and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster is as fast as the 2x1 cluster or
-    // faster (up to 16% on the H200, 13% on the H100), the 1x2 cluster no better and on the H100 much slower on
-    // DeepSeek-V3; at Mixtral's 4096 rows they tie. fp16 has only the 2x1 Cooperative tile.
+    // and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster took up to 19% less time than the
+    // 2x1 cluster (H200; up to 13% on the H100) or tied within the runs' noise, except DeepSeek-V3's memory-bound
+    // GEMM1 at 128 rows (T = 4096), which Nsight showed 5% slower on the H100 than the day before with 2x1: without
+    // the multicast its weights are read 1.21x instead of 1.03x. The 1x2 cluster was no better, and on the H100
+    // much slower on DeepSeek-V3. At Mixtral's 4096 rows they tie. fp16 has only the 2x1 Cooperative tile.
     const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
     if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
     if (avg_rows <= 64) return bf16 ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;

@@ -101,7 +101,7 @@ struct GroupedGemmGradArgs {
     const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
     GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
     // dgrad's tile (its M is the expert's rows, as the forward's): kAuto (= kLarge, measured: grouped_gemm_backward.cu)
-    // or kLargeClusterN (bf16); wgrad (M = the weight's N, a multiple of the cluster's tiles) always runs kLarge.
+    // or kLargeClusterN (bf16; others are refused); wgrad (M = the weight's N, whatever the routing) runs kLarge.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
 };
 

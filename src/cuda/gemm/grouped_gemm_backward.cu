@@ -189,7 +189,13 @@ namespace {
 // dgrad's cluster: 2x1 unless the caller asks for 1x2. Measured on an H100 (bench/NOTES.md, "Cluster shape and M
 // padding"), the 1x2 dgrad was 26-55% slower than the 2x1 on DeepSeek-V3's shapes at T = 4096 and 16384 (on an
 // H200 it had been within a few percent either way), so the automatic choice stays 2x1.
-bool dgrad_cluster_n(const GroupedGemmGradArgs& g) { return g.dgrad_tile == GroupedGemmTile::kLargeClusterN; }
+bool dgrad_cluster_n(const GroupedGemmGradArgs& g) {
+    SWITCHYARD_CHECK(g.dgrad_tile == GroupedGemmTile::kAuto || g.dgrad_tile == GroupedGemmTile::kLarge ||
+                         g.dgrad_tile == GroupedGemmTile::kLargeClusterN,
+                     "grouped_gemm dgrad: dgrad_tile=", static_cast<int>(g.dgrad_tile),
+                     " is not a dgrad configuration (kAuto, kLarge or kLargeClusterN)");
+    return g.dgrad_tile == GroupedGemmTile::kLargeClusterN;
+}
 
 }  // namespace
 

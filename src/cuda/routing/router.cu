@@ -50,8 +50,10 @@ __global__ void __launch_bounds__(kRouterWarps * 32) route_topk_kernel(RouterPar
     for (int i = 0; i < kPerLane; ++i) prob_acc[i] = 0.0;
     double z_acc = 0.0;
 
-    for (int t = blockIdx.x * kRouterWarps + warp; t < p.num_tokens; t += gridDim.x * kRouterWarps) {
-        route_token_warp<kPerLane, kGrouped>(p, t, smem, warp, kRouterWarps, stats, prob_acc, z_acc);
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterWarps + warp; t < p.num_tokens;
+         t += static_cast<int64_t>(gridDim.x) * kRouterWarps) {
+        route_token_warp<kPerLane, kGrouped>(p, static_cast<int>(t), smem, warp, kRouterWarps, stats, prob_acc,
+                                             z_acc);
     }
 
     if (stats) {
@@ -235,16 +237,17 @@ void route_topk(const MoEConfig& cfg, const float* logits, const float* bias, in
         make_router_params(cfg, logits, bias, num_tokens, topk_ids, topk_weights, prob_partials, z_partials);
     if (num_tokens == 0) return;
     const bool grouped = params.num_groups > 1;
+    const int64_t E = cfg.num_experts;
     // With statistics the grid is capped (it sizes the partials, and their fixed summation order depends on it); a
-    // token's ids and weights do not depend on which warp routes it, so without statistics every token gets a warp
-    // of its own (up to kRouterMaxGridNoStats blocks): the per-token chain (fp64 scoring, k warp-argmax rounds) is
-    // latency-bound, and the capped grid left 8 warps per SM with several tokens each.
-    const int64_t one_per_warp = ceil_div<int64_t>(num_tokens, kRouterWarps);
+    // token's ids and weights do not depend on which warp routes it, so without statistics every warp gets one
+    // token (route_topk_kernel) or one segment group of 32 / seg_width(E) tokens (route_seg_kernel), up to
+    // kRouterMaxGridNoStats blocks: the per-token chain (fp64 scoring, k warp-argmax rounds) is latency-bound, and
+    // the capped grid left 8 warps per SM with several tokens each.
+    const int64_t tokens_per_warp = E <= 32 && !grouped ? 32 / seg_width(E) : 1;
+    const int64_t one_round = ceil_div<int64_t>(num_tokens, kRouterWarps * tokens_per_warp);
     const int blocks = prob_partials != nullptr
                            ? router_stat_blocks(num_tokens)
-                           : static_cast<int>(one_per_warp < kRouterMaxGridNoStats ? one_per_warp
-                                                                                    : kRouterMaxGridNoStats);
-    const int64_t E = cfg.num_experts;
+                           : static_cast<int>(one_round < kRouterMaxGridNoStats ? one_round : kRouterMaxGridNoStats);
     if (E <= 32 && !grouped) {
         launch_seg(params, blocks, stream);
     } else if (E <= 32) {
