@@ -53,6 +53,30 @@ def test_bf16_grads_match_plain_pytorch(kw):
         _close(f"grad {n}", a / scale, b / scale, 2e-2, 2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_gemm_on_cuda_is_the_fp32_linear(dtype):
+    """The module's router on CUDA (the router_gemm op: cuBLAS on x's dtype, fp32 accumulation and output) against
+    F.linear(x.float(), gate.float()): the same exact products, summed in another order (no TF32: fp32 rounding of a
+    sum of 512 terms), and the gradients autograd takes through that F.linear."""
+    torch.manual_seed(71)
+    x = torch.randn(300, 512, device="cuda", dtype=dtype, requires_grad=True)
+    gate = torch.randn(24, 512, device="cuda", dtype=dtype, requires_grad=True)
+    got = torch.ops.switchyard.router_gemm(x, gate)
+    x2 = x.detach().clone().requires_grad_(True)
+    g2 = gate.detach().clone().requires_grad_(True)
+    want = torch.nn.functional.linear(x2.double(), g2.double())
+    mag = torch.nn.functional.linear(x2.detach().double().abs(), g2.detach().double().abs())
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= 512 * 2.0 ** -24 * mag + 1e-30).all()
+    d = torch.randn_like(got)
+    dx, dg = torch.autograd.grad(got, (x, gate), d)
+    want_dx, want_dg = torch.autograd.grad(torch.nn.functional.linear(x2.float(), g2.float()), (x2, g2), d)
+    # the same fp32 products and sums (cuBLAS may pick another algorithm for them), one rounding to the dtype
+    tol = dict(rtol=2.0 ** -7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, want_dx, **tol)
+    torch.testing.assert_close(dg, want_dg, **tol)
+
+
 def test_backward_kernels_match_cpu_reference_fp32():
     """Each CUDA backward op against the CPU op (double) on identical fp32 inputs."""
     torch.manual_seed(3)
