@@ -401,6 +401,17 @@ def check_switchyard_output(cli, x, wg, w13, w2, top_k):
     return float((y_sy - y_ref).norm() / y_ref.norm())
 
 
+def start_table(what, hdr):
+    """Measures the ceilings, prints the device line (what: the mode, after the torch version), the ceilings and the
+    table header; returns (bf16 TFLOP/s, copy TB/s)."""
+    ceiling, copy_tbps = measure_ceilings()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}{what}")
+    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
+    print(hdr)
+    print("-" * len(hdr))
+    return ceiling, copy_tbps
+
+
 def layer_floor(x, wg, model, ceiling, copy_tbps):
     """The forward floor of a layer on x (the issue's definition): max(FLOPs incl. the router / bf16 ceiling,
     (weights of the experts x's routing hits + x + y) / copy bandwidth). Returns (experts hit, FLOPs, floor ms)."""
@@ -418,12 +429,8 @@ def layer_mode(args):
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     impls = args.impls.split(",")
-    ceiling, copy_tbps = measure_ceilings()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
-    hdr = f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note"
-    print(hdr)
-    print("-" * len(hdr))
+    ceiling, copy_tbps = start_table(
+        "", f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note")
     results = []
     torch.manual_seed(args.seed)
     for m in models:
@@ -533,15 +540,12 @@ def prefill_mode(args):
     tokens = [int(t) for t in args.tokens.split(",")]
     impls = [i for i in args.impls.split(",") if i in ("switchyard", "sort", "vllm")]
     sy_torch, sy_why = load_switchyard_torch(args.torch_lib)
-    ceiling, copy_tbps = measure_ceilings()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (prefill forward, alternated)")
-    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
     if sy_torch is None:
         print(f"switchyard: {sy_why}")
-    hdr = (f"{'model':<9}{'T':>6} {'floor ms':>9} " + "".join(f"{i + ' ms':>14}{'%floor':>8}" for i in impls) +
-           f" {'sy/sort':>8} {'sy/vllm':>8}  peak extra GB / check")
-    print(hdr)
-    print("-" * len(hdr))
+    ceiling, copy_tbps = start_table(
+        "  (prefill forward, alternated)",
+        f"{'model':<9}{'T':>6} {'floor ms':>9} " + "".join(f"{i + ' ms':>14}{'%floor':>8}" for i in impls) +
+        f" {'sy/sort':>8} {'sy/vllm':>8}  peak extra GB / check")
     results = []
     torch.manual_seed(args.seed)
     for m in models:
@@ -649,12 +653,9 @@ def layer_train_mode(args):
     tokens = [int(t) for t in args.tokens.split(",")]
     impls = [i for i in args.impls.split(",") if i in ("sort", "switchyard")] or ["sort", "switchyard"]
     sy_torch, sy_why = load_switchyard_torch(args.torch_lib) if "switchyard" in impls else (None, None)
-    ceiling, copy_tbps = measure_ceilings()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  (training: forward + backward)")
-    print(f"ceilings (measured here): bf16 {ceiling:.0f} TFLOP/s, copy {copy_tbps:.2f} TB/s")
-    hdr = f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note"
-    print(hdr)
-    print("-" * len(hdr))
+    ceiling, copy_tbps = start_table(
+        "  (training: forward + backward)",
+        f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note")
     results = []
     torch.manual_seed(args.seed)
     for m in models:
