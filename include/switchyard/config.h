@@ -116,6 +116,7 @@ struct MoEConfig {
     // Throws switchyard::Error naming the first bad parameter and its value.
     void validate() const;
     int64_t shared_width() const { return num_shared_experts * shared_ffn_size; }
+    bool has_shared_expert() const { return num_shared_experts > 0 && shared_ffn_size > 0; }
     int64_t w13_rows() const { return is_gated(activation) ? 2 * ffn_size : ffn_size; }
     int64_t shared_w13_rows() const { return is_gated(activation) ? 2 * shared_width() : shared_width(); }
     // Capacity per expert for a batch of num_tokens tokens (0 when dropless), clamped to num_tokens (no expert

@@ -192,7 +192,6 @@ bool nccl_available() { return false; }
 // ---- the layer ------------------------------------------------------------------------------------------------------
 namespace {
 
-bool has_shared(const MoEConfig& cfg) { return cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0; }
 
 // The part of the workspace that depends on the rank's token count.
 struct HomeSlices {
@@ -257,7 +256,7 @@ HomeSlices home_slices(const MoEConfig& cfg, Device dev, int world, int64_t num_
     s.plan_ws = take("plan_scratch", s.plan_ws_bytes);
     s.xs = take("send_rows", pairs * H * es);
     s.local_offsets = static_cast<int32_t*>(take("local_offsets", i4 * (num_local + 1)));
-    if (has_shared(cfg)) {
+    if (cfg.has_shared_expert()) {
         s.shared_g1 = take("shared_g1", T * cfg.shared_w13_rows() * es);
         s.shared_h = take("shared_h", T * cfg.shared_width() * es);
         s.shared_out = take("shared_out", T * H * es);
@@ -286,7 +285,7 @@ RecvSlices recv_slices(const MoEConfig& cfg, Device dev, int64_t num_local, int6
         return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
     };
     size_t ws = std::max(gemm_ws(num_local, cfg.w13_rows(), H, rows, true), gemm_ws(num_local, H, cfg.ffn_size, rows, true));
-    if (has_shared(cfg))
+    if (cfg.has_shared_expert())
         ws = std::max({ws, gemm_ws(1, cfg.shared_w13_rows(), H, T, false), gemm_ws(1, H, cfg.shared_width(), T, false)});
     s.gemm_ws_bytes = ws;
     s.gemm_ws = take("gemm_scratch", ws);
@@ -602,7 +601,7 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
     stage_done("return");
 
     TensorRef shared, shared_gate;
-    if (has_shared(cfg) && T > 0) {
+    if (cfg.has_shared_expert() && T > 0) {
         const TensorRef sg1 = view(s.shared_g1, cfg.dtype, {T, cfg.shared_w13_rows()}, like);
         const TensorRef sh = view(s.shared_h, cfg.dtype, {T, cfg.shared_width()}, like);
         shared = view(s.shared_out, cfg.dtype, {T, H}, like);

@@ -41,7 +41,6 @@
 namespace switchyard {
 namespace {
 
-bool has_shared(const MoEConfig& cfg) { return cfg.num_shared_experts > 0 && cfg.shared_ffn_size > 0; }
 
 // Rows of expert work reserved in the plan: T*k, or E*C under expert choice.
 int64_t expert_rows(const MoEConfig& cfg, int64_t num_tokens) {
@@ -118,7 +117,7 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     };
     size_t gemm_ws = std::max(expert_gemm_ws(E, cfg.w13_rows(), H, rows, true),
                               expert_gemm_ws(E, H, cfg.ffn_size, rows, true));
-    if (has_shared(cfg)) {
+    if (cfg.has_shared_expert()) {
         const int64_t s = cfg.shared_width();
         l.shared_g1 = take("shared_g1", T * cfg.shared_w13_rows() * es);
         l.shared_h = take("shared_h", T * s * es);
@@ -427,7 +426,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
 
     stage_done("begin");
     if (fused) {  // the small-batch path (stages.h): route_fused (or the routing chain) and experts_fused
-        const bool gated_shared = has_shared(cfg_) && cfg_.shared_expert_gate;
+        const bool gated_shared = cfg_.has_shared_expert() && cfg_.shared_expert_gate;
         const TensorRef shared_gate = gated_shared ? view(l.shared_gate, DType::kF32, {T, 1}, like) : TensorRef();
         if (!ec && cfg_.capacity_factor == 0.0) {
             route_fused(cfg_, x, w_.gate, w_.score_bias, gated_shared ? w_.shared_gate : TensorRef(), logits, ids,
@@ -456,7 +455,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
                      l.gemm_ws_bytes, stream);
     stage_done("gemm2");
     TensorRef shared, shared_gate;
-    if (has_shared(cfg_) && T > 0) {
+    if (cfg_.has_shared_expert() && T > 0) {
         const TensorRef sg1 = view(l.shared_g1, cfg_.dtype, {T, cfg_.shared_w13_rows()}, like);
         const TensorRef sh = view(l.shared_h, cfg_.dtype, {T, cfg_.shared_width()}, like);
         shared = view(l.shared_out, cfg_.dtype, {T, H}, like);

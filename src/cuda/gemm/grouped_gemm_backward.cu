@@ -236,11 +236,12 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     }
 
     const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
+    const bool cluster_n = dgrad_cluster_n(args);  // validates dgrad_tile before anything is enqueued
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, dgrad_cluster_n(args))
-        .run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, cluster_n).run(a, workspace, workspace_bytes,
+                                                                           facts.sm_count, stream);
 }
 
 void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
