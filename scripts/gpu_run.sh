@@ -4,13 +4,14 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone; gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
-#        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched).
+#        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched);
+#        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
@@ -111,6 +112,12 @@ if has trainfb; then
     --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/trainfb.json" >"$OUT/trainfb.log" 2>&1
   note "train fwd+bwd table: rc=$?"
   tail -10 "$OUT/trainfb.log"
+fi
+if has timeline; then
+  python3 bench/prefill_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
+    --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TOKENS:-4096}" >"$OUT/timeline.log" 2>&1
+  note "timeline: rc=$?"
+  head -8 "$OUT/timeline.log"
 fi
 if has memcheck; then
   timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Where a switchyard.torch.MoE forward's wall time goes between its kernels (issue 11's module-vs-kernels gap).
+
+For each model and T it measures the same layer four ways on one card, in alternation where it times:
+  event     : CUDA events around one forward, synchronised after each (how compare_torch.py --prefill times);
+  loop      : N forwards back to back between two events, divided by N (host launch latency hidden by the queue);
+  graph     : the forward captured once in a CUDA graph and replayed (no host work at all);
+  kernels   : torch.profiler's CUDA kernel records of one forward: the sum of kernel durations, the span from the
+              first kernel's start to the last one's end, and the idle gaps between kernels with what follows them.
+It also prints the host time of one forward (time.perf_counter around the launches, no synchronisation inside).
+
+    python3 bench/prefill_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3]
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from compare_torch import MODELS, bench_layer, load_switchyard_torch, time_interleaved  # noqa: E402
+
+
+def loop_ms(fn, n=20):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def host_ms(fn, n=20):
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def kernel_timeline(fn):
+    """(sum of kernel us, span us, [(gap us, next kernel name)]) of one call under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return 0.0, 0.0, [], []
+    busy = sum(e.time_range.elapsed_us() for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    gaps, rows = [], []
+    for prev, cur in zip(kernels, kernels[1:]):
+        gap = cur.time_range.start - prev.time_range.end
+        if gap > 2:
+            gaps.append((gap, cur.name[:60]))
+    for e in kernels:
+        rows.append((e.time_range.elapsed_us(), e.name[:70]))
+    return busy, span, gaps, rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--torch-lib", default=None)
+    p.add_argument("--models", default="qwen3,mixtral,deepseek")
+    p.add_argument("--tokens", default="4096")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    sy, why = load_switchyard_torch(args.torch_lib)
+    if sy is None:
+        sys.exit(f"switchyard.torch: {why}")
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"{'model':<9}{'T':>6} {'event ms':>9} {'loop ms':>9} {'graph ms':>9} {'host ms':>8} {'kern sum':>9} "
+          f"{'kern span':>9}")
+    torch.manual_seed(args.seed)
+    details = []
+    for m in args.models.split(","):
+        moe, _ = bench_layer(sy, m, train=False)
+        for t in [int(v) for v in args.tokens.split(",")]:
+            x = torch.randn(t, MODELS[m][0], device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                fn = lambda: moe(x)  # noqa: E731
+                fn()
+                torch.cuda.synchronize()
+                graph_ms = float("nan")
+                try:
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        fn()
+                    torch.cuda.current_stream().wait_stream(s)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        fn()
+                    replay = g.replay
+                except Exception as e:  # a host synchronisation inside the forward makes capture fail: say so
+                    print(f"  {m} T={t}: graph capture failed: {type(e).__name__}: {str(e)[:120]}")
+                    replay = None
+                fns = [fn] + ([replay] if replay else [])
+                ev = time_interleaved(fns, warmup=5, iters=20)
+                event_ms = ev[0]
+                if replay:
+                    graph_ms = ev[1]
+                lp = loop_ms(fn)
+                hm = host_ms(fn)
+                busy, span, gaps, rows = kernel_timeline(fn)
+            print(f"{m:<9}{t:>6} {event_ms:>9.3f} {lp:>9.3f} {graph_ms:>9.3f} {hm:>8.3f} {busy / 1e3:>9.3f} "
+                  f"{span / 1e3:>9.3f}", flush=True)
+            details.append((m, t, gaps, rows))
+            del fns, fn
+            replay = g = None
+            torch.cuda.synchronize()
+    for m, t, gaps, rows in details:
+        print(f"\n{m} T={t}: kernels of one forward (us, name)")
+        for us, name in rows:
+            print(f"  {us:9.1f}  {name}")
+        print(f"  gaps > 2 us before: " + ", ".join(f"{g:.0f} us -> {n}" for g, n in gaps[:20]))
+
+
+if __name__ == "__main__":
+    main()
