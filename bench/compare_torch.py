@@ -456,6 +456,13 @@ def layer_mode(args):
                             fn = lambda: layer_dense(x, wg, w13, w2, k, args.capacity_factor)
                         elif impl == "loop":
                             fn = lambda: layer_loop(x, wg, w13, w2, k)
+                        elif impl == "sy-gated":
+                            if moe is None:
+                                notes[impl] = sy_why
+                                continue
+                            if gated is None:
+                                gated = gated_twin(sy_torch, moe)
+                            fn = lambda: gated(x)
                         elif impl == "sort":
                             fn = lambda: layer_sort(x, wg, w13, w2, k)
                         elif impl == "switchyard":
@@ -524,11 +531,24 @@ def bench_layer(sy_torch, model, train):
     return None, params
 
 
+def gated_twin(sy_torch, moe):
+    """An eval-mode switchyard.torch.MoE sharing moe's router and w2 with an interleaved copy of its w13
+    (interleave_gate_up_), built on the meta device first so that no second set of random weights is allocated."""
+    twin = sy_torch.MoE(moe.config, dtype=moe.w13.dtype, device="meta", return_stats=False).eval()
+    twin.gate, twin.w2 = moe.gate, moe.w2
+    twin.w13 = torch.nn.Parameter(moe.w13.detach().clone(), requires_grad=False)
+    twin.interleave_gate_up_()
+    return twin
+
+
 def prefill_mode(args):
     """Forward of whole layers at prefill sizes (tokens default 4096,16384), eval mode under no_grad:
 
     switchyard : switchyard.torch.MoE (--torch-lib; bf16, softmax top-k without renormalisation, SwiGLU), the staged
                  torch ops a user gets for T > 64;
+    sy-gated   : the same module after interleave_gate_up_() (GEMM1 with SwiGLU in its epilogue), as a twin sharing
+                 the router and w2 with its own interleaved copy of w13 (so that every column reads one set of
+                 weights in alternation); its y is compared with switchyard's (the same values expected);
     sort       : layer_sort (torch._grouped_mm), its router rounding the logits to bf16 as models do;
     vllm       : vLLM's Triton fused_moe_kernel with vLLM's config for T (bench/vllm_peer.py; .deps/vllm carried).
     All three use the module's weight tensors. Timed in alternation (time_interleaved) after each was run once
@@ -538,7 +558,7 @@ def prefill_mode(args):
     relative L2 over all rows, flagged above 1e-2."""
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
-    impls = [i for i in args.impls.split(",") if i in ("switchyard", "sort", "vllm")]
+    impls = [i for i in args.impls.split(",") if i in ("switchyard", "sy-gated", "sort", "vllm")]
     sy_torch, sy_why = load_switchyard_torch(args.torch_lib)
     if sy_torch is None:
         print(f"switchyard: {sy_why}")
@@ -552,6 +572,7 @@ def prefill_mode(args):
         h, f, e, k = MODELS[m]
         moe, params = bench_layer(sy_torch, m, train=False)
         wg, w13, w2 = (p_.detach() for p_ in params)
+        gated = None
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
             hit, flops, floor_ms = layer_floor(x, wg, m, ceiling, copy_tbps)
@@ -571,6 +592,13 @@ def prefill_mode(args):
                                 notes[impl] = sy_why
                                 continue
                             fn = lambda: moe(x)
+                        elif impl == "sy-gated":
+                            if moe is None:
+                                notes[impl] = sy_why
+                                continue
+                            if gated is None:
+                                gated = gated_twin(sy_torch, moe)
+                            fn = lambda: gated(x)
                         elif impl == "sort":
                             fn = lambda: layer_sort(x, wg, w13, w2, k)
                         else:
@@ -594,6 +622,9 @@ def prefill_mode(args):
                     notes["switchyard"] = f"y vs sort (same selection): rel L2 {rel:.1e}" + \
                         ("" if rel < 1e-2 else " (WRONG)")
                     del want, got, wg32
+                if "switchyard" in fns and "sy-gated" in fns:
+                    same = torch.equal(moe(x), gated(x))
+                    notes["sy-gated"] = "y equal to switchyard's bitwise" if same else "y differs from switchyard's"
                 names = list(fns)
                 times = dict(zip(names, time_interleaved([fns[n] for n in names], args.warmup, args.iters)))
             row = dict(model=m, tokens=t, floor_ms=floor_ms, experts_hit=hit,
@@ -609,7 +640,7 @@ def prefill_mode(args):
                   f"{extra}; " + "; ".join(f"{i}: {n}" for i, n in notes.items()), flush=True)
             del x, fns
             torch.cuda.empty_cache()
-        del wg, w13, w2, moe, params
+        del wg, w13, w2, moe, params, gated
         torch.cuda.empty_cache()
     return dict(mode="prefill", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling, copy_tbps=copy_tbps,
                 rows=results)
@@ -1480,7 +1511,7 @@ def main():
     if args.fp8:
         args.tokens = args.tokens or "1,16,4096,16384"
     if args.prefill:
-        args.impls = args.impls or "switchyard,sort,vllm"
+        args.impls = args.impls or "switchyard,sy-gated,sort,vllm"
     args.tokens = args.tokens or ("4096,16384" if args.train or args.train_gemms or args.prefill
                                   else "16,256,4096,16384")
     if not args.decode and not args.fp8:

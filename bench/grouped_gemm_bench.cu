@@ -1,7 +1,7 @@
 // bench/grouped_gemm_bench.cu: times cuda::grouped_gemm (bf16) on the expert GEMMs of the DESIGN.md shapes.
 //
 // Run:  grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek] [--iters 20]
-//                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles] [--backward]
+//                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles] [--backward] [--gated]
 // For each model (H, F, E, k) and token count T: T*k rows are routed uniformly at random (each token picks k
 // distinct experts), giving per-expert row counts; the two expert GEMMs are timed:
 //   up   : [rows, H] x W13[E, 2F, H]^T -> [rows, 2F]      down : [rows, F] x W2[E, H, F]^T -> [rows, H]
@@ -16,6 +16,10 @@
 // --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
 // dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
 // rasterisations (raster-m / raster-n), and dgrad with both clusters (large = 2x1, large-n2 = 1x2).
+// --gated adds, after each up GEMM, GEMM1 followed by the SwiGLU activation two ways, timed in alternation (two
+// rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
+// back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
+// floor (weights hit + A read + h written).
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -33,6 +37,7 @@
 #include <vector>
 
 #include "cuda/gemm/grouped_gemm.h"
+#include "cuda/moe_stages.h"
 #include "switchyard/error.h"
 
 namespace {
@@ -67,6 +72,7 @@ struct Options {
     std::string json;
     bool all_tiles = false;
     bool backward = false;
+    bool gated = false;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -103,13 +109,15 @@ Options parse(int argc, char** argv) {
             o.json = next();
         } else if (a == "--all-tiles") {
             o.all_tiles = true;
+        } else if (a == "--gated") {
+            o.gated = true;
         } else if (a == "--backward") {
             o.backward = true;
         } else {
             std::printf(
                 "usage: grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek]\n"
                 "                          [--iters 20] [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]\n"
-                "                          [--backward]\n");
+                "                          [--backward] [--gated]\n");
             std::exit(a == "--help" ? 0 : 2);
         }
     }
@@ -400,6 +408,55 @@ int main(int argc, char** argv) {
                     }
                     rows.push_back(r);
                     print_row(r, ceil.bf16_tflops);
+                    if (o.gated && g.n == 2 * m.ffn) {
+                        // GEMM1 + SwiGLU: unfused (c then the activation kernel into h) and the gated epilogue
+                        // (h directly; b read as interleaved: random weights either way), alternated twice.
+                        std::vector<void*> hs(sets);
+                        for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaMalloc(&hs[s], size_t(total) * m.ffn * 2 + 16));
+                        switchyard::cuda::GroupedGemmArgs gated = args;
+                        gated.gated = true;
+                        gated.activation = switchyard::Activation::kSwiGLU;
+                        const size_t gws_bytes = switchyard::cuda::grouped_gemm_workspace_size(gated);
+                        void* gws = nullptr;
+                        BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
+                        auto unfused = [&](size_t s) {
+                            args.a = as[s];
+                            args.b = bs[s];
+                            args.c = cs[s];
+                            switchyard::cuda::grouped_gemm(args, ws, ws_bytes, nullptr);
+                            switchyard::cuda::activation_rows(switchyard::Activation::kSwiGLU,
+                                                              switchyard::DType::kBF16, cs[s], total,
+                                                              d_off + m.experts, m.ffn, hs[s], nullptr);
+                        };
+                        auto fused = [&](size_t s) {
+                            gated.a = as[s];
+                            gated.b = bs[s];
+                            gated.c = hs[s];
+                            switchyard::cuda::grouped_gemm(gated, gws, gws_bytes, nullptr);
+                        };
+                        double t_unfused = 0, t_fused = 0;
+                        for (int round = 0; round < 2; ++round) {
+                            t_unfused = time_calls(unfused, sets, o);
+                            t_fused = time_calls(fused, sets, o);
+                        }
+                        const double gbytes = double(hit) * g.n * g.k * 2 + double(a_bytes) + double(total) * m.ffn * 2;
+                        const double gfloor =
+                            std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
+                        for (int fusedrow = 0; fusedrow < 2; ++fusedrow) {
+                            Row x = r;
+                            x.tiles.clear();
+                            x.gemm = fusedrow ? "up gated" : "up+act";
+                            x.kernel = fusedrow ? switchyard::cuda::grouped_gemm_kernel_name(gated)
+                                                : std::string(r.kernel) + " + activation";
+                            x.ms = fusedrow ? t_fused : t_unfused;
+                            x.tflops = flops / (x.ms * 1e-3) / 1e12;
+                            x.floor_ms = gfloor;
+                            rows.push_back(x);
+                            print_row(x, ceil.bf16_tflops);
+                        }
+                        BENCH_CUDA(cudaFree(gws));
+                        for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaFree(hs[s]));
+                    }
                     if (o.backward) {
                         using switchyard::cuda::GemmRaster;
                         for (size_t s = 0; s < sets; ++s) fill(cs[s], total * g.n, 300 + static_cast<uint32_t>(s));

@@ -4,14 +4,15 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,gatedbench,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone; gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched);
-#        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels).
+#        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
+#        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384.
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
@@ -56,7 +57,8 @@ if has tests; then
 fi
 if has torch; then
   SWITCHYARD_TORCH_LIB="$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH=python \
-    python3 -m pytest -q -m gpu tests/python/test_torch_gpu.py tests/python/test_torch_hf.py >"$OUT/torch_gpu.log" 2>&1
+    python3 -m pytest -q -m gpu tests/python/test_torch_gpu.py tests/python/test_torch_hf.py \
+    tests/python/test_torch_gated.py >"$OUT/torch_gpu.log" 2>&1
   note "torch gpu tests: rc=$? $(tail -1 "$OUT/torch_gpu.log")"
 fi
 if has train; then
@@ -112,6 +114,12 @@ if has trainfb; then
     --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/trainfb.json" >"$OUT/trainfb.log" 2>&1
   note "train fwd+bwd table: rc=$?"
   tail -10 "$OUT/trainfb.log"
+fi
+if has gatedbench; then
+  "$BUILD/bench/grouped_gemm_bench" --gated --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TOKENS:-4096,16384}" \
+    --json "$OUT/gatedbench.json" >"$OUT/gatedbench.log" 2>&1
+  note "gated bench: rc=$?"
+  grep -E "up\+act|up gated" "$OUT/gatedbench.log" | cut -c1-40,100-200
 fi
 if has timeline; then
   python3 bench/prefill_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \

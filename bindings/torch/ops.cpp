@@ -239,6 +239,32 @@ at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const a
     });
 }
 
+// GEMM1 and the gated activation in one step (inference; no backward op): h [R, F] = grouped_gemm_gated(act, a,
+// w13i, offsets) with w13i the interleaved layout of interleave_gate_up_op.
+at::Tensor grouped_mm_gated_op(const at::Tensor& a_in, const at::Tensor& w13i_in, const at::Tensor& offsets_in,
+                               int64_t act) {
+    return guarded([&] {
+        const at::Tensor a = a_in.contiguous(), w = w13i_in.contiguous(), off = offsets_in.contiguous();
+        TORCH_CHECK(a.dim() == 2 && w.dim() == 3 && w.size(1) % 2 == 0, "switchyard.grouped_mm_gated: a [R, K] and "
+                    "w13i [E, 2F, K] expected, got a ", a.sizes(), " w13i ", w.sizes());
+        at::Tensor h = at::empty({a.size(0), w.size(1) / 2}, a.options());  // rows past offsets[E]: written as 0
+        const Workspace ws = workspace_like(a, grouped_gemm_gated_workspace_size(sy_device(a), dtype_of(a), w.size(0),
+                                                                                 w.size(1) / 2, w.size(2), a.size(0)));
+        grouped_gemm_gated(activation_of(act), ref(a), ref(w), ref(off), ref(h), ws.ptr, ws.bytes, stream_of(a));
+        return h;
+    });
+}
+
+// w13 [E, 2F, K] <-> the interleaved layout of grouped_mm_gated (a new tensor).
+at::Tensor interleave_gate_up_op(const at::Tensor& w_in, bool inverse) {
+    return guarded([&] {
+        const at::Tensor w = w_in.contiguous();
+        at::Tensor out = at::empty_like(w);
+        interleave_gate_up(ref(w), ref(out), inverse, stream_of(w));
+        return out;
+    });
+}
+
 // FP8 grouped GEMM (inference; no backward op): c [R, N] in a's dtype = grouped_gemm_fp8(a, b fp8 e4m3, b_scale,
 // input_scale, offsets) under mode 1 (fp8-block) or 2 (fp8-tensor), QuantMode's values. Scales are taken as given
 // (fp32; the stage names a wrong dtype or shape); undefined offsets mean one group (b [N, K]).
@@ -479,6 +505,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("grouped_mm_wgrad(Tensor dc, Tensor a, Tensor offsets) -> Tensor");
     m.def("grouped_mm_fp8(Tensor a, Tensor b, Tensor b_scale, Tensor? input_scale, Tensor? offsets, int mode) "
           "-> Tensor");
+    m.def("grouped_mm_gated(Tensor a, Tensor w13i, Tensor offsets, int activation) -> Tensor");
+    m.def("interleave_gate_up(Tensor w13, bool inverse) -> Tensor");
     m.def("activation(Tensor g, int activation) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation) -> Tensor");
     m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
@@ -508,6 +536,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_op);                         \
     m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_op);                         \
     m.impl("grouped_mm_fp8", &grouped_mm_fp8_op);                             \
+    m.impl("grouped_mm_gated", &grouped_mm_gated_op);                         \
+    m.impl("interleave_gate_up", &interleave_gate_up_op);                     \
     m.impl("activation", &activation_op);                                     \
     m.impl("activation_backward", &activation_backward_op);                   \
     m.impl("combine", &combine_op);                                           \

@@ -18,6 +18,8 @@
 //   grouped_gemm    a [R, K], b [E, N, K], offsets [E+1]   -> c [R, N], per expert c = a_e . b_e^T
 //   grouped_gemm_fp8  the same with b fp8 e4m3 + scales and a quantised on the fly (W8A8)
 //   activation      g [R, R13]                             -> h [R, F] = act(gate) * up (gated) or act(g)
+//   grouped_gemm_gated  a [R, K], w13i [E, 2F, K], offsets -> h [R, F]: grouped_gemm then a gated activation in one
+//                   step (w13i: w13 with gate/up rows interleaved, interleave_gate_up)
 //   combine         out [R, H], slot_row [T, k], w [T, k] (+ shared [T, H], gate) -> y [T, H]
 //   router_losses   (balance.h) logits, topk_ids           -> {aux, z, seq_aux}
 //   route_fused / experts_fused  the router + plan, and gather .. combine, each in one step (the decode path)
@@ -147,6 +149,24 @@ void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b
 // The block size of kFP8Block scales, and the number of blocks that cover n elements.
 constexpr int64_t kFp8BlockSize = 128;
 inline int64_t fp8_blocks(int64_t n) { return (n + kFp8BlockSize - 1) / kFp8BlockSize; }
+
+// ---- GEMM1 and the gated activation in one step --------------------------------------------------------------
+// h [R, F] = the gated activation of grouped_gemm(a, w13) (activation(act, ...) below), computed from w13i, w13's
+// rows interleaved in blocks of 8 (interleave_gate_up), without storing the [R, 2F] product: the same values as
+// grouped_gemm(a, w13) into an [R, 2F] tensor of h's dtype followed by activation(act). act: kSwiGLU or kGeGLU.
+// a [R, K], w13i [E, 2F, K] (or [2F, K]), h [R, F], offsets as grouped_gemm; F % 8 == 0. CPU: any float dtypes (the
+// two steps of the specification); CUDA: bf16, sm_90 (the activation in the GEMM's epilogue). Rows at and past
+// offsets[E]: 0 when options.zero_unowned_rows, else untouched.
+size_t grouped_gemm_gated_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t ffn, int64_t k,
+                                         int64_t max_rows);
+void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr,
+                        const GroupedGemmOptions& options = GroupedGemmOptions());
+// The interleaved layout of grouped_gemm_gated: w13i [E, 2F, K] from w13 [E, 2F, K] (gate rows [0, F), up rows
+// [F, 2F); [2F, K] means E = 1) with gate row f at row 16 (f / 8) + f % 8 and up row f at row 16 (f / 8) + 8 + f % 8
+// (F % 8 == 0); inverse: w13 from w13i. Out of place, same dtype and device (any dtype).
+void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse = false,
+                        cudaStream_t stream = nullptr);
 
 // ---- activation -------------------------------------------------------------------------------------------------
 // h [R, F] = act(g[:, :F]) * g[:, F:] (gated, g [R, 2F]) or act(g) (g [R, F]); g and h share one dtype.

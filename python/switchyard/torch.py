@@ -111,6 +111,16 @@ def _grouped_mm_fake(a, b, offsets):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
+@torch.library.register_fake("switchyard::grouped_mm_gated")
+def _grouped_mm_gated_fake(a, w13i, offsets, activation):
+    return a.new_empty((a.shape[0], w13i.shape[1] // 2))
+
+
+@torch.library.register_fake("switchyard::interleave_gate_up")
+def _interleave_gate_up_fake(w13, inverse):
+    return torch.empty_like(w13)
+
+
 @torch.library.register_fake("switchyard::grouped_mm_fp8")
 def _grouped_mm_fp8_fake(a, b, b_scale, input_scale, offsets, mode):
     return a.new_empty((a.shape[0], b.shape[-2]))
@@ -563,6 +573,11 @@ class MoE(nn.Module):
         # crossover), 0 = never, N = whenever T <= N (at most 64).
         self.fused_max_tokens: Optional[int] = None
         self._fused_ok_cache = {}
+        # w13 stored with gate/up rows interleaved in blocks of 8 (interleave_gate_up_): GEMM1 then applies the
+        # gated activation in its epilogue.
+        self.gate_up_interleaved = False
+        self.register_state_dict_post_hook(_w13_plain_in_state_dict)
+        self.register_load_state_dict_pre_hook(_w13_interleaved_on_load)
         c = config
         r13 = 2 * c.ffn_size if c.gated else c.ffn_size
         kw = dict(dtype=dtype, device=device)
@@ -596,6 +611,44 @@ class MoE(nn.Module):
             for p in self.parameters():
                 nn.init.normal_(p, std=p.shape[-1] ** -0.5)
 
+    # ---- GEMM1 with the gated activation in its epilogue (prefill inference) ------------------------------------
+
+    @torch.no_grad()
+    def interleave_gate_up_(self, enabled: bool = True) -> "MoE":
+        """Stores ``w13`` with its gate and up rows interleaved in blocks of 8 (in place; a transient copy of w13 while
+        it converts), or back in the plain layout (``enabled=False``). In the interleaved layout the staged forward
+        runs GEMM1 and the gated activation as one kernel (``switchyard::grouped_mm_gated``: the activation in the
+        GEMM's epilogue, the [T*k, 2F] product never written, the same values as the two separate steps).
+
+        For inference of gated bf16 experts on an sm_90 GPU: under autograd (gradients wanted) the forward raises --
+        convert back for training; the small-batch fused path (T <= 64) reads the plain layout, so such batches run
+        the staged path instead; FP8 modules keep the plain layout. ``state_dict()`` saves, and ``load_state_dict()``
+        takes, the plain layout whatever this module's (the conversion hooks below)."""
+        c = self.config
+        if enabled == self.gate_up_interleaved:
+            return self
+        if enabled:
+            if not c.gated:
+                raise ValueError(f"switchyard.torch.MoE.interleave_gate_up_: activation={c.activation!r} is not gated")
+            if self.quantized:
+                raise ValueError("switchyard.torch.MoE.interleave_gate_up_: FP8 experts keep the plain layout")
+            if c.ffn_size % 8 != 0:
+                raise ValueError(f"switchyard.torch.MoE.interleave_gate_up_: ffn_size={c.ffn_size} must be a "
+                                 "multiple of 8")
+            if type(self)._layer is not MoE._layer:
+                raise ValueError(f"switchyard.torch.MoE.interleave_gate_up_: {type(self).__name__} runs its own "
+                                 "expert layer, which reads the plain layout")
+        self.w13.copy_(_ops.interleave_gate_up(self.w13, not enabled))
+        self.gate_up_interleaved = enabled
+        return self
+
+    def _gated_gemm1(self, xp: torch.Tensor, offsets: torch.Tensor, act: int) -> torch.Tensor:
+        if torch.is_grad_enabled() and (xp.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
+            raise RuntimeError("switchyard.torch.MoE: w13 is in the interleaved layout (interleave_gate_up_), which "
+                               "has no backward; call interleave_gate_up_(False) before training, or run under "
+                               "torch.no_grad() / torch.inference_mode()")
+        return _ops.grouped_mm_gated(xp, self.w13, offsets, act)
+
     # ---- FP8 experts (inference) ------------------------------------------------------------------------------
 
     @property
@@ -622,6 +675,8 @@ class MoE(nn.Module):
         return self
 
     def _quantize_weights(self, mode: str):
+        if self.gate_up_interleaved:
+            raise ValueError("switchyard.torch.MoE: quantize the plain layout (interleave_gate_up_(False) first)")
         for name in _FP8_MATRICES:
             w = getattr(self, name)
             if w is not None:
@@ -777,6 +832,8 @@ class MoE(nn.Module):
         if self.quantized:
             g = self._expert_mm(_ops.gather(x2, row_token), "w13", offsets)
             out = self._expert_mm(_ops.activation(g, act), "w2", offsets)
+        elif self.gate_up_interleaved:
+            out = _ops.grouped_mm(self._gated_gemm1(_ops.gather(x2, row_token), offsets, act), self.w2, offsets)
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
             out = _activated_grouped_mm(g, act, self.w2, offsets)
@@ -798,6 +855,8 @@ class MoE(nn.Module):
         c, t = self.config, x2.shape[0]
         limit = 64 if self.fused_max_tokens is None else int(self.fused_max_tokens)
         if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16) or self.quantized:
+            return False
+        if self.gate_up_interleaved:  # the fused kernels read the plain layout
             return False
         if x2.data_ptr() % 16 != 0:  # the fused kernels read 16-byte vectors
             return False
@@ -885,6 +944,32 @@ _FP8_MATRICES = ("w13", "w2", "shared_w13", "shared_w2")
 
 
 # Router logits in plain torch: F.linear on x and the gate both in fp32 (fp64 when x is fp64).
+def _plain_gate_up(w: torch.Tensor) -> torch.Tensor:
+    """w13 [E, 2F, H] in the plain layout from the interleaved one (MoE.interleave_gate_up_), in torch: row
+    16 (f // 8) + 8 half + f % 8 back to row half * F + f."""
+    e, r13, h = w.shape
+    return w.reshape(e, r13 // 16, 2, 8, h).transpose(1, 2).reshape(e, r13, h)
+
+
+def _interleaved_gate_up(w: torch.Tensor) -> torch.Tensor:
+    e, r13, h = w.shape
+    return w.reshape(e, 2, r13 // 16, 8, h).transpose(1, 2).reshape(e, r13, h)
+
+
+def _w13_plain_in_state_dict(module, state_dict, prefix, local_metadata):
+    key = prefix + "w13"
+    if getattr(module, "gate_up_interleaved", False) and key in state_dict:
+        state_dict[key] = _plain_gate_up(state_dict[key])
+
+
+def _w13_interleaved_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                             error_msgs):
+    key = prefix + "w13"
+    if getattr(module, "gate_up_interleaved", False) and key in state_dict and \
+            tuple(state_dict[key].shape) == tuple(module.w13.shape):
+        state_dict[key] = _interleaved_gate_up(state_dict[key])
+
+
 def _linear_logits(x2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     return F.linear(x2.to(logit_dtype), gate.to(logit_dtype))
@@ -936,11 +1021,12 @@ def reference_moe(module: MoE, x: torch.Tensor, ids: Optional[torch.Tensor] = No
 
     y = torch.zeros(x2.shape[0], c.hidden_size, dtype=torch.float32 if x2.dtype != torch.float64 else x2.dtype,
                     device=x2.device)
+    w13 = _plain_gate_up(module.w13) if getattr(module, "gate_up_interleaved", False) else module.w13
     for e in range(c.num_experts):
         tok, slot = torch.nonzero(ids_l == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        out = F.linear(act(F.linear(x2[tok], module.w13[e])), module.w2[e])
+        out = F.linear(act(F.linear(x2[tok], w13[e])), module.w2[e])
         y = y.index_add(0, tok, (w[tok, slot].unsqueeze(1) * out.to(w.dtype)).to(y.dtype))
     if module.shared_w13 is not None:
         shared = F.linear(act(F.linear(x2, module.shared_w13)), module.shared_w2)

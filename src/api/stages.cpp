@@ -249,6 +249,68 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
                         grouped_gemm(a, b, offsets, c, workspace, workspace_bytes, stream, options.zero_unowned_rows));
 }
 
+// ---- GEMM1 and the gated activation in one step --------------------------------------------------------------
+
+size_t grouped_gemm_gated_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t ffn, int64_t k,
+                                         int64_t max_rows) {
+    SWITCHYARD_CHECK(num_groups >= 1 && ffn >= 0 && k >= 0 && max_rows >= 0,
+                     "grouped_gemm_gated_workspace_size: num_groups=", num_groups, " ffn=", ffn, " k=", k,
+                     " max_rows=", max_rows);
+    if (!cuda_workspace(device, 0, "grouped_gemm_gated_workspace_size")) return 0;
+    SWITCHYARD_ON_CUDA(grouped_gemm_gated_workspace_size(dtype, num_groups, ffn, k, max_rows));
+}
+
+void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                        const GroupedGemmOptions& options) {
+    SWITCHYARD_CHECK(act == Activation::kSwiGLU || act == Activation::kGeGLU,
+                     "grouped_gemm_gated: activation=", static_cast<int>(act), " is not a gated activation (SwiGLU, GeGLU)");
+    check_float_tensor(a, "a", {kAny, kAny});
+    SWITCHYARD_CHECK(w13i.rank == 2 || w13i.rank == 3, "w13i shape=", w13i.shape_string(),
+                     ", expected [E, 2F, K] or [2F, K]");
+    if (w13i.rank == 3)
+        check_float_tensor(w13i, "w13i", {kAny, kAny, a.shape[1]});
+    else
+        check_float_tensor(w13i, "w13i", {kAny, a.shape[1]});
+    check_same_device(w13i, "w13i", a, "a");
+    const int64_t groups = gemm_groups(w13i), n = w13i.shape[w13i.rank - 2], rows = a.shape[0];
+    SWITCHYARD_CHECK(n % 16 == 0, "w13i shape=", w13i.shape_string(), ": 2F must be a multiple of 16 (F of 8)");
+    if (offsets.defined())
+        check_offsets(offsets, groups, a, "a");
+    else
+        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
+    check_float_tensor(h, "h", {rows, n / 2});
+    check_same_device(h, "h", a, "a");
+    check_cuda_gemm_dtypes(a, "a", w13i, "w13i");
+    check_cuda_gemm_dtypes(a, "a", h, "h");
+    api::check_backend(a.device, "grouped_gemm_gated");
+    check_workspace(workspace, workspace_bytes,
+                    grouped_gemm_gated_workspace_size(a.device, a.dtype, groups, n / 2, a.shape[1], rows),
+                    "grouped_gemm_gated");
+    SWITCHYARD_DISPATCH(a.device, grouped_gemm_gated(act, a, w13i, offsets, h, options.zero_unowned_rows),
+                        grouped_gemm_gated(act, a, w13i, offsets, h, workspace, workspace_bytes, stream,
+                                           options.zero_unowned_rows));
+}
+
+void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream) {
+    SWITCHYARD_CHECK(w13.rank == 2 || w13.rank == 3, "w13 shape=", w13.shape_string(),
+                     ", expected [E, 2F, K] or [2F, K]");
+    const int64_t n = w13.shape[w13.rank - 2], k = w13.shape[w13.rank - 1];
+    if (w13.rank == 3) {
+        check_tensor(w13, "w13", {kAny, kAny, kAny});
+        check_tensor(w13i, "w13i", w13.dtype, {w13.shape[0], n, k});
+    } else {
+        check_tensor(w13, "w13", {kAny, kAny});
+        check_tensor(w13i, "w13i", w13.dtype, {n, k});
+    }
+    SWITCHYARD_CHECK(n % 16 == 0, "w13 shape=", w13.shape_string(), ": 2F must be a multiple of 16 (F of 8)");
+    check_same_device(w13i, "w13i", w13, "w13");
+    SWITCHYARD_CHECK(w13i.data != w13.data || w13.numel() == 0, "interleave_gate_up is out of place (w13i == w13)");
+    api::check_backend(w13.device, "interleave_gate_up");
+    SWITCHYARD_DISPATCH(w13.device, interleave_gate_up(w13, w13i, inverse),
+                        interleave_gate_up(w13, w13i, inverse, stream));
+}
+
 // ---- FP8 grouped GEMM ---------------------------------------------------------------------------------------------
 
 size_t grouped_gemm_fp8_workspace_size(Device device, QuantMode mode, int64_t num_groups, int64_t n, int64_t k,

@@ -70,6 +70,10 @@ void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t 
 
 // out [rows, F] = act(in[:, :F]) * in[:, F:2F] (gated, in [rows, 2F]) or act(in) (in [rows, F]); computed in
 // fp32, rounded once to dtype. Rows r >= *num_rows (when num_rows is not null) or r >= max_rows are skipped.
+// Rows of bytes [groups, n, row_bytes] from src to dst with w13's row r of each group at row 16 (f / 8) + 8 h + f % 8,
+// h = r / (n / 2), f = r % (n / 2) (stages.h, interleave_gate_up), or the inverse. n % 16 == 0; src != dst.
+void interleave_gate_up_rows(const void* src, void* dst, int64_t groups, int64_t n, int64_t row_bytes, bool inverse,
+                             cudaStream_t stream);
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
                      int64_t ffn, void* out, cudaStream_t stream);
 

@@ -189,6 +189,45 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
     if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream);
 }
 
+size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_t ffn, int64_t k, int64_t max_rows) {
+    auto g = sized<GroupedGemmArgs>(dtype, num_groups, 2 * ffn, k, max_rows);
+    g.gated = true;
+    return cuda::grouped_gemm_workspace_size(g) + align_up(2 * sizeof(int32_t));
+}
+
+void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                        bool zero_unowned_rows) {
+    DeviceGuard guard(a.device_index);
+    const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1, n = w13i.shape[w13i.rank - 2];
+    const int64_t k = w13i.shape[w13i.rank - 1], rows = a.shape[0];
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, rows);
+    g.gated = true;
+    g.activation = act;
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    int32_t* single = wc.take<int32_t>(2);
+    g.a = a.data;
+    g.b = w13i.data;
+    g.c = h.data;
+    if (offsets.defined()) {
+        g.offsets = offsets.ptr<int32_t>();
+    } else {
+        write_single_group_offsets(single, rows, stream);
+        g.offsets = single;
+    }
+    if (rows == 0) return;
+    const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
+    cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
+    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, n / 2, g.max_rows, stream);
+}
+
+void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream) {
+    DeviceGuard guard(w13.device_index);
+    const int64_t groups = w13.rank == 3 ? w13.shape[0] : 1;
+    interleave_gate_up_rows(w13.data, w13i.data, groups, w13.shape[w13.rank - 2],
+                            w13.shape[w13.rank - 1] * static_cast<int64_t>(dtype_size(w13.dtype)), inverse, stream);
+}
+
 namespace {
 
 // The FP8 GEMM's workspace: one function sizes (null base) and partitions it.

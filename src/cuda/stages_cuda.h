@@ -38,6 +38,13 @@ void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const Ten
 size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows);
+// GEMM1 with the gated activation in its epilogue (grouped_gemm.h, GroupedGemmArgs::gated); interleave_gate_up:
+// one kernel copying rows.
+size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_t ffn, int64_t k, int64_t max_rows);
+void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                        bool zero_unowned_rows);
+void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream);
 // FP8 grouped GEMM (stages.h's recipe): quantise a (quantize_rows_fp8), lay the weight scales out for the GEMM, run
 // the blockwise-scaled FP8 GEMM (grouped_gemm.h). Workspace: the one-group offsets, q [R, K] e4m3, the activation
 // scales [R * Kb], the weight scales [E * Kb * Nb] and the GEMM's arrays (grouped_gemm_fp8_layout in the .cpp).

@@ -293,6 +293,54 @@ void activation(Activation act, const TensorRef& g, const TensorRef& h, const Te
     for (int64_t i = 0; i < rows * ffn; ++i) store_from_double(h.data, h.dtype, i, hd[i]);
 }
 
+namespace {
+// Row index in the interleaved layout (stages.h, interleave_gate_up) of row `row` of w13 [2F, K] (gate rows [0, F),
+// up rows [F, 2F)).
+int64_t interleaved_row(int64_t row, int64_t ffn) {
+    const int64_t half = row / ffn, f = row % ffn;
+    return 16 * (f / 8) + 8 * half + f % 8;
+}
+
+// Copies rows of [groups, 2F, width] elements of esz bytes from src to dst: row r of each group goes to
+// interleaved_row(r) (or the inverse).
+void permute_gate_up_rows(const char* src, char* dst, int64_t groups, int64_t n, int64_t width, size_t esz,
+                          bool inverse) {
+    const size_t row_bytes = static_cast<size_t>(width) * esz;
+    for (int64_t e = 0; e < groups; ++e) {
+        for (int64_t r = 0; r < n; ++r) {
+            const int64_t ir = interleaved_row(r, n / 2);
+            const int64_t from = inverse ? ir : r, to = inverse ? r : ir;
+            std::memcpy(dst + static_cast<size_t>(e * n + to) * row_bytes,
+                        src + static_cast<size_t>(e * n + from) * row_bytes, row_bytes);
+        }
+    }
+}
+}  // namespace
+
+void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, bool zero_unowned_rows) {
+    const int64_t rows = a.shape[0], n = w13i.shape[w13i.rank - 2];
+    const size_t esz = dtype_size(h.dtype);
+    std::vector<char> gi(static_cast<size_t>(rows * n) * esz), g(gi.size());
+    stage::grouped_gemm(a, w13i, offsets, TensorRef(gi.data(), h.dtype, {rows, n}), /*zero_unowned_rows=*/true);
+    // g's columns back in w13's order: the interleaved layout's row permutation applied to [R, 2F] as [R, 2F, 1].
+    for (int64_t r = 0; r < rows; ++r)
+        permute_gate_up_rows(gi.data() + static_cast<size_t>(r * n) * esz, g.data() + static_cast<size_t>(r * n) * esz,
+                             1, n, 1, esz, /*inverse=*/true);
+    const int32_t* off = offsets.defined() ? offsets.ptr<int32_t>() : nullptr;
+    const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1;
+    int32_t owned = off != nullptr ? off[groups] : static_cast<int32_t>(rows);
+    TensorRef num_rows;
+    if (!zero_unowned_rows) num_rows = TensorRef(&owned, DType::kI32, {1});
+    stage::activation(act, TensorRef(g.data(), h.dtype, {rows, n}), h, num_rows);
+}
+
+void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse) {
+    const int64_t groups = w13.rank == 3 ? w13.shape[0] : 1, n = w13.shape[w13.rank - 2];
+    permute_gate_up_rows(static_cast<const char*>(w13.data), static_cast<char*>(w13i.data), groups, n,
+                         w13.shape[w13.rank - 1], dtype_size(w13.dtype), inverse);
+}
+
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg) {
     const int64_t rows = g.shape[0], ffn = dh.shape[1];
     const std::vector<double> gd = to_double(g), d = to_double(dh);

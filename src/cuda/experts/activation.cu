@@ -72,6 +72,20 @@ void launch_activation(const void* in, int64_t max_rows, const int32_t* num_rows
     SWITCHYARD_CUDA_CHECK_LAUNCH();
 }
 
+// One block per destination row: 16-byte copies when the row and both bases allow, else bytes.
+template <typename V>
+__global__ void interleave_rows_kernel(const char* __restrict__ src, char* __restrict__ dst, int64_t n,
+                                       int64_t row_bytes, bool inverse) {
+    const int64_t row = blockIdx.x;  // over groups * n rows
+    const int64_t e = row / n, r = row % n, ffn = n / 2;
+    const int64_t half = r / ffn, f = r % ffn;
+    const int64_t ir = 16 * (f / 8) + 8 * half + f % 8;
+    const int64_t from = e * n + (inverse ? ir : r), to = e * n + (inverse ? r : ir);
+    const V* s = reinterpret_cast<const V*>(src + from * row_bytes);
+    V* d = reinterpret_cast<V*>(dst + to * row_bytes);
+    for (int64_t i = threadIdx.x; i < row_bytes / static_cast<int64_t>(sizeof(V)); i += blockDim.x) d[i] = s[i];
+}
+
 }  // namespace
 
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
@@ -96,6 +110,24 @@ void activation_rows(Activation act, DType dtype, const void* in, int64_t max_ro
         }
         SWITCHYARD_FAIL("activation: activation=", static_cast<int>(act), " is not supported");
     });
+}
+
+void interleave_gate_up_rows(const void* src, void* dst, int64_t groups, int64_t n, int64_t row_bytes, bool inverse,
+                             cudaStream_t stream) {
+    const int64_t rows = groups * n;
+    if (rows == 0 || row_bytes == 0) return;
+    SWITCHYARD_CHECK(rows <= INT32_MAX, "interleave_gate_up: ", rows, " rows exceed the grid");
+    const bool vec = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+    const dim3 grid(static_cast<unsigned>(rows));
+    if (vec) {
+        interleave_rows_kernel<uint4><<<grid, kActThreads, 0, stream>>>(static_cast<const char*>(src),
+                                                                        static_cast<char*>(dst), n, row_bytes, inverse);
+    } else {
+        interleave_rows_kernel<char><<<grid, kActThreads, 0, stream>>>(static_cast<const char*>(src),
+                                                                       static_cast<char*>(dst), n, row_bytes, inverse);
+    }
+    SWITCHYARD_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace cuda

@@ -47,6 +47,15 @@ __global__ void __launch_bounds__(simt::kThreads) grouped_gemm_f32_kernel(SimtPa
 
 void check_sizes(const GroupedGemmArgs& g) {
     check_gemm_sizes("grouped_gemm", g.dtype, g.num_groups, INT_MAX, g.n, g.k, g.max_rows);
+    if (g.gated) {
+        SWITCHYARD_CHECK(g.dtype == DType::kBF16, "grouped_gemm: the gated epilogue is bf16 only (dtype=",
+                         to_string(g.dtype), ")");
+        SWITCHYARD_CHECK(g.n % 16 == 0, "grouped_gemm: the gated epilogue needs N = 2F with F a multiple of 8 (N=", g.n,
+                         ")");
+        SWITCHYARD_CHECK(g.activation == Activation::kSwiGLU || g.activation == Activation::kGeGLU,
+                         "grouped_gemm: the gated epilogue takes a gated activation (SwiGLU, GeGLU), got ",
+                         to_string(g.activation));
+    }
 }
 
 sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
@@ -78,6 +87,12 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     if (g.k <= 1024 && bf16) return sm90::TileConfig::kPingpong128x128;
     if (bf16 && avg_rows <= kNoClusterMaxRows) return sm90::TileConfig::kCooperative128x256C1;
     return sm90::TileConfig::kCooperative128x256;
+}
+
+// The gated epilogue's kernel for args: the 2x1 cluster where the plain forward would run it, else no cluster.
+const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
+    return choose_tile(g) == sm90::TileConfig::kCooperative128x256 ? sm90::kBF16GatedCooperative
+                                                                    : sm90::kBF16GatedCooperativeC1;
 }
 
 }  // namespace
@@ -149,12 +164,18 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
                       sm90::TileConfig::kCooperative128x256C1}) {
         bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
     }
+    if (args.gated) {
+        for (const sm90::GemmOps* ops : {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1}) {
+            bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
+        }
+    }
     return bytes;
 }
 
 const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 64x64x16";
+    if (args.gated) return gated_ops(args).name;
     return sm90::ops_for(args.dtype, choose_tile(args)).name;
 }
 
@@ -168,7 +189,7 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
     }
     if (args.max_rows == 0) return;  // offsets[E] <= max_rows: no rows, nothing to compute
 
-    if (args.dtype == DType::kF32) {
+    if (args.dtype == DType::kF32) {  // check_sizes refused gated fp32
         SimtParams p{static_cast<const float*>(args.a), static_cast<const float*>(args.b), static_cast<float*>(args.c),
                      args.offsets, static_cast<int>(args.num_groups), static_cast<int>(args.n),
                      static_cast<int>(args.k)};
@@ -189,7 +210,8 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
                      ", c=", args.c, ")");
     GroupedGemmArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::ops_for(args.dtype, choose_tile(args)).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    const sm90::GemmOps& ops = args.gated ? gated_ops(args) : sm90::ops_for(args.dtype, choose_tile(args));
+    ops.run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

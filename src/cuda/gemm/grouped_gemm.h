@@ -16,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "switchyard/config.h"
 #include "switchyard/dtype.h"
 
 namespace switchyard {
@@ -60,6 +61,14 @@ struct GroupedGemmArgs {
     const int32_t* offsets = nullptr;  // device [E+1]
     GroupedGemmTile tile = GroupedGemmTile::kAuto;  // ignored for fp32
     GemmRaster raster = GemmRaster::kAuto;          // ignored for fp32
+    // The gated activation in the epilogue (GEMM1 and the activation in one kernel; bf16 only): b's N = 2F rows hold
+    // the gate and up rows interleaved in blocks of 8 (row 16j + i is gate row 8j + i, row 16j + 8 + i up row
+    // 8j + i, i < 8; N % 16 == 0), and c is h [max_rows, N / 2]: h[r, f] = act(gate) * up of row r, each of gate and
+    // up rounded to bf16 first, the product rounded once: the values grouped_gemm then the activation kernel give
+    // with the un-interleaved b. activation: kSwiGLU or kGeGLU. Tiles: Cooperative 128x256, 2x1 cluster where kAuto
+    // would pick it (or kLarge), else without a cluster.
+    bool gated = false;
+    Activation activation = Activation::kSwiGLU;
 };
 
 // Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -25,6 +26,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
+#include "cuda/gemm/sm90/gated_epilogue.cuh"
 #include "cuda/gemm/sm90/grouped_gemm_sm90.h"
 
 namespace switchyard {
@@ -72,6 +74,7 @@ struct PtrArrayKernel {
     using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
+    static constexpr bool kGatedEpilogue = false;
 
     using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
@@ -97,6 +100,34 @@ struct PtrArrayKernel {
 
 template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+
+// The forward GEMM1 with the gated activation in its epilogue (gated_epilogue.cuh): the forward's operands, B with
+// interleaved gate/up rows, D = h [rows, N / 2]. The epilogue needs no shared memory, which the mainloop's stage
+// count takes.
+template <typename Element, typename Config>
+struct GatedGroupedGemmKernel {
+    using LayoutA = cutlass::layout::RowMajor;
+    using LayoutB = cutlass::layout::ColumnMajor;
+    static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+    static constexpr bool kGatedEpilogue = true;
+
+    using CollectiveEpilogue =
+        cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>;
+    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
+        kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+            sizeof(typename CollectiveEpilogue::SharedStorage))>,
+        typename Config::KernelSchedule>::CollectiveOp;
+
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    using Arguments = typename Gemm::Arguments;
+    using Params = typename Kernel::Params;
+    using StrideA = typename Kernel::InternalStrideA;
+    using StrideB = typename Kernel::InternalStrideB;
+    using StrideD = typename Kernel::InternalStrideD;
+};
 
 // The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
 template <typename Element, typename StrideA, typename StrideB, typename StrideD>
@@ -128,11 +159,12 @@ struct DeviceArrays {
     }
 };
 
-// One thread per group: problem shape (M_e, N, K), operand pointers and (identical) packed strides.
+// One thread per group: problem shape (M_e, N, K), operand pointers and (identical) packed strides; D has d_cols
+// columns (N, or N / 2 for the gated epilogue).
 // offsets are trusted to be non-decreasing with offsets[E] <= max_rows (the routing plan's contract).
 template <typename Element, typename Arrays>
 __global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const Element* b, Element* d,
-                                         const int32_t* offsets, int num_groups, int n, int k) {
+                                         const int32_t* offsets, int num_groups, int n, int k, int d_cols) {
     int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= num_groups) return;
     int row0 = offsets[e];
@@ -140,13 +172,13 @@ __global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const 
     arrays.shapes[e] = UnderlyingShape(m, n, k);
     arrays.ptr_a[e] = a + static_cast<int64_t>(row0) * k;
     arrays.ptr_b[e] = b + static_cast<int64_t>(e) * n * k;
-    arrays.ptr_d[e] = d + static_cast<int64_t>(row0) * n;
+    arrays.ptr_d[e] = d + static_cast<int64_t>(row0) * d_cols;
     using SA = cute::remove_pointer_t<decltype(arrays.stride_a)>;
     using SB = cute::remove_pointer_t<decltype(arrays.stride_b)>;
     using SD = cute::remove_pointer_t<decltype(arrays.stride_d)>;
     arrays.stride_a[e] = cutlass::make_cute_packed_stride(SA{}, {m, k, 1});
     arrays.stride_b[e] = cutlass::make_cute_packed_stride(SB{}, {n, k, 1});
-    arrays.stride_d[e] = cutlass::make_cute_packed_stride(SD{}, {m, n, 1});
+    arrays.stride_d[e] = cutlass::make_cute_packed_stride(SD{}, {m, d_cols, 1});
 }
 
 // The host side every ptr-array grouped GEMM here shares (forward and gradients): CUTLASS arguments from the
@@ -155,9 +187,10 @@ template <typename Element, typename K>
 struct PtrArrayGemm {
     using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
 
-    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace.
+    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace. activation: the gated
+    // epilogue's (K::kGatedEpilogue), ignored otherwise.
     static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
-                                                GemmRaster raster = GemmRaster::kAlongM) {
+                                                GemmRaster raster = GemmRaster::kAlongM, int activation = 0) {
         typename K::Arguments args;
         args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
         args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
@@ -165,17 +198,21 @@ struct PtrArrayGemm {
         args.mainloop.dA = arr.stride_a;
         args.mainloop.ptr_B = arr.ptr_b;
         args.mainloop.dB = arr.stride_b;
-        auto& fusion = args.epilogue.thread;
-        fusion.alpha = 1.0f;
-        fusion.beta = 0.0f;
-        fusion.alpha_ptr = nullptr;
-        fusion.beta_ptr = nullptr;
-        fusion.alpha_ptr_array = nullptr;
-        fusion.beta_ptr_array = nullptr;
-        fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
-        fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
-        args.epilogue.ptr_C = nullptr;
-        args.epilogue.dC = nullptr;
+        if constexpr (K::kGatedEpilogue) {
+            args.epilogue.activation = activation;
+        } else {
+            auto& fusion = args.epilogue.thread;
+            fusion.alpha = 1.0f;
+            fusion.beta = 0.0f;
+            fusion.alpha_ptr = nullptr;
+            fusion.beta_ptr = nullptr;
+            fusion.alpha_ptr_array = nullptr;
+            fusion.beta_ptr_array = nullptr;
+            fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
+            fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
+            args.epilogue.ptr_C = nullptr;
+            args.epilogue.dC = nullptr;
+        }
         args.epilogue.ptr_D = arr.ptr_d;
         args.epilogue.dD = arr.stride_d;
         args.hw_info.device_id = device;
@@ -213,7 +250,7 @@ struct PtrArrayGemm {
     // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
     template <typename Fill>
     static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream, const char* what, Fill&& fill) {
+                    cudaStream_t stream, const char* what, Fill&& fill, int activation = 0) {
         const int num_groups = static_cast<int>(num_groups64);
         const size_t need = workspace_size(num_groups64, sm_count);
         SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
@@ -228,7 +265,7 @@ struct PtrArrayGemm {
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
-        auto args = make_arguments(arr, num_groups, sm_count, device, raster);
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
@@ -242,9 +279,12 @@ struct PtrArrayGemm {
 
 constexpr int kFillThreads = 128;  // threads per block of the kernels that fill the device arrays (one per group)
 
-template <typename Element, typename Config>
+// The forward (GroupedGemmKernel) or, with kGated, GEMM1 with the gated activation in its epilogue
+// (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation).
+template <typename Element, typename Config, bool kGated = false>
 struct GroupedGemmRunner {
-    using P = PtrArrayGemm<Element, GroupedGemmKernel<Element, Config>>;
+    using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config>, GroupedGemmKernel<Element, Config>>;
+    using P = PtrArrayGemm<Element, K>;
 
     static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
 
@@ -257,8 +297,9 @@ struct GroupedGemmRunner {
             fill_group_arrays_kernel<Element, Arrays>
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
-                    static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
-        });
+                    static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
+                    static_cast<int>(kGated ? g.n / 2 : g.n));
+        }, static_cast<int>(g.activation));
     }
 };
 
@@ -266,7 +307,18 @@ struct GroupedGemmRunner {
 }  // namespace cuda
 }  // namespace switchyard
 
-// Defines `const GemmOps <var>` for one (element, config) pair in one translation unit.
+// Defines `const GemmOps <var>` for one (element, config) pair in one translation unit (..._GATED_GEMM: the gated
+// epilogue's kernel).
+#define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label)                                  \
+    namespace switchyard {                                                                              \
+    namespace cuda {                                                                                    \
+    namespace sm90 {                                                                                    \
+    const GemmOps var = {label, &GroupedGemmRunner<element, config, true>::workspace_size,              \
+                         &GroupedGemmRunner<element, config, true>::run};                               \
+    }                                                                                                   \
+    }                                                                                                   \
+    }
+
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label)                                \
     namespace switchyard {                                                                              \
     namespace cuda {                                                                                    \

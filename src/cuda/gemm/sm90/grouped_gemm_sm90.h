@@ -61,6 +61,8 @@ extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
 extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
 extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
 extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
+extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
+extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 

@@ -1,0 +1,161 @@
+// src/cuda/gemm/sm90/gated_epilogue.cuh: a CUTLASS sm90 ptr-array epilogue that applies the gated activation of the
+// expert MLP to GEMM1's accumulators and stores h = act(gate) * up, so that GEMM1's [rows, 2F] output is never
+// written to memory (issue 11: the activation kernel and half of GEMM1's stores go away).
+//
+// Layout contract. B (w13) holds the gate and up rows interleaved in blocks of 8 (grouped_gemm.h,
+// interleave_gate_up): output column n of the GEMM (a row of B) is a gate column when (n / 8) is even and the up
+// column of the same f when odd, with f = (n / 16) * 8 + n % 8. The sm90 GMMA accumulator fragment of a thread is
+// ((2, 2, V), MMA_M, MMA_N): value (c, r, v) sits at column 8 v + 2 (lane % 4) + c and row 8 r of the thread's
+// rows. Blocks of 8 therefore put gate f (chunk 2v) and up f (chunk 2v + 1) into the same thread, four values
+// apart, with c = 0 and 1 two adjacent f: each thread stores two adjacent h values (4 bytes) per pair of chunks.
+//
+// Rounding: gate and up are rounded to the output type before the activation, exactly as grouped_gemm followed by
+// the activation kernel round them (D = 1.0 * acc stored, then act(gate) * up in fp32, rounded once): the fused and
+// the unfused paths produce the same values. Stores go straight from registers to global memory (no shared-memory
+// staging): the output is half of what the plain epilogue would store, and the mainloop keeps the epilogue's shared
+// memory for one more pipeline stage.
+//
+// The class implements the operator-style epilogue interface that CUTLASS's Sm90TmaWarpSpecializedAdapter wraps for
+// the warp-specialized ptr-array kernels (the interface of cutlass/epilogue/collective/default_epilogue_array.hpp).
+#pragma once
+
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/detail.hpp>
+#include <cutlass/epilogue/dispatch_policy.hpp>
+
+#include "cuda/experts/act_fn.cuh"
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+
+template <typename ElementD_>
+class GatedEpilogueArray {
+public:
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
+    using DispatchPolicy = EpilogueSchedule;
+    using ElementOutput = ElementD_;
+    using ElementAccumulator = float;
+    using ElementCompute = float;
+    using ElementScalar = float;
+    using ElementC = void;  // no source operand
+    using ElementD = ElementD_;
+    using InternalStrideC = cute::Stride<int64_t, cute::Int<1>, cute::Int<0>>;
+    using StrideC = InternalStrideC*;
+    using InternalStrideD = InternalStrideC;  // h's per-group [M_e, F] row-major strides
+    using StrideD = InternalStrideD*;
+    using GmemElementC = ElementD;
+    using GmemTiledCopyC = void;
+    using GmemTiledCopyD = void;
+
+    // GemmUniversalAdapter names the epilogue's thread operator (a type only; this class applies its own).
+    struct ThreadEpilogueOp {
+        using ElementOutput = ElementD_;
+        using ElementAccumulator = float;
+        using ElementCompute = float;
+    };
+
+    struct SharedStorage {};
+    using TensorMapStorage = SharedStorage;
+
+    struct Arguments {
+        ElementD** ptr_D = nullptr;  // per group: h of its first row
+        StrideD dD = nullptr;        // per group: (F, 1, 0)
+        int activation = 0;          // switchyard::Activation, gated (kSwiGLU or kGeGLU)
+    };
+    using Params = Arguments;
+
+    template <class ProblemShape>
+    static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+        return args;
+    }
+    template <class ProblemShape>
+    static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
+        return 0;
+    }
+    template <class ProblemShape>
+    static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                                cutlass::CudaHostAdapter* = nullptr) {
+        return cutlass::Status::kSuccess;
+    }
+    template <class ProblemShape>
+    static bool can_implement(ProblemShape const&, Arguments const& args) {
+        return args.activation == static_cast<int>(Activation::kSwiGLU) ||
+               args.activation == static_cast<int>(Activation::kGeGLU);
+    }
+
+    CUTLASS_HOST_DEVICE explicit GatedEpilogueArray(Params const& p) : params_(p) {}
+
+    CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+    template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+              class TiledMma, class ResidueMNK>
+    CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                   BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                   TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+        using namespace cute;
+        static_assert(is_static<FrgLayout>::value, "the accumulator layout must be static");
+        static_assert(rank<0>(FrgLayout{}) == 3, "expected the GMMA accumulator value mode (2, 2, V)");
+        static_assert(size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2,
+                      "expected the GMMA accumulator value mode (2, 2, V)");
+        constexpr int kChunks = size<0, 2>(FrgLayout{});
+        static_assert(kChunks % 2 == 0, "the MMA atom's N must hold whole gate/up blocks (a multiple of 16)");
+        constexpr int kMmaM = size<1>(FrgLayout{});
+        constexpr int kMmaN = size<2>(FrgLayout{});
+
+        const int M = static_cast<int>(get<0>(problem_shape_mnkl));
+        const int N = static_cast<int>(get<1>(problem_shape_mnkl));
+        const auto m_coord = get<0>(blk_coord_mnkl);
+        const auto n_coord = get<1>(blk_coord_mnkl);
+        const auto l_coord = get<3>(blk_coord_mnkl);
+        ElementD* d = params_.ptr_D[l_coord];
+        const int64_t ldd = get<0>(params_.dD[l_coord]);
+
+        // Each accumulator's (row, column) in the group's [M, N] problem, partitioned as the accumulators are.
+        auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
+        Tensor tile_crd = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
+                                     make_coord(m_coord, n_coord));
+        Tensor t_crd = thr_mma.partition_C(tile_crd);  // ((2, 2, V), MMA_M, MMA_N) -> (m, n)
+        const bool swiglu = params_.activation == static_cast<int>(Activation::kSwiGLU);
+
+        CUTLASS_PRAGMA_UNROLL
+        for (int mm = 0; mm < kMmaM; ++mm) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int nn = 0; nn < kMmaN; ++nn) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int r = 0; r < 2; ++r) {
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int v = 0; v < kChunks; v += 2) {
+                        const auto crd = t_crd(make_coord(make_coord(0, r, v), mm, nn));
+                        const int row = get<0>(crd), col = get<1>(crd);
+                        if (row >= M || col >= N) continue;
+                        float h[2];
+                        CUTLASS_PRAGMA_UNROLL
+                        for (int c = 0; c < 2; ++c) {
+                            const float gate = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
+                            const float up =
+                                static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v + 1), mm, nn))));
+                            h[c] = (swiglu ? act_fn<Activation::kSwiGLU>(gate) : act_fn<Activation::kGeGLU>(gate)) *
+                                   up;
+                        }
+                        cutlass::Array<ElementD, 2> out;
+                        out[0] = ElementD(h[0]);
+                        out[1] = ElementD(h[1]);
+                        const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);  // even: col = 16q + 2j
+                        *reinterpret_cast<cutlass::Array<ElementD, 2>*>(d + row * ldd + f) = out;
+                    }
+                }
+            }
+        }
+    }
+
+private:
+    Params params_;
+};
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace switchyard

@@ -1,0 +1,172 @@
+// tests/gpu_test_gated_gemm.cpp: grouped_gemm_gated (GEMM1 with the gated activation in the CUTLASS epilogue) and
+// interleave_gate_up on CUDA.
+//
+// The fused kernel rounds gate and up to bf16 before the activation, as the unfused path stores them, so on one
+// card it must give the bits of the unfused path: grouped_gemm (w13, plain epilogue) into g [R, 2F] then the
+// activation kernel. Every case also checks against the CPU specification (double sums) within bf16 rounding,
+// poisons h first (rows past offsets[E] must come back 0, or stay poisoned without zero_unowned_rows), runs twice
+// for the same bits, and covers groups of 0, 1 and 129 rows, an F whose 2F is no multiple of the 256-wide tile
+// (F = 72), many experts with random counts, and experts large enough for the 2x1-cluster kernel (> 1024 rows on
+// average). interleave_gate_up on the device must equal the CPU's. Skips without an sm_90 GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "switchyard/stages.h"
+#include "test_util.h"
+
+namespace switchyard {
+namespace {
+
+using testing::DeviceBuffer;
+
+bool sm90() {
+    int count = 0, major = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        return false;
+    }
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    return major == 9;
+}
+
+TensorRef dev_ref(const DeviceBuffer& b, DType t, std::initializer_list<int64_t> dims) {
+    return TensorRef(b.get(), t, dims, Device::kCUDA, 0);
+}
+
+struct GatedCase {
+    std::string name;
+    int64_t F, K;
+    std::vector<int32_t> counts;  // rows per expert
+    int64_t extra_rows;           // rows past offsets[E]
+    Activation act;
+};
+
+std::vector<int32_t> random_counts(int E, int mean, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::poisson_distribution<int> d(mean);
+    std::vector<int32_t> c(E);
+    for (auto& v : c) v = d(rng);
+    c[1] = 0;  // an empty expert
+    return c;
+}
+
+void run_case(const GatedCase& c, bool zero_unowned) {
+    SCOPED_TRACE(c.name + (zero_unowned ? " (zero unowned rows)" : " (unowned rows untouched)"));
+    const DType bf = DType::kBF16;
+    const int64_t E = static_cast<int64_t>(c.counts.size()), F = c.F, K = c.K, N = 2 * F;
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
+    const int64_t owned = offsets[E], R = owned + c.extra_rows;
+
+    const std::vector<float> a = testing::random_values(R * K, bf, -1.0f, 1.0f, 101);
+    const std::vector<float> w13 = testing::random_values(E * N * K, bf, -0.5f, 0.5f, 102);
+    DeviceBuffer da, dw13, dw13i, doff, dg, dh_ref, dh;
+    testing::upload(da, a, bf);
+    testing::upload(dw13, w13, bf);
+    testing::upload_raw(doff, offsets);
+    dw13i.reset(dw13.bytes());
+    dg.reset(R * N * 2);
+    dh_ref.reset(R * F * 2);
+    dh.reset(R * F * 2);
+
+    // The interleaved weights: on the device, and the same bits as the CPU's.
+    interleave_gate_up(dev_ref(dw13, bf, {E, N, K}), dev_ref(dw13i, bf, {E, N, K}));
+    GPU_CHECK(cudaDeviceSynchronize());
+    const test::HostTensor hw13 = test::HostTensor::from_floats(w13, bf, {E, N, K});
+    test::HostTensor hw13i(bf, {E, N, K});
+    interleave_gate_up(hw13.ref(), hw13i.ref());
+    const std::vector<uint16_t> got_i = testing::download_raw<uint16_t>(dw13i.get(), E * N * K);
+    for (int64_t i = 0; i < E * N * K; ++i) ASSERT_EQ(got_i[i], hw13i.ptr<uint16_t>()[i]) << "w13i element " << i;
+
+    // The unfused path on the device: grouped_gemm with w13, then the activation kernel.
+    {
+        const size_t ws = grouped_gemm_workspace_size(Device::kCUDA, bf, E, N, K, R);
+        DeviceBuffer w(ws);
+        grouped_gemm(dev_ref(da, bf, {R, K}), dev_ref(dw13, bf, {E, N, K}), dev_ref(doff, DType::kI32, {E + 1}),
+                     dev_ref(dg, bf, {R, N}), w.get(), ws);
+        activation(c.act, dev_ref(dg, bf, {R, N}), dev_ref(dh_ref, bf, {R, F}));
+        GPU_CHECK(cudaDeviceSynchronize());
+    }
+    const std::vector<uint16_t> want = testing::download_raw<uint16_t>(dh_ref.get(), R * F);
+
+    // The fused kernel, twice on poisoned outputs.
+    const size_t ws = grouped_gemm_gated_workspace_size(Device::kCUDA, bf, E, F, K, R);
+    DeviceBuffer w(ws);
+    GroupedGemmOptions opt;
+    opt.zero_unowned_rows = zero_unowned;
+    std::vector<uint16_t> first;
+    for (int run = 0; run < 2; ++run) {
+        dh.poison();
+        grouped_gemm_gated(c.act, dev_ref(da, bf, {R, K}), dev_ref(dw13i, bf, {E, N, K}),
+                           dev_ref(doff, DType::kI32, {E + 1}), dev_ref(dh, bf, {R, F}), w.get(), ws, nullptr, opt);
+        GPU_CHECK(cudaGetLastError());
+        GPU_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> got = testing::download_raw<uint16_t>(dh.get(), R * F);
+        if (run == 1) {
+            ASSERT_TRUE(got == first) << "a second run gave other bits";
+            break;
+        }
+        first = got;
+        int64_t differ = 0, first_bad = -1;
+        for (int64_t i = 0; i < owned * F; ++i) {
+            if (got[i] != want[i]) {
+                if (first_bad < 0) first_bad = i;
+                ++differ;
+            }
+        }
+        EXPECT_EQ(differ, 0) << differ << " of " << owned * F << " owned elements differ from the unfused path; first "
+                             << "at row " << first_bad / F << " col " << first_bad % F << ": "
+                             << bf16_to_float(got[first_bad]) << " vs " << bf16_to_float(want[first_bad]);
+        for (int64_t i = owned * F; i < R * F; ++i)
+            ASSERT_EQ(got[i], zero_unowned ? 0 : 0xFFFF) << "unowned row " << i / F;
+    }
+
+    // The CPU specification (double sums): bf16 rounding of g, then of h.
+    const test::HostTensor ha = test::HostTensor::from_floats(a, bf, {R, K});
+    test::HostTensor hoff(DType::kI32, {E + 1}), hh(bf, {R, F});
+    for (int64_t e = 0; e <= E; ++e) hoff.ptr<int32_t>()[e] = offsets[e];
+    grouped_gemm_gated(c.act, ha.ref(), hw13i.ref(), hoff.ref(), hh.ref(), nullptr, 0);
+    std::vector<float> got_f(owned * F), ref_f(owned * F);
+    for (int64_t i = 0; i < owned * F; ++i) {
+        got_f[i] = bf16_to_float(first[i]);
+        ref_f[i] = hh.get(i);
+    }
+    EXPECT_TRUE(testing::all_close(got_f, ref_f, 2e-2, 2e-2, "h vs the CPU specification", F));
+    EXPECT_GT(testing::rms(ref_f), 1e-3) << "the reference must not be zeros";
+}
+
+TEST(GpuGatedGemm, MatchesUnfusedPathAndSpecification) {
+    if (!sm90()) GTEST_SKIP() << "the gated epilogue needs an sm_90 GPU";
+    const std::vector<GatedCase> cases = {
+        {"listed counts SwiGLU", 64, 128, {0, 1, 129, 300}, 5, Activation::kSwiGLU},
+        {"listed counts GeGLU, F=72", 72, 256, {7, 0, 130, 256, 1}, 3, Activation::kGeGLU},
+        {"128 experts ~256 rows", 96, 512, random_counts(128, 256, 7), 0, Activation::kSwiGLU},
+        {"2x1 cluster (> 1024 rows per expert)", 128, 256, {1500, 1700}, 9, Activation::kSwiGLU},
+    };
+    for (const auto& c : cases)
+        for (bool zero_unowned : {true, false}) run_case(c, zero_unowned);
+}
+
+TEST(GpuGatedGemm, RefusesFp16OnCuda) {
+    if (!sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+    const int64_t E = 2, F = 16, K = 16, N = 2 * F, R = 4;
+    DeviceBuffer a(R * K * 2), w(E * N * K * 2), off((E + 1) * 4), h(R * F * 2);
+    const size_t ws = 1 << 20;
+    DeviceBuffer work(ws);
+    test::expect_error(
+        [&] {
+            grouped_gemm_gated(Activation::kSwiGLU, dev_ref(a, DType::kF16, {R, K}), dev_ref(w, DType::kF16, {E, N, K}),
+                               dev_ref(off, DType::kI32, {E + 1}), dev_ref(h, DType::kF16, {R, F}), work.get(), ws);
+        },
+        {"bf16"});
+}
+
+}  // namespace
+}  // namespace switchyard

@@ -1,0 +1,103 @@
+"""switchyard.torch: GEMM1 with the gated activation in one step (switchyard::grouped_mm_gated,
+switchyard::interleave_gate_up) and MoE.interleave_gate_up_.
+
+On the CPU the op is its specification (grouped_mm into h's dtype, then the activation), so the interleaved module
+must give the plain module's bits; on an sm_90 GPU the fused kernel rounds gate and up as the unfused path stores
+them, so there too the bits must match (bf16). The layout conversion is checked against its definition, and the
+module's state_dict keeps the plain layout both ways.
+"""
+import pytest
+import torch
+
+import switchyard.torch as st
+
+H, F, E, K, T = 16, 16, 8, 2, 13
+
+
+def make(activation="swiglu", dtype=torch.float32, device="cpu", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = st.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K, activation=activation, **kw)
+    return st.MoE(cfg, dtype=dtype, device=device)
+
+
+def test_interleave_gate_up_op_is_the_definition_and_inverts():
+    w = torch.randn(3, 2 * F, 5)
+    wi = torch.ops.switchyard.interleave_gate_up(w, False)
+    for f in range(F):
+        row = 16 * (f // 8) + f % 8
+        assert torch.equal(wi[:, row], w[:, f])
+        assert torch.equal(wi[:, row + 8], w[:, F + f])
+    assert torch.equal(torch.ops.switchyard.interleave_gate_up(wi, True), w)
+
+
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_grouped_mm_gated_equals_grouped_mm_then_activation(act):
+    torch.manual_seed(3)
+    counts = torch.tensor([3, 0, 5, 2], dtype=torch.int32)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])
+    a = torch.randn(12, H)  # rows 10, 11 owned by no expert
+    w13 = torch.randn(4, 2 * F, H)
+    want = torch.ops.switchyard.activation(torch.ops.switchyard.grouped_mm(a, w13, offsets), act)
+    got = torch.ops.switchyard.grouped_mm_gated(a, torch.ops.switchyard.interleave_gate_up(w13, False), offsets, act)
+    assert torch.equal(got, want)
+    assert torch.equal(got[10:], torch.zeros(2, F))
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_gated.default,
+                          (a, torch.ops.switchyard.interleave_gate_up(w13, False), offsets, act),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_interleaved_module_gives_the_same_bits_and_keeps_the_plain_state_dict(activation):
+    m = make(activation).eval()
+    plain_sd = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(T, H)
+    with torch.no_grad():
+        want = m(x)
+        m.interleave_gate_up_()
+        assert m.gate_up_interleaved
+        got = m(x)
+    assert torch.equal(got, want)
+    sd = m.state_dict()
+    assert torch.equal(sd["w13"], plain_sd["w13"])  # saved in the plain layout
+    fresh = make(activation, seed=5).eval().interleave_gate_up_()
+    fresh.load_state_dict(plain_sd)  # loaded from the plain layout
+    assert torch.equal(fresh.w13, m.w13)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)
+        ref, _, _ = st.reference_moe(m, x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    m.interleave_gate_up_(False)
+    assert torch.equal(m.w13, plain_sd["w13"])
+
+
+def test_interleaved_module_refuses_training_and_what_it_cannot_hold():
+    m = make()
+    m.interleave_gate_up_()
+    with pytest.raises(RuntimeError, match="interleave_gate_up_"):
+        m(torch.randn(T, H))  # parameters require grad
+    with pytest.raises(ValueError, match="not gated"):
+        make("gelu").interleave_gate_up_()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        st.MoE(st.MoEConfig(hidden_size=H, ffn_size=12, num_experts=E, top_k=K)).interleave_gate_up_()
+    with pytest.raises(ValueError, match="plain layout"):
+        m.quantize_()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the gated epilogue needs an sm_90 GPU")
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gated_epilogue_on_cuda_gives_the_unfused_bits(activation):
+    torch.manual_seed(7)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4, activation=activation)
+    m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda").eval()
+    m.fused_max_tokens = 0  # the staged path at every T, so that both layouts run the same stages
+    for t in (1, 70, 1000):
+        x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = m(x)
+            m.interleave_gate_up_()
+            got = m(x)
+            m.interleave_gate_up_(False)
+        assert torch.equal(got, want), f"T={t}: max |diff| {(got.float() - want.float()).abs().max().item()}"
+        assert want.float().abs().mean() > 1e-3

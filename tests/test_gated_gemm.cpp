@@ -1,0 +1,124 @@
+// tests/test_gated_gemm.cpp: grouped_gemm_gated and interleave_gate_up (switchyard/stages.h) on the CPU backend.
+//
+// interleave_gate_up is checked row by row against its definition and inverted; grouped_gemm_gated must give the
+// bits of its definition (grouped_gemm with the un-interleaved weights into h's dtype, then activation) for fp32
+// and bf16, SwiGLU and GeGLU, groups of 0 and several rows, rows past offsets[E] zeroed or left untouched; calls
+// the stage refuses are refused with errors that name the argument.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/stages.h"
+#include "test_util.h"
+
+namespace switchyard {
+namespace {
+
+using test::HostTensor;
+using test::expect_error;
+using test::random_uniform;
+
+HostTensor iota_rows(int64_t groups, int64_t n, int64_t k) {
+    HostTensor w(DType::kF32, {groups, n, k});
+    for (int64_t e = 0; e < groups; ++e)
+        for (int64_t r = 0; r < n; ++r)
+            for (int64_t c = 0; c < k; ++c) w.set((e * n + r) * k + c, static_cast<float>(1000 * e + 10 * r + c));
+    return w;
+}
+
+TEST(GatedGemm, InterleaveMovesBlocksOfEightRowsAndInverts) {
+    const int64_t E = 2, F = 24, K = 3, N = 2 * F;
+    const HostTensor w = iota_rows(E, N, K);
+    HostTensor wi(DType::kF32, {E, N, K}), back(DType::kF32, {E, N, K});
+    interleave_gate_up(w.ref(), wi.ref());
+    for (int64_t e = 0; e < E; ++e) {
+        for (int64_t f = 0; f < F; ++f) {
+            const int64_t gate_row = 16 * (f / 8) + f % 8, up_row = gate_row + 8;
+            for (int64_t c = 0; c < K; ++c) {
+                ASSERT_EQ(wi.get((e * N + gate_row) * K + c), w.get((e * N + f) * K + c)) << "e=" << e << " f=" << f;
+                ASSERT_EQ(wi.get((e * N + up_row) * K + c), w.get((e * N + F + f) * K + c)) << "e=" << e << " f=" << f;
+            }
+        }
+    }
+    interleave_gate_up(wi.ref(), back.ref(), /*inverse=*/true);
+    for (int64_t i = 0; i < w.numel(); ++i) ASSERT_EQ(back.get(i), w.get(i)) << "i=" << i;
+}
+
+// h from grouped_gemm_gated(a, interleave(w13)) against grouped_gemm(a, w13) -> g [R, 2F] of h's dtype ->
+// activation: the same bits; rows past offsets[E] zeroed, or untouched without zero_unowned_rows.
+void check_matches_two_steps(DType dtype, Activation act, bool zero_unowned) {
+    SCOPED_TRACE(std::string(to_string(dtype)) + " " + to_string(act) + (zero_unowned ? " zero" : " untouched"));
+    const int64_t E = 4, F = 40, K = 24, N = 2 * F, R = 23;
+    const std::vector<int32_t> offsets = {0, 5, 5, 17, 20};  // an empty group, rows 20..22 owned by nobody
+    const HostTensor a = HostTensor::from_floats(random_uniform(R * K, 11), dtype, {R, K});
+    const HostTensor w13 = HostTensor::from_floats(random_uniform(E * N * K, 12), dtype, {E, N, K});
+    HostTensor off(DType::kI32, {E + 1});
+    for (int64_t i = 0; i <= E; ++i) off.ptr<int32_t>()[i] = offsets[i];
+    HostTensor w13i(dtype, {E, N, K}), g(dtype, {R, N}), want(dtype, {R, F}), h(dtype, {R, F});
+    interleave_gate_up(w13.ref(), w13i.ref());
+    grouped_gemm(a.ref(), w13.ref(), off.ref(), g.ref(), nullptr, 0);
+    activation(act, g.ref(), want.ref());
+    for (int64_t i = 0; i < h.numel(); ++i) h.set(i, 7.0f);
+    GroupedGemmOptions opt;
+    opt.zero_unowned_rows = zero_unowned;
+    grouped_gemm_gated(act, a.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0, nullptr, opt);
+    int64_t nonzero = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        for (int64_t f = 0; f < F; ++f) {
+            const int64_t i = r * F + f;
+            if (r >= offsets[E]) {
+                ASSERT_EQ(h.get(i), zero_unowned ? 0.0f : 7.0f) << "unowned row " << r;
+            } else {
+                ASSERT_TRUE(float_bits(h.get(i)) == float_bits(want.get(i))) << "r=" << r << " f=" << f << ": " << h.get(i)
+                                                                  << " vs " << want.get(i);
+                nonzero += h.get(i) != 0.0f;
+            }
+        }
+    }
+    EXPECT_GT(nonzero, offsets[E] * F / 2) << "the comparison must not be between zeros";
+}
+
+TEST(GatedGemm, MatchesGroupedGemmThenActivation) {
+    for (DType dtype : {DType::kF32, DType::kBF16})
+        for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU})
+            for (bool zero_unowned : {true, false}) check_matches_two_steps(dtype, act, zero_unowned);
+}
+
+TEST(GatedGemm, OneGroupWithoutOffsets) {
+    const int64_t F = 16, K = 8, N = 2 * F, R = 5;
+    const HostTensor a = HostTensor::from_floats(random_uniform(R * K, 21), DType::kF32, {R, K});
+    const HostTensor w13 = HostTensor::from_floats(random_uniform(N * K, 22), DType::kF32, {N, K});
+    HostTensor w13i(DType::kF32, {N, K}), g(DType::kF32, {R, N}), want(DType::kF32, {R, F}), h(DType::kF32, {R, F});
+    interleave_gate_up(w13.ref(), w13i.ref());
+    grouped_gemm(a.ref(), w13.ref(), TensorRef(), g.ref(), nullptr, 0);
+    activation(Activation::kSwiGLU, g.ref(), want.ref());
+    grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), TensorRef(), h.ref(), nullptr, 0);
+    for (int64_t i = 0; i < h.numel(); ++i) ASSERT_TRUE(float_bits(h.get(i)) == float_bits(want.get(i))) << "i=" << i;
+}
+
+TEST(GatedGemm, RefusesWhatItCannotCompute) {
+    const int64_t E = 2, F = 16, K = 8, N = 2 * F, R = 6;
+    HostTensor a(DType::kF32, {R, K}), w13i(DType::kF32, {E, N, K}), h(DType::kF32, {R, F});
+    HostTensor off(DType::kI32, {E + 1});
+    off.ptr<int32_t>()[1] = 3;
+    off.ptr<int32_t>()[2] = 6;
+    expect_error([&] { grouped_gemm_gated(Activation::kGELU, a.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0); },
+                 {"not a gated activation"});
+    HostTensor odd(DType::kF32, {E, 24, K}), h12(DType::kF32, {R, 12});
+    expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), odd.ref(), off.ref(), h12.ref(), nullptr, 0); },
+                 {"w13i", "multiple of 16"});
+    HostTensor wide(DType::kF32, {R, N});
+    expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), off.ref(), wide.ref(), nullptr, 0); },
+                 {"h shape"});
+    expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), TensorRef(), h.ref(), nullptr, 0); },
+                 {"offsets are required"});
+    HostTensor w13(DType::kF32, {E, N, K}), small(DType::kF32, {E, N - 16, K});
+    expect_error([&] { interleave_gate_up(w13.ref(), small.ref()); }, {"w13i shape"});
+    expect_error([&] { interleave_gate_up(w13.ref(), w13.ref()); }, {"out of place"});
+    expect_error([&] { interleave_gate_up(odd.ref(), HostTensor(DType::kF32, {E, 24, K}).ref()); },
+                 {"multiple of 16"});
+}
+
+}  // namespace
+}  // namespace switchyard
