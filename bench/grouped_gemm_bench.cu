@@ -428,17 +428,29 @@ int main(int argc, char** argv) {
                                                               switchyard::DType::kBF16, cs[s], total,
                                                               d_off + m.experts, m.ffn, hs[s], nullptr);
                         };
-                        auto fused = [&](size_t s) {
-                            gated.a = as[s];
-                            gated.b = bs[s];
-                            gated.c = hs[s];
-                            switchyard::cuda::grouped_gemm(gated, gws, gws_bytes, nullptr);
+                        auto fused_with = [&](switchyard::cuda::GroupedGemmTile tile) {
+                            return [&, tile](size_t s) {
+                                gated.a = as[s];
+                                gated.b = bs[s];
+                                gated.c = hs[s];
+                                gated.tile = tile;
+                                switchyard::cuda::grouped_gemm(gated, gws, gws_bytes, nullptr);
+                            };
                         };
-                        double t_unfused = 0, t_fused = 0;
+                        using switchyard::cuda::GroupedGemmTile;
+                        const std::pair<const char*, GroupedGemmTile> variants[] = {
+                            {"auto", GroupedGemmTile::kAuto},
+                            {"coop-2x1", GroupedGemmTile::kLarge},
+                            {"coop-c1", GroupedGemmTile::kLargeNoCluster},
+                            {"pingpong-64x256", GroupedGemmTile::kMedium}};
+                        // Alternated: the unfused chain, then every gated kernel, twice over; the second round counts.
+                        double t_unfused = 0;
+                        std::vector<double> t_fused(4, 0.0);
                         for (int round = 0; round < 2; ++round) {
                             t_unfused = time_calls(unfused, sets, o);
-                            t_fused = time_calls(fused, sets, o);
+                            for (int v = 0; v < 4; ++v) t_fused[v] = time_calls(fused_with(variants[v].second), sets, o);
                         }
+                        gated.tile = GroupedGemmTile::kAuto;
                         const double gbytes = double(hit) * g.n * g.k * 2 + double(a_bytes) + double(total) * m.ffn * 2;
                         const double gfloor =
                             std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
@@ -448,7 +460,9 @@ int main(int argc, char** argv) {
                             x.gemm = fusedrow ? "up gated" : "up+act";
                             x.kernel = fusedrow ? switchyard::cuda::grouped_gemm_kernel_name(gated)
                                                 : std::string(r.kernel) + " + activation";
-                            x.ms = fusedrow ? t_fused : t_unfused;
+                            x.ms = fusedrow ? t_fused[0] : t_unfused;
+                            if (fusedrow)
+                                for (int v = 1; v < 4; ++v) x.tiles.emplace_back(variants[v].first, t_fused[v]);
                             x.tflops = flops / (x.ms * 1e-3) / 1e12;
                             x.floor_ms = gfloor;
                             rows.push_back(x);

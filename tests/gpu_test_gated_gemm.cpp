@@ -13,10 +13,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "cuda/gemm/grouped_gemm.h"
 #include "gpu_test_util.h"
 #include "switchyard/stages.h"
 #include "test_util.h"
@@ -152,6 +154,70 @@ TEST(GpuGatedGemm, MatchesUnfusedPathAndSpecification) {
     };
     for (const auto& c : cases)
         for (bool zero_unowned : {true, false}) run_case(c, zero_unowned);
+}
+
+// Every gated kernel (the tile overrides of GroupedGemmArgs::gated) against the unfused path on the same card:
+// within a few bf16 roundings of h (the kernels may sum a product's k-steps in another order than the unfused
+// path's tile), rows past offsets[E] untouched (the stage zeroes them, not the kernel).
+TEST(GpuGatedGemm, EveryGatedTileMatchesTheUnfusedPath) {
+    if (!sm90()) GTEST_SKIP() << "the gated epilogue needs an sm_90 GPU";
+    const DType bf = DType::kBF16;
+    const std::vector<int32_t> counts = random_counts(8, 300, 11);
+    const int64_t E = 8, F = 96, K = 256, N = 2 * F;
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    const int64_t R = offsets[E] + 3;
+    DeviceBuffer da, dw13, dw13i, doff, dg, dh_ref, dh;
+    testing::upload(da, testing::random_values(R * K, bf, -1.0f, 1.0f, 201), bf);
+    testing::upload(dw13, testing::random_values(E * N * K, bf, -0.5f, 0.5f, 202), bf);
+    testing::upload_raw(doff, offsets);
+    dw13i.reset(dw13.bytes());
+    dg.reset(R * N * 2);
+    dh_ref.reset(R * F * 2);
+    dh.reset(R * F * 2);
+    interleave_gate_up(dev_ref(dw13, bf, {E, N, K}), dev_ref(dw13i, bf, {E, N, K}));
+    const size_t ws = grouped_gemm_workspace_size(Device::kCUDA, bf, E, N, K, R);
+    DeviceBuffer w(ws);
+    grouped_gemm(dev_ref(da, bf, {R, K}), dev_ref(dw13, bf, {E, N, K}), dev_ref(doff, DType::kI32, {E + 1}),
+                 dev_ref(dg, bf, {R, N}), w.get(), ws);
+    activation(Activation::kSwiGLU, dev_ref(dg, bf, {R, N}), dev_ref(dh_ref, bf, {R, F}));
+    GPU_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> want = testing::download(dh_ref.get(), offsets[E] * F, bf);
+    for (auto tile : {cuda::GroupedGemmTile::kLarge, cuda::GroupedGemmTile::kLargeNoCluster,
+                      cuda::GroupedGemmTile::kMedium}) {
+        cuda::GroupedGemmArgs g;
+        g.a = da.get();
+        g.b = dw13i.get();
+        g.c = dh.get();
+        g.dtype = bf;
+        g.num_groups = E;
+        g.n = N;
+        g.k = K;
+        g.max_rows = R;
+        g.offsets = doff.get<int32_t>();
+        g.tile = tile;
+        g.gated = true;
+        g.activation = Activation::kSwiGLU;
+        SCOPED_TRACE(cuda::grouped_gemm_kernel_name(g));
+        const size_t gws = cuda::grouped_gemm_workspace_size(g);
+        DeviceBuffer gw(gws);
+        dh.poison();
+        cuda::grouped_gemm(g, gw.get(), gws, nullptr);
+        GPU_CHECK(cudaGetLastError());
+        GPU_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> raw = testing::download_raw<uint16_t>(dh.get(), R * F);
+        std::vector<float> got(offsets[E] * F);
+        int64_t exact = 0;
+        for (int64_t i = 0; i < offsets[E] * F; ++i) {
+            got[i] = bf16_to_float(raw[i]);
+            exact += got[i] == want[i];
+        }
+        EXPECT_TRUE(testing::all_close(got, want, 1e-3, 3e-2, "h vs the unfused path", F));
+        std::printf("[gpu gated] %s: %lld of %lld elements bitwise equal to the unfused path\n",
+                    cuda::grouped_gemm_kernel_name(g), static_cast<long long>(exact),
+                    static_cast<long long>(offsets[E] * F));
+        for (int64_t i = offsets[E] * F; i < R * F; ++i) ASSERT_EQ(raw[i], 0xFFFF) << "unowned row " << i / F;
+    }
 }
 
 TEST(GpuGatedGemm, RefusesFp16OnCuda) {

@@ -89,10 +89,20 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     return sm90::TileConfig::kCooperative128x256;
 }
 
-// The gated epilogue's kernel for args: the 2x1 cluster where the plain forward would run it, else no cluster.
+// The gated epilogue's kernel for args. Overrides: kLarge = Cooperative 128x256 with the 2x1 cluster,
+// kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kSmall = Pingpong 64x256.
+// kAuto: Pingpong 64x256, whose second warpgroup keeps the tensor cores busy during the first one's epilogue (the
+// activation math of 64x128 outputs, which the Cooperative tile runs with the tensor cores idle).
 const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
-    return choose_tile(g) == sm90::TileConfig::kCooperative128x256 ? sm90::kBF16GatedCooperative
-                                                                    : sm90::kBF16GatedCooperativeC1;
+    switch (g.tile) {
+        case GroupedGemmTile::kLarge: return sm90::kBF16GatedCooperative;
+        case GroupedGemmTile::kLargeNoCluster:
+        case GroupedGemmTile::kLargeClusterN: return sm90::kBF16GatedCooperativeC1;
+        case GroupedGemmTile::kSmall:
+        case GroupedGemmTile::kMedium: return sm90::kBF16GatedPingpong;
+        case GroupedGemmTile::kAuto: break;
+    }
+    return sm90::kBF16GatedPingpong;
 }
 
 }  // namespace
@@ -165,7 +175,8 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
         bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
     }
     if (args.gated) {
-        for (const sm90::GemmOps* ops : {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1}) {
+        for (const sm90::GemmOps* ops :
+             {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1, &sm90::kBF16GatedPingpong}) {
             bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
         }
     }

@@ -58,6 +58,16 @@ struct PingpongConfig {
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 };
 
+// Each consumer warpgroup owns a 64x256 tile: the MMA atom and the B-tile width of the Cooperative 128x256 tile,
+// with one warpgroup's epilogue running while the other's mainloop keeps the tensor cores busy (what the gated
+// epilogue's activation math needs: gated_epilogue.cuh).
+struct Pingpong64x256Config {
+    using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+    using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+    using TileShape = cute::Shape<cute::_64, cute::_256, cute::_64>;
+    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+};
+
 struct Pingpong128Config {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;

@@ -63,6 +63,7 @@ extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
 extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
 extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
+extern const GemmOps kBF16GatedPingpong;  // grouped_gemm_sm90_bf16_gated_pp.cu (the gated epilogue, Pingpong 64x256)
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 
