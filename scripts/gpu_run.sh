@@ -6,7 +6,7 @@
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
 #        trainfb,timeline,gatedbench,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
-#        gemmtests: the grouped GEMM GPU tests alone; gemmtiles: grouped_gemm_bench --all-tiles --backward at
+#        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
@@ -46,7 +46,7 @@ if has fused; then
   note "fused/fp8 torch gpu tests: rc=$? $(tail -1 "$OUT/fused_torch.log")"
 fi
 if has gemmtests; then
-  "$BUILD/tests/switchyard_gpu_tests" --gtest_filter='GpuGroupedGemm*' >"$OUT/gemm_tests.log" 2>&1
+  "$BUILD/tests/switchyard_gpu_tests" --gtest_filter='GpuGroupedGemm*:GpuGatedGemm*' >"$OUT/gemm_tests.log" 2>&1
   note "grouped gemm gpu tests: rc=$? $(grep -E '^\[  (PASSED|FAILED)  \]|tests? ran' "$OUT/gemm_tests.log" | tr '\n' ' ')"
   grep -E "^\[  FAILED  \]" "$OUT/gemm_tests.log" | head -20
 fi
