@@ -227,9 +227,9 @@ __global__ void __launch_bounds__(kUpWarps * 32) decode_up_kernel(UpParams p) {
                 }
                 float hv;
                 if constexpr (kGated)
-                    hv = act_fn<kAct>(to_f32(from_f32<T>(v0))) * to_f32(from_f32<T>(v1));
+                    hv = act_fn<kAct, kFastAct<T>>(to_f32(from_f32<T>(v0))) * to_f32(from_f32<T>(v1));
                 else
-                    hv = act_fn<kAct>(to_f32(from_f32<T>(v0)));
+                    hv = act_fn<kAct, kFastAct<T>>(to_f32(from_f32<T>(v0)));
                 out[static_cast<int64_t>(r) * width + f0 + i] = from_f32<T>(hv);
             }
         }

@@ -2,7 +2,8 @@
 //
 // Input:  in [rows, 2F] (gated: gate columns [0, F), up columns [F, 2F)) or [rows, F] (ungated), dtype.
 // Output: out [rows, F], dtype: out = act(gate) * up (SwiGLU: silu, GeGLU: gelu_tanh) or act(up) (GELU, ReLU),
-//         computed in fp32 from the stored inputs and rounded once to dtype (ref::apply_activation).
+//         computed in fp32 from the stored inputs and rounded once to dtype (ref::apply_activation; 16-bit types with
+//         the fast intrinsics of act_fn.cuh).
 // Rows r >= *num_rows (device counter, e.g. expert_offsets[E]; may be null) or r >= max_rows are not touched.
 // One block per row, 16-byte vectors of the three tensors when F allows.
 #include <cstdint>
@@ -38,7 +39,8 @@ __global__ void __launch_bounds__(kActThreads)
             Vec16<T> r;
 #pragma unroll
             for (int q = 0; q < kN; ++q) {
-                const float h = kGated ? act_fn<kAct>(to_f32(g.v[q])) * to_f32(u.v[q]) : act_fn<kAct>(to_f32(u.v[q]));
+                const float h = kGated ? act_fn<kAct, kFastAct<T>>(to_f32(g.v[q])) * to_f32(u.v[q])
+                                        : act_fn<kAct, kFastAct<T>>(to_f32(u.v[q]));
                 r.v[q] = from_f32<T>(h);
             }
             reinterpret_cast<Vec16<T>*>(dst)[i] = r;
@@ -47,9 +49,9 @@ __global__ void __launch_bounds__(kActThreads)
         for (int64_t i = threadIdx.x; i < ffn; i += kActThreads) {
             float h;
             if constexpr (kGated) {
-                h = act_fn<kAct>(to_f32(src[i])) * to_f32(src[ffn + i]);
+                h = act_fn<kAct, kFastAct<T>>(to_f32(src[i])) * to_f32(src[ffn + i]);
             } else {
-                h = act_fn<kAct>(to_f32(src[i]));
+                h = act_fn<kAct, kFastAct<T>>(to_f32(src[i]));
             }
             dst[i] = from_f32<T>(h);
         }

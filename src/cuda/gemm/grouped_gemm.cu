@@ -91,8 +91,13 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 
 // The gated epilogue's kernel for args. Overrides: kLarge = Cooperative 128x256 with the 2x1 cluster,
 // kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kSmall = Pingpong 64x256.
-// kAuto: Pingpong 64x256, whose second warpgroup keeps the tensor cores busy during the first one's epilogue (the
-// activation math of 64x128 outputs, which the Cooperative tile runs with the tensor cores idle).
+// kAuto, measured on an H100 (bench/NOTES.md, "Gated epilogue"): up to kGatedPingpongMaxRows rows per expert the
+// Pingpong 64x256 tile, whose second warpgroup keeps the tensor cores busy during the first one's epilogue and
+// whose 64-row tiles round an expert's rows up less (Qwen3 and DeepSeek-V3 at T=4096: 9-22% faster than the
+// Cooperative tile); above, the Cooperative tile of the plain rule (its MMA rate wins where the GEMM is
+// compute-bound: Pingpong was 15-24% slower on Mixtral).
+constexpr int64_t kGatedPingpongMaxRows = 256;
+
 const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
     switch (g.tile) {
         case GroupedGemmTile::kLarge: return sm90::kBF16GatedCooperative;
@@ -102,7 +107,9 @@ const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
         case GroupedGemmTile::kMedium: return sm90::kBF16GatedPingpong;
         case GroupedGemmTile::kAuto: break;
     }
-    return sm90::kBF16GatedPingpong;
+    if (g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kGatedPingpongMaxRows) return sm90::kBF16GatedPingpong;
+    return choose_tile(g) == sm90::TileConfig::kCooperative128x256 ? sm90::kBF16GatedCooperative
+                                                                    : sm90::kBF16GatedCooperativeC1;
 }
 
 }  // namespace

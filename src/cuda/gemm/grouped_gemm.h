@@ -65,9 +65,9 @@ struct GroupedGemmArgs {
     // the gate and up rows interleaved in blocks of 8 (row 16j + i is gate row 8j + i, row 16j + 8 + i up row
     // 8j + i, i < 8; N % 16 == 0), and c is h [max_rows, N / 2]: h[r, f] = act(gate) * up of row r, each of gate and
     // up rounded to bf16 first, the product rounded once: the values grouped_gemm then the activation kernel give
-    // with the un-interleaved b. activation: kSwiGLU or kGeGLU. Tiles (grouped_gemm.cu, gated_ops): kAuto and
-    // kMedium / kSmall Pingpong 64x256, kLarge Cooperative 128x256 with the 2x1 cluster, kLargeNoCluster (and
-    // kLargeClusterN) Cooperative 128x256 without a cluster.
+    // with the un-interleaved b. activation: kSwiGLU or kGeGLU. Tiles (grouped_gemm.cu, gated_ops): kAuto picks by
+    // the rows per expert; kMedium / kSmall Pingpong 64x256, kLarge Cooperative 128x256 with the 2x1 cluster,
+    // kLargeNoCluster (and kLargeClusterN) Cooperative 128x256 without a cluster.
     bool gated = false;
     Activation activation = Activation::kSwiGLU;
 };

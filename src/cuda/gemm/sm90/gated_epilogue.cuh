@@ -10,8 +10,8 @@
 // apart, with c = 0 and 1 two adjacent f: each thread stores two adjacent h values (4 bytes) per pair of chunks.
 //
 // Rounding: gate and up are rounded to the output type before the activation, exactly as grouped_gemm followed by
-// the activation kernel round them (D = 1.0 * acc stored, then act(gate) * up in fp32, rounded once): the fused and
-// the unfused paths produce the same values. Stores go straight from registers to global memory (no shared-memory
+// the activation kernel round them (D = 1.0 * acc stored, then act(gate) * up in fp32 with act_fn.cuh's 16-bit
+// formulas, rounded once): the fused and the unfused paths produce the same values. Stores go straight from registers to global memory (no shared-memory
 // staging): the output is half of what the plain epilogue would store, and the mainloop keeps the epilogue's shared
 // memory for one more pipeline stage.
 //
@@ -138,7 +138,8 @@ public:
                             const float gate = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
                             const float up =
                                 static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v + 1), mm, nn))));
-                            h[c] = (swiglu ? act_fn<Activation::kSwiGLU>(gate) : act_fn<Activation::kGeGLU>(gate)) *
+                            h[c] = (swiglu ? act_fn<Activation::kSwiGLU, kFastAct<ElementD>>(gate)
+                                           : act_fn<Activation::kGeGLU, kFastAct<ElementD>>(gate)) *
                                    up;
                         }
                         cutlass::Array<ElementD, 2> out;
