@@ -4,7 +4,7 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,gatedbench,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,gatedbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
@@ -12,7 +12,8 @@
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
-#        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384.
+#        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
+#        ncugated: Nsight Compute on gatedbench's kernels at T=4096 (one call each: GEMM1, activation, gated kernels).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
 #        decodepeers: compare_torch.py --decode (sort + _grouped_mm, vLLM; .deps/vllm carried); fp8bench: issue 13's
@@ -120,6 +121,14 @@ if has gatedbench; then
     --json "$OUT/gatedbench.json" >"$OUT/gatedbench.log" 2>&1
   note "gated bench: rc=$?"
   grep -E "up\+act|up gated" "$OUT/gatedbench.log" | cut -c1-40,100-200
+fi
+if has ncugated; then
+  ncu --clock-control none --cache-control all --csv --kernel-name regex:'device_kernel|activation_kernel' \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
+    "$BUILD/bench/grouped_gemm_bench" --gated --models "${MODELS:-qwen3,deepseek,mixtral}" --tokens 4096 --iters 1 \
+    --warmup 0 >"$OUT/ncu_gated.csv" 2>&1
+  note "ncu gated: rc=$? $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu_gated.csv") kernels"
+  python3 scripts/ncu_table.py "$OUT"/ncu_gated.csv 2>&1 | tee "$OUT/ncu_gated_table.txt" | tail -50
 fi
 if has timeline; then
   python3 bench/prefill_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \

@@ -38,6 +38,8 @@ def short(name):
         if m:
             stages, cm, cn, sched, tm, tn, tk = m.groups()
             base = f"cutlass {sched.lower()} {tm}x{tn}x{tk} c{cm}x{cn} s{stages}"
+            if "GatedEpilogueArray" in name:
+                base += " gated"
         else:
             base = "cutlass gemm"
     return base[:44]
