@@ -33,7 +33,7 @@ def short(name):
     base = "".join(out).split("::")[-1]
     if base == "device_kernel":  # CUTLASS's kernel wrapper: name the schedule, tile, cluster and stages it runs
         m = re.search(r"WarpSpecialized\w*<(\d+), cute::tuple<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<1>>, "
-                      r"gemm::Kernel\w*?(Cooperative|Pingpong)\w*>, "
+                      r"(?:cutlass::)?(?:gemm::)?Kernel\w*?(Cooperative|Pingpong)\w*>, "
                       r"cute::tuple<cute::C<(\d+)>, cute::C<(\d+)>, cute::C<(\d+)>>", name)
         if m:
             stages, cm, cn, sched, tm, tn, tk = m.groups()

@@ -93,9 +93,9 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 // kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kSmall = Pingpong 64x256.
 // kAuto, measured on an H100 (bench/NOTES.md, "Gated epilogue"): up to kGatedPingpongMaxRows rows per expert the
 // Pingpong 64x256 tile, whose second warpgroup keeps the tensor cores busy during the first one's epilogue and
-// whose 64-row tiles round an expert's rows up less (Qwen3 and DeepSeek-V3 at T=4096: 9-22% faster than the
-// Cooperative tile); above, the Cooperative tile of the plain rule (its MMA rate wins where the GEMM is
-// compute-bound: Pingpong was 15-24% slower on Mixtral).
+// whose 64-row tiles round an expert's rows up less (Qwen3 and DeepSeek-V3 at T=4096: 7-18% faster than the
+// Cooperative tiles); above, the Cooperative tile of the plain rule (its MMA rate wins where the GEMM is
+// compute-bound: Pingpong was 16-22% slower on Mixtral, 4-11% at 512-1024 rows per expert).
 constexpr int64_t kGatedPingpongMaxRows = 256;
 
 const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
