@@ -97,6 +97,38 @@ TEST(GatedGemm, OneGroupWithoutOffsets) {
     for (int64_t i = 0; i < h.numel(); ++i) ASSERT_TRUE(float_bits(h.get(i)) == float_bits(want.get(i))) << "i=" << i;
 }
 
+// activation / activation_backward with gate_up_interleaved: the plain ones on the permuted columns (g [R, 2F] is
+// permuted as interleave_gate_up permutes a [R, 2F, 1] tensor's rows), bit for bit, for fp64, fp32 and bf16.
+TEST(GatedGemm, InterleavedActivationAndBackwardArePermutedPlainOnes) {
+    const int64_t R = 5, F = 24, N = 2 * F;
+    for (DType dtype : {DType::kF64, DType::kF32, DType::kBF16}) {
+        for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU}) {
+            SCOPED_TRACE(std::string(to_string(dtype)) + " " + to_string(act));
+            const HostTensor g = HostTensor::from_floats(random_uniform(R * N, 31, -3.0f, 3.0f), dtype, {R, N, 1});
+            const HostTensor dh = HostTensor::from_floats(random_uniform(R * F, 32), dtype, {R, F});
+            HostTensor gi(dtype, {R, N, 1});
+            interleave_gate_up(g.ref(), gi.ref());
+            const TensorRef g2 = TensorRef(const_cast<void*>(g.data()), dtype, {R, N});
+            const TensorRef gi2 = TensorRef(gi.data(), dtype, {R, N});
+            HostTensor h(dtype, {R, F}), hi(dtype, {R, F}), dg(dtype, {R, N, 1}), dgi(dtype, {R, N}),
+                want(dtype, {R, N, 1});
+            activation(act, g2, h.ref());
+            activation(act, gi2, hi.ref(), TensorRef(), nullptr, /*gate_up_interleaved=*/true);
+            for (int64_t i = 0; i < h.numel(); ++i) ASSERT_EQ(float_bits(hi.get(i)), float_bits(h.get(i))) << i;
+            activation_backward(act, g2, dh.ref(), TensorRef(dg.data(), dtype, {R, N}));
+            activation_backward(act, gi2, dh.ref(), dgi.ref(), nullptr, /*gate_up_interleaved=*/true);
+            interleave_gate_up(dg.ref(), want.ref());
+            for (int64_t i = 0; i < dgi.numel(); ++i) ASSERT_EQ(float_bits(dgi.get(i)), float_bits(want.get(i))) << i;
+        }
+    }
+    HostTensor g(DType::kF32, {R, N}), h(DType::kF32, {R, F}), g12(DType::kF32, {R, 24}), h12(DType::kF32, {R, 12});
+    expect_error([&] { activation(Activation::kGELU, h.ref(), HostTensor(DType::kF32, {R, F}).ref(), TensorRef(),
+                                  nullptr, true); },
+                 {"not gated"});
+    expect_error([&] { activation(Activation::kSwiGLU, g12.ref(), h12.ref(), TensorRef(), nullptr, true); },
+                 {"F % 8"});
+}
+
 TEST(GatedGemm, RefusesWhatItCannotCompute) {
     const int64_t E = 2, F = 16, K = 8, N = 2 * F, R = 6;
     HostTensor a(DType::kF32, {R, K}), w13i(DType::kF32, {E, N, K}), h(DType::kF32, {R, F});

@@ -330,23 +330,23 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_op(const at::Tensor& dc, 
     return std::make_tuple(grouped_mm_dgrad_op(dc, b, offsets), grouped_mm_wgrad_op(dc, a, offsets));
 }
 
-at::Tensor activation_op(const at::Tensor& g_in, int64_t act) {
+at::Tensor activation_op(const at::Tensor& g_in, int64_t act, bool interleaved) {
     return guarded([&] {
         const at::Tensor g = g_in.contiguous();
         const Activation a = activation_of(act);
         TORCH_CHECK(g.dim() == 2 && (!is_gated(a) || g.size(1) % 2 == 0), "switchyard.activation: g must be [R, 2F] "
                     "(gated) or [R, F], got ", g.sizes());
         at::Tensor h = at::empty({g.size(0), is_gated(a) ? g.size(1) / 2 : g.size(1)}, g.options());
-        activation(a, ref(g), ref(h), TensorRef(), stream_of(g));
+        activation(a, ref(g), ref(h), TensorRef(), stream_of(g), interleaved);
         return h;
     });
 }
 
-at::Tensor activation_backward_op(const at::Tensor& g_in, const at::Tensor& dh_in, int64_t act) {
+at::Tensor activation_backward_op(const at::Tensor& g_in, const at::Tensor& dh_in, int64_t act, bool interleaved) {
     return guarded([&] {
         const at::Tensor g = g_in.contiguous(), dh = dh_in.to(g.scalar_type()).contiguous();
         at::Tensor dg = at::empty_like(g);
-        activation_backward(activation_of(act), ref(g), ref(dh), ref(dg), stream_of(g));
+        activation_backward(activation_of(act), ref(g), ref(dh), ref(dg), stream_of(g), interleaved);
         return dg;
     });
 }
@@ -507,8 +507,8 @@ TORCH_LIBRARY(switchyard, m) {
           "-> Tensor");
     m.def("grouped_mm_gated(Tensor a, Tensor w13i, Tensor offsets, int activation) -> Tensor");
     m.def("interleave_gate_up(Tensor w13, bool inverse) -> Tensor");
-    m.def("activation(Tensor g, int activation) -> Tensor");
-    m.def("activation_backward(Tensor g, Tensor dh, int activation) -> Tensor");
+    m.def("activation(Tensor g, int activation, bool interleaved=False) -> Tensor");
+    m.def("activation_backward(Tensor g, Tensor dh, int activation, bool interleaved=False) -> Tensor");
     m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
     m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights) -> (Tensor, Tensor)");
     m.def("moe_fused(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "

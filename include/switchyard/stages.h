@@ -171,12 +171,13 @@ void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool invers
 // ---- activation -------------------------------------------------------------------------------------------------
 // h [R, F] = act(g[:, :F]) * g[:, F:] (gated, g [R, 2F]) or act(g) (g [R, F]); g and h share one dtype.
 // num_rows: optional int32 [1] on the operands' device (e.g. a view of offsets[E]); rows r >= num_rows[0] are then
-// left untouched.
+// left untouched. gate_up_interleaved: g's gate and up columns in the layout of a GEMM1 with interleaved weights
+// (interleave_gate_up: gate f at column 16 (f / 8) + f % 8, up f eight columns further; gated, F % 8 == 0).
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows = TensorRef(),
-                cudaStream_t stream = nullptr);
-// dg [R, R13] from g and dh [R, F] (ReLU's derivative at 0 is 0).
+                cudaStream_t stream = nullptr, bool gate_up_interleaved = false);
+// dg [R, R13] from g and dh [R, F] (ReLU's derivative at 0 is 0); dg in g's column layout.
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
-                         cudaStream_t stream = nullptr);
+                         cudaStream_t stream = nullptr, bool gate_up_interleaved = false);
 
 // ---- combine ----------------------------------------------------------------------------------------------------
 // y[t] = dtype( sum over j = 0..k-1 with slot_row[t, j] >= 0 of w[t, j] * out[slot_row[t, j]] (+ s_t * shared[t]) ),

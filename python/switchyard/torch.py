@@ -142,13 +142,13 @@ def _grouped_mm_wgrad_fake(dc, a, offsets):
 
 
 @torch.library.register_fake("switchyard::activation")
-def _activation_fake(g, activation):
+def _activation_fake(g, activation, interleaved=False):
     gated = activation in (0, 1)
     return g.new_empty((g.shape[0], g.shape[1] // 2 if gated else g.shape[1]))
 
 
 @torch.library.register_fake("switchyard::activation_backward")
-def _activation_backward_fake(g, dh, activation):
+def _activation_backward_fake(g, dh, activation, interleaved=False):
     return torch.empty_like(g)
 
 
@@ -315,21 +315,24 @@ _gathered_grouped_mm.register_autograd(_ggmm_backward, setup_context=_ggmm_setup
 
 # activation + GEMM2 as one differentiable op whose backward recomputes h = act(g) from the saved GEMM1 output g
 # instead of saving h as well: T*k*F fewer saved elements (0.54 GB of bf16 for DeepSeek-V3 at T=16384, 0.94 GB for
-# Mixtral), for one extra elementwise pass over g in the backward.
+# Mixtral), for one extra elementwise pass over g in the backward. interleaved: g's gate and up columns as GEMM1
+# makes them with w13 in the interleaved layout (MoE.interleave_gate_up_).
 @torch.library.custom_op("switchyard::activated_grouped_mm", mutates_args=())
-def _activated_grouped_mm(g: torch.Tensor, activation: int, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return _ops.grouped_mm(_ops.activation(g, activation), b, offsets)
+def _activated_grouped_mm(g: torch.Tensor, activation: int, b: torch.Tensor, offsets: torch.Tensor,
+                          interleaved: bool = False) -> torch.Tensor:
+    return _ops.grouped_mm(_ops.activation(g, activation, interleaved), b, offsets)
 
 
 @_activated_grouped_mm.register_fake
-def _activated_grouped_mm_fake(g, activation, b, offsets):
+def _activated_grouped_mm_fake(g, activation, b, offsets, interleaved=False):
     return g.new_empty((g.shape[0], b.shape[1]))
 
 
 def _agmm_setup(ctx, inputs, output):
-    g, activation, b, offsets = inputs
+    g, activation, b, offsets, interleaved = inputs
     ctx.save_for_backward(g, b, offsets)
     ctx.activation = activation
+    ctx.interleaved = interleaved
 
 
 def _agmm_backward(ctx, dc):
@@ -337,12 +340,12 @@ def _agmm_backward(ctx, dc):
     dc = dc.contiguous()
     dg = db = None
     if ctx.needs_input_grad[2]:
-        h = _ops.activation(g, ctx.activation)  # recomputed
+        h = _ops.activation(g, ctx.activation, ctx.interleaved)  # recomputed
         db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated
         del h
     if ctx.needs_input_grad[0]:
-        dg = _ops.activation_backward(g, _ops.grouped_mm_dgrad(dc, b, offsets), ctx.activation)
-    return dg, None, db, None
+        dg = _ops.activation_backward(g, _ops.grouped_mm_dgrad(dc, b, offsets), ctx.activation, ctx.interleaved)
+    return dg, None, db, None, None
 
 
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)
@@ -616,14 +619,14 @@ class MoE(nn.Module):
     @torch.no_grad()
     def interleave_gate_up_(self, enabled: bool = True) -> "MoE":
         """Stores ``w13`` with its gate and up rows interleaved in blocks of 8 (in place; a transient copy of w13 while
-        it converts), or back in the plain layout (``enabled=False``). In the interleaved layout the staged forward
-        runs GEMM1 and the gated activation as one kernel (``switchyard::grouped_mm_gated``: the activation in the
-        GEMM's epilogue, the [T*k, 2F] product never written, the same values as the two separate steps).
-
-        For inference of gated bf16 experts on an sm_90 GPU: under autograd (gradients wanted) the forward raises --
-        convert back for training; the small-batch fused path (T <= 64) reads the plain layout, so such batches run
-        the staged path instead; FP8 modules keep the plain layout. ``state_dict()`` saves, and ``load_state_dict()``
-        takes, the plain layout whatever this module's (the conversion hooks below)."""
+        it converts), or back in the plain layout (``enabled=False``). In the interleaved layout a forward that needs
+        no gradient runs GEMM1 and the gated activation as one kernel (``switchyard::grouped_mm_gated``: the
+        activation in the GEMM's epilogue, the [T*k, 2F] product never written, the same values as the two separate
+        steps; on CUDA bf16 and sm_90). Under autograd the layer runs its usual staged ops on the interleaved
+        columns (the activation and its gradient read them in place), so training works in either layout and
+        ``w13.grad`` comes in the parameter's layout. The small-batch fused path (T <= 64) reads the plain layout,
+        so such batches run the staged path instead; FP8 modules keep the plain layout. ``state_dict()`` saves, and
+        ``load_state_dict()`` takes, the plain layout whatever this module's (the conversion hooks below)."""
         c = self.config
         if enabled == self.gate_up_interleaved:
             return self
@@ -642,12 +645,8 @@ class MoE(nn.Module):
         self.gate_up_interleaved = enabled
         return self
 
-    def _gated_gemm1(self, xp: torch.Tensor, offsets: torch.Tensor, act: int) -> torch.Tensor:
-        if torch.is_grad_enabled() and (xp.requires_grad or self.w13.requires_grad or self.w2.requires_grad):
-            raise RuntimeError("switchyard.torch.MoE: w13 is in the interleaved layout (interleave_gate_up_), which "
-                               "has no backward; call interleave_gate_up_(False) before training, or run under "
-                               "torch.no_grad() / torch.inference_mode()")
-        return _ops.grouped_mm_gated(xp, self.w13, offsets, act)
+    def _needs_grad(self, x2: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     # ---- FP8 experts (inference) ------------------------------------------------------------------------------
 
@@ -832,11 +831,14 @@ class MoE(nn.Module):
         if self.quantized:
             g = self._expert_mm(_ops.gather(x2, row_token), "w13", offsets)
             out = self._expert_mm(_ops.activation(g, act), "w2", offsets)
-        elif self.gate_up_interleaved:
-            out = _ops.grouped_mm(self._gated_gemm1(_ops.gather(x2, row_token), offsets, act), self.w2, offsets)
+        elif self.gate_up_interleaved and not self._needs_grad(x2) and (not x2.is_cuda or x2.dtype == torch.bfloat16):
+            # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; the CUDA kernel is
+            # bf16's, other dtypes take the staged ops below)
+            out = _ops.grouped_mm(_ops.grouped_mm_gated(_ops.gather(x2, row_token), self.w13, offsets, act), self.w2,
+                                  offsets)
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
-            out = _activated_grouped_mm(g, act, self.w2, offsets)
+            out = _activated_grouped_mm(g, act, self.w2, offsets, self.gate_up_interleaved)
         shared = None
         if self.shared_w13 is not None:
             shared = self._expert_mm(_ops.activation(self._expert_mm(x2, "shared_w13", None), act), "shared_w2", None)

@@ -433,12 +433,20 @@ int64_t activation_width(Activation act, const TensorRef& g) {
                      ") needs an even width [R, 2F]");
     return g.shape[1] / 2;
 }
+// The interleaved gate/up layout (interleave_gate_up) exists for gated activations with F % 8 == 0.
+void check_interleaved(Activation act, int64_t ffn, bool interleaved, const char* what) {
+    if (!interleaved) return;
+    SWITCHYARD_CHECK(is_gated(act), what, ": gate_up_interleaved with activation ", to_string(act),
+                     ", which is not gated");
+    SWITCHYARD_CHECK(ffn % 8 == 0, what, ": gate_up_interleaved needs F % 8 == 0 (F=", ffn, ")");
+}
 }  // namespace
 
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
-                cudaStream_t stream) {
+                cudaStream_t stream, bool gate_up_interleaved) {
     check_float_tensor(g, "g", {kAny, kAny});
     const int64_t ffn = activation_width(act, g);
+    check_interleaved(act, ffn, gate_up_interleaved, "activation");
     check_tensor(h, "h", g.dtype, {g.shape[0], ffn});
     check_same_device(h, "h", g, "g");
     if (num_rows.defined()) {
@@ -447,20 +455,23 @@ void activation(Activation act, const TensorRef& g, const TensorRef& h, const Te
     }
     api::check_backend(g.device, "activation");
     if (h.numel() == 0) return;
-    SWITCHYARD_DISPATCH(g.device, activation(act, g, h, num_rows), activation(act, g, h, num_rows, stream));
+    SWITCHYARD_DISPATCH(g.device, activation(act, g, h, num_rows, gate_up_interleaved),
+                        activation(act, g, h, num_rows, stream, gate_up_interleaved));
 }
 
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool gate_up_interleaved) {
     check_float_tensor(g, "g", {kAny, kAny});
     const int64_t ffn = activation_width(act, g);
+    check_interleaved(act, ffn, gate_up_interleaved, "activation_backward");
     check_tensor(dh, "dh", g.dtype, {g.shape[0], ffn});
     check_same_device(dh, "dh", g, "g");
     check_tensor(dg, "dg", g.dtype, {g.shape[0], g.shape[1]});
     check_same_device(dg, "dg", g, "g");
     api::check_backend(g.device, "activation_backward");
     if (dg.numel() == 0) return;
-    SWITCHYARD_DISPATCH(g.device, activation_backward(act, g, dh, dg), activation_backward(act, g, dh, dg, stream));
+    SWITCHYARD_DISPATCH(g.device, activation_backward(act, g, dh, dg, gate_up_interleaved),
+                        activation_backward(act, g, dh, dg, stream, gate_up_interleaved));
 }
 
 // ---- combine ------------------------------------------------------------------------------------------------------

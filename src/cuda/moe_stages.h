@@ -74,8 +74,9 @@ void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t 
 // h = r / (n / 2), f = r % (n / 2) (stages.h, interleave_gate_up), or the inverse. n % 16 == 0; src != dst.
 void interleave_gate_up_rows(const void* src, void* dst, int64_t groups, int64_t n, int64_t row_bytes, bool inverse,
                              cudaStream_t stream);
+// interleaved: gate and up columns as w13's rows after interleave_gate_up (gated activations, F % 8 == 0).
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
-                     int64_t ffn, void* out, cudaStream_t stream);
+                     int64_t ffn, void* out, cudaStream_t stream, bool interleaved = false);
 
 // y[t] = dtype( (sum_{j=0..k-1, slot_row[t,j] >= 0} w[t,j] * expert_out[slot_row[t,j]]) + s_t * shared[t] ), fp32.
 // shared [T, H] of dtype or null; shared_gate [T] fp32 gate logits or null (s_t = sigmoid(shared_gate[t]), else 1).

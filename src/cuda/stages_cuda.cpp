@@ -329,16 +329,17 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
 }
 
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
-                cudaStream_t stream) {
+                cudaStream_t stream, bool gate_up_interleaved) {
     DeviceGuard guard(g.device_index);
     activation_rows(act, g.dtype, g.data, g.shape[0], ptr_or_null<const int32_t>(num_rows), h.shape[1], h.data,
-                    stream);
+                    stream, gate_up_interleaved);
 }
 
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool gate_up_interleaved) {
     DeviceGuard guard(g.device_index);
-    activation_backward_rows(act, g.dtype, g.data, dh.data, g.shape[0], dh.shape[1], dg.data, stream);
+    activation_backward_rows(act, g.dtype, g.data, dh.data, g.shape[0], dh.shape[1], dg.data, stream,
+                             gate_up_interleaved);
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

@@ -65,9 +65,9 @@ void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream);
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
-                cudaStream_t stream);
+                cudaStream_t stream, bool gate_up_interleaved = false);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
-                         cudaStream_t stream);
+                         cudaStream_t stream, bool gate_up_interleaved = false);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

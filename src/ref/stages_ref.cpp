@@ -280,19 +280,6 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
     store_all(out, db);
 }
 
-void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows) {
-    const int64_t ffn = h.shape[1];
-    int64_t rows = g.shape[0];
-    if (num_rows.defined()) rows = std::min<int64_t>(rows, std::max<int32_t>(0, num_rows.ptr<int32_t>()[0]));
-    const int64_t width = g.shape[1];
-    std::vector<double> gd(static_cast<size_t>(rows * width));
-    for (int64_t i = 0; i < rows * width; ++i) gd[i] = load_as_double(g.data, g.dtype, i);
-    std::vector<double> hd(static_cast<size_t>(rows * ffn));
-    activation_forward(act, gd.data(), rows, ffn, hd.data());
-#pragma omp parallel for schedule(static) if (rows * ffn >= (1 << 16))
-    for (int64_t i = 0; i < rows * ffn; ++i) store_from_double(h.data, h.dtype, i, hd[i]);
-}
-
 namespace {
 // Row index in the interleaved layout (stages.h, interleave_gate_up) of row `row` of w13 [2F, K] (gate rows [0, F),
 // up rows [F, 2F)).
@@ -315,24 +302,51 @@ void permute_gate_up_rows(const char* src, char* dst, int64_t groups, int64_t n,
         }
     }
 }
+
+// g [rows, 2F] (bytes of esz) with its columns in w13's plain order, from GEMM1's output in the interleaved layout
+// (inverse = false), or back (inverse = true): each row permuted as w13's rows are.
+std::vector<char> permute_gate_up_columns(const void* g, int64_t rows, int64_t n, size_t esz, bool to_plain) {
+    std::vector<char> out(static_cast<size_t>(rows * n) * esz);
+    for (int64_t r = 0; r < rows; ++r)
+        permute_gate_up_rows(static_cast<const char*>(g) + static_cast<size_t>(r * n) * esz,
+                             out.data() + static_cast<size_t>(r * n) * esz, 1, n, 1, esz, /*inverse=*/to_plain);
+    return out;
+}
 }  // namespace
+
+void activation(Activation act, const TensorRef& g_in, const TensorRef& h, const TensorRef& num_rows,
+                bool gate_up_interleaved) {
+    std::vector<char> plain;
+    TensorRef g = g_in;
+    if (gate_up_interleaved) {  // the specification on the plain column order
+        plain = permute_gate_up_columns(g_in.data, g_in.shape[0], g_in.shape[1], dtype_size(g_in.dtype), true);
+        g = TensorRef(plain.data(), g_in.dtype, {g_in.shape[0], g_in.shape[1]});
+    }
+    const int64_t ffn = h.shape[1];
+    int64_t rows = g.shape[0];
+    if (num_rows.defined()) rows = std::min<int64_t>(rows, std::max<int32_t>(0, num_rows.ptr<int32_t>()[0]));
+    const int64_t width = g.shape[1];
+    std::vector<double> gd(static_cast<size_t>(rows * width));
+    for (int64_t i = 0; i < rows * width; ++i) gd[i] = load_as_double(g.data, g.dtype, i);
+    std::vector<double> hd(static_cast<size_t>(rows * ffn));
+    activation_forward(act, gd.data(), rows, ffn, hd.data());
+#pragma omp parallel for schedule(static) if (rows * ffn >= (1 << 16))
+    for (int64_t i = 0; i < rows * ffn; ++i) store_from_double(h.data, h.dtype, i, hd[i]);
+}
+
 
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, bool zero_unowned_rows) {
     const int64_t rows = a.shape[0], n = w13i.shape[w13i.rank - 2];
     const size_t esz = dtype_size(h.dtype);
-    std::vector<char> gi(static_cast<size_t>(rows * n) * esz), g(gi.size());
+    std::vector<char> gi(static_cast<size_t>(rows * n) * esz);
     stage::grouped_gemm(a, w13i, offsets, TensorRef(gi.data(), h.dtype, {rows, n}), /*zero_unowned_rows=*/true);
-    // g's columns back in w13's order: the interleaved layout's row permutation applied to [R, 2F] as [R, 2F, 1].
-    for (int64_t r = 0; r < rows; ++r)
-        permute_gate_up_rows(gi.data() + static_cast<size_t>(r * n) * esz, g.data() + static_cast<size_t>(r * n) * esz,
-                             1, n, 1, esz, /*inverse=*/true);
     const int32_t* off = offsets.defined() ? offsets.ptr<int32_t>() : nullptr;
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1;
     int32_t owned = off != nullptr ? off[groups] : static_cast<int32_t>(rows);
     TensorRef num_rows;
     if (!zero_unowned_rows) num_rows = TensorRef(&owned, DType::kI32, {1});
-    stage::activation(act, TensorRef(g.data(), h.dtype, {rows, n}), h, num_rows);
+    stage::activation(act, TensorRef(gi.data(), h.dtype, {rows, n}), h, num_rows, /*gate_up_interleaved=*/true);
 }
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse) {
@@ -341,12 +355,27 @@ void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool invers
                          w13.shape[w13.rank - 1], dtype_size(w13.dtype), inverse);
 }
 
-void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg) {
+void activation_backward(Activation act, const TensorRef& g_in, const TensorRef& dh, const TensorRef& dg,
+                         bool gate_up_interleaved) {
+    std::vector<char> plain;
+    TensorRef g = g_in;
+    if (gate_up_interleaved) {
+        plain = permute_gate_up_columns(g_in.data, g_in.shape[0], g_in.shape[1], dtype_size(g_in.dtype), true);
+        g = TensorRef(plain.data(), g_in.dtype, {g_in.shape[0], g_in.shape[1]});
+    }
     const int64_t rows = g.shape[0], ffn = dh.shape[1];
     const std::vector<double> gd = to_double(g), d = to_double(dh);
     std::vector<double> out(gd.size());
     ref::activation_backward(act, gd.data(), d.data(), rows, ffn, out.data());
-    store_all(out, dg);
+    if (!gate_up_interleaved) {
+        store_all(out, dg);
+        return;
+    }
+    std::vector<double> il(out.size());  // dg in g's (interleaved) column order
+    for (int64_t r = 0; r < rows; ++r)
+        permute_gate_up_rows(reinterpret_cast<const char*>(out.data() + r * 2 * ffn),
+                             reinterpret_cast<char*>(il.data() + r * 2 * ffn), 1, 2 * ffn, 1, sizeof(double), false);
+    store_all(il, dg);
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

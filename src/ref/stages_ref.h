@@ -31,12 +31,14 @@ void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b
                       const TensorRef& offsets, const TensorRef& c, QuantMode mode, bool zero_unowned_rows);
 void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef& offsets, const TensorRef& da);
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db);
-void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows);
+void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
+                bool gate_up_interleaved = false);
 // grouped_gemm_gated's specification: grouped_gemm into g [R, 2F] of h's dtype, w13 order restored, activation.
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, bool zero_unowned_rows);
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse);
-void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg);
+void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
+                         bool gate_up_interleaved = false);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

@@ -3,8 +3,9 @@ switchyard::interleave_gate_up) and MoE.interleave_gate_up_.
 
 On the CPU the op is its specification (grouped_mm into h's dtype, then the activation), so the interleaved module
 must give the plain module's bits; on an sm_90 GPU the fused kernel rounds gate and up as the unfused path stores
-them, so there too the bits must match (bf16). The layout conversion is checked against its definition, and the
-module's state_dict keeps the plain layout both ways.
+them, so there too the bits must match (bf16). Under autograd the interleaved module runs the staged ops on the
+interleaved columns and must train as the plain one. The layout conversion is checked against its definition, and
+the module's state_dict keeps the plain layout both ways.
 """
 import pytest
 import torch
@@ -70,17 +71,44 @@ def test_interleaved_module_gives_the_same_bits_and_keeps_the_plain_state_dict(a
     assert torch.equal(m.w13, plain_sd["w13"])
 
 
-def test_interleaved_module_refuses_training_and_what_it_cannot_hold():
-    m = make()
-    m.interleave_gate_up_()
-    with pytest.raises(RuntimeError, match="interleave_gate_up_"):
-        m(torch.randn(T, H))  # parameters require grad
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_interleaved_module_trains_as_the_plain_one(activation):
+    """Under autograd the interleaved module runs the staged ops on the interleaved columns: the same y, x.grad and
+    parameter gradients as the plain module (w13.grad in the interleaved layout), exactly in fp64 but for x.grad, which
+    sums over w13's rows in another order; gradcheck passes."""
+    plain = make(activation, dtype=torch.float64)
+    inter = make(activation, dtype=torch.float64)
+    inter.interleave_gate_up_()
+    x = torch.randn(T, H, dtype=torch.float64)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xx) for m, xx in zip((plain, inter), xs)]
+    for o in outs:
+        (o.y.square().sum() + o.aux_loss).backward()
+    assert torch.equal(outs[0].y, outs[1].y)
+    # x.grad sums over w13's rows, in another order in the interleaved layout: equal to double rounding
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(st._plain_gate_up(inter.w13.grad), plain.w13.grad)
+    for name in ("gate", "w2"):
+        assert torch.equal(getattr(inter, name).grad, getattr(plain, name).grad), name
+    names = [n for n, _ in inter.named_parameters()]
+
+    def fn(xx, *params):
+        return torch.func.functional_call(inter, dict(zip(names, params)), (xx,)).y
+
+    params = [p.detach().clone().requires_grad_(True) for p in inter.parameters()]
+    assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True), *params))
+
+
+def test_interleave_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="not gated"):
         make("gelu").interleave_gate_up_()
     with pytest.raises(ValueError, match="multiple of 8"):
         st.MoE(st.MoEConfig(hidden_size=H, ffn_size=12, num_experts=E, top_k=K)).interleave_gate_up_()
+    m = make().interleave_gate_up_()
     with pytest.raises(ValueError, match="plain layout"):
         m.quantize_()
+    with pytest.raises(RuntimeError, match="interleaved"):
+        torch.ops.switchyard.activation(torch.randn(4, 2 * F), 2, True)  # GELU is not gated
 
 
 @pytest.mark.gpu
@@ -101,3 +129,25 @@ def test_gated_epilogue_on_cuda_gives_the_unfused_bits(activation):
             m.interleave_gate_up_(False)
         assert torch.equal(got, want), f"T={t}: max |diff| {(got.float() - want.float()).abs().max().item()}"
         assert want.float().abs().mean() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the bf16 grouped GEMMs need an sm_90 GPU")
+def test_interleaved_module_trains_as_the_plain_one_on_cuda():
+    torch.manual_seed(9)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4)
+    plain = st.MoE(cfg, dtype=torch.bfloat16, device="cuda")
+    inter = st.MoE(cfg, dtype=torch.bfloat16, device="cuda")
+    inter.load_state_dict(plain.state_dict())
+    inter.interleave_gate_up_()
+    x = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xx) for m, xx in zip((plain, inter), xs)]
+    for o in outs:
+        o.y.float().square().mean().backward()
+    assert torch.equal(outs[0].y, outs[1].y)  # the same GEMM1 columns, permuted, and the same activation
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(st._plain_gate_up(inter.w13.grad), plain.w13.grad, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(inter.w2.grad, plain.w2.grad, rtol=2e-2, atol=1e-3)
+

@@ -19,6 +19,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/experts/act_fn.cuh"
 #include "cuda/routing/scoring.cuh"
 
 namespace switchyard {
@@ -188,7 +189,8 @@ __device__ __forceinline__ float gelu_grad_f(float v) {
 
 template <typename T, Activation kAct>
 __global__ void __launch_bounds__(kBwdThreads)
-    activation_backward_kernel(const T* __restrict__ g, const T* __restrict__ dh, int64_t ffn, T* __restrict__ dg) {
+    activation_backward_kernel(const T* __restrict__ g, const T* __restrict__ dh, int64_t ffn, T* __restrict__ dg,
+                               bool interleaved) {
     constexpr bool kGated = kAct == Activation::kSwiGLU || kAct == Activation::kGeGLU;
     const int64_t row = blockIdx.x, width = kGated ? 2 * ffn : ffn;
     const T* gr = g + row * width;
@@ -196,15 +198,17 @@ __global__ void __launch_bounds__(kBwdThreads)
     T* o = dg + row * width;
     for (int64_t f = threadIdx.x; f < ffn; f += kBwdThreads) {
         const float dv = to_f32(d[f]);
-        const float a = to_f32(gr[f]);
+        const int64_t gc = kGated ? gate_column(f, interleaved) : f;
+        const int64_t uc = kGated ? up_column(f, ffn, interleaved) : f;
+        const float a = to_f32(gr[gc]);
         if constexpr (kAct == Activation::kSwiGLU) {
-            const float up = to_f32(gr[ffn + f]);
-            o[f] = from_f32<T>(dv * up * silu_grad_f(a));
-            o[ffn + f] = from_f32<T>(dv * a * sigmoid(a));
+            const float up = to_f32(gr[uc]);
+            o[gc] = from_f32<T>(dv * up * silu_grad_f(a));
+            o[uc] = from_f32<T>(dv * a * sigmoid(a));
         } else if constexpr (kAct == Activation::kGeGLU) {
-            const float up = to_f32(gr[ffn + f]);
-            o[f] = from_f32<T>(dv * up * gelu_grad_f(a));
-            o[ffn + f] = from_f32<T>(dv * gelu_f(a));
+            const float up = to_f32(gr[uc]);
+            o[gc] = from_f32<T>(dv * up * gelu_grad_f(a));
+            o[uc] = from_f32<T>(dv * gelu_f(a));
         } else if constexpr (kAct == Activation::kGELU) {
             o[f] = from_f32<T>(dv * gelu_grad_f(a));
         } else {
@@ -305,8 +309,10 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
 }
 
 void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
-                              int64_t ffn, void* dg, cudaStream_t stream) {
+                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved) {
     if (max_rows == 0 || ffn == 0) return;
+    SWITCHYARD_CHECK(!interleaved || (is_gated(act) && ffn % 8 == 0), "activation_backward: the interleaved layout "
+                     "needs a gated activation and F % 8 == 0 (F=", ffn, ")");
     SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation_backward: rows=", max_rows, " exceed the grid");
     dispatch_float_dtype(dtype, "activation_backward", [&](auto tag) {
         using T = typename decltype(tag)::type;
@@ -316,16 +322,20 @@ void activation_backward_rows(Activation act, DType dtype, const void* g, const 
         const dim3 grid(static_cast<unsigned>(max_rows));
         switch (act) {
             case Activation::kSwiGLU:
-                activation_backward_kernel<T, Activation::kSwiGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                activation_backward_kernel<T, Activation::kSwiGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
+                                                                                                 interleaved);
                 break;
             case Activation::kGeGLU:
-                activation_backward_kernel<T, Activation::kGeGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                activation_backward_kernel<T, Activation::kGeGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
+                                                                                                 interleaved);
                 break;
             case Activation::kGELU:
-                activation_backward_kernel<T, Activation::kGELU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                activation_backward_kernel<T, Activation::kGELU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
+                                                                                                 interleaved);
                 break;
             case Activation::kReLU:
-                activation_backward_kernel<T, Activation::kReLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op);
+                activation_backward_kernel<T, Activation::kReLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
+                                                                                                 interleaved);
                 break;
             default:
                 SWITCHYARD_FAIL("activation_backward: activation=", static_cast<int>(act), " is not supported");

@@ -36,9 +36,10 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
                           int64_t hidden, void* dx, cudaStream_t stream);
 
 // dg [rows, R13] (overwritten for rows < max_rows) from g [rows, R13] and dh [rows, F] (ref::activation_backward),
-// fp32 arithmetic, rounded once to dtype.
+// fp32 arithmetic, rounded once to dtype. interleaved: g's and dg's gate and up columns as w13's rows after
+// interleave_gate_up (gated activations, F % 8 == 0).
 void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
-                              int64_t ffn, void* dg, cudaStream_t stream);
+                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved = false);
 
 // d_out [rows, H]: d_out[slot_row[t, j]] = dtype(w[t, j] * dy[t]) for every kept pair (rows no pair points at are
 // not written: the caller zeroes them); d_weights [T, k] fp32 = <dy[t], out[slot_row[t, j]]> (0 for dropped pairs),

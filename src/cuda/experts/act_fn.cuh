@@ -10,6 +10,8 @@
 // runs while the tensor cores wait. Every 16-bit path uses it, so the fused and unfused paths stay bitwise equal.
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_runtime.h>
 
 #include "switchyard/config.h"
@@ -19,6 +21,15 @@ namespace cuda {
 
 template <typename T>
 constexpr bool kFastAct = sizeof(T) == 2;
+
+// Columns of gate f and up f in a gated [rows, 2F] GEMM1 output: plain (gate [0, F), up [F, 2F)) or with w13's rows
+// interleaved in blocks of 8 (stages.h, interleave_gate_up).
+__host__ __device__ __forceinline__ int64_t gate_column(int64_t f, bool interleaved) {
+    return interleaved ? 16 * (f >> 3) + (f & 7) : f;
+}
+__host__ __device__ __forceinline__ int64_t up_column(int64_t f, int64_t ffn, bool interleaved) {
+    return interleaved ? 16 * (f >> 3) + 8 + (f & 7) : ffn + f;
+}
 
 template <Activation kAct, bool kFast = false>
 __device__ __forceinline__ float act_fn(float v) {
