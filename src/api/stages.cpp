@@ -83,6 +83,22 @@ void check_offsets(const TensorRef& offsets, int64_t num_groups, const TensorRef
 }
 
 int64_t gemm_groups(const TensorRef& b) { return b.rank == 3 ? b.shape[0] : 1; }
+// A grouped GEMM's a [R, K], b [E, N, K] or [N, K] (named bn) and offsets [E+1] (undefined: one group); returns E.
+int64_t check_gemm_operands(const TensorRef& a, const TensorRef& b, const char* bn, const TensorRef& offsets) {
+    check_float_tensor(a, "a", {kAny, kAny});
+    SWITCHYARD_CHECK(b.rank == 2 || b.rank == 3, bn, " shape=", b.shape_string(), ", expected [E, N, K] or [N, K]");
+    if (b.rank == 3)
+        check_float_tensor(b, bn, {kAny, kAny, a.shape[1]});
+    else
+        check_float_tensor(b, bn, {kAny, a.shape[1]});
+    check_same_device(b, bn, a, "a");
+    const int64_t groups = gemm_groups(b);
+    if (offsets.defined())
+        check_offsets(offsets, groups, a, "a");
+    else
+        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
+    return groups;
+}
 
 // The common head of every *_workspace_size: checks the token count and the backend; false means the CPU (no
 // workspace), true that the CUDA backend sizes it.
@@ -226,18 +242,7 @@ size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_group
 
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   void* workspace, size_t workspace_bytes, cudaStream_t stream, const GroupedGemmOptions& options) {
-    check_float_tensor(a, "a", {kAny, kAny});
-    SWITCHYARD_CHECK(b.rank == 2 || b.rank == 3, "b shape=", b.shape_string(), ", expected [E, N, K] or [N, K]");
-    if (b.rank == 3)
-        check_float_tensor(b, "b", {kAny, kAny, a.shape[1]});
-    else
-        check_float_tensor(b, "b", {kAny, a.shape[1]});
-    check_same_device(b, "b", a, "a");
-    const int64_t groups = gemm_groups(b), n = b.shape[b.rank - 2], rows = a.shape[0];
-    if (offsets.defined())
-        check_offsets(offsets, groups, a, "a");
-    else
-        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
+    const int64_t groups = check_gemm_operands(a, b, "b", offsets), n = b.shape[b.rank - 2], rows = a.shape[0];
     check_float_tensor(c, "c", {rows, n});
     check_same_device(c, "c", a, "a");
     check_cuda_gemm_dtypes(a, "a", b, "b");
@@ -265,20 +270,9 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
                         const GroupedGemmOptions& options) {
     SWITCHYARD_CHECK(act == Activation::kSwiGLU || act == Activation::kGeGLU,
                      "grouped_gemm_gated: activation=", static_cast<int>(act), " is not a gated activation (SwiGLU, GeGLU)");
-    check_float_tensor(a, "a", {kAny, kAny});
-    SWITCHYARD_CHECK(w13i.rank == 2 || w13i.rank == 3, "w13i shape=", w13i.shape_string(),
-                     ", expected [E, 2F, K] or [2F, K]");
-    if (w13i.rank == 3)
-        check_float_tensor(w13i, "w13i", {kAny, kAny, a.shape[1]});
-    else
-        check_float_tensor(w13i, "w13i", {kAny, a.shape[1]});
-    check_same_device(w13i, "w13i", a, "a");
-    const int64_t groups = gemm_groups(w13i), n = w13i.shape[w13i.rank - 2], rows = a.shape[0];
+    const int64_t groups = check_gemm_operands(a, w13i, "w13i", offsets), n = w13i.shape[w13i.rank - 2];
+    const int64_t rows = a.shape[0];
     SWITCHYARD_CHECK(n % 16 == 0, "w13i shape=", w13i.shape_string(), ": 2F must be a multiple of 16 (F of 8)");
-    if (offsets.defined())
-        check_offsets(offsets, groups, a, "a");
-    else
-        SWITCHYARD_CHECK(groups == 1, "offsets are required for ", groups, " groups (undefined means one group)");
     check_float_tensor(h, "h", {rows, n / 2});
     check_same_device(h, "h", a, "a");
     check_cuda_gemm_dtypes(a, "a", w13i, "w13i");

@@ -166,27 +166,38 @@ size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, i
            align_up(2 * sizeof(int32_t));
 }
 
+namespace {
+
+// cuda::grouped_gemm for g (operands and sizes set; max_rows = a's rows) with the plan's offsets or, undefined, one
+// group of all rows (written into the front of the workspace); then c's rows past offsets[E] ([max_rows, c_cols])
+// zeroed when asked.
+void run_grouped_gemm(GroupedGemmArgs g, const TensorRef& offsets, int64_t c_cols, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows) {
+    WorkspaceCarver wc(workspace, workspace_bytes);
+    int32_t* single = wc.take<int32_t>(2);
+    if (offsets.defined()) {
+        g.offsets = offsets.ptr<int32_t>();
+    } else {
+        write_single_group_offsets(single, g.max_rows, stream);
+        g.offsets = single;
+    }
+    if (g.max_rows == 0) return;
+    const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
+    cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
+    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, c_cols, g.max_rows, stream);
+}
+
+}  // namespace
+
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows) {
     DeviceGuard guard(a.device_index);
     const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
-    const int64_t rows = a.shape[0];
-    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, rows);
-    WorkspaceCarver wc(workspace, workspace_bytes);
-    int32_t* single = wc.take<int32_t>(2);
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, a.shape[0]);
     g.a = a.data;
     g.b = b.data;
     g.c = c.data;
-    if (offsets.defined()) {
-        g.offsets = offsets.ptr<int32_t>();
-    } else {
-        write_single_group_offsets(single, rows, stream);
-        g.offsets = single;
-    }
-    if (rows == 0) return;
-    const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
-    cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
-    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream);
+    run_grouped_gemm(g, offsets, n, workspace, workspace_bytes, stream, zero_unowned_rows);
 }
 
 size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_t ffn, int64_t k, int64_t max_rows) {
@@ -200,25 +211,13 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
                         bool zero_unowned_rows) {
     DeviceGuard guard(a.device_index);
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1, n = w13i.shape[w13i.rank - 2];
-    const int64_t k = w13i.shape[w13i.rank - 1], rows = a.shape[0];
-    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, rows);
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, w13i.shape[w13i.rank - 1], a.shape[0]);
     g.gated = true;
     g.activation = act;
-    WorkspaceCarver wc(workspace, workspace_bytes);
-    int32_t* single = wc.take<int32_t>(2);
     g.a = a.data;
     g.b = w13i.data;
     g.c = h.data;
-    if (offsets.defined()) {
-        g.offsets = offsets.ptr<int32_t>();
-    } else {
-        write_single_group_offsets(single, rows, stream);
-        g.offsets = single;
-    }
-    if (rows == 0) return;
-    const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
-    cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
-    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, n / 2, g.max_rows, stream);
+    run_grouped_gemm(g, offsets, n / 2, workspace, workspace_bytes, stream, zero_unowned_rows);
 }
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream) {

@@ -75,22 +75,35 @@ struct Pingpong128Config {
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 };
 
+// The epilogue collective of a PtrArrayKernel: CUTLASS's (D = 1.0 * acc rounded once, TMA stores) unless one is given.
+template <typename Element, typename Config, typename LayoutD, typename Given>
+struct EpilogueOf {
+    using type = Given;
+};
+template <typename Element, typename Config, typename LayoutD>
+struct EpilogueOf<Element, Config, LayoutD, void> {
+    static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
+    using type = typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
+        typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float, void,
+        LayoutD*, kAlignment, Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
+        cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+};
+
 // The CUTLASS kernel types of one ptr-array grouped GEMM: operand type, tile configuration and the A / B layouts
 // (the forward is RowMajor A x ColumnMajor B, i.e. both K-major; the gradients use other layouts, see
-// grouped_gemm_sm90_backward.cuh). D is always RowMajor, fp32 accumulation, D = 1.0 * acc rounded once.
-template <typename Element, typename Config, typename LayoutA_, typename LayoutB_>
+// grouped_gemm_sm90_backward.cuh). D is always RowMajor, fp32 accumulation, D = 1.0 * acc rounded once, unless an
+// epilogue collective is given (GEMM1's gated epilogue: GatedGroupedGemmKernel). The mainloop takes the shared
+// memory the epilogue leaves (none for the gated epilogue: one more stage on the Pingpong tile).
+template <typename Element, typename Config, typename LayoutA_, typename LayoutB_, typename Epilogue_ = void>
 struct PtrArrayKernel {
     using LayoutA = LayoutA_;
     using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
-    static constexpr bool kGatedEpilogue = false;
+    static constexpr bool kGatedEpilogue = !std::is_void_v<Epilogue_>;
 
-    using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
-        typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float, void,
-        LayoutD*, kAlignment, Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
-        cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+    using CollectiveEpilogue = typename EpilogueOf<Element, Config, LayoutD, Epilogue_>::type;
 
     using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
@@ -112,32 +125,11 @@ template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
 // The forward GEMM1 with the gated activation in its epilogue (gated_epilogue.cuh): the forward's operands, B with
-// interleaved gate/up rows, D = h [rows, N / 2]. The epilogue needs no shared memory, which the mainloop's stage
-// count takes.
+// interleaved gate/up rows, D = h [rows, N / 2].
 template <typename Element, typename Config>
-struct GatedGroupedGemmKernel {
-    using LayoutA = cutlass::layout::RowMajor;
-    using LayoutB = cutlass::layout::ColumnMajor;
-    static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
-    static constexpr bool kGatedEpilogue = true;
-
-    using CollectiveEpilogue =
-        cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>;
-    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
-        kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
-        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-            sizeof(typename CollectiveEpilogue::SharedStorage))>,
-        typename Config::KernelSchedule>::CollectiveOp;
-
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-    using Arguments = typename Gemm::Arguments;
-    using Params = typename Kernel::Params;
-    using StrideA = typename Kernel::InternalStrideA;
-    using StrideB = typename Kernel::InternalStrideB;
-    using StrideD = typename Kernel::InternalStrideD;
-};
+using GatedGroupedGemmKernel =
+    PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
+                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>>;
 
 // The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
 template <typename Element, typename StrideA, typename StrideB, typename StrideD>
