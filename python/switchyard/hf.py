@@ -613,7 +613,7 @@ def _install_recorders(new: HFMoE, block: nn.Module, specs, problems: List[str])
         done.add(key)
 
 
-def patch_model(model: nn.Module, warn: bool = True) -> int:
+def patch_model(model: nn.Module, warn: bool = True, interleave_gate_up: bool = False) -> int:
     """Replaces, in place, every supported sparse-MoE block of ``model`` (a transformers model or any module
     holding such blocks) with an :class:`HFMoE` that takes the block's input and returns what it returned, and
     returns how many blocks were replaced. The new modules own the router, expert and shared-expert parameters
@@ -621,7 +621,9 @@ def patch_model(model: nn.Module, warn: bool = True) -> int:
     requires_grad; the block and its other parameters are dropped), so build optimizers after patching.
     Router logits that transformers records (output_router_logits=True, the load-balancing loss) are recorded
     from the new module. Blocks that are not supported, or whose configuration is not, are left untouched and
-    named in one warning."""
+    named in one warning. ``interleave_gate_up=True`` also stores each new module's w13 in the interleaved layout
+    (:meth:`MoE.interleave_gate_up_`: GEMM1 and the gated activation in one kernel for inference) where the module
+    can hold it (a gated activation, float experts, an expert width that is a multiple of 8)."""
     hf_config = getattr(model, "config", None)
     targets, skipped, covered = [], {}, []
     for name, module in model.named_modules():
@@ -645,6 +647,9 @@ def patch_model(model: nn.Module, warn: bool = True) -> int:
             skipped.setdefault(f"{type(block).__name__} ({e})", []).append(name)
             continue
         _install_recorders(new, block, specs, problems)
+        c = new.config
+        if interleave_gate_up and c.gated and not new.quantized and c.ffn_size % 8 == 0:
+            new.interleave_gate_up_()
         if name:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

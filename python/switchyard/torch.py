@@ -945,7 +945,6 @@ def patch_model(model: nn.Module, **kwargs) -> int:
 _FP8_MATRICES = ("w13", "w2", "shared_w13", "shared_w2")
 
 
-# Router logits in plain torch: F.linear on x and the gate both in fp32 (fp64 when x is fp64).
 def _plain_gate_up(w: torch.Tensor) -> torch.Tensor:
     """w13 [E, 2F, H] in the plain layout from the interleaved one (MoE.interleave_gate_up_), in torch: row
     16 (f // 8) + 8 half + f % 8 back to row half * F + f."""
@@ -972,6 +971,7 @@ def _w13_interleaved_on_load(module, state_dict, prefix, local_metadata, strict,
         state_dict[key] = _interleaved_gate_up(state_dict[key])
 
 
+# Router logits in plain torch: F.linear on x and the gate both in fp32 (fp64 when x is fp64).
 def _linear_logits(x2: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     logit_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
     return F.linear(x2.to(logit_dtype), gate.to(logit_dtype))

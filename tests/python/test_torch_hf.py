@@ -88,6 +88,25 @@ def tokens(seed, shape=(2, 12)):
 # ---- CPU, fp32 ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_patched_model_with_interleaved_gate_up_matches(family):
+    """patch_model(interleave_gate_up=True): every new module in the interleaved layout, the same logits as the
+    plain patched model (the CPU op is GEMM1 then the activation on the same values), the same state_dict."""
+    model = make_model(family, seed=4)
+    plain, _ = patched(model)
+    inter = copy.deepcopy(model)
+    n = st.patch_model(inter, interleave_gate_up=True)
+    blocks = [m for m in inter.modules() if isinstance(m, hf.HFMoE)]
+    assert n == len(blocks) and all(b.gate_up_interleaved for b in blocks)
+    ids = tokens(7)
+    with torch.no_grad():
+        assert torch.equal(inter(ids).logits, plain(ids).logits)
+    sd_i, sd_p = inter.state_dict(), plain.state_dict()
+    assert sd_i.keys() == sd_p.keys() and all(torch.equal(sd_i[k], sd_p[k]) for k in sd_p)
+
+
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patched_model_matches_unpatched(family):
     model = make_model(family, seed=1)
