@@ -543,7 +543,9 @@ def prefill_mode(args):
                  the router and w2 with its own interleaved copy of w13 (so that every column reads one set of
                  weights in alternation); its y is compared with switchyard's (the same values expected);
     sort       : layer_sort (torch._grouped_mm), its router rounding the logits to bf16 as models do;
-    vllm       : vLLM's Triton fused_moe_kernel with vLLM's config for T (bench/vllm_peer.py; .deps/vllm carried).
+    vllm       : vLLM's Triton fused_moe_kernel with vLLM's config for T (bench/vllm_peer.py; .deps/vllm carried), or
+                 with --vllm-best-of N the fastest of vLLM's own config and N launch configs of its tuning space,
+                 each timed on the layer first (issue 11's "given its best launch config").
     All three use the module's weight tensors. Timed in alternation (time_interleaved) after each was run once
     alone for its peak extra memory (max_memory_allocated beyond x and the weights). Floor as the layer mode:
     max(FLOPs incl. the router / bf16 ceiling, (weights of the experts hit + x + y) / copy bandwidth), ceilings
@@ -594,7 +596,9 @@ def prefill_mode(args):
                         elif impl == "sort":
                             fn = lambda: layer_sort(x, wg, w13, w2, k)
                         else:
-                            fn, notes[impl] = vllm_layer_fn(x, wg, w13, w2, k, router_fn=router)
+                            fn, notes[impl] = vllm_layer_fn(
+                                x, wg, w13, w2, k, router_fn=router, best_of=args.vllm_best_of,
+                                time_fn=lambda f: time_cuda(f, warmup=2, iters=5))
                         for _ in range(2):
                             fn()
                         torch.cuda.synchronize()
@@ -1470,6 +1474,9 @@ def main():
     p.add_argument("--impls", default=None,
                    help="layer mode: which implementations (default dense,loop,sort,switchyard); --decode: a subset "
                         "of " + ",".join(DECODE_IMPLS) + " (default all)")
+    p.add_argument("--vllm-best-of", type=int, default=0,
+                   help="--prefill: time vLLM's own config and this many launch configs of its tuning space "
+                        "(bench/vllm_peer.py BEST_OF_CANDIDATES, at most 10) and use the fastest (default 0: vLLM's own)")
     p.add_argument("--capacity-factor", type=float, default=1.25, help="dense baseline capacity factor")
     p.add_argument("--switchyard-cli", default="build/switchyard", help="layer mode: Switchyard CLI")
     p.add_argument("--json", default="", help="write the results here")

@@ -409,6 +409,35 @@ def test_triton_interpreter():
     raise AssertionError(out[-3000:])
 
 
+def test_best_of_picks_the_fastest_and_skips_refused_configs():
+    """pick_best_config: vLLM's own config is tried first and counted once, a config whose timing raises is skipped,
+    the fastest of the rest wins; every candidate is a complete launch config of vLLM's tuning space."""
+    own = dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=32, GROUP_SIZE_M=8)
+    cands = [own, dict(own, BLOCK_SIZE_N=128), dict(own, BLOCK_SIZE_N=256), dict(own, BLOCK_SIZE_M=128)]
+    times = {64: 3.0, 128: 1.5}
+
+    def time_fn(cfg):
+        if cfg["BLOCK_SIZE_N"] == 256:
+            raise RuntimeError("out of shared memory")
+        return times[cfg["BLOCK_SIZE_N"]] + (0.7 if cfg["BLOCK_SIZE_M"] == 128 else 0.0)
+
+    best, ms, tried = vllm_peer.pick_best_config(own, cands, time_fn)
+    assert best == dict(own, BLOCK_SIZE_N=128) and ms == 1.5
+    assert len(tried) == 4 and [c for c, t in tried if t is None] == [dict(own, BLOCK_SIZE_N=256)]
+    try:
+        vllm_peer.pick_best_config(own, [], lambda cfg: (_ for _ in ()).throw(RuntimeError("no")))
+        raise AssertionError("no PeerUnavailable when no config ran")
+    except vllm_peer.PeerUnavailable:
+        pass
+    assert len(vllm_peer.BEST_OF_CANDIDATES) == 10
+    keys = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"}
+    for cfg in vllm_peer.BEST_OF_CANDIDATES:
+        assert set(cfg) == keys
+        assert all(cfg[k] & (cfg[k] - 1) == 0 for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"))
+        assert cfg["num_warps"] in (4, 8) and 2 <= cfg["num_stages"] <= 5
+    assert len({tuple(sorted(c.items())) for c in vllm_peer.BEST_OF_CANDIDATES}) == 10
+
+
 if __name__ == "__main__":
     check("align vs Python loop (random, skewed, tiny and large cases)", test_align_random)
     check("align layout properties", test_align_properties)
@@ -421,5 +450,6 @@ if __name__ == "__main__":
     check("fp8: vLLM config names and default block-fp8 config", test_fp8_configs)
     check("fp8: per_token_group_quant_fp8_torch vs a scalar e4m3 recipe", test_fp8_group_quant)
     check("fp8: layer wiring (scales, strides, groups) with an emulated kernel vs fp32 W8A8 loop", test_fp8_layer_wiring)
+    check("best-of launch configs: the fastest wins, refused configs are skipped", test_best_of_picks_the_fastest_and_skips_refused_configs)
     print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed, {RESULTS['skipped']} skipped")
     sys.exit(1 if RESULTS["failed"] else 0)

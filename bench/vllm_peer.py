@@ -234,6 +234,46 @@ def get_config(m, e, n, device_name=None, deps_dir=None, allow_sibling=None, dty
             f"vLLM default (no {config_file_name(e, n, device_name, dtype, block_shape)})")
 
 
+# Launch configurations tried by the "best of" mode (vllm_layer_fn(best_of=N)): issue 11 compares against vLLM's
+# kernel given its best launch config. These are points of vLLM's own tuning space (benchmarks/kernels/
+# benchmark_moe.py: BLOCK_SIZE_M 16-256, BLOCK_SIZE_N 32-256, BLOCK_SIZE_K 64-256, GROUP_SIZE_M 1-64, 4 or 8 warps,
+# 2-5 stages) that its shipped Hopper files pick for prefill-sized batches; vLLM's own choice for the shape (its
+# tuned file or get_default_config) is always tried as well.
+BEST_OF_CANDIDATES = [
+    dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=16, num_warps=8, num_stages=3),
+    dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=1, num_warps=8, num_stages=4),
+    dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=256, BLOCK_SIZE_K=64, GROUP_SIZE_M=16, num_warps=8, num_stages=3),
+    dict(BLOCK_SIZE_M=256, BLOCK_SIZE_N=128, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=128, BLOCK_SIZE_K=128, GROUP_SIZE_M=1, num_warps=4, num_stages=3),
+    dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_SIZE_M=64, BLOCK_SIZE_N=64, BLOCK_SIZE_K=64, GROUP_SIZE_M=32, num_warps=4, num_stages=4),
+]
+
+
+def pick_best_config(own, candidates, time_fn):
+    """(best config, its ms, [(config, ms or None)]) over vLLM's own config and the candidates (duplicates of own
+    dropped). time_fn(config) returns milliseconds or raises (a config the compiler or the card refuses: skipped)."""
+    tried, seen = [], []
+    for cfg in [own] + list(candidates):
+        if cfg in seen:
+            continue
+        seen.append(cfg)
+        try:
+            tried.append((cfg, float(time_fn(cfg))))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception:  # noqa: BLE001 - a refused config is a data point, not a failure of the run
+            tried.append((cfg, None))
+    ok = [(c, ms) for c, ms in tried if ms is not None]
+    if not ok:
+        raise PeerUnavailable("no launch config ran")
+    best, best_ms = min(ok, key=lambda cm: cm[1])
+    return best, best_ms, tried
+
+
 def describe_config(cfg):
     s = f"BM{cfg['BLOCK_SIZE_M']} BN{cfg['BLOCK_SIZE_N']} BK{cfg['BLOCK_SIZE_K']} G{cfg.get('GROUP_SIZE_M', 1)}"
     if "num_warps" in cfg:
@@ -399,15 +439,30 @@ def reference_layer(x, wg, w13, w2, top_k, router_fn=None):
     return y
 
 
-def vllm_layer_fn(x, wg, w13, w2, top_k, router_fn=None, check_tokens=64):
+def vllm_layer_fn(x, wg, w13, w2, top_k, router_fn=None, check_tokens=64, best_of=0, time_fn=None):
     """For compare_torch's layer mode: loads the kernel, picks vLLM's config for T, runs the layer once (compiles),
     checks the first check_tokens rows against an fp32 loop, and returns (closure to time, note). Raises
-    PeerUnavailable (with the reason) when it cannot run; a CUDA out-of-memory passes through unchanged."""
+    PeerUnavailable (with the reason) when it cannot run; a CUDA out-of-memory passes through unchanged.
+    best_of=N (> 0): vLLM's own config and the first N of BEST_OF_CANDIDATES are each timed on this layer with
+    time_fn(closure) -> ms (compare_torch's time_cuda), and the fastest is used (the note names it and vLLM's own)."""
     t = x.shape[0]
     e, f = w13.shape[0], w2.shape[2]
     try:
         kernel = load_kernel()
         config, source = get_config(t, e, f)
+        if best_of > 0:
+            if time_fn is None:
+                raise ValueError("vllm_layer_fn: best_of needs time_fn")
+            own = config
+
+            def time_config(cfg):
+                return time_fn(lambda: vllm_fused_moe_layer(x, wg, w13, w2, top_k, config=cfg, kernel=kernel,
+                                                            router_fn=router_fn))
+
+            config, _, tried = pick_best_config(own, BEST_OF_CANDIDATES[:best_of], time_config)
+            ran = sum(ms is not None for _, ms in tried)
+            source = (f"best of {ran} launch configs ({len(tried) - ran} refused; vLLM's own, {source}: "
+                      f"{describe_config(own)})")
         y = vllm_fused_moe_layer(x, wg, w13, w2, top_k, config=config, kernel=kernel, router_fn=router_fn)
         torch.cuda.synchronize()
     except PeerUnavailable:

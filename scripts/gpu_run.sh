@@ -8,7 +8,8 @@
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
-#        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated);
+#        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated; VLLM_BEST_OF=10
+#        gives vLLM its best of 10 launch configs);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
@@ -106,7 +107,8 @@ if has gemmtiles; then
 fi
 if has prefill; then
   python3 bench/compare_torch.py --prefill --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
-    --models "${MODELS:-mixtral,qwen3,deepseek}" --json "$OUT/prefill.json" >"$OUT/prefill.log" 2>&1
+    --models "${MODELS:-mixtral,qwen3,deepseek}" --vllm-best-of "${VLLM_BEST_OF:-0}" --json "$OUT/prefill.json" \
+    >"$OUT/prefill.log" 2>&1
   note "prefill table: rc=$?"
   tail -12 "$OUT/prefill.log"
 fi
