@@ -46,7 +46,8 @@ def host_ms(fn, n=20):
 
 
 def kernel_timeline(fn):
-    """(sum of kernel us, span us, [(gap us, next kernel name)]) of one call under torch.profiler."""
+    """(sum of kernel us, span us, [(gap us, next kernel name)], [(us, kernel name)]) of one call under
+    torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()

@@ -52,6 +52,10 @@ ScoreFunction parse_score_function(const std::string& s);  // softmax | topk-sof
 DropPolicy parse_drop_policy(const std::string& s);        // position | probability
 Activation parse_activation(const std::string& s);         // swiglu | geglu | gelu | relu
 inline bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == Activation::kGeGLU; }
+// w13's gate/up rows interleaved in blocks of 8 (stages.h: interleave_gate_up, grouped_gemm_gated): the row that gate
+// row f (half = 0) or up row f (half = 1) of a gated w13 [2F, H] moves to; F % 8 == 0. Also the column of gate f /
+// up f in GEMM1's output with such weights. constexpr: the CUDA kernels use it too.
+constexpr int64_t gate_up_interleaved_row(int64_t f, int64_t half) { return 16 * (f / 8) + 8 * half + f % 8; }
 
 struct MoEConfig {
     // Kernel limits validate() enforces (routing keeps one token's E scores in shared memory / registers).

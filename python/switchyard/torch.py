@@ -862,7 +862,7 @@ class MoE(nn.Module):
             return False
         if x2.data_ptr() % 16 != 0:  # the fused kernels read 16-byte vectors
             return False
-        if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if self._needs_grad(x2):
             return False
         if c.capacity_factor_for(self.training) > 0 or (c.num_groups > 1 and c.group_score == "max"):
             return False

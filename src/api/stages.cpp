@@ -268,8 +268,8 @@ size_t grouped_gemm_gated_workspace_size(Device device, DType dtype, int64_t num
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
                         const GroupedGemmOptions& options) {
-    SWITCHYARD_CHECK(act == Activation::kSwiGLU || act == Activation::kGeGLU,
-                     "grouped_gemm_gated: activation=", static_cast<int>(act), " is not a gated activation (SwiGLU, GeGLU)");
+    SWITCHYARD_CHECK(is_gated(act), "grouped_gemm_gated: activation=", static_cast<int>(act),
+                     " is not a gated activation (SwiGLU, GeGLU)");
     const int64_t groups = check_gemm_operands(a, w13i, "w13i", offsets), n = w13i.shape[w13i.rank - 2];
     const int64_t rows = a.shape[0];
     SWITCHYARD_CHECK(n % 16 == 0, "w13i shape=", w13i.shape_string(), ": 2F must be a multiple of 16 (F of 8)");

@@ -281,21 +281,18 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
 }
 
 namespace {
-// Row index in the interleaved layout (stages.h, interleave_gate_up) of row `row` of w13 [2F, K] (gate rows [0, F),
-// up rows [F, 2F)).
-int64_t interleaved_row(int64_t row, int64_t ffn) {
-    const int64_t half = row / ffn, f = row % ffn;
-    return 16 * (f / 8) + 8 * half + f % 8;
-}
-
-// Copies rows of [groups, 2F, width] elements of esz bytes from src to dst: row r of each group goes to
-// interleaved_row(r) (or the inverse).
-void permute_gate_up_rows(const char* src, char* dst, int64_t groups, int64_t n, int64_t width, size_t esz,
+// Copies rows of [groups, 2F, width] elements of esz bytes from src to dst: row r of each group (gate rows [0, F),
+// up rows [F, 2F)) goes to its row in the interleaved layout (config.h, gate_up_interleaved_row), or the inverse. With
+// width 1 it permutes the columns of a [groups, 2F] GEMM1 output the same way.
+void permute_gate_up_rows(const void* src_v, void* dst_v, int64_t groups, int64_t n, int64_t width, size_t esz,
                           bool inverse) {
+    const char* src = static_cast<const char*>(src_v);
+    char* dst = static_cast<char*>(dst_v);
     const size_t row_bytes = static_cast<size_t>(width) * esz;
+    const int64_t ffn = n / 2;
     for (int64_t e = 0; e < groups; ++e) {
         for (int64_t r = 0; r < n; ++r) {
-            const int64_t ir = interleaved_row(r, n / 2);
+            const int64_t ir = gate_up_interleaved_row(r % ffn, r / ffn);
             const int64_t from = inverse ? ir : r, to = inverse ? r : ir;
             std::memcpy(dst + static_cast<size_t>(e * n + to) * row_bytes,
                         src + static_cast<size_t>(e * n + from) * row_bytes, row_bytes);
@@ -303,25 +300,19 @@ void permute_gate_up_rows(const char* src, char* dst, int64_t groups, int64_t n,
     }
 }
 
-// g [rows, 2F] (bytes of esz) with its columns in w13's plain order, from GEMM1's output in the interleaved layout
-// (inverse = false), or back (inverse = true): each row permuted as w13's rows are.
-std::vector<char> permute_gate_up_columns(const void* g, int64_t rows, int64_t n, size_t esz, bool to_plain) {
-    std::vector<char> out(static_cast<size_t>(rows * n) * esz);
-    for (int64_t r = 0; r < rows; ++r)
-        permute_gate_up_rows(static_cast<const char*>(g) + static_cast<size_t>(r * n) * esz,
-                             out.data() + static_cast<size_t>(r * n) * esz, 1, n, 1, esz, /*inverse=*/to_plain);
-    return out;
+// g [rows, 2F] with its columns in w13's plain order: g itself, or (interleaved) a copy in `storage`.
+TensorRef plain_columns(const TensorRef& g, bool interleaved, std::vector<char>& storage) {
+    if (!interleaved) return g;
+    storage.resize(g.nbytes());
+    permute_gate_up_rows(g.data, storage.data(), g.shape[0], g.shape[1], 1, dtype_size(g.dtype), /*inverse=*/true);
+    return TensorRef(storage.data(), g.dtype, {g.shape[0], g.shape[1]});
 }
 }  // namespace
 
 void activation(Activation act, const TensorRef& g_in, const TensorRef& h, const TensorRef& num_rows,
                 bool gate_up_interleaved) {
-    std::vector<char> plain;
-    TensorRef g = g_in;
-    if (gate_up_interleaved) {  // the specification on the plain column order
-        plain = permute_gate_up_columns(g_in.data, g_in.shape[0], g_in.shape[1], dtype_size(g_in.dtype), true);
-        g = TensorRef(plain.data(), g_in.dtype, {g_in.shape[0], g_in.shape[1]});
-    }
+    std::vector<char> storage;  // the specification on the plain column order
+    const TensorRef g = plain_columns(g_in, gate_up_interleaved, storage);
     const int64_t ffn = h.shape[1];
     int64_t rows = g.shape[0];
     if (num_rows.defined()) rows = std::min<int64_t>(rows, std::max<int32_t>(0, num_rows.ptr<int32_t>()[0]));
@@ -334,12 +325,10 @@ void activation(Activation act, const TensorRef& g_in, const TensorRef& h, const
     for (int64_t i = 0; i < rows * ffn; ++i) store_from_double(h.data, h.dtype, i, hd[i]);
 }
 
-
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, bool zero_unowned_rows) {
     const int64_t rows = a.shape[0], n = w13i.shape[w13i.rank - 2];
-    const size_t esz = dtype_size(h.dtype);
-    std::vector<char> gi(static_cast<size_t>(rows * n) * esz);
+    std::vector<char> gi(static_cast<size_t>(rows * n) * dtype_size(h.dtype));
     stage::grouped_gemm(a, w13i, offsets, TensorRef(gi.data(), h.dtype, {rows, n}), /*zero_unowned_rows=*/true);
     const int32_t* off = offsets.defined() ? offsets.ptr<int32_t>() : nullptr;
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1;
@@ -351,18 +340,13 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse) {
     const int64_t groups = w13.rank == 3 ? w13.shape[0] : 1, n = w13.shape[w13.rank - 2];
-    permute_gate_up_rows(static_cast<const char*>(w13.data), static_cast<char*>(w13i.data), groups, n,
-                         w13.shape[w13.rank - 1], dtype_size(w13.dtype), inverse);
+    permute_gate_up_rows(w13.data, w13i.data, groups, n, w13.shape[w13.rank - 1], dtype_size(w13.dtype), inverse);
 }
 
 void activation_backward(Activation act, const TensorRef& g_in, const TensorRef& dh, const TensorRef& dg,
                          bool gate_up_interleaved) {
-    std::vector<char> plain;
-    TensorRef g = g_in;
-    if (gate_up_interleaved) {
-        plain = permute_gate_up_columns(g_in.data, g_in.shape[0], g_in.shape[1], dtype_size(g_in.dtype), true);
-        g = TensorRef(plain.data(), g_in.dtype, {g_in.shape[0], g_in.shape[1]});
-    }
+    std::vector<char> storage;
+    const TensorRef g = plain_columns(g_in, gate_up_interleaved, storage);
     const int64_t rows = g.shape[0], ffn = dh.shape[1];
     const std::vector<double> gd = to_double(g), d = to_double(dh);
     std::vector<double> out(gd.size());
@@ -372,9 +356,7 @@ void activation_backward(Activation act, const TensorRef& g_in, const TensorRef&
         return;
     }
     std::vector<double> il(out.size());  // dg in g's (interleaved) column order
-    for (int64_t r = 0; r < rows; ++r)
-        permute_gate_up_rows(reinterpret_cast<const char*>(out.data() + r * 2 * ffn),
-                             reinterpret_cast<char*>(il.data() + r * 2 * ffn), 1, 2 * ffn, 1, sizeof(double), false);
+    permute_gate_up_rows(out.data(), il.data(), rows, 2 * ffn, 1, sizeof(double), /*inverse=*/false);
     store_all(il, dg);
 }
 

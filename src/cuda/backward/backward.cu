@@ -311,8 +311,6 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
 void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
                               int64_t ffn, void* dg, cudaStream_t stream, bool interleaved) {
     if (max_rows == 0 || ffn == 0) return;
-    SWITCHYARD_CHECK(!interleaved || (is_gated(act) && ffn % 8 == 0), "activation_backward: the interleaved layout "
-                     "needs a gated activation and F % 8 == 0 (F=", ffn, ")");
     SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation_backward: rows=", max_rows, " exceed the grid");
     dispatch_float_dtype(dtype, "activation_backward", [&](auto tag) {
         using T = typename decltype(tag)::type;

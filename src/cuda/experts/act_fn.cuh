@@ -23,12 +23,12 @@ template <typename T>
 constexpr bool kFastAct = sizeof(T) == 2;
 
 // Columns of gate f and up f in a gated [rows, 2F] GEMM1 output: plain (gate [0, F), up [F, 2F)) or with w13's rows
-// interleaved in blocks of 8 (stages.h, interleave_gate_up).
+// interleaved in blocks of 8 (config.h, gate_up_interleaved_row).
 __host__ __device__ __forceinline__ int64_t gate_column(int64_t f, bool interleaved) {
-    return interleaved ? 16 * (f >> 3) + (f & 7) : f;
+    return interleaved ? gate_up_interleaved_row(f, 0) : f;
 }
 __host__ __device__ __forceinline__ int64_t up_column(int64_t f, int64_t ffn, bool interleaved) {
-    return interleaved ? 16 * (f >> 3) + 8 + (f & 7) : ffn + f;
+    return interleaved ? gate_up_interleaved_row(f, 1) : ffn + f;
 }
 
 template <Activation kAct, bool kFast = false>

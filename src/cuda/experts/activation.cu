@@ -85,8 +85,7 @@ __global__ void interleave_rows_kernel(const char* __restrict__ src, char* __res
                                        int64_t row_bytes, bool inverse) {
     const int64_t row = blockIdx.x;  // over groups * n rows
     const int64_t e = row / n, r = row % n, ffn = n / 2;
-    const int64_t half = r / ffn, f = r % ffn;
-    const int64_t ir = 16 * (f / 8) + 8 * half + f % 8;
+    const int64_t ir = gate_up_interleaved_row(r % ffn, r / ffn);
     const int64_t from = e * n + (inverse ? ir : r), to = e * n + (inverse ? r : ir);
     const V* s = reinterpret_cast<const V*>(src + from * row_bytes);
     V* d = reinterpret_cast<V*>(dst + to * row_bytes);
@@ -98,8 +97,6 @@ __global__ void interleave_rows_kernel(const char* __restrict__ src, char* __res
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
                      int64_t ffn, void* out, cudaStream_t stream, bool interleaved) {
     if (max_rows == 0 || ffn == 0) return;
-    SWITCHYARD_CHECK(!interleaved || (is_gated(act) && ffn % 8 == 0), "activation: the interleaved layout needs a "
-                     "gated activation and F % 8 == 0 (F=", ffn, ")");
     SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation: rows=", max_rows, " exceed the grid");
     dispatch_float_dtype(dtype, "activation", [&](auto tag) {
         using T = typename decltype(tag)::type;

@@ -52,9 +52,8 @@ void check_sizes(const GroupedGemmArgs& g) {
                          to_string(g.dtype), ")");
         SWITCHYARD_CHECK(g.n % 16 == 0, "grouped_gemm: the gated epilogue needs N = 2F with F a multiple of 8 (N=", g.n,
                          ")");
-        SWITCHYARD_CHECK(g.activation == Activation::kSwiGLU || g.activation == Activation::kGeGLU,
-                         "grouped_gemm: the gated epilogue takes a gated activation (SwiGLU, GeGLU), got ",
-                         to_string(g.activation));
+        SWITCHYARD_CHECK(is_gated(g.activation), "grouped_gemm: the gated epilogue takes a gated activation (SwiGLU, "
+                         "GeGLU), got ", to_string(g.activation));
     }
 }
 

@@ -83,8 +83,7 @@ public:
     }
     template <class ProblemShape>
     static bool can_implement(ProblemShape const&, Arguments const& args) {
-        return args.activation == static_cast<int>(Activation::kSwiGLU) ||
-               args.activation == static_cast<int>(Activation::kGeGLU);
+        return is_gated(static_cast<Activation>(args.activation));
     }
 
     CUTLASS_HOST_DEVICE explicit GatedEpilogueArray(Params const& p) : params_(p) {}
@@ -145,7 +144,8 @@ public:
                         cutlass::Array<ElementD, 2> out;
                         out[0] = ElementD(h[0]);
                         out[1] = ElementD(h[1]);
-                        const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);  // even: col = 16q + 2j
+                        // gate f's column is gate_up_interleaved_row(f, 0) (config.h); f is even: col = 16q + 2j
+                        const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);
                         *reinterpret_cast<cutlass::Array<ElementD, 2>*>(d + row * ldd + f) = out;
                     }
                 }

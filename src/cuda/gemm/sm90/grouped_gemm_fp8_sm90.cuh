@@ -143,19 +143,7 @@ struct Fp8GroupedGemmRunner {
         args.mainloop.layout_SFA = nullptr;
         args.mainloop.ptr_SFB = arr.ptr_sfb;
         args.mainloop.layout_SFB = nullptr;
-        auto& fusion = args.epilogue.thread;
-        fusion.alpha = 1.0f;
-        fusion.beta = 0.0f;
-        fusion.alpha_ptr = nullptr;
-        fusion.beta_ptr = nullptr;
-        fusion.alpha_ptr_array = nullptr;
-        fusion.beta_ptr_array = nullptr;
-        fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
-        fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
-        args.epilogue.ptr_C = nullptr;
-        args.epilogue.dC = nullptr;
-        args.epilogue.ptr_D = arr.ptr_d;
-        args.epilogue.dD = arr.stride_d;
+        set_store_epilogue(args.epilogue, arr.ptr_d, arr.stride_d);
         args.hw_info.device_id = device;
         args.hw_info.sm_count = sm_count;
         args.hw_info.max_active_clusters = 0;  // the scheduler sizes the persistent grid from sm_count

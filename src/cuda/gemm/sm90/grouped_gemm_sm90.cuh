@@ -183,6 +183,25 @@ __global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const 
     arrays.stride_d[e] = cutlass::make_cute_packed_stride(SD{}, {m, d_cols, 1});
 }
 
+// Arguments of CUTLASS's LinearCombination epilogue as every plain kernel here runs it (the FP8 kernel too): no C,
+// D = 1.0 * acc, one alpha and beta for all groups.
+template <typename EpilogueArguments, typename PtrD, typename StrideD>
+void set_store_epilogue(EpilogueArguments& e, PtrD ptr_d, StrideD stride_d) {
+    auto& fusion = e.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+    fusion.alpha_ptr_array = nullptr;
+    fusion.beta_ptr_array = nullptr;
+    fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
+    fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
+    e.ptr_C = nullptr;
+    e.dC = nullptr;
+    e.ptr_D = ptr_d;
+    e.dD = stride_d;
+}
+
 // The host side every ptr-array grouped GEMM here shares (forward and gradients): CUTLASS arguments from the
 // device arrays, workspace sizing, the shared-memory attribute, and initialise + launch. K: a PtrArrayKernel.
 template <typename Element, typename K>
@@ -202,21 +221,11 @@ struct PtrArrayGemm {
         args.mainloop.dB = arr.stride_b;
         if constexpr (K::kGatedEpilogue) {
             args.epilogue.activation = activation;
+            args.epilogue.ptr_D = arr.ptr_d;
+            args.epilogue.dD = arr.stride_d;
         } else {
-            auto& fusion = args.epilogue.thread;
-            fusion.alpha = 1.0f;
-            fusion.beta = 0.0f;
-            fusion.alpha_ptr = nullptr;
-            fusion.beta_ptr = nullptr;
-            fusion.alpha_ptr_array = nullptr;
-            fusion.beta_ptr_array = nullptr;
-            fusion.dAlpha = {cute::_0{}, cute::_0{}, 0};
-            fusion.dBeta = {cute::_0{}, cute::_0{}, 0};
-            args.epilogue.ptr_C = nullptr;
-            args.epilogue.dC = nullptr;
+            set_store_epilogue(args.epilogue, arr.ptr_d, arr.stride_d);
         }
-        args.epilogue.ptr_D = arr.ptr_d;
-        args.epilogue.dD = arr.stride_d;
         args.hw_info.device_id = device;
         args.hw_info.sm_count = sm_count;
         args.hw_info.max_active_clusters = 0;  // the scheduler then sizes the persistent grid from sm_count
@@ -309,24 +318,18 @@ struct GroupedGemmRunner {
 }  // namespace cuda
 }  // namespace switchyard
 
-// Defines `const GemmOps <var>` for one (element, config) pair in one translation unit (..._GATED_GEMM: the gated
-// epilogue's kernel).
-#define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label)                                  \
+// Defines `const GemmOps <var>` for one (element, config) pair in one translation unit: the plain forward, or
+// (..._GATED_GEMM) GEMM1 with the gated epilogue.
+#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, label)                             \
     namespace switchyard {                                                                              \
     namespace cuda {                                                                                    \
     namespace sm90 {                                                                                    \
-    const GemmOps var = {label, &GroupedGemmRunner<element, config, true>::workspace_size,              \
-                         &GroupedGemmRunner<element, config, true>::run};                               \
+    const GemmOps var = {label, &GroupedGemmRunner<element, config, gated>::workspace_size,             \
+                         &GroupedGemmRunner<element, config, gated>::run};                              \
     }                                                                                                   \
     }                                                                                                   \
     }
-
-#define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label)                                \
-    namespace switchyard {                                                                              \
-    namespace cuda {                                                                                    \
-    namespace sm90 {                                                                                    \
-    const GemmOps var = {label, &GroupedGemmRunner<element, config>::workspace_size,                    \
-                         &GroupedGemmRunner<element, config>::run};                                     \
-    }                                                                                                   \
-    }                                                                                                   \
-    }
+#define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, label)
+#define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, label)
