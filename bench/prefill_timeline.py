@@ -7,7 +7,9 @@ For each model and T it measures the same layer four ways on one card, in altern
   graph     : the forward captured once in a CUDA graph and replayed (no host work at all);
   kernels   : torch.profiler's CUDA kernel records of one forward: the sum of kernel durations, the span from the
               first kernel's start to the last one's end, and the idle gaps between kernels with what follows them.
-It also prints the host time of one forward (time.perf_counter around the launches, no synchronisation inside).
+It also prints the host time of one forward (time.perf_counter around the launches, no synchronisation inside), and
+where that host time goes: each torch.ops.switchyard op the forward calls, with the host time from the forward's
+start to the op's return (the module's op table swapped for a recording proxy; no profiler).
 
     python3 bench/prefill_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3]
 """
@@ -43,6 +45,43 @@ def host_ms(fn, n=20):
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+class _OpClock:
+    """Stands in for switchyard.torch's op table: forwards every call and records (op name, perf_counter at return)."""
+
+    def __init__(self, ops):
+        self._ops, self.marks = ops, []
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+
+        def call(*a, **k):
+            out = op(*a, **k)
+            self.marks.append((name, time.perf_counter()))
+            return out
+        return call
+
+
+def host_breakdown(sy_torch, fn, n=20):
+    """[(op name, median us from the forward's start to the op's return)] of one forward, and the median total."""
+    real = sy_torch._ops
+    clock = _OpClock(real)
+    runs = []
+    sy_torch._ops = clock
+    try:
+        for _ in range(n):
+            torch.cuda.synchronize()
+            clock.marks = []
+            t0 = time.perf_counter()
+            fn()
+            t1 = time.perf_counter()
+            runs.append([(name, (t - t0) * 1e6) for name, t in clock.marks] + [("(return)", (t1 - t0) * 1e6)])
+    finally:
+        sy_torch._ops = real
+    torch.cuda.synchronize()
+    first = runs[0]
+    return [(name, statistics.median(r[i][1] for r in runs)) for i, (name, _) in enumerate(first)]
 
 
 def kernel_timeline(fn):
@@ -115,14 +154,17 @@ def main():
                 lp = loop_ms(fn)
                 hm = host_ms(fn)
                 busy, span, gaps, rows = kernel_timeline(fn)
+                marks = host_breakdown(sys.modules["switchyard.torch"], fn)
             print(f"{m:<9}{t:>6} {event_ms:>9.3f} {lp:>9.3f} {graph_ms:>9.3f} {hm:>8.3f} {busy / 1e3:>9.3f} "
                   f"{span / 1e3:>9.3f}", flush=True)
-            details.append((m, t, gaps, rows))
+            details.append((m, t, gaps, rows, marks))
             del fns, fn
             replay = g = None
             torch.cuda.synchronize()
-    for m, t, gaps, rows in details:
-        print(f"\n{m} T={t}: kernels of one forward (us, name)")
+    for m, t, gaps, rows, marks in details:
+        print(f"\n{m} T={t}: host time from the forward's start to each op's return (us, median)")
+        print("  " + ", ".join(f"{name} {us:.0f}" for name, us in marks))
+        print(f"{m} T={t}: kernels of one forward (us, name)")
         for us, name in rows:
             print(f"  {us:9.1f}  {name}")
         print(f"  gaps > 2 us before: " + ", ".join(f"{g:.0f} us -> {n}" for g, n in gaps[:20]))
