@@ -60,7 +60,7 @@ fi
 if has torch; then
   SWITCHYARD_TORCH_LIB="$BUILD/bindings/torch/_switchyard_torch.so" PYTHONPATH=python \
     python3 -m pytest -q -m gpu tests/python/test_torch_gpu.py tests/python/test_torch_hf.py \
-    tests/python/test_torch_gated.py >"$OUT/torch_gpu.log" 2>&1
+    tests/python/test_torch_gated.py tests/python/test_torch_layer_op.py >"$OUT/torch_gpu.log" 2>&1
   note "torch gpu tests: rc=$? $(tail -1 "$OUT/torch_gpu.log")"
 fi
 if has train; then

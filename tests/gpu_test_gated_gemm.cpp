@@ -7,7 +7,9 @@
 // poisons h first (rows past offsets[E] must come back 0, or stay poisoned without zero_unowned_rows), runs twice
 // for the same bits, and covers groups of 0, 1 and 129 rows, an F whose 2F is no multiple of the 256-wide tile
 // (F = 72), many experts with random counts, and experts large enough for the 2x1-cluster kernel (> 1024 rows on
-// average). interleave_gate_up on the device must equal the CPU's. Skips without an sm_90 GPU.
+// average). interleave_gate_up on the device must equal the CPU's. A CUDA MoELayer with MoEConfig::gate_up_interleaved
+// must give the plain layer's bits: bf16 through the gated kernel, fp16 through GEMM1 and the interleaved activation
+// kernel. Skips without an sm_90 GPU.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -20,6 +22,7 @@
 
 #include "cuda/gemm/grouped_gemm.h"
 #include "gpu_test_util.h"
+#include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
 #include "test_util.h"
 
@@ -258,6 +261,83 @@ TEST(GpuGatedGemm, InterleavedActivationKernelsArePermutedPlainOnes) {
             interleave_gate_up(plain_dg.ref(), want.ref());
             const std::vector<float> got = testing::download(dgio.get(), R * N, dt);
             for (int64_t i = 0; i < R * N; ++i) ASSERT_EQ(float_bits(got[i]), float_bits(want.get(i))) << "dg " << i;
+        }
+    }
+}
+
+// A device copy of a host tensor; a TensorRef of it with the host tensor's dtype and shape.
+struct DeviceCopy {
+    DeviceBuffer buf;
+    TensorRef ref;
+};
+void to_device(const test::HostTensor& h, DeviceCopy* d) {
+    if (!h.defined()) return;
+    const size_t bytes = static_cast<size_t>(h.numel()) * dtype_size(h.dtype());
+    d->buf.reset(bytes);
+    GPU_CHECK(cudaMemcpy(d->buf.get(), h.data(), bytes, cudaMemcpyHostToDevice));
+    d->ref = TensorRef::contiguous(d->buf.get(), h.dtype(), h.shape().data(), static_cast<int>(h.shape().size()),
+                                   Device::kCUDA, 0);
+}
+
+// y of one forward of a CUDA layer on x (workspace and y poisoned first).
+std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, const DeviceBuffer& x, int64_t T) {
+    MoELayer layer(cfg, w);
+    layer.set_fused_max_tokens(0);
+    const size_t bytes = T * cfg.hidden_size * dtype_size(cfg.dtype), ws_bytes = layer.workspace_size(T);
+    DeviceBuffer y(bytes), ws(ws_bytes);
+    y.poison();
+    ws.poison();
+    layer.forward(dev_ref(x, cfg.dtype, {T, cfg.hidden_size}), dev_ref(y, cfg.dtype, {T, cfg.hidden_size}), ws.get(),
+                  ws_bytes, nullptr);
+    const cudaError_t err = cudaDeviceSynchronize();
+    EXPECT_EQ(err, cudaSuccess) << cudaGetErrorString(err);
+    return testing::download_raw<uint8_t>(y.get(), bytes);
+}
+
+TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
+    if (!sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
+    for (DType dt : {DType::kBF16, DType::kF16}) {
+        for (int variant = 0; variant < 2; ++variant) {  // dropless SwiGLU; GeGLU + shared expert + capacity
+            SCOPED_TRACE(std::string(to_string(dt)) + " variant " + std::to_string(variant));
+            MoEConfig cfg;
+            cfg.hidden_size = 256;
+            cfg.ffn_size = 136;
+            cfg.num_experts = 16;
+            cfg.top_k = 4;
+            cfg.dtype = dt;
+            if (variant == 1) {
+                cfg.activation = Activation::kGeGLU;
+                cfg.num_shared_experts = 1;
+                cfg.shared_ffn_size = 64;
+                cfg.capacity_factor = 0.9;
+            }
+            const int64_t T = 300;
+            const test::HostLayer h = test::random_layer(cfg, 70 + variant, dt);
+            test::HostTensor w13i(dt, h.w13.shape());
+            interleave_gate_up(h.w13.ref(), w13i.ref());
+            DeviceCopy gate, w13, w13i_d, w2, sw13, sw2;
+            for (auto [src, dst] : {std::make_pair(&h.gate, &gate), std::make_pair(&h.w13, &w13),
+                                    std::make_pair(static_cast<const test::HostTensor*>(&w13i), &w13i_d),
+                                    std::make_pair(&h.w2, &w2), std::make_pair(&h.shared_w13, &sw13),
+                                    std::make_pair(&h.shared_w2, &sw2)})
+                to_device(*src, dst);
+            MoEWeights w;
+            w.gate = gate.ref;
+            w.w13 = w13.ref;
+            w.w2 = w2.ref;
+            w.shared_w13 = sw13.ref;
+            w.shared_w2 = sw2.ref;
+            DeviceBuffer x;
+            testing::upload(x, testing::random_values(T * cfg.hidden_size, dt, -1.0f, 1.0f, 71), dt);
+            const std::vector<uint8_t> want = cuda_layer_y(cfg, w, x, T);
+            MoEConfig icfg = cfg;
+            icfg.gate_up_interleaved = true;
+            w.w13 = w13i_d.ref;
+            const std::vector<uint8_t> got = cuda_layer_y(icfg, w, x, T);
+            EXPECT_TRUE(testing::bitwise_equal(got, want, "y interleaved vs plain"));
+            size_t nonzero = 0;
+            for (uint8_t b : want) nonzero += b != 0;
+            EXPECT_GT(nonzero, want.size() / 2) << "y is mostly zero bytes";
         }
     }
 }

@@ -3,12 +3,15 @@
 // interleave_gate_up is checked row by row against its definition and inverted; grouped_gemm_gated must give the
 // bits of its definition (grouped_gemm with the un-interleaved weights into h's dtype, then activation) for fp32
 // and bf16, SwiGLU and GeGLU, groups of 0 and several rows, rows past offsets[E] zeroed or left untouched; calls
-// the stage refuses are refused with errors that name the argument.
+// the stage refuses are refused with errors that name the argument. A MoELayer with MoEConfig::gate_up_interleaved
+// and interleaved w13 must give the bits of the plain layer (routing, capacity, shared expert alike), with a smaller
+// workspace (no GEMM1 product) and the plan's offsets in ForwardOutputs.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
 #include "test_util.h"
 
@@ -150,6 +153,98 @@ TEST(GatedGemm, RefusesWhatItCannotCompute) {
     expect_error([&] { interleave_gate_up(w13.ref(), w13.ref()); }, {"out of place"});
     expect_error([&] { interleave_gate_up(odd.ref(), HostTensor(DType::kF32, {E, 24, K}).ref()); },
                  {"multiple of 16"});
+}
+
+// One forward of `layer` on x: y's bits, the plan's offsets and the expert counts.
+struct LayerRun {
+    std::vector<float> y;
+    std::vector<int32_t> offsets, counts;
+};
+LayerRun run_layer(const MoELayer& layer, const HostTensor& x) {
+    const MoEConfig& c = layer.config();
+    const int64_t T = x.shape()[0], E = c.num_experts;
+    HostTensor y(c.dtype, {T, c.hidden_size}), offsets(DType::kI32, {E + 1}), counts(DType::kI32, {E});
+    ForwardOutputs out;
+    out.expert_offsets = offsets.ref();
+    out.expert_counts = counts.ref();
+    layer.forward(x.ref(), y.ref(), &out);
+    LayerRun r;
+    for (int64_t i = 0; i < y.numel(); ++i) r.y.push_back(y.get(i));
+    r.offsets.assign(offsets.ptr<int32_t>(), offsets.ptr<int32_t>() + E + 1);
+    r.counts.assign(counts.ptr<int32_t>(), counts.ptr<int32_t>() + E);
+    return r;
+}
+
+TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
+    for (DType dt : {DType::kF32, DType::kBF16}) {
+        for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU}) {
+            for (int variant = 0; variant < 3; ++variant) {  // dropless; shared expert + groups + bias; capacity
+                SCOPED_TRACE(std::string(to_string(dt)) + " " + to_string(act) + " variant " + std::to_string(variant));
+                MoEConfig cfg;
+                cfg.hidden_size = 24;
+                cfg.ffn_size = 16;
+                cfg.num_experts = 8;
+                cfg.top_k = 2;
+                cfg.activation = act;
+                cfg.dtype = dt;
+                if (variant == 1) {
+                    cfg.score_function = ScoreFunction::kSigmoid;
+                    cfg.num_groups = 4;
+                    cfg.topk_groups = 2;
+                    cfg.use_score_bias = true;
+                    cfg.renormalize = true;
+                    cfg.routed_scale = 2.5;
+                    cfg.num_shared_experts = 1;
+                    cfg.shared_ffn_size = 8;
+                    cfg.shared_expert_gate = true;
+                }
+                if (variant == 2) {
+                    cfg.capacity_factor = 0.75;
+                    cfg.drop_policy = DropPolicy::kProbability;
+                }
+                const int64_t T = 29, E = cfg.num_experts;
+                const test::HostLayer plain = test::random_layer(cfg, 40 + variant, dt);
+                MoEConfig icfg = cfg;
+                icfg.gate_up_interleaved = true;
+                HostTensor w13i(dt, plain.w13.shape());
+                interleave_gate_up(plain.w13.ref(), w13i.ref());
+                MoEWeights iw = plain.weights();
+                iw.w13 = w13i.ref();
+                const MoELayer a(cfg, plain.weights()), b(icfg, iw);
+                const HostTensor x = HostTensor::from_floats(random_uniform(T * cfg.hidden_size, 41), dt,
+                                                             {T, cfg.hidden_size});
+                const LayerRun want = run_layer(a, x), got = run_layer(b, x);
+                for (size_t i = 0; i < want.y.size(); ++i)
+                    ASSERT_EQ(float_bits(got.y[i]), float_bits(want.y[i])) << "y element " << i;
+                EXPECT_EQ(got.offsets, want.offsets);
+                EXPECT_EQ(got.counts, want.counts);
+                EXPECT_EQ(want.offsets[E] == T * cfg.top_k, variant != 2) << "capacity drops pairs, dropless not";
+                // No [R, 2F] GEMM1 product in the interleaved layer's workspace.
+                EXPECT_LT(b.workspace_size(T), a.workspace_size(T));
+                for (const WorkspaceSlice& s : b.workspace_layout(T)) EXPECT_NE(s.name, "g1");
+            }
+        }
+    }
+}
+
+TEST(GatedGemm, InterleavedLayoutConfigIsChecked) {
+    MoEConfig cfg;
+    cfg.hidden_size = 8;
+    cfg.ffn_size = 16;
+    cfg.num_experts = 4;
+    cfg.top_k = 2;
+    cfg.gate_up_interleaved = true;
+    cfg.validate();
+    EXPECT_NE(cfg.to_string().find("w13=interleaved"), std::string::npos) << cfg.to_string();
+    MoEConfig relu = cfg;
+    relu.activation = Activation::kReLU;
+    expect_error([&] { relu.validate(); }, {"gate_up_interleaved", "gated activation"});
+    MoEConfig fp8 = cfg;
+    fp8.quant_mode = QuantMode::kFP8Block;
+    expect_error([&] { fp8.validate(); }, {"gate_up_interleaved", "unquantised"});
+    MoEConfig narrow = cfg;
+    narrow.ffn_size = 12;
+    expect_error([&] { narrow.validate(); }, {"gate_up_interleaved", "multiple of 8"});
 }
 
 }  // namespace

@@ -385,6 +385,51 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_op(const at::Tensor& dy_in, 
     });
 }
 
+// The layer of the whole-layer ops (moe_fused, moe_forward) from the module's tensors: its config (routing, sizes,
+// activation, dtype of x, shared expert) and weight views; `hold` keeps the contiguous copies alive.
+struct LayerArgs {
+    MoEConfig cfg;
+    MoEWeights w;
+    std::vector<at::Tensor> hold;
+};
+LayerArgs layer_args(const char* op, const at::Tensor& x, const at::Tensor& gate_in,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& w13_in, const at::Tensor& w2_in,
+                     const c10::optional<at::Tensor>& shared_w13, const c10::optional<at::Tensor>& shared_w2,
+                     const c10::optional<at::Tensor>& shared_gate, int64_t top_k, int64_t score_function,
+                     bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
+                     int64_t activation) {
+    LayerArgs a;
+    auto keep = [&](const at::Tensor& t) {
+        a.hold.push_back(t.contiguous());
+        return ref(a.hold.back());
+    };
+    TORCH_CHECK(x.dim() == 2 && gate_in.dim() == 2 && w13_in.dim() == 3 && w2_in.dim() == 3, "switchyard.", op,
+                ": x [T, H], gate [E, H], w13 [E, R13, H], w2 [E, H, F] expected");
+    const bool use_bias = bias.has_value() && bias->defined();
+    a.cfg = router_config(gate_in.size(0), top_k, score_function, renormalize, routed_scale, num_groups, topk_groups,
+                          use_bias);
+    a.cfg.hidden_size = x.size(1);
+    a.cfg.ffn_size = w2_in.size(2);
+    a.cfg.activation = activation_of(activation);
+    a.cfg.dtype = dtype_of(x);
+    a.w.gate = keep(gate_in);
+    a.w.w13 = keep(w13_in);
+    a.w.w2 = keep(w2_in);
+    if (use_bias) a.w.score_bias = keep(bias->to(x.device(), at::kFloat));
+    if (shared_w13.has_value() && shared_w13->defined()) {
+        TORCH_CHECK(shared_w2.has_value() && shared_w2->defined(), "switchyard.", op, ": shared_w13 without shared_w2");
+        a.w.shared_w13 = keep(*shared_w13);
+        a.w.shared_w2 = keep(*shared_w2);
+        a.cfg.num_shared_experts = 1;
+        a.cfg.shared_ffn_size = shared_w2->size(1);
+        if (shared_gate.has_value() && shared_gate->defined()) {
+            a.w.shared_gate = keep(*shared_gate);
+            a.cfg.shared_expert_gate = true;
+        }
+    }
+    return a;
+}
+
 // The fused small-batch path (route_fused + experts_fused): the whole layer for inference in one op.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
     const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
@@ -393,38 +438,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
     int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
     int64_t activation) {
     return guarded([&] {
-        const at::Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), w13 = w13_in.contiguous(),
-                         w2 = w2_in.contiguous();
-        TORCH_CHECK(x.dim() == 2 && gate.dim() == 2 && w13.dim() == 3 && w2.dim() == 3,
-                    "switchyard.moe_fused: x [T, H], gate [E, H], w13 [E, R13, H], w2 [E, H, F] expected");
-        const bool use_bias = bias.has_value() && bias->defined();
-        MoEConfig cfg = router_config(gate.size(0), top_k, score_function, renormalize, routed_scale, num_groups,
-                                      topk_groups, use_bias);
-        cfg.hidden_size = x.size(1);
-        cfg.ffn_size = w2.size(2);
-        cfg.activation = activation_of(activation);
-        cfg.dtype = dtype_of(x);
-        at::Tensor b, sw13, sw2, sg;
-        if (use_bias) b = bias->to(x.device(), at::kFloat).contiguous();
-        const bool shared = shared_w13.has_value() && shared_w13->defined();
-        if (shared) {
-            TORCH_CHECK(shared_w2.has_value() && shared_w2->defined(), "switchyard.moe_fused: shared_w13 without "
-                        "shared_w2");
-            sw13 = shared_w13->contiguous();
-            sw2 = shared_w2->contiguous();
-            cfg.num_shared_experts = 1;
-            cfg.shared_ffn_size = sw2.size(1);
-            if (shared_gate.has_value() && shared_gate->defined()) {
-                sg = shared_gate->contiguous();
-                cfg.shared_expert_gate = true;
-            }
-        }
+        const at::Tensor x = x_in.contiguous();
+        const LayerArgs a = layer_args("moe_fused", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2,
+                                       shared_gate, top_k, score_function, renormalize, routed_scale, num_groups,
+                                       topk_groups, activation);
+        const MoEConfig& cfg = a.cfg;
         const int64_t T = x.size(0), E = cfg.num_experts, R = T * top_k;
         const auto i32 = x.options().dtype(at::kInt), f32 = x.options().dtype(at::kFloat);
         at::Tensor logits = at::empty({T, E}, f32), ids = at::empty({T, top_k}, i32), w = at::empty({T, top_k}, f32);
         at::Tensor counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32), slot_row = at::empty({T, top_k}, i32);
         at::Tensor row_token = at::empty({R}, i32), row_slot = at::empty({R}, i32), y = at::empty_like(x);
-        at::Tensor sgl = sg.defined() ? at::empty({T, 1}, f32) : at::Tensor();
+        at::Tensor sgl = cfg.shared_expert_gate ? at::empty({T, 1}, f32) : at::Tensor();
         RoutingPlan plan;
         plan.expert_counts = ref(counts);
         plan.expert_offsets = ref(offsets);
@@ -435,16 +459,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
         Workspace ws = workspace_like(x, std::max(route_fused_workspace_size(cfg, dev, T),
                                                   experts_fused_workspace_size(cfg, dev, T)));
         if (T > 0) {
-            route_fused(cfg, ref(x), ref(gate), ref_or_none(b), ref_or_none(sg), ref(logits), ref(ids), ref(w), plan,
+            route_fused(cfg, ref(x), a.w.gate, a.w.score_bias, a.w.shared_gate, ref(logits), ref(ids), ref(w), plan,
                         ref_or_none(sgl), ws.ptr, ws.bytes, stream_of(x));
-            MoEWeights mw;
-            mw.w13 = ref(w13);
-            mw.w2 = ref(w2);
-            mw.shared_w13 = ref_or_none(sw13);
-            mw.shared_w2 = ref_or_none(sw2);
-            experts_fused(cfg, ref(x), mw, plan, ref(w), ref_or_none(sgl), ref(y), ws.ptr, ws.bytes, stream_of(x));
+            experts_fused(cfg, ref(x), a.w, plan, ref(w), ref_or_none(sgl), ref(y), ws.ptr, ws.bytes, stream_of(x));
         }
         return std::make_tuple(y, logits, ids, counts);
+    });
+}
+
+// The staged forward of the library's MoELayer (moe_layer.h: router .. combine, the fused small-batch path off) for
+// inference in one op: one host call for the chain instead of one per stage, its workspace in one allocation.
+// capacity_factor / min_capacity / drop_policy as MoEConfig; gate_up_interleaved: w13 in the interleaved layout
+// (MoEConfig::gate_up_interleaved: GEMM1 with the activation in its epilogue where the backend has it).
+// Returns y, logits [T, E] fp32, ids [T, k], expert counts [E] (before drops) and the plan's offsets [E+1].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forward_op(
+    const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& w13_in, const at::Tensor& w2_in, const c10::optional<at::Tensor>& shared_w13,
+    const c10::optional<at::Tensor>& shared_w2, const c10::optional<at::Tensor>& shared_gate, int64_t top_k,
+    int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
+    int64_t activation, double capacity_factor, int64_t min_capacity, int64_t drop_policy, bool gate_up_interleaved) {
+    return guarded([&] {
+        const at::Tensor x = x_in.contiguous();
+        LayerArgs a = layer_args("moe_forward", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2, shared_gate,
+                                 top_k, score_function, renormalize, routed_scale, num_groups, topk_groups,
+                                 activation);
+        TORCH_CHECK(drop_policy == 0 || drop_policy == 1, "switchyard.moe_forward: drop_policy=", drop_policy,
+                    " (0 position, 1 probability)");
+        a.cfg.capacity_factor = capacity_factor;
+        a.cfg.min_capacity = min_capacity;
+        a.cfg.drop_policy = static_cast<DropPolicy>(drop_policy);
+        a.cfg.gate_up_interleaved = gate_up_interleaved;
+        MoELayer layer(a.cfg, a.w);
+        layer.set_fused_max_tokens(0);
+        const int64_t T = x.size(0), E = a.cfg.num_experts;
+        const auto i32 = x.options().dtype(at::kInt);
+        at::Tensor y = at::empty_like(x), logits = at::empty({T, E}, x.options().dtype(at::kFloat));
+        at::Tensor ids = at::empty({T, top_k}, i32), counts = at::empty({E}, i32), offsets = at::empty({E + 1}, i32);
+        ForwardOutputs out;
+        out.logits = ref(logits);
+        out.topk_ids = ref(ids);
+        out.expert_counts = ref(counts);
+        out.expert_offsets = ref(offsets);
+        Workspace ws = workspace_like(x, layer.workspace_size(T));
+        layer.forward(ref(x), ref(y), ws.ptr, ws.bytes, stream_of(x), &out);
+        return std::make_tuple(y, logits, ids, counts, offsets);
     });
 }
 
@@ -514,6 +572,10 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("moe_fused(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
           "float routed_scale, int num_groups, int topk_groups, int activation) -> (Tensor, Tensor, Tensor, Tensor)");
+    m.def("moe_forward(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
+          "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
+          "float routed_scale, int num_groups, int topk_groups, int activation, float capacity_factor, "
+          "int min_capacity, int drop_policy, bool gate_up_interleaved) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("fused_path_supported(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
           "Tensor like) -> bool");
     m.def("fused_path_preferred(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
@@ -543,6 +605,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("combine", &combine_op);                                           \
     m.impl("combine_backward", &combine_backward_op);                         \
     m.impl("moe_fused", &moe_fused_op);                                       \
+    m.impl("moe_forward", &moe_forward_op);                                   \
     m.impl("fused_path_supported", &fused_path_supported_op);                 \
     m.impl("fused_path_preferred", &fused_path_preferred_op)
 

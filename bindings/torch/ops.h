@@ -22,6 +22,10 @@
 //   combine / combine_backward             out [T*k, H], slot_row, weights (+ shared [T, H]) -> y [T, H]
 //   moe_fused (inference, no backward)     x, gate, w13, w2 (+ shared) -> y, logits, ids, counts: route_fused +
 //                                          experts_fused, the small-batch path in four kernels on CUDA
+//   moe_forward (inference, no backward)   x, gate, w13, w2 (+ shared, capacity, interleaved w13) -> y, logits, ids,
+//                                          counts, offsets: MoELayer::forward (moe_layer.h), the staged chain in one
+//                                          host call (the fused small-batch path off)
+//   grouped_mm_gated / interleave_gate_up  GEMM1 with the gated activation in its epilogue; w13's interleaved layout
 //   fused_path_supported                   whether moe_fused's CUDA kernels take a layer (stages.h)
 #pragma once
 

@@ -117,6 +117,15 @@ struct MoEConfig {
     // Shared experts may then be fp8 too (with their own scales) or of a float dtype. CPU backend only for now.
     QuantMode quant_mode = QuantMode::kNone;
 
+    // Layout of the routed experts' w13 (MoEWeights::w13): false, gate rows [0, F) then up rows [F, 2F) (checkpoints'
+    // layout); true, gate and up rows interleaved in blocks of 8 (stages.h interleave_gate_up,
+    // gate_up_interleaved_row). The staged forward then runs GEMM1 with the gated activation in its epilogue
+    // (grouped_gemm_gated: the [R, 2F] product is never stored) where the backend has that kernel (CPU; CUDA bf16), and
+    // GEMM1 followed by the activation reading the interleaved columns otherwise (CUDA fp16 / fp32): the same values as
+    // the plain layout either way. Gated activations and unquantised experts only; the shared expert keeps the plain
+    // layout, and a layer in this layout never takes the fused small-batch path (its kernels read the plain layout).
+    bool gate_up_interleaved = false;
+
     // Throws switchyard::Error naming the first bad parameter and its value.
     void validate() const;
     int64_t shared_width() const { return num_shared_experts * shared_ffn_size; }

@@ -35,7 +35,8 @@ namespace switchyard {
 struct MoEWeights {
     TensorRef gate;        // [E, H]       router weight
     TensorRef score_bias;  // [E] fp32     selection-only bias (required when cfg.use_score_bias)
-    TensorRef w13;         // [E, 2F, H]   gated: gate rows [0, F), up rows [F, 2F); ungated: [E, F, H]
+    TensorRef w13;         // [E, 2F, H]   gated: gate rows [0, F), up rows [F, 2F) (MoEConfig::gate_up_interleaved:
+                           //              interleaved in blocks of 8); ungated: [E, F, H]
     TensorRef w2;          // [E, H, F]    down projection
     TensorRef shared_w13;  // [2S, H] or [S, H] with S = num_shared_experts * shared_ffn_size
     TensorRef shared_w2;   // [H, S]
@@ -58,6 +59,7 @@ struct ForwardOutputs {
     TensorRef slot_row;      // [T, k] int32 (see RoutingPlan)
     TensorRef expert_counts; // [E] int32: pairs routed to each expert before drops (stays on the device: the
                              //     input of update_score_bias, balance.h, with no host synchronisation)
+    TensorRef expert_offsets;  // [E+1] int32: the plan's offsets (offsets[e+1] - offsets[e] = pairs expert e kept)
     // Under expert-choice routing (MoEConfig::routing_mode) topk_ids, topk_weights and slot_row are [T, E]
     // (MoEConfig::route_slots()): slot e is expert e, with id -1, weight 0 and row -1 where e did not pick t.
     LoadStats* stats = nullptr;  // host struct; on CUDA filling it synchronises the stream (not for graphs)

@@ -170,6 +170,15 @@ def _moe_fused_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, 
             x.new_empty((e,), dtype=torch.int32))
 
 
+@torch.library.register_fake("switchyard::moe_forward")
+def _moe_forward_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, top_k, score_function, renormalize,
+                      routed_scale, num_groups, topk_groups, activation, capacity_factor, min_capacity, drop_policy,
+                      gate_up_interleaved):
+    t, e = x.shape[0], gate.shape[0]
+    return (torch.empty_like(x), x.new_empty((t, e), dtype=torch.float32), x.new_empty((t, top_k), dtype=torch.int32),
+            x.new_empty((e,), dtype=torch.int32), x.new_empty((e + 1,), dtype=torch.int32))
+
+
 # ---- autograd ----------------------------------------------------------------------------------------------
 
 
@@ -883,6 +892,31 @@ class MoE(nn.Module):
             self._fused_ok_cache[key] = bool(ok)
         return self._fused_ok_cache[key]
 
+    # Whether this call runs the library's MoELayer in one op (moe_forward: the staged chain, one host call instead of
+    # one per stage): no gradient wanted, not inside torch.compile (the staged ops trace), float experts, the
+    # library's router GEMM, routing, group score and expert chain (not a subclass's, e.g. ExpertParallelMoE's; not
+    # group_score="max"), fp32 / bf16 / fp16, and every parameter in x's dtype on x's device.
+    def _use_layer_op(self, x2: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or self.quantized or self._needs_grad(x2):
+            return False
+        c = self.config
+        if x2.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if c.num_groups > 1 and c.group_score == "max":
+            return False
+        if any(getattr(type(self), f) is not getattr(MoE, f) for f in ("_router_logits", "_route", "_layer")):
+            return False
+        params = [self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate]
+        return all(p is None or (p.dtype == x2.dtype and p.device == x2.device) for p in params)
+
+    def _layer_op(self, x2: torch.Tensor):
+        c = self.config
+        return _ops.moe_forward(
+            x2, self.gate, self.score_bias, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate,
+            c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups,
+            c.topk_groups, ACTIVATIONS[c.activation], float(c.capacity_factor_for(self.training)), c.min_capacity,
+            DROP_POLICIES[c.drop_policy], self.gate_up_interleaved)
+
     def _fused_layer(self, x2: torch.Tensor):
         c = self.config
         y, logits, ids, counts = _ops.moe_fused(
@@ -905,7 +939,10 @@ class MoE(nn.Module):
             aux, z = losses[0], losses[1]
             return MoEOutput(y=y, aux_loss=aux, z_loss=z, loss=c.aux_loss_coef * aux + c.z_loss_coef * z,
                              expert_counts=counts, kept_counts=counts)
-        y, logits, ids, offsets, counts = self._layer(x2)
+        if self._use_layer_op(x2):
+            y, logits, ids, counts, offsets = self._layer_op(x2)
+        else:
+            y, logits, ids, offsets, counts = self._layer(x2)
         y = y.reshape(shape)
         want_stats = self.training if self.return_stats is None else self.return_stats
         if not want_stats:

@@ -195,6 +195,14 @@ void MoEConfig::validate() const {
                      "dtype=", switchyard::to_string(dtype), " must be fp32, bf16 or fp16");
     SWITCHYARD_CHECK(static_cast<int>(quant_mode) >= 0 && static_cast<int>(quant_mode) <= 2,
                      "quant_mode=", static_cast<int>(quant_mode), " is not a QuantMode");
+    if (gate_up_interleaved) {
+        SWITCHYARD_CHECK(is_gated(activation), "gate_up_interleaved=true needs a gated activation (swiglu, geglu), got ",
+                         switchyard::to_string(activation));
+        SWITCHYARD_CHECK(quant_mode == QuantMode::kNone, "gate_up_interleaved=true is for unquantised experts (quant_mode=",
+                         switchyard::to_string(quant_mode), ")");
+        SWITCHYARD_CHECK(ffn_size % 8 == 0, "gate_up_interleaved=true needs ffn_size a multiple of 8 (the blocks of 8 "
+                         "rows), got ", ffn_size);
+    }
 }
 
 int64_t MoEConfig::capacity(int64_t num_tokens) const {
@@ -243,6 +251,7 @@ std::string MoEConfig::to_string() const {
     if (aux_loss_coef != 0 || z_loss_coef != 0) os << " aux_coef=" << aux_loss_coef << " z_coef=" << z_loss_coef;
     os << " dtype=" << switchyard::to_string(dtype);
     if (quant_mode != QuantMode::kNone) os << " quant=" << switchyard::to_string(quant_mode);
+    if (gate_up_interleaved) os << " w13=interleaved";
     return os.str();
 }
 

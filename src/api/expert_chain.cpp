@@ -21,6 +21,40 @@ void expert_gemm(const MoEConfig& cfg, const TensorRef& a, const TensorRef& b, c
     grouped_gemm_fp8(a, b, b_scale, input_scale, offsets, c, workspace, workspace_bytes, stream, o);
 }
 
+bool uses_gated_gemm1(const MoEConfig& cfg, Device dev) {
+    return cfg.gate_up_interleaved && (dev == Device::kCPU || cfg.dtype == DType::kBF16);
+}
+
+size_t gemm1_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows) {
+    const int64_t H = cfg.hidden_size;
+    if (uses_gated_gemm1(cfg, dev))
+        return grouped_gemm_gated_workspace_size(dev, cfg.dtype, groups, cfg.ffn_size, H, rows);
+    if (cfg.quant_mode != QuantMode::kNone)
+        return grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, groups, cfg.w13_rows(), H, rows);
+    return grouped_gemm_workspace_size(dev, cfg.dtype, groups, cfg.w13_rows(), H, rows);
+}
+
+void gemm1_activation(const MoEConfig& cfg, const TensorRef& a, const MoEWeights& w, const TensorRef& offsets,
+                      const TensorRef& used_rows, const TensorRef& g1, const TensorRef& h, void* workspace,
+                      size_t workspace_bytes, cudaStream_t stream,
+                      const std::function<void(const char*)>& stage_done) {
+    auto done = [&](const char* stage) {
+        if (stage_done) stage_done(stage);
+    };
+    if (uses_gated_gemm1(cfg, a.device)) {
+        GroupedGemmOptions keep_tail;
+        keep_tail.zero_unowned_rows = false;  // rows past offsets[G] are never read (GEMM2 and combine skip them)
+        grouped_gemm_gated(cfg.activation, a, w.w13, offsets, h, workspace, workspace_bytes, stream, keep_tail);
+        done("gemm1");
+        done("activation");
+        return;
+    }
+    expert_gemm(cfg, a, w.w13, w.w13_scale, w.w13_input_scale, offsets, g1, workspace, workspace_bytes, stream);
+    done("gemm1");
+    activation(cfg.activation, g1, h, used_rows, stream, cfg.gate_up_interleaved);
+    done("activation");
+}
+
 void shared_expert(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const TensorRef& g,
                    const TensorRef& h, const TensorRef& out, void* workspace, size_t workspace_bytes,
                    cudaStream_t stream) {

@@ -275,7 +275,7 @@ RecvSlices recv_slices(const MoEConfig& cfg, Device dev, int64_t num_local, int6
     const size_t es = dtype_size(cfg.dtype);
     RecvSlices s{};
     s.xr = take("recv_rows", rows * H * es);
-    s.g1 = take("g1", rows * cfg.w13_rows() * es);
+    s.g1 = api::uses_gated_gemm1(cfg, dev) ? nullptr : take("g1", rows * cfg.w13_rows() * es);
     s.h = take("h", rows * cfg.ffn_size * es);
     // The largest scratch of the GEMMs of one forward: the local experts' (rows rows) and the shared expert's (T).
     const bool fp8 = cfg.quant_mode != QuantMode::kNone;
@@ -284,7 +284,8 @@ RecvSlices recv_slices(const MoEConfig& cfg, Device dev, int64_t num_local, int6
         if (fp8 && routed) return fp8_ws;
         return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
     };
-    size_t ws = std::max(gemm_ws(num_local, cfg.w13_rows(), H, rows, true), gemm_ws(num_local, H, cfg.ffn_size, rows, true));
+    size_t ws = std::max(api::gemm1_workspace_size(cfg, dev, num_local, rows),
+                         gemm_ws(num_local, H, cfg.ffn_size, rows, true));
     if (cfg.has_shared_expert())
         ws = std::max({ws, gemm_ws(1, cfg.shared_w13_rows(), H, T, false), gemm_ws(1, H, cfg.shared_width(), T, false)});
     s.gemm_ws_bytes = ws;
@@ -588,12 +589,10 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
                            const TensorRef& input_scale, const TensorRef& c) {
         api::expert_gemm(cfg, a, b, b_scale, input_scale, local_offsets, c, r.gemm_ws, r.gemm_ws_bytes, stream);
     };
-    const TensorRef g1 = view(r.g1, cfg.dtype, {R, cfg.w13_rows()}, like);
+    const TensorRef g1 =
+        api::uses_gated_gemm1(cfg, dev) ? TensorRef() : view(r.g1, cfg.dtype, {R, cfg.w13_rows()}, like);
     const TensorRef h = view(r.h, cfg.dtype, {R, F}, like);
-    expert_gemm(xr, w.w13, w.w13_scale, w.w13_input_scale, g1);
-    stage_done("gemm1");
-    activation(cfg.activation, g1, h, used_rows, stream);
-    stage_done("activation");
+    api::gemm1_activation(cfg, xr, w, local_offsets, used_rows, g1, h, r.gemm_ws, r.gemm_ws_bytes, stream, stage_done);
     expert_gemm(h, w.w2, w.w2_scale, w.w2_input_scale, xr);  // xr's inputs are dead after gemm1
     stage_done("gemm2");
 

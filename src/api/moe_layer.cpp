@@ -8,8 +8,9 @@
 //   plan        build_plan: counts, offsets, slot_row, row_token, row_slot
 //   dispatch    xp [R, H] = gather(x, row_token)                       R = T*k (E*C under expert choice)
 //   gemm1       g1 [R, R13] = grouped_gemm(xp, w13, offsets)  (fp8 weights: grouped_gemm_fp8 with their scales)
-//   activation  h [R, F] = act(g1), rows past offsets[E] skipped
-//   gemm2       out [R, H] = grouped_gemm(h, w2, offsets)            (out reuses xp's memory: xp is dead by then)
+//   activation  h [R, F] = act(g1), rows past offsets[E] skipped  (MoEConfig::gate_up_interleaved on a backend with
+//               the kernel: gemm1 + activation are grouped_gemm_gated, no g1)
+//   gemm2       out [R, H] = grouped_gemm(h, w2, offsets)       (xp, g1, h and out share one region: ForwardLayout)
 //   shared      the shared expert on all T rows: grouped_gemm(x, shared_w13) -> activation -> grouped_gemm(., shared_w2)
 //               (gated: + router_gemm(x, shared_gate) -> gate logits [T, 1])
 //   combine     y = combine(out, slot_row, weights, shared, gate)
@@ -59,9 +60,10 @@ struct ForwardLayout {
     int32_t* row_slot;        // [R]
     void* plan_ws;            // plan_workspace_size / route_expert_choice_workspace_size
     size_t plan_ws_bytes;
-    void* xp_out;             // [R, H]: gathered x, later the expert outputs
-    void* g1;                 // [R, R13]
-    void* h;                  // [R, F]
+    void* xp;                 // [R, H]: gathered x          } four views of one region, "expert_rows", placed
+    void* g1;                 // [R, R13] (null: gated GEMM1) } so that each stage's inputs and outputs are disjoint
+    void* h;                  // [R, F]                       } and the region is as small as the chain allows
+    void* expert_out;         // [R, H]                       } (expert_rows_layout)
     void* shared_g1;          // [T, R13s]
     void* shared_h;           // [T, S]
     void* shared_out;         // [T, H]
@@ -72,7 +74,7 @@ struct ForwardLayout {
     size_t router_ws_bytes;
     void* stats_ws;           // load_stats_workspace_size: reuses g1's memory when it fits (g1 is dead by then)
     size_t stats_ws_bytes;
-    void* fused_ws;           // route_fused / experts_fused scratch (the fused path only): aliases xp_out.. when it fits
+    void* fused_ws;           // route_fused / experts_fused scratch (the fused path only): aliases expert_rows when it fits
     size_t fused_ws_bytes;
     size_t bytes;             // the whole workspace (aliased slices counted once)
 };
@@ -101,13 +103,31 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     l.plan_ws_bytes = cfg.expert_choice() ? route_expert_choice_workspace_size(cfg, dev, T)
                                           : plan_workspace_size(cfg, dev, T);
     l.plan_ws = take("plan_scratch", l.plan_ws_bytes);
-    const size_t xp_offset = wc.used();
-    l.xp_out = take("xp_out", rows * H * es);
-    const size_t g1_bytes = rows * cfg.w13_rows() * es;
-    const size_t g1_offset = wc.used();
-    l.g1 = take("g1", g1_bytes);
-    l.h = take("h", rows * cfg.ffn_size * es);
-    const size_t h_end = wc.used();
+    // The expert rows: xp, g1, h and the expert outputs in one region. Each stage reads and writes disjoint views
+    // while what is dead by then is overwritten, so the region holds only what a stage-by-stage allocator would:
+    //   gated GEMM1 (api::uses_gated_gemm1: no g1)  xp [0, X), h [X, X+Hb), expert_out [0, X)     size X + Hb
+    //   otherwise  xp [0, X), g1 [S-G, S), h [0, Hb) (xp dead), expert_out [Hb, Hb+X) (g1 dead),
+    //              S = max(X + G, Hb + G, Hb + X)
+    // (X, G, Hb: the aligned bytes of xp / expert_out, g1, h.)
+    const size_t xb = align_up(rows * H * es), hb = align_up(rows * cfg.ffn_size * es);
+    const size_t gb = api::uses_gated_gemm1(cfg, dev) ? 0 : align_up(rows * cfg.w13_rows() * es);
+    const size_t region_bytes = gb == 0 ? xb + hb : std::max({xb + gb, hb + gb, hb + xb});
+    const size_t region_offset = wc.used();
+    char* region = static_cast<char*>(take("expert_rows", region_bytes));
+    auto sub_slice = [&](const char* name, size_t at, size_t bytes) {
+        if (recorder != nullptr && bytes > 0) recorder->push_back({name, region_offset + at, bytes, "expert_rows"});
+        return region == nullptr ? nullptr : static_cast<void*>(region + at);  // null while sizing or when empty
+    };
+    l.xp = sub_slice("xp", 0, xb);
+    if (gb == 0) {
+        l.g1 = nullptr;
+        l.h = sub_slice("h", xb, hb);
+        l.expert_out = sub_slice("expert_out", 0, xb);
+    } else {
+        l.g1 = sub_slice("g1", region_bytes - gb, gb);
+        l.h = sub_slice("h", 0, hb);
+        l.expert_out = sub_slice("expert_out", hb, xb);
+    }
     // An FP8 layer's routed experts run grouped_gemm_fp8; its shared expert may be fp8 or float: sized for both.
     const bool fp8 = cfg.quant_mode != QuantMode::kNone;
     auto expert_gemm_ws = [&](int64_t groups, int64_t n, int64_t k, int64_t m, bool routed) {
@@ -115,7 +135,7 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
         if (fp8 && routed) return fp8_ws;
         return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
     };
-    size_t gemm_ws = std::max(expert_gemm_ws(E, cfg.w13_rows(), H, rows, true),
+    size_t gemm_ws = std::max(api::gemm1_workspace_size(cfg, dev, E, rows),
                               expert_gemm_ws(E, H, cfg.ffn_size, rows, true));
     if (cfg.has_shared_expert()) {
         const int64_t s = cfg.shared_width();
@@ -131,21 +151,21 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
     l.router_ws_bytes = router_gemm_workspace_size(dev);
     l.router_ws = take("router_scratch", l.router_ws_bytes);
     l.stats_ws_bytes = load_stats_workspace_size(cfg, dev, T);
-    if (l.stats_ws_bytes <= align_up(g1_bytes)) {
-        l.stats_ws = l.g1;
+    if (l.stats_ws_bytes <= region_bytes) {  // the statistics run after the combine: the expert rows are dead
+        l.stats_ws = region;
         if (recorder != nullptr && l.stats_ws_bytes > 0)
-            recorder->push_back({"stats_scratch", g1_offset, align_up(l.stats_ws_bytes), "g1"});
+            recorder->push_back({"stats_scratch", region_offset, align_up(l.stats_ws_bytes), "expert_rows"});
     } else {
         l.stats_ws = take("stats_scratch", l.stats_ws_bytes);
     }
     // The fused path's scratch (route_fused's partial logits, then experts_fused's h and shared_h) in the memory of
-    // xp_out, g1 and h, which that path never touches, when it fits there.
+    // the expert rows, which that path never touches, when it fits there.
     if (fused) {
         l.fused_ws_bytes = std::max(route_fused_workspace_size(cfg, dev, T), experts_fused_workspace_size(cfg, dev, T));
-        if (l.fused_ws_bytes <= h_end - xp_offset) {
-            l.fused_ws = l.xp_out;
+        if (l.fused_ws_bytes <= region_bytes) {
+            l.fused_ws = region;
             if (recorder != nullptr && l.fused_ws_bytes > 0)
-                recorder->push_back({"fused_scratch", xp_offset, align_up(l.fused_ws_bytes), "xp_out"});
+                recorder->push_back({"fused_scratch", region_offset, align_up(l.fused_ws_bytes), "expert_rows"});
         } else {
             l.fused_ws = take("fused_scratch", l.fused_ws_bytes);
         }
@@ -369,10 +389,11 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         if (out->topk_ids.defined()) check_output(out->topk_ids, DType::kI32, T, slots, "topk_ids", dev);
         if (out->topk_weights.defined()) check_output(out->topk_weights, DType::kF32, T, slots, "topk_weights", dev);
         if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, T, slots, "slot_row", dev);
-        if (out->expert_counts.defined()) {
-            api::check_tensor(out->expert_counts, "expert_counts", DType::kI32, {E});
-            SWITCHYARD_CHECK(out->expert_counts.device == dev, "expert_counts is on ",
-                             to_string(out->expert_counts.device), ", expected ", to_string(dev));
+        for (auto [t, name, n] : {std::make_tuple(&out->expert_counts, "expert_counts", E),
+                                  std::make_tuple(&out->expert_offsets, "expert_offsets", E + 1)}) {
+            if (!t->defined()) continue;
+            api::check_tensor(*t, name, DType::kI32, {n});
+            SWITCHYARD_CHECK(t->device == dev, name, " is on ", to_string(t->device), ", expected ", to_string(dev));
         }
     }
     const size_t need = workspace_size(T);
@@ -397,13 +418,17 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         either(out, &ForwardOutputs::topk_weights, view(l.topk_weights, DType::kF32, {T, slots}, like));
     RoutingPlan plan;
     plan.expert_counts = either(out, &ForwardOutputs::expert_counts, view(l.expert_counts, DType::kI32, {E}, like));
-    plan.expert_offsets = view(l.expert_offsets, DType::kI32, {E + 1}, like);
+    plan.expert_offsets =
+        either(out, &ForwardOutputs::expert_offsets, view(l.expert_offsets, DType::kI32, {E + 1}, like));
     plan.slot_row = either(out, &ForwardOutputs::slot_row, view(l.slot_row, DType::kI32, {T, slots}, like));
     plan.row_token = view(l.row_token, DType::kI32, {rows}, like);
     plan.row_slot = view(l.row_slot, DType::kI32, {rows}, like);
-    const TensorRef used_rows = view(l.expert_offsets + E, DType::kI32, {1}, like);  // offsets[E]
-    const TensorRef xp = view(l.xp_out, cfg_.dtype, {rows, H}, like);
-    const TensorRef g1 = view(l.g1, cfg_.dtype, {rows, cfg_.w13_rows()}, like);
+    const TensorRef used_rows =  // offsets[E]
+        view(static_cast<int32_t*>(plan.expert_offsets.data) + E, DType::kI32, {1}, like);
+    const TensorRef xp = view(l.xp, cfg_.dtype, {rows, H}, like);
+    const TensorRef expert_out = view(l.expert_out, cfg_.dtype, {rows, H}, like);
+    const TensorRef g1 =
+        api::uses_gated_gemm1(cfg_, dev) ? TensorRef() : view(l.g1, cfg_.dtype, {rows, cfg_.w13_rows()}, like);
     const TensorRef h = view(l.h, cfg_.dtype, {rows, F}, like);
     auto stage_done = [&](const char* name) {
         if (on_stage) on_stage(name, stream);
@@ -445,13 +470,11 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     route_and_plan();
     gather(x, plan.row_token, xp, stream);
     stage_done("dispatch");
-    // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h).
-    api::expert_gemm(cfg_, xp, w_.w13, w_.w13_scale, w_.w13_input_scale, plan.expert_offsets, g1, l.gemm_ws,
-                     l.gemm_ws_bytes, stream);
-    stage_done("gemm1");
-    activation(cfg_.activation, g1, h, used_rows, stream);
-    stage_done("activation");
-    api::expert_gemm(cfg_, h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, xp, l.gemm_ws,
+    // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h);
+    // interleaved gate/up rows grouped_gemm_gated where the backend has it (api::gemm1_activation).
+    api::gemm1_activation(cfg_, xp, w_, plan.expert_offsets, used_rows, g1, h, l.gemm_ws, l.gemm_ws_bytes, stream,
+                          stage_done);
+    api::expert_gemm(cfg_, h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, expert_out, l.gemm_ws,
                      l.gemm_ws_bytes, stream);
     stage_done("gemm2");
     TensorRef shared, shared_gate;
@@ -466,12 +489,13 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         }
         stage_done("shared");
     }
-    combine(xp, plan.slot_row, weights, shared, y, stream, shared_gate);
+    combine(expert_out, plan.slot_row, weights, shared, y, stream, shared_gate);
     stage_done("combine");
     finish();
 }
 
 bool MoELayer::uses_fused_path(int64_t num_tokens) const {
+    if (cfg_.gate_up_interleaved) return false;  // the fused kernels read w13 in the plain layout
     if (fused_max_tokens_ < 0 ? !fused_path_preferred(cfg_, device(), num_tokens)
                               : num_tokens > fused_max_tokens_ || !fused_path_supported(cfg_, device(), num_tokens))
         return false;

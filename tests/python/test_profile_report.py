@@ -73,7 +73,7 @@ def synthetic(seed=5):
                                "bytes": 1e6 * (i + 1), "share_pct": 12.5, "gap_ms": sms * 0.5})
             L["stages"] = stages
             L["stages_sum_ms"] = sum(s["ms"] for s in stages)
-            slices = {"logits": 256, "xp_out": 1 << 28, "g1": 1 << 29, "h": 1 << 27}
+            slices = {"logits": 256, "expert_rows": 3 << 28, "xp": 1 << 28, "g1": 1 << 29, "h": 1 << 27}
             L["memory"] = {"workspace_bytes": 9e8, "workspace_recounted_bytes": 9e8, "layout_check": True,
                            "workspace_measured_bytes": 9.01e8, "slices": slices,
                            "by_stage": [{"stage": s, "live_bytes": 1e8 * (i + 1)} for i, s in enumerate(STAGES)

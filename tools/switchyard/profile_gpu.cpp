@@ -142,12 +142,12 @@ const std::vector<std::pair<const char*, std::vector<const char*>>>& stage_slice
         {"plan",
          {"topk_ids", "topk_weights", "expert_counts", "expert_offsets", "slot_row", "row_token", "row_slot",
           "plan_scratch"}},
-        {"dispatch", {"topk_weights", "expert_offsets", "slot_row", "row_token", "xp_out"}},
-        {"gemm1", {"topk_weights", "expert_offsets", "slot_row", "xp_out", "g1", "gemm_scratch"}},
+        {"dispatch", {"topk_weights", "expert_offsets", "slot_row", "row_token", "xp"}},
+        {"gemm1", {"topk_weights", "expert_offsets", "slot_row", "xp", "g1", "gemm_scratch"}},
         {"activation", {"topk_weights", "expert_offsets", "slot_row", "g1", "h"}},
-        {"gemm2", {"topk_weights", "expert_offsets", "slot_row", "h", "xp_out", "gemm_scratch"}},
-        {"shared", {"topk_weights", "slot_row", "xp_out", "shared_g1", "shared_h", "shared_out", "gemm_scratch"}},
-        {"combine", {"topk_weights", "slot_row", "xp_out", "shared_out"}},
+        {"gemm2", {"topk_weights", "expert_offsets", "slot_row", "h", "expert_out", "gemm_scratch"}},
+        {"shared", {"topk_weights", "slot_row", "expert_out", "shared_g1", "shared_h", "shared_out", "gemm_scratch"}},
+        {"combine", {"topk_weights", "slot_row", "expert_out", "shared_out"}},
         // The fused small-batch path (T <= 64): gather .. combine in one stage.
         {"experts", {"topk_weights", "expert_offsets", "slot_row", "row_token", "row_slot", "shared_gate",
                      "fused_scratch"}},
@@ -619,6 +619,8 @@ J workspace_memory(const MoELayer& layer, const GpuLayer& g, int64_t T, const st
         size_t live = 0;
         for (const char* n : st.second)
             if (sl.contains(n)) live += sl[n].get<size_t>();
+        // GEMM1 with the activation in its epilogue (no g1 slice) writes h.
+        if (st.first == std::string("gemm1") && !sl.contains("g1") && sl.contains("h")) live += sl["h"].get<size_t>();
         by_stage.push_back({{"stage", st.first}, {"live_bytes", live}});
         if (live > stage_peak) stage_peak = live, stage_peak_name = st.first;
     }

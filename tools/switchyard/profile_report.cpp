@@ -391,9 +391,10 @@ void render_gpu_bottlenecks(const J& j, std::ostringstream& md) {
         const J& m = (*big)["memory"];
         md << "- `" << sh << "` at T=" << I(*big, "tokens") << ": the workspace is " << Bytes(m, "workspace_bytes")
            << " (" << F(m, "workspace_over_budget", "%.2f") << "x DESIGN.md's budget of " << Bytes(m, "design_budget_bytes")
-           << "), its largest slices being the permuted rows and expert outputs (" << Bytes(m["slices"], "xp_out")
-           << "), GEMM1's output (" << Bytes(m["slices"], "g1") << ") and the activation (" << Bytes(m["slices"], "h")
-           << "); the busiest stage (" << str(m, "stage_peak_stage") << ") touches " << Bytes(m, "stage_peak_bytes")
+           << "), its largest slice being the expert rows (" << Bytes(m["slices"], "expert_rows")
+           << ": the permuted rows and expert outputs " << Bytes(m["slices"], "xp") << " each, GEMM1's output "
+           << Bytes(m["slices"], "g1") << " and the activation " << Bytes(m["slices"], "h")
+           << ", placed so that what a stage no longer reads is overwritten); the busiest stage (" << str(m, "stage_peak_stage") << ") touches " << Bytes(m, "stage_peak_bytes")
            << ".\n";
         const J* bw = nullptr;
         if (big->contains("stages"))
