@@ -9,7 +9,10 @@ For each model and T it measures the same layer four ways on one card, in altern
               first kernel's start to the last one's end, and the idle gaps between kernels with what follows them.
 It also prints the host time of one forward (time.perf_counter around the launches, no synchronisation inside), and
 where that host time goes: each torch.ops.switchyard op the forward calls, with the host time from the forward's
-start to the op's return (the module's op table swapped for a recording proxy; no profiler).
+start to the op's return (the module's op table swapped for a recording proxy; no profiler), and the CUDA runtime
+calls of one forward on the host (torch.profiler's CPU records: each launch or memset, when it started after the
+first one, how long it took, and the host time between it and the previous call: where the host is slower than the
+GPU's kernels, that gap is GPU idle time).
 
     python3 bench/prefill_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3]
 """
@@ -84,6 +87,29 @@ def host_breakdown(sy_torch, fn, n=20):
     return [(name, statistics.median(r[i][1] for r in runs)) for i, (name, _) in enumerate(first)]
 
 
+RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaMemsetAsync",
+                 "cudaMemcpyAsync", "cudaLaunchKernelEx")
+
+
+def host_api_timeline(fn):
+    """[(name, start us after the first runtime call, duration us, host gap us since the previous call ended)]."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    calls = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU
+                    and e.name in RUNTIME_CALLS), key=lambda e: e.time_range.start)
+    out, prev_end = [], None
+    t0 = calls[0].time_range.start if calls else 0
+    for e in calls:
+        gap = 0.0 if prev_end is None else e.time_range.start - prev_end
+        out.append((e.name, e.time_range.start - t0, e.time_range.elapsed_us(), gap))
+        prev_end = e.time_range.end
+    return out
+
+
 def kernel_timeline(fn):
     """(sum of kernel us, span us, [(gap us, next kernel name)], [(us, kernel name)]) of one call under
     torch.profiler."""
@@ -155,15 +181,19 @@ def main():
                 hm = host_ms(fn)
                 busy, span, gaps, rows = kernel_timeline(fn)
                 marks = host_breakdown(sys.modules["switchyard.torch"], fn)
+                api = host_api_timeline(fn)
             print(f"{m:<9}{t:>6} {event_ms:>9.3f} {lp:>9.3f} {graph_ms:>9.3f} {hm:>8.3f} {busy / 1e3:>9.3f} "
                   f"{span / 1e3:>9.3f}", flush=True)
-            details.append((m, t, gaps, rows, marks))
+            details.append((m, t, gaps, rows, marks, api))
             del fns, fn
             replay = g = None
             torch.cuda.synchronize()
-    for m, t, gaps, rows, marks in details:
+    for m, t, gaps, rows, marks, api in details:
         print(f"\n{m} T={t}: host time from the forward's start to each op's return (us, median)")
         print("  " + ", ".join(f"{name} {us:.0f}" for name, us in marks))
+        print(f"{m} T={t}: CUDA runtime calls of one forward on the host (start us, duration us, host gap before)")
+        for name, start, dur, gap in api:
+            print(f"  {start:8.1f} {dur:7.1f} {gap:7.1f}  {name}")
         print(f"{m} T={t}: kernels of one forward (us, name)")
         for us, name in rows:
             print(f"  {us:9.1f}  {name}")

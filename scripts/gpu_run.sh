@@ -11,7 +11,8 @@
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated; VLLM_BEST_OF=10
 #        gives vLLM its best of 10 launch configs);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
-#        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched);
+#        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
+#        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
 #        ncugated: Nsight Compute on gatedbench's kernels at T=4096 (one call each: GEMM1, activation, gated kernels).
@@ -194,12 +195,20 @@ if has ncudecode; then
   done
 fi
 if has ncuprefill; then
+  metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+  # the achieved matrix rate, where this ncu has the counter (ncu_table.py turns it into TFLOP/s)
+  if ncu --query-metrics 2>/dev/null | grep -q '^sm__ops_path_tensor_src_bf16_dst_fp32 '; then
+    metrics=$metrics,sm__ops_path_tensor_src_bf16_dst_fp32.sum
+  fi
   for shape in qwen3 deepseek-v3 mixtral; do
-    ncu --clock-control none --cache-control all --csv \
-      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed \
-      "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
-      --no-graph --no-stages >"$OUT/ncu_prefill_$shape.csv" 2>&1
-    note "ncu prefill $shape: rc=$? $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu_prefill_$shape.csv") kernels"
+    for layout in ${NCU_LAYOUTS:-plain interleaved}; do
+      name=$shape; flag=""
+      if [ "$layout" = interleaved ]; then name=${shape}_interleaved; flag=--gate-up-interleaved; fi
+      ncu --clock-control none --cache-control all --csv --metrics "$metrics" \
+        "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
+        --no-graph --no-stages $flag >"$OUT/ncu_prefill_$name.csv" 2>&1
+      note "ncu prefill $name: rc=$? $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu_prefill_$name.csv") kernels"
+    done
   done
   python3 scripts/ncu_table.py "$OUT"/ncu_prefill_*.csv 2>&1 | tee "$OUT/ncu_prefill_table.txt" | tail -60
 fi

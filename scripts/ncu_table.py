@@ -5,8 +5,10 @@ kernel launch and metric), for bench/NOTES.md.
     python3 scripts/ncu_table.py ncu_prefill_qwen3.csv [more.csv ...]
 
 Per launch: kernel (shortened), time (us), DRAM read and written (MB), achieved DRAM bandwidth (TB/s, bytes read +
-written over the kernel's time), DRAM and SM throughput (% of peak, as ncu reports them). A last line sums the
-launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
+written over the kernel's time), DRAM and SM throughput (% of peak, as ncu reports them) and, when the CSV has the
+counter sm__ops_path_tensor_src_bf16_dst_fp32.sum (tensor-core math ops of bf16 inputs, fp32 accumulation), the
+achieved matrix rate (TFLOP/s, those ops over the kernel's time; "-" for kernels without tensor work). A last line
+sums the launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
 import csv
 import re
 import sys
@@ -45,6 +47,9 @@ def short(name):
     return base[:44]
 
 
+TENSOR_OPS = "sm__ops_path_tensor_src_bf16_dst_fp32.sum"
+
+
 def rows_of(path):
     with open(path, newline="") as f:
         lines = [ln for ln in f if ln.startswith('"')]
@@ -67,16 +72,22 @@ def main(paths):
     for path in paths:
         rows = rows_of(path)
         print(f"== {path}: {len(rows)} launches")
-        print(f"{'kernel':<45}{'us':>9}{'read MB':>10}{'write MB':>10}{'TB/s':>7}{'dram%':>7}{'sm%':>7}")
+        tensor = any(TENSOR_OPS in d for d in rows)
+        print(f"{'kernel':<45}{'us':>9}{'read MB':>10}{'write MB':>10}{'TB/s':>7}{'dram%':>7}{'sm%':>7}"
+              + (f"{'TFLOP/s':>9}" if tensor else ""))
         tot_us = tot_r = tot_w = 0.0
         for d in rows:
             us = d.get("gpu__time_duration.sum", float("nan"))
             rd = d.get("dram__bytes_read.sum", 0.0) / 1e6
             wr = d.get("dram__bytes_write.sum", 0.0) / 1e6
             tbps = (rd + wr) * 1e6 / (us * 1e-6) / 1e12 if us and us == us else float("nan")
+            rate = ""
+            if tensor:
+                ops = d.get(TENSOR_OPS, 0.0)
+                rate = f"{ops / (us * 1e-6) / 1e12:>9.1f}" if ops > 0 and us == us and us > 0 else f"{'-':>9}"
             print(f"{short(d['kernel']):<45}{us:>9.1f}{rd:>10.1f}{wr:>10.1f}{tbps:>7.2f}"
                   f"{d.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}"
-                  f"{d.get('sm__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}")
+                  f"{d.get('sm__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}" + rate)
             if us == us:
                 tot_us += us
             tot_r += rd

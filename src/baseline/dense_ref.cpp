@@ -280,6 +280,8 @@ void validate_dense_args(const MoEConfig& cfg, const MoEWeights& w, const Tensor
     }
     SWITCHYARD_CHECK(!w.w13_scale.defined() && !w.w2_scale.defined(),
                      "weights.w13_scale / w2_scale: quantised experts are not supported by the dense baseline");
+    SWITCHYARD_CHECK(!cfg.gate_up_interleaved,
+                     "gate_up_interleaved=true: the dense baseline reads w13 in the plain layout (gate rows, then up)");
 }
 
 DenseResult dense_forward_cpu(const MoEConfig& cfg, const MoEWeights& w, const TensorRef& x, const TensorRef& y,

@@ -263,9 +263,13 @@ double measure_fp8_tflops(nlohmann::ordered_json& probe) {
 int run_bench(const BenchOptions& o) {
     const Device dev = parse_device(o.device);
     MoEConfig cfg = o.shape.empty() ? make_config(o.layer) : named_shape(o.shape, parse_activation_dtype(o.layer.dtype));
+    cfg.gate_up_interleaved = o.layer.gate_up_interleaved;  // a named shape keeps the layout flag
     cfg.validate();
     SWITCHYARD_CHECK(o.impl == "sparse" || o.impl == "dense" || o.impl == "both",
                      "--impl must be sparse, dense or both, got '", o.impl, "'");
+    SWITCHYARD_CHECK(!cfg.gate_up_interleaved || o.impl == "sparse",
+                     "--gate-up-interleaved times the sparse layer only (the dense baseline reads the plain layout); "
+                     "pass --impl sparse");
     SWITCHYARD_CHECK(o.reps > 0 && o.warmup >= 0, "--reps must be > 0 and --warmup >= 0");
     require_finite(o.peak_tflops, "--peak-tflops");
     require_finite(o.peak_gbps, "--peak-gbps");

@@ -69,6 +69,9 @@ void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights) {
         app->add_option("--shared-ffn", f.shared_ffn, "width of one shared expert (default: --ffn)")
             ->check(CLI::NonNegativeNumber);
         app->add_flag("--use-bias", f.use_bias, "use the (random) per-expert selection bias");
+        app->add_flag("--gate-up-interleaved", f.gate_up_interleaved,
+                      "read the (random) w13 with gate and up rows interleaved in blocks of 8 "
+                      "(MoEConfig::gate_up_interleaved): GEMM1 runs with the gated activation in its epilogue");
     } else {
         app->add_flag("--no-bias", f.no_bias,
                       "do not use mlp.gate.e_score_correction_bias (it is used by default when present)");
@@ -115,6 +118,7 @@ MoEConfig make_config(const LayerFlags& f) {
     c.aux_loss_coef = f.aux_loss_coef;
     c.z_loss_coef = f.z_loss_coef;
     c.use_score_bias = f.use_bias;
+    c.gate_up_interleaved = f.gate_up_interleaved;
     require_finite(f.eval_capacity_factor, "--eval-capacity-factor");
     c.routing_mode = parse_routing_mode(f.routing);
     c.eval_capacity_factor = f.eval_capacity_factor;

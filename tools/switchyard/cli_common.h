@@ -43,10 +43,12 @@ struct LayerFlags {
     std::string routing = "token-choice";  // token-choice | expert-choice
     double eval_capacity_factor = -1.0;    // < 0: same as --capacity-factor
     bool eval = false;                     // use the evaluation capacity factor
+    bool gate_up_interleaved = false;      // random weights: w13 read in the interleaved layout
 };
 
 // Adds the layer flags to a subcommand. with_sizes: --hidden/--ffn/--experts; sizes_default: whether they have
-// defaults (check/bench) or come from the weights (forward). random_weights: --shared-ffn and --use-bias.
+// defaults (check/bench) or come from the weights (forward). random_weights: --shared-ffn, --use-bias and
+// --gate-up-interleaved.
 void add_layer_flags(CLI::App* app, LayerFlags& f, bool random_weights);
 
 // The config from the flags alone (sizes as given; forward overrides them from the weights first).
