@@ -4,7 +4,7 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,gatedbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,traintimeline,gatedbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
@@ -14,6 +14,7 @@
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
 #        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
+#        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
 #        ncugated: Nsight Compute on gatedbench's kernels at T=4096 (one call each: GEMM1, activation, gated kernels).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
@@ -138,6 +139,12 @@ if has timeline; then
     --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TOKENS:-4096}" >"$OUT/timeline.log" 2>&1
   note "timeline: rc=$?"
   head -8 "$OUT/timeline.log"
+fi
+if has traintimeline; then
+  python3 bench/train_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
+    --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TRAIN_TOKENS_FB:-16384}" >"$OUT/train_timeline.log" 2>&1
+  note "train timeline: rc=$?"
+  grep -A14 "kernels by name" "$OUT/train_timeline.log" | head -60
 fi
 if has memcheck; then
   timeout "${SAN_TIMEOUT:-1800}" compute-sanitizer --tool memcheck --error-exitcode 3 "$BUILD/tests/switchyard_gpu_tests" \

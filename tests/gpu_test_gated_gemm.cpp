@@ -9,7 +9,7 @@
 // (F = 72), many experts with random counts, and experts large enough for the 2x1-cluster kernel (> 1024 rows on
 // average). interleave_gate_up on the device must equal the CPU's. A CUDA MoELayer with MoEConfig::gate_up_interleaved
 // must give the plain layer's bits: bf16 through the gated kernel, fp16 through GEMM1 and the interleaved activation
-// kernel. Skips without an sm_90 GPU.
+// kernel, and both through the fused small-batch path's kernels. Skips without an sm_90 GPU.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -279,10 +279,13 @@ void to_device(const test::HostTensor& h, DeviceCopy* d) {
                                    Device::kCUDA, 0);
 }
 
-// y of one forward of a CUDA layer on x (workspace and y poisoned first).
-std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, const DeviceBuffer& x, int64_t T) {
+// y of one forward of a CUDA layer on x's first T rows (workspace and y poisoned first); fused: the small-batch path
+// (experts_fused), else the staged chain.
+std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, const DeviceBuffer& x, int64_t T,
+                                  bool fused) {
     MoELayer layer(cfg, w);
-    layer.set_fused_max_tokens(0);
+    layer.set_fused_max_tokens(fused ? fused_path_max_tokens() : 0);
+    EXPECT_EQ(layer.uses_fused_path(T), fused) << "T=" << T;
     const size_t bytes = T * cfg.hidden_size * dtype_size(cfg.dtype), ws_bytes = layer.workspace_size(T);
     DeviceBuffer y(bytes), ws(ws_bytes);
     y.poison();
@@ -329,15 +332,21 @@ TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
             w.shared_w2 = sw2.ref;
             DeviceBuffer x;
             testing::upload(x, testing::random_values(T * cfg.hidden_size, dt, -1.0f, 1.0f, 71), dt);
-            const std::vector<uint8_t> want = cuda_layer_y(cfg, w, x, T);
             MoEConfig icfg = cfg;
             icfg.gate_up_interleaved = true;
-            w.w13 = w13i_d.ref;
-            const std::vector<uint8_t> got = cuda_layer_y(icfg, w, x, T);
-            EXPECT_TRUE(testing::bitwise_equal(got, want, "y interleaved vs plain"));
-            size_t nonzero = 0;
-            for (uint8_t b : want) nonzero += b != 0;
-            EXPECT_GT(nonzero, want.size() / 2) << "y is mostly zero bytes";
+            MoEWeights wi = w;
+            wi.w13 = w13i_d.ref;
+            // The staged chain at T rows; the fused small-batch path (decode kernels) at 1, 7 and 40 rows.
+            for (auto [rows, fused] : {std::make_pair(T, false), std::make_pair(int64_t{1}, true),
+                                       std::make_pair(int64_t{7}, true), std::make_pair(int64_t{40}, true)}) {
+                SCOPED_TRACE("T=" + std::to_string(rows) + (fused ? " fused path" : " staged chain"));
+                const std::vector<uint8_t> want = cuda_layer_y(cfg, w, x, rows, fused);
+                const std::vector<uint8_t> got = cuda_layer_y(icfg, wi, x, rows, fused);
+                EXPECT_TRUE(testing::bitwise_equal(got, want, "y interleaved vs plain"));
+                size_t nonzero = 0;
+                for (uint8_t b : want) nonzero += b != 0;
+                EXPECT_GT(nonzero, want.size() / 2) << "y is mostly zero bytes";
+            }
         }
     }
 }

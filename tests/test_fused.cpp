@@ -101,6 +101,14 @@ const Variant kVariants[] = {
          c.shared_ffn_size = 20;
          c.shared_expert_gate = true;
      }},
+    // The random w13 read in the interleaved layout by both sides (a side that read it plain would differ).
+    {"interleaved", [](MoEConfig& c) { c.gate_up_interleaved = true; }},
+    {"interleaved_geglu_shared", [](MoEConfig& c) {
+         c.gate_up_interleaved = true;
+         c.activation = Activation::kGeGLU;
+         c.num_shared_experts = 1;
+         c.shared_ffn_size = 8;
+     }},
 };
 
 TEST(FusedStages, EqualTheLayerBitwiseOnTheCpu) {

@@ -430,18 +430,20 @@ LayerArgs layer_args(const char* op, const at::Tensor& x, const at::Tensor& gate
     return a;
 }
 
-// The fused small-batch path (route_fused + experts_fused): the whole layer for inference in one op.
+// The fused small-batch path (route_fused + experts_fused): the whole layer for inference in one op (w13 in either
+// layout: gate_up_interleaved).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
     const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
     const at::Tensor& w13_in, const at::Tensor& w2_in, const c10::optional<at::Tensor>& shared_w13,
     const c10::optional<at::Tensor>& shared_w2, const c10::optional<at::Tensor>& shared_gate, int64_t top_k,
     int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
-    int64_t activation) {
+    int64_t activation, bool gate_up_interleaved) {
     return guarded([&] {
         const at::Tensor x = x_in.contiguous();
-        const LayerArgs a = layer_args("moe_fused", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2,
+        LayerArgs a = layer_args("moe_fused", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2,
                                        shared_gate, top_k, score_function, renormalize, routed_scale, num_groups,
                                        topk_groups, activation);
+        a.cfg.gate_up_interleaved = gate_up_interleaved;
         const MoEConfig& cfg = a.cfg;
         const int64_t T = x.size(0), E = cfg.num_experts, R = T * top_k;
         const auto i32 = x.options().dtype(at::kInt), f32 = x.options().dtype(at::kFloat);
@@ -571,7 +573,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights) -> (Tensor, Tensor)");
     m.def("moe_fused(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
-          "float routed_scale, int num_groups, int topk_groups, int activation) -> (Tensor, Tensor, Tensor, Tensor)");
+          "float routed_scale, int num_groups, int topk_groups, int activation, bool gate_up_interleaved=False) -> "
+          "(Tensor, Tensor, Tensor, Tensor)");
     m.def("moe_forward(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
           "float routed_scale, int num_groups, int topk_groups, int activation, float capacity_factor, "

@@ -123,7 +123,7 @@ struct MoEConfig {
     // (grouped_gemm_gated: the [R, 2F] product is never stored) where the backend has that kernel (CPU; CUDA bf16), and
     // GEMM1 followed by the activation reading the interleaved columns otherwise (CUDA fp16 / fp32): the same values as
     // the plain layout either way. Gated activations and unquantised experts only; the shared expert keeps the plain
-    // layout, and a layer in this layout never takes the fused small-batch path (its kernels read the plain layout).
+    // layout. The fused small-batch path (experts_fused) reads either layout.
     bool gate_up_interleaved = false;
 
     // Throws switchyard::Error naming the first bad parameter and its value.

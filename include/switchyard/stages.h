@@ -233,7 +233,7 @@ void route_fused(const MoEConfig& cfg, const TensorRef& x, const TensorRef& gate
 // sigmoid(shared_gate_logits) when that is defined), for any plan (capacity drops, expert choice). It reads w13, w2,
 // shared_w13, shared_w2 of `w` and, for an FP8 layer (cfg.quant_mode), their scales: the expert GEMMs are then
 // grouped_gemm_fp8 (W8A8, dynamic activation scales; static input scales are not taken here). Float weights have
-// x's dtype. On CUDA the expert outputs are summed in fp32 before the one rounding of y (the chain rounds each expert
+// x's dtype; w13 in either layout (cfg.gate_up_interleaved). On CUDA the expert outputs are summed in fp32 before the one rounding of y (the chain rounds each expert
 // output first).
 size_t experts_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens);
 void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const RoutingPlan& plan,

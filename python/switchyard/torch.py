@@ -27,8 +27,10 @@ Inference (no gradient needed) of 1..64 tokens of a bf16/fp16 layer on CUDA runs
 (stages.h: route_fused + experts_fused, four kernels that stream the weights of the experts hit once);
 ``MoE.fused_max_tokens`` chooses: None (the default) automatic, by the library's measured rule (stages.h:
 fused_path_preferred: where the weights a batch can hit take under ~60 us to read, e.g. Qwen3-30B-A3B at 1-2
-tokens); 0 never; N whenever T <= N. Under torch.compile the staged ops run (they trace; the fused op is for eager
-calls and CUDA-graph capture).
+tokens); 0 never; N whenever T <= N. Any other inference call runs the library's MoELayer as one op, moe_forward
+(moe_layer.h: the staged chain router .. combine in one host call instead of one per stage, its workspace in one
+allocation; with an interleaved w13, GEMM1 with the activation in its epilogue). Under torch.compile the staged ops
+run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture).
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -164,7 +166,7 @@ def _combine_backward_fake(dy, expert_out, slot_row, weights):
 
 @torch.library.register_fake("switchyard::moe_fused")
 def _moe_fused_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, top_k, score_function, renormalize,
-                    routed_scale, num_groups, topk_groups, activation):
+                    routed_scale, num_groups, topk_groups, activation, gate_up_interleaved=False):
     t, e = x.shape[0], gate.shape[0]
     return (torch.empty_like(x), x.new_empty((t, e), dtype=torch.float32), x.new_empty((t, top_k), dtype=torch.int32),
             x.new_empty((e,), dtype=torch.int32))
@@ -633,8 +635,8 @@ class MoE(nn.Module):
         activation in the GEMM's epilogue, the [T*k, 2F] product never written, the same values as the two separate
         steps; on CUDA bf16 and sm_90). Under autograd the layer runs its usual staged ops on the interleaved
         columns (the activation and its gradient read them in place), so training works in either layout and
-        ``w13.grad`` comes in the parameter's layout. The small-batch fused path (T <= 64) reads the plain layout,
-        so such batches run the staged path instead; FP8 modules keep the plain layout. ``state_dict()`` saves, and
+        ``w13.grad`` comes in the parameter's layout. The small-batch fused path (moe_fused, T <= 64) reads either
+        layout; FP8 modules keep the plain layout. ``state_dict()`` saves, and
         ``load_state_dict()`` takes, the plain layout whatever this module's (the conversion hooks below)."""
         c = self.config
         if enabled == self.gate_up_interleaved:
@@ -867,8 +869,6 @@ class MoE(nn.Module):
         limit = 64 if self.fused_max_tokens is None else int(self.fused_max_tokens)
         if t < 1 or t > limit or not x2.is_cuda or x2.dtype not in (torch.bfloat16, torch.float16) or self.quantized:
             return False
-        if self.gate_up_interleaved:  # the fused kernels read the plain layout
-            return False
         if x2.data_ptr() % 16 != 0:  # the fused kernels read 16-byte vectors
             return False
         if self._needs_grad(x2):
@@ -922,7 +922,7 @@ class MoE(nn.Module):
         y, logits, ids, counts = _ops.moe_fused(
             x2, self.gate, self.score_bias, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate,
             c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups,
-            c.topk_groups, ACTIVATIONS[c.activation])
+            c.topk_groups, ACTIVATIONS[c.activation], self.gate_up_interleaved)
         return y, logits, ids, counts
 
     def forward(self, x: torch.Tensor):

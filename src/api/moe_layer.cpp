@@ -495,7 +495,6 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
 }
 
 bool MoELayer::uses_fused_path(int64_t num_tokens) const {
-    if (cfg_.gate_up_interleaved) return false;  // the fused kernels read w13 in the plain layout
     if (fused_max_tokens_ < 0 ? !fused_path_preferred(cfg_, device(), num_tokens)
                               : num_tokens > fused_max_tokens_ || !fused_path_supported(cfg_, device(), num_tokens))
         return false;

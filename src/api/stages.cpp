@@ -606,8 +606,7 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeight
     const TensorRef xp = host(xp_buf, R, H), g1 = host(g1_buf, R, cfg.w13_rows()), h = host(h_buf, R, cfg.ffn_size);
     const TensorRef used_rows(plan.expert_offsets.ptr<int32_t>() + cfg.num_experts, DType::kI32, {1}, Device::kCPU, 0);
     gather(x, plan.row_token, xp);
-    api::expert_gemm(cfg, xp, w.w13, w.w13_scale, w.w13_input_scale, plan.expert_offsets, g1, nullptr, 0, nullptr);
-    activation(cfg.activation, g1, h, used_rows);
+    api::gemm1_activation(cfg, xp, w, plan.expert_offsets, used_rows, g1, h, nullptr, 0, nullptr);
     api::expert_gemm(cfg, h, w.w2, w.w2_scale, w.w2_input_scale, plan.expert_offsets, xp, nullptr, 0, nullptr);
     TensorRef shared;
     if (w.shared_w13.defined()) {

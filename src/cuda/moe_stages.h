@@ -172,6 +172,7 @@ struct DecodeExpertsArgs {
     int64_t max_rows = 0;                // R: rows the plan reserves (T k, or E C under expert choice)
     const void* x = nullptr;             // [T, H]
     const void* w13 = nullptr;           // [E, R13, H]
+    bool gate_up_interleaved = false;    // w13's gate/up rows interleaved (MoEConfig::gate_up_interleaved)
     const void* w2 = nullptr;            // [E, H, F]
     const int32_t* expert_offsets = nullptr;  // [E + 1]
     const int32_t* row_token = nullptr;       // [R]

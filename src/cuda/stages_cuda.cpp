@@ -524,6 +524,7 @@ void experts_fused(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w
     a.max_rows = fused_rows(cfg, T);
     a.x = x.data;
     a.w13 = w.w13.data;
+    a.gate_up_interleaved = cfg.gate_up_interleaved;
     a.w2 = w.w2.data;
     a.expert_offsets = plan.expert_offsets.ptr<int32_t>();
     a.row_token = plan.row_token.ptr<int32_t>();

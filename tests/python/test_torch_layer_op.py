@@ -207,3 +207,39 @@ def test_layer_op_captures_in_a_cuda_graph():
         g.replay()
         torch.cuda.synchronize()
     assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_moe_fused_reads_either_layout(act):
+    m = make("softmax", activation="geglu" if act else "swiglu").eval()
+    c = m.config
+    x = torch.randn(5, H)
+    w13i = torch.ops.switchyard.interleave_gate_up(m.w13.detach(), False)
+    args = (m.gate, None, None, m.w2, None, None, None, c.top_k, 0, False, 1.0, 1, 1, act)
+
+    def fused(w13, interleaved):
+        a = list(args)
+        a[2] = w13
+        return torch.ops.switchyard.moe_fused(x, *a, interleaved)[0]
+
+    with torch.no_grad():
+        want = fused(m.w13.detach(), False)
+        assert torch.equal(fused(w13i, True), want)
+        assert not torch.equal(fused(w13i, False), want)  # the flag is what makes the interleaved rows right
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_interleaved_module_keeps_the_fused_decode_path_on_cuda(monkeypatch):
+    torch.manual_seed(3)
+    m = st.MoE(st.MoEConfig(hidden_size=256, ffn_size=128, num_experts=16, top_k=4), dtype=torch.bfloat16,
+               device="cuda").eval()
+    m.fused_max_tokens = 64
+    xs = [torch.randn(t, 256, dtype=torch.bfloat16, device="cuda") for t in (1, 5, 33)]
+    with torch.no_grad():
+        want = [m(x) for x in xs]
+        m.interleave_gate_up_()
+        for x, w in zip(xs, want):
+            names = _ops_called(monkeypatch, lambda: m(x))
+            assert "moe_fused" in names and "moe_forward" not in names, names
+            assert torch.equal(m(x), w)

@@ -71,6 +71,7 @@ struct UpParams {
     int hidden;
     int ffn;
     int shared_ffn;  // S (0: no shared expert)
+    bool gate_up_interleaved;  // routed experts' w13 rows interleaved (config.h gate_up_interleaved_row); gated only
     Fp8Operands fp8;  // FP8 layers only: x quantised, the weight scales
 };
 
@@ -170,11 +171,16 @@ __global__ void __launch_bounds__(kUpWarps * 32) decode_up_kernel(UpParams p) {
         const E8* w_lo[kTiles];
         const E8* w_hi[kTiles];
         decode::Fp8Scales<kTiles, kGroups> sc{};
+        // The rows of gate / up f = f0 + g and f0 + g + 8: i * width + f, or in a routed expert's interleaved w13
+        // gate_up_interleaved_row(f, i) (kRowsPerTile = 16 rows of f: two blocks of 8).
+        const bool interleaved = kGated && !shared && p.gate_up_interleaved;
 #pragma unroll
         for (int i = 0; i < kTiles; ++i) {  // tile 0: gate (or the only) rows, tile 1: up rows
             const int base = i * width + f0;
-            w_lo[i] = f0 + g < width ? W + static_cast<int64_t>(base + g) * H : nullptr;
-            w_hi[i] = f0 + g + 8 < width ? W + static_cast<int64_t>(base + g + 8) * H : nullptr;
+            const int64_t row_lo = interleaved ? gate_up_interleaved_row(f0 + g, i) : base + g;
+            const int64_t row_hi = interleaved ? gate_up_interleaved_row(f0 + g + 8, i) : base + g + 8;
+            w_lo[i] = f0 + g < width ? W + row_lo * H : nullptr;
+            w_hi[i] = f0 + g + 8 < width ? W + row_hi * H : nullptr;
             if constexpr (kFp8) {  // the weight scale row of the tile's 128-row block (or the matrix's one scale)
                 const int rows_b = blocks128(kTiles * width), kb = blocks128(H);
                 if (p.fp8.per_tensor)
@@ -414,6 +420,8 @@ void decode_experts(const DecodeExpertsArgs& a, cudaStream_t stream) {
                      "decode experts: hidden_size=", a.hidden, ", ffn_size=", a.ffn, " and the shared width ",
                      a.shared_ffn, " must be multiples of ", align, " (16-byte rows)");
     SWITCHYARD_CHECK(a.hidden <= INT32_MAX / 2 && a.ffn <= INT32_MAX / 2, "decode experts: sizes exceed int32");
+    SWITCHYARD_CHECK(!a.gate_up_interleaved || (is_gated(a.activation) && a.quant_mode == QuantMode::kNone),
+                     "decode experts: an interleaved w13 needs a gated activation and float weights");
     for (const void* p : std::initializer_list<const void*>{a.x, a.w13, a.w2, a.shared_w13, a.shared_w2, a.h,
                                                            a.shared_h})
         SWITCHYARD_CHECK(aligned16(p), "decode experts: x, the weights and the scratch "
@@ -437,6 +445,7 @@ void decode_experts(const DecodeExpertsArgs& a, cudaStream_t stream) {
     up.hidden = static_cast<int>(a.hidden);
     up.ffn = static_cast<int>(a.ffn);
     up.shared_ffn = shared ? static_cast<int>(a.shared_ffn) : 0;
+    up.gate_up_interleaved = a.gate_up_interleaved;
     DownParams down{};
     down.h = a.h;
     down.w2 = a.w2;

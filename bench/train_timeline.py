@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Where one training step of a switchyard.torch.MoE layer (forward + backward) spends its GPU time, kernel by kernel
+(issue 11's forward + backward targets).
+
+For each model at T tokens (bf16, the layer of compare_torch.py --train): one step y = moe(x); y.backward(dy) timed
+with CUDA events (median of 10 after warm-up), then one step under torch.profiler: every CUDA kernel in launch order
+with its duration, and the same kernels summed by name, largest first, with their share of the kernel time.
+
+    python3 bench/train_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3] [--tokens N]
+"""
+import argparse
+import collections
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from compare_torch import MODELS, bench_layer, load_switchyard_torch, time_cuda  # noqa: E402
+from prefill_timeline import kernel_timeline  # noqa: E402
+
+
+def short(name):
+    name = name.replace("void ", "", 1)
+    for cut in ("<", "("):
+        name = name.split(cut)[0]
+    name = name.split("::")[-1]
+    return "cutlass gemm" if name.startswith("_ZN7cutlass") else name[:40]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--torch-lib", default=None)
+    p.add_argument("--models", default="qwen3,mixtral,deepseek")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    sy, why = load_switchyard_torch(args.torch_lib)
+    if sy is None:
+        sys.exit(f"switchyard.torch: {why}")
+    print(f"device: {torch.cuda.get_device_name()}")
+    torch.manual_seed(args.seed)
+    for m in args.models.split(","):
+        moe, _ = bench_layer(sy, m, train=True)
+        x = torch.randn(args.tokens, MODELS[m][0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+
+        def step():
+            moe.zero_grad(set_to_none=True)
+            x.grad = None
+            moe(x).backward(dy)
+
+        ms = time_cuda(step, warmup=3, iters=10)
+        busy, span, gaps, rows = kernel_timeline(step)
+        print(f"\n{m} T={args.tokens}: step {ms:.3f} ms (events), kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms")
+        for us, name in rows:
+            print(f"  {us:9.1f}  {name}")
+        by_name = collections.defaultdict(lambda: [0.0, 0])
+        for us, name in rows:
+            by_name[short(name)][0] += us
+            by_name[short(name)][1] += 1
+        print(f"{m} T={args.tokens}: kernels by name (us, launches, share of kernel time)")
+        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {us:9.1f} {n:4d} {100 * us / busy:5.1f}%  {name}")
+        del moe, x, dy
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
