@@ -20,11 +20,13 @@ from prefill_timeline import kernel_timeline  # noqa: E402
 
 
 def short(name):
-    name = name.replace("void ", "", 1)
+    """The kernel's own name: no return type, namespaces, template or argument lists (CUTLASS's mangled names: one)."""
+    if name.startswith("_ZN7cutlass"):
+        return "cutlass gemm"
+    name = name.replace("void ", "", 1).replace("(anonymous namespace)", "anon")
     for cut in ("<", "("):
         name = name.split(cut)[0]
-    name = name.split("::")[-1]
-    return "cutlass gemm" if name.startswith("_ZN7cutlass") else name[:40]
+    return name.split("::")[-1].strip()[:40]
 
 
 def main():
