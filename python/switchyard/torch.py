@@ -4,8 +4,9 @@ The layer runs as a chain of torch custom ops (``torch.ops.switchyard.*``, bindi
 fake (meta) implementation for shape inference and an autograd formula that calls its backward op:
 
     logits [T, E]  = router_gemm(x, gate)                    fp32: the library's router GEMM (fp32 accumulation,
-                                                             tensor cores for 16-bit x); backward in torch, fp32;
-                                                             fp64 x (gradcheck): F.linear in fp64
+                                                             tensor cores for 16-bit x); backward in torch, fp32
+                                                             products (bf16 on CUDA: on the tensor cores, d_logits
+                                                             in three bf16 parts); fp64 x (gradcheck): F.linear
     ids, w [T, k]  = route(logits, bias)                     backward: route_backward (selection held fixed)
     offsets, slot_row, row_token, counts = plan(ids, w)       integer outputs, no gradient
     g1 [T*k, R13]  = gathered_grouped_mm(x, row_token, w13)   = grouped_mm(gather(x, row_token), w13, offsets);
