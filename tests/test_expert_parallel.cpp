@@ -20,6 +20,7 @@
 
 #include "switchyard/expert_parallel.h"
 #include "switchyard/moe_layer.h"
+#include "switchyard/stages.h"
 #include "test_util.h"
 #include "util/workspace.h"
 
@@ -397,6 +398,10 @@ std::vector<EpCase> ep_cases(DType dtype) {
     d.score_function = ScoreFunction::kSigmoid;
     d.use_score_bias = true;
     cases.push_back({"gelu_skewed_load", d, false});
+    MoEConfig e = a;  // w13 in the interleaved layout on the ranks (MoEConfig::gate_up_interleaved), plain on the reference
+    e.ffn_size = 16;
+    e.gate_up_interleaved = true;
+    cases.push_back({"interleaved_w13", e, true});
     return cases;
 }
 
@@ -408,7 +413,8 @@ std::vector<int64_t> token_split(int W, int variant) {
 }
 
 // Runs the single-device layer on all tokens and the EP layer on W ranks, and compares every rank's outputs with the
-// rows of its tokens, bit for bit.
+// rows of its tokens, bit for bit. With cfg.gate_up_interleaved the ranks get w13 interleaved (interleave_gate_up) and
+// the reference runs the plain layout.
 void check_ep_against_single_device(const EpCase& ec, int W, DType weight_dtype, uint64_t seed, int variant,
                                     int64_t max_tokens_per_rank) {
     const MoEConfig& cfg = ec.cfg;
@@ -425,7 +431,14 @@ void check_ep_against_single_device(const EpCase& ec, int W, DType weight_dtype,
     ForwardOutputs ref_out;
     ref_out.topk_ids = ids_ref.ref();
     ref_out.topk_weights = w_ref.ref();
-    MoELayer(cfg, L.weights()).forward(x.ref(), y_ref.ref(), &ref_out);
+    MoEConfig ref_cfg = cfg;
+    ref_cfg.gate_up_interleaved = false;
+    MoELayer(ref_cfg, L.weights()).forward(x.ref(), y_ref.ref(), &ref_out);
+    HostTensor w13_ranks(L.w13.dtype(), L.w13.shape());
+    if (cfg.gate_up_interleaved)
+        interleave_gate_up(L.w13.ref(), w13_ranks.ref());
+    else
+        std::memcpy(w13_ranks.data(), L.w13.data(), static_cast<size_t>(L.w13.numel()) * dtype_size(L.w13.dtype()));
 
     std::mt19937_64 gen(seed);
     const ExpertPlacement placement = random_placement(cfg.num_experts, W, gen, !ec.explicit_map);
@@ -436,7 +449,7 @@ void check_ep_against_single_device(const EpCase& ec, int W, DType weight_dtype,
     std::vector<HostTensor> y(W), ids(W), wts(W), counts(W);
     std::vector<std::vector<std::string>> stages(W);
     expect_no_errors(run_ranks(W, [&](int rank, Communicator& comm) {
-        const HostTensor w13 = shard(L.w13, placement, rank), w2 = shard(L.w2, placement, rank);
+        const HostTensor w13 = shard(w13_ranks, placement, rank), w2 = shard(L.w2, placement, rank);
         MoEWeights w = L.weights();
         w.w13 = w13.ref();
         w.w2 = w2.ref();

@@ -101,7 +101,7 @@ const Variant kVariants[] = {
          c.shared_ffn_size = 20;
          c.shared_expert_gate = true;
      }},
-    // The random w13 read in the interleaved layout by both sides (a side that read it plain would differ).
+    // The fused stages on w13 interleaved (interleave_gate_up) against the layer on the plain w13.
     {"interleaved", [](MoEConfig& c) { c.gate_up_interleaved = true; }},
     {"interleaved_geglu_shared", [](MoEConfig& c) {
          c.gate_up_interleaved = true;
@@ -125,10 +125,18 @@ TEST(FusedStages, EqualTheLayerBitwiseOnTheCpu) {
                 const int64_t H = c.hidden_size;
                 const test::HostTensor x = test::HostTensor::from_floats(test::random_uniform(T * H, seed + 1), dt, {T, H});
                 test::HostTensor y_layer(dt, {T, H}), y_fused(dt, {T, H});
-                const MoELayer layer(c, L.weights());
+                MoEConfig plain = c;
+                plain.gate_up_interleaved = false;
+                const MoELayer layer(plain, L.weights());
                 EXPECT_FALSE(layer.uses_fused_path(T)) << "the CPU backend always runs the staged chain";
                 layer.forward(x.ref(), y_layer.ref());
-                fused_forward(c, L.weights(), x, y_fused);
+                test::HostTensor w13i(dt, L.w13.shape());
+                MoEWeights fw = L.weights();
+                if (c.gate_up_interleaved) {
+                    interleave_gate_up(L.w13.ref(), w13i.ref());
+                    fw.w13 = w13i.ref();
+                }
+                fused_forward(c, fw, x, y_fused);
                 EXPECT_EQ(std::memcmp(y_layer.data(), y_fused.data(), static_cast<size_t>(T * H) * dtype_size(dt)), 0)
                     << "y differs";
             }

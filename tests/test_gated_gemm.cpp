@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "switchyard/baseline.h"
 #include "switchyard/moe_layer.h"
 #include "switchyard/stages.h"
 #include "test_util.h"
@@ -245,6 +246,12 @@ TEST(GatedGemm, InterleavedLayoutConfigIsChecked) {
     MoEConfig narrow = cfg;
     narrow.ffn_size = 12;
     expect_error([&] { narrow.validate(); }, {"gate_up_interleaved", "multiple of 8"});
+    // The dense baseline reads the plain layout: it refuses the interleaved one rather than misread it.
+    const test::HostLayer L = test::random_layer(cfg, 5);
+    const HostTensor x = HostTensor::from_floats(random_uniform(3 * cfg.hidden_size, 6), DType::kF32, {3, 8});
+    HostTensor y(DType::kF32, {3, 8});
+    expect_error([&] { dense_forward_cpu(cfg, L.weights(), x.ref(), y.ref(), size_t{1} << 30); },
+                 {"gate_up_interleaved", "dense baseline"});
 }
 
 }  // namespace

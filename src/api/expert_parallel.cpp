@@ -482,6 +482,8 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
         if (out->topk_weights.defined()) check_output(out->topk_weights, DType::kF32, {T, k}, "topk_weights", x);
         if (out->slot_row.defined()) check_output(out->slot_row, DType::kI32, {T, k}, "slot_row", x);
         if (out->expert_counts.defined()) check_output(out->expert_counts, DType::kI32, {E}, "expert_counts", x);
+        SWITCHYARD_CHECK(!out->expert_offsets.defined(), "expert_offsets: the expert-parallel layer's plan is per "
+                         "rank (its local experts' offsets); it does not fill ForwardOutputs::expert_offsets");
     }
     // The home part of the workspace (and, for a caller's workspace, the receive part right after it).
     std::unique_ptr<char[]> home_scratch, recv_scratch;

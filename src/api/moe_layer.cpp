@@ -72,7 +72,7 @@ struct ForwardLayout {
     size_t gemm_ws_bytes;
     void* router_ws;          // router_gemm_workspace_size
     size_t router_ws_bytes;
-    void* stats_ws;           // load_stats_workspace_size: reuses g1's memory when it fits (g1 is dead by then)
+    void* stats_ws;           // load_stats_workspace_size: reuses the expert rows when it fits (dead by then)
     size_t stats_ws_bytes;
     void* fused_ws;           // route_fused / experts_fused scratch (the fused path only): aliases expert_rows when it fits
     size_t fused_ws_bytes;

@@ -603,7 +603,9 @@ void experts_chain_cpu(const MoEConfig& cfg, const TensorRef& x, const MoEWeight
         return TensorRef(buf.data(), x.dtype, {rows, cols}, Device::kCPU, 0);
     };
     std::vector<char> xp_buf, g1_buf, h_buf, sg1_buf, sh_buf, so_buf;
-    const TensorRef xp = host(xp_buf, R, H), g1 = host(g1_buf, R, cfg.w13_rows()), h = host(h_buf, R, cfg.ffn_size);
+    const TensorRef xp = host(xp_buf, R, H), h = host(h_buf, R, cfg.ffn_size);
+    // GEMM1 with the activation in one step (an interleaved w13) stores no [R, R13] product
+    const TensorRef g1 = api::uses_gated_gemm1(cfg, Device::kCPU) ? TensorRef() : host(g1_buf, R, cfg.w13_rows());
     const TensorRef used_rows(plan.expert_offsets.ptr<int32_t>() + cfg.num_experts, DType::kI32, {1}, Device::kCPU, 0);
     gather(x, plan.row_token, xp);
     api::gemm1_activation(cfg, xp, w, plan.expert_offsets, used_rows, g1, h, nullptr, 0, nullptr);

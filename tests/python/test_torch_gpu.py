@@ -89,7 +89,10 @@ def test_router_gemm_backward_bf16_is_one_rounding_of_the_exact_sums():
     d = torch.randn(t, e, device="cuda") * 10.0 ** torch.empty(t, e, device="cuda").uniform_(-3, 3)
     dx, dg = torch.autograd.grad(torch.ops.switchyard.router_gemm(x, gate), (x, gate), d)
     dd, gd, xd = d.double(), gate.detach().double(), x.detach().double()
-    checks = (("dx", dx, dd @ gd, dd.abs() @ gd.abs(), e), ("dgate", dg, dd.t() @ xd, dd.abs().t() @ xd.abs(), t))
+    # K: the terms each fp32 sum adds (dx sums the three parts of E logits' gradients; dgate sums T tokens, then adds
+    # the three parts' sums)
+    checks = (("dx", dx, dd @ gd, dd.abs() @ gd.abs(), 3 * e),
+              ("dgate", dg, dd.t() @ xd, dd.abs().t() @ xd.abs(), t + 2))
     for name, got, exact, mag, k in checks:
         assert got.dtype == torch.bfloat16
         bound = torch.finfo(torch.bfloat16).eps * exact.abs() + (k + 1) * 2.0 ** -24 * mag  # 2^-7|v| >= 1 bf16 ulp
