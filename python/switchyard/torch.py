@@ -894,10 +894,7 @@ class MoE(nn.Module):
             return False
         if c.capacity_factor_for(self.training) > 0 or (c.num_groups > 1 and c.group_score == "max"):
             return False
-        if type(self)._router_logits is not MoE._router_logits:
-            return False
-        params = [self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate]
-        if any(p is not None and (p.dtype != x2.dtype or p.device != x2.device) for p in params):
+        if type(self)._router_logits is not MoE._router_logits or not self._params_like(x2):
             return False
         automatic = self.fused_max_tokens is None
         key = (t, x2.dtype, x2.device, automatic)
@@ -925,7 +922,11 @@ class MoE(nn.Module):
             return False
         if any(getattr(type(self), f) is not getattr(MoE, f) for f in ("_router_logits", "_route", "_layer")):
             return False
-        params = [self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate]
+        return self._params_like(x2)
+
+    # Every parameter of the layer in x's dtype on x's device (what the whole-layer ops take).
+    def _params_like(self, x2: torch.Tensor) -> bool:
+        params = (self.gate, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate)
         return all(p is None or (p.dtype == x2.dtype and p.device == x2.device) for p in params)
 
     def _layer_op(self, x2: torch.Tensor):
@@ -950,15 +951,8 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, c.hidden_size).contiguous()
         if self._use_fused(x2):
             y, logits, ids, counts = self._fused_layer(x2)
-            y = y.reshape(shape)
-            want_stats = self.training if self.return_stats is None else self.return_stats
-            if not want_stats:
-                return y
-            losses = _ops.router_losses(logits, ids, SCORE_FUNCTIONS[c.score_function])
-            aux, z = losses[0], losses[1]
-            return MoEOutput(y=y, aux_loss=aux, z_loss=z, loss=c.aux_loss_coef * aux + c.z_loss_coef * z,
-                             expert_counts=counts, kept_counts=counts)
-        if self._use_layer_op(x2):
+            offsets = None  # the fused path is dropless: every routed pair is kept
+        elif self._use_layer_op(x2):
             y, logits, ids, counts, offsets = self._layer_op(x2)
         else:
             y, logits, ids, offsets, counts = self._layer(x2)
@@ -968,8 +962,9 @@ class MoE(nn.Module):
             return y
         losses = _ops.router_losses(logits, ids, SCORE_FUNCTIONS[c.score_function])
         aux, z = losses[0], losses[1]
+        kept = counts if offsets is None else offsets[1:] - offsets[:-1]
         return MoEOutput(y=y, aux_loss=aux, z_loss=z, loss=c.aux_loss_coef * aux + c.z_loss_coef * z,
-                         expert_counts=counts, kept_counts=offsets[1:] - offsets[:-1])
+                         expert_counts=counts, kept_counts=kept)
 
     # ---- conversion from transformers MoE blocks ------------------------------------------------------------
 

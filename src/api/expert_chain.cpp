@@ -1,6 +1,8 @@
 // src/api/expert_chain.cpp: see expert_chain.h.
 #include "api/expert_chain.h"
 
+#include <algorithm>
+
 #include "switchyard/stages.h"
 
 namespace switchyard {
@@ -25,13 +27,24 @@ bool uses_gated_gemm1(const MoEConfig& cfg, Device dev) {
     return cfg.gate_up_interleaved && (dev == Device::kCPU || cfg.dtype == DType::kBF16);
 }
 
-size_t gemm1_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows) {
-    const int64_t H = cfg.hidden_size;
-    if (uses_gated_gemm1(cfg, dev))
-        return grouped_gemm_gated_workspace_size(dev, cfg.dtype, groups, cfg.ffn_size, H, rows);
-    if (cfg.quant_mode != QuantMode::kNone)
-        return grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, groups, cfg.w13_rows(), H, rows);
-    return grouped_gemm_workspace_size(dev, cfg.dtype, groups, cfg.w13_rows(), H, rows);
+size_t expert_chain_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows, int64_t tokens) {
+    // expert_gemm's kernel for [n, k] matrices: an fp8 layer's routed experts run grouped_gemm_fp8; its shared expert
+    // (routed = false) may be fp8 or float, so it is sized for both.
+    const bool fp8 = cfg.quant_mode != QuantMode::kNone;
+    auto gemm = [&](int64_t g, int64_t n, int64_t k, int64_t m, bool routed) {
+        const size_t fp8_ws = fp8 ? grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, g, n, k, m) : 0;
+        if (fp8 && routed) return fp8_ws;
+        return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, g, n, k, m));
+    };
+    const int64_t H = cfg.hidden_size, F = cfg.ffn_size;
+    const size_t gemm1 = uses_gated_gemm1(cfg, dev)
+                             ? grouped_gemm_gated_workspace_size(dev, cfg.dtype, groups, F, H, rows)
+                             : gemm(groups, cfg.w13_rows(), H, rows, true);
+    size_t bytes = std::max(gemm1, gemm(groups, H, F, rows, true));
+    if (cfg.has_shared_expert())
+        bytes = std::max({bytes, gemm(1, cfg.shared_w13_rows(), H, tokens, false),
+                          gemm(1, H, cfg.shared_width(), tokens, false)});
+    return bytes;
 }
 
 void gemm1_activation(const MoEConfig& cfg, const TensorRef& a, const MoEWeights& w, const TensorRef& offsets,

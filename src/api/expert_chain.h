@@ -29,8 +29,9 @@ void expert_gemm(const MoEConfig& cfg, const TensorRef& a, const TensorRef& b, c
 // Whether GEMM1 of the routed experts runs with the activation in its epilogue on `dev`: w13 interleaved
 // (MoEConfig::gate_up_interleaved) and a backend with that kernel (the CPU; CUDA bf16). g1 is then not needed.
 bool uses_gated_gemm1(const MoEConfig& cfg, Device dev);
-// Workspace bytes of gemm1_activation's GEMM for `groups` experts and up to `rows` rows.
-size_t gemm1_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows);
+// Workspace bytes of the largest GEMM of one forward's expert chain on `dev`: gemm1_activation's and GEMM2's over
+// `groups` experts and up to `rows` rows, and (when cfg has a shared expert) shared_expert's two over `tokens` rows.
+size_t expert_chain_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows, int64_t tokens);
 
 void gemm1_activation(const MoEConfig& cfg, const TensorRef& a, const MoEWeights& w, const TensorRef& offsets,
                       const TensorRef& used_rows, const TensorRef& g1, const TensorRef& h, void* workspace,

@@ -278,18 +278,8 @@ RecvSlices recv_slices(const MoEConfig& cfg, Device dev, int64_t num_local, int6
     s.g1 = api::uses_gated_gemm1(cfg, dev) ? nullptr : take("g1", rows * cfg.w13_rows() * es);
     s.h = take("h", rows * cfg.ffn_size * es);
     // The largest scratch of the GEMMs of one forward: the local experts' (rows rows) and the shared expert's (T).
-    const bool fp8 = cfg.quant_mode != QuantMode::kNone;
-    auto gemm_ws = [&](int64_t groups, int64_t n, int64_t k, int64_t m, bool routed) {
-        const size_t fp8_ws = fp8 ? grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, groups, n, k, m) : 0;
-        if (fp8 && routed) return fp8_ws;
-        return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
-    };
-    size_t ws = std::max(api::gemm1_workspace_size(cfg, dev, num_local, rows),
-                         gemm_ws(num_local, H, cfg.ffn_size, rows, true));
-    if (cfg.has_shared_expert())
-        ws = std::max({ws, gemm_ws(1, cfg.shared_w13_rows(), H, T, false), gemm_ws(1, H, cfg.shared_width(), T, false)});
-    s.gemm_ws_bytes = ws;
-    s.gemm_ws = take("gemm_scratch", ws);
+    s.gemm_ws_bytes = api::expert_chain_workspace_size(cfg, dev, num_local, rows, T);
+    s.gemm_ws = take("gemm_scratch", s.gemm_ws_bytes);
     return s;
 }
 

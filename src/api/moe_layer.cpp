@@ -128,26 +128,15 @@ ForwardLayout forward_layout(const MoEConfig& cfg, Device dev, int64_t num_token
         l.h = sub_slice("h", 0, hb);
         l.expert_out = sub_slice("expert_out", hb, xb);
     }
-    // An FP8 layer's routed experts run grouped_gemm_fp8; its shared expert may be fp8 or float: sized for both.
-    const bool fp8 = cfg.quant_mode != QuantMode::kNone;
-    auto expert_gemm_ws = [&](int64_t groups, int64_t n, int64_t k, int64_t m, bool routed) {
-        const size_t fp8_ws = fp8 ? grouped_gemm_fp8_workspace_size(dev, cfg.quant_mode, groups, n, k, m) : 0;
-        if (fp8 && routed) return fp8_ws;
-        return std::max(fp8_ws, grouped_gemm_workspace_size(dev, cfg.dtype, groups, n, k, m));
-    };
-    size_t gemm_ws = std::max(api::gemm1_workspace_size(cfg, dev, E, rows),
-                              expert_gemm_ws(E, H, cfg.ffn_size, rows, true));
     if (cfg.has_shared_expert()) {
         const int64_t s = cfg.shared_width();
         l.shared_g1 = take("shared_g1", T * cfg.shared_w13_rows() * es);
         l.shared_h = take("shared_h", T * s * es);
         l.shared_out = take("shared_out", T * H * es);
         if (cfg.shared_expert_gate) l.shared_gate = static_cast<float*>(take("shared_gate", sizeof(float) * T));
-        gemm_ws = std::max({gemm_ws, expert_gemm_ws(1, cfg.shared_w13_rows(), H, T, false),
-                            expert_gemm_ws(1, H, s, T, false)});
     }
-    l.gemm_ws_bytes = gemm_ws;
-    l.gemm_ws = take("gemm_scratch", gemm_ws);
+    l.gemm_ws_bytes = api::expert_chain_workspace_size(cfg, dev, E, rows, T);  // one GEMM at a time
+    l.gemm_ws = take("gemm_scratch", l.gemm_ws_bytes);
     l.router_ws_bytes = router_gemm_workspace_size(dev);
     l.router_ws = take("router_scratch", l.router_ws_bytes);
     l.stats_ws_bytes = load_stats_workspace_size(cfg, dev, T);
