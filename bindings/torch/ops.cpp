@@ -308,6 +308,26 @@ at::Tensor grouped_mm_dgrad_op(const at::Tensor& dc_in, const at::Tensor& b_in, 
     });
 }
 
+// (dg [R, 2F], h [R, F]) = (activation_backward(g, grouped_mm_dgrad(dc, b)), activation(g)): GEMM2's input
+// gradient through the gated activation, with h recomputed for GEMM2's weight gradient (stages.h,
+// grouped_gemm_dgrad_activation).
+std::tuple<at::Tensor, at::Tensor> grouped_mm_dgrad_activation_op(const at::Tensor& dc_in, const at::Tensor& b_in,
+                                                                  const at::Tensor& offsets_in, const at::Tensor& g_in,
+                                                                  int64_t act, bool interleaved) {
+    return guarded([&] {
+        const at::Tensor b = b_in.contiguous(), off = offsets_in.contiguous();
+        const at::Tensor dc = dc_in.to(b.scalar_type()).contiguous(), g = g_in.to(b.scalar_type()).contiguous();
+        TORCH_CHECK(b.dim() == 3 && dc.dim() == 2 && g.dim() == 2, "switchyard.grouped_mm_dgrad_activation: dc [R, H], "
+                    "b [E, H, F] and g [R, 2F] expected, got dc ", dc.sizes(), " b ", b.sizes(), " g ", g.sizes());
+        at::Tensor dg = at::empty_like(g), h = at::empty({g.size(0), b.size(2)}, g.options());
+        const Workspace ws = workspace_like(b, grouped_gemm_grad_workspace_size(sy_device(b), dtype_of(b), b.size(0),
+                                                                                b.size(1), b.size(2), dc.size(0)));
+        grouped_gemm_dgrad_activation(activation_of(act), ref(dc), ref(b), ref(off), ref(g), ref(dg), ref(h), ws.ptr,
+                                      ws.bytes, stream_of(b), interleaved);
+        return std::make_tuple(dg, h);
+    });
+}
+
 // db [E, N, K] = dc^T . a per expert (experts without rows written as 0); E = offsets.numel() - 1.
 at::Tensor grouped_mm_wgrad_op(const at::Tensor& dc_in, const at::Tensor& a_in, const at::Tensor& offsets_in) {
     return guarded([&] {
@@ -562,6 +582,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
     m.def("grouped_mm_backward(Tensor dc, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
     m.def("grouped_mm_dgrad(Tensor dc, Tensor b, Tensor offsets) -> Tensor");
+    m.def("grouped_mm_dgrad_activation(Tensor dc, Tensor b, Tensor offsets, Tensor g, int activation, "
+          "bool interleaved=False) -> (Tensor, Tensor)");
     m.def("grouped_mm_wgrad(Tensor dc, Tensor a, Tensor offsets) -> Tensor");
     m.def("grouped_mm_fp8(Tensor a, Tensor b, Tensor b_scale, Tensor? input_scale, Tensor? offsets, int mode) "
           "-> Tensor");
@@ -599,6 +621,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("grouped_mm", &grouped_mm_op);                                     \
     m.impl("grouped_mm_backward", &grouped_mm_backward_op);                   \
     m.impl("grouped_mm_dgrad", &grouped_mm_dgrad_op);                         \
+    m.impl("grouped_mm_dgrad_activation", &grouped_mm_dgrad_activation_op);   \
     m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_op);                         \
     m.impl("grouped_mm_fp8", &grouped_mm_fp8_op);                             \
     m.impl("grouped_mm_gated", &grouped_mm_gated_op);                         \

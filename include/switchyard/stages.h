@@ -25,7 +25,8 @@
 //   route_fused / experts_fused  the router + plan, and gather .. combine, each in one step (the decode path)
 // Backward (training; selection held fixed, forward roundings treated as identity):
 //   route_backward, router_losses_backward, gather_backward, grouped_gemm_dgrad / _wgrad, activation_backward,
-//   combine_backward, each the exact derivative of its forward in the arithmetic of its backend.
+//   combine_backward, each the exact derivative of its forward in the arithmetic of its backend;
+//   grouped_gemm_dgrad_activation: grouped_gemm_dgrad, activation_backward and the recomputed activation in one step.
 //
 // Element types: activations, GEMM operands and gradients are fp32, bf16 or fp16 on both backends; the CPU backend
 // also takes fp64 (exact double results, what torch.autograd.gradcheck needs). On CUDA every operand of one GEMM
@@ -178,6 +179,20 @@ void activation(Activation act, const TensorRef& g, const TensorRef& h, const Te
 // dg [R, R13] from g and dh [R, F] (ReLU's derivative at 0 is 0); dg in g's column layout.
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          cudaStream_t stream = nullptr, bool gate_up_interleaved = false);
+
+// ---- GEMM2's input gradient and the activation's backward in one step ---------------------------------------------
+// The backward through h = act(g) and GEMM2 (out = grouped_gemm(h, w2)) up to g, with h recomputed for GEMM2's weight
+// gradient (grouped_gemm_wgrad(dc, h, ...)) instead of saved:
+//   dg [R, 2F] = activation_backward(act, g, grouped_gemm_dgrad(dc, w2, offsets))   (dh rounded to g's dtype first)
+//   h  [R, F]  = activation(act, g)
+// the values of those three stages; rows at and past offsets[E] of dg and h are 0. act: kSwiGLU or kGeGLU; g [R, 2F]
+// in the plain or (gate_up_interleaved) interleaved column layout, dg in g's. dc [R, H], w2 [E, H, F]; one dtype.
+// Workspace: grouped_gemm_grad_workspace_size(device, dtype, E, H, F, R). CPU: any float dtype (the three stages);
+// CUDA: bf16 in one kernel on sm_90 (the activation's backward in the dgrad's epilogue), other dtypes the three stages.
+void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
+                                   const TensorRef& g, const TensorRef& dg, const TensorRef& h, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream = nullptr,
+                                   bool gate_up_interleaved = false);
 
 // ---- combine ----------------------------------------------------------------------------------------------------
 // y[t] = dtype( sum over j = 0..k-1 with slot_row[t, j] >= 0 of w[t, j] * out[slot_row[t, j]] (+ s_t * shared[t]) ),

@@ -13,8 +13,11 @@ fake (meta) implementation for shape inference and an autograd formula that call
                                                              backward recomputes the gather (not saved), then
                                                              grouped_mm_wgrad, grouped_mm_dgrad, gather_backward
     out [T*k, H]   = activated_grouped_mm(g1, w2)            = grouped_mm(activation(g1), w2, offsets); backward
-                                                             recomputes h = activation(g1) (not saved), then
-                                                             grouped_mm_wgrad, grouped_mm_dgrad, activation_backward
+                                                             recomputes h = activation(g1) (not saved): gated, in
+                                                             grouped_mm_dgrad_activation (dgrad, activation_backward
+                                                             and h in one kernel on bf16 CUDA), then
+                                                             grouped_mm_wgrad; else activation, grouped_mm_wgrad,
+                                                             grouped_mm_dgrad, activation_backward
     shared [T, H]  = F.linear(act(F.linear(x, shared_w13)), shared_w2)   (shared experts, when configured)
     y  [T, H]      = combine(out, slot_row, w, shared)       backward: combine_backward
     aux, z         = router_losses(logits, ids)              backward: router_losses_backward
@@ -144,9 +147,17 @@ def _grouped_mm_wgrad_fake(dc, a, offsets):
     return a.new_empty((offsets.shape[0] - 1, dc.shape[1], a.shape[1]))
 
 
+_GATED_ACTIVATIONS = (0, 1)  # Activation::kSwiGLU, kGeGLU (config.h)
+
+
+@torch.library.register_fake("switchyard::grouped_mm_dgrad_activation")
+def _grouped_mm_dgrad_activation_fake(dc, b, offsets, g, activation, interleaved=False):
+    return torch.empty_like(g), g.new_empty((g.shape[0], b.shape[2]))
+
+
 @torch.library.register_fake("switchyard::activation")
 def _activation_fake(g, activation, interleaved=False):
-    gated = activation in (0, 1)
+    gated = activation in _GATED_ACTIVATIONS
     return g.new_empty((g.shape[0], g.shape[1] // 2 if gated else g.shape[1]))
 
 
@@ -369,6 +380,12 @@ def _agmm_backward(ctx, dc):
     g, b, offsets = ctx.saved_tensors
     dc = dc.contiguous()
     dg = db = None
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and ctx.activation in _GATED_ACTIVATIONS:
+        # dh never stored: its rows go through the activation's backward in the dgrad's epilogue, which also
+        # recomputes h; dg and h [T*k, 3F] are live together as h and dh + dg were in the steps below.
+        dg, h = _ops.grouped_mm_dgrad_activation(dc, b, offsets, g, ctx.activation, ctx.interleaved)
+        db = _ops.grouped_mm_wgrad(dc, h, offsets)
+        return dg, None, db, None, None
     if ctx.needs_input_grad[2]:
         h = _ops.activation(g, ctx.activation, ctx.interleaved)  # recomputed
         db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated

@@ -468,6 +468,36 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
                         activation_backward(act, g, dh, dg, stream, gate_up_interleaved));
 }
 
+void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
+                                   const TensorRef& g, const TensorRef& dg, const TensorRef& h, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream, bool gate_up_interleaved) {
+    SWITCHYARD_CHECK(is_gated(act), "grouped_gemm_dgrad_activation: a gated activation (SwiGLU, GeGLU) is required, "
+                     "got ", to_string(act));
+    check_float_tensor(dc, "dc", {kAny, kAny});
+    check_float_tensor(w2, "w2", {kAny, dc.shape[1], kAny});
+    check_same_device(w2, "w2", dc, "dc");
+    check_offsets(offsets, w2.shape[0], dc, "dc");
+    const int64_t rows = dc.shape[0], ffn = w2.shape[2];
+    check_interleaved(act, ffn, gate_up_interleaved, "grouped_gemm_dgrad_activation");
+    check_tensor(g, "g", dc.dtype, {rows, 2 * ffn});
+    check_same_device(g, "g", dc, "dc");
+    check_tensor(dg, "dg", dc.dtype, {rows, 2 * ffn});
+    check_same_device(dg, "dg", dc, "dc");
+    check_tensor(h, "h", dc.dtype, {rows, ffn});
+    check_same_device(h, "h", dc, "dc");
+    check_cuda_gemm_dtypes(dc, "dc", w2, "w2");
+    api::check_backend(dc.device, "grouped_gemm_dgrad_activation");
+    check_workspace(workspace, workspace_bytes,
+                    grouped_gemm_grad_workspace_size(dc.device, dc.dtype, w2.shape[0], w2.shape[1], ffn, rows),
+                    "grouped_gemm_dgrad_activation");
+    if (rows == 0) return;
+    SWITCHYARD_CHECK(dg.data != g.data && h.data != g.data && h.data != dg.data,
+                     "grouped_gemm_dgrad_activation: g, dg and h must be distinct tensors");
+    SWITCHYARD_DISPATCH(dc.device, grouped_gemm_dgrad_activation(act, dc, w2, offsets, g, dg, h, gate_up_interleaved),
+                        grouped_gemm_dgrad_activation(act, dc, w2, offsets, g, dg, h, workspace, workspace_bytes,
+                                                      stream, gate_up_interleaved));
+}
+
 // ---- combine ------------------------------------------------------------------------------------------------------
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

@@ -68,6 +68,9 @@ void activation(Activation act, const TensorRef& g, const TensorRef& h, const Te
                 cudaStream_t stream, bool gate_up_interleaved = false);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          cudaStream_t stream, bool gate_up_interleaved = false);
+void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
+                                   const TensorRef& g, const TensorRef& dg, const TensorRef& h, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream, bool gate_up_interleaved);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

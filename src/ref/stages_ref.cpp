@@ -360,6 +360,18 @@ void activation_backward(Activation act, const TensorRef& g_in, const TensorRef&
     store_all(il, dg);
 }
 
+void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
+                                   const TensorRef& g, const TensorRef& dg, const TensorRef& h,
+                                   bool gate_up_interleaved) {
+    const int64_t rows = dc.shape[0], ffn = h.shape[1];
+    grouped_gemm_dgrad(dc, w2, offsets, h);  // dh, rounded to the dtype as the stage stores it
+    activation_backward(act, g, h, dg, gate_up_interleaved);
+    activation(act, g, h, TensorRef(), gate_up_interleaved);
+    const int64_t owned = host_offsets(offsets, rows).back();
+    zero_rows(dg, owned, rows, 2 * ffn);
+    zero_rows(h, owned, rows, ffn);
+}
+
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y) {
     const int64_t num_tokens = slot_row.shape[0], k = slot_row.shape[1], hidden = expert_out.shape[1];

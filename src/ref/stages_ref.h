@@ -39,6 +39,11 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          bool gate_up_interleaved = false);
+// grouped_gemm_dgrad_activation's specification: dgrad into h (dh, of h's shape and dtype), activation_backward,
+// activation into h, rows past offsets[E] zeroed.
+void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
+                                   const TensorRef& g, const TensorRef& dg, const TensorRef& h,
+                                   bool gate_up_interleaved);
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,

@@ -47,6 +47,37 @@ def test_grouped_mm_gated_equals_grouped_mm_then_activation(act):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _dgrad_activation_case(device, dtype, seed=5, h=H, f=F):
+    torch.manual_seed(seed)
+    counts = torch.tensor([3, 0, 5, 2], dtype=torch.int32)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)]).to(device)
+    dc = torch.randn(12, h, device=device).to(dtype)  # rows 10, 11 owned by no expert
+    w2 = torch.randn(4, h, f, device=device).to(dtype)
+    g = (3 * torch.randn(12, 2 * f, device=device)).to(dtype)
+    return dc, w2, offsets, g
+
+
+def _dgrad_activation_three_ops(dc, w2, offsets, g, act, interleaved):
+    ops = torch.ops.switchyard
+    dg = ops.activation_backward(g, ops.grouped_mm_dgrad(dc, w2, offsets), act, interleaved)
+    h = ops.activation(g, act, interleaved)
+    dg[offsets[-1]:] = 0
+    h[offsets[-1]:] = 0
+    return dg, h
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_grouped_mm_dgrad_activation_equals_its_three_ops(act, interleaved):
+    dc, w2, offsets, g = _dgrad_activation_case("cpu", torch.float32)
+    dg, h = torch.ops.switchyard.grouped_mm_dgrad_activation(dc, w2, offsets, g, act, interleaved)
+    want_dg, want_h = _dgrad_activation_three_ops(dc, w2, offsets, g, act, interleaved)
+    assert torch.equal(dg, want_dg) and torch.equal(h, want_h)
+    assert dg[:10].abs().mean() > 1e-3
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_dgrad_activation.default,
+                          (dc, w2, offsets, g, act, interleaved), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 def test_interleaved_module_gives_the_same_bits_and_keeps_the_plain_state_dict(activation):
     m = make(activation).eval()
@@ -151,3 +182,15 @@ def test_interleaved_module_trains_as_the_plain_one_on_cuda():
     torch.testing.assert_close(st._plain_gate_up(inter.w13.grad), plain.w13.grad, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(inter.w2.grad, plain.w2.grad, rtol=2e-2, atol=1e-3)
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the dgrad epilogue needs an sm_90 GPU")
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_dgrad_activation_epilogue_on_cuda_gives_the_unfused_bits(act, interleaved):
+    dc, w2, offsets, g = _dgrad_activation_case("cuda", torch.bfloat16, h=256, f=192)
+    dg, h = torch.ops.switchyard.grouped_mm_dgrad_activation(dc, w2, offsets, g, act, interleaved)
+    want_dg, want_h = _dgrad_activation_three_ops(dc, w2, offsets, g, act, interleaved)
+    assert torch.equal(dg, want_dg) and torch.equal(h, want_h)
+    assert dg[:10].float().abs().mean() > 1e-3

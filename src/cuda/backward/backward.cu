@@ -8,7 +8,8 @@
 //                  2. one warp per token, in double: max, softmax denominator (and sigmoid sum) and the dot products
 //                     as fixed lane-strided sums + a shuffle tree (deterministic); each lane writes its experts.
 // gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
-// activation_bwd   one block per row; elementwise (silu' = s (1 + v (1 - s)), gelu_tanh' as in ref, relu' = [v > 0]).
+// activation_bwd   one block per row; elementwise (act_fn.cuh's derivatives: silu' = s (1 + v (1 - s)), gelu_tanh' as
+//                  in ref, relu' = [v > 0]).
 // combine_backward one block per token: d_out rows written by the single (t, j) that owns them; d_weights[t, j] is a
 //                  block reduction of per-thread partial sums (thread i sums columns i, i + blockDim, ... in order),
 //                  then a fixed shared-memory tree: bitwise reproducible, no atomics.
@@ -173,20 +174,6 @@ __global__ void __launch_bounds__(kBwdThreads)
     }
 }
 
-__device__ __forceinline__ float silu_grad_f(float v) {
-    const float s = sigmoid(v);
-    return s * (1.0f + v * (1.0f - s));
-}
-__device__ __forceinline__ float gelu_f(float v) {
-    constexpr float kC = 0.7978845608028654f;
-    return 0.5f * v * (1.0f + tanhf(kC * (v + 0.044715f * v * v * v)));
-}
-__device__ __forceinline__ float gelu_grad_f(float v) {
-    constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
-    const float th = tanhf(kC * (v + kA * v * v * v));
-    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * kC * (1.0f + 3.0f * kA * v * v);
-}
-
 template <typename T, Activation kAct>
 __global__ void __launch_bounds__(kBwdThreads)
     activation_backward_kernel(const T* __restrict__ g, const T* __restrict__ dh, int64_t ffn, T* __restrict__ dg,
@@ -201,18 +188,13 @@ __global__ void __launch_bounds__(kBwdThreads)
         const int64_t gc = kGated ? gate_column(f, interleaved) : f;
         const int64_t uc = kGated ? up_column(f, ffn, interleaved) : f;
         const float a = to_f32(gr[gc]);
-        if constexpr (kAct == Activation::kSwiGLU) {
-            const float up = to_f32(gr[uc]);
-            o[gc] = from_f32<T>(dv * up * silu_grad_f(a));
-            o[uc] = from_f32<T>(dv * a * sigmoid(a));
-        } else if constexpr (kAct == Activation::kGeGLU) {
-            const float up = to_f32(gr[uc]);
-            o[gc] = from_f32<T>(dv * up * gelu_grad_f(a));
-            o[uc] = from_f32<T>(dv * gelu_f(a));
-        } else if constexpr (kAct == Activation::kGELU) {
-            o[f] = from_f32<T>(dv * gelu_grad_f(a));
+        if constexpr (kGated) {
+            float d_gate, d_up;
+            gated_activation_grad<kAct>(dv, a, to_f32(gr[uc]), d_gate, d_up);
+            o[gc] = from_f32<T>(d_gate);
+            o[uc] = from_f32<T>(d_up);
         } else {
-            o[f] = from_f32<T>(a > 0.0f ? dv : 0.0f);
+            o[f] = from_f32<T>(activation_grad<kAct>(dv, a));
         }
     }
 }

@@ -3,6 +3,8 @@
 // (gemm/sm90/gated_epilogue.cuh).
 // fp32 in, fp32 out, as ref::apply_activation: SiLU v / (1 + exp(-v)) (SwiGLU), tanh-approximated GELU (GeGLU,
 // GELU), ReLU.
+// The derivatives (activation_grad, gated_activation_grad) are the accurate fp32 formulas of ref::activation_backward
+// on every path (activation_backward_kernel and the dgrad epilogue of grouped_gemm_sm90_backward.cuh share them).
 // kFast (the 16-bit paths: kFastAct<T>): the hardware exponential and an approximate division (__expf,
 // __fdividef), and GELU written as v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3), which is
 // 0.5 v (1 + tanh(u)) without tanh's cancellation: relative error about 1e-6 for |v| < 10, far below a 16-bit
@@ -14,6 +16,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/routing/scoring.cuh"
 #include "switchyard/config.h"
 
 namespace switchyard {
@@ -45,6 +48,45 @@ __device__ __forceinline__ float act_fn(float v) {
         return 0.5f * v * (1.0f + tanhf(kSqrt2OverPi * (v + 0.044715f * v * v * v)));
     } else {
         return v > 0.0f ? v : 0.0f;
+    }
+}
+
+// silu'(v) = s (1 + v (1 - s)) with s = sigmoid(v); the tanh-approximated GELU and its derivative.
+__device__ __forceinline__ float silu_grad(float v) {
+    const float s = sigmoid(v);
+    return s * (1.0f + v * (1.0f - s));
+}
+__device__ __forceinline__ float gelu_tanh(float v) {
+    constexpr float kC = 0.7978845608028654f;
+    return 0.5f * v * (1.0f + tanhf(kC * (v + 0.044715f * v * v * v)));
+}
+__device__ __forceinline__ float gelu_tanh_grad(float v) {
+    constexpr float kC = 0.7978845608028654f, kA = 0.044715f;
+    const float th = tanhf(kC * (v + kA * v * v * v));
+    return 0.5f * (1.0f + th) + 0.5f * v * (1.0f - th * th) * kC * (1.0f + 3.0f * kA * v * v);
+}
+
+// Gradients of h = act(gate) * up (kSwiGLU, kGeGLU) for dh = dv: d gate and d up, in fp32.
+template <Activation kAct>
+__device__ __forceinline__ void gated_activation_grad(float dv, float gate, float up, float& d_gate, float& d_up) {
+    static_assert(kAct == Activation::kSwiGLU || kAct == Activation::kGeGLU, "a gated activation");
+    if constexpr (kAct == Activation::kSwiGLU) {
+        d_gate = dv * up * silu_grad(gate);
+        d_up = dv * gate * sigmoid(gate);
+    } else {
+        d_gate = dv * up * gelu_tanh_grad(gate);
+        d_up = dv * gelu_tanh(gate);
+    }
+}
+
+// Gradient of h = act(v) (kGELU, kReLU; ReLU's derivative at 0 is 0) for dh = dv.
+template <Activation kAct>
+__device__ __forceinline__ float activation_grad(float dv, float v) {
+    static_assert(kAct == Activation::kGELU || kAct == Activation::kReLU, "an ungated activation");
+    if constexpr (kAct == Activation::kGELU) {
+        return dv * gelu_tanh_grad(v);
+    } else {
+        return v > 0.0f ? dv : 0.0f;
     }
 }
 

@@ -1,0 +1,251 @@
+// tests/gpu_test_dgrad_activation.cpp: grouped_gemm_dgrad_activation on CUDA (GEMM2's input gradient with the gated
+// activation's backward in the CUTLASS epilogue, gated_epilogue.cuh's DgradActivationEpilogueArray).
+//
+// The fused kernel rounds dh to bf16 before the activation's backward, as the unfused path stores it, and uses the
+// same formulas (act_fn.cuh), so with the plain dgrad's tile it must give the bits of the unfused path on one card:
+// grouped_gemm_dgrad into dh, the activation_backward kernel into dg, the activation kernel into h. The Pingpong tile
+// reduces each output in the same k order, and is held to the same bits. Every case poisons the outputs first
+// (rows past offsets[E] must come back 0), runs twice for the same bits, covers groups of 0, 1 and 129 rows, an F
+// that no 256-wide tile divides (F = 72), 128 experts with random counts (the Pingpong rule) and experts of > 256 rows
+// (the Cooperative rule), both activations and both column layouts of g, and checks one case against the CPU
+// specification within bf16 rounding. fp32 on CUDA runs the three stages and must match the CPU within fp32
+// rounding. Skips without an sm_90 GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/gemm/grouped_gemm.h"
+#include "gpu_test_util.h"
+#include "switchyard/stages.h"
+#include "test_util.h"
+
+namespace switchyard {
+namespace {
+
+using testing::DeviceBuffer;
+
+bool sm90() {
+    int count = 0, major = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        return false;
+    }
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    return major == 9;
+}
+
+TensorRef dev_ref(const DeviceBuffer& b, DType t, std::initializer_list<int64_t> dims) {
+    return TensorRef(b.get(), t, dims, Device::kCUDA, 0);
+}
+
+std::vector<int32_t> random_counts(int E, int mean, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::poisson_distribution<int> d(mean);
+    std::vector<int32_t> c(E);
+    for (auto& v : c) v = d(rng);
+    c[1] = 0;  // an empty expert
+    return c;
+}
+
+struct Case {
+    std::string name;
+    int64_t H, F;
+    std::vector<int32_t> counts;  // rows per expert
+    int64_t extra_rows;           // rows past offsets[E]
+    Activation act;
+    bool interleaved;
+};
+
+// Counts the elements of got that differ from want in rows < owned, and checks rows >= owned are 0.
+void expect_bits(const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, int64_t owned, int64_t width,
+                 const char* what) {
+    int64_t differ = 0, first_bad = -1, nonzero = 0;
+    for (int64_t i = 0; i < owned * width; ++i) {
+        nonzero += (got[i] & 0x7FFF) != 0;
+        if (got[i] != want[i]) {
+            if (first_bad < 0) first_bad = i;
+            ++differ;
+        }
+    }
+    EXPECT_EQ(differ, 0) << what << ": " << differ << " of " << owned * width << " owned elements differ from the "
+                         << "unfused path; first at row " << first_bad / width << " col " << first_bad % width << ": "
+                         << (first_bad >= 0 ? bf16_to_float(got[first_bad]) : 0.0f) << " vs "
+                         << (first_bad >= 0 ? bf16_to_float(want[first_bad]) : 0.0f);
+    EXPECT_GT(nonzero, owned * width / 2) << what << ": the comparison must not be between zeros";
+    for (int64_t i = owned * width; i < static_cast<int64_t>(got.size()); ++i)
+        ASSERT_EQ(got[i], 0) << what << ": unowned row " << i / width << " must be 0";
+}
+
+void run_case(const Case& c) {
+    SCOPED_TRACE(c.name + (c.interleaved ? " (interleaved g)" : " (plain g)") + " " + to_string(c.act));
+    const DType bf = DType::kBF16;
+    const int64_t E = static_cast<int64_t>(c.counts.size()), H = c.H, F = c.F, N = 2 * F;
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
+    const int64_t owned = offsets[E], R = owned + c.extra_rows;
+
+    const std::vector<float> dc = testing::random_values(R * H, bf, -1.0f, 1.0f, 301);
+    const std::vector<float> w2 = testing::random_values(E * H * F, bf, -0.5f, 0.5f, 302);
+    const std::vector<float> g = testing::random_values(R * N, bf, -4.0f, 4.0f, 303);
+    DeviceBuffer ddc, dw2, dg_in, doff, ddh, ddg_want, dh_want, ddg, dh;
+    testing::upload(ddc, dc, bf);
+    testing::upload(dw2, w2, bf);
+    testing::upload(dg_in, g, bf);
+    testing::upload_raw(doff, offsets);
+    for (DeviceBuffer* b : {&ddg_want, &ddg}) b->reset(R * N * 2);
+    for (DeviceBuffer* b : {&ddh, &dh_want, &dh}) b->reset(R * F * 2);
+    const TensorRef off = dev_ref(doff, DType::kI32, {E + 1});
+    const size_t ws = grouped_gemm_grad_workspace_size(Device::kCUDA, bf, E, H, F, R);
+    DeviceBuffer w(ws);
+
+    // The unfused path: the three stages.
+    grouped_gemm_dgrad(dev_ref(ddc, bf, {R, H}), dev_ref(dw2, bf, {E, H, F}), off, dev_ref(ddh, bf, {R, F}), w.get(),
+                       ws);
+    activation_backward(c.act, dev_ref(dg_in, bf, {R, N}), dev_ref(ddh, bf, {R, F}), dev_ref(ddg_want, bf, {R, N}),
+                        nullptr, c.interleaved);
+    activation(c.act, dev_ref(dg_in, bf, {R, N}), dev_ref(dh_want, bf, {R, F}), TensorRef(), nullptr, c.interleaved);
+    GPU_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> want_dg = testing::download_raw<uint16_t>(ddg_want.get(), R * N);
+    std::vector<uint16_t> want_h = testing::download_raw<uint16_t>(dh_want.get(), R * F);
+
+    // The fused kernel: the stage (automatic tile) twice, then each tile through the GEMM interface.
+    std::vector<uint16_t> first_dg, first_h;
+    for (int run = 0; run < 2; ++run) {
+        ddg.poison();
+        dh.poison();
+        grouped_gemm_dgrad_activation(c.act, dev_ref(ddc, bf, {R, H}), dev_ref(dw2, bf, {E, H, F}), off,
+                                      dev_ref(dg_in, bf, {R, N}), dev_ref(ddg, bf, {R, N}), dev_ref(dh, bf, {R, F}),
+                                      w.get(), ws, nullptr, c.interleaved);
+        GPU_CHECK(cudaGetLastError());
+        GPU_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> got_dg = testing::download_raw<uint16_t>(ddg.get(), R * N);
+        const std::vector<uint16_t> got_h = testing::download_raw<uint16_t>(dh.get(), R * F);
+        if (run == 1) {
+            ASSERT_TRUE(got_dg == first_dg && got_h == first_h) << "a second run gave other bits";
+            break;
+        }
+        first_dg = got_dg;
+        first_h = got_h;
+        expect_bits(got_dg, want_dg, owned, N, "dg (automatic tile)");
+        expect_bits(got_h, want_h, owned, F, "h (automatic tile)");
+    }
+    for (auto tile : {cuda::GroupedGemmTile::kLarge, cuda::GroupedGemmTile::kMedium}) {
+        cuda::GroupedGemmGradArgs a;
+        a.dc = ddc.get();
+        a.b = dw2.get();
+        a.dtype = bf;
+        a.num_groups = E;
+        a.n = H;
+        a.k = F;
+        a.max_rows = R;
+        a.offsets = doff.get<int32_t>();
+        a.dgrad_tile = tile;
+        a.act_g = dg_in.get();
+        a.act_dg = ddg.get();
+        a.act_h = dh.get();
+        a.activation = c.act;
+        a.gate_up_interleaved = c.interleaved;
+        SCOPED_TRACE(cuda::grouped_gemm_dgrad_kernel_name(a));
+        ddg.poison();
+        dh.poison();
+        cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr);
+        GPU_CHECK(cudaGetLastError());
+        GPU_CHECK(cudaDeviceSynchronize());
+        expect_bits(testing::download_raw<uint16_t>(ddg.get(), R * N), want_dg, owned, N, "dg");
+        expect_bits(testing::download_raw<uint16_t>(dh.get(), R * F), want_h, owned, F, "h");
+    }
+}
+
+TEST(GpuDgradActivation, MatchesTheUnfusedPathBitwise) {
+    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
+    const std::vector<Case> cases = {
+        {"listed counts", 128, 64, {0, 1, 129, 300}, 5, Activation::kSwiGLU, false},
+        {"F=72", 256, 72, {7, 0, 130, 256, 1}, 3, Activation::kGeGLU, false},
+        {"128 experts ~200 rows (Pingpong)", 512, 96, random_counts(128, 200, 7), 0, Activation::kSwiGLU, false},
+        {"8 experts ~600 rows (Cooperative)", 256, 128, random_counts(8, 600, 8), 9, Activation::kSwiGLU, false},
+    };
+    for (const auto& c : cases) {
+        run_case(c);
+        Case i = c;
+        i.interleaved = true;
+        i.act = c.act == Activation::kSwiGLU ? Activation::kGeGLU : Activation::kSwiGLU;
+        run_case(i);
+    }
+}
+
+// bf16 against the CPU specification (double sums, bf16 roundings of dh, dg and h), and fp32 on CUDA (the three
+// stages) against the CPU's fp32 within fp32 rounding.
+TEST(GpuDgradActivation, MatchesTheCpuSpecification) {
+    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
+    const int64_t E = 5, H = 96, F = 40, N = 2 * F;
+    const std::vector<int32_t> counts = {20, 0, 3, 64, 17};
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    const int64_t owned = offsets[E], R = owned + 4;
+    for (DType t : {DType::kBF16, DType::kF32}) {
+        SCOPED_TRACE(to_string(t));
+        const test::HostTensor dc = test::HostTensor::from_floats(testing::random_values(R * H, t, -1, 1, 311), t, {R, H});
+        const test::HostTensor w2 =
+            test::HostTensor::from_floats(testing::random_values(E * H * F, t, -0.5f, 0.5f, 312), t, {E, H, F});
+        const test::HostTensor g = test::HostTensor::from_floats(testing::random_values(R * N, t, -4, 4, 313), t, {R, N});
+        test::HostTensor off(DType::kI32, {E + 1}), dg(t, {R, N}), h(t, {R, F});
+        for (int64_t e = 0; e <= E; ++e) off.ptr<int32_t>()[e] = offsets[e];
+        grouped_gemm_dgrad_activation(Activation::kSwiGLU, dc.ref(), w2.ref(), off.ref(), g.ref(), dg.ref(), h.ref(),
+                                      nullptr, 0);
+        DeviceBuffer ddc, dw2, dgi, doff, ddg, dh;
+        testing::upload(ddc, dc.to_floats(), t);
+        testing::upload(dw2, w2.to_floats(), t);
+        testing::upload(dgi, g.to_floats(), t);
+        testing::upload_raw(doff, offsets);
+        ddg.reset(R * N * dtype_size(t));
+        dh.reset(R * F * dtype_size(t));
+        ddg.poison();
+        dh.poison();
+        const size_t ws = grouped_gemm_grad_workspace_size(Device::kCUDA, t, E, H, F, R);
+        DeviceBuffer w(ws);
+        grouped_gemm_dgrad_activation(Activation::kSwiGLU, dev_ref(ddc, t, {R, H}), dev_ref(dw2, t, {E, H, F}),
+                                      dev_ref(doff, DType::kI32, {E + 1}), dev_ref(dgi, t, {R, N}),
+                                      dev_ref(ddg, t, {R, N}), dev_ref(dh, t, {R, F}), w.get(), ws);
+        GPU_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> got_dg = testing::download(ddg.get(), R * N, t);
+        const std::vector<float> got_h = testing::download(dh.get(), R * F, t);
+        const double tol = t == DType::kBF16 ? 2e-2 : 1e-5;
+        EXPECT_TRUE(testing::all_close(got_dg, dg.to_floats(), tol, tol, "dg vs the CPU specification", N));
+        EXPECT_TRUE(testing::all_close(got_h, h.to_floats(), tol, tol, "h vs the CPU specification", F));
+        EXPECT_GT(testing::rms(dg.to_floats()), 1e-3) << "the reference must not be zeros";
+    }
+}
+
+TEST(GpuDgradActivation, RefusesWhatTheKernelCannotTake) {
+    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
+    cuda::GroupedGemmGradArgs a;
+    DeviceBuffer buf(1 << 16), off(64);
+    a.dc = buf.get();
+    a.b = buf.get();
+    a.dtype = DType::kBF16;
+    a.num_groups = 2;
+    a.n = 16;
+    a.k = 16;
+    a.max_rows = 8;
+    a.offsets = off.get<int32_t>();
+    a.act_g = buf.get();
+    a.act_dg = buf.get();  // overlaps act_g
+    a.act_h = static_cast<char*>(buf.get()) + 8192;
+    const size_t ws = cuda::grouped_gemm_grad_workspace_size(a);
+    DeviceBuffer w(ws);
+    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
+    a.act_dg = static_cast<char*>(buf.get()) + 4096;
+    a.activation = Activation::kReLU;
+    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
+    a.activation = Activation::kSwiGLU;
+    a.dgrad_tile = cuda::GroupedGemmTile::kLargeClusterN;
+    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace switchyard
