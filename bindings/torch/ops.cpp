@@ -377,8 +377,9 @@ at::Tensor combine_weights(const at::Tensor& w) {
     return w.to(at::kFloat).contiguous();
 }
 
+// num_rows: not read by the forward; the backward's hint (stages.h, combine_backward), saved by the autograd formula.
 at::Tensor combine_op(const at::Tensor& out_in, const at::Tensor& slot_row_in, const at::Tensor& w_in,
-                      const c10::optional<at::Tensor>& shared) {
+                      const c10::optional<at::Tensor>& shared, const c10::optional<at::Tensor>& /*num_rows*/) {
     return guarded([&] {
         const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = combine_weights(w_in);
         TORCH_CHECK(out.dim() == 2 && sr.dim() == 2, "switchyard.combine: expert_out [R, H] and slot_row [T, k] "
@@ -392,7 +393,8 @@ at::Tensor combine_op(const at::Tensor& out_in, const at::Tensor& slot_row_in, c
 }
 
 std::tuple<at::Tensor, at::Tensor> combine_backward_op(const at::Tensor& dy_in, const at::Tensor& out_in,
-                                                       const at::Tensor& slot_row_in, const at::Tensor& w_in) {
+                                                       const at::Tensor& slot_row_in, const at::Tensor& w_in,
+                                                       const c10::optional<at::Tensor>& num_rows) {
     return guarded([&] {
         const at::Tensor out = out_in.contiguous(), sr = slot_row_in.contiguous(), w = combine_weights(w_in);
         const at::Tensor dy = dy_in.to(out.scalar_type()).contiguous();
@@ -400,7 +402,9 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_op(const at::Tensor& dy_in, 
                     "[T, k] expected, got ", out.sizes(), " and ", sr.sizes());
         at::Tensor d_out = at::empty_like(out);  // rows no pair points at are written as 0
         at::Tensor d_w = at::empty({sr.size(0), sr.size(1)}, w.options());
-        combine_backward(ref(dy), ref(out), ref(sr), ref(w), ref(d_out), ref(d_w), stream_of(out));
+        at::Tensor nr;
+        if (num_rows.has_value() && num_rows->defined()) nr = num_rows->contiguous();
+        combine_backward(ref(dy), ref(out), ref(sr), ref(w), ref(d_out), ref(d_w), stream_of(out), ref_or_none(nr));
         return std::make_tuple(d_out, d_w.to(w_in.scalar_type()));
     });
 }
@@ -591,8 +595,10 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("interleave_gate_up(Tensor w13, bool inverse) -> Tensor");
     m.def("activation(Tensor g, int activation, bool interleaved=False) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation, bool interleaved=False) -> Tensor");
-    m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared) -> Tensor");
-    m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights) -> (Tensor, Tensor)");
+    m.def("combine(Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? shared, Tensor? num_rows=None) -> "
+          "Tensor");
+    m.def("combine_backward(Tensor dy, Tensor expert_out, Tensor slot_row, Tensor weights, Tensor? num_rows=None) -> "
+          "(Tensor, Tensor)");
     m.def("moe_fused(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
           "float routed_scale, int num_groups, int topk_groups, int activation, bool gate_up_interleaved=False) -> "

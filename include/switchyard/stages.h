@@ -204,9 +204,12 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
              const TensorRef& shared_gate = TensorRef());
 // d_out [R, H]: d_out[slot_row[t, j]] = w[t, j] * dy[t], rows no pair points at are 0; d_weights [T, k] =
 // <dy[t], out[slot_row[t, j]]> (0 for dropped pairs). The shared expert's gradient is dy itself.
+// num_rows: optional int32 [1] on the operands' device, for a slot_row whose pairs point at exactly the rows
+// [0, num_rows[0]) (a routing plan's, with num_rows = offsets[E], e.g. a view of the offsets): only rows
+// [num_rows[0], R) are then zeroed, rather than all of d_out before the pairs' rows are written.
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
-                      cudaStream_t stream = nullptr);
+                      cudaStream_t stream = nullptr, const TensorRef& num_rows = TensorRef());
 
 // ---- router backward ----------------------------------------------------------------------------------------------
 // d_logits [T, E] (overwritten) = d_weights [T, k] . d w / d logits for the fixed selection topk_ids (uses

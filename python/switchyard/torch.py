@@ -167,12 +167,12 @@ def _activation_backward_fake(g, dh, activation, interleaved=False):
 
 
 @torch.library.register_fake("switchyard::combine")
-def _combine_fake(expert_out, slot_row, weights, shared):
+def _combine_fake(expert_out, slot_row, weights, shared, num_rows=None):
     return expert_out.new_empty((slot_row.shape[0], expert_out.shape[1]))
 
 
 @torch.library.register_fake("switchyard::combine_backward")
-def _combine_backward_fake(dy, expert_out, slot_row, weights):
+def _combine_backward_fake(dy, expert_out, slot_row, weights, num_rows=None):
     return torch.empty_like(expert_out), torch.empty_like(weights)
 
 
@@ -299,18 +299,18 @@ torch.library.register_autograd("switchyard::activation", _act_backward, setup_c
 
 
 def _combine_setup(ctx, inputs, output):
-    expert_out, slot_row, weights, shared = inputs
-    ctx.save_for_backward(expert_out, slot_row, weights)
+    expert_out, slot_row, weights, shared, num_rows = inputs
+    ctx.save_for_backward(expert_out, slot_row, weights, num_rows)
     ctx.has_shared = shared is not None
     ctx.shared_dtype = shared.dtype if shared is not None else None
 
 
 def _combine_backward(ctx, dy):
-    expert_out, slot_row, weights = ctx.saved_tensors
+    expert_out, slot_row, weights, num_rows = ctx.saved_tensors
     dy = dy.contiguous()
-    d_out, d_w = _ops.combine_backward(dy, expert_out, slot_row, weights)
+    d_out, d_w = _ops.combine_backward(dy, expert_out, slot_row, weights, num_rows)
     d_shared = dy.to(ctx.shared_dtype) if ctx.has_shared else None
-    return d_out, None, d_w, d_shared
+    return d_out, None, d_w, d_shared, None
 
 
 torch.library.register_autograd("switchyard::combine", _combine_backward, setup_context=_combine_setup)
@@ -891,7 +891,8 @@ class MoE(nn.Module):
             shared = self._expert_mm(_ops.activation(self._expert_mm(x2, "shared_w13", None), act), "shared_w2", None)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(F.linear(x2, self.shared_gate)) * shared
-        y = _ops.combine(out, slot_row, w, shared)
+        # offsets[E]: the plan's pairs point at exactly rows [0, offsets[E]), so combine_backward zeroes only the rest
+        y = _ops.combine(out, slot_row, w, shared, offsets[-1:])
         return y, logits, ids, offsets, counts
 
     # Whether this call can run the fused inference op: not inside torch.compile (the choice reads the input's address

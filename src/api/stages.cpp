@@ -529,8 +529,12 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
 
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const TensorRef& num_rows) {
     check_float_tensor(expert_out, "expert_out", {kAny, kAny});
+    if (num_rows.defined()) {
+        check_tensor(num_rows, "num_rows", DType::kI32, {1});
+        check_same_device(num_rows, "num_rows", expert_out, "expert_out");
+    }
     check_tensor(slot_row, "slot_row", DType::kI32, {kAny, kAny});
     check_same_device(slot_row, "slot_row", expert_out, "expert_out");
     const int64_t num_tokens = slot_row.shape[0], k = slot_row.shape[1], hidden = expert_out.shape[1];
@@ -546,7 +550,7 @@ void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const Te
                      "weights dtype=", to_string(weights.dtype), ", expected fp32 (or fp64 on the cpu)");
     api::check_backend(expert_out.device, "combine_backward");
     SWITCHYARD_DISPATCH(expert_out.device, combine_backward(dy, expert_out, slot_row, weights, d_out, d_weights),
-                        combine_backward(dy, expert_out, slot_row, weights, d_out, d_weights, stream));
+                        combine_backward(dy, expert_out, slot_row, weights, d_out, d_weights, stream, num_rows));
 }
 
 // ---- router backward ----------------------------------------------------------------------------------------------

@@ -375,10 +375,16 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
 
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const TensorRef& num_rows) {
     DeviceGuard guard(dy.device_index);
-    // Rows no pair points at get a zero gradient: the kernel writes only the rows pairs point at.
-    if (d_out.numel() > 0) SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(d_out.data, 0, d_out.nbytes(), stream));
+    // Rows no pair points at get a zero gradient: the kernel writes only the rows pairs point at. With num_rows those
+    // are the rows past num_rows[0].
+    if (num_rows.defined()) {
+        zero_rows_past_groups(d_out.data, d_out.dtype, num_rows.ptr<int32_t>(), 0, d_out.shape[1], d_out.shape[0],
+                              stream);
+    } else if (d_out.numel() > 0) {
+        SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(d_out.data, 0, d_out.nbytes(), stream));
+    }
     combine_backward_rows(expert_out.dtype, dy.data, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
                           slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], d_out.data,
                           d_weights.ptr<float>(), stream);

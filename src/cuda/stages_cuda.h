@@ -75,7 +75,7 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream);
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
                       const TensorRef& weights, const TensorRef& d_out, const TensorRef& d_weights,
-                      cudaStream_t stream);
+                      cudaStream_t stream, const TensorRef& num_rows);
 void route_backward(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,
                     const TensorRef& d_weights, const TensorRef& d_logits, cudaStream_t stream);
 size_t router_losses_backward_workspace_size(const MoEConfig& cfg);

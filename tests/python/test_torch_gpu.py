@@ -134,6 +134,14 @@ def test_backward_kernels_match_cpu_reference_fp32():
     d_out_ref, d_w_ref = ops.combine_backward(dy, out, slot_row, w)
     _close("combine_backward d_out", d_out.cpu(), d_out_ref, 1e-6, 1e-5)
     _close("combine_backward d_weights", d_w.cpu(), d_w_ref, 1e-5, 1e-5)
+    # The plan's hint: only rows past offsets[E] (the capacity drops some pairs here) are zeroed beforehand. A freed
+    # block of NaNs of d_out's size first, so that the op's output is likely to reuse it.
+    assert offsets[-1] < T * K
+    del d_out
+    torch.full((T * K, H), float("nan"), device="cuda")
+    d_out_h, d_w_h = ops.combine_backward(dev(dy), dev(out), dev(slot_row), dev(w), dev(offsets)[-1:])
+    _close("combine_backward d_out with num_rows", d_out_h.cpu(), d_out_ref, 1e-6, 1e-5)
+    assert torch.equal(d_w_h, d_w)
 
 
 @pytest.mark.parametrize("score_function", [0, 1, 2], ids=["softmax", "topk-softmax", "sigmoid"])

@@ -10,9 +10,10 @@
 // gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
 // activation_bwd   one block per row; elementwise (act_fn.cuh's derivatives: silu' = s (1 + v (1 - s)), gelu_tanh' as
 //                  in ref, relu' = [v > 0]).
-// combine_backward one block per token: d_out rows written by the single (t, j) that owns them; d_weights[t, j] is a
-//                  block reduction of per-thread partial sums (thread i sums columns i, i + blockDim, ... in order),
-//                  then a fixed shared-memory tree: bitwise reproducible, no atomics.
+// combine_backward one block per token: d_out rows written by the single (t, j) that owns them (16-byte vectors where
+//                  the rows allow); d_weights[t, j] is a block reduction of per-thread partial sums (thread i sums its
+//                  columns in order), then a fixed xor tree per warp and the warps' sums in order: bitwise
+//                  reproducible, no atomics.
 #include "cuda/backward/backward.h"
 
 #include <algorithm>
@@ -199,12 +200,14 @@ __global__ void __launch_bounds__(kBwdThreads)
     }
 }
 
-template <typename T>
+// kVec: 16-byte vectors of dy, expert_out and d_out (hidden % kVecElems<T> == 0, 16-byte aligned bases).
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
     combine_backward_kernel(const T* __restrict__ dy, const T* __restrict__ expert_out,
                             const int32_t* __restrict__ slot_row, const float* __restrict__ weights, int top_k,
                             int64_t hidden, T* __restrict__ d_out, float* __restrict__ d_weights) {
-    __shared__ float red[kBwdThreads];
+    constexpr int kWarps = kBwdThreads / 32;
+    __shared__ float red[kWarps];
     const int64_t t = blockIdx.x;
     const T* g = dy + t * hidden;
     for (int j = 0; j < top_k; ++j) {
@@ -217,18 +220,35 @@ __global__ void __launch_bounds__(kBwdThreads)
         const T* o = expert_out + static_cast<int64_t>(r) * hidden;
         T* d = d_out + static_cast<int64_t>(r) * hidden;
         float part = 0.0f;
-        for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
-            const float gv = to_f32(g[h]);
-            part = fmaf(gv, to_f32(o[h]), part);
-            d[h] = from_f32<T>(w * gv);
+        if constexpr (kVec) {
+            constexpr int kN = kVecElems<T>;
+            for (int64_t i = threadIdx.x; i < hidden / kN; i += kBwdThreads) {
+                const Vec16<T> gv = reinterpret_cast<const Vec16<T>*>(g)[i];
+                const Vec16<T> ov = reinterpret_cast<const Vec16<T>*>(o)[i];
+                Vec16<T> dv;
+#pragma unroll
+                for (int q = 0; q < kN; ++q) {
+                    const float gq = to_f32(gv.v[q]);
+                    part = fmaf(gq, to_f32(ov.v[q]), part);
+                    dv.v[q] = from_f32<T>(w * gq);
+                }
+                reinterpret_cast<Vec16<T>*>(d)[i] = dv;
+            }
+        } else {
+            for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
+                const float gv = to_f32(g[h]);
+                part = fmaf(gv, to_f32(o[h]), part);
+                d[h] = from_f32<T>(w * gv);
+            }
         }
-        red[threadIdx.x] = part;
+        part = lanes_sum<32>(part);  // fixed xor tree, then the warps' sums in order: the same bits every run
+        if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = part;
         __syncthreads();
-        for (int s = kBwdThreads / 2; s > 0; s >>= 1) {  // fixed tree: same order every run
-            if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-            __syncthreads();
+        if (threadIdx.x == 0) {
+            float sum = red[0];
+            for (int i = 1; i < kWarps; ++i) sum += red[i];
+            d_weights[t * top_k + j] = sum;
         }
-        if (threadIdx.x == 0) d_weights[t * top_k + j] = red[0];
         __syncthreads();
     }
 }
@@ -332,7 +352,11 @@ void combine_backward_rows(DType dtype, const void* dy, const void* expert_out, 
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "combine_backward: num_tokens=", num_tokens, " exceed the grid");
     dispatch_float_dtype(dtype, "combine_backward", [&](auto tag) {
         using T = typename decltype(tag)::type;
-        combine_backward_kernel<T><<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
+        const bool vec = hidden % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(dy) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(expert_out) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(d_out) % 16 == 0;
+        const auto kernel = vec ? combine_backward_kernel<T, true> : combine_backward_kernel<T, false>;
+        kernel<<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
             static_cast<const T*>(dy), static_cast<const T*>(expert_out), slot_row, weights, static_cast<int>(top_k),
             hidden, static_cast<T*>(d_out), d_weights);
         SWITCHYARD_CUDA_CHECK_LAUNCH();

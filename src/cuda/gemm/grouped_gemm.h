@@ -81,7 +81,7 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
 const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args);
 // Writes 0 to rows [offsets[E], max_rows) of a row-major [max_rows, width] tensor of dtype (the rows no expert owns:
 // grouped_gemm leaves them untouched; offsets[0] = 0 as every routing plan has it). Reads offsets[E] on the device
-// (clamped to [0, max_rows]): no host synchronisation.
+// (clamped to [0, max_rows]): no host synchronisation. num_groups = 0 reads offsets[0]: a row count.
 void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
                            int64_t max_rows, cudaStream_t stream);
 

@@ -157,7 +157,7 @@ F32Params f32_params(const GroupedGemmGradArgs& g) {
 
 void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int64_t num_groups, int64_t width,
                            int64_t max_rows, cudaStream_t stream) {
-    SWITCHYARD_CHECK(num_groups >= 1 && width >= 0 && max_rows >= 0, "zero_rows_past_groups: num_groups=", num_groups,
+    SWITCHYARD_CHECK(num_groups >= 0 && width >= 0 && max_rows >= 0, "zero_rows_past_groups: num_groups=", num_groups,
                      " width=", width, " max_rows=", max_rows);
     if (max_rows == 0 || width == 0) return;
     zero_tail_rows(base, dtype, offsets, num_groups, width, max_rows, device_facts().sm_count, stream);
