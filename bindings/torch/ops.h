@@ -19,8 +19,8 @@
 //                                          grouped_gemm_fp8 (W8A8, the recipe in stages.h); mode 1 fp8-block,
 //                                          2 fp8-tensor; autograd raises if anything needs a gradient through it
 //   activation / activation_backward       g [R, 2F or F] -> h [R, F]
-//   grouped_mm_dgrad_activation            dc [T*k, H], w2, g [T*k, 2F] -> dg [T*k, 2F], h [T*k, F]: GEMM2's dgrad
-//                                          with the gated activation's backward (and h recomputed) in its epilogue
+//   grouped_mm_dgrad_activation            dc [T*k, H], w2, g [T*k, 2F] -> dg [T*k, 2F], h [T*k, F]: GEMM2's dgrad,
+//                                          the gated activation's backward and h recomputed, in one op
 //   combine / combine_backward             out [T*k, H], slot_row, weights (+ shared [T, H]) -> y [T, H]
 //   moe_fused (inference, no backward)     x, gate, w13, w2 (+ shared) -> y, logits, ids, counts: route_fused +
 //                                          experts_fused, the small-batch path in four kernels on CUDA

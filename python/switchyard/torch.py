@@ -15,9 +15,9 @@ fake (meta) implementation for shape inference and an autograd formula that call
     out [T*k, H]   = activated_grouped_mm(g1, w2)            = grouped_mm(activation(g1), w2, offsets); backward
                                                              recomputes h = activation(g1) (not saved): gated, in
                                                              grouped_mm_dgrad_activation (dgrad, activation_backward
-                                                             and h in one kernel on bf16 CUDA), then
-                                                             grouped_mm_wgrad; else activation, grouped_mm_wgrad,
-                                                             grouped_mm_dgrad, activation_backward
+                                                             and h in one op), then grouped_mm_wgrad; else
+                                                             activation, grouped_mm_wgrad, grouped_mm_dgrad,
+                                                             activation_backward
     shared [T, H]  = F.linear(act(F.linear(x, shared_w13)), shared_w2)   (shared experts, when configured)
     y  [T, H]      = combine(out, slot_row, w, shared)       backward: combine_backward
     aux, z         = router_losses(logits, ids)              backward: router_losses_backward
@@ -381,8 +381,8 @@ def _agmm_backward(ctx, dc):
     dc = dc.contiguous()
     dg = db = None
     if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and ctx.activation in _GATED_ACTIVATIONS:
-        # dh never stored: its rows go through the activation's backward in the dgrad's epilogue, which also
-        # recomputes h; dg and h [T*k, 3F] are live together as h and dh + dg were in the steps below.
+        # one op for the dgrad, the activation's backward and the recomputed h (dh kept in h's memory): dg and h
+        # [T*k, 3F] are live together as h and dh + dg were in the steps below.
         dg, h = _ops.grouped_mm_dgrad_activation(dc, b, offsets, g, ctx.activation, ctx.interleaved)
         db = _ops.grouped_mm_wgrad(dc, h, offsets)
         return dg, None, db, None, None

@@ -346,23 +346,14 @@ void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const Te
                                    size_t workspace_bytes, cudaStream_t stream, bool gate_up_interleaved) {
     DeviceGuard guard(dc.device_index);
     const int64_t rows = dc.shape[0], groups = w2.shape[0], ffn = w2.shape[2];
-    if (dc.dtype != DType::kBF16) {  // the three stages of the specification, dh held in h until h is computed
-        run_grad(true, dc, w2, offsets, h, workspace, workspace_bytes, stream);
-        activation_backward_rows(act, g.dtype, g.data, h.data, rows, ffn, dg.data, stream, gate_up_interleaved);
-        activation_rows(act, g.dtype, g.data, rows, nullptr, ffn, h.data, stream, gate_up_interleaved);
-        zero_rows_past_groups(dg.data, dg.dtype, offsets.ptr<int32_t>(), groups, 2 * ffn, rows, stream);
-        zero_rows_past_groups(h.data, h.dtype, offsets.ptr<int32_t>(), groups, ffn, rows, stream);
-        return;
-    }
-    auto a = sized<GroupedGemmGradArgs>(dc.dtype, groups, w2.shape[1], ffn, rows, offsets.ptr<int32_t>());
-    a.dc = dc.data;
-    a.b = w2.data;
-    a.act_g = g.data;
-    a.act_dg = dg.data;
-    a.act_h = h.data;
-    a.activation = act;
-    a.gate_up_interleaved = gate_up_interleaved;
-    cuda::grouped_gemm_dgrad(a, workspace, workspace_bytes, stream);
+    // The three kernels of the specification, dh held in h until h is computed. The dgrad with the activation's
+    // backward in its epilogue (cuda::grouped_gemm_dgrad with act_g) measured 1.2-2.8x slower than these on an H100
+    // (bench/NOTES.md, "The backward's element-wise passes"), so the stage does not run it.
+    run_grad(true, dc, w2, offsets, h, workspace, workspace_bytes, stream);
+    activation_backward_rows(act, g.dtype, g.data, h.data, rows, ffn, dg.data, stream, gate_up_interleaved);
+    activation_rows(act, g.dtype, g.data, rows, nullptr, ffn, h.data, stream, gate_up_interleaved);
+    zero_rows_past_groups(dg.data, dg.dtype, offsets.ptr<int32_t>(), groups, 2 * ffn, rows, stream);
+    zero_rows_past_groups(h.data, h.dtype, offsets.ptr<int32_t>(), groups, ffn, rows, stream);
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

@@ -185,10 +185,10 @@ def test_interleaved_module_trains_as_the_plain_one_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the dgrad epilogue needs an sm_90 GPU")
+                    reason="the bf16 grouped GEMMs need an sm_90 GPU")
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
-def test_dgrad_activation_epilogue_on_cuda_gives_the_unfused_bits(act, interleaved):
+def test_dgrad_activation_op_on_cuda_gives_the_unfused_bits(act, interleaved):
     dc, w2, offsets, g = _dgrad_activation_case("cuda", torch.bfloat16, h=256, f=192)
     dg, h = torch.ops.switchyard.grouped_mm_dgrad_activation(dc, w2, offsets, g, act, interleaved)
     want_dg, want_h = _dgrad_activation_three_ops(dc, w2, offsets, g, act, interleaved)

@@ -249,51 +249,36 @@ private:
         ElementD* dg = params_.dg + row0 * 2 * ffn;
         ElementD* h = params_.h + row0 * ffn;
 
-        // Loads are batched: a batch's gate and up pairs are all loaded before its first store, so that kBatch
-        // chunks' loads are in flight at once (a load after a store to dg could alias it and would wait for it).
-        constexpr int kBatch = kChunks < 16 ? kChunks : 16;
-        static_assert(kChunks % kBatch == 0, "whole batches of accumulator chunks");
         CUTLASS_PRAGMA_UNROLL
         for (int mm = 0; mm < kMmaM; ++mm) {
             CUTLASS_PRAGMA_UNROLL
             for (int nn = 0; nn < kMmaN; ++nn) {
                 CUTLASS_PRAGMA_UNROLL
                 for (int r = 0; r < 2; ++r) {
-                    const int64_t row = get<0>(t_crd(make_coord(make_coord(0, r, 0), mm, nn)));
-                    if (row >= M) continue;
-                    const ElementD* g_row = g + row * 2 * ffn;
                     CUTLASS_PRAGMA_UNROLL
-                    for (int v0 = 0; v0 < kChunks; v0 += kBatch) {
-                        Pair gate[kBatch], up[kBatch];
+                    for (int v = 0; v < kChunks; ++v) {
+                        const auto crd = t_crd(make_coord(make_coord(0, r, v), mm, nn));
+                        const int64_t row = get<0>(crd);
+                        const int f = get<1>(crd);  // even; f + 1 < N as N % 8 == 0
+                        if (row >= M || f >= N) continue;
+                        const int64_t gate_col = row * 2 * ffn + gate_column(f, interleaved);
+                        const int64_t up_col = row * 2 * ffn + up_column(f, ffn, interleaved);
+                        const Pair gate = *reinterpret_cast<const Pair*>(g + gate_col);
+                        const Pair up = *reinterpret_cast<const Pair*>(g + up_col);
+                        Pair d_gate, d_up, hv;
                         CUTLASS_PRAGMA_UNROLL
-                        for (int i = 0; i < kBatch; ++i) {
-                            const int f = get<1>(t_crd(make_coord(make_coord(0, r, v0 + i), mm, nn)));  // even
-                            if (f < N) {  // f + 1 < N too: N % 8 == 0
-                                gate[i] = *reinterpret_cast<const Pair*>(g_row + gate_column(f, interleaved));
-                                up[i] = *reinterpret_cast<const Pair*>(g_row + up_column(f, ffn, interleaved));
-                            }
+                        for (int c = 0; c < 2; ++c) {
+                            const float dv = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
+                            const float a = static_cast<float>(gate[c]), u = static_cast<float>(up[c]);
+                            float dga, dup;
+                            gated_activation_grad<kAct>(dv, a, u, dga, dup);
+                            d_gate[c] = ElementD(dga);
+                            d_up[c] = ElementD(dup);
+                            hv[c] = ElementD(act_fn<kAct, kFastAct<ElementD>>(a) * u);
                         }
-                        CUTLASS_PRAGMA_UNROLL
-                        for (int i = 0; i < kBatch; ++i) {
-                            const int v = v0 + i;
-                            const int f = get<1>(t_crd(make_coord(make_coord(0, r, v), mm, nn)));
-                            if (f >= N) continue;
-                            Pair d_gate, d_up, hv;
-                            CUTLASS_PRAGMA_UNROLL
-                            for (int c = 0; c < 2; ++c) {
-                                const float dv =
-                                    static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
-                                const float a = static_cast<float>(gate[i][c]), u = static_cast<float>(up[i][c]);
-                                float dga, dup;
-                                gated_activation_grad<kAct>(dv, a, u, dga, dup);
-                                d_gate[c] = ElementD(dga);
-                                d_up[c] = ElementD(dup);
-                                hv[c] = ElementD(act_fn<kAct, kFastAct<ElementD>>(a) * u);
-                            }
-                            *reinterpret_cast<Pair*>(dg + row * 2 * ffn + gate_column(f, interleaved)) = d_gate;
-                            *reinterpret_cast<Pair*>(dg + row * 2 * ffn + up_column(f, ffn, interleaved)) = d_up;
-                            *reinterpret_cast<Pair*>(h + row * ffn + f) = hv;
-                        }
+                        *reinterpret_cast<Pair*>(dg + gate_col) = d_gate;
+                        *reinterpret_cast<Pair*>(dg + up_col) = d_up;
+                        *reinterpret_cast<Pair*>(h + row * ffn + f) = hv;
                     }
                 }
             }
