@@ -373,6 +373,16 @@ int main(int argc, char** argv) {
                     args.k = g.k;
                     args.max_rows = total;
                     args.offsets = d_off;
+                    auto grad_args = [&] {  // the gradient GEMMs of this problem (operands set by the caller)
+                        switchyard::cuda::GroupedGemmGradArgs ga;
+                        ga.dtype = switchyard::DType::kBF16;
+                        ga.num_groups = m.experts;
+                        ga.n = g.n;
+                        ga.k = g.k;
+                        ga.max_rows = total;
+                        ga.offsets = d_off;
+                        return ga;
+                    };
                     const size_t ws_bytes = switchyard::cuda::grouped_gemm_workspace_size(args);
                     void* ws = nullptr;
                     BENCH_CUDA(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 256)));
@@ -490,13 +500,7 @@ int main(int argc, char** argv) {
                         BENCH_CUDA(cudaMalloc(&dh, size_t(total) * F * 2 + 16));
                         BENCH_CUDA(cudaMalloc(&dg, size_t(total) * 2 * F * 2 + 16));
                         BENCH_CUDA(cudaMalloc(&hb, size_t(total) * F * 2 + 16));
-                        switchyard::cuda::GroupedGemmGradArgs ga;
-                        ga.dtype = switchyard::DType::kBF16;
-                        ga.num_groups = m.experts;
-                        ga.n = g.n;
-                        ga.k = g.k;
-                        ga.max_rows = total;
-                        ga.offsets = d_off;
+                        switchyard::cuda::GroupedGemmGradArgs ga = grad_args();
                         const size_t gws_bytes = switchyard::cuda::grouped_gemm_grad_workspace_size(ga);
                         BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
                         auto unfused = [&](size_t s) {
@@ -568,13 +572,7 @@ int main(int argc, char** argv) {
                         void *da = nullptr, *db = nullptr, *gws = nullptr;
                         BENCH_CUDA(cudaMalloc(&da, a_bytes + 16));
                         BENCH_CUDA(cudaMalloc(&db, b_bytes));
-                        switchyard::cuda::GroupedGemmGradArgs ga;
-                        ga.dtype = switchyard::DType::kBF16;
-                        ga.num_groups = m.experts;
-                        ga.n = g.n;
-                        ga.k = g.k;
-                        ga.max_rows = total;
-                        ga.offsets = d_off;
+                        switchyard::cuda::GroupedGemmGradArgs ga = grad_args();
                         const size_t gws_bytes = switchyard::cuda::grouped_gemm_grad_workspace_size(ga);
                         BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
                         for (bool wgrad : {false, true}) {

@@ -29,29 +29,12 @@ namespace switchyard {
 namespace {
 
 using testing::DeviceBuffer;
+// gpu_test_util.h's helpers under this file's short names.
+constexpr auto* sm90 = &testing::sm90_device;
+constexpr auto* dev_ref = &testing::device_ref;
+constexpr auto* random_counts = &testing::poisson_counts;
 
-bool sm90() {
-    int count = 0, major = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-        cudaGetLastError();
-        return false;
-    }
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-    return major == 9;
-}
 
-TensorRef dev_ref(const DeviceBuffer& b, DType t, std::initializer_list<int64_t> dims) {
-    return TensorRef(b.get(), t, dims, Device::kCUDA, 0);
-}
-
-std::vector<int32_t> random_counts(int E, int mean, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::poisson_distribution<int> d(mean);
-    std::vector<int32_t> c(E);
-    for (auto& v : c) v = d(rng);
-    c[1] = 0;  // an empty expert
-    return c;
-}
 
 struct Case {
     std::string name;
@@ -191,10 +174,11 @@ TEST(GpuDgradActivation, MatchesTheCpuSpecification) {
     const int64_t owned = offsets[E], R = owned + 4;
     for (DType t : {DType::kBF16, DType::kF32}) {
         SCOPED_TRACE(to_string(t));
-        const test::HostTensor dc = test::HostTensor::from_floats(testing::random_values(R * H, t, -1, 1, 311), t, {R, H});
-        const test::HostTensor w2 =
-            test::HostTensor::from_floats(testing::random_values(E * H * F, t, -0.5f, 0.5f, 312), t, {E, H, F});
-        const test::HostTensor g = test::HostTensor::from_floats(testing::random_values(R * N, t, -4, 4, 313), t, {R, N});
+        using test::HostTensor;
+        const HostTensor dc = HostTensor::from_floats(testing::random_values(R * H, t, -1, 1, 311), t, {R, H});
+        const HostTensor w2 =
+            HostTensor::from_floats(testing::random_values(E * H * F, t, -0.5f, 0.5f, 312), t, {E, H, F});
+        const HostTensor g = HostTensor::from_floats(testing::random_values(R * N, t, -4, 4, 313), t, {R, N});
         test::HostTensor off(DType::kI32, {E + 1}), dg(t, {R, N}), h(t, {R, F});
         for (int64_t e = 0; e <= E; ++e) off.ptr<int32_t>()[e] = offsets[e];
         grouped_gemm_dgrad_activation(Activation::kSwiGLU, dc.ref(), w2.ref(), off.ref(), g.ref(), dg.ref(), h.ref(),

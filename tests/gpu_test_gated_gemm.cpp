@@ -30,20 +30,11 @@ namespace switchyard {
 namespace {
 
 using testing::DeviceBuffer;
+// gpu_test_util.h's helpers under this file's short names.
+constexpr auto* sm90 = &testing::sm90_device;
+constexpr auto* dev_ref = &testing::device_ref;
+constexpr auto* random_counts = &testing::poisson_counts;
 
-bool sm90() {
-    int count = 0, major = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-        cudaGetLastError();
-        return false;
-    }
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-    return major == 9;
-}
-
-TensorRef dev_ref(const DeviceBuffer& b, DType t, std::initializer_list<int64_t> dims) {
-    return TensorRef(b.get(), t, dims, Device::kCUDA, 0);
-}
 
 struct GatedCase {
     std::string name;
@@ -53,14 +44,6 @@ struct GatedCase {
     Activation act;
 };
 
-std::vector<int32_t> random_counts(int E, int mean, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::poisson_distribution<int> d(mean);
-    std::vector<int32_t> c(E);
-    for (auto& v : c) v = d(rng);
-    c[1] = 0;  // an empty expert
-    return c;
-}
 
 void run_case(const GatedCase& c, bool zero_unowned) {
     SCOPED_TRACE(c.name + (zero_unowned ? " (zero unowned rows)" : " (unowned rows untouched)"));

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "switchyard/dtype.h"
+#include "switchyard/tensor.h"
 
 #define SWITCHYARD_SKIP_WITHOUT_GPU()                                                     \
     do {                                                                                  \
@@ -208,6 +209,32 @@ inline ::testing::AssertionResult bitwise_equal(const std::vector<uint8_t>& a, c
             return ::testing::AssertionFailure() << what << ": first differing byte " << i << " (" << +a[i] << " vs "
                                                  << +b[i] << ")";
     return ::testing::AssertionSuccess();
+}
+
+// Whether device 0 is an sm_90 GPU (the architecture of the CUTLASS kernels); false without a device.
+inline bool sm90_device() {
+    int count = 0, major = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        cudaGetLastError();
+        return false;
+    }
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+    return major == 9;
+}
+
+// A CUDA TensorRef (device 0) over a DeviceBuffer.
+inline TensorRef device_ref(const DeviceBuffer& b, DType t, std::initializer_list<int64_t> dims) {
+    return TensorRef(b.get(), t, dims, Device::kCUDA, 0);
+}
+
+// Rows per expert: Poisson(mean) for each of num_experts experts, expert 1 left empty.
+inline std::vector<int32_t> poisson_counts(int num_experts, int mean, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::poisson_distribution<int> d(mean);
+    std::vector<int32_t> c(num_experts);
+    for (auto& v : c) v = d(rng);
+    c[1] = 0;
+    return c;
 }
 
 }  // namespace testing
