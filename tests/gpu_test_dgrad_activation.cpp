@@ -34,8 +34,6 @@ constexpr auto* sm90 = &testing::sm90_device;
 constexpr auto* dev_ref = &testing::device_ref;
 constexpr auto* random_counts = &testing::poisson_counts;
 
-
-
 struct Case {
     std::string name;
     int64_t H, F;
