@@ -19,11 +19,7 @@
 // --gated adds, after each up GEMM, GEMM1 followed by the SwiGLU activation two ways, timed in alternation (two
 // rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
 // back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
-// floor (weights hit + A read + h written). After each down GEMM it adds GEMM2's input gradient through the SwiGLU
-// backward two ways, alternated the same way: "down dgrad+act" (grouped_gemm_dgrad into dh, the activation_backward
-// kernel into dg, the activation kernel recomputing h: the unfused backward) and "down dgrad act" (the dgrad with the
-// activation's backward in its epilogue, GroupedGemmGradArgs::act_g, writing dg and h; with the Cooperative and
-// Pingpong tiles as alternatives); their floor: dC + weights hit + g read, dg + h written.
+// floor (weights hit + A read + h written).
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -40,7 +36,6 @@
 #include <string>
 #include <vector>
 
-#include "cuda/backward/backward.h"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_stages.h"
 #include "switchyard/error.h"
@@ -373,16 +368,6 @@ int main(int argc, char** argv) {
                     args.k = g.k;
                     args.max_rows = total;
                     args.offsets = d_off;
-                    auto grad_args = [&] {  // the gradient GEMMs of this problem (operands set by the caller)
-                        switchyard::cuda::GroupedGemmGradArgs ga;
-                        ga.dtype = switchyard::DType::kBF16;
-                        ga.num_groups = m.experts;
-                        ga.n = g.n;
-                        ga.k = g.k;
-                        ga.max_rows = total;
-                        ga.offsets = d_off;
-                        return ga;
-                    };
                     const size_t ws_bytes = switchyard::cuda::grouped_gemm_workspace_size(args);
                     void* ws = nullptr;
                     BENCH_CUDA(cudaMalloc(&ws, std::max<size_t>(ws_bytes, 256)));
@@ -486,93 +471,19 @@ int main(int argc, char** argv) {
                         BENCH_CUDA(cudaFree(gws));
                         for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaFree(hs[s]));
                     }
-                    if (o.gated && g.n == m.hidden && g.k == m.ffn) {
-                        // GEMM2's dgrad through the SwiGLU backward: dC = cs, w2 = bs; g [rows, 2F] rotated with the
-                        // sets, the outputs (dh, dg, h) one buffer each.
-                        const int64_t F = m.ffn;
-                        std::vector<void*> g1s(sets);
-                        for (size_t s = 0; s < sets; ++s) {
-                            BENCH_CUDA(cudaMalloc(&g1s[s], size_t(total) * 2 * F * 2 + 16));
-                            fill(g1s[s], total * 2 * F, 400 + static_cast<uint32_t>(s));
-                            fill(cs[s], total * g.n, 300 + static_cast<uint32_t>(s));
-                        }
-                        void *dh = nullptr, *dg = nullptr, *hb = nullptr, *gws = nullptr;
-                        BENCH_CUDA(cudaMalloc(&dh, size_t(total) * F * 2 + 16));
-                        BENCH_CUDA(cudaMalloc(&dg, size_t(total) * 2 * F * 2 + 16));
-                        BENCH_CUDA(cudaMalloc(&hb, size_t(total) * F * 2 + 16));
-                        switchyard::cuda::GroupedGemmGradArgs ga = grad_args();
-                        const size_t gws_bytes = switchyard::cuda::grouped_gemm_grad_workspace_size(ga);
-                        BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
-                        auto unfused = [&](size_t s) {
-                            ga.dc = cs[s];
-                            ga.b = bs[s];
-                            ga.da = dh;
-                            ga.act_g = nullptr;
-                            switchyard::cuda::grouped_gemm_dgrad(ga, gws, gws_bytes, nullptr);
-                            switchyard::cuda::activation_backward_rows(switchyard::Activation::kSwiGLU,
-                                                                       switchyard::DType::kBF16, g1s[s], dh, total, F,
-                                                                       dg, nullptr);
-                            switchyard::cuda::activation_rows(switchyard::Activation::kSwiGLU,
-                                                              switchyard::DType::kBF16, g1s[s], total, nullptr, F, hb,
-                                                              nullptr);
-                        };
-                        using switchyard::cuda::GroupedGemmTile;
-                        auto fused_with = [&](GroupedGemmTile tile) {
-                            return [&, tile](size_t s) {
-                                switchyard::cuda::GroupedGemmGradArgs fa = ga;
-                                fa.dc = cs[s];
-                                fa.b = bs[s];
-                                fa.da = nullptr;
-                                fa.act_g = g1s[s];
-                                fa.act_dg = dg;
-                                fa.act_h = hb;
-                                fa.activation = switchyard::Activation::kSwiGLU;
-                                fa.dgrad_tile = tile;
-                                switchyard::cuda::grouped_gemm_dgrad(fa, gws, gws_bytes, nullptr);
-                            };
-                        };
-                        const std::pair<const char*, GroupedGemmTile> variants[] = {
-                            {"auto", GroupedGemmTile::kAuto},
-                            {"coop-2x1", GroupedGemmTile::kLarge},
-                            {"pingpong-64x256", GroupedGemmTile::kMedium}};
-                        double t_unfused = 0;
-                        std::vector<double> t_fused(3, 0.0);
-                        for (int round = 0; round < 2; ++round) {
-                            t_unfused = time_calls(unfused, sets, o);
-                            for (int v = 0; v < 3; ++v) t_fused[v] = time_calls(fused_with(variants[v].second), sets, o);
-                        }
-                        switchyard::cuda::GroupedGemmGradArgs named = ga;
-                        named.act_g = g1s[0];
-                        named.activation = switchyard::Activation::kSwiGLU;
-                        const double gbytes = double(c_bytes) + double(hit) * g.n * g.k * 2 +
-                                              double(total) * F * 2 * (2 + 2 + 1);
-                        const double gfloor =
-                            std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
-                        for (int fusedrow = 0; fusedrow < 2; ++fusedrow) {
-                            Row x = r;
-                            x.tiles.clear();
-                            x.gemm = fusedrow ? "down dgrad act" : "down dgrad+act";
-                            x.kernel = fusedrow ? switchyard::cuda::grouped_gemm_dgrad_kernel_name(named)
-                                                : std::string(switchyard::cuda::grouped_gemm_dgrad_kernel_name(ga)) +
-                                                      " + activation backward + activation";
-                            x.ms = fusedrow ? t_fused[0] : t_unfused;
-                            if (fusedrow)
-                                for (int v = 1; v < 3; ++v) x.tiles.emplace_back(variants[v].first, t_fused[v]);
-                            x.tflops = flops / (x.ms * 1e-3) / 1e12;
-                            x.floor_ms = gfloor;
-                            rows.push_back(x);
-                            print_row(x, ceil.bf16_tflops);
-                        }
-                        for (void* p : {dh, dg, hb, gws}) BENCH_CUDA(cudaFree(p));
-                        for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaFree(g1s[s]));
-                    }
                     if (o.backward) {
                         using switchyard::cuda::GemmRaster;
                         for (size_t s = 0; s < sets; ++s) fill(cs[s], total * g.n, 300 + static_cast<uint32_t>(s));
                         void *da = nullptr, *db = nullptr, *gws = nullptr;
                         BENCH_CUDA(cudaMalloc(&da, a_bytes + 16));
                         BENCH_CUDA(cudaMalloc(&db, b_bytes));
-                        switchyard::cuda::GroupedGemmGradArgs ga = grad_args();
+                        switchyard::cuda::GroupedGemmGradArgs ga;
+                        ga.dtype = switchyard::DType::kBF16;
+                        ga.num_groups = m.experts;
+                        ga.n = g.n;
+                        ga.k = g.k;
+                        ga.max_rows = total;
+                        ga.offsets = d_off;
                         const size_t gws_bytes = switchyard::cuda::grouped_gemm_grad_workspace_size(ga);
                         BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
                         for (bool wgrad : {false, true}) {

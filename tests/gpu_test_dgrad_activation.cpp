@@ -1,16 +1,11 @@
-// tests/gpu_test_dgrad_activation.cpp: grouped_gemm_dgrad_activation on CUDA (the stage: the three kernels in one call)
-// and cuda::grouped_gemm_dgrad with act_g (GEMM2's input gradient with the gated activation's backward in the CUTLASS
-// epilogue, gated_epilogue.cuh's DgradActivationEpilogueArray; measured slower, not used by the stage).
+// tests/gpu_test_dgrad_activation.cpp: grouped_gemm_dgrad_activation on CUDA: GEMM2's dgrad, the gated activation's
+// backward and the recomputed activation in one call.
 //
-// The fused kernel rounds dh to bf16 before the activation's backward, as the unfused path stores it, and uses the
-// same formulas (act_fn.cuh), so with the plain dgrad's tile it must give the bits of the unfused path on one card:
-// grouped_gemm_dgrad into dh, the activation_backward kernel into dg, the activation kernel into h. The Pingpong tile
-// reduces each output in the same k order, and is held to the same bits. Every case poisons the outputs first
-// (rows past offsets[E] must come back 0), runs twice for the same bits, covers groups of 0, 1 and 129 rows, an F
-// that no 256-wide tile divides (F = 72), 128 experts with random counts (the Pingpong rule) and experts of > 256 rows
-// (the Cooperative rule), both activations and both column layouts of g, and checks one case against the CPU
-// specification within bf16 rounding. fp32 on CUDA runs the three stages and must match the CPU within fp32
-// rounding. Skips without an sm_90 GPU.
+// It must give the bits of the three stages called one by one on the same card (grouped_gemm_dgrad into dh,
+// activation_backward, activation), with the rows past offsets[E] of dg and h written as 0 (outputs poisoned first)
+// and the same bits on a second run. Cases: groups of 0, 1 and 129 rows, an F that no 256-wide tile divides (F = 72),
+// 128 experts with random counts and experts of > 256 rows, both activations and both column layouts of g; bf16 and
+// fp32 against the CPU specification within their rounding. Skips without an sm_90 GPU.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -20,7 +15,6 @@
 #include <string>
 #include <vector>
 
-#include "cuda/gemm/grouped_gemm.h"
 #include "gpu_test_util.h"
 #include "switchyard/stages.h"
 #include "test_util.h"
@@ -95,8 +89,7 @@ void run_case(const Case& c) {
     std::vector<uint16_t> want_dg = testing::download_raw<uint16_t>(ddg_want.get(), R * N);
     std::vector<uint16_t> want_h = testing::download_raw<uint16_t>(dh_want.get(), R * F);
 
-    // The stage twice (rows past offsets[E] zeroed, the same bits again), then the fused kernel's tiles through the
-    // GEMM interface.
+    // The stage twice: rows past offsets[E] zeroed, the same bits again.
     std::vector<uint16_t> first_dg, first_h;
     for (int run = 0; run < 2; ++run) {
         ddg.poison();
@@ -117,40 +110,15 @@ void run_case(const Case& c) {
         expect_bits(got_dg, want_dg, owned, N, "dg (the stage)");
         expect_bits(got_h, want_h, owned, F, "h (the stage)");
     }
-    for (auto tile : {cuda::GroupedGemmTile::kAuto, cuda::GroupedGemmTile::kLarge, cuda::GroupedGemmTile::kMedium}) {
-        cuda::GroupedGemmGradArgs a;
-        a.dc = ddc.get();
-        a.b = dw2.get();
-        a.dtype = bf;
-        a.num_groups = E;
-        a.n = H;
-        a.k = F;
-        a.max_rows = R;
-        a.offsets = doff.get<int32_t>();
-        a.dgrad_tile = tile;
-        a.act_g = dg_in.get();
-        a.act_dg = ddg.get();
-        a.act_h = dh.get();
-        a.activation = c.act;
-        a.gate_up_interleaved = c.interleaved;
-        SCOPED_TRACE(cuda::grouped_gemm_dgrad_kernel_name(a));
-        ddg.poison();
-        dh.poison();
-        cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr);
-        GPU_CHECK(cudaGetLastError());
-        GPU_CHECK(cudaDeviceSynchronize());
-        expect_bits(testing::download_raw<uint16_t>(ddg.get(), R * N), want_dg, owned, N, "dg");
-        expect_bits(testing::download_raw<uint16_t>(dh.get(), R * F), want_h, owned, F, "h");
-    }
 }
 
-TEST(GpuDgradActivation, MatchesTheUnfusedPathBitwise) {
-    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
+TEST(GpuDgradActivation, GivesTheBitsOfTheThreeStages) {
+    if (!sm90()) GTEST_SKIP() << "the bf16 grouped GEMMs need an sm_90 GPU";
     const std::vector<Case> cases = {
         {"listed counts", 128, 64, {0, 1, 129, 300}, 5, Activation::kSwiGLU, false},
         {"F=72", 256, 72, {7, 0, 130, 256, 1}, 3, Activation::kGeGLU, false},
-        {"128 experts ~200 rows (Pingpong)", 512, 96, random_counts(128, 200, 7), 0, Activation::kSwiGLU, false},
-        {"8 experts ~600 rows (Cooperative)", 256, 128, random_counts(8, 600, 8), 9, Activation::kSwiGLU, false},
+        {"128 experts ~200 rows", 512, 96, random_counts(128, 200, 7), 0, Activation::kSwiGLU, false},
+        {"8 experts ~600 rows", 256, 128, random_counts(8, 600, 8), 9, Activation::kSwiGLU, false},
     };
     for (const auto& c : cases) {
         run_case(c);
@@ -164,7 +132,7 @@ TEST(GpuDgradActivation, MatchesTheUnfusedPathBitwise) {
 // bf16 against the CPU specification (double sums, bf16 roundings of dh, dg and h), and fp32 on CUDA (the three
 // stages) against the CPU's fp32 within fp32 rounding.
 TEST(GpuDgradActivation, MatchesTheCpuSpecification) {
-    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
+    if (!sm90()) GTEST_SKIP() << "the bf16 grouped GEMMs need an sm_90 GPU";
     const int64_t E = 5, H = 96, F = 40, N = 2 * F;
     const std::vector<int32_t> counts = {20, 0, 3, 64, 17};
     std::vector<int32_t> offsets(E + 1, 0);
@@ -203,32 +171,6 @@ TEST(GpuDgradActivation, MatchesTheCpuSpecification) {
         EXPECT_TRUE(testing::all_close(got_h, h.to_floats(), tol, tol, "h vs the CPU specification", F));
         EXPECT_GT(testing::rms(dg.to_floats()), 1e-3) << "the reference must not be zeros";
     }
-}
-
-TEST(GpuDgradActivation, RefusesWhatTheKernelCannotTake) {
-    if (!sm90()) GTEST_SKIP() << "the dgrad epilogue needs an sm_90 GPU";
-    cuda::GroupedGemmGradArgs a;
-    DeviceBuffer buf(1 << 16), off(64);
-    a.dc = buf.get();
-    a.b = buf.get();
-    a.dtype = DType::kBF16;
-    a.num_groups = 2;
-    a.n = 16;
-    a.k = 16;
-    a.max_rows = 8;
-    a.offsets = off.get<int32_t>();
-    a.act_g = buf.get();
-    a.act_dg = buf.get();  // overlaps act_g
-    a.act_h = static_cast<char*>(buf.get()) + 8192;
-    const size_t ws = cuda::grouped_gemm_grad_workspace_size(a);
-    DeviceBuffer w(ws);
-    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
-    a.act_dg = static_cast<char*>(buf.get()) + 4096;
-    a.activation = Activation::kReLU;
-    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
-    a.activation = Activation::kSwiGLU;
-    a.dgrad_tile = cuda::GroupedGemmTile::kLargeClusterN;
-    EXPECT_THROW(cuda::grouped_gemm_dgrad(a, w.get(), ws, nullptr), Error);
 }
 
 }  // namespace

@@ -188,9 +188,8 @@ void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh
 // the values of those three stages; rows at and past offsets[E] of dg and h are 0. act: kSwiGLU or kGeGLU; g [R, 2F]
 // in the plain or (gate_up_interleaved) interleaved column layout, dg in g's. dc [R, H], w2 [E, H, F]; one dtype.
 // Workspace: grouped_gemm_grad_workspace_size(device, dtype, E, H, F, R). CPU and CUDA: any float dtype, the three
-// stages' kernels in one call (dh kept in h's memory until h is written: no extra memory). A bf16 dgrad with the
-// activation's backward in its epilogue exists (cuda::grouped_gemm_dgrad, act_g) but measured slower than the three
-// kernels on an H100, so the stage does not run it (bench/NOTES.md).
+// stages' kernels in one call (dh kept in h's memory until h is written: no extra memory; a dgrad with the
+// activation's backward in its epilogue measured slower than the three kernels on an H100: bench/NOTES.md).
 void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const TensorRef& w2, const TensorRef& offsets,
                                    const TensorRef& g, const TensorRef& dg, const TensorRef& h, void* workspace,
                                    size_t workspace_bytes, cudaStream_t stream = nullptr,

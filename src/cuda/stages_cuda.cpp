@@ -346,14 +346,15 @@ void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const Te
                                    size_t workspace_bytes, cudaStream_t stream, bool gate_up_interleaved) {
     DeviceGuard guard(dc.device_index);
     const int64_t rows = dc.shape[0], groups = w2.shape[0], ffn = w2.shape[2];
-    // The three kernels of the specification, dh held in h until h is computed. The dgrad with the activation's
-    // backward in its epilogue (cuda::grouped_gemm_dgrad with act_g) measured 1.2-2.8x slower than these on an H100
-    // (bench/NOTES.md, "The backward's element-wise passes"), so the stage does not run it.
+    // The three kernels of the specification, dh held in h until h is computed (a dgrad with the activation's
+    // backward in its epilogue measured 1.2-2.8x slower than these on an H100: bench/NOTES.md, "The backward's
+    // element-wise passes"). The activation skips the rows past offsets[E] (num_rows), where the dgrad left zeros in
+    // h; dg's are zeroed.
+    const int32_t* owned = offsets.ptr<int32_t>() + groups;
     run_grad(true, dc, w2, offsets, h, workspace, workspace_bytes, stream);
     activation_backward_rows(act, g.dtype, g.data, h.data, rows, ffn, dg.data, stream, gate_up_interleaved);
-    activation_rows(act, g.dtype, g.data, rows, nullptr, ffn, h.data, stream, gate_up_interleaved);
+    activation_rows(act, g.dtype, g.data, rows, owned, ffn, h.data, stream, gate_up_interleaved);
     zero_rows_past_groups(dg.data, dg.dtype, offsets.ptr<int32_t>(), groups, 2 * ffn, rows, stream);
-    zero_rows_past_groups(h.data, h.dtype, offsets.ptr<int32_t>(), groups, ffn, rows, stream);
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

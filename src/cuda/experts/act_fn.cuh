@@ -4,7 +4,7 @@
 // fp32 in, fp32 out, as ref::apply_activation: SiLU v / (1 + exp(-v)) (SwiGLU), tanh-approximated GELU (GeGLU,
 // GELU), ReLU.
 // The derivatives (activation_grad, gated_activation_grad) are the accurate fp32 formulas of ref::activation_backward
-// on every path (activation_backward_kernel and the dgrad epilogue of grouped_gemm_sm90_backward.cuh share them).
+// (activation_backward_kernel).
 // kFast (the 16-bit paths: kFastAct<T>): the hardware exponential and an approximate division (__expf,
 // __fdividef), and GELU written as v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3), which is
 // 0.5 v (1 + tanh(u)) without tanh's cancellation: relative error about 1e-6 for |v| < 10, far below a 16-bit

@@ -112,26 +112,7 @@ struct GroupedGemmGradArgs {
     GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
     // dgrad's tile (its M is the expert's rows, as the forward's): kAuto (= kLarge, measured: grouped_gemm_backward.cu)
     // or kLargeClusterN (bf16; others are refused); wgrad (M = the weight's N, whatever the routing) runs kLarge.
-    // With act_g set: kAuto (the rule of grouped_gemm_backward.cu), kLarge (Cooperative 128x256, cluster 2x1) or
-    // kMedium / kSmall (Pingpong 64x256).
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
-    // dgrad with the gated activation's backward in its epilogue (GEMM2's input gradient; bf16, sm_90): when act_g is
-    // set, grouped_gemm_dgrad does not store dA = dh [max_rows, K = F] (da is not read and may be null); with
-    // g = act_g [max_rows, 2F] (GEMM1's output: gate and up columns, plain or, gate_up_interleaved, in w13's
-    // interleaved layout) it writes
-    //   act_dg [max_rows, 2F] = activation_backward(activation, g, dh), in g's column layout, and
-    //   act_h  [max_rows, F]  = activation(activation, g)  (the recomputed operand of GEMM2's weight gradient),
-    // with dh rounded to bf16 first: the values grouped_gemm_dgrad, the activation_backward kernel and the activation
-    // kernel give. Rows r >= offsets[E] of both are written as 0. activation: kSwiGLU or kGeGLU; K % 8 == 0;
-    // act_g, act_dg and act_h 16-byte aligned, none overlapping another. Measured on an H100 it is 1.2-2.8x slower
-    // than the dgrad + activation_backward + activation kernels (its epilogue reads g and writes dg, h with 4-byte
-    // accesses from registers while the tensor cores wait), so the stages do not use it; kept for the benchmark and as
-    // the base of a shared-memory / TMA epilogue (bench/NOTES.md, "The backward's element-wise passes").
-    const void* act_g = nullptr;
-    void* act_dg = nullptr;
-    void* act_h = nullptr;
-    Activation activation = Activation::kSwiGLU;
-    bool gate_up_interleaved = false;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

@@ -181,10 +181,6 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
         bytes = std::max(bytes, sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, n2)
                                     .workspace_size(args.num_groups, sm_count));
     }
-    if (args.dtype == DType::kBF16) {
-        for (const sm90::GradGemmOps* ops : {&sm90::kBF16DgradActivation, &sm90::kBF16DgradActivationPingpong})
-            bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
-    }
     return bytes;
 }
 
@@ -201,53 +197,10 @@ bool dgrad_cluster_n(const GroupedGemmGradArgs& g) {
     return g.dgrad_tile == GroupedGemmTile::kLargeClusterN;
 }
 
-// The kernel of dgrad with the activation's backward in its epilogue. kAuto: the forward's gated rule
-// (grouped_gemm.cu, gated_ops), for the same reason: up to 256 rows per expert the Pingpong 64x256 tile, whose second
-// warpgroup's MMAs run while the first one's epilogue does its element-wise work and whose 64-row tiles round an
-// expert's rows up less; above, the plain dgrad's Cooperative 128x256 2x1 tile (its MMA rate wins where the GEMM is
-// compute-bound). To be checked against the plain dgrad + activation kernels in grad_bench / train benchmarks.
-constexpr int64_t kDgradActPingpongMaxRows = 256;
-
-const sm90::GradGemmOps& dgrad_activation_ops(const GroupedGemmGradArgs& g) {
-    switch (g.dgrad_tile) {
-        case GroupedGemmTile::kLarge: return sm90::kBF16DgradActivation;
-        case GroupedGemmTile::kMedium:
-        case GroupedGemmTile::kSmall: return sm90::kBF16DgradActivationPingpong;
-        case GroupedGemmTile::kAuto: break;
-        default:
-            SWITCHYARD_FAIL("grouped_gemm dgrad + activation backward: dgrad_tile=", static_cast<int>(g.dgrad_tile),
-                            " is not one of its configurations (kAuto, kLarge, kMedium or kSmall)");
-    }
-    return g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kDgradActPingpongMaxRows
-               ? sm90::kBF16DgradActivationPingpong
-               : sm90::kBF16DgradActivation;
-}
-
-// The checks of dgrad with the activation's backward: bf16, a gated activation, distinct 16-byte aligned buffers.
-DeviceFacts check_dgrad_activation_call(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes) {
-    const char* what = "grouped_gemm dgrad + activation backward";
-    SWITCHYARD_CHECK(g.dtype == DType::kBF16, what, ": bf16 only (dtype=", to_string(g.dtype), ")");
-    SWITCHYARD_CHECK(is_gated(g.activation), what, ": a gated activation (SwiGLU, GeGLU) is required, got ",
-                     to_string(g.activation));
-    SWITCHYARD_CHECK(g.act_dg != nullptr && g.act_h != nullptr, what, ": act_dg and act_h are required");
-    SWITCHYARD_CHECK(aligned16(g.dc) && aligned16(g.b) && aligned16(g.act_g) && aligned16(g.act_dg) &&
-                         aligned16(g.act_h),
-                     what, ": dc, b, act_g, act_dg and act_h must be 16-byte aligned");
-    const auto* g0 = static_cast<const char*>(g.act_g);
-    const auto* dg0 = static_cast<const char*>(g.act_dg);
-    const auto* h0 = static_cast<const char*>(g.act_h);
-    const int64_t wide = g.max_rows * 2 * g.k * 2, narrow = g.max_rows * g.k * 2;  // bytes of g / dg and of h
-    auto overlap = [](const char* a, int64_t na, const char* b, int64_t nb) { return a < b + nb && b < a + na; };
-    SWITCHYARD_CHECK(!overlap(g0, wide, dg0, wide) && !overlap(g0, wide, h0, narrow) && !overlap(dg0, wide, h0, narrow),
-                     what, ": act_g, act_dg and act_h must not overlap");
-    return check_16bit_call(what, g.dtype, workspace, workspace_bytes, grouped_gemm_grad_workspace_size(g));
-}
-
 }  // namespace
 
 const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
-    if (args.act_g != nullptr && args.dtype == DType::kBF16) return dgrad_activation_ops(args).name;
     if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
     return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, dgrad_cluster_n(args)).name;
 }
@@ -264,18 +217,6 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     SWITCHYARD_CHECK(args.b != nullptr, "grouped_gemm dgrad: b is null");
     if (args.max_rows == 0) return;  // dA has no rows
     SWITCHYARD_CHECK(args.dc != nullptr, "grouped_gemm dgrad: dc is null with max_rows=", args.max_rows);
-    if (args.act_g != nullptr) {  // the activation's backward in the epilogue
-        const DeviceFacts facts = check_dgrad_activation_call(args, workspace, workspace_bytes);
-        const sm90::GradGemmOps& ops = dgrad_activation_ops(args);  // validates dgrad_tile before any launch
-        zero_tail_rows(args.act_dg, args.dtype, args.offsets, args.num_groups, 2 * args.k, args.max_rows,
-                       facts.sm_count, stream);
-        zero_tail_rows(args.act_h, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count,
-                       stream);
-        GroupedGemmGradArgs a = args;
-        a.raster = resolve_raster(args.raster);
-        ops.run(a, workspace, workspace_bytes, facts.sm_count, stream);
-        return;
-    }
     SWITCHYARD_CHECK(args.da != nullptr, "grouped_gemm dgrad: da is null with max_rows=", args.max_rows);
 
     if (args.dtype == DType::kF32) {

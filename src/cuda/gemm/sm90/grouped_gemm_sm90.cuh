@@ -101,7 +101,7 @@ struct PtrArrayKernel {
     using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
-    static constexpr bool kCustomEpilogue = !std::is_void_v<Epilogue_>;
+    static constexpr bool kGatedEpilogue = !std::is_void_v<Epilogue_>;
 
     using CollectiveEpilogue = typename EpilogueOf<Element, Config, LayoutD, Epilogue_>::type;
 
@@ -208,11 +208,10 @@ template <typename Element, typename K>
 struct PtrArrayGemm {
     using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
 
-    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace. set_epilogue(e, arr)
-    // fills the epilogue's arguments e (store_epilogue: CUTLASS's D = 1.0 * acc into arr's D pointers).
-    template <typename SetEpilogue>
+    // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace. activation: the gated
+    // epilogue's (K::kGatedEpilogue), ignored otherwise.
     static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
-                                                GemmRaster raster, SetEpilogue&& set_epilogue) {
+                                                GemmRaster raster = GemmRaster::kAlongM, int activation = 0) {
         typename K::Arguments args;
         args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
         args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
@@ -220,7 +219,13 @@ struct PtrArrayGemm {
         args.mainloop.dA = arr.stride_a;
         args.mainloop.ptr_B = arr.ptr_b;
         args.mainloop.dB = arr.stride_b;
-        set_epilogue(args.epilogue, arr);
+        if constexpr (K::kGatedEpilogue) {
+            args.epilogue.activation = activation;
+            args.epilogue.ptr_D = arr.ptr_d;
+            args.epilogue.dD = arr.stride_d;
+        } else {
+            set_store_epilogue(args.epilogue, arr.ptr_d, arr.stride_d);
+        }
         args.hw_info.device_id = device;
         args.hw_info.sm_count = sm_count;
         args.hw_info.max_active_clusters = 0;  // the scheduler then sizes the persistent grid from sm_count
@@ -230,15 +235,9 @@ struct PtrArrayGemm {
         return args;
     }
 
-    // The plain kernels' epilogue arguments (a register epilogue's are set by its runner).
-    static void store_epilogue(typename K::CollectiveEpilogue::Arguments& e, const Arrays& arr) {
-        if constexpr (!K::kCustomEpilogue) set_store_epilogue(e, arr.ptr_d, arr.stride_d);
-    }
-
     static size_t workspace_size(int64_t num_groups, int sm_count) {
         Arrays none{};
-        auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0, GemmRaster::kAlongM,
-                                   [](auto&, const Arrays&) {});
+        auto args = make_arguments(none, static_cast<int>(num_groups), sm_count, 0);
         return Arrays::bytes(num_groups) + align_up(K::Gemm::get_workspace_size(args), 256);
     }
 
@@ -259,11 +258,10 @@ struct PtrArrayGemm {
     }
 
     // Checks the workspace, prepares the device, carves the arrays, lets fill(arr) launch the kernel that writes
-    // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM with the epilogue arguments
-    // set_epilogue(e, arr) gives. `what` names the caller.
-    template <typename Fill, typename SetEpilogue>
+    // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
+    template <typename Fill>
     static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream, const char* what, Fill&& fill, SetEpilogue&& set_epilogue) {
+                    cudaStream_t stream, const char* what, Fill&& fill, int activation = 0) {
         const int num_groups = static_cast<int>(num_groups64);
         const size_t need = workspace_size(num_groups64, sm_count);
         SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
@@ -278,7 +276,7 @@ struct PtrArrayGemm {
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
-        auto args = make_arguments(arr, num_groups, sm_count, device, raster, set_epilogue);
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
@@ -312,15 +310,7 @@ struct GroupedGemmRunner {
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
                     static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
                     static_cast<int>(kGated ? g.n / 2 : g.n));
-        }, [&](auto& e, const auto& arr) {
-            if constexpr (kGated) {
-                e.activation = static_cast<int>(g.activation);
-                e.ptr_D = arr.ptr_d;
-                e.dD = arr.stride_d;
-            } else {
-                P::store_epilogue(e, arr);
-            }
-        });
+        }, static_cast<int>(g.activation));
     }
 };
 

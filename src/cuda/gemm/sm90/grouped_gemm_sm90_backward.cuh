@@ -35,14 +35,6 @@ struct GradLayouts<GradLayout::kWgrad> {
 template <typename Element, typename Config, GradLayout L>
 using GradGemmKernel = PtrArrayKernel<Element, Config, typename GradLayouts<L>::A, typename GradLayouts<L>::B>;
 
-// dgrad with the gated activation's backward in its epilogue (gated_epilogue.cuh, DgradActivationEpilogueArray): the
-// dgrad's operands, outputs dg [rows, 2F] and h [rows, F] instead of dA.
-template <typename Element, typename Config>
-using DgradActivationGemmKernel =
-    PtrArrayKernel<Element, Config, GradLayouts<GradLayout::kDgrad>::A, GradLayouts<GradLayout::kDgrad>::B,
-                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
-                       DgradActivationEpilogueArray<Element>>>;
-
 // One thread per group. dgrad: ga = dC, gb = B, gd = dA. wgrad: ga = dC, gb = A, gd = dB.
 // offsets are trusted to be non-decreasing with offsets[E] <= max_rows (the routing plan's contract).
 template <GradLayout L, typename Element, typename Arrays>
@@ -90,49 +82,12 @@ struct GradGemmRunner {
         const Element* gb = static_cast<const Element*>(L == GradLayout::kDgrad ? g.b : g.a);
         Element* gd = static_cast<Element*>(L == GradLayout::kDgrad ? g.da : g.db);
         const char* what = L == GradLayout::kDgrad ? "grouped_gemm dgrad" : "grouped_gemm wgrad";
-        P::run(
-            g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream, what,
-            [&](const auto& arr) {
-                using Arrays = typename P::Arrays;
-                fill_grad_arrays_kernel<L, Element, Arrays>
-                    <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
-                        arr, ga, gb, gd, g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
-            },
-            [](auto& e, const auto& arr) { P::store_epilogue(e, arr); });
-    }
-};
-
-// dgrad + the activation's backward (g.act_g set): the dgrad's device arrays (their D pointers, into h, are not
-// read), the epilogue's arguments from g's act_* fields, F = g.k.
-template <typename Element, typename Config>
-struct DgradActivationRunner {
-    using P = PtrArrayGemm<Element, DgradActivationGemmKernel<Element, Config>>;
-
-    static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
-
-    static void run(const GroupedGemmGradArgs& g, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream) {
-        const int num_groups = static_cast<int>(g.num_groups);
-        Element* h = static_cast<Element*>(g.act_h);
-        P::run(
-            g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream,
-            "grouped_gemm dgrad + activation backward",
-            [&](const auto& arr) {
-                using Arrays = typename P::Arrays;
-                fill_grad_arrays_kernel<GradLayout::kDgrad, Element, Arrays>
-                    <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
-                        arr, static_cast<const Element*>(g.dc), static_cast<const Element*>(g.b), h, g.offsets,
-                        num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
-            },
-            [&](auto& e, const auto&) {
-                e.offsets = g.offsets;
-                e.g = static_cast<const Element*>(g.act_g);
-                e.dg = static_cast<Element*>(g.act_dg);
-                e.h = h;
-                e.ffn = g.k;
-                e.activation = static_cast<int>(g.activation);
-                e.interleaved = g.gate_up_interleaved;
-            });
+        P::run(g.num_groups, g.raster, workspace, workspace_bytes, sm_count, stream, what, [&](const auto& arr) {
+            using Arrays = typename P::Arrays;
+            fill_grad_arrays_kernel<L, Element, Arrays>
+                <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
+                    arr, ga, gb, gd, g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k));
+        });
     }
 };
 
@@ -149,14 +104,4 @@ struct DgradActivationRunner {
                              &GradGemmRunner<element, config, layout>::run};                  \
     }                                                                                         \
     }                                                                                         \
-    }
-// ... and for dgrad with the activation's backward in its epilogue (DgradActivationRunner).
-#define SWITCHYARD_DEFINE_SM90_DGRAD_ACTIVATION_GEMM(var, element, config, label)                  \
-    namespace switchyard {                                                                        \
-    namespace cuda {                                                                              \
-    namespace sm90 {                                                                              \
-    const GradGemmOps var = {label, &DgradActivationRunner<element, config>::workspace_size,      \
-                             &DgradActivationRunner<element, config>::run};                       \
-    }                                                                                             \
-    }                                                                                             \
     }

@@ -42,11 +42,6 @@ extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
-// bf16 dgrad with the gated activation's backward in its epilogue (GroupedGemmGradArgs::act_g): the plain dgrad's
-// Cooperative 128x256 2x1 tile, and the Pingpong 64x256 tile whose second warpgroup's MMAs run during the first one's
-// epilogue (the forward's gated Pingpong tile).
-extern const GradGemmOps kBF16DgradActivation;          // grouped_gemm_sm90_bf16_dgrad_act.cu
-extern const GradGemmOps kBF16DgradActivationPingpong;  // grouped_gemm_sm90_bf16_dgrad_act_pp.cu
 
 inline const GradGemmOps& grad_ops_for(DType dtype, GradLayout layout, bool cluster_n2 = false) {
     if (dtype == DType::kBF16) return layout == GradLayout::kDgrad ? (cluster_n2 ? kBF16DgradN2 : kBF16Dgrad) : kBF16Wgrad;
