@@ -15,7 +15,8 @@
 // besides the automatic choice.
 // --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
 // dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
-// rasterisations (raster-m / raster-n), and dgrad with both clusters (large = 2x1, large-n2 = 1x2).
+// rasterisations (raster-m / raster-n), dgrad with each cluster (large = 2x1, large-n2 = 1x2, large-c1 = none) and
+// wgrad with each schedule (large = Cooperative 128x256, medium = Pingpong 128x128).
 // --gated adds, after each up GEMM, GEMM1 followed by the SwiGLU activation two ways, timed in alternation (two
 // rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
 // back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
@@ -507,15 +508,24 @@ int main(int argc, char** argv) {
                                                          time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
                                 }
                                 ga.raster = GemmRaster::kAuto;
-                                if (!wgrad) {  // dgrad's M is the expert's rows: both clusters, as the forward
-                                    using switchyard::cuda::GroupedGemmTile;
+                                using switchyard::cuda::GroupedGemmTile;
+                                if (!wgrad) {  // dgrad's M is the expert's rows: the three clusters, as the forward
                                     for (auto dt : {std::make_pair("large", GroupedGemmTile::kLarge),
-                                                    std::make_pair("large-n2", GroupedGemmTile::kLargeClusterN)}) {
+                                                    std::make_pair("large-n2", GroupedGemmTile::kLargeClusterN),
+                                                    std::make_pair("large-c1", GroupedGemmTile::kLargeNoCluster)}) {
                                         ga.dgrad_tile = dt.second;
                                         b.tiles.emplace_back(
                                             dt.first, time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
                                     }
                                     ga.dgrad_tile = GroupedGemmTile::kAuto;
+                                } else {  // wgrad: Cooperative 128x256 and Pingpong 128x128
+                                    for (auto wt : {std::make_pair("large", GroupedGemmTile::kLarge),
+                                                    std::make_pair("medium", GroupedGemmTile::kMedium)}) {
+                                        ga.wgrad_tile = wt.second;
+                                        b.tiles.emplace_back(
+                                            wt.first, time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
+                                    }
+                                    ga.wgrad_tile = GroupedGemmTile::kAuto;
                                 }
                             }
                             rows.push_back(b);

@@ -207,7 +207,9 @@ if has ncuprefill; then
   if ncu --query-metrics 2>/dev/null | grep -q '^sm__ops_path_tensor_src_bf16_dst_fp32 '; then
     metrics=$metrics,sm__ops_path_tensor_src_bf16_dst_fp32.sum
   fi
-  for shape in qwen3 deepseek-v3 mixtral; do
+  # the L2's share: its throughput and the bytes it delivers to the SMs (the tensor cores' operand traffic)
+  metrics=$metrics,lts__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sectors_srcunit_tex_op_read.sum
+  for shape in ${NCU_SHAPES:-qwen3 deepseek-v3 mixtral}; do
     for layout in ${NCU_LAYOUTS:-plain interleaved}; do
       name=$shape; flag=""
       if [ "$layout" = interleaved ]; then name=${shape}_interleaved; flag=--gate-up-interleaved; fi

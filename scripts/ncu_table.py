@@ -7,8 +7,10 @@ kernel launch and metric), for bench/NOTES.md.
 Per launch: kernel (shortened), time (us), DRAM read and written (MB), achieved DRAM bandwidth (TB/s, bytes read +
 written over the kernel's time), DRAM and SM throughput (% of peak, as ncu reports them) and, when the CSV has the
 counter sm__ops_path_tensor_src_bf16_dst_fp32.sum (tensor-core math ops of bf16 inputs, fp32 accumulation), the
-achieved matrix rate (TFLOP/s, those ops over the kernel's time; "-" for kernels without tensor work). A last line
-sums the launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
+achieved matrix rate (TFLOP/s, those ops over the kernel's time; "-" for kernels without tensor work); when the CSV
+has them, the L2 throughput (lts__throughput, % of peak: whether the L2 feeds the tensor cores fast enough) and the
+L2 read bandwidth to the SMs (TB/s, lts__t_sectors_srcunit_tex_op_read sectors x 32 bytes over the time). A last
+line sums the launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
 import csv
 import re
 import sys
@@ -48,6 +50,8 @@ def short(name):
 
 
 TENSOR_OPS = "sm__ops_path_tensor_src_bf16_dst_fp32.sum"
+L2_PCT = "lts__throughput.avg.pct_of_peak_sustained_elapsed"
+L2_READ = "lts__t_sectors_srcunit_tex_op_read.sum"
 
 
 def rows_of(path):
@@ -73,8 +77,9 @@ def main(paths):
         rows = rows_of(path)
         print(f"== {path}: {len(rows)} launches")
         tensor = any(TENSOR_OPS in d for d in rows)
+        l2 = any(L2_PCT in d for d in rows)
         print(f"{'kernel':<45}{'us':>9}{'read MB':>10}{'write MB':>10}{'TB/s':>7}{'dram%':>7}{'sm%':>7}"
-              + (f"{'TFLOP/s':>9}" if tensor else ""))
+              + (f"{'TFLOP/s':>9}" if tensor else "") + (f"{'l2%':>7}{'L2 TB/s':>9}" if l2 else ""))
         tot_us = tot_r = tot_w = 0.0
         for d in rows:
             us = d.get("gpu__time_duration.sum", float("nan"))
@@ -85,6 +90,9 @@ def main(paths):
             if tensor:
                 ops = d.get(TENSOR_OPS, 0.0)
                 rate = f"{ops / (us * 1e-6) / 1e12:>9.1f}" if ops > 0 and us == us and us > 0 else f"{'-':>9}"
+            if l2:
+                l2_tbps = d.get(L2_READ, float("nan")) * 32 / (us * 1e-6) / 1e12 if us == us and us > 0 else float("nan")
+                rate += f"{d.get(L2_PCT, float('nan')):>7.1f}{l2_tbps:>9.2f}"
             print(f"{short(d['kernel']):<45}{us:>9.1f}{rd:>10.1f}{wr:>10.1f}{tbps:>7.2f}"
                   f"{d.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}"
                   f"{d.get('sm__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}" + rate)

@@ -11,11 +11,13 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/gemm/grouped_gemm.h"
@@ -66,6 +68,53 @@ TEST(GpuStages, PermuteGathersRowsExactly) {
                         ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0) << "row " << r;
                     } else {
                         for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], fill) << "unowned row " << r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The gather by token (stages.h gather with slot_row): a plan of T tokens x k pairs, a tenth dropped, kept pairs in
+// a random row order, 37 rows past them owned by nobody; every owned row must hold its token's bits, every other 0.
+TEST(GpuStages, ScatterByTokenWritesEveryRowOnce) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    for (DType dt : kDtypes) {
+        for (int64_t H : {128, 2880, 100, 7168}) {
+            for (int64_t k : {1, 4, 8}) {
+                const int64_t T = 129, tail = 37;
+                const uint64_t seed = 31 + H + 7 * k;
+                SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(dt) + " H=" + std::to_string(H) +
+                             " k=" + std::to_string(k));
+                std::mt19937 rng(static_cast<uint32_t>(seed));
+                std::vector<std::pair<int32_t, int32_t>> kept;
+                for (int32_t t = 0; t < T; ++t)
+                    for (int32_t j = 0; j < k; ++j)
+                        if (rng() % 10 != 0) kept.emplace_back(t, j);
+                std::shuffle(kept.begin(), kept.end(), rng);
+                const int64_t rows = static_cast<int64_t>(kept.size()) + tail;
+                std::vector<int32_t> row_token(rows, -1), slot_row(T * k, -1);
+                for (size_t r = 0; r < kept.size(); ++r) {
+                    row_token[r] = kept[r].first;
+                    slot_row[kept[r].first * k + kept[r].second] = static_cast<int32_t>(r);
+                }
+                const auto x = testing::random_values(T * H, dt, -4.0f, 4.0f, seed);
+                DeviceBuffer d_x, d_rt, d_sr, d_xp(rows * H * dtype_size(dt));
+                testing::upload(d_x, x, dt);
+                testing::upload_raw(d_rt, row_token);
+                testing::upload_raw(d_sr, slot_row);
+                d_xp.poison();
+                cuda::scatter_token_rows(dt, d_x.get(), d_sr.get<int32_t>(), T, k, d_rt.get<int32_t>(), rows, H,
+                                         d_xp.get(), nullptr);
+                GPU_CHECK(cudaDeviceSynchronize());
+                const auto got = testing::download_raw<uint8_t>(d_xp.get(), rows * H * dtype_size(dt));
+                const auto xb = testing::encode(x, dt);
+                const size_t rb = H * dtype_size(dt);
+                for (int64_t r = 0; r < rows; ++r) {
+                    if (row_token[r] >= 0) {
+                        ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0) << "row " << r;
+                    } else {
+                        for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], 0) << "unowned row " << r;
                     }
                 }
             }

@@ -205,12 +205,16 @@ at::Tensor router_gemm_op(const at::Tensor& x_in, const at::Tensor& gate_in) {
     });
 }
 
-at::Tensor gather_op(const at::Tensor& x_in, const at::Tensor& row_token_in) {
+// slot_row (optional): the same plan's [T, k] slot_row; on CUDA x is then read once per token (stages.h, gather).
+at::Tensor gather_op(const at::Tensor& x_in, const at::Tensor& row_token_in,
+                     const c10::optional<at::Tensor>& slot_row_in) {
     return guarded([&] {
         const at::Tensor x = x_in.contiguous(), rt = row_token_in.contiguous();
         TORCH_CHECK(x.dim() == 2, "switchyard.gather: x must be [T, H], got ", x.sizes());
+        at::Tensor sr;
+        if (slot_row_in.has_value() && slot_row_in->defined()) sr = slot_row_in->contiguous();
         at::Tensor xp = at::empty({rt.numel(), x.size(1)}, x.options());  // rows past offsets[E] are written as 0
-        gather(ref(x), ref(rt.view({-1})), ref(xp), stream_of(x));
+        gather(ref(x), ref(rt.view({-1})), ref(xp), stream_of(x), sr.defined() ? ref(sr) : TensorRef());
         return xp;
     });
 }
@@ -581,7 +585,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("plan(Tensor topk_ids, Tensor topk_weights, int num_experts, float capacity_factor, int min_capacity, "
           "int drop_policy) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("router_gemm(Tensor x, Tensor gate) -> Tensor");
-    m.def("gather(Tensor x, Tensor row_token) -> Tensor");
+    m.def("gather(Tensor x, Tensor row_token, Tensor? slot_row=None) -> Tensor");
     m.def("gather_backward(Tensor d_xp, Tensor slot_row) -> Tensor");
     m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
     m.def("grouped_mm_backward(Tensor dc, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");

@@ -103,7 +103,7 @@ def _router_gemm_fake(x, gate):
 
 
 @torch.library.register_fake("switchyard::gather")
-def _gather_fake(x, row_token):
+def _gather_fake(x, row_token, slot_row=None):
     return x.new_empty((row_token.shape[0], x.shape[1]))
 
 
@@ -322,7 +322,7 @@ torch.library.register_autograd("switchyard::combine", _combine_backward, setup_
 @torch.library.custom_op("switchyard::gathered_grouped_mm", mutates_args=())
 def _gathered_grouped_mm(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, b: torch.Tensor,
                          offsets: torch.Tensor) -> torch.Tensor:
-    return _ops.grouped_mm(_ops.gather(x, row_token), b, offsets)
+    return _ops.grouped_mm(_ops.gather(x, row_token, slot_row), b, offsets)
 
 
 @_gathered_grouped_mm.register_fake
@@ -343,7 +343,7 @@ def _ggmm_backward(ctx, dc):
     # allocated: the two never coexist, which lowers the backward's peak by T*k*H elements. A gradient nobody
     # needs (frozen experts, an input without grad) is not computed.
     if ctx.needs_input_grad[3]:
-        xp = _ops.gather(x, row_token)  # recomputed: one pass over T*k rows of x
+        xp = _ops.gather(x, row_token, slot_row)  # recomputed: one pass over x, written to its T*k rows
         db = _ops.grouped_mm_wgrad(dc, xp, offsets)
         del xp
     if ctx.needs_input_grad[0]:
@@ -876,13 +876,13 @@ class MoE(nn.Module):
                                                          DROP_POLICIES[c.drop_policy])
         act = ACTIVATIONS[c.activation]
         if self.quantized:
-            g = self._expert_mm(_ops.gather(x2, row_token), "w13", offsets)
+            g = self._expert_mm(_ops.gather(x2, row_token, slot_row), "w13", offsets)
             out = self._expert_mm(_ops.activation(g, act), "w2", offsets)
         elif self.gate_up_interleaved and not self._needs_grad(x2) and (not x2.is_cuda or x2.dtype == torch.bfloat16):
             # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; the CUDA kernel is
             # bf16's, other dtypes take the staged ops below)
-            out = _ops.grouped_mm(_ops.grouped_mm_gated(_ops.gather(x2, row_token), self.w13, offsets, act), self.w2,
-                                  offsets)
+            h = _ops.grouped_mm_gated(_ops.gather(x2, row_token, slot_row), self.w13, offsets, act)
+            out = _ops.grouped_mm(h, self.w2, offsets)
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
             out = _activated_grouped_mm(g, act, self.w2, offsets, self.gate_up_interleaved)

@@ -532,7 +532,7 @@ void ExpertParallelMoELayer::Impl::forward(const MoEConfig& cfg, const ExpertPla
     stage_done("router");
     build_plan(cfg, ids, weights, plan, s.plan_ws, s.plan_ws_bytes, stream);
     stage_done("plan");
-    gather(x, plan.row_token, xs, stream);
+    gather(x, plan.row_token, xs, stream, plan.slot_row);
     stage_done("dispatch");
 
     // Counts: every rank's expert_counts and receive capacity, read on the host (the host synchronisation).

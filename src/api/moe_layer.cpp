@@ -457,7 +457,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         return;
     }
     route_and_plan();
-    gather(x, plan.row_token, xp, stream);
+    gather(x, plan.row_token, xp, stream, plan.slot_row);  // by token: x read once
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h);
     // interleaved gate/up rows grouped_gemm_gated where the backend has it (api::gemm1_activation).

@@ -207,15 +207,22 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
 
 // ---- dispatch -----------------------------------------------------------------------------------------------------
 
-void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream) {
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream,
+            const TensorRef& slot_row) {
     check_float_tensor(x, "x", {kAny, kAny});
     check_tensor(row_token, "row_token", DType::kI32, {kAny});
     check_same_device(row_token, "row_token", x, "x");
     check_tensor(xp, "xp", x.dtype, {row_token.shape[0], x.shape[1]});
     check_same_device(xp, "xp", x, "x");
+    if (slot_row.defined()) {
+        check_tensor(slot_row, "slot_row", DType::kI32, {x.shape[0], kAny});
+        check_same_device(slot_row, "slot_row", x, "x");
+        SWITCHYARD_CHECK(slot_row.shape[1] >= 1 && slot_row.shape[1] <= MoEConfig::kMaxTopK, "gather: slot_row has ",
+                         slot_row.shape[1], " columns, top_k must be in [1, ", MoEConfig::kMaxTopK, "]");
+    }
     api::check_backend(x.device, "gather");
     if (xp.numel() == 0) return;
-    SWITCHYARD_DISPATCH(x.device, gather(x, row_token, xp), gather(x, row_token, xp, stream));
+    SWITCHYARD_DISPATCH(x.device, gather(x, row_token, xp, slot_row), gather(x, row_token, xp, stream, slot_row));
 }
 
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream) {

@@ -67,6 +67,11 @@ void count_experts(const int32_t* topk_ids, int64_t n, int64_t num_experts, int3
 // as 0 with zero_unowned.
 void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t max_rows, int64_t hidden,
                   void* xp, cudaStream_t stream, bool zero_unowned = false);
+// The same xp (zero_unowned) written by token: x[t, :] read once and stored to the rows slot_row[t, j] >= 0
+// (j < top_k); rows with row_token[r] < 0 written as 0. slot_row and row_token must be one plan's (every row with
+// row_token[r] >= 0 pointed at by exactly one pair of its token): trusted here, checked by the CPU backend.
+void scatter_token_rows(DType dtype, const void* x, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,
+                        const int32_t* row_token, int64_t max_rows, int64_t hidden, void* xp, cudaStream_t stream);
 
 // out [rows, F] = act(in[:, :F]) * in[:, F:2F] (gated, in [rows, 2F]) or act(in) (in [rows, F]); computed in
 // fp32, rounded once to dtype. Rows r >= *num_rows (when num_rows is not null) or r >= max_rows are skipped.

@@ -149,8 +149,14 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
     cuda::build_plan(pa, workspace, workspace_bytes, stream);
 }
 
-void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream) {
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream,
+            const TensorRef& slot_row) {
     DeviceGuard guard(x.device_index);
+    if (slot_row.defined()) {
+        scatter_token_rows(x.dtype, x.data, slot_row.ptr<int32_t>(), x.shape[0], slot_row.shape[1],
+                           row_token.ptr<int32_t>(), xp.shape[0], x.shape[1], xp.data, stream);
+        return;
+    }
     permute_rows(x.dtype, x.data, row_token.ptr<int32_t>(), xp.shape[0], x.shape[1], xp.data, stream,
                  /*zero_unowned=*/true);
 }
@@ -346,15 +352,14 @@ void grouped_gemm_dgrad_activation(Activation act, const TensorRef& dc, const Te
                                    size_t workspace_bytes, cudaStream_t stream, bool gate_up_interleaved) {
     DeviceGuard guard(dc.device_index);
     const int64_t rows = dc.shape[0], groups = w2.shape[0], ffn = w2.shape[2];
-    // The three kernels of the specification, dh held in h until h is computed (a dgrad with the activation's
-    // backward in its epilogue measured 1.2-2.8x slower than these on an H100: bench/NOTES.md, "The backward's
-    // element-wise passes"). The activation skips the rows past offsets[E] (num_rows), where the dgrad left zeros in
-    // h; dg's are zeroed.
+    // The dgrad into h (dh held there), then one element-wise pass that reads g and dh once and writes dg and the
+    // recomputed h over dh (a dgrad with the activation's backward in its epilogue measured 1.2-2.8x slower than
+    // the separate kernels on an H100: bench/NOTES.md, "The backward's element-wise passes"). Rows past
+    // offsets[E] (num_rows): dg written as 0, h left as the dgrad's zeros.
     const int32_t* owned = offsets.ptr<int32_t>() + groups;
     run_grad(true, dc, w2, offsets, h, workspace, workspace_bytes, stream);
-    activation_backward_rows(act, g.dtype, g.data, h.data, rows, ffn, dg.data, stream, gate_up_interleaved);
-    activation_rows(act, g.dtype, g.data, rows, owned, ffn, h.data, stream, gate_up_interleaved);
-    zero_rows_past_groups(dg.data, dg.dtype, offsets.ptr<int32_t>(), groups, 2 * ffn, rows, stream);
+    activation_backward_rows(act, g.dtype, g.data, h.data, rows, ffn, dg.data, stream, gate_up_interleaved, h.data,
+                             owned);
 }
 
 void combine(const TensorRef& expert_out, const TensorRef& slot_row, const TensorRef& weights,

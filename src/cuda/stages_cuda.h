@@ -32,7 +32,8 @@ void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const Te
 size_t plan_workspace_size(const MoEConfig& cfg, int64_t num_tokens);
 void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
                 const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream);
-void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream);
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream,
+            const TensorRef& slot_row);
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream);
 // Workspace of the grouped GEMMs: CUTLASS's, plus the two offsets of a one-group call (undefined offsets).
 size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows);

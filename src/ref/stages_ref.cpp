@@ -132,13 +132,30 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
     copy_out(p.row_slot, plan.row_slot);
 }
 
-void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp) {
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, const TensorRef& slot_row) {
     const int64_t rows = xp.shape[0];
     const size_t row_bytes = static_cast<size_t>(x.shape[1]) * dtype_size(x.dtype);
     const int32_t* rt = row_token.ptr<int32_t>();
     const int64_t num_tokens = x.shape[0];
     for (int64_t r = 0; r < rows; ++r)
         SWITCHYARD_CHECK(rt[r] < num_tokens, "row_token[", r, "]=", rt[r], " is not a token of x (T=", num_tokens, ")");
+    if (slot_row.defined()) {  // the CUDA backend writes by pairs: the two maps must describe the same rows
+        const int64_t k = slot_row.shape[1];
+        const int32_t* sr = slot_row.ptr<int32_t>();
+        std::vector<char> pointed(static_cast<size_t>(rows), 0);
+        for (int64_t t = 0; t < num_tokens; ++t) {
+            for (int64_t j = 0; j < k; ++j) {
+                const int32_t r = sr[t * k + j];
+                if (r < 0) continue;
+                SWITCHYARD_CHECK(r < rows && rt[r] == t && !pointed[r], "gather: slot_row[", t, ", ", j, "]=", r,
+                                 " is not a row of token ", t, " in row_token that no other pair points at");
+                pointed[r] = 1;
+            }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+            SWITCHYARD_CHECK(rt[r] < 0 || pointed[r], "gather: row ", r, " of token ", rt[r],
+                             " is pointed at by no pair of slot_row");
+    }
     char* dst = static_cast<char*>(xp.data);
     const char* src = static_cast<const char*>(x.data);
 #pragma omp parallel for schedule(static) if (rows * static_cast<int64_t>(row_bytes) >= (1 << 20))

@@ -22,7 +22,7 @@ void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const Te
                          const TensorRef& topk_weights, const RoutingPlan& plan);
 void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef& topk_weights,
                 const RoutingPlan& plan);
-void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp);
+void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, const TensorRef& slot_row);
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx);
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   bool zero_unowned_rows);

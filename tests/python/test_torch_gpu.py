@@ -53,6 +53,27 @@ def test_bf16_grads_match_plain_pytorch(kw):
         _close(f"grad {n}", a / scale, b / scale, 2e-2, 2e-2)
 
 
+@pytest.mark.parametrize("capacity", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gather_by_token_is_the_gather_by_row(dtype, capacity):
+    """The gather op given the plan's slot_row (x read once per token, written to its k rows) against the gather by
+    row: the same bits. With capacity 1.0 and skewed logits the plan drops pairs of the busy experts and leaves rows
+    past offsets[E] (written as 0) for the idle ones."""
+    torch.manual_seed(5)
+    tokens, experts, k, hidden = 1000, 16, 4, 7168
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    logits = torch.randn(tokens, experts, device="cuda") + torch.linspace(0, 2, experts, device="cuda")
+    ids, w = torch.ops.switchyard.route(logits, None, k, 0, True, 1.0, 1, 1)
+    offsets, slot_row, row_token, _ = torch.ops.switchyard.plan(ids, w, experts, capacity, 0, 0)
+    by_row = torch.ops.switchyard.gather(x, row_token)
+    by_token = torch.ops.switchyard.gather(x, row_token, slot_row)
+    assert torch.equal(by_token, by_row)
+    used = int(offsets[-1])
+    assert torch.equal(by_token[used:], torch.zeros_like(by_token[used:]))
+    if capacity:
+        assert used < row_token.numel() and bool((slot_row < 0).any()), "the capacity case must drop pairs and leave rows"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_router_gemm_on_cuda_is_the_fp32_linear(dtype):
     """The module's router on CUDA (the router_gemm op: cuBLAS on x's dtype, fp32 accumulation and output) against

@@ -7,9 +7,11 @@
 //                     gp[e] = d_aux * E * (count_e / (T k)) / T (double), d aux / d prob[t, e] for every t.
 //                  2. one warp per token, in double: max, softmax denominator (and sigmoid sum) and the dot products
 //                     as fixed lane-strided sums + a shuffle tree (deterministic); each lane writes its experts.
-// gather_backward  one block per token; each thread owns columns h and adds the k slots j = 0..k-1 in order.
-// activation_bwd   one block per row; elementwise (act_fn.cuh's derivatives: silu' = s (1 + v (1 - s)), gelu_tanh' as
-//                  in ref, relu' = [v > 0]).
+// gather_backward  one block per token; each thread owns columns h (16-byte vectors where the rows allow) and adds
+//                  the k slots j = 0..k-1 in order.
+// activation_bwd   one block per row, 16-byte vectors where the rows allow; elementwise (act_fn.cuh's derivatives:
+//                  silu' = s (1 + v (1 - s)), gelu_tanh' as in ref, relu' = [v > 0]), optionally with the recomputed
+//                  activation h written over dh in the same pass (grouped_gemm_dgrad_activation: g and dh read once).
 // combine_backward one block per token: d_out rows written by the single (t, j) that owns them (16-byte vectors where
 //                  the rows allow); d_weights[t, j] is a block reduction of per-thread partial sums (thread i sums its
 //                  columns in order), then a fixed xor tree per warp and the warps' sums in order: bitwise
@@ -18,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
@@ -157,7 +160,9 @@ __global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
     }
 }
 
-template <typename T>
+// kVec: 16-byte vectors of d_xp's rows and dx (hidden % kVecElems<T> == 0, 16-byte aligned bases); each element's
+// sum is the same fp32 chain either way (0, then the k slots in order), so the bits do not depend on it.
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
     gather_backward_kernel(const T* __restrict__ d_xp, const int32_t* __restrict__ slot_row, int top_k,
                            int64_t hidden, T* __restrict__ dx) {
@@ -165,37 +170,97 @@ __global__ void __launch_bounds__(kBwdThreads)
     const int64_t t = blockIdx.x;
     if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_row[t * top_k + threadIdx.x];
     __syncthreads();
-    for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
-        float acc = 0.0f;
-        for (int j = 0; j < top_k; ++j) {
-            const int32_t r = rows_s[j];
-            if (r >= 0) acc += to_f32(d_xp[static_cast<int64_t>(r) * hidden + h]);
+    if constexpr (kVec) {
+        constexpr int kN = kVecElems<T>;
+        for (int64_t i = threadIdx.x; i < hidden / kN; i += kBwdThreads) {
+            float acc[kN];
+#pragma unroll
+            for (int q = 0; q < kN; ++q) acc[q] = 0.0f;
+            for (int j = 0; j < top_k; ++j) {
+                const int32_t r = rows_s[j];
+                if (r < 0) continue;
+                const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(d_xp + static_cast<int64_t>(r) * hidden)[i];
+#pragma unroll
+                for (int q = 0; q < kN; ++q) acc[q] += to_f32(v.v[q]);
+            }
+            Vec16<T> o;
+#pragma unroll
+            for (int q = 0; q < kN; ++q) o.v[q] = from_f32<T>(acc[q]);
+            reinterpret_cast<Vec16<T>*>(dx + t * hidden)[i] = o;
         }
-        dx[t * hidden + h] = from_f32<T>(acc);
+    } else {
+        for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
+            float acc = 0.0f;
+            for (int j = 0; j < top_k; ++j) {
+                const int32_t r = rows_s[j];
+                if (r >= 0) acc += to_f32(d_xp[static_cast<int64_t>(r) * hidden + h]);
+            }
+            dx[t * hidden + h] = from_f32<T>(acc);
+        }
     }
 }
 
-template <typename T, Activation kAct>
+// kVec: 16-byte vectors of g, dh, dg (and h) (F % kVecElems<T> == 0, 16-byte aligned bases; a vector never straddles
+// a block of 8 of the interleaved layout). h (may alias dh: each element is read, then written, by one thread): the
+// recomputed activation of the row, the activation kernel's arithmetic (act_fn.cuh, kFastAct), so that its bits are
+// activation_rows'; null: not written. num_rows (device counter, may be null): rows r >= *num_rows get dg = 0 and
+// no h (the caller's h rows there are already 0).
+template <typename T, Activation kAct, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
-    activation_backward_kernel(const T* __restrict__ g, const T* __restrict__ dh, int64_t ffn, T* __restrict__ dg,
-                               bool interleaved) {
+    activation_backward_kernel(const T* __restrict__ g, const T* dh, int64_t ffn, T* __restrict__ dg, T* h,
+                               const int32_t* __restrict__ num_rows, bool interleaved) {
     constexpr bool kGated = kAct == Activation::kSwiGLU || kAct == Activation::kGeGLU;
     const int64_t row = blockIdx.x, width = kGated ? 2 * ffn : ffn;
     const T* gr = g + row * width;
     const T* d = dh + row * ffn;
     T* o = dg + row * width;
-    for (int64_t f = threadIdx.x; f < ffn; f += kBwdThreads) {
-        const float dv = to_f32(d[f]);
-        const int64_t gc = kGated ? gate_column(f, interleaved) : f;
-        const int64_t uc = kGated ? up_column(f, ffn, interleaved) : f;
-        const float a = to_f32(gr[gc]);
+    T* hr = h != nullptr ? h + row * ffn : nullptr;
+    if (num_rows != nullptr && row >= *num_rows) {
+        for (int64_t c = threadIdx.x; c < width; c += kBwdThreads) o[c] = T{};
+        return;
+    }
+    // One element: dg of its gate and up (or of v) and the recomputed h.
+    auto element = [&](float dv, float a, float u, T& d_gate, T& d_up, T& hv) {
         if constexpr (kGated) {
-            float d_gate, d_up;
-            gated_activation_grad<kAct>(dv, a, to_f32(gr[uc]), d_gate, d_up);
-            o[gc] = from_f32<T>(d_gate);
-            o[uc] = from_f32<T>(d_up);
+            float dgate, dup;
+            gated_activation_grad<kAct>(dv, a, u, dgate, dup);
+            d_gate = from_f32<T>(dgate);
+            d_up = from_f32<T>(dup);
+            hv = from_f32<T>(act_fn<kAct, kFastAct<T>>(a) * u);
         } else {
-            o[f] = from_f32<T>(activation_grad<kAct>(dv, a));
+            d_up = from_f32<T>(activation_grad<kAct>(dv, u));
+            hv = from_f32<T>(act_fn<kAct, kFastAct<T>>(u));
+        }
+    };
+    if constexpr (kVec) {
+        constexpr int kN = kVecElems<T>;
+        for (int64_t i = threadIdx.x; i < ffn / kN; i += kBwdThreads) {
+            const int64_t f = i * kN;
+            const int64_t uc = kGated ? up_column(f, ffn, interleaved) : f;
+            const Vec16<T> dv = *reinterpret_cast<const Vec16<T>*>(d + f);
+            const Vec16<T> uv = *reinterpret_cast<const Vec16<T>*>(gr + uc);
+            Vec16<T> av = uv;
+            if constexpr (kGated) av = *reinterpret_cast<const Vec16<T>*>(gr + gate_column(f, interleaved));
+            Vec16<T> dgate, dup, hv;
+#pragma unroll
+            for (int q = 0; q < kN; ++q) {
+                element(to_f32(dv.v[q]), to_f32(av.v[q]), to_f32(uv.v[q]), dgate.v[q], dup.v[q], hv.v[q]);
+            }
+            if constexpr (kGated) *reinterpret_cast<Vec16<T>*>(o + gate_column(f, interleaved)) = dgate;
+            *reinterpret_cast<Vec16<T>*>(o + uc) = dup;
+            if (hr != nullptr) *reinterpret_cast<Vec16<T>*>(hr + f) = hv;
+        }
+    } else {
+        for (int64_t f = threadIdx.x; f < ffn; f += kBwdThreads) {
+            const int64_t uc = kGated ? up_column(f, ffn, interleaved) : f;
+            const float dv = to_f32(d[f]);
+            const float u = to_f32(gr[uc]);
+            const float a = kGated ? to_f32(gr[gate_column(f, interleaved)]) : u;
+            T dgate{}, dup, hv;
+            element(dv, a, u, dgate, dup, hv);
+            if constexpr (kGated) o[gate_column(f, interleaved)] = dgate;
+            o[uc] = dup;
+            if (hr != nullptr) hr[f] = hv;
         }
     }
 }
@@ -304,14 +369,18 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "gather_backward: num_tokens=", num_tokens, " exceed the grid");
     dispatch_float_dtype(dtype, "gather_backward", [&](auto tag) {
         using T = typename decltype(tag)::type;
-        gather_backward_kernel<T><<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
+        const bool vec = hidden % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(d_xp) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(dx) % 16 == 0;
+        const auto kernel = vec ? gather_backward_kernel<T, true> : gather_backward_kernel<T, false>;
+        kernel<<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
             static_cast<const T*>(d_xp), slot_row, static_cast<int>(top_k), hidden, static_cast<T*>(dx));
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });
 }
 
 void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
-                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved) {
+                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved, void* h,
+                              const int32_t* num_rows) {
     if (max_rows == 0 || ffn == 0) return;
     SWITCHYARD_CHECK(max_rows <= INT32_MAX, "activation_backward: rows=", max_rows, " exceed the grid");
     dispatch_float_dtype(dtype, "activation_backward", [&](auto tag) {
@@ -319,26 +388,23 @@ void activation_backward_rows(Activation act, DType dtype, const void* g, const 
         const auto* gp = static_cast<const T*>(g);
         const auto* dp = static_cast<const T*>(dh);
         auto* op = static_cast<T*>(dg);
+        auto* hp = static_cast<T*>(h);
+        const bool vec = ffn % kVecElems<T> == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(dh) % 16 == 0 && reinterpret_cast<uintptr_t>(dg) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(h) % 16 == 0;
         const dim3 grid(static_cast<unsigned>(max_rows));
+        auto launch = [&](auto act_tag) {
+            constexpr Activation kAct = decltype(act_tag)::value;
+            const auto kernel =
+                vec ? activation_backward_kernel<T, kAct, true> : activation_backward_kernel<T, kAct, false>;
+            kernel<<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op, hp, num_rows, interleaved);
+        };
         switch (act) {
-            case Activation::kSwiGLU:
-                activation_backward_kernel<T, Activation::kSwiGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
-                                                                                                 interleaved);
-                break;
-            case Activation::kGeGLU:
-                activation_backward_kernel<T, Activation::kGeGLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
-                                                                                                 interleaved);
-                break;
-            case Activation::kGELU:
-                activation_backward_kernel<T, Activation::kGELU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
-                                                                                                 interleaved);
-                break;
-            case Activation::kReLU:
-                activation_backward_kernel<T, Activation::kReLU><<<grid, kBwdThreads, 0, stream>>>(gp, dp, ffn, op,
-                                                                                                 interleaved);
-                break;
-            default:
-                SWITCHYARD_FAIL("activation_backward: activation=", static_cast<int>(act), " is not supported");
+            case Activation::kSwiGLU: launch(std::integral_constant<Activation, Activation::kSwiGLU>{}); break;
+            case Activation::kGeGLU: launch(std::integral_constant<Activation, Activation::kGeGLU>{}); break;
+            case Activation::kGELU: launch(std::integral_constant<Activation, Activation::kGELU>{}); break;
+            case Activation::kReLU: launch(std::integral_constant<Activation, Activation::kReLU>{}); break;
+            default: SWITCHYARD_FAIL("activation_backward: activation=", static_cast<int>(act), " is not supported");
         }
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });

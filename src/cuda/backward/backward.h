@@ -37,9 +37,12 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
 
 // dg [rows, R13] (overwritten for rows < max_rows) from g [rows, R13] and dh [rows, F] (ref::activation_backward),
 // fp32 arithmetic, rounded once to dtype. interleaved: g's and dg's gate and up columns as w13's rows after
-// interleave_gate_up (gated activations, F % 8 == 0).
+// interleave_gate_up (gated activations, F % 8 == 0). h [rows, F] (may be dh itself; null: not written): the
+// recomputed activation act(g), the bits activation_rows gives, in the same pass. num_rows (device counter, may be
+// null): rows r >= *num_rows get dg = 0 and no h.
 void activation_backward_rows(Activation act, DType dtype, const void* g, const void* dh, int64_t max_rows,
-                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved = false);
+                              int64_t ffn, void* dg, cudaStream_t stream, bool interleaved = false, void* h = nullptr,
+                              const int32_t* num_rows = nullptr);
 
 // d_out [rows, H]: d_out[slot_row[t, j]] = dtype(w[t, j] * dy[t]) for every kept pair (rows no pair points at are
 // not written: the caller zeroes them); d_weights [T, k] fp32 = <dy[t], out[slot_row[t, j]]> (0 for dropped pairs),

@@ -93,10 +93,9 @@ void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int6
 // dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
 // expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
-// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (dgrad and wgrad Cooperative 128x256x64 cluster 2x1x1, bf16
-// dgrad with a 1x2 cluster on request: dgrad_tile;
-// N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels
-// (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (Cooperative 128x256x64 with the 2x1 cluster; for bf16 also
+// the dgrad without a cluster or with the 1x2 cluster and the wgrad on Pingpong 128x128: dgrad_tile, wgrad_tile;
+// N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
     const void* dc = nullptr;  // [max_rows, N]
     const void* a = nullptr;   // [max_rows, K] (wgrad only)
@@ -110,9 +109,13 @@ struct GroupedGemmGradArgs {
     int64_t max_rows = 0;
     const int32_t* offsets = nullptr;  // device [E+1], non-decreasing, offsets[E] <= max_rows
     GemmRaster raster = GemmRaster::kAuto;  // 16-bit only
-    // dgrad's tile (its M is the expert's rows, as the forward's): kAuto (= kLarge, measured: grouped_gemm_backward.cu)
-    // or kLargeClusterN (bf16; others are refused); wgrad (M = the weight's N, whatever the routing) runs kLarge.
+    // dgrad's tile (its M is the expert's rows, as the forward's): kAuto (by the rows per expert, as the forward:
+    // grouped_gemm_backward.cu), kLarge (Cooperative 128x256, cluster 2x1), kLargeClusterN (cluster 1x2, bf16) or
+    // kLargeNoCluster (no cluster, bf16); others are refused.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
+    // wgrad's tile (M = the weight's N, the reduction an expert's rows): kAuto (by the rows per expert), kLarge
+    // (Cooperative 128x256, cluster 2x1) or kMedium (Pingpong 128x128, cluster 2x1, bf16); others are refused.
+    GroupedGemmTile wgrad_tile = GroupedGemmTile::kAuto;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

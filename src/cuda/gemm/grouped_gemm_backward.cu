@@ -176,25 +176,54 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return 0;
     const int sm_count = device_facts().sm_count;
-    size_t bytes = sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).workspace_size(args.num_groups, sm_count);
-    for (bool n2 : {false, true}) {
-        bytes = std::max(bytes, sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, n2)
-                                    .workspace_size(args.num_groups, sm_count));
+    size_t bytes = 0;
+    for (bool pingpong : {false, true}) {
+        bytes = std::max(bytes, sm90::wgrad_ops_for(args.dtype, pingpong).workspace_size(args.num_groups, sm_count));
+    }
+    for (auto c : {sm90::DgradConfig::kCluster2x1, sm90::DgradConfig::kCluster1x2, sm90::DgradConfig::kNoCluster}) {
+        bytes = std::max(bytes, sm90::dgrad_ops_for(args.dtype, c).workspace_size(args.num_groups, sm_count));
     }
     return bytes;
 }
 
 namespace {
 
-// dgrad's cluster: 2x1 unless the caller asks for 1x2. Measured on an H100 (bench/NOTES.md, "Cluster shape and M
-// padding"), the 1x2 dgrad was 26-55% slower than the 2x1 on DeepSeek-V3's shapes at T = 4096 and 16384 (on an
-// H200 it had been within a few percent either way), so the automatic choice stays 2x1.
-bool dgrad_cluster_n(const GroupedGemmGradArgs& g) {
-    SWITCHYARD_CHECK(g.dgrad_tile == GroupedGemmTile::kAuto || g.dgrad_tile == GroupedGemmTile::kLarge ||
-                         g.dgrad_tile == GroupedGemmTile::kLargeClusterN,
-                     "grouped_gemm dgrad: dgrad_tile=", static_cast<int>(g.dgrad_tile),
-                     " is not a dgrad configuration (kAuto, kLarge or kLargeClusterN)");
-    return g.dgrad_tile == GroupedGemmTile::kLargeClusterN;
+int64_t avg_rows_per_group(const GroupedGemmGradArgs& g) { return g.max_rows / std::max<int64_t>(g.num_groups, 1); }
+
+// dgrad's configuration. Its M is the expert's rows, as the forward's, and kAuto follows the forward's rule
+// (grouped_gemm.cu, choose_tile): no cluster up to kNoClusterMaxRows rows per expert, where the 2x1 cluster rounds
+// an expert's M tiles up to a pair (with ~512 +- 23 rows per expert, DeepSeek-V3 at T = 16384, about half the experts
+// run 6 tiles for 5), the 2x1 cluster's weight multicast above. The 1x2 cluster only on request: measured on an H100
+// (bench/NOTES.md, "Cluster shape and M padding") it was 26-55% slower than the 2x1 on DeepSeek-V3's shapes.
+sm90::DgradConfig dgrad_config(const GroupedGemmGradArgs& g) {
+    switch (g.dgrad_tile) {
+        case GroupedGemmTile::kLarge: return sm90::DgradConfig::kCluster2x1;
+        case GroupedGemmTile::kLargeClusterN: return sm90::DgradConfig::kCluster1x2;
+        case GroupedGemmTile::kLargeNoCluster: return sm90::DgradConfig::kNoCluster;
+        case GroupedGemmTile::kAuto:
+            return avg_rows_per_group(g) <= kNoClusterMaxRows ? sm90::DgradConfig::kNoCluster
+                                                               : sm90::DgradConfig::kCluster2x1;
+        default: break;
+    }
+    SWITCHYARD_FAIL("grouped_gemm dgrad: dgrad_tile=", static_cast<int>(g.dgrad_tile),
+                    " is not a dgrad configuration (kAuto, kLarge, kLargeClusterN or kLargeNoCluster)");
+}
+
+// wgrad's schedule. Its reduction runs over an expert's rows, so each output tile's mainloop is as long as the
+// expert has rows while its epilogue (the dB tile's store) is fixed: the Cooperative kernel's tensor cores wait
+// through every epilogue, the Pingpong kernel runs one warpgroup's epilogue under the other's MMA. kAuto: Pingpong
+// up to kWgradPingpongMaxRows rows per expert, Cooperative (the higher MMA rate of the 128x256 tile) above.
+constexpr int64_t kWgradPingpongMaxRows = 1024;
+
+bool wgrad_pingpong(const GroupedGemmGradArgs& g) {
+    switch (g.wgrad_tile) {
+        case GroupedGemmTile::kLarge: return false;
+        case GroupedGemmTile::kMedium: return true;
+        case GroupedGemmTile::kAuto: return avg_rows_per_group(g) <= kWgradPingpongMaxRows;
+        default: break;
+    }
+    SWITCHYARD_FAIL("grouped_gemm wgrad: wgrad_tile=", static_cast<int>(g.wgrad_tile),
+                    " is not a wgrad configuration (kAuto, kLarge or kMedium)");
 }
 
 }  // namespace
@@ -202,13 +231,13 @@ bool dgrad_cluster_n(const GroupedGemmGradArgs& g) {
 const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
-    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, dgrad_cluster_n(args)).name;
+    return sm90::dgrad_ops_for(args.dtype, dgrad_config(args)).name;
 }
 
 const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
-    return sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad).name;
+    return sm90::wgrad_ops_for(args.dtype, wgrad_pingpong(args)).name;
 }
 
 void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -236,12 +265,11 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     }
 
     const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
-    const bool cluster_n = dgrad_cluster_n(args);  // validates dgrad_tile before anything is enqueued
+    const sm90::DgradConfig config = dgrad_config(args);  // validates dgrad_tile before anything is enqueued
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kDgrad, cluster_n).run(a, workspace, workspace_bytes,
-                                                                           facts.sm_count, stream);
+    sm90::dgrad_ops_for(args.dtype, config).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -272,6 +300,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     GroupedGemmGradArgs w = args;
     w.da = nullptr;  // the wgrad layout (check_grad_16bit_call reads which operands from da)
     const DeviceFacts facts = check_grad_16bit_call(w, workspace, workspace_bytes, "grouped_gemm wgrad");
+    const bool pingpong = wgrad_pingpong(args);  // validates wgrad_tile before anything is enqueued
     // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
     const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
     zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
@@ -279,8 +308,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::grad_ops_for(args.dtype, sm90::GradLayout::kWgrad)
-        .run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::wgrad_ops_for(args.dtype, pingpong).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

@@ -35,17 +35,32 @@ enum class GradLayout : int {
 // wgrad's run does not zero the dB of empty groups (the dispatcher does).
 using GradGemmOps = GemmOpsOf<GroupedGemmGradArgs>;
 
-// One per translation unit; both layouts run Cooperative 128x256x64, cluster 2x1x1, and bf16 dgrad also has the
-// cluster 1x2x1 twin (the forward's kCooperative128x256N2, for the same reason: dgrad's M is the expert's rows).
+// One per translation unit: Cooperative 128x256x64 with the 2x1 cluster for both layouts, and for bf16 the dgrad
+// without a cluster and with the 1x2 cluster (the forward's kCooperative128x256C1 / N2, for the same reason: dgrad's
+// M is the expert's rows) and the wgrad on the Pingpong 128x128 tile (its epilogue under the other warpgroup's MMA).
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
 extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
+extern const GradGemmOps kBF16DgradC1;  // grouped_gemm_sm90_bf16_dgrad_c1.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
+extern const GradGemmOps kBF16WgradPingpong;  // grouped_gemm_sm90_bf16_wgrad_pp.cu
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 
-inline const GradGemmOps& grad_ops_for(DType dtype, GradLayout layout, bool cluster_n2 = false) {
-    if (dtype == DType::kBF16) return layout == GradLayout::kDgrad ? (cluster_n2 ? kBF16DgradN2 : kBF16Dgrad) : kBF16Wgrad;
-    return layout == GradLayout::kDgrad ? kF16Dgrad : kF16Wgrad;
+// The dgrad configurations of bf16 (fp16 has the 2x1 Cooperative one only).
+enum class DgradConfig : int { kCluster2x1 = 0, kCluster1x2 = 1, kNoCluster = 2 };
+
+inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config) {
+    if (dtype != DType::kBF16) return kF16Dgrad;
+    switch (config) {
+        case DgradConfig::kCluster1x2: return kBF16DgradN2;
+        case DgradConfig::kNoCluster: return kBF16DgradC1;
+        default: return kBF16Dgrad;
+    }
+}
+
+inline const GradGemmOps& wgrad_ops_for(DType dtype, bool pingpong) {
+    if (dtype != DType::kBF16) return kF16Wgrad;
+    return pingpong ? kBF16WgradPingpong : kBF16Wgrad;
 }
 
 }  // namespace sm90
