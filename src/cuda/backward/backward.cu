@@ -286,18 +286,33 @@ __global__ void __launch_bounds__(kBwdThreads)
         T* d = d_out + static_cast<int64_t>(r) * hidden;
         float part = 0.0f;
         if constexpr (kVec) {
-            constexpr int kN = kVecElems<T>;
-            for (int64_t i = threadIdx.x; i < hidden / kN; i += kBwdThreads) {
-                const Vec16<T> gv = reinterpret_cast<const Vec16<T>*>(g)[i];
-                const Vec16<T> ov = reinterpret_cast<const Vec16<T>*>(o)[i];
-                Vec16<T> dv;
+            // kUnroll vectors of dy and of the row loaded before any is used (more bytes in flight per thread); the
+            // products still enter `part` in increasing column order.
+            constexpr int kN = kVecElems<T>, kUnroll = 4;
+            const int64_t nvec = hidden / kN;
+            for (int64_t base = threadIdx.x; base < nvec; base += kBwdThreads * kUnroll) {
+                Vec16<T> gv[kUnroll], ov[kUnroll];
 #pragma unroll
-                for (int q = 0; q < kN; ++q) {
-                    const float gq = to_f32(gv.v[q]);
-                    part = fmaf(gq, to_f32(ov.v[q]), part);
-                    dv.v[q] = from_f32<T>(w * gq);
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int64_t i = base + u * kBwdThreads;
+                    if (i < nvec) {
+                        gv[u] = reinterpret_cast<const Vec16<T>*>(g)[i];
+                        ov[u] = reinterpret_cast<const Vec16<T>*>(o)[i];
+                    }
                 }
-                reinterpret_cast<Vec16<T>*>(d)[i] = dv;
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int64_t i = base + u * kBwdThreads;
+                    if (i >= nvec) break;
+                    Vec16<T> dv;
+#pragma unroll
+                    for (int q = 0; q < kN; ++q) {
+                        const float gq = to_f32(gv[u].v[q]);
+                        part = fmaf(gq, to_f32(ov[u].v[q]), part);
+                        dv.v[q] = from_f32<T>(w * gq);
+                    }
+                    reinterpret_cast<Vec16<T>*>(d)[i] = dv;
+                }
             }
         } else {
             for (int64_t h = threadIdx.x; h < hidden; h += kBwdThreads) {
