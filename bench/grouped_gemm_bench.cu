@@ -11,7 +11,8 @@
 // alone are larger). In the same run the bf16 ceiling is measured with cuBLAS on 8192^3 and the copy bandwidth
 // with a 1 GiB device-to-device copy; the floor of a GEMM is max(FLOPs / ceiling, bytes / bandwidth) where the
 // bytes are the weights of every expert that receives a row plus A read and C written once.
-// --all-tiles also times every tile configuration (large / medium / small / large-n2 / large-c1: grouped_gemm.h)
+// --all-tiles also times every tile configuration (large / medium / small / large-n2 / large-c1 / medium-n2:
+// grouped_gemm.h)
 // besides the automatic choice.
 // --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
 // dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
@@ -394,7 +395,8 @@ int main(int argc, char** argv) {
                             {"medium", switchyard::cuda::GroupedGemmTile::kMedium},
                             {"small", switchyard::cuda::GroupedGemmTile::kSmall},
                             {"large-n2", switchyard::cuda::GroupedGemmTile::kLargeClusterN},
-                            {"large-c1", switchyard::cuda::GroupedGemmTile::kLargeNoCluster}};
+                            {"large-c1", switchyard::cuda::GroupedGemmTile::kLargeNoCluster},
+                            {"medium-n2", switchyard::cuda::GroupedGemmTile::kMediumClusterN}};
                         // Every configuration is timed afresh, the automatic one included: on an H100 the first
                         // configuration timed on a new problem read up to 13% slower than the same one re-timed
                         // later (2026-11-27), so the automatic row's own time is not reused for the comparison.

@@ -67,6 +67,8 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
             return bf16 ? sm90::TileConfig::kCooperative128x256N2 : sm90::TileConfig::kCooperative128x256;
         case GroupedGemmTile::kLargeNoCluster:
             return bf16 ? sm90::TileConfig::kCooperative128x256C1 : sm90::TileConfig::kCooperative128x256;
+        case GroupedGemmTile::kMediumClusterN:
+            return bf16 ? sm90::TileConfig::kPingpong128x128N2 : sm90::TileConfig::kPingpong64x128;
         case GroupedGemmTile::kAuto: break;
     }
     // Measured on an H200 (bench/NOTES.md, change 2) and an H100 (2026-11-27) over the DESIGN.md expert shapes: with
@@ -89,7 +91,8 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 }
 
 // The gated epilogue's kernel for args. Overrides: kLarge = Cooperative 128x256 with the 2x1 cluster,
-// kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kSmall = Pingpong 64x256.
+// kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kMediumClusterN / kSmall =
+// Pingpong 64x256.
 // kAuto, measured on an H100 (bench/NOTES.md, "Gated epilogue"): up to kGatedPingpongMaxRows rows per expert the
 // Pingpong 64x256 tile, whose second warpgroup keeps the tensor cores busy during the first one's epilogue and
 // whose 64-row tiles round an expert's rows up less (Qwen3 and DeepSeek-V3 at T=4096: 7-18% faster than the
@@ -103,7 +106,8 @@ const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
         case GroupedGemmTile::kLargeNoCluster:
         case GroupedGemmTile::kLargeClusterN: return sm90::kBF16GatedCooperativeC1;
         case GroupedGemmTile::kSmall:
-        case GroupedGemmTile::kMedium: return sm90::kBF16GatedPingpong;
+        case GroupedGemmTile::kMedium:
+        case GroupedGemmTile::kMediumClusterN: return sm90::kBF16GatedPingpong;
         case GroupedGemmTile::kAuto: break;
     }
     if (g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kGatedPingpongMaxRows) return sm90::kBF16GatedPingpong;
@@ -177,7 +181,7 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
     size_t bytes = 0;
     for (auto tile : {sm90::TileConfig::kCooperative128x256, sm90::TileConfig::kPingpong64x128,
                       sm90::TileConfig::kPingpong128x128, sm90::TileConfig::kCooperative128x256N2,
-                      sm90::TileConfig::kCooperative128x256C1}) {
+                      sm90::TileConfig::kCooperative128x256C1, sm90::TileConfig::kPingpong128x128N2}) {
         bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
     }
     if (args.gated) {

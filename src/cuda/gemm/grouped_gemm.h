@@ -34,6 +34,7 @@ enum class GroupedGemmTile : int {
     kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
     kLargeClusterN = 4,  // Cooperative 128x256x64, cluster 1x2x1 (the A tile multicast to two N tiles; bf16, else kLarge)
     kLargeNoCluster = 5,  // Cooperative 128x256x64, cluster 1x1x1 (bf16, else kLarge)
+    kMediumClusterN = 6,  // Pingpong 128x128x64, cluster 1x2x1 (the A tile multicast to two N tiles; bf16, else kSmall)
 };
 
 // Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
