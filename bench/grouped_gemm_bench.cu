@@ -11,13 +11,11 @@
 // alone are larger). In the same run the bf16 ceiling is measured with cuBLAS on 8192^3 and the copy bandwidth
 // with a 1 GiB device-to-device copy; the floor of a GEMM is max(FLOPs / ceiling, bytes / bandwidth) where the
 // bytes are the weights of every expert that receives a row plus A read and C written once.
-// --all-tiles also times every tile configuration (large / medium / small / large-n2 / large-c1 / medium-n2:
-// grouped_gemm.h)
+// --all-tiles also times every tile configuration (large / medium / small / large-n2 / large-c1: grouped_gemm.h)
 // besides the automatic choice.
 // --backward adds the two gradient GEMMs of each (cuda::grouped_gemm_dgrad / _wgrad: dA = dC . B_e and
 // dB_e = dC_e^T . A_e, same FLOPs as the forward); with --all-tiles each is also timed with both tile
-// rasterisations (raster-m / raster-n), dgrad with each cluster (large = 2x1, large-n2 = 1x2, large-c1 = none) and
-// wgrad with each schedule (large = Cooperative 128x256, medium = Pingpong 128x128).
+// rasterisations (raster-m / raster-n), and dgrad with each cluster (large = 2x1, large-n2 = 1x2, large-c1 = none).
 // --gated adds, after each up GEMM, GEMM1 followed by the SwiGLU activation two ways, timed in alternation (two
 // rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
 // back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
@@ -395,8 +393,7 @@ int main(int argc, char** argv) {
                             {"medium", switchyard::cuda::GroupedGemmTile::kMedium},
                             {"small", switchyard::cuda::GroupedGemmTile::kSmall},
                             {"large-n2", switchyard::cuda::GroupedGemmTile::kLargeClusterN},
-                            {"large-c1", switchyard::cuda::GroupedGemmTile::kLargeNoCluster},
-                            {"medium-n2", switchyard::cuda::GroupedGemmTile::kMediumClusterN}};
+                            {"large-c1", switchyard::cuda::GroupedGemmTile::kLargeNoCluster}};
                         // Every configuration is timed afresh, the automatic one included: on an H100 the first
                         // configuration timed on a new problem read up to 13% slower than the same one re-timed
                         // later (2026-11-27), so the automatic row's own time is not reused for the comparison.
@@ -520,14 +517,6 @@ int main(int argc, char** argv) {
                                             dt.first, time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
                                     }
                                     ga.dgrad_tile = GroupedGemmTile::kAuto;
-                                } else {  // wgrad: Cooperative 128x256 and Pingpong 128x128
-                                    for (auto wt : {std::make_pair("large", GroupedGemmTile::kLarge),
-                                                    std::make_pair("medium", GroupedGemmTile::kMedium)}) {
-                                        ga.wgrad_tile = wt.second;
-                                        b.tiles.emplace_back(
-                                            wt.first, time_grad(ga, wgrad, as, bs, cs, da, db, gws, gws_bytes, o));
-                                    }
-                                    ga.wgrad_tile = GroupedGemmTile::kAuto;
                                 }
                             }
                             rows.push_back(b);

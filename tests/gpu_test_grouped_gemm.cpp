@@ -245,8 +245,7 @@ std::vector<int> random_counts(int num_groups, int total, uint32_t seed, double 
 
 const DType kAllDtypes[] = {DType::kBF16, DType::kF16, DType::kF32};
 const GroupedGemmTile kTiles16[] = {GroupedGemmTile::kLarge, GroupedGemmTile::kMedium, GroupedGemmTile::kSmall,
-                                    GroupedGemmTile::kLargeClusterN, GroupedGemmTile::kLargeNoCluster,
-                                    GroupedGemmTile::kMediumClusterN};
+                                    GroupedGemmTile::kLargeClusterN, GroupedGemmTile::kLargeNoCluster};
 
 // The listed row counts (0, 1, 7, 129, 4097) in one call with E = 8, every dtype and tile, both input kinds.
 TEST(GpuGroupedGemm, ListedRowCountsEveryDtypeAndTile) {

@@ -21,7 +21,6 @@
 #include <random>
 #include <sstream>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "cuda/gemm/grouped_gemm.h"
@@ -67,7 +66,6 @@ struct Case {
     bool graph = false;  // run through a captured CUDA graph, offsets changed after capture
     GemmRaster raster = GemmRaster::kAuto;
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
-    GroupedGemmTile wgrad_tile = GroupedGemmTile::kAuto;
     uint32_t seed = 1;
 };
 
@@ -75,7 +73,7 @@ std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
        << " slack=" << c.slack_rows << (c.integer_inputs ? " integer" : " real") << (c.graph ? " graph" : "")
-       << " dgrad_tile=" << static_cast<int>(c.dgrad_tile) << " wgrad_tile=" << static_cast<int>(c.wgrad_tile)
+       << " dgrad_tile=" << static_cast<int>(c.dgrad_tile)
        << " seed=" << c.seed << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 16; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 16) os << ",...";
@@ -169,7 +167,6 @@ void run_case(const Case& c) {
     args.offsets = d_off.get<const int32_t>();
     args.raster = c.raster;
     args.dgrad_tile = c.dgrad_tile;
-    args.wgrad_tile = c.wgrad_tile;
     ASSERT_TRUE(cuda::grouped_gemm_grad_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -313,18 +310,13 @@ TEST(GpuGroupedGemmBackward, BothRasterOrders) {
     }
 }
 
-// bf16 under every gradient configuration: dgrad with the Cooperative tile's three clusters (2x1 rounds each
-// expert's M tiles up to a pair, 1x2 the N tiles: K = 520 has three 256-wide tiles, so the 1x2 cluster's last CTA
-// runs past N; K = 1024 has four; none rounds nothing), wgrad on the Cooperative 128x256 and the Pingpong 128x128
-// tile (both with the 2x1 cluster: M = n = 264 is three 128-row tiles, the fourth of the last pair past M).
-TEST(GpuGroupedGemmBackward, EveryGradConfiguration) {
+// bf16 dgrad under the Cooperative tile's three clusters (2x1 rounds each expert's M tiles up to a pair, 1x2 the N
+// tiles: K = 520 has three 256-wide tiles, so the 1x2 cluster's last CTA runs past N; K = 1024 has four; none rounds
+// nothing).
+TEST(GpuGroupedGemmBackward, EveryDgradCluster) {
     SKIP_WITHOUT_GPU(DType::kBF16);
-    const std::pair<GroupedGemmTile, GroupedGemmTile> configs[] = {
-        {GroupedGemmTile::kLarge, GroupedGemmTile::kLarge},
-        {GroupedGemmTile::kLargeClusterN, GroupedGemmTile::kMedium},
-        {GroupedGemmTile::kLargeNoCluster, GroupedGemmTile::kMedium},
-        {GroupedGemmTile::kLargeNoCluster, GroupedGemmTile::kLarge}};
-    for (const auto& [dgrad_tile, wgrad_tile] : configs) {
+    for (GroupedGemmTile tile :
+         {GroupedGemmTile::kLarge, GroupedGemmTile::kLargeClusterN, GroupedGemmTile::kLargeNoCluster}) {
         for (int64_t k : {520, 1024}) {
             for (bool integer : {true, false}) {
                 Case c;
@@ -334,32 +326,28 @@ TEST(GpuGroupedGemmBackward, EveryGradConfiguration) {
                 c.k = k;
                 c.slack_rows = 3;
                 c.integer_inputs = integer;
-                c.dgrad_tile = dgrad_tile;
-                c.wgrad_tile = wgrad_tile;
-                c.seed = 171 + static_cast<uint32_t>(dgrad_tile) * 5 + static_cast<uint32_t>(wgrad_tile) * 11 +
-                         static_cast<uint32_t>(k) + (integer ? 0 : 1);
+                c.dgrad_tile = tile;
+                c.seed = 171 + static_cast<uint32_t>(tile) * 5 + static_cast<uint32_t>(k) + (integer ? 0 : 1);
                 run_case(c);
             }
         }
     }
 }
 
-// A tile that is not a configuration of the gradient it is given for is refused before anything runs.
-TEST(GpuGroupedGemmBackward, RefusesTilesOfOtherGemms) {
+// A tile that is not a dgrad configuration is refused before anything runs.
+TEST(GpuGroupedGemmBackward, RefusesTilesThatAreNoDgradConfiguration) {
     SKIP_WITHOUT_GPU(DType::kBF16);
     cuda::GroupedGemmGradArgs args;
     args.dtype = DType::kBF16;
     args.num_groups = 2;
     args.n = 64;
     args.k = 64;
-    args.max_rows = 0;  // nothing would run: only the names, which resolve the configuration
-    args.dgrad_tile = GroupedGemmTile::kSmall;
-    EXPECT_THROW(cuda::grouped_gemm_dgrad_kernel_name(args), Error);
-    args.dgrad_tile = GroupedGemmTile::kAuto;
-    args.wgrad_tile = GroupedGemmTile::kLargeNoCluster;
-    EXPECT_THROW(cuda::grouped_gemm_wgrad_kernel_name(args), Error);
-    args.wgrad_tile = GroupedGemmTile::kMedium;
-    EXPECT_NE(std::string(cuda::grouped_gemm_wgrad_kernel_name(args)).find("pingpong"), std::string::npos);
+    for (GroupedGemmTile tile : {GroupedGemmTile::kSmall, GroupedGemmTile::kMedium}) {
+        args.dgrad_tile = tile;
+        EXPECT_THROW(cuda::grouped_gemm_dgrad_kernel_name(args), Error);
+    }
+    args.dgrad_tile = GroupedGemmTile::kLargeNoCluster;
+    EXPECT_NE(std::string(cuda::grouped_gemm_dgrad_kernel_name(args)).find("cluster 1x1x1"), std::string::npos);
 }
 
 // E = 1: 129 rows, no rows at all (dB all zero, dA all zero), one row.

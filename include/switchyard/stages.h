@@ -79,10 +79,10 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
 
 // ---- dispatch ---------------------------------------------------------------------------------------------------
 // xp [R, H] = x [T, H] rows in expert order: xp[r] = x[row_token[r]], and 0 where row_token[r] < 0 (rows past the
-// plan's offsets[E]). xp has x's dtype. slot_row [T, k] (optional): the same plan's slot_row. With it the CUDA
-// backend reads each row of x once and writes it to its k rows (one pass over x instead of one per row; the result
-// is the same); the CPU backend checks that it is the plan's (every row with row_token[r] >= 0 is pointed at by
-// exactly one pair (t, j) with t = row_token[r], every pair at such a row) and refuses it otherwise.
+// plan's offsets[E]). xp has x's dtype. slot_row [T, k] (optional; token choice, k <= 32): the same plan's slot_row.
+// With it the CUDA backend reads each row of x once and writes it to its k rows (one pass over x instead of one per
+// row; the result is the same); the CPU backend checks that it is the plan's (every row with row_token[r] >= 0 is
+// pointed at by exactly one pair (t, j) with t = row_token[r], every pair at such a row) and refuses it otherwise.
 void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, cudaStream_t stream = nullptr,
             const TensorRef& slot_row = TensorRef());
 // dx [T, H] = sum over j = 0..k-1 (in order, skipping slot_row < 0) of d_xp[slot_row[t, j]].

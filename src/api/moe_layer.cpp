@@ -457,7 +457,8 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
         return;
     }
     route_and_plan();
-    gather(x, plan.row_token, xp, stream, plan.slot_row);  // by token: x read once
+    // token choice: by token, x read once (expert choice's slot_row is [T, E], one column per expert: by row)
+    gather(x, plan.row_token, xp, stream, cfg_.expert_choice() ? TensorRef() : plan.slot_row);
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h);
     // interleaved gate/up rows grouped_gemm_gated where the backend has it (api::gemm1_activation).

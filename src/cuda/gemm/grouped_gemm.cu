@@ -67,16 +67,15 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
             return bf16 ? sm90::TileConfig::kCooperative128x256N2 : sm90::TileConfig::kCooperative128x256;
         case GroupedGemmTile::kLargeNoCluster:
             return bf16 ? sm90::TileConfig::kCooperative128x256C1 : sm90::TileConfig::kCooperative128x256;
-        case GroupedGemmTile::kMediumClusterN:
-            return bf16 ? sm90::TileConfig::kPingpong128x128N2 : sm90::TileConfig::kPingpong64x128;
         case GroupedGemmTile::kAuto: break;
     }
     // Measured on an H200 (bench/NOTES.md, change 2) and an H100 (2026-11-27) over the DESIGN.md expert shapes: with
     // few rows per group the 64-row Pingpong tile wastes the least MMA work and streams the weights fastest; up to 64
-    // rows, and for short K (<= 1024: few k-steps per tile, so the epilogue matters) the 128x128 Pingpong tile, whose
-    // two warpgroups overlap one tile's epilogue with the other's MMA; otherwise the Cooperative 128x256 tile (highest
-    // MMA rate): without a cluster up to kNoClusterMaxRows rows per expert (no M tile rounded up to a cluster pair:
-    // grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above. Measured (bench/NOTES.md, "Cluster shape
+    // rows the 128x128 Pingpong tile, whose two warpgroups overlap one tile's epilogue with the other's MMA; otherwise
+    // the Cooperative 128x256 tile (highest MMA rate), short K included (Qwen3's down GEMM, K = 768, on an H100: 7-12%
+    // faster than the 128x128 Pingpong tile at T = 4096 and 16384, bench/NOTES.md "The training step's GEMM
+    // epilogues"; the H200 had measured them even): without a cluster up to kNoClusterMaxRows rows per expert (no M
+    // tile rounded up to a cluster pair: grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above. Measured (bench/NOTES.md, "Cluster shape
     // and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster took up to 19% less time than the
     // 2x1 cluster (H200; up to 13% on the H100) or tied within the runs' noise, except DeepSeek-V3's memory-bound
     // GEMM1 at 128 rows (T = 4096), which Nsight showed 5% slower on the H100 than the day before with 2x1: without
@@ -85,14 +84,12 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     const int64_t avg_rows = g.max_rows / std::max<int64_t>(g.num_groups, 1);
     if (avg_rows <= 32 || g.n <= 128) return sm90::TileConfig::kPingpong64x128;
     if (avg_rows <= 64) return bf16 ? sm90::TileConfig::kPingpong128x128 : sm90::TileConfig::kPingpong64x128;
-    if (g.k <= 1024 && bf16) return sm90::TileConfig::kPingpong128x128;
     if (bf16 && avg_rows <= kNoClusterMaxRows) return sm90::TileConfig::kCooperative128x256C1;
     return sm90::TileConfig::kCooperative128x256;
 }
 
 // The gated epilogue's kernel for args. Overrides: kLarge = Cooperative 128x256 with the 2x1 cluster,
-// kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kMediumClusterN / kSmall =
-// Pingpong 64x256.
+// kLargeNoCluster / kLargeClusterN = Cooperative 128x256 without a cluster, kMedium / kSmall = Pingpong 64x256.
 // kAuto, measured on an H100 (bench/NOTES.md, "Gated epilogue"): up to kGatedPingpongMaxRows rows per expert the
 // Pingpong 64x256 tile, whose second warpgroup keeps the tensor cores busy during the first one's epilogue and
 // whose 64-row tiles round an expert's rows up less (Qwen3 and DeepSeek-V3 at T=4096: 7-18% faster than the
@@ -106,8 +103,7 @@ const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
         case GroupedGemmTile::kLargeNoCluster:
         case GroupedGemmTile::kLargeClusterN: return sm90::kBF16GatedCooperativeC1;
         case GroupedGemmTile::kSmall:
-        case GroupedGemmTile::kMedium:
-        case GroupedGemmTile::kMediumClusterN: return sm90::kBF16GatedPingpong;
+        case GroupedGemmTile::kMedium: return sm90::kBF16GatedPingpong;
         case GroupedGemmTile::kAuto: break;
     }
     if (g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kGatedPingpongMaxRows) return sm90::kBF16GatedPingpong;
@@ -181,7 +177,7 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
     size_t bytes = 0;
     for (auto tile : {sm90::TileConfig::kCooperative128x256, sm90::TileConfig::kPingpong64x128,
                       sm90::TileConfig::kPingpong128x128, sm90::TileConfig::kCooperative128x256N2,
-                      sm90::TileConfig::kCooperative128x256C1, sm90::TileConfig::kPingpong128x128N2}) {
+                      sm90::TileConfig::kCooperative128x256C1}) {
         bytes = std::max(bytes, sm90::ops_for(args.dtype, tile).workspace_size(args.num_groups, sm_count));
     }
     if (args.gated) {

@@ -34,7 +34,6 @@ enum class GroupedGemmTile : int {
     kMedium = 3,  // Pingpong 128x128x64, cluster 1x1x1 (bf16; fp16 has no such instantiation and runs kLarge)
     kLargeClusterN = 4,  // Cooperative 128x256x64, cluster 1x2x1 (the A tile multicast to two N tiles; bf16, else kLarge)
     kLargeNoCluster = 5,  // Cooperative 128x256x64, cluster 1x1x1 (bf16, else kLarge)
-    kMediumClusterN = 6,  // Pingpong 128x128x64, cluster 1x2x1 (the A tile multicast to two N tiles; bf16, else kSmall)
 };
 
 // Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
@@ -94,9 +93,9 @@ void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int6
 // dgrad writes every row of dA: rows r >= offsets[E] (no expert) are written as 0. wgrad writes all of dB: an
 // expert with no rows gets dB[e] = 0. fp32 accumulation, one rounding to dtype; every output element is reduced by
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
-// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (Cooperative 128x256x64 with the 2x1 cluster; for bf16 also
-// the dgrad without a cluster or with the 1x2 cluster and the wgrad on Pingpong 128x128: dgrad_tile, wgrad_tile;
-// N and K multiples of 8, 16-byte aligned pointers); fp32: tiled SIMT kernels (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
+// allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (Cooperative 128x256x64 with the 2x1 cluster; for bf16 the
+// dgrad also without a cluster or with the 1x2 cluster: dgrad_tile; N and K multiples of 8, 16-byte aligned
+// pointers); fp32: tiled SIMT kernels (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
     const void* dc = nullptr;  // [max_rows, N]
     const void* a = nullptr;   // [max_rows, K] (wgrad only)
@@ -114,9 +113,6 @@ struct GroupedGemmGradArgs {
     // grouped_gemm_backward.cu), kLarge (Cooperative 128x256, cluster 2x1), kLargeClusterN (cluster 1x2, bf16) or
     // kLargeNoCluster (no cluster, bf16); others are refused.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
-    // wgrad's tile (M = the weight's N, the reduction an expert's rows): kAuto (by the rows per expert), kLarge
-    // (Cooperative 128x256, cluster 2x1) or kMedium (Pingpong 128x128, cluster 2x1, bf16); others are refused.
-    GroupedGemmTile wgrad_tile = GroupedGemmTile::kAuto;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

@@ -176,10 +176,7 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return 0;
     const int sm_count = device_facts().sm_count;
-    size_t bytes = 0;
-    for (bool pingpong : {false, true}) {
-        bytes = std::max(bytes, sm90::wgrad_ops_for(args.dtype, pingpong).workspace_size(args.num_groups, sm_count));
-    }
+    size_t bytes = sm90::wgrad_ops_for(args.dtype).workspace_size(args.num_groups, sm_count);
     for (auto c : {sm90::DgradConfig::kCluster2x1, sm90::DgradConfig::kCluster1x2, sm90::DgradConfig::kNoCluster}) {
         bytes = std::max(bytes, sm90::dgrad_ops_for(args.dtype, c).workspace_size(args.num_groups, sm_count));
     }
@@ -209,23 +206,6 @@ sm90::DgradConfig dgrad_config(const GroupedGemmGradArgs& g) {
                     " is not a dgrad configuration (kAuto, kLarge, kLargeClusterN or kLargeNoCluster)");
 }
 
-// wgrad's schedule. Its reduction runs over an expert's rows, so each output tile's mainloop is as long as the
-// expert has rows while its epilogue (the dB tile's store) is fixed: the Cooperative kernel's tensor cores wait
-// through every epilogue, the Pingpong kernel runs one warpgroup's epilogue under the other's MMA. kAuto: Pingpong
-// up to kWgradPingpongMaxRows rows per expert, Cooperative (the higher MMA rate of the 128x256 tile) above.
-constexpr int64_t kWgradPingpongMaxRows = 1024;
-
-bool wgrad_pingpong(const GroupedGemmGradArgs& g) {
-    switch (g.wgrad_tile) {
-        case GroupedGemmTile::kLarge: return false;
-        case GroupedGemmTile::kMedium: return true;
-        case GroupedGemmTile::kAuto: return avg_rows_per_group(g) <= kWgradPingpongMaxRows;
-        default: break;
-    }
-    SWITCHYARD_FAIL("grouped_gemm wgrad: wgrad_tile=", static_cast<int>(g.wgrad_tile),
-                    " is not a wgrad configuration (kAuto, kLarge or kMedium)");
-}
-
 }  // namespace
 
 const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
@@ -237,7 +217,7 @@ const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
 const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
-    return sm90::wgrad_ops_for(args.dtype, wgrad_pingpong(args)).name;
+    return sm90::wgrad_ops_for(args.dtype).name;
 }
 
 void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -300,7 +280,6 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     GroupedGemmGradArgs w = args;
     w.da = nullptr;  // the wgrad layout (check_grad_16bit_call reads which operands from da)
     const DeviceFacts facts = check_grad_16bit_call(w, workspace, workspace_bytes, "grouped_gemm wgrad");
-    const bool pingpong = wgrad_pingpong(args);  // validates wgrad_tile before anything is enqueued
     // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
     const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
     zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
@@ -308,7 +287,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::wgrad_ops_for(args.dtype, pingpong).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::wgrad_ops_for(args.dtype).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

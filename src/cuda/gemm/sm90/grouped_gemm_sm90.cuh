@@ -68,19 +68,12 @@ struct Pingpong64x256Config {
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 };
 
-template <int ClusterM, int ClusterN>
-struct Pingpong128ClusterConfig {
+struct Pingpong128Config {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
-    using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
+    using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
 };
-using Pingpong128Config = Pingpong128ClusterConfig<1, 1>;
-// With the 2x1 cluster (B multicast to two M tiles): for the weight gradient, whose M (the weight's N) never rounds up.
-using Pingpong128M2Config = Pingpong128ClusterConfig<2, 1>;
-// With the 1x2 cluster (A multicast to two N tiles): a quarter less operand traffic from the L2 per MMA, and no M
-// tile rounded up.
-using Pingpong128N2Config = Pingpong128ClusterConfig<1, 2>;
 
 // The epilogue collective of a PtrArrayKernel: CUTLASS's (D = 1.0 * acc rounded once, TMA stores) unless one is given.
 template <typename Element, typename Config, typename LayoutD, typename Given>

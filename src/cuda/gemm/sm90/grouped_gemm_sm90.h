@@ -41,7 +41,6 @@ enum class TileConfig : int {
     kPingpong128x128 = 2,     // KernelPtrArrayTmaWarpSpecializedPingpong, tile 128x128x64, cluster 1x1x1 (bf16)
     kCooperative128x256N2 = 3,  // as kCooperative128x256 with cluster 1x2x1 (bf16)
     kCooperative128x256C1 = 4,  // as kCooperative128x256 with cluster 1x1x1 (bf16)
-    kPingpong128x128N2 = 5,     // as kPingpong128x128 with cluster 1x2x1 (bf16): the A tile multicast to two N tiles
 };
 
 // The entry points of one compiled CUTLASS configuration; Args is GroupedGemmArgs (forward) or GroupedGemmGradArgs
@@ -62,7 +61,6 @@ extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
 extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
 extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
 extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
-extern const GemmOps kBF16Pingpong128N2;  // grouped_gemm_sm90_bf16_pingpong128_n2.cu
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
 extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
 extern const GemmOps kBF16GatedPingpong;  // grouped_gemm_sm90_bf16_gated_pp.cu (the gated epilogue, Pingpong 64x256)
@@ -74,7 +72,6 @@ inline const GemmOps& ops_for(DType dtype, TileConfig tile) {
         switch (tile) {
             case TileConfig::kPingpong64x128: return kBF16Pingpong;
             case TileConfig::kPingpong128x128: return kBF16Pingpong128;
-            case TileConfig::kPingpong128x128N2: return kBF16Pingpong128N2;
             case TileConfig::kCooperative128x256N2: return kBF16CooperativeN2;
             case TileConfig::kCooperative128x256C1: return kBF16CooperativeC1;
             default: return kBF16Cooperative;

@@ -37,13 +37,12 @@ using GradGemmOps = GemmOpsOf<GroupedGemmGradArgs>;
 
 // One per translation unit: Cooperative 128x256x64 with the 2x1 cluster for both layouts, and for bf16 the dgrad
 // without a cluster and with the 1x2 cluster (the forward's kCooperative128x256C1 / N2, for the same reason: dgrad's
-// M is the expert's rows) and the wgrad on the Pingpong 128x128 tile (its epilogue under the other warpgroup's MMA).
+// M is the expert's rows).
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
 extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
 extern const GradGemmOps kBF16DgradC1;  // grouped_gemm_sm90_bf16_dgrad_c1.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
-extern const GradGemmOps kBF16WgradPingpong;  // grouped_gemm_sm90_bf16_wgrad_pp.cu
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 
 // The dgrad configurations of bf16 (fp16 has the 2x1 Cooperative one only).
@@ -58,10 +57,7 @@ inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config) {
     }
 }
 
-inline const GradGemmOps& wgrad_ops_for(DType dtype, bool pingpong) {
-    if (dtype != DType::kBF16) return kF16Wgrad;
-    return pingpong ? kBF16WgradPingpong : kBF16Wgrad;
-}
+inline const GradGemmOps& wgrad_ops_for(DType dtype) { return dtype == DType::kBF16 ? kBF16Wgrad : kF16Wgrad; }
 
 }  // namespace sm90
 }  // namespace cuda
