@@ -57,5 +57,21 @@ struct alignas(16) Vec16 {
     T v[kVecElems<T>];
 };
 
+// acc[q] = fma(w[j], rows[r_j][i-th vector][q], acc[q]) over the slots j = 0..top_k-1 in order, skipping r_j < 0
+// (r_j = slot_rows[j], a row of `hidden` elements of base). w null: weight 1 (fmaf(1, v, a) rounds v + a once: a plain
+// sum's bits). The combine's weighted sum and gather_backward's sum of a token's rows.
+template <typename T>
+__device__ __forceinline__ void add_slot_rows(float (&acc)[kVecElems<T>], const T* base, const int32_t* slot_rows,
+                                              const float* w, int top_k, int64_t hidden, int64_t i) {
+    for (int j = 0; j < top_k; ++j) {
+        const int32_t r = slot_rows[j];
+        if (r < 0) continue;
+        const float wj = w != nullptr ? w[j] : 1.0f;
+        const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(base + static_cast<int64_t>(r) * hidden)[i];
+#pragma unroll
+        for (int q = 0; q < kVecElems<T>; ++q) acc[q] = fmaf(wj, to_f32(v.v[q]), acc[q]);
+    }
+}
+
 }  // namespace cuda
 }  // namespace switchyard

@@ -176,13 +176,7 @@ __global__ void __launch_bounds__(kBwdThreads)
             float acc[kN];
 #pragma unroll
             for (int q = 0; q < kN; ++q) acc[q] = 0.0f;
-            for (int j = 0; j < top_k; ++j) {
-                const int32_t r = rows_s[j];
-                if (r < 0) continue;
-                const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(d_xp + static_cast<int64_t>(r) * hidden)[i];
-#pragma unroll
-                for (int q = 0; q < kN; ++q) acc[q] += to_f32(v.v[q]);
-            }
+            add_slot_rows<T>(acc, d_xp, rows_s, nullptr, top_k, hidden, i);
             Vec16<T> o;
 #pragma unroll
             for (int q = 0; q < kN; ++q) o.v[q] = from_f32<T>(acc[q]);

@@ -42,14 +42,7 @@ __global__ void __launch_bounds__(kCombineThreads)
             float acc[kN];
 #pragma unroll
             for (int q = 0; q < kN; ++q) acc[q] = 0.0f;
-            for (int j = 0; j < top_k; ++j) {
-                const int32_t r = rows_s[j];
-                if (r < 0) continue;
-                const float w = w_s[j];
-                const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(expert_out + static_cast<int64_t>(r) * hidden)[i];
-#pragma unroll
-                for (int q = 0; q < kN; ++q) acc[q] = fmaf(w, to_f32(v.v[q]), acc[q]);
-            }
+            add_slot_rows<T>(acc, expert_out, rows_s, w_s, top_k, hidden, i);
             if (shared != nullptr) {
                 const Vec16<T> s = reinterpret_cast<const Vec16<T>*>(shared + t * hidden)[i];
 #pragma unroll

@@ -22,6 +22,23 @@ namespace {
 constexpr int kPermuteThreads = 128;
 constexpr int kPermuteUnroll = 4;
 
+// A thread's vectors i = base + u * kPermuteThreads (u < kPermuteUnroll, i < nvec) of a row: all loaded before any is
+// stored, so that a row of up to kPermuteThreads * kPermuteUnroll vectors (8 KB: H = 4096 in bf16) is in flight.
+__device__ __forceinline__ void load_vectors(uint4 (&v)[kPermuteUnroll], const uint4* s, int64_t base, int64_t nvec) {
+#pragma unroll
+    for (int u = 0; u < kPermuteUnroll; ++u) {
+        const int64_t i = base + u * kPermuteThreads;
+        if (i < nvec) v[u] = s[i];
+    }
+}
+__device__ __forceinline__ void store_vectors(uint4* d, const uint4 (&v)[kPermuteUnroll], int64_t base, int64_t nvec) {
+#pragma unroll
+    for (int u = 0; u < kPermuteUnroll; ++u) {
+        const int64_t i = base + u * kPermuteThreads;
+        if (i < nvec) d[i] = v[u];
+    }
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kPermuteThreads)
     permute_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_token, int64_t hidden,
@@ -38,23 +55,13 @@ __global__ void __launch_bounds__(kPermuteThreads)
     const T* src = x + static_cast<int64_t>(tok) * hidden;
     T* dst = xp + row * hidden;
     if constexpr (kVec) {
-        // All of a thread's loads (up to kPermuteUnroll 16-byte vectors) are issued before its stores, so that a row
-        // of up to kPermuteThreads * kPermuteUnroll vectors (8 KB: H = 4096 in bf16) is in flight at once.
         const int64_t nvec = hidden / kVecElems<T>;
         const uint4* s = reinterpret_cast<const uint4*>(src);
         uint4* d = reinterpret_cast<uint4*>(dst);
         for (int64_t base = threadIdx.x; base < nvec; base += kPermuteThreads * kPermuteUnroll) {
             uint4 v[kPermuteUnroll];
-#pragma unroll
-            for (int u = 0; u < kPermuteUnroll; ++u) {
-                const int64_t i = base + u * kPermuteThreads;
-                if (i < nvec) v[u] = s[i];
-            }
-#pragma unroll
-            for (int u = 0; u < kPermuteUnroll; ++u) {
-                const int64_t i = base + u * kPermuteThreads;
-                if (i < nvec) d[i] = v[u];
-            }
+            load_vectors(v, s, base, nvec);
+            store_vectors(d, v, base, nvec);
         }
     } else {
         for (int64_t i = threadIdx.x; i < hidden; i += kPermuteThreads) dst[i] = src[i];
@@ -94,19 +101,11 @@ __global__ void __launch_bounds__(kPermuteThreads)
         const uint4* s = reinterpret_cast<const uint4*>(src);
         for (int64_t base = threadIdx.x; base < nvec; base += kPermuteThreads * kPermuteUnroll) {
             uint4 v[kPermuteUnroll];
-#pragma unroll
-            for (int u = 0; u < kPermuteUnroll; ++u) {
-                const int64_t i = base + u * kPermuteThreads;
-                if (i < nvec) v[u] = s[i];
-            }
+            load_vectors(v, s, base, nvec);
             for (int j = 0; j < top_k; ++j) {
                 const int32_t r = rows_s[j];
-                if (r < 0) continue;
-                uint4* d = reinterpret_cast<uint4*>(xp + static_cast<int64_t>(r) * hidden);
-#pragma unroll
-                for (int u = 0; u < kPermuteUnroll; ++u) {
-                    const int64_t i = base + u * kPermuteThreads;
-                    if (i < nvec) d[i] = v[u];
+                if (r >= 0) {
+                    store_vectors(reinterpret_cast<uint4*>(xp + static_cast<int64_t>(r) * hidden), v, base, nvec);
                 }
             }
         }
