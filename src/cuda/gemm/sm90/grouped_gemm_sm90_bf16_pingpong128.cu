@@ -1,5 +1,5 @@
-// src/cuda/gemm/sm90/grouped_gemm_sm90_bf16_pingpong128.cu: the bf16 Pingpong 128x128x64 sm90 grouped GEMM, for mid-size
-// row counts and short K (one warpgroup's epilogue overlaps the other's MMA). Template and layouts:
+// src/cuda/gemm/sm90/grouped_gemm_sm90_bf16_pingpong128.cu: the bf16 Pingpong 128x128x64 sm90 grouped GEMM, for 33-64
+// rows per expert (one warpgroup's epilogue overlaps the other's MMA). Template and layouts:
 // grouped_gemm_sm90.cuh; dispatcher: grouped_gemm.cu.
 #include "cuda/gemm/sm90/grouped_gemm_sm90.cuh"
 
