@@ -95,10 +95,12 @@ TEST(Gather, RefusesASlotRowOfAnotherPlan) {
         sr.ptr<int32_t>()[b] = -1;
         expect_error([&] { run(sr); }, {"is pointed at by no pair of slot_row"});
     }
-    {  // a row past the plan's rows
-        HostTensor sr = p.slot_row;
-        sr.ptr<int32_t>()[a] = static_cast<int32_t>(p.R - 1);
-        expect_error([&] { run(sr); }, {"slot_row[0, "});
+    {  // a row past xp's rows, and one of the plan's tail rows (owned by no token)
+        for (int64_t r : {p.R, p.R - 1}) {
+            HostTensor sr = p.slot_row;
+            sr.ptr<int32_t>()[a] = static_cast<int32_t>(r);
+            expect_error([&] { run(sr); }, {"slot_row[0, ", "is not a row of token 0"});
+        }
     }
     {  // two pairs of one token at one row
         HostTensor sr = p.slot_row;
