@@ -10,7 +10,8 @@ counter sm__ops_path_tensor_src_bf16_dst_fp32.sum (tensor-core math ops of bf16 
 achieved matrix rate (TFLOP/s, those ops over the kernel's time; "-" for kernels without tensor work); when the CSV
 has them, the L2 throughput (lts__throughput, % of peak: whether the L2 feeds the tensor cores fast enough) and the
 L2 read bandwidth to the SMs (TB/s, lts__t_sectors_srcunit_tex_op_read sectors x 32 bytes over the time). A last
-line sums the launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are skipped."""
+line sums the launches. Lines of the CSV that are not metric rows (the program's own output, ncu's messages) are
+skipped."""
 import csv
 import re
 import sys
@@ -91,7 +92,8 @@ def main(paths):
                 ops = d.get(TENSOR_OPS, 0.0)
                 rate = f"{ops / (us * 1e-6) / 1e12:>9.1f}" if ops > 0 and us == us and us > 0 else f"{'-':>9}"
             if l2:
-                l2_tbps = d.get(L2_READ, float("nan")) * 32 / (us * 1e-6) / 1e12 if us == us and us > 0 else float("nan")
+                ok = us == us and us > 0
+                l2_tbps = d.get(L2_READ, float("nan")) * 32 / (us * 1e-6) / 1e12 if ok else float("nan")
                 rate += f"{d.get(L2_PCT, float('nan')):>7.1f}{l2_tbps:>9.2f}"
             print(f"{short(d['kernel']):<45}{us:>9.1f}{rd:>10.1f}{wr:>10.1f}{tbps:>7.2f}"
                   f"{d.get('dram__throughput.avg.pct_of_peak_sustained_elapsed', float('nan')):>7.1f}"

@@ -112,7 +112,8 @@ TEST(GpuStages, ScatterByTokenWritesEveryRowOnce) {
                 const size_t rb = H * dtype_size(dt);
                 for (int64_t r = 0; r < rows; ++r) {
                     if (row_token[r] >= 0) {
-                        ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0) << "row " << r;
+                        ASSERT_EQ(std::memcmp(got.data() + r * rb, xb.data() + row_token[r] * rb, rb), 0)
+                            << "row " << r;
                     } else {
                         for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], 0) << "unowned row " << r;
                     }

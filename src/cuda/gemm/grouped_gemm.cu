@@ -75,8 +75,8 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
     // the Cooperative 128x256 tile (highest MMA rate), short K included (Qwen3's down GEMM, K = 768, on an H100: 7-12%
     // faster than the 128x128 Pingpong tile at T = 4096 and 16384, bench/NOTES.md "The training step's GEMM
     // epilogues"; the H200 had measured them even): without a cluster up to kNoClusterMaxRows rows per expert (no M
-    // tile rounded up to a cluster pair: grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above. Measured (bench/NOTES.md, "Cluster shape
-    // and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster took up to 19% less time than the
+    // tile rounded up to a cluster pair: grouped_gemm_sm90.h), with the 2x1 cluster's weight multicast above.
+    // Measured (bench/NOTES.md, "Cluster shape and M padding"; H200 and H100): from 128 to 1024 rows per expert no cluster took up to 19% less time than the
     // 2x1 cluster (H200; up to 13% on the H100) or tied within the runs' noise, except DeepSeek-V3's memory-bound
     // GEMM1 at 128 rows (T = 4096), which Nsight showed 5% slower on the H100 than the day before with 2x1: without
     // the multicast its weights are read 1.21x instead of 1.03x. The 1x2 cluster was no better, and on the H100

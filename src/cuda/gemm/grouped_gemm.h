@@ -95,7 +95,8 @@ void zero_rows_past_groups(void* base, DType dtype, const int32_t* offsets, int6
 // one thread block in a fixed order (no split-K, no atomics): bitwise reproducible. No host synchronisation, nothing
 // allocated: graph-capturable. bf16/fp16: CUTLASS sm90 (Cooperative 128x256x64 with the 2x1 cluster; for bf16 the
 // dgrad also without a cluster or with the 1x2 cluster: dgrad_tile; N and K multiples of 8, 16-byte aligned
-// pointers); fp32: tiled SIMT kernels (any N, K). Implementation: grouped_gemm_backward.cu, grouped_gemm_sm90_backward.cuh.
+// pointers); fp32: tiled SIMT kernels (any N, K). Implementation: grouped_gemm_backward.cu,
+// grouped_gemm_sm90_backward.cuh.
 struct GroupedGemmGradArgs {
     const void* dc = nullptr;  // [max_rows, N]
     const void* a = nullptr;   // [max_rows, K] (wgrad only)
