@@ -492,7 +492,7 @@ def layer_mode(args):
                         note = f"OOM: the [T,E,C,H] combine alone needs {need / 1e9:.1f} GB"
                         torch.cuda.empty_cache()
                 tfl = flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
-                print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
+                print(f"{m:<9}{t:>6} {impl:<14}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
                       f"{note}", flush=True)
                 results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
                                     peak_extra_gb=peak, note=note, **extra))
@@ -663,7 +663,10 @@ def load_switchyard_torch(lib):
 
 
 def layer_train_mode(args):
-    """Forward + backward of the whole layer, loss = y.float().square().mean(), gradients for x and every weight.
+    """Forward + backward of the whole layer, loss = y.float().square().mean(), gradients for x and every weight;
+    rows "<impl> dy": the same step with an upstream gradient (y.backward(dy), dy fixed random) instead of the loss,
+    i.e. the layer's own work, without the loss's element-wise kernels and their backward (which the floor does not
+    count; issue 11's forward + backward numbers were measured with the loss).
 
     switchyard : switchyard.torch.MoE (bf16, softmax top-k without renormalisation, SwiGLU; return_stats=False so
                  no aux loss, like the peer), CUDA kernels forward and backward;
@@ -682,7 +685,7 @@ def layer_train_mode(args):
     sy_torch, sy_why = load_switchyard_torch(args.torch_lib) if "switchyard" in impls else (None, None)
     ceiling, copy_tbps = start_table(
         "  (training: forward + backward)",
-        f"{'model':<9}{'T':>6} {'impl':<11}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note")
+        f"{'model':<9}{'T':>6} {'impl':<14}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note")
     results = []
     torch.manual_seed(args.seed)
     for m in models:
@@ -692,6 +695,7 @@ def layer_train_mode(args):
         grad_gb = sum(p_.numel() * p_.element_size() for p_ in params) / 1e9
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+            dy = torch.randn_like(x)
             hit, fwd_flops, fwd_floor_ms = layer_floor(x, wg, m, ceiling, copy_tbps)
             floor_ms = 3 * fwd_floor_ms
             check, steps, rows = {}, {}, {}
@@ -709,6 +713,11 @@ def layer_train_mode(args):
                         y.float().square().mean().backward()
                         return y
 
+                    def step_dy(fwd=fwd):  # the layer's own work: an upstream gradient, no loss kernels
+                        for p_ in (x, *params):
+                            p_.grad = None
+                        fwd().backward(dy)
+
                     torch.cuda.synchronize()
                     for p_ in (x, *params):
                         p_.grad = None
@@ -724,6 +733,7 @@ def layer_train_mode(args):
                             y = step().detach().float()
                             check[impl] = (y, x.grad.float(), wg.grad.float(), w2.grad[:8].float())
                         steps[impl] = step
+                        steps[impl + " dy"] = step_dy
                     except torch.cuda.OutOfMemoryError as err:
                         note = f"OOM: {str(err).splitlines()[0][:160]}"
                     except RuntimeError as err:  # e.g. a backward op not implemented for this shape
@@ -732,6 +742,7 @@ def layer_train_mode(args):
                         p_.grad = None
                     torch.cuda.empty_cache()
                 rows[impl] = dict(note=note, peak=peak, ms=float("nan"))
+                rows[impl + " dy"] = dict(note=note, peak=peak, ms=float("nan"))
             if steps:  # time the implementations that ran, in alternation
                 try:
                     for impl, ms in zip(steps, time_interleaved(list(steps.values()), args.warmup, args.iters)):
@@ -742,10 +753,10 @@ def layer_train_mode(args):
                 for p_ in (x, *params):
                     p_.grad = None
                 torch.cuda.empty_cache()
-            for impl in impls:
+            for impl in rows:
                 ms, peak, note = rows[impl]["ms"], rows[impl]["peak"], rows[impl]["note"]
                 tfl = 3 * fwd_flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan")
-                print(f"{m:<9}{t:>6} {impl:<11}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
+                print(f"{m:<9}{t:>6} {impl:<14}{ms:>10.3f}{tfl:>9.1f}{100 * floor_ms / ms:>7.1f}%{peak:>14.3f}  "
                       f"{note}", flush=True)
                 results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
                                     peak_extra_gb=peak, param_grad_gb=grad_gb, note=note))
@@ -754,8 +765,8 @@ def layer_train_mode(args):
                        for n, a, b in zip(("y", "dx", "dgate", "dw2[:8]"), check["switchyard"], check["sort"])}
                 print(f"{m:<9}{t:>6} check      switchyard vs sort, rel L2: "
                       + " ".join(f"{n} {v:.2e}" for n, v in rel.items()), flush=True)
-                results[-1 if results[-1]["impl"] == "switchyard" else -2]["check_rel_l2"] = rel
-            del x, check
+                next(r for r in reversed(results) if r["impl"] == "switchyard")["check_rel_l2"] = rel
+            del x, dy, check
         del moe, params, wg, w13, w2
         torch.cuda.empty_cache()
     return dict(mode="layers-train", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling,

@@ -111,8 +111,8 @@ def host_api_timeline(fn):
 
 
 def kernel_timeline(fn):
-    """(sum of kernel us, span us, [(gap us, next kernel name)], [(us, kernel name)]) of one call under
-    torch.profiler."""
+    """(sum of kernel us, span us, [(gap us, next kernel name)] for gaps > 2 us, [(us, kernel name, idle us before
+    it)]) of one call under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
@@ -130,8 +130,9 @@ def kernel_timeline(fn):
         gap = cur.time_range.start - prev.time_range.end
         if gap > 2:
             gaps.append((gap, cur.name[:60]))
-    for e in kernels:
-        rows.append((e.time_range.elapsed_us(), e.name[:70]))
+    for prev, e in zip([None] + kernels[:-1], kernels):
+        idle = 0.0 if prev is None else max(0.0, e.time_range.start - prev.time_range.end)
+        rows.append((e.time_range.elapsed_us(), e.name[:70], idle))
     return busy, span, gaps, rows
 
 
@@ -195,7 +196,7 @@ def main():
         for name, start, dur, gap in api:
             print(f"  {start:8.1f} {dur:7.1f} {gap:7.1f}  {name}")
         print(f"{m} T={t}: kernels of one forward (us, name)")
-        for us, name in rows:
+        for us, name, _ in rows:
             print(f"  {us:9.1f}  {name}")
         print(f"  gaps > 2 us before: " + ", ".join(f"{g:.0f} us -> {n}" for g, n in gaps[:20]))
 

@@ -4,7 +4,15 @@
 
 For each model at T tokens (bf16, the layer of compare_torch.py --train): one step y = moe(x); y.backward(dy) timed
 with CUDA events (median of 10 after warm-up), then one step under torch.profiler: every CUDA kernel in launch order
-with its duration, and the same kernels summed by name, largest first, with their share of the kernel time.
+with its duration and the idle time before it, and the same kernels summed by name, largest first, with their share
+of the kernel time.
+
+Where the step's time goes besides its kernels, each timed with CUDA events (median of 10):
+  dy step     y.backward(dy) with a fixed upstream gradient (the layer's own work);
+  loss step   compare_torch.py --train's step: loss = y.float().square().mean(); loss.backward() (the loss's
+              element-wise kernels and their backward are not the layer's, but the issue's numbers include them);
+  graph       the dy step captured once in a CUDA graph and replayed: no host launch cost, so graph vs dy step is
+              the time the GPU waits for the host's launches.
 
     python3 bench/train_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3] [--tokens N]
 """
@@ -29,6 +37,25 @@ def short(name):
     return name.split("::")[-1].strip()[:40]
 
 
+def graph_step_ms(step):
+    """Median ms of the step captured in one CUDA graph and replayed (nan, with the reason printed, if the capture
+    fails): the step's GPU time without the host's launch cost."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return time_cuda(graph.replay, warmup=3, iters=10)
+    except Exception as e:  # noqa: BLE001 (report and go on: the other columns stand without it)
+        print(f"  (graph capture of the step failed: {type(e).__name__}: {str(e)[:200]})")
+        return float("nan")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--torch-lib", default=None)
@@ -51,13 +78,23 @@ def main():
             x.grad = None
             moe(x).backward(dy)
 
+        def loss_step():
+            moe.zero_grad(set_to_none=True)
+            x.grad = None
+            moe(x).float().square().mean().backward()
+
         ms = time_cuda(step, warmup=3, iters=10)
+        loss_ms = time_cuda(loss_step, warmup=3, iters=10)
+        graph_ms = graph_step_ms(step)
         busy, span, gaps, rows = kernel_timeline(step)
-        print(f"\n{m} T={args.tokens}: step {ms:.3f} ms (events), kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms")
-        for us, name in rows:
-            print(f"  {us:9.1f}  {name}")
+        print(f"\n{m} T={args.tokens}: dy step {ms:.3f} ms, loss step {loss_ms:.3f} ms, graph replay of the dy step "
+              f"{graph_ms:.3f} ms (events); under the profiler: kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms, "
+              f"idle between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms")
+        print("  kernel us  idle before us  kernel")
+        for us, name, idle in rows:
+            print(f"  {us:9.1f}  {idle:13.1f}  {name}")
         by_name = collections.defaultdict(lambda: [0.0, 0])
-        for us, name in rows:
+        for us, name, _ in rows:
             by_name[short(name)][0] += us
             by_name[short(name)][1] += 1
         print(f"{m} T={args.tokens}: kernels by name (us, launches, share of kernel time)")

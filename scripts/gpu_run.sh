@@ -144,6 +144,7 @@ if has traintimeline; then
   python3 bench/train_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
     --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TRAIN_TOKENS_FB:-16384}" >"$OUT/train_timeline.log" 2>&1
   note "train timeline: rc=$?"
+  grep -E "dy step|graph capture" "$OUT/train_timeline.log"
   grep -A14 "kernels by name" "$OUT/train_timeline.log" | head -60
 fi
 if has memcheck; then

@@ -13,13 +13,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "cuda/backward/backward.h"
 #include "cuda/gemm/grouped_gemm.h"
 #include "cuda/moe_stages.h"
 #include "gpu_test_util.h"
@@ -75,34 +78,60 @@ TEST(GpuStages, PermuteGathersRowsExactly) {
     }
 }
 
+// A plan-like slot_row [T, k] and row_token [rows]: about a tenth of the pairs dropped, the kept ones in random rows
+// of the first kept + gaps rows (so that `gaps` rows owned by nobody lie between owned ones), then `tail` more rows
+// owned by nobody. Every row with row_token[r] >= 0 is pointed at by exactly one pair of its token.
+struct TokenRows {
+    std::vector<int32_t> slot_row, row_token;
+    int64_t rows = 0;
+};
+
+TokenRows random_token_rows(int64_t T, int64_t k, int64_t gaps, int64_t tail, std::mt19937& rng) {
+    std::vector<std::pair<int32_t, int32_t>> kept;
+    for (int32_t t = 0; t < T; ++t)
+        for (int32_t j = 0; j < k; ++j)
+            if (rng() % 10 != 0) kept.emplace_back(t, j);
+    std::vector<int32_t> where(kept.size() + gaps);
+    std::iota(where.begin(), where.end(), 0);
+    std::shuffle(where.begin(), where.end(), rng);
+    TokenRows p;
+    p.rows = static_cast<int64_t>(where.size()) + tail;
+    p.slot_row.assign(T * k, -1);
+    p.row_token.assign(p.rows, -1);
+    for (size_t i = 0; i < kept.size(); ++i) {
+        p.row_token[where[i]] = kept[i].first;
+        p.slot_row[kept[i].first * k + kept[i].second] = where[i];
+    }
+    return p;
+}
+
 // The gather by token (stages.h gather with slot_row): a plan of T tokens x k pairs, a tenth dropped, kept pairs in
-// a random row order, 37 rows past them owned by nobody; every owned row must hold its token's bits, every other 0.
+// random rows with 41 rows owned by nobody among them and 37 more past them; every owned row must hold its token's
+// bits, every other 0 (written with 16-byte stores where the rows allow: H = 100 is scalar for the 16-bit dtypes,
+// H = 98 for all).
 TEST(GpuStages, ScatterByTokenWritesEveryRowOnce) {
     SWITCHYARD_SKIP_WITHOUT_GPU();
     for (DType dt : kDtypes) {
-        for (int64_t H : {128, 2880, 100, 7168}) {
+        for (int64_t H : {128, 2880, 100, 98, 7168}) {
             for (int64_t k : {1, 4, 8}) {
-                const int64_t T = 129, tail = 37;
+                const int64_t T = 129, gaps = 41, tail = 37;
                 const uint64_t seed = 31 + H + 7 * k;
                 SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(dt) + " H=" + std::to_string(H) +
                              " k=" + std::to_string(k));
                 std::mt19937 rng(static_cast<uint32_t>(seed));
-                std::vector<std::pair<int32_t, int32_t>> kept;
-                for (int32_t t = 0; t < T; ++t)
-                    for (int32_t j = 0; j < k; ++j)
-                        if (rng() % 10 != 0) kept.emplace_back(t, j);
-                std::shuffle(kept.begin(), kept.end(), rng);
-                const int64_t rows = static_cast<int64_t>(kept.size()) + tail;
-                std::vector<int32_t> row_token(rows, -1), slot_row(T * k, -1);
-                for (size_t r = 0; r < kept.size(); ++r) {
-                    row_token[r] = kept[r].first;
-                    slot_row[kept[r].first * k + kept[r].second] = static_cast<int32_t>(r);
-                }
+                const TokenRows p = random_token_rows(T, k, gaps, tail, rng);
+                const int64_t rows = p.rows;
+                const std::vector<int32_t>& row_token = p.row_token;
+                // Rows owned by nobody between owned ones, not only in the tail.
+                const auto owned_end =
+                    std::find_if(row_token.rbegin(), row_token.rend(), [](int32_t v) { return v >= 0; }).base();
+                ASSERT_GT(std::count(row_token.begin(), owned_end, -1), 0);
+                ASSERT_GE(row_token.end() - owned_end, tail);
                 const auto x = testing::random_values(T * H, dt, -4.0f, 4.0f, seed);
                 DeviceBuffer d_x, d_rt, d_sr, d_xp(rows * H * dtype_size(dt));
                 testing::upload(d_x, x, dt);
                 testing::upload_raw(d_rt, row_token);
-                testing::upload_raw(d_sr, slot_row);
+                testing::upload_raw(d_sr, p.slot_row);
                 d_xp.poison();
                 cuda::scatter_token_rows(dt, d_x.get(), d_sr.get<int32_t>(), T, k, d_rt.get<int32_t>(), rows, H,
                                          d_xp.get(), nullptr);
@@ -116,6 +145,211 @@ TEST(GpuStages, ScatterByTokenWritesEveryRowOnce) {
                             << "row " << r;
                     } else {
                         for (size_t b = 0; b < rb; ++b) ASSERT_EQ(got[r * rb + b], 0) << "unowned row " << r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- slot_row entries past the rows -----------------------------------------------------------------------------
+// Rows of 0xFF guard bytes after each buffer below: an entry of rows or rows + 5 lands in them.
+constexpr int64_t kGuardRows = 8;
+
+// b = `bytes` followed by kGuardRows rows of row_bytes, all 0xFF (NaN for the float dtypes), then `data` copied to
+// its start: an output whose guard shows any write past it, or an input whose rows past its end read as NaN.
+void guarded_buffer(DeviceBuffer& b, size_t bytes, size_t row_bytes, const std::vector<uint8_t>& data = {}) {
+    b.reset(bytes + kGuardRows * row_bytes);
+    b.poison();
+    if (!data.empty()) GPU_CHECK(cudaMemcpy(b.get(), data.data(), data.size(), cudaMemcpyHostToDevice));
+}
+
+// Every byte of img from `from` on is still 0xFF.
+::testing::AssertionResult guard_intact(const std::vector<uint8_t>& img, size_t from, const std::string& what) {
+    for (size_t i = from; i < img.size(); ++i)
+        if (img[i] != 0xFF)
+            return ::testing::AssertionFailure() << what << ": guard byte " << i - from << " past the output written";
+    return ::testing::AssertionSuccess();
+}
+
+// A slot_row entry >= the rows of the tensor it indexes (rows, rows + 5, INT32_MAX: a hint that is not the plan's)
+// is a dropped pair on the device: scatter_token_rows, gather_backward_rows, combine_rows and combine_backward_rows
+// give the bits of the same call with those entries -1 (both outputs poisoned first), those bits are the kernels'
+// fp32 arithmetic done on the host, and nothing past an output is written (guard rows), nor read past an input
+// (its guard rows are NaN). Entries past the rows replace every 4th kept pair and every 2nd dropped one. H = 128:
+// 16-byte vectors; H = 100: scalar for the 16-bit dtypes; H = 98: scalar for all.
+TEST(GpuStages, SlotRowPastTheRowsIsSkipped) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    for (DType dt : kDtypes) {
+        for (int64_t H : {128, 100, 98}) {
+            for (int64_t k : {1, 6}) {
+                const int64_t T = 67;
+                const uint64_t seed = 51 + H + 7 * k + 1000 * static_cast<uint64_t>(dt);
+                SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(dt) + " H=" + std::to_string(H) +
+                             " k=" + std::to_string(k));
+                std::mt19937 rng(static_cast<uint32_t>(seed));
+                const TokenRows p = random_token_rows(T, k, 9, 5, rng);
+                const int64_t rows = p.rows;
+                const size_t rb = H * dtype_size(dt);
+                const int32_t past[] = {static_cast<int32_t>(rows), static_cast<int32_t>(rows + 5), INT32_MAX};
+                std::vector<int32_t> bad = p.slot_row, clean = p.slot_row;
+                std::vector<bool> orphan(rows, false);  // rows whose pair points past the rows (bad) or nowhere (clean)
+                int64_t kept_seen = 0, dropped_seen = 0, kept_past = 0, dropped_past = 0;
+                for (int64_t i = 0; i < T * k; ++i) {
+                    const int32_t r = p.slot_row[i];
+                    if (r >= 0 ? kept_seen++ % 4 != 0 : dropped_seen++ % 2 != 0) continue;
+                    bad[i] = past[(kept_past + dropped_past) % 3];
+                    clean[i] = -1;
+                    if (r >= 0) {
+                        orphan[r] = true;
+                        ++kept_past;
+                    } else {
+                        ++dropped_past;
+                    }
+                }
+                ASSERT_GE(kept_past, 3);
+                ASSERT_GE(dropped_past, 1);
+                const auto x = testing::random_values(T * H, dt, -4.0f, 4.0f, seed + 1);  // scatter's x, the dy
+                const auto rv = testing::random_values(rows * H, dt, -2.0f, 2.0f, seed + 2);  // d_xp, expert_out
+                const auto shared = testing::random_values(T * H, dt, -2.0f, 2.0f, seed + 3);
+                const auto w = testing::random_values(T * k, DType::kF32, -1.0f, 1.0f, seed + 4);
+                const auto xb = testing::encode(x, dt);
+                DeviceBuffer d_x, d_rows, d_shared, d_w, d_rt, d_bad, d_clean;
+                testing::upload(d_x, x, dt);
+                guarded_buffer(d_rows, rows * rb, rb, testing::encode(rv, dt));
+                testing::upload(d_shared, shared, dt);
+                testing::upload_raw(d_w, w);
+                testing::upload_raw(d_rt, p.row_token);
+                testing::upload_raw(d_bad, bad);
+                testing::upload_raw(d_clean, clean);
+                const int32_t* const slot_rows[2] = {d_bad.get<int32_t>(), d_clean.get<int32_t>()};
+                const char* const which[2] = {"entries past the rows", "entries -1"};
+                // Each call twice (entries past the rows, then -1) on its outputs poisoned first; the byte images.
+                auto images = [&](std::initializer_list<DeviceBuffer*> outs, auto&& launch) {
+                    std::vector<std::vector<std::vector<uint8_t>>> img(2);
+                    for (int v = 0; v < 2; ++v) {
+                        for (DeviceBuffer* b : outs) b->poison();
+                        launch(slot_rows[v]);
+                        const cudaError_t err = cudaDeviceSynchronize();
+                        EXPECT_EQ(err, cudaSuccess) << which[v] << ": " << cudaGetErrorString(err);
+                        for (DeviceBuffer* b : outs)
+                            img[v].push_back(testing::download_raw<uint8_t>(b->get(), b->bytes()));
+                    }
+                    return img;
+                };
+                {
+                    SCOPED_TRACE("scatter_token_rows");
+                    DeviceBuffer d_xp;
+                    guarded_buffer(d_xp, rows * rb, rb);
+                    const auto img = images({&d_xp}, [&](const int32_t* sr) {
+                        cuda::scatter_token_rows(dt, d_x.get(), sr, T, k, d_rt.get<int32_t>(), rows, H, d_xp.get(),
+                                                 nullptr);
+                    });
+                    // Every row but the orphans: its token's bits, or 0 (row_token < 0). An orphan (row_token >= 0, its
+                    // pair past the rows or -1) is written by neither call, so it is not checked.
+                    const std::vector<uint8_t> zero(rb, 0);
+                    for (int v = 0; v < 2; ++v) {
+                        EXPECT_TRUE(guard_intact(img[v][0], rows * rb, std::string("xp, ") + which[v]));
+                        for (int64_t r = 0; r < rows; ++r) {
+                            if (orphan[r]) continue;
+                            const int32_t t = p.row_token[r];
+                            const uint8_t* want = t >= 0 ? xb.data() + t * rb : zero.data();
+                            ASSERT_EQ(std::memcmp(img[v][0].data() + r * rb, want, rb), 0) << which[v] << ": row " << r;
+                        }
+                    }
+                }
+                {
+                    SCOPED_TRACE("gather_backward_rows");
+                    DeviceBuffer d_dx;
+                    guarded_buffer(d_dx, T * rb, rb);
+                    const auto img = images({&d_dx}, [&](const int32_t* sr) {
+                        cuda::gather_backward_rows(dt, d_rows.get(), sr, T, k, rows, H, d_dx.get(), nullptr);
+                    });
+                    // dx[t] = the fp32 sum, slots in order from 0, of its kept pairs' rows, rounded once.
+                    std::vector<float> want(T * H);
+                    for (int64_t t = 0; t < T; ++t)
+                        for (int64_t h = 0; h < H; ++h) {
+                            float acc = 0.0f;
+                            for (int64_t j = 0; j < k; ++j) {
+                                const int32_t r = clean[t * k + j];
+                                if (r >= 0) acc += rv[r * H + h];
+                            }
+                            want[t * H + h] = round_to(dt, acc);
+                        }
+                    EXPECT_TRUE(guard_intact(img[0][0], T * rb, "dx"));
+                    EXPECT_TRUE(testing::bitwise_equal(img[0][0], img[1][0], "dx, entries past the rows vs -1"));
+                    const std::vector<uint8_t> got(img[0][0].begin(), img[0][0].begin() + T * rb);
+                    EXPECT_TRUE(testing::bitwise_equal(got, testing::encode(want, dt), "dx vs the host's fp32 sums"));
+                }
+                {
+                    const bool with_shared = k > 1;
+                    SCOPED_TRACE(with_shared ? "combine_rows with shared" : "combine_rows");
+                    DeviceBuffer d_y;
+                    guarded_buffer(d_y, T * rb, rb);
+                    const auto img = images({&d_y}, [&](const int32_t* sr) {
+                        cuda::combine_rows(dt, d_rows.get(), sr, d_w.get<float>(),
+                                           with_shared ? d_shared.get() : nullptr, T, k, rows, H, d_y.get(), nullptr);
+                    });
+                    // y[t] = fma chain over the kept pairs in slot order from 0 (then + shared), rounded once.
+                    std::vector<float> want(T * H);
+                    for (int64_t t = 0; t < T; ++t)
+                        for (int64_t h = 0; h < H; ++h) {
+                            float acc = 0.0f;
+                            for (int64_t j = 0; j < k; ++j) {
+                                const int32_t r = clean[t * k + j];
+                                if (r >= 0) acc = std::fma(w[t * k + j], rv[r * H + h], acc);
+                            }
+                            if (with_shared) acc = std::fma(1.0f, shared[t * H + h], acc);
+                            want[t * H + h] = round_to(dt, acc);
+                        }
+                    EXPECT_TRUE(guard_intact(img[0][0], T * rb, "y"));
+                    EXPECT_TRUE(testing::bitwise_equal(img[0][0], img[1][0], "y, entries past the rows vs -1"));
+                    const std::vector<uint8_t> got(img[0][0].begin(), img[0][0].begin() + T * rb);
+                    EXPECT_TRUE(testing::bitwise_equal(got, testing::encode(want, dt), "y vs the host's fp32 fmas"));
+                }
+                {
+                    SCOPED_TRACE("combine_backward_rows");
+                    DeviceBuffer d_out, d_dw;
+                    guarded_buffer(d_out, rows * rb, rb);
+                    guarded_buffer(d_dw, T * k * sizeof(float), k * sizeof(float));
+                    const auto img = images({&d_out, &d_dw}, [&](const int32_t* sr) {
+                        cuda::combine_backward_rows(dt, d_x.get(), d_rows.get(), sr, d_w.get<float>(), T, k, rows, H,
+                                                    d_out.get(), d_dw.get<float>(), nullptr);
+                    });
+                    EXPECT_TRUE(guard_intact(img[0][0], rows * rb, "d_out"));
+                    EXPECT_TRUE(guard_intact(img[0][1], T * k * sizeof(float), "d_weights"));
+                    EXPECT_TRUE(testing::bitwise_equal(img[0][0], img[1][0], "d_out, entries past the rows vs -1"));
+                    EXPECT_TRUE(testing::bitwise_equal(img[0][1], img[1][1], "d_weights, entries past the rows vs -1"));
+                    // d_out: the kept pairs' rows dtype(w dy[t]) (one fp32 product, rounded once); the rows no kept
+                    // pair points at are not written (still 0xFF). d_weights: 0 for the dropped pairs, else the dot
+                    // product within the fp32 summation bound of H roundings.
+                    std::vector<uint8_t> want_out(rows * rb, 0xFF);
+                    std::vector<float> prod(H);
+                    for (int64_t t = 0; t < T; ++t)
+                        for (int64_t j = 0; j < k; ++j) {
+                            const int32_t r = clean[t * k + j];
+                            if (r < 0) continue;
+                            for (int64_t h = 0; h < H; ++h) prod[h] = round_to(dt, w[t * k + j] * x[t * H + h]);
+                            const auto bytes = testing::encode(prod, dt);
+                            std::memcpy(want_out.data() + r * rb, bytes.data(), rb);
+                        }
+                    const std::vector<uint8_t> got_out(img[0][0].begin(), img[0][0].begin() + rows * rb);
+                    EXPECT_TRUE(testing::bitwise_equal(got_out, want_out, "d_out vs the host's products"));
+                    std::vector<float> dw(T * k);
+                    std::memcpy(dw.data(), img[0][1].data(), T * k * sizeof(float));
+                    for (int64_t i = 0; i < T * k; ++i) {
+                        const int32_t r = clean[i];
+                        if (r < 0) {
+                            EXPECT_EQ(float_bits(dw[i]), 0u) << "d_weights[" << i << "] of a dropped pair";
+                            continue;
+                        }
+                        double dot = 0.0, mag = 0.0;
+                        for (int64_t h = 0; h < H; ++h) {
+                            const double term = static_cast<double>(x[(i / k) * H + h]) * rv[r * H + h];
+                            dot += term;
+                            mag += std::fabs(term);
+                        }
+                        EXPECT_LE(std::fabs(dw[i] - dot), H * std::ldexp(1.0, -24) * mag) << "d_weights[" << i << "]";
                     }
                 }
             }
@@ -206,7 +440,7 @@ TEST(GpuStages, CombineMatchesReference) {
                 for (int run = 0; run < 2; ++run) {
                     d_y.poison();
                     cuda::combine_rows(dt, d_out.get(), d_slot.get<int32_t>(), d_w.get<float>(),
-                                       with_shared ? d_shared.get() : nullptr, T, k, H, d_y.get(), nullptr);
+                                       with_shared ? d_shared.get() : nullptr, T, k, rows, H, d_y.get(), nullptr);
                     GPU_CHECK(cudaDeviceSynchronize());
                     runs.push_back(testing::download_raw<uint8_t>(d_y.get(), T * H * dtype_size(dt)));
                 }

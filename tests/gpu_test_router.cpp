@@ -19,6 +19,7 @@
 #include "cuda/moe_stages.h"
 #include "gpu_test_util.h"
 #include "ref/ref.h"
+#include "switchyard/stages.h"
 
 namespace switchyard {
 namespace {
@@ -326,6 +327,91 @@ TEST(GpuRouterExact, IntegerInputsTiesAndNaN) {
             LoadStats ref_stats;
             ref::router_stats(cfg, ref_logits, ref_ids, T, ref_stats);
             expect_stats_equal(stats, ref_stats);
+        }
+    }
+}
+
+// router_gemm_backward on CUDA against the exact sums (double) for fp32, bf16 and fp16 operands: every element within
+// one rounding of its dtype of the exact value plus the error bound of fp32 sums of K exact products ((K + 1) u
+// sum|terms|, u = 2^-24), and (16-bit) at least 99% equal to the exact value rounded once; d_logits spread over six
+// decades so
+// that the bf16 split's low parts matter; the other gradient not written when one is not asked for.
+TEST(GpuRouterBackward, IsOneRoundingOfTheExactSums) {
+    SWITCHYARD_SKIP_WITHOUT_GPU();
+    const int64_t T = 517, H = 136, E = 24;
+    for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+        const uint64_t seed = 9100 + static_cast<uint64_t>(t);
+        SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(t));
+        const std::vector<float> x = testing::random_values(T * H, t, -2.0f, 2.0f, seed);
+        const std::vector<float> gate = testing::random_values(E * H, t, -1.0f, 1.0f, seed + 1);
+        std::mt19937_64 rng(seed + 2);
+        // fp16: three decades less at the top, so that dgate's sums of T terms stay below fp16's 65504
+        std::uniform_real_distribution<double> mant(-1.0, 1.0), decade(-3.0, t == DType::kF16 ? 0.0 : 3.0);
+        std::vector<float> d(static_cast<size_t>(T * E));
+        for (auto& v : d) v = static_cast<float>(mant(rng) * std::pow(10.0, decade(rng)));
+        const size_t ndx = static_cast<size_t>(T * H), ndg = static_cast<size_t>(E * H);
+        std::vector<double> want_dx(ndx, 0.0), mag_dx(ndx, 0.0), want_dg(ndg, 0.0), mag_dg(ndg, 0.0);
+        for (int64_t i = 0; i < T; ++i)
+            for (int64_t e = 0; e < E; ++e)
+                for (int64_t h = 0; h < H; ++h) {
+                    const double a = static_cast<double>(d[i * E + e]);
+                    want_dx[i * H + h] += a * gate[e * H + h];
+                    mag_dx[i * H + h] += std::fabs(a * gate[e * H + h]);
+                    want_dg[e * H + h] += a * x[i * H + h];
+                    mag_dg[e * H + h] += std::fabs(a * x[i * H + h]);
+                }
+        DeviceBuffer d_x, d_gate, d_d;
+        testing::upload(d_x, x, t);
+        testing::upload(d_gate, gate, t);
+        testing::upload(d_d, d, DType::kF32);
+        const size_t ws = router_gemm_backward_workspace_size(Device::kCUDA, t, T, E, H);
+        DeviceBuffer w(ws), d_dx(T * H * dtype_size(t)), d_dg(E * H * dtype_size(t));
+        for (int want = 0; want < 3; ++want) {  // both, dx only, dgate only
+            d_dx.poison();
+            d_dg.poison();
+            const bool need_dx = want != 2, need_dg = want != 1;
+            router_gemm_backward(testing::device_ref(d_x, t, {T, H}), testing::device_ref(d_gate, t, {E, H}),
+                                 testing::device_ref(d_d, DType::kF32, {T, E}),
+                                 need_dx ? testing::device_ref(d_dx, t, {T, H}) : TensorRef(),
+                                 need_dg ? testing::device_ref(d_dg, t, {E, H}) : TensorRef(), w.get(), ws);
+            GPU_CHECK(cudaDeviceSynchronize());
+            const auto raw_dx = testing::download_raw<uint8_t>(d_dx.get(), T * H * dtype_size(t));
+            const auto raw_dg = testing::download_raw<uint8_t>(d_dg.get(), E * H * dtype_size(t));
+            if (!need_dx) EXPECT_TRUE(std::all_of(raw_dx.begin(), raw_dx.end(), [](uint8_t b) { return b == 0xFF; }))
+                << "dx written although not asked for";
+            if (!need_dg) EXPECT_TRUE(std::all_of(raw_dg.begin(), raw_dg.end(), [](uint8_t b) { return b == 0xFF; }))
+                << "dgate written although not asked for";
+            const double u_t = t == DType::kF32 ? std::ldexp(1.0, -24) : (t == DType::kBF16 ? std::ldexp(1.0, -8)
+                                                                                           : std::ldexp(1.0, -11));
+            struct Out {
+                const char* name;
+                bool on;
+                std::vector<uint8_t> raw;
+                const std::vector<double>& want;
+                const std::vector<double>& mag;
+                int64_t terms;
+            };
+            for (const Out& o : {Out{"dx", need_dx, raw_dx, want_dx, mag_dx, t == DType::kBF16 ? 3 * E : E},
+                                 Out{"dgate", need_dg, raw_dg, want_dg, mag_dg, t == DType::kBF16 ? T + 2 : T}}) {
+                if (!o.on) continue;
+                const std::vector<float> got = testing::decode(o.raw, t);
+                int64_t off = 0, exact = 0;
+                for (size_t i = 0; i < got.size(); ++i) {
+                    // + fp16's subnormal spacing 2^-24 (a tiny sum rounds to it absolutely, not relatively)
+                    const double bound = 2 * u_t * std::fabs(o.want[i]) +
+                                         (o.terms + 1) * std::ldexp(1.0, -24) * o.mag[i] +
+                                         (t == DType::kF16 ? std::ldexp(1.0, -24) : 0.0);
+                    if (!(std::fabs(got[i] - o.want[i]) <= bound)) ++off;
+                    const float once = round_to(t, static_cast<float>(o.want[i]));
+                    if (got[i] == once) ++exact;
+                }
+                EXPECT_EQ(off, 0) << o.name << ": elements off by more than the bound";
+                // 16-bit outputs: the rounding to the dtype dominates the fp32 sums' error, so nearly every element
+                // is the exact sum rounded once (fp32 outputs carry the sums' own rounding errors)
+                if (t != DType::kF32) {
+                    EXPECT_GT(exact, static_cast<int64_t>(0.99 * static_cast<double>(got.size()))) << o.name;
+                }
+            }
         }
     }
 }

@@ -205,6 +205,25 @@ at::Tensor router_gemm_op(const at::Tensor& x_in, const at::Tensor& gate_in) {
     });
 }
 
+// The router GEMM's gradients (stages.h, router_gemm_backward); a gradient not asked for comes back empty ([0]).
+std::tuple<at::Tensor, at::Tensor> router_gemm_backward_op(const at::Tensor& x_in, const at::Tensor& gate_in,
+                                                           const at::Tensor& d_logits_in, bool need_dx,
+                                                           bool need_dgate) {
+    return guarded([&] {
+        const at::Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), d = d_logits_in.contiguous();
+        TORCH_CHECK(x.dim() == 2 && gate.dim() == 2, "switchyard.router_gemm_backward: x [T, H] and gate [E, H] "
+                    "expected, got ", x.sizes(), " and ", gate.sizes());
+        at::Tensor dx = need_dx ? at::empty_like(x) : x.new_empty({0});
+        at::Tensor dgate = need_dgate ? at::empty_like(gate) : gate.new_empty({0});
+        const Workspace ws = workspace_like(x, router_gemm_backward_workspace_size(sy_device(x), dtype_of(x),
+                                                                                   x.size(0), gate.size(0),
+                                                                                   x.size(1)));
+        router_gemm_backward(ref(x), ref(gate), ref(d), need_dx ? ref(dx) : TensorRef(),
+                             need_dgate ? ref(dgate) : TensorRef(), ws.ptr, ws.bytes, stream_of(x));
+        return std::make_tuple(dx, dgate);
+    });
+}
+
 // slot_row (optional): the same plan's [T, k] slot_row; on CUDA x is then read once per token (stages.h, gather).
 at::Tensor gather_op(const at::Tensor& x_in, const at::Tensor& row_token_in,
                      const c10::optional<at::Tensor>& slot_row_in) {
@@ -585,6 +604,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("plan(Tensor topk_ids, Tensor topk_weights, int num_experts, float capacity_factor, int min_capacity, "
           "int drop_policy) -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("router_gemm(Tensor x, Tensor gate) -> Tensor");
+    m.def("router_gemm_backward(Tensor x, Tensor gate, Tensor d_logits, bool need_dx, bool need_dgate) "
+          "-> (Tensor, Tensor)");
     m.def("gather(Tensor x, Tensor row_token, Tensor? slot_row=None) -> Tensor");
     m.def("gather_backward(Tensor d_xp, Tensor slot_row) -> Tensor");
     m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
@@ -626,6 +647,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("router_losses_backward", &router_losses_backward_op);             \
     m.impl("plan", &plan_op);                                                 \
     m.impl("router_gemm", &router_gemm_op);                                   \
+    m.impl("router_gemm_backward", &router_gemm_backward_op);                 \
     m.impl("gather", &gather_op);                                             \
     m.impl("gather_backward", &gather_backward_op);                           \
     m.impl("grouped_mm", &grouped_mm_op);                                     \

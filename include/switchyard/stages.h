@@ -55,6 +55,18 @@ size_t router_gemm_workspace_size(Device device);
 void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream = nullptr);
 
+// The router GEMM's gradients for d_logits [T, E] fp32: dx [T, H] = d_logits . gate in x's dtype and dgate [E, H] =
+// d_logits^T . x in gate's dtype, each element the sum of the exact products rounded once to its dtype (CPU: double
+// sums, rounded through fp32 as every CPU stage stores; CUDA: fp32 sums in cuBLAS, for 16-bit operands on the
+// tensor cores with d_logits split into three bf16 parts that carry its 24 bits; what autograd takes through
+// F.linear(x.float(), gate.float()) up to the summation order). dx or dgate undefined: that gradient is not
+// computed. x, gate, dx and dgate share one dtype on CUDA.
+size_t router_gemm_backward_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_experts,
+                                           int64_t hidden);
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream = nullptr);
+
 // Token-choice scoring, selection and weights (routing.h states the rules: score function, selection-only bias,
 // group-limited top-k, ties to the lower expert, NaN last, renormalise, routed scale). score_bias [E] fp32 is
 // required when cfg.use_score_bias and must be undefined otherwise. topk_weights fp32 (CPU: fp32 or fp64; fp64
@@ -78,6 +90,10 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
                 const RoutingPlan& plan, void* workspace, size_t workspace_bytes, cudaStream_t stream = nullptr);
 
 // ---- dispatch ---------------------------------------------------------------------------------------------------
+// slot_row [T, k] int32, as every stage below takes it: the row of pair (t, j), or -1 for a dropped pair. An entry
+// at or past the rows it indexes is an error: the CPU backend refuses it; the CUDA backend, which cannot read the
+// device's values without a synchronisation, skips it as a dropped pair, so that no stage reads or writes outside
+// its tensors.
 // xp [R, H] = x [T, H] rows in expert order: xp[r] = x[row_token[r]], and 0 where row_token[r] < 0 (rows past the
 // plan's offsets[E]). xp has x's dtype. slot_row [T, k] (optional; token choice, k <= 32): the same plan's slot_row.
 // With it the CUDA backend reads each row of x once and writes it to its k rows (one pass over x instead of one per

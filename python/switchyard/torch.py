@@ -102,6 +102,12 @@ def _router_gemm_fake(x, gate):
     return x.new_empty((x.shape[0], gate.shape[0]), dtype=torch.float32)
 
 
+@torch.library.register_fake("switchyard::router_gemm_backward")
+def _router_gemm_backward_fake(x, gate, d_logits, need_dx, need_dgate):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            gate.new_empty(gate.shape) if need_dgate else gate.new_empty((0,)))
+
+
 @torch.library.register_fake("switchyard::gather")
 def _gather_fake(x, row_token, slot_row=None):
     return x.new_empty((row_token.shape[0], x.shape[1]))
@@ -228,34 +234,20 @@ torch.library.register_autograd("switchyard::router_losses", _losses_backward, s
 
 
 # The router GEMM's gradients, as autograd takes them through F.linear(x.float(), gate.float()): d_logits is fp32,
-# dx and dgate are fp32 sums of products rounded once to their tensor's dtype. For bf16 x and gate on CUDA the
-# products run on the tensor cores: d_logits is split into three bf16 parts, hi = bf16(d), mid = bf16(d - hi),
-# lo = bf16(d - hi - mid), which carry all 24 significant bits of the fp32 value (|d - hi - mid - lo| <= 2^-25 |d|, the
-# rounding of an fp32 product), and [hi | mid | lo] [T, 3E] multiplies [gate; gate; gate] (dx) and x (dgate) in bf16
-# GEMMs with fp32 accumulation and output: the same fp32 products and sums in another order, without the fp32 copy of
-# x and with the GEMMs at the bf16 matrix rate instead of fp32 ones (bench/NOTES.md, "Router backward").
+# dx and dgate are sums of the exact products rounded once to their tensor's dtype, computed by the library's
+# router_gemm_backward stage in one op (stages.h: on CUDA, for bf16 operands, d_logits split into three bf16 parts on
+# the tensor cores; bench/NOTES.md, "Router backward").
 def _router_gemm_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
 def _router_gemm_backward(ctx, d_logits):
     x, gate = ctx.saved_tensors
-    if x.is_cuda and x.dtype == torch.bfloat16 and gate.dtype == torch.bfloat16 and d_logits.dtype == torch.float32:
-        hi = d_logits.to(torch.bfloat16)
-        rest = d_logits - hi.float()
-        mid = rest.to(torch.bfloat16)
-        split = torch.cat([hi, mid, (rest - mid.float()).to(torch.bfloat16)], dim=1)  # [T, 3E]
-        e = gate.shape[0]
-        dx = dgate = None  # fp32 outputs (out_dtype): no reduced-precision split-K sums, one rounding at the end
-        if ctx.needs_input_grad[0]:
-            dx = torch.mm(split, torch.cat([gate, gate, gate], dim=0), out_dtype=torch.float32).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            parts = torch.mm(split.t(), x, out_dtype=torch.float32)  # [3E, H]: the three parts' sums
-            dgate = (parts[:e] + parts[e:2 * e] + parts[2 * e:]).to(gate.dtype)
-        return dx, dgate
-    dx = (d_logits @ gate.to(d_logits.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dgate = (d_logits.t() @ x.to(d_logits.dtype)).to(gate.dtype) if ctx.needs_input_grad[1] else None
-    return dx, dgate
+    need_dx, need_dgate = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dgate):
+        return None, None
+    dx, dgate = _ops.router_gemm_backward(x, gate, d_logits.float(), need_dx, need_dgate)
+    return (dx if need_dx else None), (dgate if need_dgate else None)
 
 
 torch.library.register_autograd("switchyard::router_gemm", _router_gemm_backward, setup_context=_router_gemm_setup)

@@ -137,6 +137,42 @@ void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& log
                         router_gemm(x, gate, logits, workspace, workspace_bytes, stream));
 }
 
+size_t router_gemm_backward_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_experts,
+                                           int64_t hidden) {
+    if (!cuda_workspace(device, num_tokens, "router_gemm_backward_workspace_size")) return 0;
+    SWITCHYARD_CHECK(num_experts >= 1 && hidden >= 0, "router_gemm_backward_workspace_size: num_experts=",
+                     num_experts, " hidden=", hidden);
+    SWITCHYARD_ON_CUDA(router_gemm_backward_workspace_size(dtype, num_tokens, num_experts, hidden));
+}
+
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    check_float_tensor(x, "x", {kAny, kAny});
+    SWITCHYARD_CHECK(x.dtype != DType::kF64, "x dtype=fp64: router_gemm_backward takes fp32, bf16 or fp16");
+    check_float_tensor(gate, "gate", {kAny, x.shape[1]});
+    check_same_device(gate, "gate", x, "x");
+    check_cuda_gemm_dtypes(x, "x", gate, "gate");
+    const int64_t num_tokens = x.shape[0], num_experts = gate.shape[0], hidden = x.shape[1];
+    check_tensor(d_logits, "d_logits", DType::kF32, {num_tokens, num_experts});
+    check_same_device(d_logits, "d_logits", x, "x");
+    if (dx.defined()) {
+        check_tensor(dx, "dx", x.dtype, {num_tokens, hidden});
+        check_same_device(dx, "dx", x, "x");
+    }
+    if (dgate.defined()) {
+        check_tensor(dgate, "dgate", gate.dtype, {num_experts, hidden});
+        check_same_device(dgate, "dgate", x, "x");
+    }
+    api::check_backend(x.device, "router_gemm_backward");
+    if (x.device == Device::kCUDA) {
+        check_workspace(workspace, workspace_bytes,
+                        router_gemm_backward_workspace_size(x.device, x.dtype, num_tokens, num_experts, hidden),
+                        "router_gemm_backward");
+    }
+    SWITCHYARD_DISPATCH(x.device, router_gemm_backward(x, gate, d_logits, dx, dgate),
+                        router_gemm_backward(x, gate, d_logits, dx, dgate, workspace, workspace_bytes, stream));
+}
+
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
            const TensorRef& topk_weights, cudaStream_t stream) {
     cfg.validate();

@@ -26,6 +26,14 @@ constexpr size_t kCublasWorkspaceBytes = size_t(4) << 20;
 void router_gemm(DType dtype, const void* x, const void* gate, int64_t num_tokens, int64_t hidden,
                  int64_t num_experts, float* logits, void* cublas_workspace, cudaStream_t stream);
 
+// The gate GEMM's gradients (router_backward.cu): dx [T, H] = d_logits . gate, dgate [E, H] = d_logits^T . x, each an
+// fp32 sum of the exact products rounded once to `dtype` (x's and gate's); dx or dgate null: not computed. workspace:
+// router_gemm_backward_workspace_size bytes.
+size_t router_gemm_backward_workspace_size(DType dtype, int64_t num_tokens, int64_t num_experts, int64_t hidden);
+void router_gemm_backward(DType dtype, const void* x, const void* gate, const float* d_logits, int64_t num_tokens,
+                          int64_t hidden, int64_t num_experts, void* dx, void* dgate, void* workspace,
+                          size_t workspace_bytes, cudaStream_t stream);
+
 // Number of per-block partial rows the router kernel writes for the statistics (a function of T only).
 int router_stat_blocks(int64_t num_tokens);
 
@@ -69,7 +77,8 @@ void permute_rows(DType dtype, const void* x, const int32_t* row_token, int64_t 
                   void* xp, cudaStream_t stream, bool zero_unowned = false);
 // The same xp (zero_unowned) written by token: x[t, :] read once and stored to the rows slot_row[t, j] >= 0
 // (j < top_k); rows with row_token[r] < 0 written as 0. slot_row and row_token must be one plan's (every row with
-// row_token[r] >= 0 pointed at by exactly one pair of its token): trusted here, checked by the CPU backend.
+// row_token[r] >= 0 pointed at by exactly one pair of its token): trusted here, checked by the CPU backend, except
+// that a slot_row entry >= max_rows is skipped (never written out of range).
 void scatter_token_rows(DType dtype, const void* x, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,
                         const int32_t* row_token, int64_t max_rows, int64_t hidden, void* xp, cudaStream_t stream);
 
@@ -83,12 +92,13 @@ void interleave_gate_up_rows(const void* src, void* dst, int64_t groups, int64_t
 void activation_rows(Activation act, DType dtype, const void* in, int64_t max_rows, const int32_t* num_rows,
                      int64_t ffn, void* out, cudaStream_t stream, bool interleaved = false);
 
-// y[t] = dtype( (sum_{j=0..k-1, slot_row[t,j] >= 0} w[t,j] * expert_out[slot_row[t,j]]) + s_t * shared[t] ), fp32.
+// y[t] = dtype( (sum_{j=0..k-1, 0 <= slot_row[t,j] < num_rows} w[t,j] * expert_out[slot_row[t,j]]) + s_t * shared[t] ),
+// fp32 (num_rows: expert_out's rows; a slot_row entry outside them counts as dropped, never read out of range).
 // shared [T, H] of dtype or null; shared_gate [T] fp32 gate logits or null (s_t = sigmoid(shared_gate[t]), else 1).
 // One block per token, no atomics: bitwise reproducible.
 void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, const float* topk_weights,
-                  const void* shared, int64_t num_tokens, int64_t top_k, int64_t hidden, void* y,
-                  cudaStream_t stream, const float* shared_gate = nullptr);
+                  const void* shared, int64_t num_tokens, int64_t top_k, int64_t num_rows, int64_t hidden,
+                  void* y, cudaStream_t stream, const float* shared_gate = nullptr);
 
 // Writes offsets = {0, n} (device int32 [2]), the one-group offsets of the shared expert GEMMs.
 void write_single_group_offsets(int32_t* offsets, int64_t n, cudaStream_t stream);

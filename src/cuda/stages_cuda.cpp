@@ -97,6 +97,18 @@ void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& log
                       workspace, stream);
 }
 
+size_t router_gemm_backward_workspace_size(DType dtype, int64_t num_tokens, int64_t num_experts, int64_t hidden) {
+    return cuda::router_gemm_backward_workspace_size(dtype, num_tokens, num_experts, hidden);
+}
+
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+    DeviceGuard guard(x.device_index);
+    cuda::router_gemm_backward(x.dtype, x.data, gate.data, d_logits.ptr<float>(), x.shape[0], x.shape[1],
+                               gate.shape[0], ptr_or_null<void>(dx), ptr_or_null<void>(dgate), workspace,
+                               workspace_bytes, stream);
+}
+
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
            const TensorRef& topk_weights, cudaStream_t stream) {
     DeviceGuard guard(logits.device_index);
@@ -164,7 +176,7 @@ void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp,
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx, cudaStream_t stream) {
     DeviceGuard guard(d_xp.device_index);
     gather_backward_rows(d_xp.dtype, d_xp.data, slot_row.ptr<int32_t>(), slot_row.shape[0], slot_row.shape[1],
-                         d_xp.shape[1], dx.data, stream);
+                         d_xp.shape[0], d_xp.shape[1], dx.data, stream);
 }
 
 size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, int64_t k, int64_t max_rows) {
@@ -366,8 +378,8 @@ void combine(const TensorRef& expert_out, const TensorRef& slot_row, const Tenso
              const TensorRef& shared, const TensorRef& shared_gate, const TensorRef& y, cudaStream_t stream) {
     DeviceGuard guard(expert_out.device_index);
     combine_rows(expert_out.dtype, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
-                 ptr_or_null<const void>(shared), slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], y.data,
-                 stream, ptr_or_null<const float>(shared_gate));
+                 ptr_or_null<const void>(shared), slot_row.shape[0], slot_row.shape[1], expert_out.shape[0],
+                 expert_out.shape[1], y.data, stream, ptr_or_null<const float>(shared_gate));
 }
 
 void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const TensorRef& slot_row,
@@ -383,7 +395,7 @@ void combine_backward(const TensorRef& dy, const TensorRef& expert_out, const Te
         SWITCHYARD_CUDA_CHECK(cudaMemsetAsync(d_out.data, 0, d_out.nbytes(), stream));
     }
     combine_backward_rows(expert_out.dtype, dy.data, expert_out.data, slot_row.ptr<int32_t>(), weights.ptr<float>(),
-                          slot_row.shape[0], slot_row.shape[1], expert_out.shape[1], d_out.data,
+                          slot_row.shape[0], slot_row.shape[1], expert_out.shape[0], expert_out.shape[1], d_out.data,
                           d_weights.ptr<float>(), stream);
 }
 

@@ -21,6 +21,9 @@ int device_count();
 namespace stage {
 
 size_t router_gemm_workspace_size();
+size_t router_gemm_backward_workspace_size(DType dtype, int64_t num_tokens, int64_t num_experts, int64_t hidden);
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits, void* workspace,
                  size_t workspace_bytes, cudaStream_t stream);
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,

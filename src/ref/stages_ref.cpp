@@ -80,6 +80,34 @@ void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& log
     copy_out(router_logits(to_float(x), to_float(gate), num_tokens, hidden, num_experts), logits);
 }
 
+// dx = d . gate and dgate = d^T . x as gemm_nt products (double sums of exact products in increasing index), each
+// stored through store_from_double.
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate) {
+    const int64_t T = x.shape[0], H = x.shape[1], E = gate.shape[0];
+    const std::vector<float> d = to_float(d_logits);
+    if (dx.defined()) {
+        const std::vector<float> g = to_float(gate);
+        std::vector<float> gt(static_cast<size_t>(H * E));  // gate^T [H, E]
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t h = 0; h < H; ++h) gt[h * E + e] = g[e * H + h];
+        std::vector<double> out(static_cast<size_t>(T * H));
+        gemm_nt(d.data(), T, E, MatView{gt.data(), DType::kF32, H, E}, out.data());
+        store_all(out, dx);
+    }
+    if (dgate.defined()) {
+        const std::vector<float> xs = to_float(x);
+        std::vector<float> dt(static_cast<size_t>(E * T)), xt(static_cast<size_t>(H * T));  // d^T [E, T], x^T [H, T]
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t e = 0; e < E; ++e) dt[e * T + t] = d[t * E + e];
+            for (int64_t h = 0; h < H; ++h) xt[h * T + t] = xs[t * H + h];
+        }
+        std::vector<double> out(static_cast<size_t>(E * H));
+        gemm_nt(dt.data(), E, T, MatView{xt.data(), DType::kF32, H, T}, out.data());
+        store_all(out, dgate);
+    }
+}
+
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
            const TensorRef& topk_weights) {
     const int64_t num_tokens = logits.shape[0];

@@ -16,6 +16,8 @@ namespace ref {
 namespace stage {
 
 void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& logits);
+void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
+                          const TensorRef& dgate);
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,
            const TensorRef& topk_weights);
 void route_expert_choice(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& topk_ids,

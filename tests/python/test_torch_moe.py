@@ -210,13 +210,17 @@ def test_opcheck():
     xr = torch.randn(T, H, requires_grad=True)  # router_gemm takes fp32 / bf16 / fp16 (its logits are fp32)
     gr = torch.randn(E, H, requires_grad=True)
     torch.library.opcheck(torch.ops.switchyard.router_gemm.default, (xr, gr))
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.switchyard.router_gemm_backward.default,
+                              (xr.detach(), gr.detach(), torch.randn(T, E), *need))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_router_gemm_is_the_fp32_linear(dtype):
     """The module's router logits come from the router_gemm stage: the exact products summed (in double on the CPU,
-    rounded once to fp32), and its gradients are those autograd takes through torch.nn.functional.linear(x.float(), gate.float()),
-    rounded to each tensor's dtype."""
+    rounded once to fp32), and its gradients from the router_gemm_backward stage: on the CPU the exact sums (double)
+    rounded through fp32 to each tensor's dtype, which is what autograd takes through
+    torch.nn.functional.linear(x.float(), gate.float()) up to the fp32 summation's error."""
     torch.manual_seed(67)
     x = torch.randn(37, H, dtype=dtype, requires_grad=True)
     gate = torch.randn(E, H, dtype=dtype, requires_grad=True)
@@ -229,8 +233,18 @@ def test_router_gemm_is_the_fp32_linear(dtype):
     g2 = gate.detach().clone().requires_grad_(True)
     want_dx, want_dg = torch.autograd.grad(torch.nn.functional.linear(x2.float(), g2.float()), (x2, g2), d)
     assert dx.dtype == dtype and dg.dtype == dtype
-    torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
-    torch.testing.assert_close(dg, want_dg, rtol=0, atol=0)
+    exact_dx = d.double() @ gate.detach().double()
+    exact_dg = d.double().t() @ x.detach().double()
+    assert torch.equal(dx, exact_dx.float().to(dtype))
+    assert torch.equal(dg, exact_dg.float().to(dtype))
+    # autograd's fp32 sums: within one rounding of the dtype plus (K + 1) u sum|terms| of the exact value
+    u = torch.finfo(dtype).eps
+    for got, want, mag, k in ((dx, want_dx, d.abs().double() @ gate.detach().abs().double(), E),
+                              (dg, want_dg, d.abs().double().t() @ x.detach().abs().double(), 37)):
+        bound = u * want.double().abs() + (k + 1) * 2.0 ** -24 * mag
+        assert ((got.double() - want.double()).abs() <= bound).all()
+    dx0, dg0 = torch.ops.switchyard.router_gemm_backward(x.detach(), gate.detach(), d, True, False)
+    assert torch.equal(dx0, dx) and dg0.numel() == 0
     cfg = st.MoEConfig(hidden_size=H, ffn_size=F, num_experts=E, top_k=K)
     m = st.MoE(cfg, dtype=dtype)
     xm = torch.randn(5, H, dtype=dtype)

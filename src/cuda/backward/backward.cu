@@ -47,26 +47,40 @@ struct RouteBwdParams {
     float routed_scale;
 };
 
+// One warp per token: lanes hold experts e = lane + 32 i, so the logits and d_logits rows move as whole lines. The k
+// chosen slots' values are computed by every lane alike (k <= 32); the softmax normaliser over E is a lane-partial
+// sum reduced by butterfly (a fixed order: the same bits every run).
 __global__ void route_backward_kernel(RouteBwdParams p) {
-    const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (t >= p.num_tokens) return;
+    const int lane = threadIdx.x & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (t >= p.num_tokens) return;  // uniform across the warp
     const int num_experts = p.num_experts, k = p.top_k;
     const float* l = p.logits + t * num_experts;
     const int32_t* ids = p.ids + t * k;
     const float* g = p.d_weights + t * k;
     float* dl = p.d_logits + t * num_experts;
-    float u[kMaxTopK], gu[kMaxTopK];
+    float u[kMaxTopK], gu[kMaxTopK], lid[kMaxTopK];
+    int32_t id[kMaxTopK];
+    for (int j = 0; j < k; ++j) {
+        id[j] = ids[j];
+        lid[j] = l[id[j]];
+    }
     // Softmax over all E (softmax) or over the k chosen (top-k-softmax), fp32, under ref::route_backward's NaN rule
-    // (scoring.cuh: a NaN logit makes the token's softmax and gradient NaN).
+    // (scoring.cuh: the max skips NaN, the normaliser does not, so a NaN logit makes the token's gradient NaN).
+    const bool softmax = p.score_function == static_cast<int>(ScoreFunction::kSoftmax);
+    const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
     float m = -INFINITY, denom = 0.0f;
-    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
-        softmax_norm_nan_poisons(num_experts, [&](int e) { return l[e]; }, m, denom);
-        for (int j = 0; j < k; ++j) u[j] = exp_shifted(l[ids[j]], m) / denom;
-    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
-        for (int j = 0; j < k; ++j) u[j] = sigmoid(l[ids[j]]);
+    if (softmax) {
+        for (int e = lane; e < num_experts; e += 32) m = max_of(m, l[e]);
+        m = lanes_max<32>(m);
+        for (int e = lane; e < num_experts; e += 32) denom += exp_shifted(l[e], m);
+        denom = lanes_sum<32>(denom);
+        for (int j = 0; j < k; ++j) u[j] = exp_shifted(lid[j], m) / denom;
+    } else if (sig) {
+        for (int j = 0; j < k; ++j) u[j] = sigmoid(lid[j]);
     } else {
-        softmax_norm_nan_poisons(k, [&](int j) { return l[ids[j]]; }, m, denom);
-        for (int j = 0; j < k; ++j) u[j] = exp_shifted(l[ids[j]], m) / denom;
+        softmax_norm_nan_poisons(k, [&](int j) { return lid[j]; }, m, denom);
+        for (int j = 0; j < k; ++j) u[j] = exp_shifted(lid[j], m) / denom;
     }
     float sum = 0.0f;
     for (int j = 0; j < k; ++j) sum += u[j];
@@ -77,19 +91,20 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     } else {
         for (int j = 0; j < k; ++j) gu[j] = p.routed_scale * g[j];
     }
-    if (p.score_function == static_cast<int>(ScoreFunction::kSoftmax)) {
-        float dot = 0.0f;
+    float dot = 0.0f;
+    if (!sig) {
         for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
-        for (int e = 0; e < num_experts; ++e) dl[e] = -(exp_shifted(l[e], m) / denom) * dot;
-        for (int j = 0; j < k; ++j) dl[ids[j]] += gu[j] * u[j];
-    } else if (p.score_function == static_cast<int>(ScoreFunction::kSigmoid)) {
-        for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
-        for (int j = 0; j < k; ++j) dl[ids[j]] = gu[j] * u[j] * (1.0f - u[j]);
-    } else {
-        float dot = 0.0f;
-        for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
-        for (int e = 0; e < num_experts; ++e) dl[e] = 0.0f;
-        for (int j = 0; j < k; ++j) dl[ids[j]] = u[j] * (gu[j] - dot);
+    }
+    // softmax: -p_e * dot for every expert, plus gu_j u_j on the chosen ones (in slot order); sigmoid and top-k-softmax:
+    // only the chosen experts (a repeated id: its last slot, as the slots are written in order).
+    for (int e = lane; e < num_experts; e += 32) {
+        float v = softmax ? -(exp_shifted(l[e], m) / denom) * dot : 0.0f;
+        for (int j = 0; j < k; ++j) {
+            if (id[j] != e) continue;
+            if (softmax) v += gu[j] * u[j];
+            else v = sig ? gu[j] * u[j] * (1.0f - u[j]) : u[j] * (gu[j] - dot);
+        }
+        dl[e] = v;
     }
 }
 
@@ -165,10 +180,10 @@ __global__ void __launch_bounds__(32 * kLossWarpsPerBlock)
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
     gather_backward_kernel(const T* __restrict__ d_xp, const int32_t* __restrict__ slot_row, int top_k,
-                           int64_t hidden, T* __restrict__ dx) {
+                           int64_t num_rows, int64_t hidden, T* __restrict__ dx) {
     __shared__ int32_t rows_s[kMaxTopK];
     const int64_t t = blockIdx.x;
-    if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_row[t * top_k + threadIdx.x];
+    if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_in_range(slot_row[t * top_k + threadIdx.x], num_rows);
     __syncthreads();
     if constexpr (kVec) {
         constexpr int kN = kVecElems<T>;
@@ -264,13 +279,13 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kBwdThreads)
     combine_backward_kernel(const T* __restrict__ dy, const T* __restrict__ expert_out,
                             const int32_t* __restrict__ slot_row, const float* __restrict__ weights, int top_k,
-                            int64_t hidden, T* __restrict__ d_out, float* __restrict__ d_weights) {
+                            int64_t num_rows, int64_t hidden, T* __restrict__ d_out, float* __restrict__ d_weights) {
     constexpr int kWarps = kBwdThreads / 32;
     __shared__ float red[kWarps];
     const int64_t t = blockIdx.x;
     const T* g = dy + t * hidden;
     for (int j = 0; j < top_k; ++j) {
-        const int32_t r = slot_row[t * top_k + j];  // uniform across the block
+        const int32_t r = slot_in_range(slot_row[t * top_k + j], num_rows);  // uniform across the block
         if (r < 0) {
             if (threadIdx.x == 0) d_weights[t * top_k + j] = 0.0f;
             continue;
@@ -340,8 +355,9 @@ void route_backward(const MoEConfig& cfg, const float* logits, const int32_t* to
     RouteBwdParams p{logits, topk_ids, d_weights, d_logits, num_tokens, static_cast<int>(cfg.num_experts),
                      static_cast<int>(cfg.top_k), static_cast<int>(cfg.score_function), cfg.renormalize,
                      static_cast<float>(cfg.routed_scale)};
-    const int threads = 128;
-    route_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, threads)), threads, 0, stream>>>(p);
+    constexpr int kWarps = kBwdThreads / 32;  // tokens per block
+    route_backward_kernel<<<static_cast<unsigned>(ceil_div<int64_t>(num_tokens, kWarps)), kBwdThreads, 0, stream>>>(
+        p);
     SWITCHYARD_CUDA_CHECK_LAUNCH();
 }
 
@@ -372,7 +388,7 @@ void router_losses_backward(const MoEConfig& cfg, const float* logits, const int
 }
 
 void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,
-                          int64_t hidden, void* dx, cudaStream_t stream) {
+                          int64_t num_rows, int64_t hidden, void* dx, cudaStream_t stream) {
     if (num_tokens == 0 || hidden == 0) return;
     check_top_k(top_k, "gather_backward");
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "gather_backward: num_tokens=", num_tokens, " exceed the grid");
@@ -382,7 +398,7 @@ void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row
                          reinterpret_cast<uintptr_t>(dx) % 16 == 0;
         const auto kernel = vec ? gather_backward_kernel<T, true> : gather_backward_kernel<T, false>;
         kernel<<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
-            static_cast<const T*>(d_xp), slot_row, static_cast<int>(top_k), hidden, static_cast<T*>(dx));
+            static_cast<const T*>(d_xp), slot_row, static_cast<int>(top_k), num_rows, hidden, static_cast<T*>(dx));
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });
 }
@@ -420,8 +436,8 @@ void activation_backward_rows(Activation act, DType dtype, const void* g, const 
 }
 
 void combine_backward_rows(DType dtype, const void* dy, const void* expert_out, const int32_t* slot_row,
-                           const float* weights, int64_t num_tokens, int64_t top_k, int64_t hidden, void* d_out,
-                           float* d_weights, cudaStream_t stream) {
+                           const float* weights, int64_t num_tokens, int64_t top_k, int64_t num_rows, int64_t hidden,
+                           void* d_out, float* d_weights, cudaStream_t stream) {
     if (num_tokens == 0) return;
     check_top_k(top_k, "combine_backward");
     SWITCHYARD_CHECK(num_tokens <= INT32_MAX, "combine_backward: num_tokens=", num_tokens, " exceed the grid");
@@ -433,7 +449,7 @@ void combine_backward_rows(DType dtype, const void* dy, const void* expert_out, 
         const auto kernel = vec ? combine_backward_kernel<T, true> : combine_backward_kernel<T, false>;
         kernel<<<static_cast<unsigned>(num_tokens), kBwdThreads, 0, stream>>>(
             static_cast<const T*>(dy), static_cast<const T*>(expert_out), slot_row, weights, static_cast<int>(top_k),
-            hidden, static_cast<T*>(d_out), d_weights);
+            num_rows, hidden, static_cast<T*>(d_out), d_weights);
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });
 }

@@ -31,9 +31,10 @@ void router_losses_backward(const MoEConfig& cfg, const float* logits, const int
                             cudaStream_t stream);
 
 // dx [T, H] (overwritten) = sum over j = 0..k-1 in slot order of d_xp[slot_row[t, j]] (skipping -1), fp32 sums,
-// rounded once to dtype (ref::gather_backward). One block per token.
+// rounded once to dtype (ref::gather_backward). One block per token. num_rows: d_xp's rows (entries >= num_rows are
+// skipped as dropped: the CPU backend refuses them, the device never reads out of range).
 void gather_backward_rows(DType dtype, const void* d_xp, const int32_t* slot_row, int64_t num_tokens, int64_t top_k,
-                          int64_t hidden, void* dx, cudaStream_t stream);
+                          int64_t num_rows, int64_t hidden, void* dx, cudaStream_t stream);
 
 // dg [rows, R13] (overwritten for rows < max_rows) from g [rows, R13] and dh [rows, F] (ref::activation_backward),
 // fp32 arithmetic, rounded once to dtype. interleaved: g's and dg's gate and up columns as w13's rows after
@@ -46,10 +47,11 @@ void activation_backward_rows(Activation act, DType dtype, const void* g, const 
 
 // d_out [rows, H]: d_out[slot_row[t, j]] = dtype(w[t, j] * dy[t]) for every kept pair (rows no pair points at are
 // not written: the caller zeroes them); d_weights [T, k] fp32 = <dy[t], out[slot_row[t, j]]> (0 for dropped pairs),
-// each a fixed-order block reduction (ref::combine_backward). One block per token.
+// each a fixed-order block reduction (ref::combine_backward). One block per token. num_rows: expert_out's and
+// d_out's rows (an entry >= num_rows is a dropped pair: never read or written out of range).
 void combine_backward_rows(DType dtype, const void* dy, const void* expert_out, const int32_t* slot_row,
-                           const float* weights, int64_t num_tokens, int64_t top_k, int64_t hidden, void* d_out,
-                           float* d_weights, cudaStream_t stream);
+                           const float* weights, int64_t num_tokens, int64_t top_k, int64_t num_rows, int64_t hidden,
+                           void* d_out, float* d_weights, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace switchyard

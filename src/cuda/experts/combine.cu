@@ -24,12 +24,13 @@ template <typename T, bool kVec>
 __global__ void __launch_bounds__(kCombineThreads)
     combine_kernel(const T* __restrict__ expert_out, const int32_t* __restrict__ slot_row,
                    const float* __restrict__ weights, const T* __restrict__ shared,
-                   const float* __restrict__ shared_gate, int top_k, int64_t hidden, T* __restrict__ y) {
+                   const float* __restrict__ shared_gate, int top_k, int64_t num_rows, int64_t hidden,
+                   T* __restrict__ y) {
     __shared__ int32_t rows_s[kCombineMaxTopK];
     __shared__ float w_s[kCombineMaxTopK];
     const int64_t t = blockIdx.x;
     for (int j = threadIdx.x; j < top_k; j += kCombineThreads) {
-        rows_s[j] = slot_row[t * top_k + j];
+        rows_s[j] = slot_in_range(slot_row[t * top_k + j], num_rows);
         w_s[j] = weights[t * top_k + j];
     }
     __syncthreads();
@@ -75,8 +76,8 @@ __global__ void single_group_offsets_kernel(int32_t* offsets, int32_t n) {
 }  // namespace
 
 void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, const float* topk_weights,
-                  const void* shared, int64_t num_tokens, int64_t top_k, int64_t hidden, void* y,
-                  cudaStream_t stream, const float* shared_gate) {
+                  const void* shared, int64_t num_tokens, int64_t top_k, int64_t num_rows, int64_t hidden,
+                  void* y, cudaStream_t stream, const float* shared_gate) {
     if (num_tokens == 0 || hidden == 0) return;
     SWITCHYARD_CHECK(top_k >= 1 && top_k <= kCombineMaxTopK, "combine: top_k=", top_k, " must be in [1, ",
                      kCombineMaxTopK, "]");
@@ -90,11 +91,11 @@ void combine_rows(DType dtype, const void* expert_out, const int32_t* slot_row, 
         if (vec) {
             combine_kernel<T, true><<<grid, kCombineThreads, 0, stream>>>(
                 static_cast<const T*>(expert_out), slot_row, topk_weights, static_cast<const T*>(shared),
-                shared_gate, static_cast<int>(top_k), hidden, static_cast<T*>(y));
+                shared_gate, static_cast<int>(top_k), num_rows, hidden, static_cast<T*>(y));
         } else {
             combine_kernel<T, false><<<grid, kCombineThreads, 0, stream>>>(
                 static_cast<const T*>(expert_out), slot_row, topk_weights, static_cast<const T*>(shared),
-                shared_gate, static_cast<int>(top_k), hidden, static_cast<T*>(y));
+                shared_gate, static_cast<int>(top_k), num_rows, hidden, static_cast<T*>(y));
         }
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     });

@@ -8,7 +8,8 @@
 // scatter_token_rows: the same output written by token (one block per token: x's row is read once and stored to its
 // k rows). The row-order gather reads x once per row, i.e. k times per token, from DRAM once x and xp no longer fit
 // the L2 together (k x ~|x| of reads: 8 x 235 MB for DeepSeek-V3 at T = 16384); by token the reads are |x|.
-// Blocks past the tokens zero the rows no pair points at (row_token < 0), kZeroRowsPerBlock rows each.
+// Blocks past the tokens zero the rows no pair points at (row_token < 0), kZeroRowsPerBlock rows each. A slot_row entry
+// >= max_rows (a hint that is not the plan's: the CPU backend refuses it) is skipped, never written out of range.
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -39,6 +40,18 @@ __device__ __forceinline__ void store_vectors(uint4* d, const uint4 (&v)[kPermut
     }
 }
 
+// Row `row` of xp (hidden elements) written as 0, 16-byte stores when kVec.
+template <typename T, bool kVec>
+__device__ __forceinline__ void zero_row(T* xp, int64_t row, int64_t hidden) {
+    T* dst = xp + row * hidden;
+    if constexpr (kVec) {
+        const int64_t nvec = hidden / kVecElems<T>;
+        for (int64_t i = threadIdx.x; i < nvec; i += kPermuteThreads) reinterpret_cast<uint4*>(dst)[i] = uint4{};
+    } else {
+        for (int64_t i = threadIdx.x; i < hidden; i += kPermuteThreads) dst[i] = T{};
+    }
+}
+
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kPermuteThreads)
     permute_rows_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_token, int64_t hidden,
@@ -46,10 +59,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
     const int64_t row = blockIdx.x;
     const int32_t tok = row_token[row];
     if (tok < 0) {
-        if (zero_unowned) {
-            T* dst = xp + row * hidden;
-            for (int64_t i = threadIdx.x; i < hidden; i += kPermuteThreads) dst[i] = T{};
-        }
+        if (zero_unowned) zero_row<T, kVec>(xp, row, hidden);
         return;
     }
     const T* src = x + static_cast<int64_t>(tok) * hidden;
@@ -86,14 +96,12 @@ __global__ void __launch_bounds__(kPermuteThreads)
         const int64_t r = row0 + threadIdx.x;
         if (r < max_rows && row_token[r] < 0) rows_s[atomicAdd(&num_s, 1)] = static_cast<int32_t>(r);
         __syncthreads();
-        for (int i = 0; i < num_s; ++i) {  // which slot a row took does not matter: every one is written as 0
-            T* dst = xp + static_cast<int64_t>(rows_s[i]) * hidden;
-            for (int64_t c = threadIdx.x; c < hidden; c += kPermuteThreads) dst[c] = T{};
-        }
+        // which slot a row took does not matter: every one is written as 0
+        for (int i = 0; i < num_s; ++i) zero_row<T, kVec>(xp, rows_s[i], hidden);
         return;
     }
     const int64_t t = blockIdx.x;
-    if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_row[t * top_k + threadIdx.x];
+    if (threadIdx.x < top_k) rows_s[threadIdx.x] = slot_in_range(slot_row[t * top_k + threadIdx.x], max_rows);
     __syncthreads();
     const T* src = x + t * hidden;
     if constexpr (kVec) {

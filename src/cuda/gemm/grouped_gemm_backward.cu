@@ -82,16 +82,23 @@ __global__ void zero_tail_rows_kernel(T* base, const int32_t* offsets, int num_g
         base[i] = T{};
 }
 
-// Zeroes the units_per_group units of every group e with offsets[e + 1] == offsets[e].
+// Zeroes the units_per_group units of every group e with offsets[e + 1] == offsets[e]: blockIdx.y is the group, the
+// gridDim.x blocks of an empty group share its units, those of a non-empty one return after reading two offsets.
 template <typename T>
-__global__ void zero_empty_groups_kernel(T* base, const int32_t* offsets, int num_groups, int64_t units_per_group) {
+__global__ void zero_empty_groups_kernel(T* base, const int32_t* offsets, int64_t units_per_group) {
+    const int e = blockIdx.y;
+    if (offsets[e + 1] != offsets[e]) return;
+    T* g = base + static_cast<int64_t>(e) * units_per_group;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    for (int e = 0; e < num_groups; ++e) {
-        if (offsets[e + 1] != offsets[e]) continue;
-        T* g = base + static_cast<int64_t>(e) * units_per_group;
-        for (int64_t i = first; i < units_per_group; i += stride) g[i] = T{};
-    }
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < units_per_group; i += stride)
+        g[i] = T{};
+}
+
+// Blocks per group of zero_empty_groups_kernel: enough to zero one group's units at a few units per thread, at most
+// 16 (empty groups are rare; a non-empty group's blocks only read its two offsets).
+unsigned empty_group_blocks(int64_t units_per_group) {
+    const int64_t b = (units_per_group + 4 * kZeroThreads - 1) / (4 * kZeroThreads);
+    return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(b, 1), 16));
 }
 
 void check_sizes(const GroupedGemmGradArgs& g) {
@@ -282,8 +289,9 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     const DeviceFacts facts = check_grad_16bit_call(w, workspace, workspace_bytes, "grouped_gemm wgrad");
     // N * K is a multiple of 64 elements here: every expert's dB is a whole number of 16-byte units.
     const int64_t units = args.n * args.k * static_cast<int64_t>(dtype_size(args.dtype)) / 16;
-    zero_empty_groups_kernel<uint4><<<zero_grid(units, facts.sm_count), kZeroThreads, 0, stream>>>(
-        static_cast<uint4*>(args.db), args.offsets, static_cast<int>(args.num_groups), units);
+    zero_empty_groups_kernel<uint4>
+        <<<dim3(empty_group_blocks(units), static_cast<unsigned>(args.num_groups)), kZeroThreads, 0, stream>>>(
+            static_cast<uint4*>(args.db), args.offsets, units);
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
