@@ -258,6 +258,22 @@ TEST(GpuStages, SlotRowPastTheRowsIsSkipped) {
                         }
                     }
                 }
+                // The host's sums of each token's kept rows in slot order from 0, as the kernels chain them:
+                // acc = fma(w_j or 1, row, acc) (fma with 1 is the plain sum's rounding), then + shared, rounded once.
+                const auto slot_sums = [&](const float* wts, const float* extra) {
+                    std::vector<float> out(T * H);
+                    for (int64_t t = 0; t < T; ++t)
+                        for (int64_t h = 0; h < H; ++h) {
+                            float acc = 0.0f;
+                            for (int64_t j = 0; j < k; ++j) {
+                                const int32_t r = clean[t * k + j];
+                                if (r >= 0) acc = std::fma(wts != nullptr ? wts[t * k + j] : 1.0f, rv[r * H + h], acc);
+                            }
+                            if (extra != nullptr) acc = std::fma(1.0f, extra[t * H + h], acc);
+                            out[t * H + h] = round_to(dt, acc);
+                        }
+                    return out;
+                };
                 {
                     SCOPED_TRACE("gather_backward_rows");
                     DeviceBuffer d_dx;
@@ -266,16 +282,7 @@ TEST(GpuStages, SlotRowPastTheRowsIsSkipped) {
                         cuda::gather_backward_rows(dt, d_rows.get(), sr, T, k, rows, H, d_dx.get(), nullptr);
                     });
                     // dx[t] = the fp32 sum, slots in order from 0, of its kept pairs' rows, rounded once.
-                    std::vector<float> want(T * H);
-                    for (int64_t t = 0; t < T; ++t)
-                        for (int64_t h = 0; h < H; ++h) {
-                            float acc = 0.0f;
-                            for (int64_t j = 0; j < k; ++j) {
-                                const int32_t r = clean[t * k + j];
-                                if (r >= 0) acc += rv[r * H + h];
-                            }
-                            want[t * H + h] = round_to(dt, acc);
-                        }
+                    const std::vector<float> want = slot_sums(nullptr, nullptr);
                     EXPECT_TRUE(guard_intact(img[0][0], T * rb, "dx"));
                     EXPECT_TRUE(testing::bitwise_equal(img[0][0], img[1][0], "dx, entries past the rows vs -1"));
                     const std::vector<uint8_t> got(img[0][0].begin(), img[0][0].begin() + T * rb);
@@ -291,17 +298,7 @@ TEST(GpuStages, SlotRowPastTheRowsIsSkipped) {
                                            with_shared ? d_shared.get() : nullptr, T, k, rows, H, d_y.get(), nullptr);
                     });
                     // y[t] = fma chain over the kept pairs in slot order from 0 (then + shared), rounded once.
-                    std::vector<float> want(T * H);
-                    for (int64_t t = 0; t < T; ++t)
-                        for (int64_t h = 0; h < H; ++h) {
-                            float acc = 0.0f;
-                            for (int64_t j = 0; j < k; ++j) {
-                                const int32_t r = clean[t * k + j];
-                                if (r >= 0) acc = std::fma(w[t * k + j], rv[r * H + h], acc);
-                            }
-                            if (with_shared) acc = std::fma(1.0f, shared[t * H + h], acc);
-                            want[t * H + h] = round_to(dt, acc);
-                        }
+                    const std::vector<float> want = slot_sums(w.data(), with_shared ? shared.data() : nullptr);
                     EXPECT_TRUE(guard_intact(img[0][0], T * rb, "y"));
                     EXPECT_TRUE(testing::bitwise_equal(img[0][0], img[1][0], "y, entries past the rows vs -1"));
                     const std::vector<uint8_t> got(img[0][0].begin(), img[0][0].begin() + T * rb);
