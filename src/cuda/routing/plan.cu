@@ -184,32 +184,29 @@ __global__ void __launch_bounds__(kAssignThreads)
 }
 
 // One block of 1024 threads. hist [chunks, E] -> per-chunk base ranks (in place); counts; kept offsets.
+// Thread e walks expert e's column in chunk order, kScanBatch loads in flight at a time (a warp's loads are one
+// row segment of hist: coalesced), so the walk costs chunks / kScanBatch load latencies.
+constexpr int kScanBatch = 8;
 __global__ void __launch_bounds__(1024) plan_scan_kernel(int32_t* hist, int chunks, int num_experts, int capacity,
                                                          int32_t* counts, int32_t* offsets) {
     __shared__ int32_t buf[1024];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int e = warp; e < num_experts; e += 32) {
-        int32_t carry = 0;
-        for (int c0 = 0; c0 < chunks; c0 += 32) {
-            const int c = c0 + lane;
-            const int32_t v = c < chunks ? hist[static_cast<int64_t>(c) * num_experts + e] : 0;
-            int32_t incl = v;
-#pragma unroll
-            for (int d = 1; d < 32; d <<= 1) {
-                const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
-                if (lane >= d) incl += o;
-            }
-            if (c < chunks) hist[static_cast<int64_t>(c) * num_experts + e] = carry + incl - v;
-            carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (lane == 0) buf[e] = carry;
-    }
-    __syncthreads();
     const int e = threadIdx.x;
-    const int32_t c = e < num_experts ? buf[e] : 0;
+    int32_t c = 0;  // expert e's pairs: the sum of its column
+    if (e < num_experts) {
+        for (int c0 = 0; c0 < chunks; c0 += kScanBatch) {
+            int32_t v[kScanBatch];
+#pragma unroll
+            for (int u = 0; u < kScanBatch; ++u)
+                v[u] = c0 + u < chunks ? hist[static_cast<int64_t>(c0 + u) * num_experts + e] : 0;
+#pragma unroll
+            for (int u = 0; u < kScanBatch; ++u) {
+                if (c0 + u < chunks) hist[static_cast<int64_t>(c0 + u) * num_experts + e] = c;  // exclusive
+                c += v[u];
+            }
+        }
+    }
     const int32_t kc = capacity > 0 ? min(c, capacity) : c;
     if (e < num_experts) counts[e] = c;
-    __syncthreads();
     buf[e] = kc;
     __syncthreads();
     for (int off = 1; off < 1024; off <<= 1) {  // Hillis-Steele inclusive scan (integers)
