@@ -47,8 +47,6 @@ struct RouteBwdParams {
     float routed_scale;
 };
 
-constexpr int kRouteBwdCached = 8;  // exponentials a lane keeps in registers (E <= 256: all of them)
-
 // One warp per token: lanes hold experts e = lane + 32 i, so the logits and d_logits rows move as whole lines. The k
 // chosen slots' values are computed by every lane alike (k <= 32); the softmax normaliser over E is a lane-partial
 // sum reduced by butterfly (a fixed order: the same bits every run).
@@ -72,17 +70,10 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     const bool softmax = p.score_function == static_cast<int>(ScoreFunction::kSoftmax);
     const bool sig = p.score_function == static_cast<int>(ScoreFunction::kSigmoid);
     float m = -INFINITY, denom = 0.0f;
-    float ex[kRouteBwdCached];  // softmax: exp_shifted of the lane's first kRouteBwdCached experts, for the last loop
     if (softmax) {
         for (int e = lane; e < num_experts; e += 32) m = max_of(m, l[e]);
         m = lanes_max<32>(m);
-#pragma unroll
-        for (int i = 0; i < kRouteBwdCached; ++i) {  // the lane's first experts, their exponentials kept
-            const int e = lane + 32 * i;
-            ex[i] = e < num_experts ? exp_shifted(l[e], m) : 0.0f;
-            if (e < num_experts) denom += ex[i];
-        }
-        for (int e = lane + 32 * kRouteBwdCached; e < num_experts; e += 32) denom += exp_shifted(l[e], m);
+        for (int e = lane; e < num_experts; e += 32) denom += exp_shifted(l[e], m);
         denom = lanes_sum<32>(denom);
         for (int j = 0; j < k; ++j) u[j] = exp_shifted(lid[j], m) / denom;
     } else if (sig) {
@@ -106,22 +97,15 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     }
     // softmax: -p_e * dot for every expert, plus gu_j u_j on the chosen ones (in slot order); sigmoid and top-k-softmax:
     // only the chosen experts (a repeated id: its last slot, as the slots are written in order).
-    const auto grad_of = [&](int e, float ex_e) {  // ex_e: exp_shifted(l[e], m) (softmax only)
-        float v = softmax ? -(ex_e / denom) * dot : 0.0f;
+    for (int e = lane; e < num_experts; e += 32) {
+        float v = softmax ? -(exp_shifted(l[e], m) / denom) * dot : 0.0f;
         for (int j = 0; j < k; ++j) {
             if (id[j] != e) continue;
             if (softmax) v += gu[j] * u[j];
             else v = sig ? gu[j] * u[j] * (1.0f - u[j]) : u[j] * (gu[j] - dot);
         }
         dl[e] = v;
-    };
-#pragma unroll
-    for (int i = 0; i < kRouteBwdCached; ++i) {
-        const int e = lane + 32 * i;
-        if (e < num_experts) grad_of(e, softmax ? ex[i] : 0.0f);
     }
-    for (int e = lane + 32 * kRouteBwdCached; e < num_experts; e += 32)
-        grad_of(e, softmax ? exp_shifted(l[e], m) : 0.0f);
 }
 
 constexpr int kMaxLossBwdExperts = 1024;
