@@ -15,6 +15,7 @@
 
 #include "ref/backward.h"
 #include "ref/ref.h"
+#include "switchyard/stages.h"
 #include "test_util.h"
 
 namespace switchyard {
@@ -436,6 +437,54 @@ TEST(BackwardRef, ComposedLayerMatchesFiniteDifferences) {
     expect_fd_gradient([&](const std::vector<double>& v) { return loss(x, v, w13, w2); }, gate, d_gate, "d_gate");
     expect_fd_gradient([&](const std::vector<double>& v) { return loss(x, gate, v, w2); }, w13, d_w13, "d_w13");
     expect_fd_gradient([&](const std::vector<double>& v) { return loss(x, gate, w13, v); }, w2, d_w2, "d_w2");
+}
+
+// The router GEMM's gradients on the CPU (the router_gemm_backward stage): dx = d . gate and dgate = d^T . x, each
+// element the double sum of the exact products stored through fp32 (as every CPU stage stores), for fp32 and bf16
+// operands; one gradient alone leaves the other untouched; shapes, dtypes and fp64 x are refused.
+TEST(BackwardRef, RouterGemmBackwardIsTheExactSums) {
+    const int64_t T = 37, H = 24, E = 5;
+    for (DType t : {DType::kF32, DType::kBF16}) {
+        SCOPED_TRACE(to_string(t));
+        using test::HostTensor;
+        const HostTensor x = HostTensor::from_floats(random_uniform(T * H, 91, -2.0f, 2.0f), t, {T, H});
+        const HostTensor gate = HostTensor::from_floats(random_uniform(E * H, 92, -1.0f, 1.0f), t, {E, H});
+        const HostTensor d = HostTensor::from_floats(random_uniform(T * E, 93, -3.0f, 3.0f), DType::kF32, {T, E});
+        const std::vector<float> xf = x.to_floats(), gf = gate.to_floats(), df = d.to_floats();
+        HostTensor dx(t, {T, H}), dg(t, {E, H});
+        router_gemm_backward(x.ref(), gate.ref(), d.ref(), dx.ref(), dg.ref(), nullptr, 0);
+        const std::vector<float> got_dx = dx.to_floats(), got_dg = dg.to_floats();
+        for (int64_t i = 0; i < T; ++i)
+            for (int64_t h = 0; h < H; ++h) {
+                double s = 0.0;
+                for (int64_t e = 0; e < E; ++e) s += static_cast<double>(df[i * E + e]) * gf[e * H + h];
+                ASSERT_EQ(got_dx[i * H + h], round_to(t, static_cast<float>(s))) << "dx[" << i << ", " << h << "]";
+            }
+        for (int64_t e = 0; e < E; ++e)
+            for (int64_t h = 0; h < H; ++h) {
+                double s = 0.0;
+                for (int64_t i = 0; i < T; ++i) s += static_cast<double>(df[i * E + e]) * xf[i * H + h];
+                ASSERT_EQ(got_dg[e * H + h], round_to(t, static_cast<float>(s))) << "dgate[" << e << ", " << h << "]";
+            }
+        HostTensor dx_only(t, {T, H});
+        router_gemm_backward(x.ref(), gate.ref(), d.ref(), dx_only.ref(), TensorRef(), nullptr, 0);
+        EXPECT_EQ(dx_only.to_floats(), got_dx);
+    }
+    using test::HostTensor;
+    const HostTensor x(DType::kF32, {T, H}), gate(DType::kF32, {E, H}), d(DType::kF32, {T, E});
+    HostTensor dx(DType::kF32, {T, H}), dg(DType::kF32, {E, H});
+    test::expect_error([&] {
+        router_gemm_backward(x.ref(), gate.ref(), HostTensor(DType::kF32, {T, E + 1}).ref(), dx.ref(), dg.ref(),
+                             nullptr, 0);
+    }, {"d_logits"});
+    test::expect_error([&] {
+        router_gemm_backward(x.ref(), gate.ref(), d.ref(), HostTensor(DType::kBF16, {T, H}).ref(), dg.ref(), nullptr,
+                             0);
+    }, {"dx"});
+    test::expect_error([&] {
+        const HostTensor x64(DType::kF64, {T, H});
+        router_gemm_backward(x64.ref(), gate.ref(), d.ref(), TensorRef(), dg.ref(), nullptr, 0);
+    }, {"fp64"});
 }
 
 }  // namespace

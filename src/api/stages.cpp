@@ -164,11 +164,9 @@ void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const Tenso
         check_same_device(dgate, "dgate", x, "x");
     }
     api::check_backend(x.device, "router_gemm_backward");
-    if (x.device == Device::kCUDA) {
-        check_workspace(workspace, workspace_bytes,
-                        router_gemm_backward_workspace_size(x.device, x.dtype, num_tokens, num_experts, hidden),
-                        "router_gemm_backward");
-    }
+    check_workspace(workspace, workspace_bytes,
+                    router_gemm_backward_workspace_size(x.device, x.dtype, num_tokens, num_experts, hidden),
+                    "router_gemm_backward");
     SWITCHYARD_DISPATCH(x.device, router_gemm_backward(x, gate, d_logits, dx, dgate),
                         router_gemm_backward(x, gate, d_logits, dx, dgate, workspace, workspace_bytes, stream));
 }
