@@ -666,7 +666,7 @@ def layer_train_mode(args):
     """Forward + backward of the whole layer, loss = y.float().square().mean(), gradients for x and every weight;
     rows "<impl> dy": the same step with an upstream gradient (y.backward(dy), dy fixed random) instead of the loss,
     i.e. the layer's own work, without the loss's element-wise kernels and their backward (which the floor does not
-    count; issue 11's forward + backward numbers were measured with the loss).
+    count); their peak-memory column repeats the loss step's (not measured separately).
 
     switchyard : switchyard.torch.MoE (bf16, softmax top-k without renormalisation, SwiGLU; return_stats=False so
                  no aux loss, like the peer), CUDA kernels forward and backward;

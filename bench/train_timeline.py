@@ -10,9 +10,10 @@ of the kernel time.
 Where the step's time goes besides its kernels, each timed with CUDA events (median of 10):
   dy step     y.backward(dy) with a fixed upstream gradient (the layer's own work);
   loss step   compare_torch.py --train's step: loss = y.float().square().mean(); loss.backward() (the loss's
-              element-wise kernels and their backward are not the layer's, but the issue's numbers include them);
+              element-wise kernels and their backward are not the layer's);
   graph       the dy step captured once in a CUDA graph and replayed: no host launch cost, so graph vs dy step is
-              the time the GPU waits for the host's launches.
+              the time the GPU waits for the host's launches (the profiler's kernel sum of one step can read lower
+              than the replay: DeepSeek-V3 in run 30, bench/NOTES.md).
 
     python3 bench/train_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3] [--tokens N]
 """
@@ -89,7 +90,7 @@ def main():
         busy, span, gaps, rows = kernel_timeline(step)
         print(f"\n{m} T={args.tokens}: dy step {ms:.3f} ms, loss step {loss_ms:.3f} ms, graph replay of the dy step "
               f"{graph_ms:.3f} ms (events); under the profiler: kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms, "
-              f"idle between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms")
+              f"idle in gaps > 2 us between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms")
         print("  kernel us  idle before us  kernel")
         for us, name, idle in rows:
             print(f"  {us:9.1f}  {idle:13.1f}  {name}")

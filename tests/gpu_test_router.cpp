@@ -338,10 +338,20 @@ TEST(GpuRouterExact, IntegerInputsTiesAndNaN) {
 // that the bf16 split's low parts matter; the other gradient not written when one is not asked for.
 TEST(GpuRouterBackward, IsOneRoundingOfTheExactSums) {
     SWITCHYARD_SKIP_WITHOUT_GPU();
-    const int64_t T = 517, H = 136, E = 24;
-    for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
-        const uint64_t seed = 9100 + static_cast<uint64_t>(t);
-        SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(t));
+    struct Shape {
+        DType t;
+        int64_t T, H, E;
+    };
+    // The last two: decode-sized T with DeepSeek-V3's H and E, where cuBLAS may split K (dgate's K = T is short,
+    // dx's N = T is small): the bf16 dx must still be one rounding of fp32 sums.
+    for (const Shape& sh : {Shape{DType::kF32, 517, 136, 24}, Shape{DType::kBF16, 517, 136, 24},
+                            Shape{DType::kF16, 517, 136, 24}, Shape{DType::kBF16, 1, 7168, 256},
+                            Shape{DType::kBF16, 16, 7168, 256}}) {
+        const DType t = sh.t;
+        const int64_t T = sh.T, H = sh.H, E = sh.E;
+        const uint64_t seed = 9100 + static_cast<uint64_t>(t) + static_cast<uint64_t>(T);
+        SCOPED_TRACE("seed=" + std::to_string(seed) + " dtype=" + to_string(t) + " T=" + std::to_string(T) +
+                     " H=" + std::to_string(H) + " E=" + std::to_string(E));
         const std::vector<float> x = testing::random_values(T * H, t, -2.0f, 2.0f, seed);
         const std::vector<float> gate = testing::random_values(E * H, t, -1.0f, 1.0f, seed + 1);
         std::mt19937_64 rng(seed + 2);

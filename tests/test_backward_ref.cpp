@@ -482,6 +482,10 @@ TEST(BackwardRef, RouterGemmBackwardIsTheExactSums) {
                              0);
     }, {"dx"});
     test::expect_error([&] {
+        router_gemm_backward(x.ref(), HostTensor(DType::kF32, {0, H}).ref(), HostTensor(DType::kF32, {T, 0}).ref(),
+                             dx.ref(), TensorRef(), nullptr, 0);
+    }, {"no expert"});
+    test::expect_error([&] {
         const HostTensor x64(DType::kF64, {T, H});
         router_gemm_backward(x64.ref(), gate.ref(), d.ref(), TensorRef(), dg.ref(), nullptr, 0);
     }, {"fp64"});

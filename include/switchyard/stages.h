@@ -60,7 +60,9 @@ void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& log
 // sums, rounded through fp32 as every CPU stage stores; CUDA: fp32 sums in cuBLAS, for 16-bit operands on the
 // tensor cores with d_logits split into three bf16 parts that carry its 24 bits; what autograd takes through
 // F.linear(x.float(), gate.float()) up to the summation order). dx or dgate undefined: that gradient is not
-// computed. x, gate, dx and dgate share one dtype on CUDA.
+// computed. x, gate, dx and dgate share one dtype on CUDA. CUDA workspace: 4 MiB for cuBLAS plus, bf16, the split
+// [T, 3E] and the stacked gate [3E, H] in bf16 and dgate's parts [3E, H] in fp32; fp16, x and gate widened to fp32
+// and fp32 dx [T, H] and dgate [E, H] (fp16 parts would underflow).
 size_t router_gemm_backward_workspace_size(Device device, DType dtype, int64_t num_tokens, int64_t num_experts,
                                            int64_t hidden);
 void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,

@@ -153,6 +153,7 @@ void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const Tenso
     check_same_device(gate, "gate", x, "x");
     check_cuda_gemm_dtypes(x, "x", gate, "gate");
     const int64_t num_tokens = x.shape[0], num_experts = gate.shape[0], hidden = x.shape[1];
+    SWITCHYARD_CHECK(num_experts >= 1, "router_gemm_backward: gate ", gate.shape_string(), " has no expert");
     check_tensor(d_logits, "d_logits", DType::kF32, {num_tokens, num_experts});
     check_same_device(d_logits, "d_logits", x, "x");
     if (dx.defined()) {

@@ -1,5 +1,6 @@
 // src/cuda/cublas_util.h: the cuBLAS helpers of the CUDA sources that call cuBLAS (the router's gate GEMM in
-// routing/router.cu, the dense baseline in src/baseline/dense_cuda.cu). Host-only.
+// routing/router.cu and its gradients in routing/router_backward.cu, the dense baseline in
+// src/baseline/dense_cuda.cu). Host-only.
 //
 // CublasLease      the current device's cuBLAS handle, held under its mutex for the lease's lifetime with the
 //                  caller's stream set. One handle per device, created on first use with CUBLAS_DEFAULT_MATH (fp32

@@ -51,11 +51,11 @@ __device__ __forceinline__ T from_f32(float v) {
 template <typename T>
 constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
 
-// 16 bytes of T, loaded and stored as one uint4.
 // A slot_row entry as the kernels use it: a row below num_rows, or -1 (dropped). The CPU backend refuses entries
 // >= num_rows; on the device they are skipped rather than read or written out of range.
 __device__ __forceinline__ int32_t slot_in_range(int32_t r, int64_t num_rows) { return r < num_rows ? r : -1; }
 
+// 16 bytes of T, loaded and stored as one uint4.
 template <typename T>
 struct alignas(16) Vec16 {
     T v[kVecElems<T>];

@@ -1,7 +1,10 @@
 // src/cuda/backward/backward.cu: backward kernels of the router weights, gather, activation and combine (src/cuda/backward/backward.h).
 //
-// route_backward   one thread per token, fp32, loops over E and k in index order (ref::route_backward's formulas and
-//                  NaN rule; the scores come from src/cuda/routing/scoring.cuh).
+// route_backward   one warp per token, fp32 (ref::route_backward's formulas and NaN rule; the scores come from
+//                  src/cuda/routing/scoring.cuh): lanes hold experts lane + 32 i; the softmax normaliser over E is
+//                  the lanes' partial sums (each in index order) added by a fixed butterfly, the k slots' values
+//                  are computed by every lane alike in slot order. Deterministic; its bits differ from a sum over E
+//                  in index order in the normaliser's last place.
 // router_losses_backward
 //                  1. one block: per-expert top-k counts (shared-memory integer atomics: order-free, exact), then
 //                     gp[e] = d_aux * E * (count_e / (T k)) / T (double), d aux / d prob[t, e] for every t.
@@ -95,8 +98,8 @@ __global__ void route_backward_kernel(RouteBwdParams p) {
     if (!sig) {
         for (int j = 0; j < k; ++j) dot += gu[j] * u[j];
     }
-    // softmax: -p_e * dot for every expert, plus gu_j u_j on the chosen ones (in slot order); sigmoid and top-k-softmax:
-    // only the chosen experts (a repeated id: its last slot, as the slots are written in order).
+    // softmax: -p_e * dot for every expert, plus gu_j u_j on the chosen ones (in slot order); sigmoid and
+    // top-k-softmax: only the chosen experts (a repeated id: its last slot, as the slots are written in order).
     for (int e = lane; e < num_experts; e += 32) {
         float v = softmax ? -(exp_shifted(l[e], m) / denom) * dot : 0.0f;
         for (int j = 0; j < k; ++j) {

@@ -1,6 +1,7 @@
 // src/cuda/experts/combine.cu: un-permute and weighted sum of the expert outputs, plus the shared expert.
 //
-// Inputs:  expert_out [rows, H] (dtype, rows in expert order), slot_row [T, k] int32 (-1 = dropped pair),
+// Inputs:  expert_out [rows, H] (dtype, rows in expert order), slot_row [T, k] int32 (-1 = dropped pair; an entry
+//          >= rows is skipped as dropped, never read: dispatch.cuh, slot_in_range),
 //          topk_weights [T, k] fp32, shared [T, H] (dtype, optional), shared_gate [T] fp32 gate logits (optional).
 // Output:  y [T, H] (dtype): y[t, h] = dtype( fp32 sum over j = 0..k-1 of w[t,j] * out[slot_row[t,j], h],
 //          then + s_t * shared[t, h] ), rounded once (ref::combine_forward); s_t = sigmoid(shared_gate[t]) (expf), or

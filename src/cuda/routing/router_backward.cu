@@ -6,12 +6,14 @@
 //          dtype (what autograd takes through F.linear(x.float(), gate.float()), in another summation order).
 // fp32:  two cuBLAS GEMMs in fp32 (no TF32), written straight to dx and dgate.
 // bf16:  d_logits split into three bf16 parts hi = bf16(d), mid = bf16(d - hi), lo = bf16(d - hi - mid), which carry
-//        all 24 significant bits of the fp32 value, so [hi | mid | lo] [T, 3E] times [gate; gate; gate] [3E, H] (dx) and
-//        times x (dgate: the three parts' sums [3E, H], added in order) are the same fp32 products on the tensor
-//        cores at the bf16 rate, without an fp32 copy of x. cuBLAS rounds dx's fp32 sums to bf16 as it stores them
-//        (no [T, H] fp32 round trip: dx's K = 3E is short, and a split-K reduction runs in the compute type, fp32);
-//        one kernel writes the split and the stacked gate, one adds and rounds dgate's parts: four launches in all,
-//        from one host call.
+//        all 24 significant bits of the fp32 value, so [hi | mid | lo] [T, 3E] times [gate; gate; gate] [3E, H]
+//        (dx) and times x (dgate: the three parts' sums [3E, H], added in order) are the same fp32 products on the
+//        tensor cores at the bf16 rate, without an fp32 copy of x. cuBLAS rounds dx's fp32 sums to bf16 as it
+//        stores them (no [T, H] fp32 round trip), with CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION set for that
+//        call, so that a split-K reduction runs in fp32 rather than in bf16: one rounding.
+//        One kernel writes the split and the stacked gate, one adds and rounds dgate's parts: four launches in all,
+//        from one host call. A non-finite d (or one past bf16's largest value) keeps its hi part only: its products
+//        are then +-inf or NaN as fp32 ones would be, not a NaN from inf - inf.
 // fp16:  fp16 parts would underflow (5 exponent bits), so x and gate are widened to fp32 in the workspace and the
 //        GEMMs run in fp32 as for fp32 inputs.
 #include <cstdint>
@@ -43,7 +45,8 @@ __global__ void split_logit_grads_kernel(const float* __restrict__ d, int64_t nu
         if (i < n_split) {
             const float v = d[i];
             const __nv_bfloat16 hi = __float2bfloat16_rn(v);
-            const float rest = v - __bfloat162float(hi);
+            float rest = v - __bfloat162float(hi);
+            if (!isfinite(rest)) rest = 0.0f;  // v or hi is +-inf or NaN: hi carries it
             const __nv_bfloat16 mid = __float2bfloat16_rn(rest);
             const __nv_bfloat16 lo = __float2bfloat16_rn(rest - __bfloat162float(mid));
             const int64_t t = i / num_experts, e = i - t * num_experts;
@@ -128,7 +131,8 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
     if (dx == nullptr && dgate == nullptr) return;
     const int64_t T = num_tokens, H = hidden, E = num_experts;
     SWITCHYARD_CHECK(T <= INT32_MAX && H <= INT32_MAX && 3 * E <= INT32_MAX,
-                     "router_gemm_backward: num_tokens=", T, " hidden_size=", H, " exceed int32");
+                     "router_gemm_backward: num_tokens=", T, " hidden_size=", H, " num_experts=", E,
+                     " exceed int32");
     const BackwardScratch s = carve(dtype, T, E, H, workspace, workspace_bytes);
     if (T == 0 || H == 0) {  // dx is empty; dgate is a sum of nothing (or empty)
         if (dgate != nullptr && E * H > 0) {
@@ -181,6 +185,17 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
     const cudaDataType_t out_type = cuda_data_type(dtype, "router_gemm_backward");
     if (dx != nullptr) {
         const bool direct = dtype == DType::kBF16;
+        // A bf16 output: reductions (split-K) in fp32, as the one rounding needs; the handle's default mode is put
+        // back when the call returns or throws.
+        struct DefaultMathOnExit {
+            cublasHandle_t h;
+            ~DefaultMathOnExit() { cublasSetMathMode(h, CUBLAS_DEFAULT_MATH); }
+        } restore{cublas.handle()};
+        if (direct) {
+            SWITCHYARD_CUBLAS_CHECK(cublasSetMathMode(
+                cublas.handle(), static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                           CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
+        }
         gemm(cublas.handle(), CUBLAS_OP_N, h, t, k_dx, a_dx, h, b_dx, ld_d, op_type, direct ? dx : s.dx32,
              direct ? out_type : CUDA_R_32F, h);
         if (!direct) {  // fp16: one part, i.e. dx32 rounded

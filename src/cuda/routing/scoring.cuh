@@ -15,7 +15,8 @@
 //                  logsumexp (z-loss) is NaN when any logit of the token is NaN (ref::router_stats).
 //   backward softmax (route_backward; ref backward.cpp's softmax, used by route_weights / route_backward): the max
 //                  skips NaN (fmax) but the normaliser does not, so a NaN logit makes its token's whole softmax and
-//                  gradient NaN (softmax_norm_nan_poisons).
+//                  gradient NaN (softmax_norm_nan_poisons over the k chosen; over all E, route_backward takes the
+//                  same max and sum across a warp's lanes with lanes_max / lanes_sum).
 //   ranking        (ref::ranks_before) larger value first; a NaN ranks below every number (-inf included); ties go
 //                  to the lower index. A device candidate (Cand) also carries a class, kNumber > kNaN > kMasked >
 //                  kTaken: kMasked = outside the kept groups, kTaken = already selected or no expert (lanes past E),
@@ -28,7 +29,7 @@
 //                  then * routed_scale (slot_weight).
 // Precision: forward scoring is double arithmetic on fp32 logits, so selection agrees with the reference on the same
 // logits; route_backward is fp32 (the float overloads), router_losses_backward double. Keep every expression here
-// as it is: the GPU tests compare exact decisions and the kernels' results must not change by a bit.
+// as it is: the GPU tests compare exact decisions and the forward kernels' results must not change by a bit.
 // Lane groups: kW lanes (a power of two, 4..32) hold one token; lanes_sum / lanes_max / lanes_best reduce over those
 // kW lanes with an xor butterfly kW/2, ..., 1 (kW = 32: the whole warp) and must be called by every lane of the warp.
 #pragma once
