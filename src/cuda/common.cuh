@@ -40,6 +40,12 @@ constexpr T ceil_div(T a, T b) {
     return (a + b - 1) / b;
 }
 
+// Blocks of `threads` for n elements: at least 1, at most 65535 (the kernels launched with it loop grid-stride).
+inline int grid_for(int64_t n, int threads) {
+    const int64_t b = ceil_div<int64_t>(n, threads);
+    return static_cast<int>(b < 1 ? 1 : (b > 65535 ? 65535 : b));
+}
+
 // Makes `device` current for the scope and restores the previous device afterwards.
 class DeviceGuard {
  public:

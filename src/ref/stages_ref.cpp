@@ -80,32 +80,23 @@ void router_gemm(const TensorRef& x, const TensorRef& gate, const TensorRef& log
     copy_out(router_logits(to_float(x), to_float(gate), num_tokens, hidden, num_experts), logits);
 }
 
-// dx = d . gate and dgate = d^T . x as gemm_nt products (double sums of exact products in increasing index), each
-// stored through store_from_double.
+// The router GEMM's backward is the grouped GEMM's with one group of all T rows (dc = d_logits [T, E], b = gate
+// [1, E, H], a = x): the same double sums in increasing index, each stored through store_from_double.
 void router_gemm_backward(const TensorRef& x, const TensorRef& gate, const TensorRef& d_logits, const TensorRef& dx,
                           const TensorRef& dgate) {
     const int64_t T = x.shape[0], H = x.shape[1], E = gate.shape[0];
-    const std::vector<float> d = to_float(d_logits);
-    if (dx.defined()) {
-        const std::vector<float> g = to_float(gate);
-        std::vector<float> gt(static_cast<size_t>(H * E));  // gate^T [H, E]
-        for (int64_t e = 0; e < E; ++e)
-            for (int64_t h = 0; h < H; ++h) gt[h * E + e] = g[e * H + h];
-        std::vector<double> out(static_cast<size_t>(T * H));
-        gemm_nt(d.data(), T, E, MatView{gt.data(), DType::kF32, H, E}, out.data());
-        store_all(out, dx);
-    }
-    if (dgate.defined()) {
-        const std::vector<float> xs = to_float(x);
-        std::vector<float> dt(static_cast<size_t>(E * T)), xt(static_cast<size_t>(H * T));  // d^T [E, T], x^T [H, T]
-        for (int64_t t = 0; t < T; ++t) {
-            for (int64_t e = 0; e < E; ++e) dt[e * T + t] = d[t * E + e];
-            for (int64_t h = 0; h < H; ++h) xt[h * T + t] = xs[t * H + h];
-        }
-        std::vector<double> out(static_cast<size_t>(E * H));
-        gemm_nt(dt.data(), E, T, MatView{xt.data(), DType::kF32, H, T}, out.data());
-        store_all(out, dgate);
-    }
+    SWITCHYARD_CHECK(T <= INT32_MAX, "router_gemm_backward: num_tokens=", T, " exceeds int32");
+    const int32_t offsets[2] = {0, static_cast<int32_t>(T)};
+    const std::vector<double> d = to_double(d_logits);
+    const std::vector<double> g = dx.defined() ? to_double(gate) : std::vector<double>();
+    const std::vector<double> xs = dgate.defined() ? to_double(x) : std::vector<double>();
+    std::vector<double> out_dx(dx.defined() ? static_cast<size_t>(T * H) : 0);
+    std::vector<double> out_dg(dgate.defined() ? static_cast<size_t>(E * H) : 0);
+    grouped_gemm_backward(offsets, 1, dgate.defined() ? xs.data() : nullptr, dx.defined() ? g.data() : nullptr,
+                          d.data(), T, E, H, dx.defined() ? out_dx.data() : nullptr,
+                          dgate.defined() ? out_dg.data() : nullptr);
+    if (dx.defined()) store_all(out_dx, dx);
+    if (dgate.defined()) store_all(out_dg, dgate);
 }
 
 void route(const MoEConfig& cfg, const TensorRef& logits, const TensorRef& score_bias, const TensorRef& topk_ids,

@@ -41,11 +41,6 @@ constexpr int kThreads = 256;
 constexpr int kChunk = 128;          // tokens per block of the loss partials
 constexpr int kMaxLossExperts = 512;  // the expert terms of one block live in shared memory
 
-int grid_for(int64_t n, int threads = kThreads) {
-    const int64_t b = ceil_div<int64_t>(n, threads);
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
-}
-
 // ---- bias update ----------------------------------------------------------------------------------------------
 struct HostCounts {
     int32_t counts[kMaxBiasExperts];
@@ -455,13 +450,13 @@ void expert_choice_plan(const MoEConfig& cfg, const ExpertChoiceArgs& a, void* w
                                                                     s.vals_sorted, n, E, s.seg_offsets,
                                                                     s.seg_offsets + 1, stream));
     if (C > 0) {
-        ec_pick_kernel<<<grid_for(E * C), kThreads, 0, stream>>>(s.vals_sorted, T, C, E * C, s.flags);
+        ec_pick_kernel<<<grid_for(E * C, kThreads), kThreads, 0, stream>>>(s.vals_sorted, T, C, E * C, s.flags);
         SWITCHYARD_CUDA_CHECK_LAUNCH();
     }
     temp = s.cub_bytes;
     SWITCHYARD_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(s.cub_temp, temp, s.flags, s.rows, static_cast<int>(n), stream));
-    ec_scatter_kernel<<<grid_for(n), kThreads, 0, stream>>>(s.flags, s.rows, T, static_cast<int>(E), a.slot_row,
-                                                            a.topk_ids, a.row_token, a.row_slot);
+    ec_scatter_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(s.flags, s.rows, T, static_cast<int>(E),
+                                                                      a.slot_row, a.topk_ids, a.row_token, a.row_slot);
     SWITCHYARD_CUDA_CHECK_LAUNCH();
     ec_weights_kernel<<<grid_for(T, 128), 128, 0, stream>>>(s.scores, a.slot_row, T, static_cast<int>(E),
                                                             cfg.renormalize ? 1 : 0, cfg.routed_scale, a.topk_weights);

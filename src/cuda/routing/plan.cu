@@ -331,11 +331,6 @@ PlanScratch carve_plan(WorkspaceCarver& wc, int64_t n, int64_t num_experts) {
     return s;
 }
 
-int grid_for(int64_t n, int threads) {
-    const int64_t b = ceil_div<int64_t>(n, threads);
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
-}
-
 }  // namespace
 
 void count_experts(const int32_t* topk_ids, int64_t n, int64_t num_experts, int32_t* expert_counts,

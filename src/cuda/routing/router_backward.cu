@@ -29,11 +29,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int grid_for(int64_t n) {
-    const int64_t b = (n + kThreads - 1) / kThreads;
-    return static_cast<int>(b < 4096 ? b : 4096);
-}
-
 // i < T*E: d[i]'s three bf16 parts to split[t, e], split[t, E + e], split[t, 2E + e]; the next 3*E*H indices: gate3
 // = [gate; gate; gate].
 __global__ void split_logit_grads_kernel(const float* __restrict__ d, int64_t num_tokens, int64_t num_experts,
@@ -160,7 +155,7 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
     int ld_d = e;
     if (dtype == DType::kBF16) {
         const int64_t n = T * E + 3 * E * H;
-        split_logit_grads_kernel<<<grid_for(n), kThreads, 0, stream>>>(
+        split_logit_grads_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(
             d_logits, T, E, static_cast<const __nv_bfloat16*>(gate), E * H, static_cast<__nv_bfloat16*>(s.a),
             static_cast<__nv_bfloat16*>(s.b));
         SWITCHYARD_CUDA_CHECK_LAUNCH();
@@ -175,7 +170,7 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
     } else {
         SWITCHYARD_CHECK(dtype == DType::kF16, "router_gemm_backward: dtype=", to_string(dtype),
                          " is not supported (fp32, bf16, fp16)");
-        widen_kernel<__half><<<grid_for(T * H + E * H), kThreads, 0, stream>>>(
+        widen_kernel<__half><<<grid_for(T * H + E * H, kThreads), kThreads, 0, stream>>>(
             static_cast<const __half*>(x), dgate != nullptr ? T * H : 0, static_cast<float*>(s.a),
             static_cast<const __half*>(gate), E * H, static_cast<float*>(s.b));
         SWITCHYARD_CUDA_CHECK_LAUNCH();
@@ -199,8 +194,8 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
         gemm(cublas.handle(), CUBLAS_OP_N, h, t, k_dx, a_dx, h, b_dx, ld_d, op_type, direct ? dx : s.dx32,
              direct ? out_type : CUDA_R_32F, h);
         if (!direct) {  // fp16: one part, i.e. dx32 rounded
-            add_router_grad_parts_kernel<__half><<<grid_for(T * H), kThreads, 0, stream>>>(s.dx32, 1, T * H,
-                                                                                          static_cast<__half*>(dx));
+            add_router_grad_parts_kernel<__half><<<grid_for(T * H, kThreads), kThreads, 0, stream>>>(
+                s.dx32, 1, T * H, static_cast<__half*>(dx));
             SWITCHYARD_CUDA_CHECK_LAUNCH();
         }
     }
@@ -208,8 +203,8 @@ void router_gemm_backward(DType dtype, const void* x, const void* gate, const fl
         gemm(cublas.handle(), CUBLAS_OP_T, h, n_parts * e, t, a_dg, h, b_dg, ld_d, op_type, s.dg32, CUDA_R_32F, h);
         dispatch_float_dtype(dtype, "router_gemm_backward", [&](auto tag) {
             using T16 = typename decltype(tag)::type;
-            add_router_grad_parts_kernel<T16><<<grid_for(E * H), kThreads, 0, stream>>>(s.dg32, n_parts, E * H,
-                                                                                         static_cast<T16*>(dgate));
+            add_router_grad_parts_kernel<T16><<<grid_for(E * H, kThreads), kThreads, 0, stream>>>(
+                s.dg32, n_parts, E * H, static_cast<T16*>(dgate));
             SWITCHYARD_CUDA_CHECK_LAUNCH();
         });
     }
