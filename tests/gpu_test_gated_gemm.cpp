@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cuda/gemm/grouped_gemm.h"
@@ -141,6 +142,25 @@ TEST(GpuGatedGemm, MatchesUnfusedPathAndSpecification) {
         for (bool zero_unowned : {true, false}) run_case(c, zero_unowned);
 }
 
+// The bf16 grouped GEMM arguments of these tests (cuda::grouped_gemm called directly, a tile override).
+cuda::GroupedGemmArgs bf16_args(const void* a, const void* b, void* c, int64_t E, int64_t N, int64_t K, int64_t R,
+                                const int32_t* offsets, cuda::GroupedGemmTile tile, bool gated, Activation act) {
+    cuda::GroupedGemmArgs g;
+    g.a = a;
+    g.b = b;
+    g.c = c;
+    g.dtype = DType::kBF16;
+    g.num_groups = E;
+    g.n = N;
+    g.k = K;
+    g.max_rows = R;
+    g.offsets = offsets;
+    g.tile = tile;
+    g.gated = gated;
+    g.activation = act;
+    return g;
+}
+
 // Every gated kernel (the tile overrides of GroupedGemmArgs::gated) against the unfused path on the same card:
 // within a few bf16 roundings of h (the kernels may sum a product's k-steps in another order than the unfused
 // path's tile), rows past offsets[E] untouched (the stage zeroes them, not the kernel).
@@ -170,19 +190,8 @@ TEST(GpuGatedGemm, EveryGatedTileMatchesTheUnfusedPath) {
     const std::vector<float> want = testing::download(dh_ref.get(), offsets[E] * F, bf);
     for (auto tile : {cuda::GroupedGemmTile::kLarge, cuda::GroupedGemmTile::kLargeNoCluster,
                       cuda::GroupedGemmTile::kMedium}) {
-        cuda::GroupedGemmArgs g;
-        g.a = da.get();
-        g.b = dw13i.get();
-        g.c = dh.get();
-        g.dtype = bf;
-        g.num_groups = E;
-        g.n = N;
-        g.k = K;
-        g.max_rows = R;
-        g.offsets = doff.get<int32_t>();
-        g.tile = tile;
-        g.gated = true;
-        g.activation = Activation::kSwiGLU;
+        const cuda::GroupedGemmArgs g =
+            bf16_args(da.get(), dw13i.get(), dh.get(), E, N, K, R, doff.get<int32_t>(), tile, true, Activation::kSwiGLU);
         SCOPED_TRACE(cuda::grouped_gemm_kernel_name(g));
         const size_t gws = cuda::grouped_gemm_workspace_size(g);
         DeviceBuffer gw(gws);
@@ -203,6 +212,117 @@ TEST(GpuGatedGemm, EveryGatedTileMatchesTheUnfusedPath) {
                     static_cast<long long>(offsets[E] * F));
         for (int64_t i = offsets[E] * F; i < R * F; ++i) ASSERT_EQ(raw[i], 0xFFFF) << "unowned row " << i / F;
     }
+}
+
+// A gathered A (GroupedGemmArgs::a_row_index; gather_mainloop.cuh) against the same tile on the gathered copy: the
+// same products in the same order, so the same bits, for every gated and plain tile and kAuto. Rows repeat tokens (a token in
+// up to three experts), the index runs past x's rows and below 0 (both read zeros), K = 200 ends in a partial k
+// tile, groups of 0, 1, 31, 63-65, 129 and 300 rows put partial M tiles at every offset of the 32-row lanes and
+// the 64 / 128-row tiles, and rows past offsets[E] must stay poisoned. Then the public stage (options.row_index)
+// against the CPU specification.
+TEST(GpuGatedGemm, GatheredAGivesTheGatheredCopysBits) {
+    if (!sm90()) GTEST_SKIP() << "the gated epilogue needs an sm_90 GPU";
+    const DType bf = DType::kBF16;
+    const std::vector<int32_t> counts = {0, 1, 31, 63, 64, 65, 129, 300, 0, 2};
+    const int64_t E = static_cast<int64_t>(counts.size()), F = 96, K = 200, N = 2 * F, T = 257;
+    std::vector<int32_t> offsets(E + 1, 0);
+    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
+    const int64_t owned = offsets[E], R = owned + 5;
+    std::mt19937 rng(907);
+    std::vector<int32_t> row_index(R, -1);
+    for (int64_t r = 0; r < owned; ++r) row_index[r] = static_cast<int32_t>(rng() % T);
+    row_index[3] = static_cast<int32_t>(T);      // past x's rows: zeros
+    row_index[owned - 1] = T + 1000;             // far past x's rows
+    row_index[40] = -1;                          // below 0: zeros
+    row_index[owned - 7] = -5;
+    const std::vector<float> x = testing::random_values(T * K, bf, -1.0f, 1.0f, 903);
+    std::vector<float> xp(R * K, 0.0f);
+    for (int64_t r = 0; r < R; ++r)
+        if (row_index[r] >= 0 && row_index[r] < T)
+            for (int64_t c = 0; c < K; ++c) xp[r * K + c] = x[row_index[r] * K + c];
+    DeviceBuffer dx, dxp, dw13, dw13i, doff, didx, dh_ref, dh;
+    testing::upload(dx, x, bf);
+    testing::upload(dxp, xp, bf);
+    testing::upload(dw13, testing::random_values(E * N * K, bf, -0.5f, 0.5f, 904), bf);
+    testing::upload_raw(doff, offsets);
+    testing::upload_raw(didx, row_index);
+    dw13i.reset(dw13.bytes());
+    dh_ref.reset(R * N * 2);  // h [R, F] of the gated kernels, c [R, N] of the plain ones
+    dh.reset(R * N * 2);
+    interleave_gate_up(dev_ref(dw13, bf, {E, N, K}), dev_ref(dw13i, bf, {E, N, K}));
+    GPU_CHECK(cudaDeviceSynchronize());
+    auto run = [&](bool gated, cuda::GroupedGemmTile tile, bool gathered, DeviceBuffer& out) -> std::string {
+        cuda::GroupedGemmArgs g = bf16_args(gathered ? dx.get() : dxp.get(), gated ? dw13i.get() : dw13.get(),
+                                            out.get(), E, N, K, R, doff.get<int32_t>(), tile, gated,
+                                            Activation::kGeGLU);
+        if (gathered) {
+            g.a_row_index = didx.get<int32_t>();
+            g.a_rows = T;
+        }
+        const size_t gws = cuda::grouped_gemm_workspace_size(g);
+        DeviceBuffer gw(gws);
+        out.poison();
+        cuda::grouped_gemm(g, gw.get(), gws, nullptr);
+        EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+        EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        return cuda::grouped_gemm_kernel_name(g);
+    };
+    using Tile = cuda::GroupedGemmTile;
+    // (gated, tile of the gathered call, tile of the copy's call): the plain kSmall tile (Pingpong 64x128x128) runs
+    // gathered as the Pingpong 128x128x64 tile, kMedium's.
+    const std::vector<std::tuple<bool, Tile, Tile>> runs = {
+        {true, Tile::kAuto, Tile::kAuto},     {true, Tile::kLarge, Tile::kLarge},
+        {true, Tile::kLargeNoCluster, Tile::kLargeNoCluster}, {true, Tile::kMedium, Tile::kMedium},
+        {false, Tile::kAuto, Tile::kAuto},    {false, Tile::kLarge, Tile::kLarge},
+        {false, Tile::kLargeNoCluster, Tile::kLargeNoCluster}, {false, Tile::kMedium, Tile::kMedium},
+        {false, Tile::kSmall, Tile::kMedium}, {false, Tile::kLargeClusterN, Tile::kLargeNoCluster}};
+    for (const auto& [gated, tile, copy_tile] : runs) {
+        const int64_t cols = gated ? F : N;
+        const std::string plain = run(gated, copy_tile, false, dh_ref);
+        const std::string name = run(gated, tile, true, dh);
+        SCOPED_TRACE(name);
+        EXPECT_NE(name.find("gathered A"), std::string::npos) << "the gathered kernel must run: " << name;
+        const std::string tile_name = plain.substr(0, plain.find(','));  // e.g. "sm90 bf16 pingpong 128x128x64"
+        EXPECT_EQ(name.rfind(tile_name, 0), 0u) << "same tile as " << plain;
+        const std::vector<uint16_t> want = testing::download_raw<uint16_t>(dh_ref.get(), R * cols);
+        const std::vector<uint16_t> got = testing::download_raw<uint16_t>(dh.get(), R * cols);
+        int64_t differ = 0, first_bad = -1;
+        for (int64_t i = 0; i < owned * cols; ++i)
+            if (got[i] != want[i] && differ++ == 0) first_bad = i;
+        EXPECT_EQ(differ, 0) << differ << " of " << owned * cols << " elements differ from the gathered copy's; first "
+                             << "at row " << first_bad / cols << " col " << first_bad % cols;
+        for (int64_t i = owned * cols; i < R * cols; ++i)
+            ASSERT_EQ(got[i], 0xFFFF) << "row past offsets[E] " << i / cols;
+        int64_t nonzero = 0;
+        for (int64_t i = 0; i < owned * cols; ++i) nonzero += (want[i] & 0x7FFF) != 0;
+        EXPECT_GT(nonzero, owned * cols / 2) << "the output is mostly zeros";
+    }
+    // The public stage with options.row_index: the CPU specification's values (bf16 roundings of g and of h).
+    const size_t ws = grouped_gemm_gated_workspace_size(Device::kCUDA, bf, E, F, K, R);
+    DeviceBuffer w(ws);
+    GroupedGemmOptions opt;
+    opt.row_index = dev_ref(didx, DType::kI32, {R});
+    dh.poison();
+    grouped_gemm_gated(Activation::kGeGLU, dev_ref(dx, bf, {T, K}), dev_ref(dw13i, bf, {E, N, K}),
+                       dev_ref(doff, DType::kI32, {E + 1}), dev_ref(dh, bf, {R, F}), w.get(), ws, nullptr, opt);
+    GPU_CHECK(cudaDeviceSynchronize());
+    const test::HostTensor hx = test::HostTensor::from_floats(x, bf, {T, K});
+    test::HostTensor hw13i(bf, {E, N, K}), hoff(DType::kI32, {E + 1}), hidx(DType::kI32, {R}), hh(bf, {R, F});
+    interleave_gate_up(test::HostTensor::from_floats(testing::download(dw13.get(), E * N * K, bf), bf, {E, N, K}).ref(),
+                       hw13i.ref());
+    for (int64_t e = 0; e <= E; ++e) hoff.ptr<int32_t>()[e] = offsets[e];
+    for (int64_t r = 0; r < R; ++r) hidx.ptr<int32_t>()[r] = row_index[r];
+    GroupedGemmOptions hopt;
+    hopt.row_index = hidx.ref();
+    grouped_gemm_gated(Activation::kGeGLU, hx.ref(), hw13i.ref(), hoff.ref(), hh.ref(), nullptr, 0, nullptr, hopt);
+    const std::vector<uint16_t> raw = testing::download_raw<uint16_t>(dh.get(), R * F);
+    std::vector<float> got(R * F), want(R * F);
+    for (int64_t i = 0; i < R * F; ++i) {
+        got[i] = bf16_to_float(raw[i]);
+        want[i] = hh.get(i);
+    }
+    EXPECT_TRUE(testing::all_close(got, want, 2e-2, 2e-2, "h (gathered A) vs the CPU specification", F));
+    for (int64_t i = owned * F; i < R * F; ++i) ASSERT_EQ(raw[i], 0) << "the stage zeroes rows past offsets[E]";
 }
 
 // The activation kernels with gate_up_interleaved: the plain kernels on the permuted columns, bit for bit (the
@@ -262,11 +382,12 @@ void to_device(const test::HostTensor& h, DeviceCopy* d) {
 }
 
 // y of one forward of a CUDA layer on x's first T rows (workspace and y poisoned first); fused: the small-batch path
-// (experts_fused), else the staged chain.
+// (experts_fused), else the staged chain (with gather_in_gemm1: GEMM1 reading x's rows through the plan).
 std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, const DeviceBuffer& x, int64_t T,
-                                  bool fused) {
+                                  bool fused, bool gather_in_gemm1 = false) {
     MoELayer layer(cfg, w);
     layer.set_fused_max_tokens(fused ? fused_path_max_tokens() : 0);
+    layer.set_gather_in_gemm1(gather_in_gemm1);
     EXPECT_EQ(layer.uses_fused_path(T), fused) << "T=" << T;
     const size_t bytes = T * cfg.hidden_size * dtype_size(cfg.dtype), ws_bytes = layer.workspace_size(T);
     DeviceBuffer y(bytes), ws(ws_bytes);
@@ -325,6 +446,10 @@ TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                 const std::vector<uint8_t> want = cuda_layer_y(cfg, w, x, rows, fused);
                 const std::vector<uint8_t> got = cuda_layer_y(icfg, wi, x, rows, fused);
                 EXPECT_TRUE(testing::bitwise_equal(got, want, "y interleaved vs plain"));
+                if (!fused) {  // the dispatch in GEMM1's loads (bf16: the gathered kernel; fp16: the separate gather)
+                    const std::vector<uint8_t> got_g = cuda_layer_y(icfg, wi, x, rows, fused, true);
+                    EXPECT_TRUE(testing::bitwise_equal(got_g, want, "y interleaved, gather in GEMM1, vs plain"));
+                }
                 size_t nonzero = 0;
                 for (uint8_t b : want) nonzero += b != 0;
                 EXPECT_GT(nonzero, want.size() / 2) << "y is mostly zero bytes";

@@ -89,6 +89,67 @@ TEST(GatedGemm, MatchesGroupedGemmThenActivation) {
             for (bool zero_unowned : {true, false}) check_matches_two_steps(dtype, act, zero_unowned);
 }
 
+// options.row_index: x's rows gathered by the stage give the bits of the call on the gathered copy (grouped_gemm_gated
+// and grouped_gemm); an index outside x's rows (negative or past the end) reads zeros; rows past offsets[E] follow
+// zero_unowned_rows.
+TEST(GatedGemm, GatheredRowsMatchTheGatheredCopy) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+        SCOPED_TRACE(to_string(dtype));
+        const int64_t E = 3, F = 16, K = 24, N = 2 * F, T = 9, R = 14;
+        const std::vector<int32_t> offsets = {0, 4, 4, 12};  // an empty group, rows 12..13 owned by nobody
+        const std::vector<int32_t> idx = {3, 0, 8, 3, 5, -1, 2, 9, 7, 1, 100, 4, 6, 6};
+        const HostTensor x = HostTensor::from_floats(random_uniform(T * K, 31), dtype, {T, K});
+        const HostTensor w13 = HostTensor::from_floats(random_uniform(E * N * K, 32), dtype, {E, N, K});
+        HostTensor off(DType::kI32, {E + 1}), ri(DType::kI32, {R}), xp(dtype, {R, K});
+        for (int64_t i = 0; i <= E; ++i) off.ptr<int32_t>()[i] = offsets[i];
+        for (int64_t r = 0; r < R; ++r) {
+            ri.ptr<int32_t>()[r] = idx[r];
+            for (int64_t c = 0; c < K; ++c)
+                xp.set(r * K + c, idx[r] >= 0 && idx[r] < T ? x.get(idx[r] * K + c) : 0.0f);
+        }
+        HostTensor w13i(dtype, {E, N, K}), want(dtype, {R, F}), h(dtype, {R, F});
+        interleave_gate_up(w13.ref(), w13i.ref());
+        for (bool zero_unowned : {true, false}) {
+            GroupedGemmOptions opt;
+            opt.zero_unowned_rows = zero_unowned;
+            for (int64_t i = 0; i < h.numel(); ++i) {
+                h.set(i, 7.0f);
+                want.set(i, 7.0f);
+            }
+            grouped_gemm_gated(Activation::kSwiGLU, xp.ref(), w13i.ref(), off.ref(), want.ref(), nullptr, 0, nullptr,
+                               opt);
+            opt.row_index = ri.ref();
+            grouped_gemm_gated(Activation::kSwiGLU, x.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0, nullptr, opt);
+            int64_t nonzero = 0;
+            for (int64_t i = 0; i < h.numel(); ++i) {
+                ASSERT_EQ(float_bits(h.get(i)), float_bits(want.get(i))) << "row " << i / F << " col " << i % F;
+                nonzero += h.get(i) != 0.0f && h.get(i) != 7.0f;
+            }
+            EXPECT_GT(nonzero, offsets[E] * F / 2) << "the comparison must not be between zeros";
+            EXPECT_EQ(h.get(12 * F), zero_unowned ? 0.0f : 7.0f) << "row past offsets[E]";
+            EXPECT_EQ(h.get(5 * F), 0.0f) << "an index below 0 reads zeros (SwiGLU(0) * 0)";
+        }
+        // The plain grouped_gemm takes the same row_index: the bits of the call on the gathered copy.
+        HostTensor g_want(dtype, {R, N}), g_got(dtype, {R, N});
+        grouped_gemm(xp.ref(), w13.ref(), off.ref(), g_want.ref(), nullptr, 0);
+        GroupedGemmOptions gopt;
+        gopt.row_index = ri.ref();
+        grouped_gemm(x.ref(), w13.ref(), off.ref(), g_got.ref(), nullptr, 0, nullptr, gopt);
+        for (int64_t i = 0; i < g_got.numel(); ++i)
+            ASSERT_EQ(float_bits(g_got.get(i)), float_bits(g_want.get(i))) << "grouped_gemm element " << i;
+        // A row_index that is not int32 is refused.
+        GroupedGemmOptions bad;
+        HostTensor ri64(DType::kF32, {R});
+        bad.row_index = ri64.ref();
+        test::expect_error(
+            [&] {
+                grouped_gemm_gated(Activation::kSwiGLU, x.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0, nullptr,
+                                   bad);
+            },
+            {"row_index"});
+    }
+}
+
 TEST(GatedGemm, OneGroupWithoutOffsets) {
     const int64_t F = 16, K = 8, N = 2 * F, R = 5;
     const HostTensor a = HostTensor::from_floats(random_uniform(R * K, 21), DType::kF32, {R, K});
@@ -211,12 +272,18 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                 interleave_gate_up(plain.w13.ref(), w13i.ref());
                 MoEWeights iw = plain.weights();
                 iw.w13 = w13i.ref();
-                const MoELayer a(cfg, plain.weights()), b(icfg, iw);
+                const MoELayer a(cfg, plain.weights());
+                // b: GEMM1 reads x's rows through the plan (set_gather_in_gemm1); b_unfused: the separate gather
+                MoELayer b(icfg, iw), b_unfused(icfg, iw);
+                ASSERT_FALSE(b_unfused.gather_in_gemm1()) << "off by default";
+                b.set_gather_in_gemm1(true);
                 const HostTensor x = HostTensor::from_floats(random_uniform(T * cfg.hidden_size, 41), dt,
                                                              {T, cfg.hidden_size});
-                const LayerRun want = run_layer(a, x), got = run_layer(b, x);
-                for (size_t i = 0; i < want.y.size(); ++i)
+                const LayerRun want = run_layer(a, x), got = run_layer(b, x), got_unfused = run_layer(b_unfused, x);
+                for (size_t i = 0; i < want.y.size(); ++i) {
                     ASSERT_EQ(float_bits(got.y[i]), float_bits(want.y[i])) << "y element " << i;
+                    ASSERT_EQ(float_bits(got_unfused.y[i]), float_bits(want.y[i])) << "y element " << i << " (gather)";
+                }
                 EXPECT_EQ(got.offsets, want.offsets);
                 EXPECT_EQ(got.counts, want.counts);
                 EXPECT_EQ(want.offsets[E] == T * cfg.top_k, variant != 2) << "capacity drops pairs, dropless not";

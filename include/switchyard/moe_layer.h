@@ -114,6 +114,14 @@ class MoELayer {
     int64_t fused_max_tokens() const { return fused_max_tokens_; }
     bool uses_fused_path(int64_t num_tokens) const;
 
+    // The staged chain's dispatch inside GEMM1 (default off): where GEMM1 runs with the gated epilogue (interleaved
+    // gate/up weights: bf16 on CUDA, any float dtype on the CPU), its A rows are read from x through the plan's
+    // row_token (stages.h, GroupedGemmOptions::row_index) instead of a gathered copy xp. Same result. Off by default
+    // until its CUDA kernel has been measured faster than the separate gather (bench/NOTES.md, "Gather in GEMM1's
+    // loads").
+    void set_gather_in_gemm1(bool on) { gather_in_gemm1_ = on; }
+    bool gather_in_gemm1() const { return gather_in_gemm1_; }
+
     // Convenience for the CPU backend: allocates its own workspace.
     void forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out = nullptr) const;
 
@@ -121,6 +129,7 @@ class MoELayer {
     MoEConfig cfg_;
     MoEWeights w_;
     int64_t fused_max_tokens_ = -1;
+    bool gather_in_gemm1_ = false;
 };
 
 // Throws unless x is [T, H] of cfg.dtype, contiguous, on `dev`. Shared by every entry point.

@@ -115,6 +115,11 @@ void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const Ten
 // (the layer's forward never reads them). 16-bit CUDA GEMMs need N and K multiples of 8.
 struct GroupedGemmOptions {
     bool zero_unowned_rows = true;
+    // A's rows gathered. a is then x [T, K] and row_index int32 [R] (R = c's / h's rows, e.g. the routing plan's
+    // row_token): GEMM row r < offsets[E] reads x[row_index[r]], a row of zeros where the index is outside [0, T).
+    // The result is bitwise that of gather(x, row_index) into [R, K] then the call without it; on CUDA (bf16 only)
+    // the gathered copy is never written (the rows go straight from x into the GEMM's shared memory).
+    TensorRef row_index;
 };
 size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
                                    int64_t max_rows);
@@ -179,7 +184,7 @@ inline int64_t fp8_blocks(int64_t n) { return (n + kFp8BlockSize - 1) / kFp8Bloc
 // grouped_gemm(a, w13) into an [R, 2F] tensor of h's dtype followed by activation(act). act: kSwiGLU or kGeGLU.
 // a [R, K], w13i [E, 2F, K] (or [2F, K]), h [R, F], offsets as grouped_gemm; F % 8 == 0. CPU: any float dtypes (the
 // two steps of the specification); CUDA: bf16, sm_90 (the activation in the GEMM's epilogue). Rows at and past
-// offsets[E]: 0 when options.zero_unowned_rows, else untouched.
+// offsets[E]: 0 when options.zero_unowned_rows, else untouched. options.row_index: a is x [T, K], gathered (above).
 size_t grouped_gemm_gated_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t ffn, int64_t k,
                                          int64_t max_rows);
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,

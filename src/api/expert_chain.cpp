@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "switchyard/error.h"
 #include "switchyard/stages.h"
 
 namespace switchyard {
@@ -50,13 +51,16 @@ size_t expert_chain_workspace_size(const MoEConfig& cfg, Device dev, int64_t gro
 void gemm1_activation(const MoEConfig& cfg, const TensorRef& a, const MoEWeights& w, const TensorRef& offsets,
                       const TensorRef& used_rows, const TensorRef& g1, const TensorRef& h, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream,
-                      const std::function<void(const char*)>& stage_done) {
+                      const std::function<void(const char*)>& stage_done, const TensorRef& row_index) {
     auto done = [&](const char* stage) {
         if (stage_done) stage_done(stage);
     };
+    SWITCHYARD_CHECK(!row_index.defined() || uses_gated_gemm1(cfg, a.device),
+                     "gemm1_activation: a gathered A (row_index) needs the gated GEMM1");
     if (uses_gated_gemm1(cfg, a.device)) {
         GroupedGemmOptions keep_tail;
         keep_tail.zero_unowned_rows = false;  // rows past offsets[G] are never read (GEMM2 and combine skip them)
+        keep_tail.row_index = row_index;
         grouped_gemm_gated(cfg.activation, a, w.w13, offsets, h, workspace, workspace_bytes, stream, keep_tail);
         done("gemm1");
         done("activation");

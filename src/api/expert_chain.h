@@ -33,10 +33,13 @@ bool uses_gated_gemm1(const MoEConfig& cfg, Device dev);
 // `groups` experts and up to `rows` rows, and (when cfg has a shared expert) shared_expert's two over `tokens` rows.
 size_t expert_chain_workspace_size(const MoEConfig& cfg, Device dev, int64_t groups, int64_t rows, int64_t tokens);
 
+// row_index (optional, uses_gated_gemm1 only): a is x [T, H] and GEMM1's rows are x[row_index[r]]
+// (GroupedGemmOptions::row_index), the dispatch done in GEMM1's loads.
 void gemm1_activation(const MoEConfig& cfg, const TensorRef& a, const MoEWeights& w, const TensorRef& offsets,
                       const TensorRef& used_rows, const TensorRef& g1, const TensorRef& h, void* workspace,
                       size_t workspace_bytes, cudaStream_t stream,
-                      const std::function<void(const char*)>& stage_done = {});
+                      const std::function<void(const char*)>& stage_done = {},
+                      const TensorRef& row_index = TensorRef());
 
 void shared_expert(const MoEConfig& cfg, const TensorRef& x, const MoEWeights& w, const TensorRef& g,
                    const TensorRef& h, const TensorRef& out, void* workspace, size_t workspace_bytes,

@@ -7,6 +7,7 @@
 //               route_expert_choice: ids / weights / slot_row [T, E] and the plan in one go)
 //   plan        build_plan: counts, offsets, slot_row, row_token, row_slot
 //   dispatch    xp [R, H] = gather(x, row_token)                       R = T*k (E*C under expert choice)
+//               (with the gated GEMM1: no xp, GEMM1 reads x's rows through row_token; set_gather_in_gemm1)
 //   gemm1       g1 [R, R13] = grouped_gemm(xp, w13, offsets)  (fp8 weights: grouped_gemm_fp8 with their scales)
 //   activation  h [R, F] = act(g1), rows past offsets[E] skipped  (MoEConfig::gate_up_interleaved on a backend with
 //               the kernel: gemm1 + activation are grouped_gemm_gated, no g1)
@@ -458,12 +459,15 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     }
     route_and_plan();
     // token choice: by token, x read once (expert choice's slot_row is [T, E], one column per expert: by row)
-    gather(x, plan.row_token, xp, stream, cfg_.expert_choice() ? TensorRef() : plan.slot_row);
+    // With the gated GEMM1 the dispatch is GEMM1's A loads (set_gather_in_gemm1): x's rows through row_token.
+    const bool gather_in_gemm1 = gather_in_gemm1_ && api::uses_gated_gemm1(cfg_, dev) &&
+                                 cfg_.quant_mode == QuantMode::kNone;
+    if (!gather_in_gemm1) gather(x, plan.row_token, xp, stream, cfg_.expert_choice() ? TensorRef() : plan.slot_row);
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h);
     // interleaved gate/up rows grouped_gemm_gated where the backend has it (api::gemm1_activation).
-    api::gemm1_activation(cfg_, xp, w_, plan.expert_offsets, used_rows, g1, h, l.gemm_ws, l.gemm_ws_bytes, stream,
-                          stage_done);
+    api::gemm1_activation(cfg_, gather_in_gemm1 ? x : xp, w_, plan.expert_offsets, used_rows, g1, h, l.gemm_ws,
+                          l.gemm_ws_bytes, stream, stage_done, gather_in_gemm1 ? plan.row_token : TensorRef());
     api::expert_gemm(cfg_, h, w_.w2, w_.w2_scale, w_.w2_input_scale, plan.expert_offsets, expert_out, l.gemm_ws,
                      l.gemm_ws_bytes, stream);
     stage_done("gemm2");

@@ -83,6 +83,21 @@ void check_offsets(const TensorRef& offsets, int64_t num_groups, const TensorRef
 }
 
 int64_t gemm_groups(const TensorRef& b) { return b.rank == 3 ? b.shape[0] : 1; }
+
+// GroupedGemmOptions::row_index (optional) with a = x: int32 [R] on a's device, and on CUDA bf16 with x of at least
+// one row (the gathered kernels). Returns the GEMM's rows R (a's without row_index).
+int64_t check_row_index(const TensorRef& row_index, const TensorRef& a, const char* what) {
+    if (!row_index.defined()) return a.shape[0];
+    check_tensor(row_index, "row_index", DType::kI32, {kAny});
+    check_same_device(row_index, "row_index", a, "a");
+    if (a.device == Device::kCUDA) {
+        SWITCHYARD_CHECK(a.dtype == DType::kBF16, what, ": a gathered A (row_index) on CUDA is bf16 only (a is ",
+                         to_string(a.dtype), ")");
+        SWITCHYARD_CHECK(a.shape[0] >= 1, what, ": a gathered A needs x with at least one row (x shape=",
+                         a.shape_string(), ")");
+    }
+    return row_index.shape[0];
+}
 // A grouped GEMM's a [R, K], b [E, N, K] or [N, K] (named bn) and offsets [E+1] (undefined: one group); returns E.
 int64_t check_gemm_operands(const TensorRef& a, const TensorRef& b, const char* bn, const TensorRef& offsets) {
     check_float_tensor(a, "a", {kAny, kAny});
@@ -284,7 +299,8 @@ size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_group
 
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
                   void* workspace, size_t workspace_bytes, cudaStream_t stream, const GroupedGemmOptions& options) {
-    const int64_t groups = check_gemm_operands(a, b, "b", offsets), n = b.shape[b.rank - 2], rows = a.shape[0];
+    const int64_t groups = check_gemm_operands(a, b, "b", offsets), n = b.shape[b.rank - 2];
+    const int64_t rows = check_row_index(options.row_index, a, "grouped_gemm");
     check_float_tensor(c, "c", {rows, n});
     check_same_device(c, "c", a, "a");
     check_cuda_gemm_dtypes(a, "a", b, "b");
@@ -292,8 +308,9 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
     api::check_backend(a.device, "grouped_gemm");
     check_workspace(workspace, workspace_bytes,
                     grouped_gemm_workspace_size(a.device, a.dtype, groups, n, a.shape[1], rows), "grouped_gemm");
-    SWITCHYARD_DISPATCH(a.device, grouped_gemm(a, b, offsets, c, options.zero_unowned_rows),
-                        grouped_gemm(a, b, offsets, c, workspace, workspace_bytes, stream, options.zero_unowned_rows));
+    SWITCHYARD_DISPATCH(a.device, grouped_gemm(a, b, offsets, c, options.zero_unowned_rows, options.row_index),
+                        grouped_gemm(a, b, offsets, c, workspace, workspace_bytes, stream, options.zero_unowned_rows,
+                                     options.row_index));
 }
 
 // ---- GEMM1 and the gated activation in one step --------------------------------------------------------------
@@ -313,7 +330,8 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
     SWITCHYARD_CHECK(is_gated(act), "grouped_gemm_gated: activation=", static_cast<int>(act),
                      " is not a gated activation (SwiGLU, GeGLU)");
     const int64_t groups = check_gemm_operands(a, w13i, "w13i", offsets), n = w13i.shape[w13i.rank - 2];
-    const int64_t rows = a.shape[0];
+    const TensorRef& row_index = options.row_index;
+    const int64_t rows = check_row_index(row_index, a, "grouped_gemm_gated");
     SWITCHYARD_CHECK(n % 16 == 0, "w13i shape=", w13i.shape_string(), ": 2F must be a multiple of 16 (F of 8)");
     check_float_tensor(h, "h", {rows, n / 2});
     check_same_device(h, "h", a, "a");
@@ -323,9 +341,9 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
     check_workspace(workspace, workspace_bytes,
                     grouped_gemm_gated_workspace_size(a.device, a.dtype, groups, n / 2, a.shape[1], rows),
                     "grouped_gemm_gated");
-    SWITCHYARD_DISPATCH(a.device, grouped_gemm_gated(act, a, w13i, offsets, h, options.zero_unowned_rows),
+    SWITCHYARD_DISPATCH(a.device, grouped_gemm_gated(act, a, w13i, offsets, h, options.zero_unowned_rows, row_index),
                         grouped_gemm_gated(act, a, w13i, offsets, h, workspace, workspace_bytes, stream,
-                                           options.zero_unowned_rows));
+                                           options.zero_unowned_rows, row_index));
 }
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream) {

@@ -208,10 +208,15 @@ void run_grouped_gemm(GroupedGemmArgs g, const TensorRef& offsets, int64_t c_col
 }  // namespace
 
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
-                  void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows) {
+                  void* workspace, size_t workspace_bytes, cudaStream_t stream, bool zero_unowned_rows,
+                  const TensorRef& row_index) {
     DeviceGuard guard(a.device_index);
     const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
-    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, a.shape[0]);
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, c.shape[0]);
+    if (row_index.defined()) {
+        g.a_row_index = row_index.ptr<int32_t>();
+        g.a_rows = a.shape[0];
+    }
     g.a = a.data;
     g.b = b.data;
     g.c = c.data;
@@ -226,11 +231,15 @@ size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_
 
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                        bool zero_unowned_rows) {
+                        bool zero_unowned_rows, const TensorRef& row_index) {
     DeviceGuard guard(a.device_index);
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1, n = w13i.shape[w13i.rank - 2];
-    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, w13i.shape[w13i.rank - 1], a.shape[0]);
+    auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, w13i.shape[w13i.rank - 1], h.shape[0]);
     g.gated = true;
+    if (row_index.defined()) {
+        g.a_row_index = row_index.ptr<int32_t>();
+        g.a_rows = a.shape[0];
+    }
     g.activation = act;
     g.a = a.data;
     g.b = w13i.data;

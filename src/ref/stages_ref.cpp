@@ -197,8 +197,25 @@ void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const Ten
     store_all(out, dx);
 }
 
-void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
-                  bool zero_unowned_rows) {
+// A GEMM's A with its rows gathered (GroupedGemmOptions::row_index): xp [R, K] = x[row_index[r]] in `storage`, zeros
+// for an index outside x's rows; x itself without row_index.
+static TensorRef gathered_rows(const TensorRef& x, const TensorRef& row_index, std::vector<char>& storage) {
+    if (!row_index.defined()) return x;
+    const int64_t rows = row_index.shape[0], k = x.shape[1], x_rows = x.shape[0];
+    const size_t row_bytes = static_cast<size_t>(k) * dtype_size(x.dtype);
+    storage.assign(static_cast<size_t>(rows) * row_bytes, 0);
+    const int32_t* idx = row_index.ptr<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+        if (idx[r] < 0 || idx[r] >= x_rows) continue;
+        std::memcpy(storage.data() + r * row_bytes, static_cast<const char*>(x.data) + idx[r] * row_bytes, row_bytes);
+    }
+    return TensorRef(storage.data(), x.dtype, {rows, k});
+}
+
+void grouped_gemm(const TensorRef& a_in, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
+                  bool zero_unowned_rows, const TensorRef& row_index) {
+    std::vector<char> gathered;
+    const TensorRef a = gathered_rows(a_in, row_index, gathered);
     const int64_t rows = a.shape[0], kk = a.shape[1];
     const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2];
     const std::vector<int32_t> off = host_offsets(offsets, rows);
@@ -361,8 +378,10 @@ void activation(Activation act, const TensorRef& g_in, const TensorRef& h, const
     for (int64_t i = 0; i < rows * ffn; ++i) store_from_double(h.data, h.dtype, i, hd[i]);
 }
 
-void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
-                        const TensorRef& h, bool zero_unowned_rows) {
+void grouped_gemm_gated(Activation act, const TensorRef& a_in, const TensorRef& w13i, const TensorRef& offsets,
+                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index) {
+    std::vector<char> gathered;
+    const TensorRef a = gathered_rows(a_in, row_index, gathered);
     const int64_t rows = a.shape[0], n = w13i.shape[w13i.rank - 2];
     std::vector<char> gi(static_cast<size_t>(rows * n) * dtype_size(h.dtype));
     stage::grouped_gemm(a, w13i, offsets, TensorRef(gi.data(), h.dtype, {rows, n}), /*zero_unowned_rows=*/true);

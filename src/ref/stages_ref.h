@@ -26,8 +26,9 @@ void build_plan(const MoEConfig& cfg, const TensorRef& topk_ids, const TensorRef
                 const RoutingPlan& plan);
 void gather(const TensorRef& x, const TensorRef& row_token, const TensorRef& xp, const TensorRef& slot_row);
 void gather_backward(const TensorRef& d_xp, const TensorRef& slot_row, const TensorRef& dx);
+// row_index (optional): a = x [T, K] gathered into [R, K] first (rows with an index outside [0, T): zeros).
 void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offsets, const TensorRef& c,
-                  bool zero_unowned_rows);
+                  bool zero_unowned_rows, const TensorRef& row_index = TensorRef());
 // The FP8 recipe of stages.h (grouped_gemm_fp8); mode is kFP8Block or kFP8Tensor.
 void grouped_gemm_fp8(const TensorRef& a, const TensorRef& b, const TensorRef& b_scale, const TensorRef& input_scale,
                       const TensorRef& offsets, const TensorRef& c, QuantMode mode, bool zero_unowned_rows);
@@ -36,8 +37,9 @@ void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
                 bool gate_up_interleaved = false);
 // grouped_gemm_gated's specification: grouped_gemm into g [R, 2F] of h's dtype, w13 order restored, activation.
+// row_index (optional): as grouped_gemm's.
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
-                        const TensorRef& h, bool zero_unowned_rows);
+                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index = TensorRef());
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          bool gate_up_interleaved = false);

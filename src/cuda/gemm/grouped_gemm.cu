@@ -55,6 +55,12 @@ void check_sizes(const GroupedGemmArgs& g) {
         SWITCHYARD_CHECK(is_gated(g.activation), "grouped_gemm: the gated epilogue takes a gated activation (SwiGLU, "
                          "GeGLU), got ", to_string(g.activation));
     }
+    if (g.a_row_index != nullptr) {
+        SWITCHYARD_CHECK(g.dtype == DType::kBF16, "grouped_gemm: a gathered A (a_row_index) is bf16 only (dtype=",
+                         to_string(g.dtype), ")");
+        SWITCHYARD_CHECK(g.a_rows >= 1 && g.a_rows <= INT_MAX, "grouped_gemm: a_rows=", g.a_rows,
+                         " must be in [1, 2^31) with a_row_index");
+    }
 }
 
 sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
@@ -97,18 +103,40 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 // compute-bound: Pingpong was 16-22% slower on Mixtral, 4-11% at 512-1024 rows per expert).
 constexpr int64_t kGatedPingpongMaxRows = 256;
 
+// With a_row_index, the same tile with A's rows gathered.
 const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
+    const bool gather = g.a_row_index != nullptr;
+    const sm90::GemmOps& coop = gather ? sm90::kBF16GatedGatherCooperative : sm90::kBF16GatedCooperative;
+    const sm90::GemmOps& coop_c1 = gather ? sm90::kBF16GatedGatherCooperativeC1 : sm90::kBF16GatedCooperativeC1;
+    const sm90::GemmOps& pingpong = gather ? sm90::kBF16GatedGatherPingpong : sm90::kBF16GatedPingpong;
     switch (g.tile) {
-        case GroupedGemmTile::kLarge: return sm90::kBF16GatedCooperative;
+        case GroupedGemmTile::kLarge: return coop;
         case GroupedGemmTile::kLargeNoCluster:
-        case GroupedGemmTile::kLargeClusterN: return sm90::kBF16GatedCooperativeC1;
+        case GroupedGemmTile::kLargeClusterN: return coop_c1;
         case GroupedGemmTile::kSmall:
-        case GroupedGemmTile::kMedium: return sm90::kBF16GatedPingpong;
+        case GroupedGemmTile::kMedium: return pingpong;
         case GroupedGemmTile::kAuto: break;
     }
-    if (g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kGatedPingpongMaxRows) return sm90::kBF16GatedPingpong;
-    return choose_tile(g) == sm90::TileConfig::kCooperative128x256 ? sm90::kBF16GatedCooperative
-                                                                    : sm90::kBF16GatedCooperativeC1;
+    if (g.max_rows / std::max<int64_t>(g.num_groups, 1) <= kGatedPingpongMaxRows) return pingpong;
+    return choose_tile(g) == sm90::TileConfig::kCooperative128x256 ? coop : coop_c1;
+}
+
+// The plain forward with A's rows gathered: choose_tile's tile, the Pingpong 128x128 one where it picks the
+// 64x128x128 tile (whose 128-wide k tile the gathered loads do not take: gather_mainloop.cuh).
+const sm90::GemmOps& gather_ops(const GroupedGemmArgs& g) {
+    switch (choose_tile(g)) {
+        case sm90::TileConfig::kCooperative128x256: return sm90::kBF16GatherCooperative;
+        case sm90::TileConfig::kCooperative128x256C1:
+        case sm90::TileConfig::kCooperative128x256N2: return sm90::kBF16GatherCooperativeC1;
+        default: return sm90::kBF16GatherPingpong128;
+    }
+}
+
+// The kernel for 16-bit args: the gated epilogue's, the gathered plain one's, or choose_tile's.
+const sm90::GemmOps& ops_of(const GroupedGemmArgs& g) {
+    if (g.gated) return gated_ops(g);
+    if (g.a_row_index != nullptr) return gather_ops(g);
+    return sm90::ops_for(g.dtype, choose_tile(g));
 }
 
 }  // namespace
@@ -182,7 +210,15 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
     }
     if (args.gated) {
         for (const sm90::GemmOps* ops :
-             {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1, &sm90::kBF16GatedPingpong}) {
+             {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1, &sm90::kBF16GatedPingpong,
+              &sm90::kBF16GatedGatherCooperative, &sm90::kBF16GatedGatherCooperativeC1,
+              &sm90::kBF16GatedGatherPingpong}) {
+            bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
+        }
+    }
+    if (args.a_row_index != nullptr && !args.gated) {
+        for (const sm90::GemmOps* ops :
+             {&sm90::kBF16GatherCooperative, &sm90::kBF16GatherCooperativeC1, &sm90::kBF16GatherPingpong128}) {
             bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
         }
     }
@@ -192,8 +228,7 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
 const char* grouped_gemm_kernel_name(const GroupedGemmArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 64x64x16";
-    if (args.gated) return gated_ops(args).name;
-    return sm90::ops_for(args.dtype, choose_tile(args)).name;
+    return ops_of(args).name;
 }
 
 void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -227,7 +262,7 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
                      ", c=", args.c, ")");
     GroupedGemmArgs a = args;
     a.raster = resolve_raster(args.raster);
-    const sm90::GemmOps& ops = args.gated ? gated_ops(args) : sm90::ops_for(args.dtype, choose_tile(args));
+    const sm90::GemmOps& ops = ops_of(args);
     ops.run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 

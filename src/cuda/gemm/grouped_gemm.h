@@ -70,6 +70,13 @@ struct GroupedGemmArgs {
     // kLargeNoCluster (and kLargeClusterN) Cooperative 128x256 without a cluster.
     bool gated = false;
     Activation activation = Activation::kSwiGLU;
+    // A's rows gathered (bf16): a is x [a_rows, K] and the GEMM's row r reads x[a_row_index[r]] (device int32
+    // [max_rows], e.g. the routing plan's row_token), so the gathered copy of x is never written. The result is the
+    // one grouped_gemm gives with a = the gathered rows; an index outside [0, a_rows) reads a row of zeros. Rows past
+    // offsets[E] are not read. The gated epilogue's tiles and heuristic; the plain GEMM's heuristic tile, except
+    // that the Pingpong 64x128x128 tile runs as Pingpong 128x128x64 (grouped_gemm.cu, gather_ops).
+    const int32_t* a_row_index = nullptr;
+    int64_t a_rows = 0;
 };
 
 // Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).

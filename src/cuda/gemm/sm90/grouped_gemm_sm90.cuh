@@ -27,6 +27,7 @@
 #include <cutlass/util/packed_stride.hpp>
 
 #include "cuda/gemm/sm90/gated_epilogue.cuh"
+#include "cuda/gemm/sm90/gather_mainloop.cuh"
 #include "cuda/gemm/sm90/grouped_gemm_sm90.h"
 
 namespace switchyard {
@@ -94,23 +95,27 @@ struct EpilogueOf<Element, Config, LayoutD, void> {
 // (the forward is RowMajor A x ColumnMajor B, i.e. both K-major; the gradients use other layouts, see
 // grouped_gemm_sm90_backward.cuh). D is always RowMajor, fp32 accumulation, D = 1.0 * acc rounded once, unless an
 // epilogue collective is given (GEMM1's gated epilogue: GatedGroupedGemmKernel). The mainloop takes the shared
-// memory the epilogue leaves (none for the gated epilogue: one more stage on the Pingpong tile).
-template <typename Element, typename Config, typename LayoutA_, typename LayoutB_, typename Epilogue_ = void>
+// memory the epilogue leaves (none for the gated epilogue: one more stage on the Pingpong tile). GatherA: A's rows
+// read through a row index (gather_mainloop.cuh) instead of a contiguous A.
+template <typename Element, typename Config, typename LayoutA_, typename LayoutB_, typename Epilogue_ = void,
+          bool GatherA = false>
 struct PtrArrayKernel {
     using LayoutA = LayoutA_;
     using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
     static constexpr bool kGatedEpilogue = !std::is_void_v<Epilogue_>;
+    static constexpr bool kGatherA = GatherA;
 
     using CollectiveEpilogue = typename EpilogueOf<Element, Config, LayoutD, Epilogue_>::type;
 
-    using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
         kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
             sizeof(typename CollectiveEpilogue::SharedStorage))>,
         typename Config::KernelSchedule>::CollectiveOp;
+    using CollectiveMainloop = std::conditional_t<GatherA, GatherAMainloop<BuiltMainloop>, BuiltMainloop>;
 
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -125,11 +130,12 @@ template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
 // The forward GEMM1 with the gated activation in its epilogue (gated_epilogue.cuh): the forward's operands, B with
-// interleaved gate/up rows, D = h [rows, N / 2].
-template <typename Element, typename Config>
+// interleaved gate/up rows, D = h [rows, N / 2]; with GatherA, A's rows gathered from x (gather_mainloop.cuh).
+template <typename Element, typename Config, bool GatherA = false>
 using GatedGroupedGemmKernel =
     PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
-                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>>;
+                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>,
+                   GatherA>;
 
 // The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
 template <typename Element, typename StrideA, typename StrideB, typename StrideD>
@@ -164,15 +170,18 @@ struct DeviceArrays {
 // One thread per group: problem shape (M_e, N, K), operand pointers and (identical) packed strides; D has d_cols
 // columns (N, or N / 2 for the gated epilogue).
 // offsets are trusted to be non-decreasing with offsets[E] <= max_rows (the routing plan's contract).
+// a_gathered: a is the gather source x (gather_mainloop.cuh), the same for every group (A's per-group tensor map is
+// then never used for a load).
 template <typename Element, typename Arrays>
 __global__ void fill_group_arrays_kernel(Arrays arrays, const Element* a, const Element* b, Element* d,
-                                         const int32_t* offsets, int num_groups, int n, int k, int d_cols) {
+                                         const int32_t* offsets, int num_groups, int n, int k, int d_cols,
+                                         bool a_gathered) {
     int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= num_groups) return;
     int row0 = offsets[e];
     int m = offsets[e + 1] - row0;
     arrays.shapes[e] = UnderlyingShape(m, n, k);
-    arrays.ptr_a[e] = a + static_cast<int64_t>(row0) * k;
+    arrays.ptr_a[e] = a_gathered ? a : a + static_cast<int64_t>(row0) * k;
     arrays.ptr_b[e] = b + static_cast<int64_t>(e) * n * k;
     arrays.ptr_d[e] = d + static_cast<int64_t>(row0) * d_cols;
     using SA = cute::remove_pointer_t<decltype(arrays.stride_a)>;
@@ -202,6 +211,15 @@ void set_store_epilogue(EpilogueArguments& e, PtrD ptr_d, StrideD stride_d) {
     e.dD = stride_d;
 }
 
+// The gathered A of a GatherA kernel (gather_mainloop.cuh): row r of the grouped problem is x[row_index[r]].
+struct GatherSource {
+    const void* x = nullptr;
+    int64_t x_rows = 0;
+    int64_t k = 0;
+    const int32_t* row_index = nullptr;
+    const int32_t* offsets = nullptr;
+};
+
 // The host side every ptr-array grouped GEMM here shares (forward and gradients): CUTLASS arguments from the
 // device arrays, workspace sizing, the shared-memory attribute, and initialise + launch. K: a PtrArrayKernel.
 template <typename Element, typename K>
@@ -211,7 +229,8 @@ struct PtrArrayGemm {
     // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace. activation: the gated
     // epilogue's (K::kGatedEpilogue), ignored otherwise.
     static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
-                                                GemmRaster raster = GemmRaster::kAlongM, int activation = 0) {
+                                                GemmRaster raster = GemmRaster::kAlongM, int activation = 0,
+                                                const GatherSource& gather = GatherSource()) {
         typename K::Arguments args;
         args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
         args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
@@ -219,6 +238,13 @@ struct PtrArrayGemm {
         args.mainloop.dA = arr.stride_a;
         args.mainloop.ptr_B = arr.ptr_b;
         args.mainloop.dB = arr.stride_b;
+        if constexpr (K::kGatherA) {
+            args.mainloop.x = gather.x;
+            args.mainloop.x_rows = gather.x_rows;
+            args.mainloop.k = gather.k;
+            args.mainloop.row_index = gather.row_index;
+            args.mainloop.offsets = gather.offsets;
+        }
         if constexpr (K::kGatedEpilogue) {
             args.epilogue.activation = activation;
             args.epilogue.ptr_D = arr.ptr_d;
@@ -261,7 +287,8 @@ struct PtrArrayGemm {
     // them (stream-ordered), then initialises CUTLASS's workspace and launches the GEMM. `what` names the caller.
     template <typename Fill>
     static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
-                    cudaStream_t stream, const char* what, Fill&& fill, int activation = 0) {
+                    cudaStream_t stream, const char* what, Fill&& fill, int activation = 0,
+                    const GatherSource& gather = GatherSource()) {
         const int num_groups = static_cast<int>(num_groups64);
         const size_t need = workspace_size(num_groups64, sm_count);
         SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
@@ -276,11 +303,12 @@ struct PtrArrayGemm {
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
-        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation);
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation, gather);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
         typename K::Params params = K::Kernel::to_underlying_arguments(args, cutlass_ws);
+
         st = K::Gemm::run(params, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS launch failed: ",
                          cutlassGetStatusString(st));
@@ -291,10 +319,13 @@ struct PtrArrayGemm {
 constexpr int kFillThreads = 128;  // threads per block of the kernels that fill the device arrays (one per group)
 
 // The forward (GroupedGemmKernel) or, with kGated, GEMM1 with the gated activation in its epilogue
-// (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation).
-template <typename Element, typename Config, bool kGated = false>
+// (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation); with kGather, A's
+// rows gathered: g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
+template <typename Element, typename Config, bool kGated = false, bool kGather = false>
 struct GroupedGemmRunner {
-    using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config>, GroupedGemmKernel<Element, Config>>;
+    using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config, kGather>,
+                                 PtrArrayKernel<Element, Config, cutlass::layout::RowMajor,
+                                                cutlass::layout::ColumnMajor, void, kGather>>;
     using P = PtrArrayGemm<Element, K>;
 
     static size_t workspace_size(int64_t num_groups, int sm_count) { return P::workspace_size(num_groups, sm_count); }
@@ -309,8 +340,8 @@ struct GroupedGemmRunner {
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
                     static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
-                    static_cast<int>(kGated ? g.n / 2 : g.n));
-        }, static_cast<int>(g.activation));
+                    static_cast<int>(kGated ? g.n / 2 : g.n), kGather);
+        }, static_cast<int>(g.activation), GatherSource{g.a, g.a_rows, g.k, g.a_row_index, g.offsets});
     }
 };
 
@@ -320,16 +351,20 @@ struct GroupedGemmRunner {
 
 // Defines `const GemmOps <var>` for one (element, config) pair in one translation unit: the plain forward, or
 // (..._GATED_GEMM) GEMM1 with the gated epilogue.
-#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, label)                             \
+#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, gather, label)                     \
     namespace switchyard {                                                                              \
     namespace cuda {                                                                                    \
     namespace sm90 {                                                                                    \
-    const GemmOps var = {label, &GroupedGemmRunner<element, config, gated>::workspace_size,             \
-                         &GroupedGemmRunner<element, config, gated>::run};                              \
+    const GemmOps var = {label, &GroupedGemmRunner<element, config, gated, gather>::workspace_size,     \
+                         &GroupedGemmRunner<element, config, gated, gather>::run};                      \
     }                                                                                                   \
     }                                                                                                   \
     }
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, label)
+#define SWITCHYARD_DEFINE_SM90_GATHER_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, label)
+#define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, label)

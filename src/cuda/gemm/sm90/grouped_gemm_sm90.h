@@ -64,6 +64,14 @@ extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
 extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
 extern const GemmOps kBF16GatedPingpong;  // grouped_gemm_sm90_bf16_gated_pp.cu (the gated epilogue, Pingpong 64x256)
+// With A's rows gathered (GroupedGemmArgs::a_row_index; gather_mainloop.cuh): the plain forward's tiles whose k
+// tile is 64 wide, and the three gated ones.
+extern const GemmOps kBF16GatherCooperative;    // grouped_gemm_sm90_bf16_gather_coop.cu
+extern const GemmOps kBF16GatherCooperativeC1;  // grouped_gemm_sm90_bf16_gather_coop_c1.cu
+extern const GemmOps kBF16GatherPingpong128;    // grouped_gemm_sm90_bf16_gather_pingpong128.cu
+extern const GemmOps kBF16GatedGatherCooperative;    // grouped_gemm_sm90_bf16_gated_gather.cu
+extern const GemmOps kBF16GatedGatherCooperativeC1;  // grouped_gemm_sm90_bf16_gated_gather_c1.cu
+extern const GemmOps kBF16GatedGatherPingpong;       // grouped_gemm_sm90_bf16_gated_gather_pp.cu
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 

@@ -1,0 +1,181 @@
+// src/cuda/gemm/sm90/gather_mainloop.cuh: the sm90 ptr-array mainloop with A's rows gathered (issue 11: the gather
+// of token rows into GEMM1's A loads, so that xp = x[row_token] is never written to memory and read back).
+//
+// What changes against CUTLASS's MainloopSm90ArrayTmaGmmaWarpSpecialized collective (which this one derives from and
+// whose shared memory layout, MMA and tensor-map handling it keeps): the producer warp loads an A tile with cp.async
+// instead of one TMA copy. Row i of group g's M tile m is row r = offsets[g] + m * BLK_M + i of the grouped problem;
+// it is read from x [x_rows, K] at x row row_index[r]. Each k tile of a row is 128 bytes, eight 16-byte chunks: lane
+// l of the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile), to the
+// address the 128-byte swizzle gives it (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes
+// and GMMA reads). B keeps its TMA copy (lane 0). A stage is full when the leader's arrive (with B's bytes as the
+// transaction count) and the 32 lanes' cp.async arrivals (cp.async.mbarrier.arrive.noinc, once their copies land)
+// have come: the full barrier counts 33 producer arrivals (NumProducerThreadEvents).
+//
+// Measured first (bench/NOTES.md, "Gather in GEMM1's loads"): one TMA copy per row and k tile (box 1 x 64, 128-byte
+// swizzle) gave the same bits but ran GEMM1 about 4x slower: a 128-byte box costs the TMA unit about as much as a
+// whole tile, and a tile needs BLK_M of them per k step.
+//
+// Rows past the group's M read the group's first row (their products are never stored). A row index outside
+// [0, x_rows), and the chunks of a last k tile past K, are zero-filled (cp.async with source size 0): never an
+// out-of-range read. Layout contract (static_asserts below): A K-major with the 128-byte swizzle atom (8 rows x 64
+// 16-bit values), BLK_K = 64. The A-multicast clusters (1x2) are not supported (A is per CTA here).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/cutlass.h>
+
+namespace switchyard {
+namespace cuda {
+namespace sm90 {
+
+template <class Base>
+struct GatherAMainloop : Base {
+    using typename Base::ElementA;
+    using typename Base::MainloopPipeline;
+    using typename Base::PipelineState;
+    using typename Base::SmemLayoutA;
+    using typename Base::SmemLayoutAtomA;
+    using typename Base::SmemLayoutB;
+    using typename Base::TensorStorage;
+    using typename Base::TileShape;
+    using DispatchPolicy = typename Base::DispatchPolicy;
+    using BaseArguments = typename Base::Arguments;
+    using BaseParams = typename Base::Params;
+
+    static constexpr int kBlkM = cute::size<0>(TileShape{});
+    static constexpr int kBlkK = cute::size<2>(TileShape{});
+    static constexpr int kRowBytes = kBlkK * static_cast<int>(sizeof(ElementA));
+    static constexpr int kRowsPerLane = kBlkM / 32;
+    static_assert(sizeof(ElementA) == 2, "the gathered A is a 16-bit type");
+    static_assert(kRowBytes == 128, "one 128-byte swizzle row per row and k tile (BLK_K = 64 16-bit values)");
+    static_assert(kBlkM % 32 == 0, "BLK_M rows spread over the 32 lanes of the producer warp");
+    static_assert(std::is_same_v<SmemLayoutAtomA, decltype(cute::GMMA::Layout_K_SW128_Atom<ElementA>{})>,
+                  "A's shared memory atom must be the K-major 128-byte swizzle atom (8 rows x 64 values)");
+    static_assert(cute::size<1>(typename DispatchPolicy::ClusterShape{}) == 1,
+                  "the gathered A is loaded per CTA: no A multicast (cluster N extent 1)");
+    static_assert(cute::cosize_v<SmemLayoutA> == kBlkM * kBlkK * DispatchPolicy::Stages,
+                  "A's stages are dense BLK_M x BLK_K buffers");
+
+    // The full barrier's producer arrivals: the leader's (with B's transaction bytes) and the 32 lanes' cp.async ones.
+    static constexpr int NumProducerThreadEvents = 1 + 32;
+    static constexpr int kChunksPerRow = kRowBytes / 16;  // 8
+    static constexpr int kRowsPerPass = 32 / kChunksPerRow;  // rows one warp instruction covers: 4
+    static constexpr uint32_t kTxBytesB = static_cast<uint32_t>(
+        cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(typename Base::ElementB));
+
+    struct Arguments : BaseArguments {
+        const void* x = nullptr;             // [x_rows, K] row-major, 16-byte aligned, K % 8 == 0
+        int64_t x_rows = 0;
+        int64_t k = 0;
+        const int32_t* row_index = nullptr;  // device [rows]: x row of each grouped row
+        const int32_t* offsets = nullptr;    // device [groups + 1]: the groups' first rows
+    };
+
+    struct Params : BaseParams {
+        const ElementA* x;
+        int64_t x_rows;
+        int64_t k;
+        const int32_t* row_index;
+        const int32_t* offsets;
+    };
+
+    template <class ProblemShape>
+    static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args, void* workspace) {
+        Params p;
+        static_cast<BaseParams&>(p) = Base::to_underlying_arguments(problem_shapes, args, workspace);
+        p.tma_transaction_bytes = kTxBytesB;  // A arrives by cp.async, counted as arrivals, not bytes
+        p.x = static_cast<const ElementA*>(args.x);
+        p.x_rows = args.x_rows;
+        p.k = args.k;
+        p.row_index = args.row_index;
+        p.offsets = args.offsets;
+        return p;
+    }
+
+    // The kernel keeps what load_init returns and renews it with tensors_perform_update when the group changes; the
+    // load needs the group (the kernel passes l = 0 in its block coordinate) and its row count.
+    template <class ProblemShape_MNKL>
+    CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
+        auto t = Base::load_init(problem_shape_MNKL, p);
+        return cute::make_tuple(cute::get<0>(t), cute::get<1>(t), int32_t(0), int32_t(0));
+    }
+
+    template <class InputTensors, class ProblemShape_MNKL>
+    CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const&,
+                                                       ProblemShape_MNKL problem_shape_mnkl, int32_t next_batch) {
+        return cute::make_tuple(cute::get<0>(in), cute::get<1>(in), next_batch,
+                                static_cast<int32_t>(cute::get<0>(problem_shape_mnkl)));
+    }
+
+    // Producer: the whole warp runs this (the kernel's mainloop producer warp); lane = thread_idx.
+    template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                             LoadInputs const& load_inputs,
+                             cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps, BlockCoord const& blk_coord,
+                             KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t block_rank_in_cluster,
+                             TensorStorage& shared_tensors) {
+        using namespace cute;
+        const int group = get<2>(load_inputs);
+        const int rows = get<3>(load_inputs);
+        auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        const int32_t* tile_index = p.row_index + p.offsets[group];  // the group's rows' x rows
+        const int m0 = static_cast<int>(m_coord) * kBlkM;
+        const int chunk = lane % kChunksPerRow, row_in_pass = lane / kChunksPerRow;
+
+        // B as CUTLASS's collective loads it (multicast to the cluster's M tiles where the cluster has them).
+        Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
+        constexpr uint32_t cluster_shape_x = get<0>(typename DispatchPolicy::ClusterShape());
+        const uint2 cluster_local_block_id = {block_rank_in_cluster % cluster_shape_x,
+                                              block_rank_in_cluster / cluster_shape_x};
+        Tensor gB_nkl = get<1>(load_inputs);
+        auto block_tma_b = p.tma_load_b.get_slice(cluster_local_block_id.x);
+        Tensor gB = gB_nkl(_, _, n_coord, _, l_coord);  // (BLK_N,BLK_K,k)
+        Tensor tBgB = block_tma_b.partition_S(gB);      // (TMA,TMA_N,TMA_K,k)
+        Tensor tBsB = block_tma_b.partition_D(sB);      // (TMA,TMA_N,TMA_K,PIPE)
+        uint16_t mcast_mask_b = 0;
+        if constexpr (cute::is_same_v<typename Base::GmemTiledCopyB, SM90_TMA_LOAD_MULTICAST>) {
+            auto block_layout = Layout<typename DispatchPolicy::ClusterShape>{};  // (m,n) -> block_id
+            for (int m = 0; m < size<0>(block_layout); ++m)
+                mcast_mask_b |= (uint16_t(1) << block_layout(m, cluster_local_block_id.y, Int<0>{}));
+        }
+
+        const uint32_t smem_a = cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
+        CUTLASS_PRAGMA_NO_UNROLL
+        for (; k_tile_count > 0; --k_tile_count) {
+            pipeline.producer_acquire(smem_pipe_write);  // every lane waits for the stage; the leader arms B's bytes
+            auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
+            const int stage = smem_pipe_write.index();
+            const int k_tile = *k_tile_iter;
+            const int64_t col = static_cast<int64_t>(k_tile) * kBlkK + chunk * 8;
+            const bool col_ok = col < p.k;
+            const uint32_t stage_a = smem_a + static_cast<uint32_t>(stage * kBlkM * kRowBytes);
+#pragma unroll 4
+            for (int r = row_in_pass; r < kBlkM; r += kRowsPerPass) {
+                const int i = m0 + r;
+                const int32_t x_row = __ldg(tile_index + (i < rows ? i : 0));
+                const bool ok = col_ok && x_row >= 0 && x_row < p.x_rows;
+                const ElementA* src = ok ? p.x + static_cast<int64_t>(x_row) * p.k + col : p.x;
+                uint32_t dst = stage_a + static_cast<uint32_t>(r * kRowBytes + chunk * 16);
+                dst ^= ((dst >> 7) & 7u) << 4;  // the 128-byte swizzle of the shared memory address
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                             "r"(ok ? 16 : 0));
+            }
+            cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
+            if (lane == 0) {
+                copy(p.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b), tBgB(_, _, _, k_tile),
+                     tBsB(_, _, _, stage));
+            }
+            ++k_tile_iter;
+            ++smem_pipe_write;
+        }
+    }
+};
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace switchyard

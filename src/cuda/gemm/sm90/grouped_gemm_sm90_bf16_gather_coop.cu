@@ -1,0 +1,7 @@
+// src/cuda/gemm/sm90/grouped_gemm_sm90_bf16_gather_coop.cu: the bf16 sm90 grouped GEMM (cooperative 128x256x64 cluster
+// 2x1x1, plain epilogue) with A's rows gathered from x through the routing plan's row_token (gather_mainloop.cuh).
+// Dispatcher: grouped_gemm.cu.
+#include "cuda/gemm/sm90/grouped_gemm_sm90.cuh"
+
+SWITCHYARD_DEFINE_SM90_GATHER_GEMM(kBF16GatherCooperative, cutlass::bfloat16_t, CooperativeConfig,
+                                   "sm90 bf16 cooperative 128x256x64 cluster 2x1x1, gathered A")
