@@ -249,31 +249,53 @@ at::Tensor gather_backward_op(const at::Tensor& d_xp_in, const at::Tensor& slot_
     });
 }
 
-at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets_in) {
+// The grouped GEMM ops' optional row_index (int32 [R], e.g. the plan's row_token): a is then x [T, K] and row r of the
+// GEMM reads x[row_index[r]] in the GEMM's own loads (stages.h, GroupedGemmOptions::row_index). Sets opt.row_index
+// (kept alive by *keep) and returns the GEMM's rows.
+int64_t gathered_rows_option(const std::optional<at::Tensor>& row_index, const at::Tensor& a, at::Tensor* keep,
+                             GroupedGemmOptions* opt, const char* what) {
+    if (!row_index.has_value()) return a.size(0);
+    *keep = row_index->contiguous();
+    TORCH_CHECK(keep->dim() == 1, what, ": row_index must be [R], got ", keep->sizes());
+    opt->row_index = ref(*keep);
+    return keep->size(0);
+}
+
+at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets_in,
+                         const std::optional<at::Tensor>& row_index) {
     return guarded([&] {
         const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), off = offsets_in.contiguous();
         TORCH_CHECK(a.dim() == 2 && b.dim() == 3, "switchyard.grouped_mm: a [R, K] and b [E, N, K] expected, got a ",
                     a.sizes(), " b ", b.sizes());
-        at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options());  // rows past offsets[E]: written as 0
+        GroupedGemmOptions opt;
+        at::Tensor ri;
+        const int64_t rows = gathered_rows_option(row_index, a, &ri, &opt, "switchyard.grouped_mm");
+        at::Tensor c = at::empty({rows, b.size(1)}, a.options());  // rows past offsets[E]: written as 0
         const Workspace ws = workspace_like(
-            a, grouped_gemm_workspace_size(sy_device(a), dtype_of(a), b.size(0), b.size(1), b.size(2), a.size(0)));
-        grouped_gemm(ref(a), ref(b), ref(off), ref(c), ws.ptr, ws.bytes, stream_of(a));
+            a, grouped_gemm_workspace_size(sy_device(a), dtype_of(a), b.size(0), b.size(1), b.size(2), rows));
+        grouped_gemm(ref(a), ref(b), ref(off), ref(c), ws.ptr, ws.bytes, stream_of(a), opt);
         return c;
     });
 }
 
 // GEMM1 and the gated activation in one step (inference; no backward op): h [R, F] = grouped_gemm_gated(act, a,
-// w13i, offsets) with w13i the interleaved layout of interleave_gate_up_op.
+// w13i, offsets) with w13i the interleaved layout of interleave_gate_up_op. row_index (optional, int32 [R], e.g. the
+// plan's row_token): a is x [T, K] and row r of the GEMM reads x[row_index[r]] (stages.h, GroupedGemmOptions), the
+// gather done in GEMM1's loads.
 at::Tensor grouped_mm_gated_op(const at::Tensor& a_in, const at::Tensor& w13i_in, const at::Tensor& offsets_in,
-                               int64_t act) {
+                               int64_t act, const std::optional<at::Tensor>& row_index_in) {
     return guarded([&] {
         const at::Tensor a = a_in.contiguous(), w = w13i_in.contiguous(), off = offsets_in.contiguous();
         TORCH_CHECK(a.dim() == 2 && w.dim() == 3 && w.size(1) % 2 == 0, "switchyard.grouped_mm_gated: a [R, K] and "
                     "w13i [E, 2F, K] expected, got a ", a.sizes(), " w13i ", w.sizes());
-        at::Tensor h = at::empty({a.size(0), w.size(1) / 2}, a.options());  // rows past offsets[E]: written as 0
+        GroupedGemmOptions opt;
+        at::Tensor ri;
+        const int64_t rows = gathered_rows_option(row_index_in, a, &ri, &opt, "switchyard.grouped_mm_gated");
+        at::Tensor h = at::empty({rows, w.size(1) / 2}, a.options());  // rows past offsets[E]: written as 0
         const Workspace ws = workspace_like(a, grouped_gemm_gated_workspace_size(sy_device(a), dtype_of(a), w.size(0),
-                                                                                 w.size(1) / 2, w.size(2), a.size(0)));
-        grouped_gemm_gated(activation_of(act), ref(a), ref(w), ref(off), ref(h), ws.ptr, ws.bytes, stream_of(a));
+                                                                                 w.size(1) / 2, w.size(2), rows));
+        grouped_gemm_gated(activation_of(act), ref(a), ref(w), ref(off), ref(h), ws.ptr, ws.bytes, stream_of(a),
+                           opt);
         return h;
     });
 }
@@ -608,7 +630,7 @@ TORCH_LIBRARY(switchyard, m) {
           "-> (Tensor, Tensor)");
     m.def("gather(Tensor x, Tensor row_token, Tensor? slot_row=None) -> Tensor");
     m.def("gather_backward(Tensor d_xp, Tensor slot_row) -> Tensor");
-    m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+    m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets, Tensor? row_index=None) -> Tensor");
     m.def("grouped_mm_backward(Tensor dc, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
     m.def("grouped_mm_dgrad(Tensor dc, Tensor b, Tensor offsets) -> Tensor");
     m.def("grouped_mm_dgrad_activation(Tensor dc, Tensor b, Tensor offsets, Tensor g, int activation, "
@@ -616,7 +638,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("grouped_mm_wgrad(Tensor dc, Tensor a, Tensor offsets) -> Tensor");
     m.def("grouped_mm_fp8(Tensor a, Tensor b, Tensor b_scale, Tensor? input_scale, Tensor? offsets, int mode) "
           "-> Tensor");
-    m.def("grouped_mm_gated(Tensor a, Tensor w13i, Tensor offsets, int activation) -> Tensor");
+    m.def("grouped_mm_gated(Tensor a, Tensor w13i, Tensor offsets, int activation, Tensor? row_index=None) -> Tensor");
     m.def("interleave_gate_up(Tensor w13, bool inverse) -> Tensor");
     m.def("activation(Tensor g, int activation, bool interleaved=False) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation, bool interleaved=False) -> Tensor");

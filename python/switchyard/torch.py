@@ -119,13 +119,15 @@ def _gather_backward_fake(d_xp, slot_row):
 
 
 @torch.library.register_fake("switchyard::grouped_mm")
-def _grouped_mm_fake(a, b, offsets):
-    return a.new_empty((a.shape[0], b.shape[1]))
+def _grouped_mm_fake(a, b, offsets, row_index=None):
+    rows = a.shape[0] if row_index is None else row_index.shape[0]
+    return a.new_empty((rows, b.shape[1]))
 
 
 @torch.library.register_fake("switchyard::grouped_mm_gated")
-def _grouped_mm_gated_fake(a, w13i, offsets, activation):
-    return a.new_empty((a.shape[0], w13i.shape[1] // 2))
+def _grouped_mm_gated_fake(a, w13i, offsets, activation, row_index=None):
+    rows = a.shape[0] if row_index is None else row_index.shape[0]
+    return a.new_empty((rows, w13i.shape[1] // 2))
 
 
 @torch.library.register_fake("switchyard::interleave_gate_up")
@@ -254,14 +256,20 @@ torch.library.register_autograd("switchyard::router_gemm", _router_gemm_backward
 
 
 def _gmm_setup(ctx, inputs, output):
-    a, b, offsets = inputs
+    a, b, offsets = inputs[:3]
+    ctx.gathered = len(inputs) > 3 and inputs[3] is not None
     ctx.save_for_backward(a, b, offsets)
 
 
 def _gmm_backward(ctx, dc):
+    if ctx.gathered:
+        # x's gradient through a row index needs the plan's slot_row for a fixed-order sum: the module's
+        # gathered_grouped_mm has that backward (gather_backward); the bare op with row_index is forward-only.
+        raise RuntimeError("switchyard::grouped_mm with row_index has no backward; differentiate through "
+                           "switchyard::gathered_grouped_mm (x, row_token, slot_row, b, offsets) instead")
     a, b, offsets = ctx.saved_tensors
     da, db = _ops.grouped_mm_backward(dc.contiguous(), a, b, offsets)
-    return da, db, None
+    return da, db, None, None
 
 
 torch.library.register_autograd("switchyard::grouped_mm", _gmm_backward, setup_context=_gmm_setup)

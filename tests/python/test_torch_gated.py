@@ -47,6 +47,45 @@ def test_grouped_mm_gated_equals_grouped_mm_then_activation(act):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def _gathered_case(device, dtype, h=H):
+    torch.manual_seed(11)
+    counts = torch.tensor([3, 0, 5, 2], dtype=torch.int32)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)]).to(device)
+    x = torch.randn(7, h, device=device).to(dtype)
+    row_index = torch.tensor([6, 0, 3, 3, 1, 5, 2, 0, 4, 6, -1, -1], dtype=torch.int32, device=device)
+    w13i = torch.ops.switchyard.interleave_gate_up(torch.randn(4, 2 * F, h, device=device).to(dtype), False)
+    return x, row_index, offsets, w13i
+
+
+def _check_gathered(device, dtype, act, h=H):
+    x, row_index, offsets, w13i = _gathered_case(device, dtype, h)
+    xp = torch.ops.switchyard.gather(x, row_index)
+    want = torch.ops.switchyard.grouped_mm_gated(xp, w13i, offsets, act)
+    got = torch.ops.switchyard.grouped_mm_gated(x, w13i, offsets, act, row_index)
+    assert got.shape == want.shape == (12, F)
+    assert torch.equal(got, want)  # the same products in the same order: the same bits
+    assert torch.equal(got[10:], torch.zeros_like(got[10:]))
+    assert got[:10].abs().mean() > 1e-3
+    return x, row_index, offsets, w13i
+
+
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_grouped_mm_gated_with_row_index_is_the_gathered_copys(act):
+    """row_index: x's rows read through the index (the gather in GEMM1's loads) give the call on the gathered copy."""
+    x, row_index, offsets, w13i = _check_gathered("cpu", torch.float32, act)
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_gated.default, (x, w13i, offsets, act, row_index),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("act", [0, 1])
+def test_grouped_mm_gated_with_row_index_is_the_gathered_copys_on_gpu(act):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the gated kernel needs an sm_90 GPU")
+    _check_gathered("cuda", torch.bfloat16, act, h=64)
+
+
 def _dgrad_activation_case(device, dtype, seed=5, h=H, f=F):
     torch.manual_seed(seed)
     counts = torch.tensor([3, 0, 5, 2], dtype=torch.int32)

@@ -64,6 +64,7 @@ struct BenchOptions {
     bool graph = true;    // CUDA: also time graph replays
     bool stages = true;   // CUDA: also time each stage
     int64_t fused_max_tokens = -1;  // CUDA: MoELayer::set_fused_max_tokens (-1: automatic, the layer's default)
+    bool gather_in_gemm1 = false;   // MoELayer::set_gather_in_gemm1
     std::string quant = "none";     // none | fp8-block | fp8-tensor: FP8 experts from the random float weights
     double peak_tflops_fp8 = 0;     // FP8 matrix rate of the floor (0: measured)
     bool quant_check = true;        // CUDA: check the GPU quantiser against the host recipe on sampled matrices
@@ -198,7 +199,7 @@ bool bench_cuda(const BenchOptions& o, const MoEConfig& cfg, const Rates& rates,
         double floor_ms = 0;
         if (o.impl != "dense") {
             const CudaLayerTiming t = time_cuda_layer(cfg, dw.w, T, o.warmup, o.reps, o.seed + T, o.graph, o.stages,
-                                                      o.fused_max_tokens);
+                                                      o.fused_max_tokens, o.gather_in_gemm1);
             r = floor_entry(cfg, T, t.kept_rows, t.experts_hit, dw.w.w13.dtype, rates, &floor_ms);
             r["sparse_ms"] = t.eager_ms;
             r["sparse_pct_of_floor"] = t.eager_ms > 0 ? 100 * floor_ms / t.eager_ms : 0.0;
@@ -413,6 +414,9 @@ void add_bench(CLI::App& app, int* exit_code) {
                     "CUDA: the fused small-batch path: -1 automatic (the layer's default, stages.h "
                     "fused_path_preferred), 0 never, N whenever T <= N (at most 64)")
         ->capture_default_str();
+    sub->add_flag("--gather-in-gemm1,!--no-gather-in-gemm1", o->gather_in_gemm1,
+                  "CUDA, interleaved gate/up layout: GEMM1 reads x's rows through the plan (no gathered copy); "
+                  "--no-gather-in-gemm1 runs the separate gather (default off, as the layer's)");
     add_layer_flags(sub, o->layer, /*random_weights=*/true);
     sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
 }

@@ -185,13 +185,15 @@ DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, boo
 }
 
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& w, int64_t T, int warmup, int reps,
-                                uint64_t seed, bool graph, bool stages, int64_t fused_max_tokens) {
+                                uint64_t seed, bool graph, bool stages, int64_t fused_max_tokens,
+                                bool gather_in_gemm1) {
     SWITCHYARD_CHECK(reps > 0 && warmup >= 0, "time_cuda_layer: reps=", reps, " warmup=", warmup);
     CudaLayerTiming r;
     r.num_tokens = T;
     const int64_t H = cfg.hidden_size;
     MoELayer layer(cfg, w);
     layer.set_fused_max_tokens(fused_max_tokens);
+    layer.set_gather_in_gemm1(gather_in_gemm1);
     r.fused = layer.uses_fused_path(T);
     CudaStream st;
 

@@ -55,10 +55,11 @@ struct Fp8QuantCheck {
 // Router gate and score bias stay as random_device_weights makes them. check: fill *check_result (see above).
 DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, bool check, Fp8QuantCheck* check_result);
 
-// fused_max_tokens: MoELayer::set_fused_max_tokens (-1 automatic, 0 the staged path only).
+// fused_max_tokens: MoELayer::set_fused_max_tokens (-1 automatic, 0 the staged path only); gather_in_gemm1:
+// MoELayer::set_gather_in_gemm1.
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
                                 int warmup, int reps, uint64_t seed, bool graph, bool stages,
-                                int64_t fused_max_tokens = 0);
+                                int64_t fused_max_tokens = 0, bool gather_in_gemm1 = false);
 
 }  // namespace cli
 }  // namespace switchyard
