@@ -4,7 +4,7 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,traintimeline,gatedbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,traintimeline,gatedbench,gatherbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
@@ -16,6 +16,8 @@
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
 #        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
+#        gatherbench: the CLI's layer (interleaved, bf16) with GEMM1 reading x through the plan vs the separate
+#        gather, alternated, two rounds (GATHER_SHAPES, GATHER_TOKENS);
 #        ncugated: Nsight Compute on gatedbench's kernels at T=4096 (one call each: GEMM1, activation, gated kernels).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
@@ -133,6 +135,20 @@ if has ncugated; then
     --warmup 0 >"$OUT/ncu_gated.csv" 2>&1
   note "ncu gated: rc=$? $(grep -c '"gpu__time_duration.sum"' "$OUT/ncu_gated.csv") kernels"
   python3 scripts/ncu_table.py "$OUT"/ncu_gated.csv 2>&1 | tee "$OUT/ncu_gated_table.txt" | tail -50
+fi
+if has gatherbench; then
+  # GEMM1 reading x's rows through the plan against the separate gather, alternated (interleaved layout, bf16).
+  for shape in ${GATHER_SHAPES:-qwen3 deepseek-v3 mixtral}; do
+    for round in 1 2; do
+      for flag in --gather-in-gemm1 --no-gather-in-gemm1; do
+        echo "== $shape $flag round $round"
+        "$BUILD/switchyard" bench --shape "$shape" --tokens "${GATHER_TOKENS:-4096,16384}" --device cuda --dtype bf16 \
+          --gate-up-interleaved --no-stages --no-graph $flag --json "$OUT/gather_${shape}_${flag#--}_$round.json"
+      done
+    done
+  done >"$OUT/gatherbench.log" 2>&1
+  note "gather bench: rc=$?"
+  grep -E "^== |sparse" "$OUT/gatherbench.log" | sed -E 's/, workspace.*//' | cut -c1-110
 fi
 if has timeline; then
   python3 bench/prefill_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
