@@ -50,10 +50,8 @@ struct GatherAMainloop : Base {
     static constexpr int kBlkM = cute::size<0>(TileShape{});
     static constexpr int kBlkK = cute::size<2>(TileShape{});
     static constexpr int kRowBytes = kBlkK * static_cast<int>(sizeof(ElementA));
-    static constexpr int kRowsPerLane = kBlkM / 32;
     static_assert(sizeof(ElementA) == 2, "the gathered A is a 16-bit type");
     static_assert(kRowBytes == 128, "one 128-byte swizzle row per row and k tile (BLK_K = 64 16-bit values)");
-    static_assert(kBlkM % 32 == 0, "BLK_M rows spread over the 32 lanes of the producer warp");
     static_assert(std::is_same_v<SmemLayoutAtomA, decltype(cute::GMMA::Layout_K_SW128_Atom<ElementA>{})>,
                   "A's shared memory atom must be the K-major 128-byte swizzle atom (8 rows x 64 values)");
     static_assert(cute::size<1>(typename DispatchPolicy::ClusterShape{}) == 1,
@@ -65,6 +63,7 @@ struct GatherAMainloop : Base {
     static constexpr int NumProducerThreadEvents = 1 + 32;
     static constexpr int kChunksPerRow = kRowBytes / 16;  // 8
     static constexpr int kRowsPerPass = 32 / kChunksPerRow;  // rows one warp instruction covers: 4
+    static_assert(kBlkM % kRowsPerPass == 0, "whole passes of the producer warp over BLK_M rows");
     static constexpr uint32_t kTxBytesB = static_cast<uint32_t>(
         cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(typename Base::ElementB));
 
