@@ -15,9 +15,10 @@
 // swizzle) gave the same bits but ran GEMM1 about 4x slower: a 128-byte box costs the TMA unit about as much as a
 // whole tile, and a tile needs BLK_M of them per k step.
 //
-// Rows past the group's M read the group's first row (their products are never stored). A row index outside
-// [0, x_rows), and the chunks of a last k tile past K, are zero-filled (cp.async with source size 0): never an
-// out-of-range read. Layout contract (static_asserts below): A K-major with the 128-byte swizzle atom (8 rows x 64
+// Rows past the group's M, a row index outside [0, x_rows) and the chunks of a last k tile past K are zero-filled
+// (cp.async with source size 0, no global read): never an out-of-range read; the products of rows past M are never
+// stored. There is no proxy fence between the cp.async writes and the consumers' wgmma reads, as in CUTLASS's own
+// cp.async GMMA mainloops (sm90_mma_multistage_gmma_ss_warpspecialized.hpp). Layout contract (static_asserts below): A K-major with the 128-byte swizzle atom (8 rows x 64
 // 16-bit values), BLK_K = 64. The A-multicast clusters (1x2) are not supported (A is per CTA here).
 #pragma once
 
@@ -156,7 +157,7 @@ struct GatherAMainloop : Base {
 #pragma unroll 4
             for (int r = row_in_pass; r < kBlkM; r += kRowsPerPass) {
                 const int i = m0 + r;
-                const int32_t x_row = __ldg(tile_index + (i < rows ? i : 0));
+                const int32_t x_row = i < rows ? __ldg(tile_index + i) : -1;  // past M: zeros, never stored
                 const bool ok = col_ok && x_row >= 0 && x_row < p.x_rows;
                 const ElementA* src = ok ? p.x + static_cast<int64_t>(x_row) * p.k + col : p.x;
                 uint32_t dst = stage_a + static_cast<uint32_t>(r * kRowBytes + chunk * 16);
