@@ -186,6 +186,13 @@ size_t grouped_gemm_workspace_size(DType dtype, int64_t num_groups, int64_t n, i
 
 namespace {
 
+// A's rows read through row_index (optional; GroupedGemmOptions::row_index): a is then x, of a.shape[0] rows.
+void gather_a_rows(GroupedGemmArgs& g, const TensorRef& a, const TensorRef& row_index) {
+    if (!row_index.defined()) return;
+    g.a_row_index = row_index.ptr<int32_t>();
+    g.a_rows = a.shape[0];
+}
+
 // cuda::grouped_gemm for g (operands and sizes set; max_rows = a's rows) with the plan's offsets or, undefined, one
 // group of all rows (written into the front of the workspace); then c's rows past offsets[E] ([max_rows, c_cols])
 // zeroed when asked.
@@ -213,10 +220,7 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
     DeviceGuard guard(a.device_index);
     const int64_t groups = b.rank == 3 ? b.shape[0] : 1, n = b.shape[b.rank - 2], k = b.shape[b.rank - 1];
     auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, k, c.shape[0]);
-    if (row_index.defined()) {
-        g.a_row_index = row_index.ptr<int32_t>();
-        g.a_rows = a.shape[0];
-    }
+    gather_a_rows(g, a, row_index);
     g.a = a.data;
     g.b = b.data;
     g.c = c.data;
@@ -236,10 +240,7 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1, n = w13i.shape[w13i.rank - 2];
     auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, w13i.shape[w13i.rank - 1], h.shape[0]);
     g.gated = true;
-    if (row_index.defined()) {
-        g.a_row_index = row_index.ptr<int32_t>();
-        g.a_rows = a.shape[0];
-    }
+    gather_a_rows(g, a, row_index);
     g.activation = act;
     g.a = a.data;
     g.b = w13i.data;

@@ -308,7 +308,6 @@ struct PtrArrayGemm {
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
         typename K::Params params = K::Kernel::to_underlying_arguments(args, cutlass_ws);
-
         st = K::Gemm::run(params, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS launch failed: ",
                          cutlassGetStatusString(st));
