@@ -12,7 +12,7 @@
 #        gives vLLM its best of 10 launch configs);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
-#        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS);
+#        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS; `gathered` adds --gather-in-gemm1);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
 #        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
@@ -230,6 +230,7 @@ if has ncuprefill; then
     for layout in ${NCU_LAYOUTS:-plain interleaved}; do
       name=$shape; flag=""
       if [ "$layout" = interleaved ]; then name=${shape}_interleaved; flag=--gate-up-interleaved; fi
+      if [ "$layout" = gathered ]; then name=${shape}_gathered; flag="--gate-up-interleaved --gather-in-gemm1"; fi
       ncu --clock-control none --cache-control all --csv --metrics "$metrics" \
         "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
         --no-graph --no-stages $flag >"$OUT/ncu_prefill_$name.csv" 2>&1

@@ -60,6 +60,8 @@ void check_sizes(const GroupedGemmArgs& g) {
                          to_string(g.dtype), ")");
         SWITCHYARD_CHECK(g.a_rows >= 1 && g.a_rows <= INT_MAX, "grouped_gemm: a_rows=", g.a_rows,
                          " must be in [1, 2^31) with a_row_index");
+        SWITCHYARD_CHECK(g.k <= INT_MAX / 2, "grouped_gemm: k=", g.k,
+                         " must be below 2^30 with a_row_index (a row's bytes are a 32-bit stride)");
     }
 }
 

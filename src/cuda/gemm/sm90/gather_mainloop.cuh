@@ -5,8 +5,8 @@
 // whose shared memory layout, MMA and tensor-map handling it keeps): the producer warp loads an A tile with cp.async
 // instead of one TMA copy. Row i of group g's M tile m is row r = offsets[g] + m * BLK_M + i of the grouped problem;
 // it is read from x [x_rows, K] at x row row_index[r]. Each k tile of a row is 128 bytes, eight 16-byte chunks: lane
-// l of the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile), to the
-// address the 128-byte swizzle gives it (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes
+// l of the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile; the tile's
+// row indices are read once per tile and passed between lanes by shuffle), to the address the 128-byte swizzle gives it (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes
 // and GMMA reads). B keeps its TMA copy (lane 0). A stage is full when the leader's arrive (with B's bytes as the
 // transaction count) and the 32 lanes' cp.async arrivals (cp.async.mbarrier.arrive.noinc, once their copies land)
 // have come: the full barrier counts 33 producer arrivals (NumProducerThreadEvents).
@@ -64,7 +64,11 @@ struct GatherAMainloop : Base {
     static constexpr int NumProducerThreadEvents = 1 + 32;
     static constexpr int kChunksPerRow = kRowBytes / 16;  // 8
     static constexpr int kRowsPerPass = 32 / kChunksPerRow;  // rows one warp instruction covers: 4
-    static_assert(kBlkM % kRowsPerPass == 0, "whole passes of the producer warp over BLK_M rows");
+    static constexpr int kIdxRegs = kBlkM / 32;  // the tile's row indices, one per lane and register
+    static_assert(kBlkM % 32 == 0, "the tile's row indices spread over whole warps");
+    static_assert(kRowsPerPass == 4, "a lane's rows alternate between two rows of the 8-row swizzle atom");
+    static constexpr int kShflBatch = 4;  // row indices fetched from their lanes ahead of the copies
+    static_assert((32 / kRowsPerPass) % kShflBatch == 0, "whole batches per 32 rows");
     static constexpr uint32_t kTxBytesB = static_cast<uint32_t>(
         cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) * sizeof(typename Base::ElementB));
 
@@ -127,6 +131,18 @@ struct GatherAMainloop : Base {
         const int m0 = static_cast<int>(m_coord) * kBlkM;
         const int chunk = lane % kChunksPerRow, row_in_pass = lane / kChunksPerRow;
 
+        // The tile's x rows, read once per tile: lane l holds rows q * 32 + l (q < BLK_M / 32), -1 where the row is
+        // past M or its index is outside x. The k loop takes them by shuffle: no memory access between a stage's
+        // acquire and its copies (reading the index there put a dependent global load before every k tile's copies);
+        // issued first, these loads overlap the B set-up and the first stage's acquire.
+        int32_t tile_rows[kIdxRegs];
+        CUTLASS_PRAGMA_UNROLL
+        for (int q = 0; q < kIdxRegs; ++q) {
+            const int i = m0 + q * 32 + lane;
+            const int32_t x_row = i < rows ? __ldg(tile_index + i) : -1;  // past M: zeros, never stored
+            tile_rows[q] = x_row >= 0 && x_row < p.x_rows ? x_row : -1;
+        }
+
         // B as CUTLASS's collective loads it (multicast to the cluster's M tiles where the cluster has them).
         Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
         constexpr uint32_t cluster_shape_x = get<0>(typename DispatchPolicy::ClusterShape());
@@ -144,7 +160,14 @@ struct GatherAMainloop : Base {
                 mcast_mask_b |= (uint16_t(1) << block_layout(m, cluster_local_block_id.y, Int<0>{}));
         }
 
+        // Per lane, the shared memory offsets of its chunk in its rows: rows r = row_in_pass + 4 * pass alternate
+        // between r % 8 = row_in_pass and row_in_pass + 4, so the swizzled chunk (chunk XOR r % 8; the stages are
+        // 1024-byte aligned, whole swizzle atoms) takes one of two values.
         const uint32_t smem_a = cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
+        const uint32_t lane_dst[2] = {
+            static_cast<uint32_t>(row_in_pass * kRowBytes + ((chunk ^ row_in_pass) * 16)),
+            static_cast<uint32_t>(row_in_pass * kRowBytes + ((chunk ^ (row_in_pass + kRowsPerPass)) * 16))};
+        const uint32_t row_bytes = static_cast<uint32_t>(p.k * static_cast<int64_t>(sizeof(ElementA)));  // < 2^31
         CUTLASS_PRAGMA_NO_UNROLL
         for (; k_tile_count > 0; --k_tile_count) {
             pipeline.producer_acquire(smem_pipe_write);  // every lane waits for the stage; the leader arms B's bytes
@@ -152,18 +175,30 @@ struct GatherAMainloop : Base {
             const int stage = smem_pipe_write.index();
             const int k_tile = *k_tile_iter;
             const int64_t col = static_cast<int64_t>(k_tile) * kBlkK + chunk * 8;
-            const bool col_ok = col < p.k;
+            const int full = col < p.k ? 16 : 0;  // a last k tile's chunks past K: zeros
+            const char* x_col = reinterpret_cast<const char*>(p.x + col);
             const uint32_t stage_a = smem_a + static_cast<uint32_t>(stage * kBlkM * kRowBytes);
-#pragma unroll 4
-            for (int r = row_in_pass; r < kBlkM; r += kRowsPerPass) {
-                const int i = m0 + r;
-                const int32_t x_row = i < rows ? __ldg(tile_index + i) : -1;  // past M: zeros, never stored
-                const bool ok = col_ok && x_row >= 0 && x_row < p.x_rows;
-                const ElementA* src = ok ? p.x + static_cast<int64_t>(x_row) * p.k + col : p.x;
-                uint32_t dst = stage_a + static_cast<uint32_t>(r * kRowBytes + chunk * 16);
-                dst ^= ((dst >> 7) & 7u) << 4;  // the 128-byte swizzle of the shared memory address
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                             "r"(ok ? 16 : 0));
+            CUTLASS_PRAGMA_UNROLL
+            for (int q = 0; q < kIdxRegs; ++q) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int pass0 = 0; pass0 < 32 / kRowsPerPass; pass0 += kShflBatch) {
+                    // kShflBatch shuffles in flight before their copies: the shuffle's latency paid once per batch.
+                    int32_t x_rows[kShflBatch];
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int b = 0; b < kShflBatch; ++b)
+                        x_rows[b] = __shfl_sync(0xffffffffu, tile_rows[q], row_in_pass + (pass0 + b) * kRowsPerPass);
+                    CUTLASS_PRAGMA_UNROLL
+                    for (int b = 0; b < kShflBatch; ++b) {
+                        const int pass = pass0 + b;
+                        const int size = x_rows[b] >= 0 ? full : 0;  // -1: past M or outside x, zeros
+                        const char* src =  // one 32 x 32 -> 64-bit multiply-add per row
+                            x_col + static_cast<uint64_t>(static_cast<uint32_t>(max(x_rows[b], 0))) * row_bytes;
+                        const uint32_t dst = stage_a + static_cast<uint32_t>((q * 32 + pass * kRowsPerPass) * kRowBytes) +
+                                             lane_dst[pass & 1];
+                        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                                     "r"(size));
+                    }
+                }
             }
             cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
             if (lane == 0) {
