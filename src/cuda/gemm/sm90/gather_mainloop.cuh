@@ -176,7 +176,9 @@ struct GatherAMainloop : Base {
             const int k_tile = *k_tile_iter;
             const int64_t col = static_cast<int64_t>(k_tile) * kBlkK + chunk * 8;
             const int full = col < p.k ? 16 : 0;  // a last k tile's chunks past K: zeros
-            const char* x_col = reinterpret_cast<const char*>(p.x + col);
+            // Every source address lies inside x, also where nothing is read (size 0): row 0 for an index of -1,
+            // column 0 for a chunk past K.
+            const char* x_col = reinterpret_cast<const char*>(full ? p.x + col : p.x);
             const uint32_t stage_a = smem_a + static_cast<uint32_t>(stage * kBlkM * kRowBytes);
             CUTLASS_PRAGMA_UNROLL
             for (int q = 0; q < kIdxRegs; ++q) {
