@@ -3,13 +3,14 @@
 //
 // What changes against CUTLASS's MainloopSm90ArrayTmaGmmaWarpSpecialized collective (which this one derives from and
 // whose shared memory layout, MMA and tensor-map handling it keeps): the producer warp loads an A tile with cp.async
-// instead of one TMA copy. Row i of group g's M tile m is row r = offsets[g] + m * BLK_M + i of the grouped problem;
-// it is read from x [x_rows, K] at x row row_index[r]. Each k tile of a row is 128 bytes, eight 16-byte chunks: lane
-// l of the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile; the tile's
-// row indices are read once per tile and passed between lanes by shuffle), to the address the 128-byte swizzle gives it (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes
-// and GMMA reads). B keeps its TMA copy (lane 0). A stage is full when the leader's arrive (with B's bytes as the
-// transaction count) and the 32 lanes' cp.async arrivals (cp.async.mbarrier.arrive.noinc, once their copies land)
-// have come: the full barrier counts 33 producer arrivals (NumProducerThreadEvents).
+// instead of one TMA copy. Row i of group g's M tile m is row r = offsets[g] + m * BLK_M + i of the grouped problem; it
+// is read from x [x_rows, K] at x row row_index[r]. Each k tile of a row is 128 bytes, eight 16-byte chunks: lane l of
+// the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile; the tile's row
+// indices are read once per tile and passed between lanes by shuffle), to the address the 128-byte swizzle gives it
+// (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes and GMMA reads). B keeps its TMA copy
+// (lane 0). A stage is full when the leader's arrive (with B's bytes as the transaction count) and the 32 lanes'
+// cp.async arrivals (cp.async.mbarrier.arrive.noinc, once their copies land) have come: the full barrier counts 33
+// producer arrivals (NumProducerThreadEvents).
 //
 // Measured first (bench/NOTES.md, "Gather in GEMM1's loads"): one TMA copy per row and k tile (box 1 x 64, 128-byte
 // swizzle) gave the same bits but ran GEMM1 about 4x slower: a 128-byte box costs the TMA unit about as much as a
@@ -18,8 +19,9 @@
 // Rows past the group's M, a row index outside [0, x_rows) and the chunks of a last k tile past K are zero-filled
 // (cp.async with source size 0, no global read): never an out-of-range read; the products of rows past M are never
 // stored. There is no proxy fence between the cp.async writes and the consumers' wgmma reads, as in CUTLASS's own
-// cp.async GMMA mainloops (sm90_mma_multistage_gmma_ss_warpspecialized.hpp). Layout contract (static_asserts below): A K-major with the 128-byte swizzle atom (8 rows x 64
-// 16-bit values), BLK_K = 64. The A-multicast clusters (1x2) are not supported (A is per CTA here).
+// cp.async GMMA mainloops (sm90_mma_multistage_gmma_ss_warpspecialized.hpp). Layout contract (static_asserts below): A
+// K-major with the 128-byte swizzle atom (8 rows x 64 16-bit values), BLK_K = 64. The A-multicast clusters (1x2) are
+// not supported (A is per CTA here).
 #pragma once
 
 #include <cstdint>
@@ -195,8 +197,9 @@ struct GatherAMainloop : Base {
                         const int size = x_rows[b] >= 0 ? full : 0;  // -1: past M or outside x, zeros
                         const char* src =  // one 32 x 32 -> 64-bit multiply-add per row
                             x_col + static_cast<uint64_t>(static_cast<uint32_t>(max(x_rows[b], 0))) * row_bytes;
-                        const uint32_t dst = stage_a + static_cast<uint32_t>((q * 32 + pass * kRowsPerPass) * kRowBytes) +
-                                             lane_dst[pass & 1];
+                        const uint32_t dst =
+                            stage_a + static_cast<uint32_t>((q * 32 + pass * kRowsPerPass) * kRowBytes) +
+                            lane_dst[pass & 1];
                         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                                      "r"(size));
                     }
