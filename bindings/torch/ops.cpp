@@ -541,14 +541,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
 // The staged forward of the library's MoELayer (moe_layer.h: router .. combine, the fused small-batch path off) for
 // inference in one op: one host call for the chain instead of one per stage, its workspace in one allocation.
 // capacity_factor / min_capacity / drop_policy as MoEConfig; gate_up_interleaved: w13 in the interleaved layout
-// (MoEConfig::gate_up_interleaved: GEMM1 with the activation in its epilogue where the backend has it).
+// (MoEConfig::gate_up_interleaved: GEMM1 with the activation in its epilogue where the backend has it);
+// gather_in_gemm1: MoELayer::set_gather_in_gemm1 (GEMM1 reads x's rows through the plan where it is gated).
 // Returns y, logits [T, E] fp32, ids [T, k], expert counts [E] (before drops) and the plan's offsets [E+1].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forward_op(
     const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
     const at::Tensor& w13_in, const at::Tensor& w2_in, const c10::optional<at::Tensor>& shared_w13,
     const c10::optional<at::Tensor>& shared_w2, const c10::optional<at::Tensor>& shared_gate, int64_t top_k,
     int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
-    int64_t activation, double capacity_factor, int64_t min_capacity, int64_t drop_policy, bool gate_up_interleaved) {
+    int64_t activation, double capacity_factor, int64_t min_capacity, int64_t drop_policy, bool gate_up_interleaved,
+    bool gather_in_gemm1) {
     return guarded([&] {
         const at::Tensor x = x_in.contiguous();
         LayerArgs a = layer_args("moe_forward", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2, shared_gate,
@@ -562,6 +564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forwa
         a.cfg.gate_up_interleaved = gate_up_interleaved;
         MoELayer layer(a.cfg, a.w);
         layer.set_fused_max_tokens(0);
+        layer.set_gather_in_gemm1(gather_in_gemm1);
         const int64_t T = x.size(0), E = a.cfg.num_experts;
         const auto i32 = x.options().dtype(at::kInt);
         at::Tensor y = at::empty_like(x), logits = at::empty({T, E}, x.options().dtype(at::kFloat));
@@ -653,7 +656,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("moe_forward(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
           "float routed_scale, int num_groups, int topk_groups, int activation, float capacity_factor, "
-          "int min_capacity, int drop_policy, bool gate_up_interleaved) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+          "int min_capacity, int drop_policy, bool gate_up_interleaved, bool gather_in_gemm1=False) -> "
+          "(Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("fused_path_supported(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
           "Tensor like) -> bool");
     m.def("fused_path_preferred(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "

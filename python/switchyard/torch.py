@@ -34,7 +34,9 @@ fused_path_preferred: where the weights a batch can hit take under ~60 us to rea
 tokens); 0 never; N whenever T <= N. Any other inference call runs the library's MoELayer as one op, moe_forward
 (moe_layer.h: the staged chain router .. combine in one host call instead of one per stage, its workspace in one
 allocation; with an interleaved w13, GEMM1 with the activation in its epilogue). Under torch.compile the staged ops
-run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture).
+run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture). ``MoE.gather_in_gemm1`` (default
+off) has GEMM1 read x's rows through the routing plan in its own loads, in inference and training, instead of from a
+gathered copy [T*k, H] (the same result; CUDA bf16 kernels, other dtypes gather first).
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -195,7 +197,7 @@ def _moe_fused_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, 
 @torch.library.register_fake("switchyard::moe_forward")
 def _moe_forward_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, top_k, score_function, renormalize,
                       routed_scale, num_groups, topk_groups, activation, capacity_factor, min_capacity, drop_policy,
-                      gate_up_interleaved):
+                      gate_up_interleaved, gather_in_gemm1=False):
     t, e = x.shape[0], gate.shape[0]
     return (torch.empty_like(x), x.new_empty((t, e), dtype=torch.float32), x.new_empty((t, top_k), dtype=torch.int32),
             x.new_empty((e,), dtype=torch.int32), x.new_empty((e + 1,), dtype=torch.int32))
@@ -319,19 +321,23 @@ torch.library.register_autograd("switchyard::combine", _combine_backward, setup_
 # the saved activations per routed row drop from (H + 2F + F + H) to (2F + F + H) elements, the [T*k, H] gather
 # being the largest single saving (1.9 GB of bf16 for DeepSeek-V3 at T=16384). x itself is saved, at no cost:
 # it is the layer's input and alive anyway.
+# in_gemm: the forward's GEMM reads x's rows through row_token in its own loads (grouped_mm's row_index) instead of a
+# gathered copy; the same result (stages.h, GroupedGemmOptions::row_index).
 @torch.library.custom_op("switchyard::gathered_grouped_mm", mutates_args=())
 def _gathered_grouped_mm(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, b: torch.Tensor,
-                         offsets: torch.Tensor) -> torch.Tensor:
+                         offsets: torch.Tensor, in_gemm: bool = False) -> torch.Tensor:
+    if in_gemm:
+        return _ops.grouped_mm(x, b, offsets, row_token)
     return _ops.grouped_mm(_ops.gather(x, row_token, slot_row), b, offsets)
 
 
 @_gathered_grouped_mm.register_fake
-def _gathered_grouped_mm_fake(x, row_token, slot_row, b, offsets):
+def _gathered_grouped_mm_fake(x, row_token, slot_row, b, offsets, in_gemm=False):
     return x.new_empty((row_token.shape[0], b.shape[1]))
 
 
 def _ggmm_setup(ctx, inputs, output):
-    x, row_token, slot_row, b, offsets = inputs
+    x, row_token, slot_row, b, offsets, _in_gemm = inputs
     ctx.save_for_backward(x, row_token, slot_row, b, offsets)
 
 
@@ -348,7 +354,7 @@ def _ggmm_backward(ctx, dc):
         del xp
     if ctx.needs_input_grad[0]:
         dx = _ops.gather_backward(_ops.grouped_mm_dgrad(dc, b, offsets), slot_row)
-    return dx, None, None, db, None
+    return dx, None, None, db, None, None
 
 
 _gathered_grouped_mm.register_autograd(_ggmm_backward, setup_context=_ggmm_setup)
@@ -626,6 +632,9 @@ class MoE(nn.Module):
         # w13 stored with gate/up rows interleaved in blocks of 8 (interleave_gate_up_): GEMM1 then applies the
         # gated activation in its epilogue.
         self.gate_up_interleaved = False
+        # GEMM1 reads x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H]
+        # (MoELayer::set_gather_in_gemm1; the CUDA kernels are bf16's, other dtypes gather first). The same result.
+        self.gather_in_gemm1 = False
         self.register_state_dict_post_hook(_w13_plain_in_state_dict)
         self.register_load_state_dict_pre_hook(_w13_interleaved_on_load)
         c = config
@@ -881,10 +890,14 @@ class MoE(nn.Module):
         elif self.gate_up_interleaved and not self._needs_grad(x2) and (not x2.is_cuda or x2.dtype == torch.bfloat16):
             # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; the CUDA kernel is
             # bf16's, other dtypes take the staged ops below)
-            h = _ops.grouped_mm_gated(_ops.gather(x2, row_token, slot_row), self.w13, offsets, act)
+            if self.gather_in_gemm1:
+                h = _ops.grouped_mm_gated(x2, self.w13, offsets, act, row_token)
+            else:
+                h = _ops.grouped_mm_gated(_ops.gather(x2, row_token, slot_row), self.w13, offsets, act)
             out = _ops.grouped_mm(h, self.w2, offsets)
         else:
-            g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets)
+            in_gemm = self.gather_in_gemm1 and (not x2.is_cuda or x2.dtype == torch.bfloat16)
+            g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets, in_gemm)
             out = _activated_grouped_mm(g, act, self.w2, offsets, self.gate_up_interleaved)
         shared = None
         if self.shared_w13 is not None:
@@ -953,7 +966,7 @@ class MoE(nn.Module):
             x2, self.gate, self.score_bias, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate,
             c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups,
             c.topk_groups, ACTIVATIONS[c.activation], float(c.capacity_factor_for(self.training)), c.min_capacity,
-            DROP_POLICIES[c.drop_policy], self.gate_up_interleaved)
+            DROP_POLICIES[c.drop_policy], self.gate_up_interleaved, self.gather_in_gemm1)
 
     def _fused_layer(self, x2: torch.Tensor):
         c = self.config

@@ -233,3 +233,74 @@ def test_dgrad_activation_op_on_cuda_gives_the_unfused_bits(act, interleaved):
     want_dg, want_h = _dgrad_activation_three_ops(dc, w2, offsets, g, act, interleaved)
     assert torch.equal(dg, want_dg) and torch.equal(h, want_h)
     assert dg[:10].float().abs().mean() > 1e-3
+
+
+def _module_outputs(m, x, train):
+    """y (and with train x.grad and the parameters' gradients) of one call of m, gradients cleared first."""
+    m.zero_grad(set_to_none=True)
+    if not train:
+        with torch.no_grad():
+            return [m(x)]
+    xx = x.clone().requires_grad_(True)
+    out = m(xx)
+    (out.y.float().square().mean() + out.aux_loss).backward()
+    return [out.y, xx.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gather_in_gemm1_module_gives_the_gathered_copys_bits(interleaved):
+    """MoE.gather_in_gemm1: GEMM1 reads x's rows through the plan, in inference (moe_forward and the staged ops) and in
+    training (gathered_grouped_mm's forward); on the CPU the op gathers first, so every output is bitwise the same."""
+    m = make()
+    if interleaved:
+        m.interleave_gate_up_()
+    x = torch.randn(T, H)
+    for train in (False, True):
+        m.train(train)
+        want = _module_outputs(m, x, train)
+        m.gather_in_gemm1 = True
+        got = _module_outputs(m, x, train)
+        m.gather_in_gemm1 = False
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), (train, i)
+    m.eval()
+    m.gather_in_gemm1 = True
+    with torch.no_grad():  # the staged ops (what torch.compile traces), not moe_forward
+        staged = m._layer(x)[0]
+    assert torch.equal(staged, want_y := _module_outputs(m, x, False)[0]) and want_y.abs().mean() > 1e-3
+    rt = torch.randint(-1, T, (T * K,), dtype=torch.int32)
+    slot_row = torch.full((T, K), -1, dtype=torch.int32)  # unused by the in-GEMM forward
+    offsets = torch.tensor([0, 5, 5, 11, 20] + [T * K] * (E - 4), dtype=torch.int32)
+    args = (x, rt, slot_row, m.w13.detach()[:, :, :], offsets, True)
+    torch.library.opcheck(torch.ops.switchyard.gathered_grouped_mm.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the gathered GEMM kernels need an sm_90 GPU")
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gather_in_gemm1_module_on_cuda(interleaved):
+    """bf16 on CUDA: inference (the gated GEMM1, the same tile with A gathered) gives the same bits; training's plain
+    GEMM1 may take another tile with its A gathered (grouped_gemm.cu: gather_ops), so there the bf16 tolerance."""
+    torch.manual_seed(11)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4)
+    m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda")
+    m.fused_max_tokens = 0
+    if interleaved:
+        m.interleave_gate_up_()
+    for t in (1, 70, 1000):
+        x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
+        for train in (False, True):
+            m.train(train)
+            want = _module_outputs(m, x, train)
+            m.gather_in_gemm1 = True
+            got = _module_outputs(m, x, train)
+            m.gather_in_gemm1 = False
+            assert want[0].float().abs().mean() > 1e-3
+            for i, (a, b) in enumerate(zip(got, want)):
+                if not train and interleaved:
+                    assert torch.equal(a, b), (t, i)
+                else:
+                    torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3, msg=f"T={t} train={train} output {i}")
