@@ -670,6 +670,8 @@ def layer_train_mode(args):
 
     switchyard : switchyard.torch.MoE (bf16, softmax top-k without renormalisation, SwiGLU; return_stats=False so
                  no aux loss, like the peer), CUDA kernels forward and backward;
+    sy-gather  : (only when named in --impls) the same module with gather_in_gemm1 on (GEMM1 reads x's rows through
+                 the plan; no gathered copy in the forward);
     sort       : layer_sort above, autograd through torch._grouped_mm, on the SAME parameter tensors.
     Each timed call is one fresh step: gradients set to None, forward, backward (the new gradients are allocated
     inside the step, as in training with zero_grad(set_to_none=True)). The implementations are timed in alternation
@@ -681,8 +683,9 @@ def layer_train_mode(args):
     """
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
-    impls = [i for i in args.impls.split(",") if i in ("sort", "switchyard")] or ["sort", "switchyard"]
-    sy_torch, sy_why = load_switchyard_torch(args.torch_lib) if "switchyard" in impls else (None, None)
+    impls = [i for i in args.impls.split(",") if i in ("sort", "switchyard", "sy-gather")] or ["sort", "switchyard"]
+    sy_torch, sy_why = (load_switchyard_torch(args.torch_lib) if {"switchyard", "sy-gather"} & set(impls)
+                        else (None, None))
     ceiling, copy_tbps = start_table(
         "  (training: forward + backward)",
         f"{'model':<9}{'T':>6} {'impl':<14}{'ms':>10}{'TFLOP/s':>9}{'%floor':>8}{'peak extra GB':>14}  note")
@@ -701,10 +704,18 @@ def layer_train_mode(args):
             check, steps, rows = {}, {}, {}
             for impl in impls:  # peak memory (and the --check tensors) per implementation, alone
                 note, peak = f"param grads {grad_gb:.2f} GB", float("nan")
-                if impl == "switchyard" and moe is None:
+                if impl != "sort" and moe is None:
                     note = sy_why
                 else:
-                    fwd = (lambda: layer_sort(x, wg, w13, w2, k)) if impl == "sort" else (lambda: moe(x))
+                    def fwd_gather():
+                        moe.gather_in_gemm1 = True
+                        try:
+                            return moe(x)
+                        finally:
+                            moe.gather_in_gemm1 = False
+
+                    fwd = {"sort": lambda: layer_sort(x, wg, w13, w2, k), "switchyard": lambda: moe(x),
+                           "sy-gather": fwd_gather}[impl]
 
                     def step(fwd=fwd):
                         for p_ in (x, *params):
@@ -760,12 +771,13 @@ def layer_train_mode(args):
                       f"{note}", flush=True)
                 results.append(dict(model=m, tokens=t, impl=impl, ms=ms, tflops=tfl, floor_ms=floor_ms,
                                     peak_extra_gb=peak, param_grad_gb=grad_gb, note=note))
-            if len(check) == 2:  # same weights and x; routing may differ on near-ties (bf16 vs fp32 logits)
+            for impl in [i for i in check if i != "sort" and "sort" in check]:
+                # same weights and x; routing may differ on near-ties (bf16 vs fp32 logits)
                 rel = {n: float((a - b).norm() / b.norm())
-                       for n, a, b in zip(("y", "dx", "dgate", "dw2[:8]"), check["switchyard"], check["sort"])}
-                print(f"{m:<9}{t:>6} check      switchyard vs sort, rel L2: "
+                       for n, a, b in zip(("y", "dx", "dgate", "dw2[:8]"), check[impl], check["sort"])}
+                print(f"{m:<9}{t:>6} check      {impl} vs sort, rel L2: "
                       + " ".join(f"{n} {v:.2e}" for n, v in rel.items()), flush=True)
-                next(r for r in reversed(results) if r["impl"] == "switchyard")["check_rel_l2"] = rel
+                next(r for r in reversed(results) if r["impl"] == impl)["check_rel_l2"] = rel
             del x, dy, check
         del moe, params, wg, w13, w2
         torch.cuda.empty_cache()

@@ -10,7 +10,8 @@
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated; VLLM_BEST_OF=10
 #        gives vLLM its best of 10 launch configs);
-#        trainfb: forward + backward at T=16384 (compare_torch.py --train); ncuprefill: Nsight Compute on the CLI's
+#        trainfb: forward + backward at T=16384 (compare_torch.py --train; TRAIN_IMPLS, e.g. sort,switchyard,sy-gather
+#        for the module with gather_in_gemm1 beside it); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
 #        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS; `gathered` adds --gather-in-gemm1);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
@@ -117,7 +118,8 @@ if has prefill; then
   tail -12 "$OUT/prefill.log"
 fi
 if has trainfb; then
-  python3 bench/compare_torch.py --train --tokens "${TRAIN_TOKENS_FB:-16384}" --check \
+  python3 bench/compare_torch.py --train --tokens "${TRAIN_TOKENS_FB:-16384}" --check --impls "${TRAIN_IMPLS:-sort,switchyard}" \
+    --models "${MODELS:-mixtral,qwen3,deepseek}" \
     --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" --json "$OUT/trainfb.json" >"$OUT/trainfb.log" 2>&1
   note "train fwd+bwd table: rc=$?"
   tail -10 "$OUT/trainfb.log"
