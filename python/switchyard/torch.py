@@ -884,20 +884,19 @@ class MoE(nn.Module):
                                                          c.capacity_factor_for(self.training), c.min_capacity,
                                                          DROP_POLICIES[c.drop_policy])
         act = ACTIVATIONS[c.activation]
+        kernels_take_dtype = not x2.is_cuda or x2.dtype == torch.bfloat16  # the CUDA gated / gathered GEMMs: bf16
         if self.quantized:
             g = self._expert_mm(_ops.gather(x2, row_token, slot_row), "w13", offsets)
             out = self._expert_mm(_ops.activation(g, act), "w2", offsets)
-        elif self.gate_up_interleaved and not self._needs_grad(x2) and (not x2.is_cuda or x2.dtype == torch.bfloat16):
-            # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; the CUDA kernel is
-            # bf16's, other dtypes take the staged ops below)
-            if self.gather_in_gemm1:
-                h = _ops.grouped_mm_gated(x2, self.w13, offsets, act, row_token)
-            else:
-                h = _ops.grouped_mm_gated(_ops.gather(x2, row_token, slot_row), self.w13, offsets, act)
+        elif self.gate_up_interleaved and not self._needs_grad(x2) and kernels_take_dtype:
+            # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; other dtypes on CUDA
+            # take the staged ops below)
+            a, row_index = ((x2, row_token) if self.gather_in_gemm1 else (_ops.gather(x2, row_token, slot_row), None))
+            h = _ops.grouped_mm_gated(a, self.w13, offsets, act, row_index)
             out = _ops.grouped_mm(h, self.w2, offsets)
         else:
-            in_gemm = self.gather_in_gemm1 and (not x2.is_cuda or x2.dtype == torch.bfloat16)
-            g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets, in_gemm)
+            g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets,
+                                     self.gather_in_gemm1 and kernels_take_dtype)
             out = _activated_grouped_mm(g, act, self.w2, offsets, self.gate_up_interleaved)
         shared = None
         if self.shared_w13 is not None:
