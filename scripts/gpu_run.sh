@@ -4,7 +4,7 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,traintimeline,gatedbench,gatherbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,profile
+#        trainfb,timeline,traintimeline,gatedbench,gatherbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,ncugather,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
@@ -26,6 +26,8 @@
 #        runs (bench/NOTES.md, "FP8 benchmark": the CLI bf16 / fp8-block / fp8-tensor on DeepSeek-V3, compare_torch --fp8);
 #        ncudecode: Nsight Compute on the fused path's four kernels (time, DRAM bytes, achieved bandwidth, occupancy)
 #        at Qwen3 T=1, Mixtral T=1 and DeepSeek-V3 T=16, clocks left as they are (--clock-control none).
+#        ncugather: Nsight Compute's full set on GEMM1 at T=4096 (NCU_GATHER_SHAPES, default qwen3), on the gathered copy and
+#        with --gather-in-gemm1 (warp states, stalls by SASS line).
 # SAN_TIMEOUT (seconds, default 1800) bounds each compute-sanitizer run (rc 124 when it is cut off).
 # Each step writes one log to $OUT (or ./gpu-out) as soon as it ends, so a step cut off by a time limit loses only
 # itself; the profile report is packed into one archive. A short summary is printed last and kept in summary.txt.
@@ -240,6 +242,23 @@ if has ncuprefill; then
     done
   done
   python3 scripts/ncu_table.py "$OUT"/ncu_prefill_*.csv 2>&1 | tee "$OUT/ncu_prefill_table.txt" | tail -60
+fi
+if has ncugather; then
+  # GEMM1 alone (the layer's first CUTLASS launch) with Nsight Compute's full set, on the separate gather's copy and
+  # with x's rows gathered in the producer: the warp states (where the producer and the consumers stall) and the
+  # SASS lines that stall most, to compare the two mainloops.
+  for shape in ${NCU_GATHER_SHAPES:-qwen3}; do
+    for layout in interleaved gathered; do
+      flag=--gate-up-interleaved
+      [ "$layout" = gathered ] && flag="$flag --gather-in-gemm1"
+      ncu --clock-control none --set full -k regex:device_kernel --launch-count 1 --print-details all \
+        "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
+        --no-graph --no-stages $flag >"$OUT/ncu_gemm1_${shape}_$layout.txt" 2>&1
+      note "ncu gemm1 full ${shape}_$layout: rc=$?"
+      grep -E "Duration|Stall|Warp Cycles|Issued Ipc|Registers Per|Achieved Occupancy|DRAM Throughput" \
+        "$OUT/ncu_gemm1_${shape}_$layout.txt" | head -40
+    done
+  done
 fi
 if has profile; then
   "$BUILD/switchyard" profile --device cuda --out "$OUT/report" ${PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
