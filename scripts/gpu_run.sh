@@ -13,12 +13,12 @@
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train; TRAIN_IMPLS, e.g. sort,switchyard,sy-gather
 #        for the module with gather_in_gemm1 beside it); ncuprefill: Nsight Compute on the CLI's
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
-#        plain and the interleaved (--gate-up-interleaved) layout (NCU_LAYOUTS; `gathered` adds --gather-in-gemm1);
+#        plain and the interleaved (--gate-up-interleaved --gather-in-gemm1 off) layout (NCU_LAYOUTS; `gathered`: on);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
 #        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
 #        gatherbench: the CLI's layer (interleaved, bf16) with GEMM1 reading x through the plan vs the separate
-#        gather, alternated, two rounds (GATHER_SHAPES, GATHER_TOKENS);
+#        gather, alternated, two rounds (GATHER_SHAPES, GATHER_TOKENS, GATHER_MODES: default `on off`, `auto` the rule);
 #        ncugated: Nsight Compute on gatedbench's kernels at T=4096 (one call each: GEMM1, activation, gated kernels).
 #        fused: the fused small-batch path's and the FP8 path's GPU tests (C++ and torch) first, on their own;
 #        fusedsan: compute-sanitizer memcheck and racecheck on them; decode: scripts/gpu_decode.sh (issue 12's table);
@@ -144,10 +144,10 @@ if has gatherbench; then
   # GEMM1 reading x's rows through the plan against the separate gather, alternated (interleaved layout, bf16).
   for shape in ${GATHER_SHAPES:-qwen3 deepseek-v3 mixtral}; do
     for round in 1 2; do
-      for flag in --gather-in-gemm1 --no-gather-in-gemm1; do
-        echo "== $shape $flag round $round"
+      for mode in ${GATHER_MODES:-on off}; do
+        echo "== $shape --gather-in-gemm1 $mode round $round"
         "$BUILD/switchyard" bench --shape "$shape" --tokens "${GATHER_TOKENS:-4096,16384}" --device cuda --dtype bf16 \
-          --gate-up-interleaved --no-stages --no-graph $flag --json "$OUT/gather_${shape}_${flag#--}_$round.json"
+          --gate-up-interleaved --no-stages --no-graph --gather-in-gemm1 $mode --json "$OUT/gather_${shape}_${mode}_$round.json"
       done
     done
   done >"$OUT/gatherbench.log" 2>&1
@@ -233,8 +233,8 @@ if has ncuprefill; then
   for shape in ${NCU_SHAPES:-qwen3 deepseek-v3 mixtral}; do
     for layout in ${NCU_LAYOUTS:-plain interleaved}; do
       name=$shape; flag=""
-      if [ "$layout" = interleaved ]; then name=${shape}_interleaved; flag=--gate-up-interleaved; fi
-      if [ "$layout" = gathered ]; then name=${shape}_gathered; flag="--gate-up-interleaved --gather-in-gemm1"; fi
+      if [ "$layout" = interleaved ]; then name=${shape}_interleaved; flag="--gate-up-interleaved --gather-in-gemm1 off"; fi
+      if [ "$layout" = gathered ]; then name=${shape}_gathered; flag="--gate-up-interleaved --gather-in-gemm1 on"; fi
       ncu --clock-control none --cache-control all --csv --metrics "$metrics" \
         "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
         --no-graph --no-stages $flag >"$OUT/ncu_prefill_$name.csv" 2>&1
@@ -249,8 +249,8 @@ if has ncugather; then
   # SASS lines that stall most, to compare the two mainloops.
   for shape in ${NCU_GATHER_SHAPES:-qwen3}; do
     for layout in interleaved gathered; do
-      flag=--gate-up-interleaved
-      [ "$layout" = gathered ] && flag="$flag --gather-in-gemm1"
+      flag="--gate-up-interleaved --gather-in-gemm1 off"
+      [ "$layout" = gathered ] && flag="--gate-up-interleaved --gather-in-gemm1 on"
       ncu --clock-control none --set full -k regex:device_kernel --launch-count 1 --print-details all \
         "$BUILD/switchyard" bench --shape "$shape" --tokens 4096 --device cuda --dtype bf16 --warmup 0 --reps 1 \
         --no-graph --no-stages $flag >"$OUT/ncu_gemm1_${shape}_$layout.txt" 2>&1

@@ -275,8 +275,10 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                 const MoELayer a(cfg, plain.weights());
                 // b: GEMM1 reads x's rows through the plan (set_gather_in_gemm1); b_unfused: the separate gather
                 MoELayer b(icfg, iw), b_unfused(icfg, iw);
-                ASSERT_FALSE(b_unfused.gather_in_gemm1()) << "off by default";
+                ASSERT_EQ(b_unfused.gather_in_gemm1(), GatherInGemm1::kAuto) << "automatic by default";
+                ASSERT_FALSE(b_unfused.uses_gather_in_gemm1(T)) << "the CPU backend gathers first";
                 b.set_gather_in_gemm1(true);
+                ASSERT_TRUE(b.uses_gather_in_gemm1(T));
                 const HostTensor x = HostTensor::from_floats(random_uniform(T * cfg.hidden_size, 41), dt,
                                                              {T, cfg.hidden_size});
                 const LayerRun want = run_layer(a, x), got = run_layer(b, x), got_unfused = run_layer(b_unfused, x);
@@ -293,6 +295,50 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
             }
         }
     }
+}
+
+// The automatic choice of GEMM1's gathered A loads (stages.h: gather_in_gemm1_preferred): CUDA bf16 with the
+// interleaved layout and float experts, at most gather_in_gemm1_max_rows() rows per expert on average (the measured
+// crossover: bench/NOTES.md, "Run 35"), at the three model shapes; and what MoELayer makes of its modes.
+TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
+    auto shape = [](int64_t H, int64_t F, int64_t E, int64_t k) {
+        MoEConfig c;
+        c.hidden_size = H, c.ffn_size = F, c.num_experts = E, c.top_k = k;
+        c.dtype = DType::kBF16;
+        c.gate_up_interleaved = true;
+        return c;
+    };
+    const MoEConfig qwen3 = shape(2048, 768, 128, 8), mixtral = shape(4096, 14336, 8, 2),
+                    deepseek = shape(7168, 2048, 256, 8);
+    ASSERT_EQ(gather_in_gemm1_max_rows(), 128);
+    // Qwen3: T * 8 / 128 rows per expert: 128 at T = 2048, 129 (rounded up) at 2049, 256 at 4096.
+    for (int64_t T : {1, 64, 1024, 2048}) EXPECT_TRUE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, T)) << T;
+    for (int64_t T : {2049, 4096, 16384}) EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, T)) << T;
+    // DeepSeek-V3: T / 32 rows: 128 at T = 4096 (measured 14% faster), 256 at 8192 (tied).
+    EXPECT_TRUE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 4096));
+    EXPECT_FALSE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 8192));
+    // Mixtral: T / 4 rows: 128 at T = 512, 1024 at 4096.
+    EXPECT_TRUE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 512));
+    EXPECT_FALSE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 513));
+    EXPECT_FALSE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 4096));
+    // Only where the gathered CUDA kernels run: not on the CPU, not fp16 / fp32, not the plain layout, not FP8 experts.
+    EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCPU, 64));
+    EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, 0));
+    MoEConfig c = qwen3;
+    c.dtype = DType::kF16;
+    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
+    c = qwen3;
+    c.gate_up_interleaved = false;
+    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
+    c = qwen3;
+    c.quant_mode = QuantMode::kFP8Block;
+    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
+    // Expert choice: its capacity is the rows per expert.
+    c = qwen3;
+    c.routing_mode = RoutingMode::kExpertChoice;
+    c.capacity_factor = 1.0;
+    for (int64_t T : {256, 2048, 4096})
+        EXPECT_EQ(gather_in_gemm1_preferred(c, Device::kCUDA, T), c.expert_choice_capacity(T) <= 128) << T;
 }
 
 TEST(GatedGemm, InterleavedLayoutConfigIsChecked) {

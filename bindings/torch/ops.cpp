@@ -542,7 +542,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_fused_op(
 // inference in one op: one host call for the chain instead of one per stage, its workspace in one allocation.
 // capacity_factor / min_capacity / drop_policy as MoEConfig; gate_up_interleaved: w13 in the interleaved layout
 // (MoEConfig::gate_up_interleaved: GEMM1 with the activation in its epilogue where the backend has it);
-// gather_in_gemm1: MoELayer::set_gather_in_gemm1 (GEMM1 reads x's rows through the plan where it is gated).
+// gather_in_gemm1: MoELayer::set_gather_in_gemm1 (GEMM1 reads x's rows through the plan where it is gated): -1 the
+// automatic choice (stages.h: gather_in_gemm1_preferred), 0 off, 1 on.
 // Returns y, logits [T, E] fp32, ids [T, k], expert counts [E] (before drops) and the plan's offsets [E+1].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forward_op(
     const at::Tensor& x_in, const at::Tensor& gate_in, const c10::optional<at::Tensor>& bias,
@@ -550,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forwa
     const c10::optional<at::Tensor>& shared_w2, const c10::optional<at::Tensor>& shared_gate, int64_t top_k,
     int64_t score_function, bool renormalize, double routed_scale, int64_t num_groups, int64_t topk_groups,
     int64_t activation, double capacity_factor, int64_t min_capacity, int64_t drop_policy, bool gate_up_interleaved,
-    bool gather_in_gemm1) {
+    int64_t gather_in_gemm1) {
     return guarded([&] {
         const at::Tensor x = x_in.contiguous();
         LayerArgs a = layer_args("moe_forward", x, gate_in, bias, w13_in, w2_in, shared_w13, shared_w2, shared_gate,
@@ -564,7 +565,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_forwa
         a.cfg.gate_up_interleaved = gate_up_interleaved;
         MoELayer layer(a.cfg, a.w);
         layer.set_fused_max_tokens(0);
-        layer.set_gather_in_gemm1(gather_in_gemm1);
+        TORCH_CHECK(gather_in_gemm1 >= -1 && gather_in_gemm1 <= 1, "switchyard.moe_forward: gather_in_gemm1=",
+                    gather_in_gemm1, " (-1 automatic, 0 off, 1 on)");
+        layer.set_gather_in_gemm1(gather_in_gemm1 < 0    ? GatherInGemm1::kAuto
+                                  : gather_in_gemm1 == 0 ? GatherInGemm1::kOff
+                                                         : GatherInGemm1::kOn);
         const int64_t T = x.size(0), E = a.cfg.num_experts;
         const auto i32 = x.options().dtype(at::kInt);
         at::Tensor y = at::empty_like(x), logits = at::empty({T, E}, x.options().dtype(at::kFloat));
@@ -605,6 +610,15 @@ bool fused_path_preferred_op(int64_t num_tokens, int64_t hidden, int64_t ffn, in
     MoEConfig c = fused_query_config(hidden, ffn, num_experts, top_k, shared_width, like);
     c.activation = static_cast<Activation>(activation);
     return fused_path_preferred(c, sy_device(like), num_tokens);
+}
+
+// The automatic choice of GEMM1's gathered A loads (stages.h: gather_in_gemm1_preferred) for an interleaved w13 and
+// token choice, for the Python module's gather_in_gemm1=None.
+bool gather_in_gemm1_preferred_op(int64_t num_tokens, int64_t hidden, int64_t ffn, int64_t num_experts, int64_t top_k,
+                                  const at::Tensor& like) {
+    MoEConfig c = fused_query_config(hidden, ffn, num_experts, top_k, 0, like);
+    c.gate_up_interleaved = true;
+    return gather_in_gemm1_preferred(c, sy_device(like), num_tokens);
 }
 
 }  // namespace
@@ -656,12 +670,14 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("moe_forward(Tensor x, Tensor gate, Tensor? bias, Tensor w13, Tensor w2, Tensor? shared_w13, "
           "Tensor? shared_w2, Tensor? shared_gate, int top_k, int score_function, bool renormalize, "
           "float routed_scale, int num_groups, int topk_groups, int activation, float capacity_factor, "
-          "int min_capacity, int drop_policy, bool gate_up_interleaved, bool gather_in_gemm1=False) -> "
+          "int min_capacity, int drop_policy, bool gate_up_interleaved, int gather_in_gemm1=-1) -> "
           "(Tensor, Tensor, Tensor, Tensor, Tensor)");
     m.def("fused_path_supported(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
           "Tensor like) -> bool");
     m.def("fused_path_preferred(int num_tokens, int hidden, int ffn, int num_experts, int top_k, int shared_width, "
           "int activation, Tensor like) -> bool");
+    m.def("gather_in_gemm1_preferred(int num_tokens, int hidden, int ffn, int num_experts, int top_k, Tensor like) "
+          "-> bool");
 }
 
 // One implementation per op serves both devices: the stage function runs the backend of the tensors' device.
@@ -691,7 +707,8 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("moe_fused", &moe_fused_op);                                       \
     m.impl("moe_forward", &moe_forward_op);                                   \
     m.impl("fused_path_supported", &fused_path_supported_op);                 \
-    m.impl("fused_path_preferred", &fused_path_preferred_op)
+    m.impl("fused_path_preferred", &fused_path_preferred_op);                 \
+    m.impl("gather_in_gemm1_preferred", &gather_in_gemm1_preferred_op)
 
 TORCH_LIBRARY_IMPL(switchyard, CPU, m) { SWITCHYARD_TORCH_IMPLS(m); }
 #ifdef SWITCHYARD_TORCH_CUDA

@@ -81,6 +81,9 @@ struct WorkspaceSlice {
     std::string aliases;
 };
 
+// MoELayer::set_gather_in_gemm1's modes: the automatic choice (stages.h, gather_in_gemm1_preferred), always, never.
+enum class GatherInGemm1 { kAuto, kOn, kOff };
+
 class MoELayer {
  public:
     // Validates the config and every weight's shape, dtype and device; throws switchyard::Error.
@@ -114,13 +117,16 @@ class MoELayer {
     int64_t fused_max_tokens() const { return fused_max_tokens_; }
     bool uses_fused_path(int64_t num_tokens) const;
 
-    // The staged chain's dispatch inside GEMM1 (default off): where GEMM1 runs with the gated epilogue (interleaved
-    // gate/up weights: bf16 on CUDA, any float dtype on the CPU), its A rows are read from x through the plan's
-    // row_token (stages.h, GroupedGemmOptions::row_index) instead of a gathered copy xp. Same result. Off by default
-    // until its CUDA kernel has been measured faster than the separate gather (bench/NOTES.md, "Gather in GEMM1's
-    // loads").
-    void set_gather_in_gemm1(bool on) { gather_in_gemm1_ = on; }
-    bool gather_in_gemm1() const { return gather_in_gemm1_; }
+    // The staged chain's dispatch inside GEMM1: where GEMM1 runs with the gated epilogue (interleaved gate/up
+    // weights: bf16 on CUDA, any float dtype on the CPU; float experts), its A rows are read from x through the plan's
+    // row_token (stages.h, GroupedGemmOptions::row_index) instead of a gathered copy xp. Same result, bit for bit.
+    // kAuto (the default): where stages.h's gather_in_gemm1_preferred says so (CUDA, few rows per expert: measured
+    // faster there, slower with many); kOn / kOff: wherever GEMM1 is gated / never. The CPU backend gathers either way.
+    void set_gather_in_gemm1(GatherInGemm1 mode) { gather_in_gemm1_ = mode; }
+    void set_gather_in_gemm1(bool on) { gather_in_gemm1_ = on ? GatherInGemm1::kOn : GatherInGemm1::kOff; }
+    GatherInGemm1 gather_in_gemm1() const { return gather_in_gemm1_; }
+    // Whether a staged forward of num_tokens tokens reads x through the plan in GEMM1 (the mode, the layer's config).
+    bool uses_gather_in_gemm1(int64_t num_tokens) const;
 
     // Convenience for the CPU backend: allocates its own workspace.
     void forward(const TensorRef& x, const TensorRef& y, ForwardOutputs* out = nullptr) const;
@@ -129,7 +135,7 @@ class MoELayer {
     MoEConfig cfg_;
     MoEWeights w_;
     int64_t fused_max_tokens_ = -1;
-    bool gather_in_gemm1_ = false;
+    GatherInGemm1 gather_in_gemm1_ = GatherInGemm1::kAuto;
 };
 
 // Throws unless x is [T, H] of cfg.dtype, contiguous, on `dev`. Shared by every entry point.

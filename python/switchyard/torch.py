@@ -34,9 +34,11 @@ fused_path_preferred: where the weights a batch can hit take under ~60 us to rea
 tokens); 0 never; N whenever T <= N. Any other inference call runs the library's MoELayer as one op, moe_forward
 (moe_layer.h: the staged chain router .. combine in one host call instead of one per stage, its workspace in one
 allocation; with an interleaved w13, GEMM1 with the activation in its epilogue). Under torch.compile the staged ops
-run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture). ``MoE.gather_in_gemm1`` (default
-off) has GEMM1 read x's rows through the routing plan in its own loads, in inference and training, instead of from a
-gathered copy [T*k, H] (the same result; CUDA bf16 kernels, other dtypes gather first).
+run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture). ``MoE.gather_in_gemm1`` has GEMM1 read
+x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H] (the same result; CUDA
+bf16 kernels, other dtypes gather first): None (the default) automatic in inference, by the library's measured rule
+(stages.h: gather_in_gemm1_preferred: an interleaved w13 and at most 128 rows per expert on average), the separate
+gather in training and under torch.compile; True in inference and training; False never.
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -197,7 +199,7 @@ def _moe_fused_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, 
 @torch.library.register_fake("switchyard::moe_forward")
 def _moe_forward_fake(x, gate, bias, w13, w2, shared_w13, shared_w2, shared_gate, top_k, score_function, renormalize,
                       routed_scale, num_groups, topk_groups, activation, capacity_factor, min_capacity, drop_policy,
-                      gate_up_interleaved, gather_in_gemm1=False):
+                      gate_up_interleaved, gather_in_gemm1=-1):
     t, e = x.shape[0], gate.shape[0]
     return (torch.empty_like(x), x.new_empty((t, e), dtype=torch.float32), x.new_empty((t, top_k), dtype=torch.int32),
             x.new_empty((e,), dtype=torch.int32), x.new_empty((e + 1,), dtype=torch.int32))
@@ -634,7 +636,10 @@ class MoE(nn.Module):
         self.gate_up_interleaved = False
         # GEMM1 reads x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H]
         # (MoELayer::set_gather_in_gemm1; the CUDA kernels are bf16's, other dtypes gather first). The same result.
-        self.gather_in_gemm1 = False
+        # None = automatic in inference (stages.h: gather_in_gemm1_preferred), off in training and under
+        # torch.compile; True = on (inference and training); False = off.
+        self.gather_in_gemm1: Optional[bool] = None
+        self._gather_ok_cache = {}
         self.register_state_dict_post_hook(_w13_plain_in_state_dict)
         self.register_load_state_dict_pre_hook(_w13_interleaved_on_load)
         c = config
@@ -891,12 +896,13 @@ class MoE(nn.Module):
         elif self.gate_up_interleaved and not self._needs_grad(x2) and kernels_take_dtype:
             # GEMM1 and the activation in one kernel (inference: nothing is saved for a backward; other dtypes on CUDA
             # take the staged ops below)
-            a, row_index = ((x2, row_token) if self.gather_in_gemm1 else (_ops.gather(x2, row_token, slot_row), None))
+            a, row_index = ((x2, row_token) if self._gather_in_gemm1_for(x2)
+                            else (_ops.gather(x2, row_token, slot_row), None))
             h = _ops.grouped_mm_gated(a, self.w13, offsets, act, row_index)
             out = _ops.grouped_mm(h, self.w2, offsets)
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets,
-                                     self.gather_in_gemm1 and kernels_take_dtype)
+                                     self.gather_in_gemm1 is True and kernels_take_dtype)
             out = _activated_grouped_mm(g, act, self.w2, offsets, self.gate_up_interleaved)
         shared = None
         if self.shared_w13 is not None:
@@ -938,6 +944,21 @@ class MoE(nn.Module):
             self._fused_ok_cache[key] = bool(ok)
         return self._fused_ok_cache[key]
 
+    # Whether the staged inference path's gated GEMM1 reads x through the plan: gather_in_gemm1 if set, else the
+    # library's rule (stages.h: gather_in_gemm1_preferred), asked on the host once per (T, dtype, device); under
+    # torch.compile the automatic choice is the separate gather (the rule is a host call the graph cannot hold).
+    def _gather_in_gemm1_for(self, x2: torch.Tensor) -> bool:
+        if self.gather_in_gemm1 is not None:
+            return bool(self.gather_in_gemm1)
+        if torch.compiler.is_compiling():
+            return False
+        c = self.config
+        key = (x2.shape[0], x2.dtype, x2.device)
+        if key not in self._gather_ok_cache:
+            self._gather_ok_cache[key] = bool(_ops.gather_in_gemm1_preferred(x2.shape[0], c.hidden_size, c.ffn_size,
+                                                                              c.num_experts, c.top_k, x2))
+        return self._gather_ok_cache[key]
+
     # Whether this call runs the library's MoELayer in one op (moe_forward: the staged chain, one host call instead of
     # one per stage): no gradient wanted, not inside torch.compile (the staged ops trace), float experts, the
     # library's router GEMM, routing, group score and expert chain (not a subclass's, e.g. ExpertParallelMoE's; not
@@ -965,7 +986,8 @@ class MoE(nn.Module):
             x2, self.gate, self.score_bias, self.w13, self.w2, self.shared_w13, self.shared_w2, self.shared_gate,
             c.top_k, SCORE_FUNCTIONS[c.score_function], c.renormalize, float(c.routed_scale), c.num_groups,
             c.topk_groups, ACTIVATIONS[c.activation], float(c.capacity_factor_for(self.training)), c.min_capacity,
-            DROP_POLICIES[c.drop_policy], self.gate_up_interleaved, self.gather_in_gemm1)
+            DROP_POLICIES[c.drop_policy], self.gate_up_interleaved,
+            -1 if self.gather_in_gemm1 is None else int(bool(self.gather_in_gemm1)))
 
     def _fused_layer(self, x2: torch.Tensor):
         c = self.config

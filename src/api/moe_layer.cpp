@@ -460,8 +460,7 @@ void MoELayer::forward(const TensorRef& x, const TensorRef& y, void* workspace, 
     route_and_plan();
     // token choice: by token, x read once (expert choice's slot_row is [T, E], one column per expert: by row)
     // With the gated GEMM1 the dispatch is GEMM1's A loads (set_gather_in_gemm1): x's rows through row_token.
-    const bool gather_in_gemm1 = gather_in_gemm1_ && api::uses_gated_gemm1(cfg_, dev) &&
-                                 cfg_.quant_mode == QuantMode::kNone;
+    const bool gather_in_gemm1 = uses_gather_in_gemm1(T);
     if (!gather_in_gemm1) gather(x, plan.row_token, xp, stream, cfg_.expert_choice() ? TensorRef() : plan.slot_row);
     stage_done("dispatch");
     // A float weight runs grouped_gemm; an fp8 one grouped_gemm_fp8 (its input quantised per the recipe, stages.h);
@@ -501,6 +500,16 @@ bool MoELayer::uses_fused_path(int64_t num_tokens) const {
     for (const TensorRef* t : {&w_.gate, &w_.w13, &w_.w2, &w_.shared_w13, &w_.shared_w2, &w_.shared_gate})
         if (t->defined() && reinterpret_cast<uintptr_t>(t->data) % 16 != 0) return false;
     return true;
+}
+
+bool MoELayer::uses_gather_in_gemm1(int64_t num_tokens) const {
+    if (!api::uses_gated_gemm1(cfg_, device()) || cfg_.quant_mode != QuantMode::kNone) return false;
+    switch (gather_in_gemm1_) {
+        case GatherInGemm1::kOn: return true;
+        case GatherInGemm1::kOff: return false;
+        case GatherInGemm1::kAuto: break;
+    }
+    return gather_in_gemm1_preferred(cfg_, device(), num_tokens);
 }
 
 void MoELayer::set_fused_max_tokens(int64_t max_tokens) {

@@ -732,6 +732,16 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
     return experts * expert + shared <= fused_path_auto_bytes(cfg.quant_mode);
 }
 
+bool gather_in_gemm1_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens) {
+    if (device != Device::kCUDA || !cfg.gate_up_interleaved || cfg.dtype != DType::kBF16 ||
+        cfg.quant_mode != QuantMode::kNone || num_tokens < 1)
+        return false;
+    const int64_t rows_per_expert = cfg.expert_choice()
+                                        ? cfg.expert_choice_capacity(num_tokens)
+                                        : (num_tokens * cfg.top_k + cfg.num_experts - 1) / cfg.num_experts;
+    return rows_per_expert <= gather_in_gemm1_max_rows();
+}
+
 size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {
     if (!cuda_workspace(device, num_tokens, "route_fused_workspace_size")) return 0;
     SWITCHYARD_ON_CUDA(route_fused_workspace_size(cfg, num_tokens));

@@ -248,14 +248,16 @@ def _module_outputs(m, x, train):
 
 
 def _without_and_with_gather(m, x, train):
-    """_module_outputs of m with gather_in_gemm1 off, then on (left off)."""
+    """_module_outputs of m with gather_in_gemm1 off, then on (then back to what it was)."""
     m.train(train)
-    want = _module_outputs(m, x, train)
-    m.gather_in_gemm1 = True
+    before = m.gather_in_gemm1
     try:
+        m.gather_in_gemm1 = False
+        want = _module_outputs(m, x, train)
+        m.gather_in_gemm1 = True
         got = _module_outputs(m, x, train)
     finally:
-        m.gather_in_gemm1 = False
+        m.gather_in_gemm1 = before
     assert len(got) == len(want)
     return want, got
 
@@ -283,6 +285,57 @@ def test_gather_in_gemm1_module_gives_the_gathered_copys_bits(interleaved):
     args = (x, rt, slot_row, m.w13.detach(), offsets, True)
     torch.library.opcheck(torch.ops.switchyard.gathered_grouped_mm.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_gather_in_gemm1_is_automatic_by_default():
+    """gather_in_gemm1=None asks the library's rule (stages.h: gather_in_gemm1_preferred), which picks the gathered
+    loads on CUDA bf16 only: on the CPU the answer is no whatever the shape, and moe_forward takes -1 / 0 / 1."""
+    m = make()
+    assert m.gather_in_gemm1 is None
+    pref = torch.ops.switchyard.gather_in_gemm1_preferred
+    for dt in (torch.float32, torch.bfloat16):
+        assert not pref(64, 2048, 768, 128, 8, torch.empty(1, dtype=dt))
+    m.interleave_gate_up_()
+    m.eval()
+    x = torch.randn(T, H)
+    with torch.no_grad():
+        auto = m(x)
+        assert not m._gather_in_gemm1_for(x)
+        m.gather_in_gemm1 = False
+        off = m(x)
+    assert torch.equal(auto, off)
+    with pytest.raises(RuntimeError, match="gather_in_gemm1"):
+        c = m.config
+        torch.ops.switchyard.moe_forward(x, m.gate, None, m.w13, m.w2, None, None, None, c.top_k, 0, True, 1.0, 1, 1,
+                                         0, 0.0, 0, 0, True, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the gathered GEMM kernels need an sm_90 GPU")
+def test_gather_in_gemm1_automatic_choice_on_cuda():
+    """On CUDA bf16 the rule picks the gathered loads up to 128 rows per expert (Qwen3's shape: T * 8 / 128 rows, so
+    T = 2048 yes and 2049 no), and the module's automatic choice gives the bits of either explicit one."""
+    like = torch.empty(1, dtype=torch.bfloat16, device="cuda")
+    pref = torch.ops.switchyard.gather_in_gemm1_preferred
+    assert pref(2048, 2048, 768, 128, 8, like) and not pref(2049, 2048, 768, 128, 8, like)
+    assert not pref(64, 2048, 768, 128, 8, like.half())
+    torch.manual_seed(12)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4)
+    m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda").eval()
+    m.fused_max_tokens = 0
+    m.interleave_gate_up_()
+    for t in (100, 600):  # 25 and 150 rows per expert on average
+        x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
+        assert m._gather_in_gemm1_for(x) == (t * 4 / 16 <= 128)
+        with torch.no_grad():
+            auto = m(x)
+            m.gather_in_gemm1 = False
+            off = m(x)
+            m.gather_in_gemm1 = True
+            on = m(x)
+            m.gather_in_gemm1 = None
+        assert torch.equal(auto, off) and torch.equal(auto, on), t
 
 
 @pytest.mark.gpu

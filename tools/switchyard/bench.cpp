@@ -64,7 +64,7 @@ struct BenchOptions {
     bool graph = true;    // CUDA: also time graph replays
     bool stages = true;   // CUDA: also time each stage
     int64_t fused_max_tokens = -1;  // CUDA: MoELayer::set_fused_max_tokens (-1: automatic, the layer's default)
-    bool gather_in_gemm1 = false;   // MoELayer::set_gather_in_gemm1
+    std::string gather_in_gemm1 = "auto";  // MoELayer::set_gather_in_gemm1: auto | on | off
     std::string quant = "none";     // none | fp8-block | fp8-tensor: FP8 experts from the random float weights
     double peak_tflops_fp8 = 0;     // FP8 matrix rate of the floor (0: measured)
     bool quant_check = true;        // CUDA: check the GPU quantiser against the host recipe on sampled matrices
@@ -164,6 +164,10 @@ void bench_cpu(const BenchOptions& o, const MoEConfig& cfg, const Rates& rates, 
 }
 
 #ifdef SWITCHYARD_WITH_CUDA
+GatherInGemm1 gather_mode(const std::string& mode) {
+    return mode == "on" ? GatherInGemm1::kOn : mode == "off" ? GatherInGemm1::kOff : GatherInGemm1::kAuto;
+}
+
 // Returns false when the check of the GPU quantiser found a difference (the runs are still timed and recorded).
 bool bench_cuda(const BenchOptions& o, const MoEConfig& cfg, const Rates& rates, nlohmann::ordered_json& j) {
     bool ok = true;
@@ -199,15 +203,17 @@ bool bench_cuda(const BenchOptions& o, const MoEConfig& cfg, const Rates& rates,
         double floor_ms = 0;
         if (o.impl != "dense") {
             const CudaLayerTiming t = time_cuda_layer(cfg, dw.w, T, o.warmup, o.reps, o.seed + T, o.graph, o.stages,
-                                                      o.fused_max_tokens, o.gather_in_gemm1);
+                                                      o.fused_max_tokens, gather_mode(o.gather_in_gemm1));
             r = floor_entry(cfg, T, t.kept_rows, t.experts_hit, dw.w.w13.dtype, rates, &floor_ms);
             r["sparse_ms"] = t.eager_ms;
             r["sparse_pct_of_floor"] = t.eager_ms > 0 ? 100 * floor_ms / t.eager_ms : 0.0;
             r["workspace_bytes"] = t.workspace_bytes;
             r["input_copies"] = t.input_copies;
             r["path"] = t.fused ? "fused" : "staged";
-            std::printf("  sparse %10.4f ms eager (%5.1f%% of floor, %s path)", t.eager_ms, 100 * floor_ms / t.eager_ms,
-                        t.fused ? "fused" : "staged");
+            r["gather_in_gemm1"] = t.gathered_in_gemm1;
+            std::printf("  sparse %10.4f ms eager (%5.1f%% of floor, %s path%s)", t.eager_ms,
+                        100 * floor_ms / t.eager_ms, t.fused ? "fused" : "staged",
+                        t.gathered_in_gemm1 ? ", x gathered in GEMM1" : "");
             if (o.graph) {
                 r["graph_ms"] = t.graph_ms;
                 r["graph_pct_of_floor"] = t.graph_ms > 0 ? 100 * floor_ms / t.graph_ms : 0.0;
@@ -414,9 +420,12 @@ void add_bench(CLI::App& app, int* exit_code) {
                     "CUDA: the fused small-batch path: -1 automatic (the layer's default, stages.h "
                     "fused_path_preferred), 0 never, N whenever T <= N (at most 64)")
         ->capture_default_str();
-    sub->add_flag("--gather-in-gemm1,!--no-gather-in-gemm1", o->gather_in_gemm1,
-                  "CUDA, interleaved gate/up layout: GEMM1 reads x's rows through the plan (no gathered copy); "
-                  "--no-gather-in-gemm1 runs the separate gather (default off, as the layer's)");
+    sub->add_option("--gather-in-gemm1", o->gather_in_gemm1,
+                    "CUDA, interleaved gate/up layout: GEMM1 reads x's rows through the plan instead of a gathered "
+                    "copy: auto (the layer's default, stages.h gather_in_gemm1_preferred: few rows per expert), on, "
+                    "off (the separate gather)")
+        ->check(CLI::IsMember({"auto", "on", "off"}))
+        ->capture_default_str();
     add_layer_flags(sub, o->layer, /*random_weights=*/true);
     sub->callback([o, exit_code] { *exit_code = run_bench(*o); });
 }

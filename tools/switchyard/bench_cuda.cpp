@@ -186,7 +186,7 @@ DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, boo
 
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& w, int64_t T, int warmup, int reps,
                                 uint64_t seed, bool graph, bool stages, int64_t fused_max_tokens,
-                                bool gather_in_gemm1) {
+                                GatherInGemm1 gather_in_gemm1) {
     SWITCHYARD_CHECK(reps > 0 && warmup >= 0, "time_cuda_layer: reps=", reps, " warmup=", warmup);
     CudaLayerTiming r;
     r.num_tokens = T;
@@ -195,6 +195,7 @@ CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& w, int64
     layer.set_fused_max_tokens(fused_max_tokens);
     layer.set_gather_in_gemm1(gather_in_gemm1);
     r.fused = layer.uses_fused_path(T);
+    r.gathered_in_gemm1 = !r.fused && layer.uses_gather_in_gemm1(T);
     CudaStream st;
 
     // Inputs rotated past L2: enough copies that the x reads of consecutive runs exceed 2 x L2 (at most 8).

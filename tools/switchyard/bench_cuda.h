@@ -29,6 +29,7 @@ struct CudaLayerTiming {
     int64_t experts_hit = 0;
     int input_copies = 1;
     bool fused = false;  // the forward took the fused small-batch path
+    bool gathered_in_gemm1 = false;  // the staged chain's GEMM1 read x through the plan (uses_gather_in_gemm1)
     LoadStats stats;
 };
 
@@ -56,10 +57,11 @@ struct Fp8QuantCheck {
 DeviceWeights random_device_weights_fp8(const MoEConfig& cfg, uint64_t seed, bool check, Fp8QuantCheck* check_result);
 
 // fused_max_tokens: MoELayer::set_fused_max_tokens (-1 automatic, 0 the staged path only); gather_in_gemm1:
-// MoELayer::set_gather_in_gemm1.
+// MoELayer::set_gather_in_gemm1 (kAuto: the layer's default).
 CudaLayerTiming time_cuda_layer(const MoEConfig& cfg, const MoEWeights& device_weights, int64_t num_tokens,
                                 int warmup, int reps, uint64_t seed, bool graph, bool stages,
-                                int64_t fused_max_tokens = 0, bool gather_in_gemm1 = false);
+                                int64_t fused_max_tokens = 0,
+                                GatherInGemm1 gather_in_gemm1 = GatherInGemm1::kAuto);
 
 }  // namespace cli
 }  // namespace switchyard
