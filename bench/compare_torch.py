@@ -712,7 +712,7 @@ def layer_train_mode(args):
                         try:
                             return moe(x)
                         finally:
-                            moe.gather_in_gemm1 = False
+                            moe.gather_in_gemm1 = None  # the default (automatic; in training the separate gather)
 
                     fwd = {"sort": lambda: layer_sort(x, wg, w13, w2, k), "switchyard": lambda: moe(x),
                            "sy-gather": fwd_gather}[impl]
