@@ -309,10 +309,11 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
 // automatic choice (set_gather_in_gemm1) and switchyard.torch.MoE's for inference. Preferred where GEMM1 runs with
 // the gated epilogue on CUDA (bf16, interleaved gate/up, float experts) and the experts average at most
 // gather_in_gemm1_max_rows() rows (T * top_k / E; expert choice: its capacity). Measured on an H100 (bench/NOTES.md,
-// "Run 35"; the layer with and without, alternated): at 32-128 rows per expert the gather in the loads was faster
-// (DeepSeek-V3 T = 2048 / 4096: -5% / -14%, GEMM1 reading 16.4-17.0 GB of DRAM instead of 22.6-25.4 GB; Qwen3-30B-A3B
-// T = 1024 / 2048: -4%), at 256 rows it tied, and from 512 rows, where the 128-row Cooperative tiles run, it was
-// 10-28% slower (Qwen3 and DeepSeek-V3 at 512-1024 rows, Mixtral at 1024-4096).
+// "Run 35" and "Runs 39-40"; the layer with and without, alternated): as fast or faster at decode sizes (T = 1-64),
+// faster at 32-128 rows per expert (DeepSeek-V3 T = 2048 / 4096: -5% / -14%, GEMM1 reading 16.4-17.0 GB of DRAM
+// instead of 22.6-25.4 GB; Qwen3-30B-A3B T = 1024 / 2048: -4%; Mixtral tied), tied at 256 rows, and from 512 rows,
+// where the 128-row Cooperative tiles run, 9-27% slower (Qwen3 and DeepSeek-V3 at 512-1024 rows, Mixtral at
+// 1024-4096).
 constexpr int64_t gather_in_gemm1_max_rows() { return 128; }
 bool gather_in_gemm1_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens);
 
