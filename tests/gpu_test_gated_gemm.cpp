@@ -382,12 +382,14 @@ void to_device(const test::HostTensor& h, DeviceCopy* d) {
 }
 
 // y of one forward of a CUDA layer on x's first T rows (workspace and y poisoned first); fused: the small-batch path
-// (experts_fused), else the staged chain (with gather_in_gemm1: GEMM1 reading x's rows through the plan).
+// (experts_fused), else the staged chain (gather: MoELayer::set_gather_in_gemm1, kOn = GEMM1 reading x's rows
+// through the plan wherever GEMM1 is gated; gathered, when given, receives uses_gather_in_gemm1(T)).
 std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, const DeviceBuffer& x, int64_t T,
-                                  bool fused, bool gather_in_gemm1 = false) {
+                                  bool fused, GatherInGemm1 gather = GatherInGemm1::kOff, bool* gathered = nullptr) {
     MoELayer layer(cfg, w);
     layer.set_fused_max_tokens(fused ? fused_path_max_tokens() : 0);
-    layer.set_gather_in_gemm1(gather_in_gemm1);
+    layer.set_gather_in_gemm1(gather);
+    if (gathered != nullptr) *gathered = layer.uses_gather_in_gemm1(T);
     EXPECT_EQ(layer.uses_fused_path(T), fused) << "T=" << T;
     const size_t bytes = T * cfg.hidden_size * dtype_size(cfg.dtype), ws_bytes = layer.workspace_size(T);
     DeviceBuffer y(bytes), ws(ws_bytes);
@@ -403,7 +405,8 @@ std::vector<uint8_t> cuda_layer_y(const MoEConfig& cfg, const MoEWeights& w, con
 TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
     if (!sm90()) GTEST_SKIP() << "needs an sm_90 GPU";
     for (DType dt : {DType::kBF16, DType::kF16}) {
-        for (int variant = 0; variant < 2; ++variant) {  // dropless SwiGLU; GeGLU + shared expert + capacity
+        // dropless SwiGLU; GeGLU + shared expert + capacity; expert choice (the staged chain only)
+        for (int variant = 0; variant < 3; ++variant) {
             SCOPED_TRACE(std::string(to_string(dt)) + " variant " + std::to_string(variant));
             MoEConfig cfg;
             cfg.hidden_size = 256;
@@ -417,6 +420,7 @@ TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                 cfg.shared_ffn_size = 64;
                 cfg.capacity_factor = 0.9;
             }
+            if (variant == 2) cfg.routing_mode = RoutingMode::kExpertChoice;
             const int64_t T = 300;
             const test::HostLayer h = test::random_layer(cfg, 70 + variant, dt);
             test::HostTensor w13i(dt, h.w13.shape());
@@ -442,13 +446,23 @@ TEST(GpuGatedGemm, InterleavedLayerGivesThePlainLayersBits) {
             // The staged chain at T rows; the fused small-batch path (decode kernels) at 1, 7 and 40 rows.
             for (auto [rows, fused] : {std::make_pair(T, false), std::make_pair(int64_t{1}, true),
                                        std::make_pair(int64_t{7}, true), std::make_pair(int64_t{40}, true)}) {
+                if (fused && cfg.expert_choice()) continue;  // the fused path routes token choice only
                 SCOPED_TRACE("T=" + std::to_string(rows) + (fused ? " fused path" : " staged chain"));
                 const std::vector<uint8_t> want = cuda_layer_y(cfg, w, x, rows, fused);
                 const std::vector<uint8_t> got = cuda_layer_y(icfg, wi, x, rows, fused);
                 EXPECT_TRUE(testing::bitwise_equal(got, want, "y interleaved vs plain"));
                 if (!fused) {  // the dispatch in GEMM1's loads (bf16: the gathered kernel; fp16: the separate gather)
-                    const std::vector<uint8_t> got_g = cuda_layer_y(icfg, wi, x, rows, fused, true);
+                    bool gathered = false;
+                    const std::vector<uint8_t> got_g =
+                        cuda_layer_y(icfg, wi, x, rows, fused, GatherInGemm1::kOn, &gathered);
+                    EXPECT_EQ(gathered, dt == DType::kBF16);
                     EXPECT_TRUE(testing::bitwise_equal(got_g, want, "y interleaved, gather in GEMM1, vs plain"));
+                    // The automatic choice: at most 128 rows per expert on average here (token choice 300 * 4 / 16,
+                    // expert choice its capacity), so bf16 gathers in GEMM1.
+                    const std::vector<uint8_t> got_a =
+                        cuda_layer_y(icfg, wi, x, rows, fused, GatherInGemm1::kAuto, &gathered);
+                    EXPECT_EQ(gathered, dt == DType::kBF16);
+                    EXPECT_TRUE(testing::bitwise_equal(got_a, want, "y interleaved, automatic gather, vs plain"));
                 }
                 size_t nonzero = 0;
                 for (uint8_t b : want) nonzero += b != 0;

@@ -240,7 +240,8 @@ LayerRun run_layer(const MoELayer& layer, const HostTensor& x) {
 TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
     for (DType dt : {DType::kF32, DType::kBF16}) {
         for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU}) {
-            for (int variant = 0; variant < 3; ++variant) {  // dropless; shared expert + groups + bias; capacity
+            // dropless; shared expert + groups + bias; capacity; expert choice
+            for (int variant = 0; variant < 4; ++variant) {
                 SCOPED_TRACE(std::string(to_string(dt)) + " " + to_string(act) + " variant " + std::to_string(variant));
                 MoEConfig cfg;
                 cfg.hidden_size = 24;
@@ -264,6 +265,7 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                     cfg.capacity_factor = 0.75;
                     cfg.drop_policy = DropPolicy::kProbability;
                 }
+                if (variant == 3) cfg.routing_mode = RoutingMode::kExpertChoice;
                 const int64_t T = 29, E = cfg.num_experts;
                 const test::HostLayer plain = test::random_layer(cfg, 40 + variant, dt);
                 MoEConfig icfg = cfg;
@@ -288,7 +290,8 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
                 }
                 EXPECT_EQ(got.offsets, want.offsets);
                 EXPECT_EQ(got.counts, want.counts);
-                EXPECT_EQ(want.offsets[E] == T * cfg.top_k, variant != 2) << "capacity drops pairs, dropless not";
+                if (!cfg.expert_choice())
+                    EXPECT_EQ(want.offsets[E] == T * cfg.top_k, variant != 2) << "capacity drops pairs, dropless not";
                 // No [R, 2F] GEMM1 product in the interleaved layer's workspace.
                 EXPECT_LT(b.workspace_size(T), a.workspace_size(T));
                 for (const WorkspaceSlice& s : b.workspace_layout(T)) EXPECT_NE(s.name, "g1");
