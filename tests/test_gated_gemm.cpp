@@ -327,6 +327,12 @@ TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     // Only where the gathered CUDA kernels run: not on the CPU, not fp16 / fp32, not the plain layout, not FP8 experts.
     EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCPU, 64));
     EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, 0));
+    MoEConfig none = qwen3;  // degenerate shapes answer no (no division by zero)
+    none.num_experts = 0;
+    EXPECT_FALSE(gather_in_gemm1_preferred(none, Device::kCUDA, 64));
+    none = qwen3;
+    none.top_k = 0;
+    EXPECT_FALSE(gather_in_gemm1_preferred(none, Device::kCUDA, 64));
     MoEConfig c = qwen3;
     c.dtype = DType::kF16;
     EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
@@ -336,12 +342,16 @@ TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     c = qwen3;
     c.quant_mode = QuantMode::kFP8Block;
     EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
-    // Expert choice: its capacity is the rows per expert.
+    // Expert choice: its capacity is the rows per expert (capacity_factor 1: ceil(T / 128) at E = 128), whatever
+    // top_k says (a token-choice rule would answer no at T = 4096).
     c = qwen3;
     c.routing_mode = RoutingMode::kExpertChoice;
     c.capacity_factor = 1.0;
-    for (int64_t T : {256, 2048, 4096})
-        EXPECT_EQ(gather_in_gemm1_preferred(c, Device::kCUDA, T), c.expert_choice_capacity(T) <= 128) << T;
+    ASSERT_EQ(c.expert_choice_capacity(16384), 128);
+    ASSERT_EQ(c.expert_choice_capacity(16385), 129);
+    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 4096));
+    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 16384));
+    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 16385));
 }
 
 TEST(GatedGemm, InterleavedLayoutConfigIsChecked) {

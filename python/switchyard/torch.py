@@ -36,9 +36,9 @@ tokens); 0 never; N whenever T <= N. Any other inference call runs the library's
 allocation; with an interleaved w13, GEMM1 with the activation in its epilogue). Under torch.compile the staged ops
 run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture). ``MoE.gather_in_gemm1`` has GEMM1 read
 x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H] (the same result; CUDA
-bf16 kernels, other dtypes gather first): None (the default) automatic in inference, by the library's measured rule
-(stages.h: gather_in_gemm1_preferred: an interleaved w13 and at most 128 rows per expert on average), the separate
-gather in training and under torch.compile; True in inference and training; False never.
+bf16 kernels, other dtypes gather first): None (the default) automatic where no gradient is needed, by the library's
+measured rule (stages.h: gather_in_gemm1_preferred: an interleaved w13 and at most 128 rows per expert on average),
+the separate gather under autograd and torch.compile; True everywhere (autograd too); False never.
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
@@ -636,8 +636,8 @@ class MoE(nn.Module):
         self.gate_up_interleaved = False
         # GEMM1 reads x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H]
         # (MoELayer::set_gather_in_gemm1; the CUDA kernels are bf16's, other dtypes gather first). The same result.
-        # None = automatic in inference (stages.h: gather_in_gemm1_preferred), off in training and under
-        # torch.compile; True = on (inference and training); False = off.
+        # None = automatic where no gradient is needed (stages.h: gather_in_gemm1_preferred), off under autograd and
+        # torch.compile; True = on (autograd too); False = off.
         self.gather_in_gemm1: Optional[bool] = None
         self._gather_ok_cache = {}
         self.register_state_dict_post_hook(_w13_plain_in_state_dict)

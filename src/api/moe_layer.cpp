@@ -503,7 +503,8 @@ bool MoELayer::uses_fused_path(int64_t num_tokens) const {
 }
 
 bool MoELayer::uses_gather_in_gemm1(int64_t num_tokens) const {
-    if (!api::uses_gated_gemm1(cfg_, device()) || cfg_.quant_mode != QuantMode::kNone) return false;
+    // (T = 0: nothing to read, and a gathered A needs x to have rows)
+    if (num_tokens < 1 || !api::uses_gated_gemm1(cfg_, device()) || cfg_.quant_mode != QuantMode::kNone) return false;
     switch (gather_in_gemm1_) {
         case GatherInGemm1::kOn: return true;
         case GatherInGemm1::kOff: return false;

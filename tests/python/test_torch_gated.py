@@ -289,7 +289,8 @@ def test_gather_in_gemm1_module_gives_the_gathered_copys_bits(interleaved):
 
 def test_gather_in_gemm1_is_automatic_by_default():
     """gather_in_gemm1=None asks the library's rule (stages.h: gather_in_gemm1_preferred), which picks the gathered
-    loads on CUDA bf16 only: on the CPU the answer is no whatever the shape, and moe_forward takes -1 / 0 / 1."""
+    loads on CUDA bf16 only: on the CPU the answer is no whatever the shape, and moe_forward takes -1 / 0 / 1 (on the
+    CPU every mode gives the same bits; which one ran is checked on CUDA, test_gather_in_gemm1_automatic_choice_on_cuda)."""
     m = make()
     assert m.gather_in_gemm1 is None
     pref = torch.ops.switchyard.gather_in_gemm1_preferred
@@ -315,7 +316,9 @@ def test_gather_in_gemm1_is_automatic_by_default():
                     reason="the gathered GEMM kernels need an sm_90 GPU")
 def test_gather_in_gemm1_automatic_choice_on_cuda():
     """On CUDA bf16 the rule picks the gathered loads up to 128 rows per expert (Qwen3's shape: T * 8 / 128 rows, so
-    T = 2048 yes and 2049 no), and the module's automatic choice gives the bits of either explicit one."""
+    T = 2048 yes and 2049 no), the module's automatic choice gives the bits of either explicit one, and it is the
+    rule's choice that runs: the separate gather's kernel (scatter_token_rows_kernel) is launched exactly where the
+    rule says no, in moe_forward (-1) and in the staged ops."""
     like = torch.empty(1, dtype=torch.bfloat16, device="cuda")
     pref = torch.ops.switchyard.gather_in_gemm1_preferred
     assert pref(2048, 2048, 768, 128, 8, like) and not pref(2049, 2048, 768, 128, 8, like)
@@ -325,15 +328,27 @@ def test_gather_in_gemm1_automatic_choice_on_cuda():
     m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda").eval()
     m.fused_max_tokens = 0
     m.interleave_gate_up_()
+    def gather_kernels(fn):  # launches of the separate gather's kernel in one call (as bench/prefill_timeline.py)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and "scatter_token_rows" in e.name)
+
     for t in (100, 600):  # 25 and 150 rows per expert on average
         x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
-        assert m._gather_in_gemm1_for(x) == (t * 4 / 16 <= 128)
+        gathers = t * 4 / 16 <= 128
+        assert m._gather_in_gemm1_for(x) == gathers
         with torch.no_grad():
             auto = m(x)
+            assert (gather_kernels(lambda: m(x)) == 0) == gathers, t  # moe_forward with -1
+            assert (gather_kernels(lambda: m._layer(x)) == 0) == gathers, t  # the staged ops
             m.gather_in_gemm1 = False
             off = m(x)
+            assert gather_kernels(lambda: m(x)) > 0
             m.gather_in_gemm1 = True
             on = m(x)
+            assert gather_kernels(lambda: m(x)) == 0
             m.gather_in_gemm1 = None
         assert torch.equal(auto, off) and torch.equal(auto, on), t
 
