@@ -639,7 +639,6 @@ class MoE(nn.Module):
         # None = automatic where no gradient is needed (stages.h: gather_in_gemm1_preferred), off under autograd and
         # torch.compile; True = on (autograd too); False = off.
         self.gather_in_gemm1: Optional[bool] = None
-        self._gather_ok_cache = {}
         self.register_state_dict_post_hook(_w13_plain_in_state_dict)
         self.register_load_state_dict_pre_hook(_w13_interleaved_on_load)
         c = config
@@ -945,19 +944,15 @@ class MoE(nn.Module):
         return self._fused_ok_cache[key]
 
     # Whether the staged inference path's gated GEMM1 reads x through the plan: gather_in_gemm1 if set, else the
-    # library's rule (stages.h: gather_in_gemm1_preferred), asked on the host once per (T, dtype, device); under
-    # torch.compile the automatic choice is the separate gather (the rule is a host call the graph cannot hold).
+    # library's rule (stages.h: gather_in_gemm1_preferred; a host call on integers, no cache: T varies without bound
+    # in serving); under torch.compile the automatic choice is the separate gather (the graph cannot hold the call).
     def _gather_in_gemm1_for(self, x2: torch.Tensor) -> bool:
         if self.gather_in_gemm1 is not None:
             return bool(self.gather_in_gemm1)
         if torch.compiler.is_compiling():
             return False
         c = self.config
-        key = (x2.shape[0], x2.dtype, x2.device)
-        if key not in self._gather_ok_cache:
-            self._gather_ok_cache[key] = bool(_ops.gather_in_gemm1_preferred(x2.shape[0], c.hidden_size, c.ffn_size,
-                                                                              c.num_experts, c.top_k, x2))
-        return self._gather_ok_cache[key]
+        return bool(_ops.gather_in_gemm1_preferred(x2.shape[0], c.hidden_size, c.ffn_size, c.num_experts, c.top_k, x2))
 
     # Whether this call runs the library's MoELayer in one op (moe_forward: the staged chain, one host call instead of
     # one per stage): no gradient wanted, not inside torch.compile (the staged ops trace), float experts, the

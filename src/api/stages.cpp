@@ -733,8 +733,8 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
 }
 
 bool gather_in_gemm1_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens) {
-    if (device != Device::kCUDA || !cfg.gate_up_interleaved || cfg.dtype != DType::kBF16 ||
-        cfg.quant_mode != QuantMode::kNone || num_tokens < 1 || cfg.num_experts < 1 || cfg.top_k < 1)
+    if (device != Device::kCUDA || !api::uses_gated_gemm1(cfg, device) || cfg.quant_mode != QuantMode::kNone ||
+        num_tokens < 1 || cfg.num_experts < 1 || cfg.top_k < 1)
         return false;
     const int64_t rows_per_expert = cfg.expert_choice()
                                         ? cfg.expert_choice_capacity(num_tokens)
