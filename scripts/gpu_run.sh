@@ -4,7 +4,7 @@
 # BUILD_DIR: a CUDA build (default build-cuda; configured and built here when its CLI is missing, using the
 #            git-ignored .deps/ folder of scripts/pack_device_deps.sh for the libraries the machine lacks).
 # STEPS: comma list, run in this order: fused,gemmtests,tests,torch,train,balance,layers,gemm,gemmtiles,prefill,
-#        trainfb,timeline,traintimeline,gatedbench,gatherbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,ncugather,profile
+#        trainfb,timeline,ceiling,traintimeline,gatedbench,gatherbench,ncugated,memcheck,racecheck,fusedsan,decode,decodepeers,fp8bench,ncudecode,ncuprefill,ncugather,profile
 #        (default tests,torch,balance,layers,memcheck).
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); prefill: issue 11's
@@ -15,6 +15,8 @@
 #        layer at T=4096 for the three shapes (every kernel: time, DRAM bytes, throughputs; clocks untouched), in the
 #        plain and the interleaved (--gate-up-interleaved --gather-in-gemm1 off) layout (NCU_LAYOUTS; `gathered`: on);
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
+#        ceiling: bench/sustained_ceiling.py (dense cuBLAS bf16 at the layers' GEMM shapes, per call and back to back,
+#        with the SM clock and power nvidia-smi reports: the matrix rate the card sustains at those sizes);
 #        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
 #        gatherbench: the CLI's layer (interleaved, bf16) with GEMM1 reading x through the plan vs the separate
@@ -159,6 +161,11 @@ if has timeline; then
     --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TOKENS:-4096}" >"$OUT/timeline.log" 2>&1
   note "timeline: rc=$?"
   head -8 "$OUT/timeline.log"
+fi
+if has ceiling; then
+  python3 bench/sustained_ceiling.py --json "$OUT/sustained_ceiling.json" >"$OUT/sustained_ceiling.log" 2>&1
+  note "ceiling: rc=$?"
+  cat "$OUT/sustained_ceiling.log"
 fi
 if has traintimeline; then
   python3 bench/train_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
