@@ -2,15 +2,17 @@
 // of token rows into GEMM1's A loads, so that xp = x[row_token] is never written to memory and read back).
 //
 // What changes against CUTLASS's MainloopSm90ArrayTmaGmmaWarpSpecialized collective (which this one derives from and
-// whose shared memory layout, MMA and tensor-map handling it keeps): the producer warp loads an A tile with cp.async
+// whose shared memory layout, MMA and tensor-map handling it keeps): the producer warps load an A tile with cp.async
 // instead of one TMA copy. Row i of group g's M tile m is row r = offsets[g] + m * BLK_M + i of the grouped problem; it
 // is read from x [x_rows, K] at x row row_index[r]. Each k tile of a row is 128 bytes, eight 16-byte chunks: lane l of
-// the warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... (BLK_M / 4 copies per lane and k tile; the tile's row
-// indices are read once per tile and passed between lanes by shuffle), to the address the 128-byte swizzle gives it
-// (chunk XOR the row within 8: address bits 4-6 ^= bits 7-9, what TMA writes and GMMA reads). B keeps its TMA copy
-// (lane 0). A stage is full when the leader's arrive (with B's bytes as the transaction count) and the 32 lanes'
-// cp.async arrivals (cp.async.mbarrier.arrive.noinc, once their copies land) have come: the full barrier counts 33
-// producer arrivals (NumProducerThreadEvents).
+// a warp copies chunk l % 8 of rows l / 8, l / 8 + 4, ... of the warp's 32-row groups (the tile's row indices are read
+// once per tile and passed between lanes by shuffle), to the address the 128-byte swizzle gives it (chunk XOR the row
+// within 8: address bits 4-6 ^= bits 7-9, what TMA writes and GMMA reads). Two producer warps share the rows (by
+// default): warp 0, the kernel's mainloop producer, which also issues B's TMA copy (lane 0, first), and warp 1, which
+// CUTLASS's ptr-array kernels run through load_auxiliary when the dispatch policy has an auxiliary load
+// (GatherTwoWarpPolicy). A stage is full when the leader's arrive (with B's bytes as the transaction count) and every
+// producer lane's cp.async arrival (cp.async.mbarrier.arrive.noinc, once its copies land) have come: the full barrier
+// counts 1 + 32 per producer warp arrivals (NumProducerThreadEvents).
 //
 // Measured first (bench/NOTES.md, "Gather in GEMM1's loads"): one TMA copy per row and k tile (box 1 x 64, 128-byte
 // swizzle) gave the same bits but ran GEMM1 about 4x slower: a 128-byte box costs the TMA unit about as much as a
@@ -31,12 +33,20 @@
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/cutlass.h>
+#include <cutlass/gemm/dispatch_policy.hpp>
 
 namespace switchyard {
 namespace cuda {
 namespace sm90 {
 
-template <class Base>
+// The dispatch policy of a gathered mainloop with a second producer warp: CUTLASS's ptr-array kernels run their
+// producer warpgroup's warp 1 (ProducerWarpRole::MainloopAux) through the collective's load_auxiliary, over the same
+// tiles and pipeline stages as warp 0, when HasAuxiliaryLoad holds for the mainloop's dispatch policy (as CUTLASS's
+// blockwise-scaled FP8 mainloop uses it for its scale copies). Everything else is the base policy's.
+template <class Policy>
+struct GatherTwoWarpPolicy : Policy {};
+
+template <class Base, int ProducerWarps = 2>
 struct GatherAMainloop : Base {
     using typename Base::ElementA;
     using typename Base::MainloopPipeline;
@@ -46,7 +56,10 @@ struct GatherAMainloop : Base {
     using typename Base::SmemLayoutB;
     using typename Base::TensorStorage;
     using typename Base::TileShape;
-    using DispatchPolicy = typename Base::DispatchPolicy;
+    static_assert(ProducerWarps == 1 || ProducerWarps == 2, "warp 0 alone, or warp 0 and the auxiliary warp");
+    static constexpr int kProducerWarps = ProducerWarps;
+    using DispatchPolicy = std::conditional_t<ProducerWarps == 2, GatherTwoWarpPolicy<typename Base::DispatchPolicy>,
+                                              typename Base::DispatchPolicy>;
     using BaseArguments = typename Base::Arguments;
     using BaseParams = typename Base::Params;
 
@@ -62,12 +75,15 @@ struct GatherAMainloop : Base {
     static_assert(cute::cosize_v<SmemLayoutA> == kBlkM * kBlkK * DispatchPolicy::Stages,
                   "A's stages are dense BLK_M x BLK_K buffers");
 
-    // The full barrier's producer arrivals: the leader's (with B's transaction bytes) and the 32 lanes' cp.async ones.
-    static constexpr int NumProducerThreadEvents = 1 + 32;
+    // The full barrier's producer arrivals: the leader's (with B's transaction bytes) and each producer warp's 32
+    // lanes' cp.async ones.
+    static constexpr int NumProducerThreadEvents = 1 + 32 * kProducerWarps;
     static constexpr int kChunksPerRow = kRowBytes / 16;  // 8
     static constexpr int kRowsPerPass = 32 / kChunksPerRow;  // rows one warp instruction covers: 4
-    static constexpr int kIdxRegs = kBlkM / 32;  // the tile's row indices, one per lane and register
-    static_assert(kBlkM % 32 == 0, "the tile's row indices spread over whole warps");
+    static_assert(kBlkM % (32 * kProducerWarps) == 0, "the tile's rows split into whole 32-row groups per warp");
+    // A warp's row groups: warp w copies rows (w + kProducerWarps * j) * 32 + [0, 32), j < kIdxRegs; their indices
+    // are held one per lane and register.
+    static constexpr int kIdxRegs = kBlkM / 32 / kProducerWarps;
     static_assert(kRowsPerPass == 4, "a lane's rows alternate between two rows of the 8-row swizzle atom");
     static constexpr int kShflBatch = 4;  // row indices fetched from their lanes ahead of the copies
     static_assert((32 / kRowsPerPass) % kShflBatch == 0, "whole batches per 32 rows");
@@ -103,8 +119,9 @@ struct GatherAMainloop : Base {
         return p;
     }
 
-    // The kernel keeps what load_init returns and renews it with tensors_perform_update when the group changes; the
-    // load needs the group (the kernel passes l = 0 in its block coordinate) and its row count.
+    // The kernel keeps what load_init returns and renews it with tensors_perform_update when the group changes (the
+    // auxiliary warp keeps its own copy); the load needs the group (the kernel passes l = 0 in its block coordinate)
+    // and its row count.
     template <class ProblemShape_MNKL>
     CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& p) const {
         auto t = Base::load_init(problem_shape_MNKL, p);
@@ -118,7 +135,7 @@ struct GatherAMainloop : Base {
                                 static_cast<int32_t>(cute::get<0>(problem_shape_mnkl)));
     }
 
-    // Producer: the whole warp runs this (the kernel's mainloop producer warp); lane = thread_idx.
+    // Producer warp 0 (the kernel's mainloop producer warp; lane = thread_idx): B by TMA, then its share of A's rows.
     template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
     CUTLASS_DEVICE void load(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
                              LoadInputs const& load_inputs,
@@ -126,25 +143,7 @@ struct GatherAMainloop : Base {
                              KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t block_rank_in_cluster,
                              TensorStorage& shared_tensors) {
         using namespace cute;
-        const int group = get<2>(load_inputs);
-        const int rows = get<3>(load_inputs);
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
-        const int32_t* tile_index = p.row_index + p.offsets[group];  // the group's rows' x rows
-        const int m0 = static_cast<int>(m_coord) * kBlkM;
-        const int chunk = lane % kChunksPerRow, row_in_pass = lane / kChunksPerRow;
-
-        // The tile's x rows, read once per tile: lane l holds rows q * 32 + l (q < BLK_M / 32), -1 where the row is
-        // past M or its index is outside x. The k loop takes them by shuffle: no memory access between a stage's
-        // acquire and its copies (reading the index there put a dependent global load before every k tile's copies);
-        // issued first, these loads overlap the B set-up and the first stage's acquire.
-        int32_t tile_rows[kIdxRegs];
-        CUTLASS_PRAGMA_UNROLL
-        for (int q = 0; q < kIdxRegs; ++q) {
-            const int i = m0 + q * 32 + lane;
-            const int32_t x_row = i < rows ? __ldg(tile_index + i) : -1;  // past M: zeros, never stored
-            tile_rows[q] = x_row >= 0 && x_row < p.x_rows ? x_row : -1;
-        }
-
         // B as CUTLASS's collective loads it (multicast to the cluster's M tiles where the cluster has them).
         Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});  // (BLK_N,BLK_K,PIPE)
         constexpr uint32_t cluster_shape_x = get<0>(typename DispatchPolicy::ClusterShape());
@@ -161,6 +160,56 @@ struct GatherAMainloop : Base {
             for (int m = 0; m < size<0>(block_layout); ++m)
                 mcast_mask_b |= (uint16_t(1) << block_layout(m, cluster_local_block_id.y, Int<0>{}));
         }
+        auto load_b = [&](auto* barrier, int stage, int k_tile) {
+            if (lane == 0) {
+                copy(p.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b), tBgB(_, _, _, k_tile),
+                     tBsB(_, _, _, stage));
+            }
+        };
+        load_rows(p, pipeline, smem_pipe_write, load_inputs, static_cast<int>(m_coord), k_tile_iter, k_tile_count,
+                  lane, 0, shared_tensors, load_b);
+    }
+
+    // Producer warp 1 (ProducerWarpRole::MainloopAux, with two producer warps): the other share of A's rows, over
+    // the same tiles and stages as warp 0.
+    template <class LoadInputs, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load_auxiliary(Params const& p, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                                       LoadInputs const& load_inputs, BlockCoord const& blk_coord,
+                                       KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t,
+                                       TensorStorage& shared_tensors) {
+        if constexpr (kProducerWarps == 2) {
+            auto no_b = [](auto*, int, int) {};
+            load_rows(p, pipeline, smem_pipe_write, load_inputs, static_cast<int>(cute::get<0>(blk_coord)),
+                      k_tile_iter, k_tile_count, lane, 1, shared_tensors, no_b);
+        }
+    }
+
+  private:
+    // One producer warp's part of each k tile: acquire the stage, issue B (warp 0's lane 0, through load_b), copy the
+    // warp's rows of A, arrive on the stage's full barrier when the copies land.
+    template <class LoadInputs, class KTileIterator, class LoadB>
+    CUTLASS_DEVICE void load_rows(Params const& p, MainloopPipeline& pipeline, PipelineState smem_pipe_write,
+                                  LoadInputs const& load_inputs, int m_tile, KTileIterator k_tile_iter,
+                                  int k_tile_count, int lane, int warp, TensorStorage& shared_tensors,
+                                  LoadB const& load_b) {
+        using namespace cute;
+        const int group = get<2>(load_inputs);
+        const int rows = get<3>(load_inputs);
+        const int32_t* tile_index = p.row_index + p.offsets[group];  // the group's rows' x rows
+        const int m0 = m_tile * kBlkM;
+        const int chunk = lane % kChunksPerRow, row_in_pass = lane / kChunksPerRow;
+
+        // The warp's x rows, read once per tile: lane l holds rows (warp + kProducerWarps * j) * 32 + l, -1 where the
+        // row is past M or its index is outside x. The k loop takes them by shuffle: no memory access between a
+        // stage's acquire and its copies (reading the index there put a dependent global load before every k tile's
+        // copies); issued first, these loads overlap the first stage's acquire.
+        int32_t tile_rows[kIdxRegs];
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < kIdxRegs; ++j) {
+            const int i = m0 + (warp + kProducerWarps * j) * 32 + lane;
+            const int32_t x_row = i < rows ? __ldg(tile_index + i) : -1;  // past M: zeros, never stored
+            tile_rows[j] = x_row >= 0 && x_row < p.x_rows ? x_row : -1;
+        }
 
         // Per lane, the shared memory offsets of its chunk in its rows: rows r = row_in_pass + 4 * pass alternate
         // between r % 8 = row_in_pass and row_in_pass + 4, so the swizzled chunk (chunk XOR r % 8; the stages are
@@ -176,6 +225,7 @@ struct GatherAMainloop : Base {
             auto* barrier = pipeline.producer_get_barrier(smem_pipe_write);
             const int stage = smem_pipe_write.index();
             const int k_tile = *k_tile_iter;
+            load_b(barrier, stage, k_tile);  // B first: the larger copy, one TMA request
             const int64_t col = static_cast<int64_t>(k_tile) * kBlkK + chunk * 8;
             const int full = col < p.k ? 16 : 0;  // a last k tile's chunks past K: zeros
             // Every source address lies inside x, also where nothing is read (size 0): row 0 for an index of -1,
@@ -183,14 +233,15 @@ struct GatherAMainloop : Base {
             const char* x_col = reinterpret_cast<const char*>(full ? p.x + col : p.x);
             const uint32_t stage_a = smem_a + static_cast<uint32_t>(stage * kBlkM * kRowBytes);
             CUTLASS_PRAGMA_UNROLL
-            for (int q = 0; q < kIdxRegs; ++q) {
+            for (int j = 0; j < kIdxRegs; ++j) {
+                const int q = warp + kProducerWarps * j;  // the 32-row group
                 CUTLASS_PRAGMA_UNROLL
                 for (int pass0 = 0; pass0 < 32 / kRowsPerPass; pass0 += kShflBatch) {
                     // kShflBatch shuffles in flight before their copies: the shuffle's latency paid once per batch.
                     int32_t x_rows[kShflBatch];
                     CUTLASS_PRAGMA_UNROLL
                     for (int b = 0; b < kShflBatch; ++b)
-                        x_rows[b] = __shfl_sync(0xffffffffu, tile_rows[q], row_in_pass + (pass0 + b) * kRowsPerPass);
+                        x_rows[b] = __shfl_sync(0xffffffffu, tile_rows[j], row_in_pass + (pass0 + b) * kRowsPerPass);
                     CUTLASS_PRAGMA_UNROLL
                     for (int b = 0; b < kShflBatch; ++b) {
                         const int pass = pass0 + b;
@@ -206,10 +257,6 @@ struct GatherAMainloop : Base {
                 }
             }
             cutlass::arch::cpasync_barrier_arrive_noinc(barrier);
-            if (lane == 0) {
-                copy(p.tma_load_b.with(get<1>(input_tensormaps), *barrier, mcast_mask_b), tBgB(_, _, _, k_tile),
-                     tBsB(_, _, _, stage));
-            }
             ++k_tile_iter;
             ++smem_pipe_write;
         }
@@ -219,3 +266,15 @@ struct GatherAMainloop : Base {
 }  // namespace sm90
 }  // namespace cuda
 }  // namespace switchyard
+
+// The second producer warp of a gathered mainloop (GatherTwoWarpPolicy): the kernel runs load_auxiliary in warp 1.
+namespace cutlass {
+namespace gemm {
+namespace kernel {
+namespace detail {
+template <class Policy>
+struct HasAuxiliaryLoad<switchyard::cuda::sm90::GatherTwoWarpPolicy<Policy>> : cute::true_type {};
+}  // namespace detail
+}  // namespace kernel
+}  // namespace gemm
+}  // namespace cutlass
