@@ -301,8 +301,9 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
 }
 
 // The automatic choice of GEMM1's gathered A loads (stages.h: gather_in_gemm1_preferred): CUDA bf16 with the
-// interleaved layout and float experts, at most gather_in_gemm1_max_rows() rows per expert on average (the measured
-// crossover: bench/NOTES.md, "Run 35"), at the three model shapes; and what MoELayer makes of its modes.
+// interleaved layout and float experts; at most 128 rows per expert on average, or 256 with x within 64 MiB, or where the
+// separate gather is a large share of GEMM1 (small experts) (the measured crossovers: bench/NOTES.md, "Session 12"), at
+// the three model shapes; and what MoELayer makes of its modes.
 TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     auto shape = [](int64_t H, int64_t F, int64_t E, int64_t k) {
         MoEConfig c;
@@ -314,16 +315,31 @@ TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     const MoEConfig qwen3 = shape(2048, 768, 128, 8), mixtral = shape(4096, 14336, 8, 2),
                     deepseek = shape(7168, 2048, 256, 8);
     ASSERT_EQ(gather_in_gemm1_max_rows(), 128);
-    // Qwen3: T * 8 / 128 rows per expert: 128 at T = 2048, 129 (rounded up) at 2049, 256 at 4096.
-    for (int64_t T : {1, 64, 1024, 2048}) EXPECT_TRUE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, T)) << T;
-    for (int64_t T : {2049, 4096, 16384}) EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, T)) << T;
-    // DeepSeek-V3: T / 32 rows: 128 at T = 4096 (measured 14% faster), 256 at 8192 (tied).
+    ASSERT_EQ(gather_in_gemm1_x_bytes(), int64_t{64} << 20);
+    ASSERT_EQ(gather_in_gemm1_min_share(), 0.15);
+    // Qwen3 (F = 768: the gather is 0.19 of GEMM1's time): T * 8 / 128 rows per expert, gathered at every T (measured
+    // faster at 64-1024 rows: T = 1024-16384).
+    for (int64_t T : {1, 64, 1024, 2048, 2049, 4096, 16384, 65536})
+        EXPECT_TRUE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, T)) << T;
+    // DeepSeek-V3 (0.07): T / 32 rows: 128 at T = 4096 (faster), 256 at 8192 with x 112 MiB (tied), 512 at 16384
+    // (slower); x reaches 64 MiB at T = 4681.
     EXPECT_TRUE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 4096));
+    EXPECT_TRUE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 4681));
+    EXPECT_FALSE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 4682));
     EXPECT_FALSE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 8192));
-    // Mixtral: T / 4 rows: 128 at T = 512, 1024 at 4096.
+    EXPECT_FALSE(gather_in_gemm1_preferred(deepseek, Device::kCUDA, 16384));
+    // Mixtral (0.014): T / 4 rows: 256 at T = 1024 with x 8 MiB (faster), 257 at 1025, 1024 at 4096 (slower).
     EXPECT_TRUE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 512));
-    EXPECT_FALSE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 513));
+    EXPECT_TRUE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 1024));
+    EXPECT_FALSE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 1025));
     EXPECT_FALSE(gather_in_gemm1_preferred(mixtral, Device::kCUDA, 4096));
+    // 256 rows with x past 64 MiB: DeepSeek-V3's shape at 256 rows but H = 16384 is not gathered at T = 8192 (256 MiB
+    // of x); at H = 4096 (x 64 MiB) it is.
+    MoEConfig wide = deepseek;
+    wide.hidden_size = 16384;
+    EXPECT_FALSE(gather_in_gemm1_preferred(wide, Device::kCUDA, 8192));
+    wide.hidden_size = 4096;
+    EXPECT_TRUE(gather_in_gemm1_preferred(wide, Device::kCUDA, 8192));
     // Only where the gathered CUDA kernels run: not on the CPU, not fp16 / fp32, not the plain layout, not FP8 experts.
     EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCPU, 64));
     EXPECT_FALSE(gather_in_gemm1_preferred(qwen3, Device::kCUDA, 0));
@@ -342,16 +358,20 @@ TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     c = qwen3;
     c.quant_mode = QuantMode::kFP8Block;
     EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 64));
-    // Expert choice: its capacity is the rows per expert (capacity_factor 1: ceil(T / 128) at E = 128), whatever
-    // top_k says (a token-choice rule would answer no at T = 4096).
-    c = qwen3;
+    // Expert choice: its capacity is the rows per expert (capacity_factor 1: ceil(T / E)), whatever top_k says, and
+    // the gather's share counts E * capacity rows (about one per token: the share is about twice top_k = 1's).
+    c = deepseek;
     c.routing_mode = RoutingMode::kExpertChoice;
     c.capacity_factor = 1.0;
-    ASSERT_EQ(c.expert_choice_capacity(16384), 128);
+    ASSERT_EQ(c.expert_choice_capacity(32768), 128);
+    ASSERT_EQ(c.expert_choice_capacity(65536), 256);
+    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 32768));  // 128 rows
+    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 32769));  // 129 rows, x 448 MiB, share 0.13
+    c = qwen3;  // share 0.34 at F = 768
+    c.routing_mode = RoutingMode::kExpertChoice;
+    c.capacity_factor = 1.0;
     ASSERT_EQ(c.expert_choice_capacity(16385), 129);
-    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 4096));
-    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 16384));
-    EXPECT_FALSE(gather_in_gemm1_preferred(c, Device::kCUDA, 16385));
+    EXPECT_TRUE(gather_in_gemm1_preferred(c, Device::kCUDA, 16385));
 }
 
 TEST(GatedGemm, InterleavedLayoutConfigIsChecked) {

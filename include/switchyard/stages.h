@@ -306,15 +306,24 @@ constexpr int64_t fused_path_auto_bytes(QuantMode mode) {
 bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens);
 
 // GEMM1 reading x's rows through the plan (GroupedGemmOptions::row_index) instead of a gathered copy: MoELayer's
-// automatic choice (set_gather_in_gemm1) and switchyard.torch.MoE's for inference. Preferred where GEMM1 runs with
-// the gated epilogue on CUDA (bf16, interleaved gate/up, float experts) and the experts average at most
-// gather_in_gemm1_max_rows() rows (T * top_k / E; expert choice: its capacity). Measured on an H100 (bench/NOTES.md,
-// "Run 35" and "Runs 39-40"; the layer with and without, alternated): as fast or faster at decode sizes (T = 1-64),
-// faster at 32-128 rows per expert (DeepSeek-V3 T = 2048 / 4096: -5% / -14%, GEMM1 reading 16.4-17.0 GB of DRAM
-// instead of 22.6-25.4 GB; Qwen3-30B-A3B T = 1024 / 2048: -4%; Mixtral tied), tied at 256 rows, and from 512 rows,
-// where the 128-row Cooperative tiles run, 9-27% slower (Qwen3 and DeepSeek-V3 at 512-1024 rows, Mixtral at
-// 1024-4096).
+// automatic choice (set_gather_in_gemm1) and switchyard.torch.MoE's for inference. Considered where GEMM1 runs with
+// the gated epilogue on CUDA (bf16, interleaved gate/up, float experts); with R rows per expert on average (T * top_k /
+// E, rounded up; expert choice: its capacity), preferred where
+//   R <= gather_in_gemm1_max_rows() (128), or
+//   R <= 2 * gather_in_gemm1_max_rows() (256: the 64-row Pingpong tiles) and x's bytes <= gather_in_gemm1_x_bytes()
+//   (64 MiB: x's rows are re-read from the L2 by every expert and N tile that takes them), or
+//   the separate gather is a large share of GEMM1: its bytes ((T + T * top_k) * H * 2) at the copy bandwidth over
+//   GEMM1's FLOPs (4 * T * top_k * F * H) at the matrix rate >= gather_in_gemm1_min_share() (0.15; the rates as
+//   measured on an H100: 782 TFLOP/s, 3.0 TB/s). That is, small experts (Qwen3-30B-A3B: F = 768, 0.19; DeepSeek-V3
+//   0.07, Mixtral 0.014), where the time the gather takes is more than the gathered A loads cost the 128-row tiles.
+// Measured on an H100 with the A rows copied by two producer warps (bench/NOTES.md, "Session 12"; the CLI's layer with
+// and without, alternated, two rounds): faster at 32-256 rows (Qwen3 T = 4096 -7%, Mixtral T = 1024 -5%, DeepSeek-V3
+// T = 1024 / 4096 -1..-2%), DeepSeek-V3 at 256 rows (x 112 MiB) tied or 1-3% slower; from 512 rows Qwen3 -3% (T = 8192
+// / 16384), Mixtral +4-7% (T = 4096 / 16384), DeepSeek-V3 +12-15% (T = 16384). Decode sizes (T = 1-64): as fast or
+// faster (run 39).
 constexpr int64_t gather_in_gemm1_max_rows() { return 128; }
+constexpr int64_t gather_in_gemm1_x_bytes() { return int64_t{64} << 20; }
+constexpr double gather_in_gemm1_min_share() { return 0.15; }
 bool gather_in_gemm1_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens);
 
 }  // namespace switchyard

@@ -734,12 +734,20 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
 
 bool gather_in_gemm1_preferred(const MoEConfig& cfg, Device device, int64_t num_tokens) {
     if (device != Device::kCUDA || !api::uses_gated_gemm1(cfg, device) || cfg.quant_mode != QuantMode::kNone ||
-        num_tokens < 1 || cfg.num_experts < 1 || cfg.top_k < 1)
+        num_tokens < 1 || cfg.num_experts < 1 || cfg.top_k < 1 || cfg.ffn_size < 1)
         return false;
-    const int64_t rows_per_expert = cfg.expert_choice()
-                                        ? cfg.expert_choice_capacity(num_tokens)
-                                        : (num_tokens * cfg.top_k + cfg.num_experts - 1) / cfg.num_experts;
-    return rows_per_expert <= gather_in_gemm1_max_rows();
+    const int64_t E = cfg.num_experts;
+    const int64_t rows = cfg.expert_choice() ? E * cfg.expert_choice_capacity(num_tokens) : num_tokens * cfg.top_k;
+    const int64_t rows_per_expert = (rows + E - 1) / E;
+    if (rows_per_expert <= gather_in_gemm1_max_rows()) return true;
+    const int64_t x_bytes = num_tokens * cfg.hidden_size * static_cast<int64_t>(dtype_size(cfg.dtype));
+    if (rows_per_expert <= 2 * gather_in_gemm1_max_rows() && x_bytes <= gather_in_gemm1_x_bytes()) return true;
+    // The separate gather's time (x read, its rows written: (T + rows) * H * 2 bytes at 3.0 TB/s) over GEMM1's
+    // (rows * 2F * H * 2 FLOP at 782 TFLOP/s); H cancels.
+    constexpr double kFlopPerByte = 782e12 / 3.0e12;
+    const double share = static_cast<double>(num_tokens + rows) * 2.0 * kFlopPerByte /
+                         (4.0 * static_cast<double>(rows) * static_cast<double>(cfg.ffn_size));
+    return share >= gather_in_gemm1_min_share();
 }
 
 size_t route_fused_workspace_size(const MoEConfig& cfg, Device device, int64_t num_tokens) {

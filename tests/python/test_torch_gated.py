@@ -315,16 +315,19 @@ def test_gather_in_gemm1_is_automatic_by_default():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the gathered GEMM kernels need an sm_90 GPU")
 def test_gather_in_gemm1_automatic_choice_on_cuda():
-    """On CUDA bf16 the rule picks the gathered loads up to 128 rows per expert (Qwen3's shape: T * 8 / 128 rows, so
-    T = 2048 yes and 2049 no), the module's automatic choice gives the bits of either explicit one, and it is the
-    rule's choice that runs: the separate gather's kernel (scatter_token_rows_kernel) is launched exactly where the
-    rule says no, in moe_forward (-1) and in the staged ops."""
+    """On CUDA bf16 the rule (stages.h: gather_in_gemm1_preferred) picks the gathered loads up to 128 rows per expert,
+    up to 256 where x is within 64 MiB (DeepSeek-V3's shape: T / 32 rows, x reaches 64 MiB at T = 4681), and beyond
+    where the experts are small (the separate gather >= 0.15 of GEMM1's time: Qwen3's F = 768 at every T); the
+    module's automatic choice gives the bits of either explicit one, and it is the rule's choice that runs: the
+    separate gather's kernel (scatter_token_rows_kernel) is launched exactly where the rule says no, in moe_forward (-1)
+    and in the staged ops."""
     like = torch.empty(1, dtype=torch.bfloat16, device="cuda")
     pref = torch.ops.switchyard.gather_in_gemm1_preferred
-    assert pref(2048, 2048, 768, 128, 8, like) and not pref(2049, 2048, 768, 128, 8, like)
+    assert pref(4681, 7168, 2048, 256, 8, like) and not pref(4682, 7168, 2048, 256, 8, like)
+    assert pref(16384, 2048, 768, 128, 8, like) and not pref(16384, 7168, 2048, 256, 8, like)
     assert not pref(64, 2048, 768, 128, 8, like.half())
     torch.manual_seed(12)
-    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=1280, num_experts=16, top_k=4)
     m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda").eval()
     m.fused_max_tokens = 0
     m.interleave_gate_up_()
@@ -335,9 +338,11 @@ def test_gather_in_gemm1_automatic_choice_on_cuda():
         return sum(1 for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA and "scatter_token_rows" in e.name)
 
-    for t in (100, 600):  # 25 and 150 rows per expert on average
+    # 25 rows per expert on average: gathered; 275 (past 256) with F = 1280 (the gather 0.13 of GEMM1): not.
+    for t in (100, 1100):
         x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
-        gathers = t * 4 / 16 <= 128
+        gathers = t == 100
+        assert pref(t, 256, 1280, 16, 4, like) == gathers
         assert m._gather_in_gemm1_for(x) == gathers
         with torch.no_grad():
             auto = m(x)
