@@ -318,7 +318,8 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
 //   0.07, Mixtral 0.014), where the time the gather takes is more than the gathered A loads cost the 128-row tiles.
 // Measured on an H100 with the A rows copied by two producer warps (bench/NOTES.md, "Session 12"; the CLI's layer with
 // and without, alternated, two rounds): faster at 32-256 rows (Qwen3 T = 4096 -7%, Mixtral T = 1024 -5%, DeepSeek-V3
-// T = 1024 / 4096 -1..-2%), DeepSeek-V3 at 256 rows (x 112 MiB) tied or 1-3% slower; from 512 rows Qwen3 -3% (T = 8192
+// T = 1024 -2%; DeepSeek-V3 T = 4096 tied, -1% / +2%, where one warp had measured -14%: not yet explained), DeepSeek-V3
+// at 256 rows (x 112 MiB) tied or 1-3% slower; from 512 rows Qwen3 -3% (T = 8192
 // / 16384), Mixtral +4-7% (T = 4096 / 16384), DeepSeek-V3 +12-15% (T = 16384). Decode sizes (T = 1-64): as fast or
 // faster (run 39).
 constexpr int64_t gather_in_gemm1_max_rows() { return 128; }
