@@ -301,9 +301,9 @@ TEST(GatedGemm, InterleavedLayerGivesThePlainLayersBits) {
 }
 
 // The automatic choice of GEMM1's gathered A loads (stages.h: gather_in_gemm1_preferred): CUDA bf16 with the
-// interleaved layout and float experts; at most 128 rows per expert on average, or 256 with x within 64 MiB, or where the
-// separate gather is a large share of GEMM1 (small experts) (the measured crossovers: bench/NOTES.md, "Session 12"), at
-// the three model shapes; and what MoELayer makes of its modes.
+// interleaved layout and float experts; at most 128 rows per expert on average, or 256 with x within 64 MiB, or where
+// the separate gather is a large share of GEMM1 (small experts) (the measured crossovers: bench/NOTES.md, "Session
+// 12"), at the three model shapes; and what MoELayer makes of its modes.
 TEST(GatedGemm, GatherInGemm1AutomaticChoiceFollowsTheMeasuredCrossover) {
     auto shape = [](int64_t H, int64_t F, int64_t E, int64_t k) {
         MoEConfig c;

@@ -121,7 +121,8 @@ class MoELayer {
     // weights: bf16 on CUDA, any float dtype on the CPU; float experts), its A rows are read from x through the plan's
     // row_token (stages.h, GroupedGemmOptions::row_index) instead of a gathered copy xp. Same result, bit for bit.
     // kAuto (the default): where stages.h's gather_in_gemm1_preferred says so (CUDA; few rows per expert, or small
-    // experts: measured faster there, slower for large experts with many rows); kOn / kOff: wherever GEMM1 is gated / never. The CPU backend gathers either way.
+    // experts: measured faster there, slower for large experts with many rows); kOn / kOff: wherever GEMM1 is gated /
+    // never. The CPU backend gathers either way.
     void set_gather_in_gemm1(GatherInGemm1 mode) { gather_in_gemm1_ = mode; }
     void set_gather_in_gemm1(bool on) { gather_in_gemm1_ = on ? GatherInGemm1::kOn : GatherInGemm1::kOff; }
     GatherInGemm1 gather_in_gemm1() const { return gather_in_gemm1_; }

@@ -319,9 +319,8 @@ bool fused_path_preferred(const MoEConfig& cfg, Device device, int64_t num_token
 // Measured on an H100 with the A rows copied by two producer warps (bench/NOTES.md, "Session 12"; the CLI's layer with
 // and without, alternated, two rounds): faster at 32-256 rows (Qwen3 T = 4096 -7%, Mixtral T = 1024 -5%, DeepSeek-V3
 // T = 1024 -2%; DeepSeek-V3 T = 4096 tied, -1% / +2%, where one warp had measured -14%: not yet explained), DeepSeek-V3
-// at 256 rows (x 112 MiB) tied or 1-3% slower; from 512 rows Qwen3 -3% (T = 8192
-// / 16384), Mixtral +4-7% (T = 4096 / 16384), DeepSeek-V3 +12-15% (T = 16384). Decode sizes (T = 1-64): as fast or
-// faster (run 39).
+// at 256 rows (x 112 MiB) tied or 1-3% slower; from 512 rows Qwen3 -3% (T = 8192 / 16384), Mixtral +4-7% (T = 4096
+// / 16384), DeepSeek-V3 +12-15% (T = 16384). Decode sizes (T = 1-64): as fast or faster (run 39).
 constexpr int64_t gather_in_gemm1_max_rows() { return 128; }
 constexpr int64_t gather_in_gemm1_x_bytes() { return int64_t{64} << 20; }
 constexpr double gather_in_gemm1_min_share() { return 0.15; }

@@ -37,9 +37,9 @@ allocation; with an interleaved w13, GEMM1 with the activation in its epilogue).
 run (they trace; the whole-layer ops are for eager calls and CUDA-graph capture). ``MoE.gather_in_gemm1`` has GEMM1 read
 x's rows through the routing plan in its own loads instead of from a gathered copy [T*k, H] (the same result; CUDA
 bf16 kernels, other dtypes gather first): None (the default) automatic where no gradient is needed, by the library's
-measured rule (stages.h: gather_in_gemm1_preferred: an interleaved w13 and at most 128 rows per expert on average, 256 with x
-within 64 MiB, or small experts at any size),
-the separate gather under autograd and torch.compile; True everywhere (autograd too); False never.
+measured rule (stages.h: gather_in_gemm1_preferred: an interleaved w13 and at most 128 rows per expert on average,
+256 with x within 64 MiB, or small experts at any size), the separate gather under autograd and torch.compile; True
+everywhere (autograd too); False never.
 
 Every output shape depends only on input shapes (T*k rows always, rows past offsets[E] are zero), so the chain
 traces under ``torch.compile(fullgraph=True)`` and captures in CUDA graphs. CPU tensors run the CPU reference
