@@ -104,13 +104,15 @@ struct Case {
     bool integer_inputs = true;
     GroupedGemmTile tile = GroupedGemmTile::kAuto;
     GemmRaster raster = GemmRaster::kAuto;
+    cuda::GroupedGemmEpilogue epilogue = cuda::GroupedGemmEpilogue::kAuto;
     uint32_t seed = 1;
 };
 
 std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
-       << " tile=" << static_cast<int>(c.tile) << " raster=" << static_cast<int>(c.raster) << (c.integer_inputs ? " integer" : " real") << " seed=" << c.seed
+       << " tile=" << static_cast<int>(c.tile) << " raster=" << static_cast<int>(c.raster)
+       << " epilogue=" << static_cast<int>(c.epilogue) << (c.integer_inputs ? " integer" : " real") << " seed=" << c.seed
        << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 12; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 12) os << ",...";
@@ -158,6 +160,7 @@ void run_case(const Case& c) {
     args.offsets = static_cast<const int32_t*>(d_off.ptr);
     args.tile = c.tile;
     args.raster = c.raster;
+    args.epilogue = c.epilogue;
     ASSERT_TRUE(cuda::grouped_gemm_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -289,6 +292,38 @@ TEST(GpuGroupedGemm, BothRasterOrders) {
             }
         }
     }
+}
+
+// The Cooperative tile without a cluster with each of its epilogues (grouped_gemm.h, GroupedGemmEpilogue): the
+// reference's values (bitwise for integer inputs), partial M and N tiles (N = 264), rows past offsets[E] untouched;
+// another kernel refuses an epilogue other than kAuto.
+TEST(GpuGroupedGemm, EveryEpilogueOfTheCooperativeTileWithoutCluster) {
+    SKIP_WITHOUT_GPU(DType::kBF16);
+    using cuda::GroupedGemmEpilogue;
+    for (GroupedGemmEpilogue e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64,
+                                  GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
+        for (bool integer : {true, false}) {
+            Case c;
+            c.dtype = DType::kBF16;
+            c.counts = {0, 1, 7, 129, 300, 0, 3, 64, 257, 128};
+            c.n = 264;
+            c.k = 520;
+            c.slack_rows = 3;
+            c.integer_inputs = integer;
+            c.tile = GroupedGemmTile::kLargeNoCluster;
+            c.epilogue = e;
+            c.seed = 91 + 3 * static_cast<uint32_t>(e) + (integer ? 0 : 1);
+            run_case(c);
+        }
+    }
+    GroupedGemmArgs args;
+    args.num_groups = 2;
+    args.n = 256;
+    args.k = 64;
+    args.max_rows = 16;
+    args.tile = GroupedGemmTile::kLarge;
+    args.epilogue = GroupedGemmEpilogue::kRegisters;
+    EXPECT_THROW(cuda::grouped_gemm_kernel_name(args), Error);
 }
 
 // zero_rows_past_groups: rows [offsets[E], max_rows) become 0, rows below stay as they were, for 16-byte rows,

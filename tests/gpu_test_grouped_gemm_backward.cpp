@@ -66,6 +66,7 @@ struct Case {
     bool graph = false;  // run through a captured CUDA graph, offsets changed after capture
     GemmRaster raster = GemmRaster::kAuto;
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
+    cuda::GroupedGemmEpilogue wgrad_epilogue = cuda::GroupedGemmEpilogue::kAuto;
     uint32_t seed = 1;
 };
 
@@ -73,7 +74,7 @@ std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
        << " slack=" << c.slack_rows << (c.integer_inputs ? " integer" : " real") << (c.graph ? " graph" : "")
-       << " dgrad_tile=" << static_cast<int>(c.dgrad_tile)
+       << " dgrad_tile=" << static_cast<int>(c.dgrad_tile) << " wgrad_epilogue=" << static_cast<int>(c.wgrad_epilogue)
        << " seed=" << c.seed << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 16; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 16) os << ",...";
@@ -167,6 +168,7 @@ void run_case(const Case& c) {
     args.offsets = d_off.get<const int32_t>();
     args.raster = c.raster;
     args.dgrad_tile = c.dgrad_tile;
+    args.wgrad_epilogue = c.wgrad_epilogue;
     ASSERT_TRUE(cuda::grouped_gemm_grad_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -330,6 +332,29 @@ TEST(GpuGroupedGemmBackward, EveryDgradCluster) {
                 c.seed = 171 + static_cast<uint32_t>(tile) * 5 + static_cast<uint32_t>(k) + (integer ? 0 : 1);
                 run_case(c);
             }
+        }
+    }
+}
+
+// bf16 wgrad with each of its epilogues (grouped_gemm.h, GroupedGemmEpilogue): the same values as the reference
+// (bitwise for integer inputs), the whole dB written (N = 264 and K = 520 leave partial tiles on both sides), nothing
+// past it; the register store's 16-byte segments at the tiles' edges included.
+TEST(GpuGroupedGemmBackward, EveryWgradEpilogue) {
+    SKIP_WITHOUT_GPU(DType::kBF16);
+    using cuda::GroupedGemmEpilogue;
+    for (GroupedGemmEpilogue e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64,
+                                  GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
+        for (bool integer : {true, false}) {
+            Case c;
+            c.dtype = DType::kBF16;
+            c.counts = {0, 1, 7, 129, 300, 0, 3, 64, 257, 128};
+            c.n = 264;
+            c.k = 520;
+            c.slack_rows = 3;
+            c.integer_inputs = integer;
+            c.wgrad_epilogue = e;
+            c.seed = 211 + 3 * static_cast<uint32_t>(e) + (integer ? 0 : 1);
+            run_case(c);
         }
     }
 }

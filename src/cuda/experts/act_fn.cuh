@@ -1,6 +1,6 @@
 // src/cuda/experts/act_fn.cuh: the activation functions of the expert MLP on the device, written once for the
 // activation kernel (activation.cu), the fused decode kernels (decode/decode_experts.cu) and GEMM1's gated epilogue
-// (gemm/sm90/gated_epilogue.cuh).
+// (gemm/sm90/register_epilogue.cuh).
 // fp32 in, fp32 out, as ref::apply_activation: SiLU v / (1 + exp(-v)) (SwiGLU), tanh-approximated GELU (GeGLU,
 // GELU), ReLU.
 // The derivatives (activation_grad, gated_activation_grad) are the accurate fp32 formulas of ref::activation_backward

@@ -36,6 +36,20 @@ enum class GroupedGemmTile : int {
     kLargeNoCluster = 5,  // Cooperative 128x256x64, cluster 1x1x1 (bf16, else kLarge)
 };
 
+// The epilogue of the bf16 Cooperative 128x256 kernels that have the choice (the forward without a cluster, the
+// wgrad): how the accumulator tile reaches memory. kTma32 (CUTLASS's default): staged through shared memory in
+// 128x32 subtiles, each stored by TMA after two named barriers across both consumer warpgroups, while the tensor
+// cores wait; kTma64 / kTma128: larger subtiles, fewer barriers, their shared memory taken from the mainloop's
+// stages; kRegisters: 16-byte stores straight from registers (register_epilogue.cuh), no shared memory, no barriers.
+// kAuto = kTma32. The others exist to be measured (grouped_gemm_bench --epilogues); same values in every case.
+enum class GroupedGemmEpilogue : int {
+    kAuto = 0,
+    kTma32 = 1,
+    kTma64 = 2,
+    kTma128 = 3,
+    kRegisters = 4,
+};
+
 // Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
 // of one group. kAlongM walks down M first, so a wave of CTAs covers a few N stripes at full height (B's tiles are
 // streamed once, A_e is re-read once per stripe, from L2 when it fits); kAlongN is the transpose. kAuto = kAlongM
@@ -77,6 +91,12 @@ struct GroupedGemmArgs {
     // that the Pingpong 64x128x128 tile runs as Pingpong 128x128x64 (grouped_gemm.cu, gather_ops).
     const int32_t* a_row_index = nullptr;
     int64_t a_rows = 0;
+    // The gathered gated Pingpong kernel's producer warps copying A's rows: 0 (= 2, the default) or 1 (the form
+    // before two, kept for comparison). Other kernels ignore it.
+    int gather_producer_warps = 0;
+    // The epilogue where the kernel is the plain bf16 Cooperative 128x256 one without a cluster (kAuto elsewhere;
+    // another choice for another kernel is refused).
+    GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kAuto;
 };
 
 // Workspace bytes for grouped_gemm with these sizes (device memory, 256-byte aligned).
@@ -121,6 +141,8 @@ struct GroupedGemmGradArgs {
     // grouped_gemm_backward.cu), kLarge (Cooperative 128x256, cluster 2x1), kLargeClusterN (cluster 1x2, bf16) or
     // kLargeNoCluster (no cluster, bf16); others are refused.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
+    // wgrad's epilogue (bf16; fp16 takes kAuto only).
+    GroupedGemmEpilogue wgrad_epilogue = GroupedGemmEpilogue::kAuto;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

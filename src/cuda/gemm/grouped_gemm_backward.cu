@@ -103,6 +103,12 @@ unsigned empty_group_blocks(int64_t units_per_group) {
 
 void check_sizes(const GroupedGemmGradArgs& g) {
     check_gemm_sizes("grouped_gemm gradient", g.dtype, g.num_groups, 65535, g.n, g.k, g.max_rows);
+    const int e = static_cast<int>(g.wgrad_epilogue);
+    SWITCHYARD_CHECK(e >= 0 && e <= static_cast<int>(GroupedGemmEpilogue::kRegisters), "grouped_gemm gradient: "
+                     "wgrad_epilogue=", e, " is not a GroupedGemmEpilogue");
+    SWITCHYARD_CHECK(g.dtype == DType::kBF16 || g.wgrad_epilogue == GroupedGemmEpilogue::kAuto,
+                     "grouped_gemm gradient: wgrad_epilogue other than kAuto is bf16 only (dtype=", to_string(g.dtype),
+                     ")");
 }
 
 // Checks the workspace and device for a 16-bit call; returns the device facts.
@@ -183,7 +189,11 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return 0;
     const int sm_count = device_facts().sm_count;
-    size_t bytes = sm90::wgrad_ops_for(args.dtype).workspace_size(args.num_groups, sm_count);
+    size_t bytes = 0;
+    for (auto e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64, GroupedGemmEpilogue::kTma128,
+                   GroupedGemmEpilogue::kRegisters}) {
+        bytes = std::max(bytes, sm90::wgrad_ops_for(args.dtype, e).workspace_size(args.num_groups, sm_count));
+    }
     for (auto c : {sm90::DgradConfig::kCluster2x1, sm90::DgradConfig::kCluster1x2, sm90::DgradConfig::kNoCluster}) {
         bytes = std::max(bytes, sm90::dgrad_ops_for(args.dtype, c).workspace_size(args.num_groups, sm_count));
     }
@@ -224,7 +234,7 @@ const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
 const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
-    return sm90::wgrad_ops_for(args.dtype).name;
+    return sm90::wgrad_ops_for(args.dtype, args.wgrad_epilogue).name;
 }
 
 void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -295,7 +305,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::wgrad_ops_for(args.dtype).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::wgrad_ops_for(args.dtype, args.wgrad_epilogue).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

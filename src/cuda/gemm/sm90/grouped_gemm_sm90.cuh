@@ -26,7 +26,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
-#include "cuda/gemm/sm90/gated_epilogue.cuh"
+#include "cuda/gemm/sm90/register_epilogue.cuh"
 #include "cuda/gemm/sm90/gather_mainloop.cuh"
 #include "cuda/gemm/sm90/grouped_gemm_sm90.h"
 
@@ -41,32 +41,64 @@ using UnderlyingShape = ProblemShape::UnderlyingProblemShape;
 // tile to two M tiles of one expert, the 1x2 cluster the A tile to two N tiles. CUTLASS's group scheduler rounds a
 // group's M tiles up to a multiple of ClusterM (and its N tiles to ClusterN), and the rounded-up tiles still run
 // the whole mainloop on TMA-filled zeros: with the 2x1 cluster an expert of 1-128 rows costs two M tiles of MMA.
-template <int ClusterM, int ClusterN>
+//
+// The epilogue (EpiN): CUTLASS's TMA-store epilogue stages the tile through shared memory in 128 x EpiN subtiles,
+// each with two named barriers across both consumer warpgroups while the tensor cores wait; EpiN = 0 lets CUTLASS
+// choose (128x32: eight subtiles per 128x256 tile), 64 or 128 take fewer, larger subtiles (and their shared memory
+// from the mainloop's stages). EpiN = kRegisterStoreEpilogue stores the accumulators from registers instead
+// (register_epilogue.cuh: no shared memory, no barriers). GroupedGemmEpilogue (grouped_gemm.h) selects them.
+constexpr int kRegisterStoreEpilogue = -1;
+template <int EpiN>
+struct EpilogueTileOf {
+    using type = cute::Shape<cute::_128, cute::Int<EpiN>>;
+};
+template <>
+struct EpilogueTileOf<0> {
+    using type = cutlass::epilogue::collective::EpilogueTileAuto;
+};
+template <>
+struct EpilogueTileOf<kRegisterStoreEpilogue> {
+    using type = cutlass::epilogue::collective::EpilogueTileAuto;  // unused: no staged subtiles
+};
+
+template <int ClusterM, int ClusterN, int EpiN = 0>
 struct CooperativeClusterConfig {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
     using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
     using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
+    using EpilogueTile = typename EpilogueTileOf<EpiN>::type;
+    static constexpr bool kRegisterStore = EpiN == kRegisterStoreEpilogue;
 };
 using CooperativeConfig = CooperativeClusterConfig<2, 1>;
 using CooperativeN2Config = CooperativeClusterConfig<1, 2>;
 using CooperativeC1Config = CooperativeClusterConfig<1, 1>;
+using CooperativeEpi64Config = CooperativeClusterConfig<2, 1, 64>;
+using CooperativeEpi128Config = CooperativeClusterConfig<2, 1, 128>;
+using CooperativeRegConfig = CooperativeClusterConfig<2, 1, kRegisterStoreEpilogue>;
+using CooperativeC1Epi64Config = CooperativeClusterConfig<1, 1, 64>;
+using CooperativeC1Epi128Config = CooperativeClusterConfig<1, 1, 128>;
+using CooperativeC1RegConfig = CooperativeClusterConfig<1, 1, kRegisterStoreEpilogue>;
 
 struct PingpongConfig {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_64, cute::_128, cute::_128>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+    static constexpr bool kRegisterStore = false;
 };
 
 // Each consumer warpgroup owns a 64x256 tile: the MMA atom and the B-tile width of the Cooperative 128x256 tile,
 // with one warpgroup's epilogue running while the other's mainloop keeps the tensor cores busy (what the gated
-// epilogue's activation math needs: gated_epilogue.cuh).
+// epilogue's activation math needs: register_epilogue.cuh).
 struct Pingpong64x256Config {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_64, cute::_256, cute::_64>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+    static constexpr bool kRegisterStore = false;
 };
 
 struct Pingpong128Config {
@@ -74,9 +106,12 @@ struct Pingpong128Config {
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+    static constexpr bool kRegisterStore = false;
 };
 
-// The epilogue collective of a PtrArrayKernel: CUTLASS's (D = 1.0 * acc rounded once, TMA stores) unless one is given.
+// The epilogue collective of a PtrArrayKernel: CUTLASS's (D = 1.0 * acc rounded once, TMA stores) or, where the
+// config says so, the same values stored from registers (register_epilogue.cuh), unless one is given.
 template <typename Element, typename Config, typename LayoutD, typename Given>
 struct EpilogueOf {
     using type = Given;
@@ -84,11 +119,15 @@ struct EpilogueOf {
 template <typename Element, typename Config, typename LayoutD>
 struct EpilogueOf<Element, Config, LayoutD, void> {
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
-    using type = typename cutlass::epilogue::collective::CollectiveBuilder<
+    using Built = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
-        typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float, void,
-        LayoutD*, kAlignment, Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
+        typename Config::ClusterShape, typename Config::EpilogueTile, float, float, void, LayoutD*, kAlignment,
+        Element, LayoutD*, kAlignment, typename Config::EpilogueSchedule,
         cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
+    using type = std::conditional_t<
+        Config::kRegisterStore,
+        cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<RegisterEpilogueArray<Element, false>>,
+        Built>;
 };
 
 // The CUTLASS kernel types of one ptr-array grouped GEMM: operand type, tile configuration and the A / B layouts
@@ -98,14 +137,16 @@ struct EpilogueOf<Element, Config, LayoutD, void> {
 // memory the epilogue leaves (none for the gated epilogue: one more stage on the Pingpong tile). GatherA: A's rows
 // read through a row index (gather_mainloop.cuh) instead of a contiguous A.
 template <typename Element, typename Config, typename LayoutA_, typename LayoutB_, typename Epilogue_ = void,
-          bool GatherA = false>
+          int GatherA = 0>
 struct PtrArrayKernel {
     using LayoutA = LayoutA_;
     using LayoutB = LayoutB_;
     using LayoutD = cutlass::layout::RowMajor;
     static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
-    static constexpr bool kGatedEpilogue = !std::is_void_v<Epilogue_>;
-    static constexpr bool kGatherA = GatherA;
+    // An epilogue of our own (register_epilogue.cuh: the gated one, or the plain register store) takes its
+    // arguments as RegisterEpilogueArray::Arguments; CUTLASS's takes LinearCombination's.
+    static constexpr bool kOwnEpilogue = !std::is_void_v<Epilogue_> || Config::kRegisterStore;
+    static constexpr bool kGatherA = GatherA > 0;
 
     using CollectiveEpilogue = typename EpilogueOf<Element, Config, LayoutD, Epilogue_>::type;
 
@@ -115,7 +156,8 @@ struct PtrArrayKernel {
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
             sizeof(typename CollectiveEpilogue::SharedStorage))>,
         typename Config::KernelSchedule>::CollectiveOp;
-    using CollectiveMainloop = std::conditional_t<GatherA, GatherAMainloop<BuiltMainloop>, BuiltMainloop>;
+    using CollectiveMainloop =
+        std::conditional_t<(GatherA > 0), GatherAMainloop<BuiltMainloop, (GatherA > 0 ? GatherA : 2)>, BuiltMainloop>;
 
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -129,9 +171,10 @@ struct PtrArrayKernel {
 template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
-// The forward GEMM1 with the gated activation in its epilogue (gated_epilogue.cuh): the forward's operands, B with
-// interleaved gate/up rows, D = h [rows, N / 2]; with GatherA, A's rows gathered from x (gather_mainloop.cuh).
-template <typename Element, typename Config, bool GatherA = false>
+// The forward GEMM1 with the gated activation in its epilogue (register_epilogue.cuh): the forward's operands, B
+// with interleaved gate/up rows, D = h [rows, N / 2]; with GatherA (its producer warps, 1 or 2), A's rows gathered
+// from x (gather_mainloop.cuh).
+template <typename Element, typename Config, int GatherA = 0>
 using GatedGroupedGemmKernel =
     PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                    cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>,
@@ -227,7 +270,7 @@ struct PtrArrayGemm {
     using Arrays = DeviceArrays<Element, typename K::StrideA, typename K::StrideB, typename K::StrideD>;
 
     // Arguments for the CUTLASS kernel; pointers may be null when only sizing the workspace. activation: the gated
-    // epilogue's (K::kGatedEpilogue), ignored otherwise.
+    // epilogue's (K::kOwnEpilogue with the gated form), ignored otherwise.
     static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
                                                 GemmRaster raster = GemmRaster::kAlongM, int activation = 0,
                                                 const GatherSource& gather = GatherSource()) {
@@ -245,7 +288,7 @@ struct PtrArrayGemm {
             args.mainloop.row_index = gather.row_index;
             args.mainloop.offsets = gather.offsets;
         }
-        if constexpr (K::kGatedEpilogue) {
+        if constexpr (K::kOwnEpilogue) {
             args.epilogue.activation = activation;
             args.epilogue.ptr_D = arr.ptr_d;
             args.epilogue.dD = arr.stride_d;
@@ -319,8 +362,8 @@ constexpr int kFillThreads = 128;  // threads per block of the kernels that fill
 
 // The forward (GroupedGemmKernel) or, with kGated, GEMM1 with the gated activation in its epilogue
 // (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation); with kGather, A's
-// rows gathered: g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
-template <typename Element, typename Config, bool kGated = false, bool kGather = false>
+// rows gathered (kGather producer warps: 1 or 2): g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
+template <typename Element, typename Config, bool kGated = false, int kGather = 0>
 struct GroupedGemmRunner {
     using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config, kGather>,
                                  PtrArrayKernel<Element, Config, cutlass::layout::RowMajor,
@@ -339,7 +382,7 @@ struct GroupedGemmRunner {
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
                     static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
-                    static_cast<int>(kGated ? g.n / 2 : g.n), kGather);
+                    static_cast<int>(kGated ? g.n / 2 : g.n), kGather > 0);
         }, static_cast<int>(g.activation), GatherSource{g.a, g.a_rows, g.k, g.a_row_index, g.offsets});
     }
 };
@@ -360,10 +403,13 @@ struct GroupedGemmRunner {
     }                                                                                                   \
     }
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, 0, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 0, label)
 #define SWITCHYARD_DEFINE_SM90_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, 2, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 2, label)
+// The gathered gated GEMM1 with one producer warp copying A's rows (the form before two; kept for comparison).
+#define SWITCHYARD_DEFINE_SM90_GATED_GATHER_1W_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 1, label)

@@ -61,6 +61,10 @@ extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
 extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
 extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
 extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
+// kBF16CooperativeC1 with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_coop_c1_{e64,e128,reg}.cu
+extern const GemmOps kBF16CooperativeC1Epi64;
+extern const GemmOps kBF16CooperativeC1Epi128;
+extern const GemmOps kBF16CooperativeC1Reg;
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
 extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
 extern const GemmOps kBF16GatedPingpong;  // grouped_gemm_sm90_bf16_gated_pp.cu (the gated epilogue, Pingpong 64x256)
@@ -72,6 +76,7 @@ extern const GemmOps kBF16GatherPingpong128;    // grouped_gemm_sm90_bf16_gather
 extern const GemmOps kBF16GatedGatherCooperative;    // grouped_gemm_sm90_bf16_gated_gather.cu
 extern const GemmOps kBF16GatedGatherCooperativeC1;  // grouped_gemm_sm90_bf16_gated_gather_c1.cu
 extern const GemmOps kBF16GatedGatherPingpong;       // grouped_gemm_sm90_bf16_gated_gather_pp.cu
+extern const GemmOps kBF16GatedGatherPingpong1W;     // grouped_gemm_sm90_bf16_gated_gather_pp_1w.cu (one producer warp)
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 

@@ -43,6 +43,10 @@ extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
 extern const GradGemmOps kBF16DgradC1;  // grouped_gemm_sm90_bf16_dgrad_c1.cu
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
+// kBF16Wgrad with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_wgrad_{e64,e128,reg}.cu
+extern const GradGemmOps kBF16WgradEpi64;
+extern const GradGemmOps kBF16WgradEpi128;
+extern const GradGemmOps kBF16WgradReg;
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 
 // The dgrad configurations of bf16 (fp16 has the 2x1 Cooperative one only).
@@ -57,7 +61,15 @@ inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config) {
     }
 }
 
-inline const GradGemmOps& wgrad_ops_for(DType dtype) { return dtype == DType::kBF16 ? kBF16Wgrad : kF16Wgrad; }
+inline const GradGemmOps& wgrad_ops_for(DType dtype, GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kAuto) {
+    if (dtype != DType::kBF16) return kF16Wgrad;
+    switch (epilogue) {
+        case GroupedGemmEpilogue::kTma64: return kBF16WgradEpi64;
+        case GroupedGemmEpilogue::kTma128: return kBF16WgradEpi128;
+        case GroupedGemmEpilogue::kRegisters: return kBF16WgradReg;
+        default: return kBF16Wgrad;
+    }
+}
 
 }  // namespace sm90
 }  // namespace cuda

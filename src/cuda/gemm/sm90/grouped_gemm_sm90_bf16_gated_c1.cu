@@ -1,5 +1,5 @@
 // src/cuda/gemm/sm90/grouped_gemm_sm90_bf16_gated_c1.cu: the bf16 Cooperative 128x256x64 sm90 grouped GEMM without a
-// cluster, with the gated activation in its epilogue (gated_epilogue.cuh). Dispatcher: grouped_gemm.cu.
+// cluster, with the gated activation in its epilogue (register_epilogue.cuh). Dispatcher: grouped_gemm.cu.
 #include "cuda/gemm/sm90/grouped_gemm_sm90.cuh"
 
 SWITCHYARD_DEFINE_SM90_GATED_GEMM(kBF16GatedCooperativeC1, cutlass::bfloat16_t, CooperativeC1Config,

@@ -1,5 +1,5 @@
 // src/cuda/gemm/sm90/grouped_gemm_sm90_bf16_gated_pp.cu: the bf16 Pingpong sm90 grouped GEMM with a 64x256x64 tile
-// per warpgroup (no cluster) and the gated activation in its epilogue (gated_epilogue.cuh): one warpgroup's
+// per warpgroup (no cluster) and the gated activation in its epilogue (register_epilogue.cuh): one warpgroup's
 // epilogue overlaps the other's mainloop. Dispatcher: grouped_gemm.cu.
 #include "cuda/gemm/sm90/grouped_gemm_sm90.cuh"
 

@@ -1,8 +1,13 @@
-// src/cuda/gemm/sm90/gated_epilogue.cuh: a CUTLASS sm90 ptr-array epilogue that applies the gated activation of the
-// expert MLP to GEMM1's accumulators and stores h = act(gate) * up, so that GEMM1's [rows, 2F] output is never
-// written to memory (issue 11: the activation kernel and half of GEMM1's stores go away).
+// src/cuda/gemm/sm90/register_epilogue.cuh: CUTLASS sm90 ptr-array epilogues that store the accumulators straight
+// from registers to global memory (no shared-memory staging, no barriers between the consumer warps):
+//   RegisterEpilogueArray<E, true>  (GatedEpilogueArray): applies the gated activation of the expert MLP to GEMM1's
+//     accumulators and stores h = act(gate) * up, so that GEMM1's [rows, 2F] output is never written to memory
+//     (issue 11: the activation kernel and half of GEMM1's stores go away);
+//   RegisterEpilogueArray<E, false>: D = acc rounded once to E (the values of CUTLASS's LinearCombination epilogue
+//     with alpha 1, beta 0), 16 bytes per store: the four lanes of a quad exchange their column pairs (two shuffle
+//     rounds) so that each lane writes 8 adjacent columns of one row.
 //
-// Layout contract. B (w13) holds the gate and up rows interleaved in blocks of 8 (grouped_gemm.h,
+// Layout contract of the gated form. B (w13) holds the gate and up rows interleaved in blocks of 8 (grouped_gemm.h,
 // interleave_gate_up): output column n of the GEMM (a row of B) is a gate column when (n / 8) is even and the up
 // column of the same f when odd, with f = (n / 16) * 8 + n % 8. The sm90 GMMA accumulator fragment of a thread is
 // ((2, 2, V), MMA_M, MMA_N): value (c, r, v) sits at column 8 v + 2 (lane % 4) + c and row 8 r of the thread's
@@ -11,9 +16,8 @@
 //
 // Rounding: gate and up are rounded to the output type before the activation, exactly as grouped_gemm followed by
 // the activation kernel round them (D = 1.0 * acc stored, then act(gate) * up in fp32 with act_fn.cuh's 16-bit
-// formulas, rounded once): the fused and the unfused paths produce the same values. Stores go straight from registers to global memory (no shared-memory
-// staging): the output is half of what the plain epilogue would store, and the mainloop keeps the epilogue's shared
-// memory for one more pipeline stage.
+// formulas, rounded once): the fused and the unfused paths produce the same values. Without shared-memory staging
+// the mainloop keeps the epilogue's shared memory for one more pipeline stage.
 //
 // The class implements the operator-style epilogue interface that CUTLASS's Sm90TmaWarpSpecializedAdapter wraps for
 // the warp-specialized ptr-array kernels (the interface of cutlass/epilogue/collective/default_epilogue_array.hpp).
@@ -32,8 +36,8 @@ namespace switchyard {
 namespace cuda {
 namespace sm90 {
 
-template <typename ElementD_>
-class GatedEpilogueArray {
+template <typename ElementD_, bool Gated>
+class RegisterEpilogueArray {
 public:
     using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
     using DispatchPolicy = EpilogueSchedule;
@@ -64,7 +68,7 @@ public:
     struct Arguments {
         ElementD** ptr_D = nullptr;  // per group: h of its first row
         StrideD dD = nullptr;        // per group: (F, 1, 0)
-        int activation = 0;          // switchyard::Activation, gated (kSwiGLU or kGeGLU)
+        int activation = 0;          // switchyard::Activation, gated (kSwiGLU or kGeGLU); unused when !Gated
     };
     using Params = Arguments;
 
@@ -83,10 +87,10 @@ public:
     }
     template <class ProblemShape>
     static bool can_implement(ProblemShape const&, Arguments const& args) {
-        return is_gated(static_cast<Activation>(args.activation));
+        return !Gated || is_gated(static_cast<Activation>(args.activation));
     }
 
-    CUTLASS_HOST_DEVICE explicit GatedEpilogueArray(Params const& p) : params_(p) {}
+    CUTLASS_HOST_DEVICE explicit RegisterEpilogueArray(Params const& p) : params_(p) {}
 
     CUTLASS_DEVICE bool is_source_needed() { return false; }
 
@@ -101,7 +105,8 @@ public:
         static_assert(size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2,
                       "expected the GMMA accumulator value mode (2, 2, V)");
         constexpr int kChunks = size<0, 2>(FrgLayout{});
-        static_assert(kChunks % 2 == 0, "the MMA atom's N must hold whole gate/up blocks (a multiple of 16)");
+        static_assert(!Gated || kChunks % 2 == 0, "the MMA atom's N must hold whole gate/up blocks (a multiple of 16)");
+        static_assert(Gated || kChunks % 4 == 0, "the plain store exchanges groups of four 8-column chunks");
         constexpr int kMmaM = size<1>(FrgLayout{});
         constexpr int kMmaN = size<2>(FrgLayout{});
 
@@ -119,6 +124,8 @@ public:
                                      make_coord(m_coord, n_coord));
         Tensor t_crd = thr_mma.partition_C(tile_crd);  // ((2, 2, V), MMA_M, MMA_N) -> (m, n)
         const bool swiglu = params_.activation == static_cast<int>(Activation::kSwiGLU);
+        const int q = thread_idx & 3;  // the lane's place in its quad (lanes 4i..4i+3 share a row)
+        constexpr int kStep = Gated ? 2 : 4;  // chunks per store: a gate/up pair, or four for the quad's transpose
 
         CUTLASS_PRAGMA_UNROLL
         for (int mm = 0; mm < kMmaM; ++mm) {
@@ -127,26 +134,19 @@ public:
                 CUTLASS_PRAGMA_UNROLL
                 for (int r = 0; r < 2; ++r) {
                     CUTLASS_PRAGMA_UNROLL
-                    for (int v = 0; v < kChunks; v += 2) {
+                    for (int v = 0; v < kChunks; v += kStep) {
                         const auto crd = t_crd(make_coord(make_coord(0, r, v), mm, nn));
                         const int row = get<0>(crd), col = get<1>(crd);
-                        if (row >= M || col >= N) continue;
-                        float h[2];
-                        CUTLASS_PRAGMA_UNROLL
-                        for (int c = 0; c < 2; ++c) {
-                            const float gate = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
-                            const float up =
-                                static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v + 1), mm, nn))));
-                            h[c] = (swiglu ? act_fn<Activation::kSwiGLU, kFastAct<ElementD>>(gate)
-                                           : act_fn<Activation::kGeGLU, kFastAct<ElementD>>(gate)) *
-                                   up;
+                        if constexpr (Gated) {
+                            if (row >= M || col >= N) continue;
+                            // gate f's column is gate_up_interleaved_row(f, 0) (config.h); f even: col = 16q + 2j
+                            const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);
+                            store_gated(acc, mm, nn, r, v, swiglu, d + row * ldd + f);
+                        } else {
+                            // This lane's pair of chunk v sits at column 8 v + 2q; chunk v + q starts at 8 (v + q).
+                            const int seg = col + 6 * q;
+                            store_quad(acc, mm, nn, r, v, q, row < M && seg < N, d + row * ldd + seg);
                         }
-                        cutlass::Array<ElementD, 2> out;
-                        out[0] = ElementD(h[0]);
-                        out[1] = ElementD(h[1]);
-                        // gate f's column is gate_up_interleaved_row(f, 0) (config.h); f is even: col = 16q + 2j
-                        const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);
-                        *reinterpret_cast<cutlass::Array<ElementD, 2>*>(d + row * ldd + f) = out;
                     }
                 }
             }
@@ -154,8 +154,68 @@ public:
     }
 
 private:
+    // h = act(gate) * up for the thread's two adjacent f of chunks (v, v + 1), gate and up rounded to ElementD
+    // first; one 4-byte store.
+    template <class Acc>
+    CUTLASS_DEVICE static void store_gated(Acc const& acc, int mm, int nn, int r, int v, bool swiglu, ElementD* out) {
+        using cute::make_coord;
+        cutlass::Array<ElementD, 2> h;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+            const float gate = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v), mm, nn))));
+            const float up = static_cast<float>(ElementD(acc(make_coord(make_coord(c, r, v + 1), mm, nn))));
+            h[c] = ElementD((swiglu ? act_fn<Activation::kSwiGLU, kFastAct<ElementD>>(gate)
+                                    : act_fn<Activation::kGeGLU, kFastAct<ElementD>>(gate)) *
+                            up);
+        }
+        *reinterpret_cast<cutlass::Array<ElementD, 2>*>(out) = h;
+    }
+
+    // D = acc rounded once for chunks v0..v0+3 of one row. Lane q of a quad holds the column pairs p[j] = columns
+    // 8 (v0 + j) + 2q + {0, 1}; a 4x4 transpose of these 32-bit pairs across the quad (shuffles with lane ^ 1, then
+    // lane ^ 2; every lane takes part) leaves lane q with chunk v0 + q's 8 columns: one 16-byte store where `store`.
+    template <class Acc>
+    CUTLASS_DEVICE static void store_quad(Acc const& acc, int mm, int nn, int r, int v0, int q, bool store,
+                                          ElementD* out) {
+        using cute::make_coord;
+        const bool odd = q & 1, high = q & 2;
+        uint32_t p[4];
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            cutlass::Array<ElementD, 2> two;
+            two[0] = ElementD(acc(make_coord(make_coord(0, r, v0 + j), mm, nn)));
+            two[1] = ElementD(acc(make_coord(make_coord(1, r, v0 + j), mm, nn)));
+            p[j] = reinterpret_cast<uint32_t const&>(two);
+        }
+        // Round 1 (lane ^ 1): 2x2 blocks of pairs. Even lanes keep p0, p2, odd lanes p1, p3.
+        uint32_t a = __shfl_xor_sync(0xffffffffu, odd ? p[0] : p[1], 1);
+        uint32_t b = __shfl_xor_sync(0xffffffffu, odd ? p[2] : p[3], 1);
+        if (odd) {
+            p[0] = a;
+            p[2] = b;
+        } else {
+            p[1] = a;
+            p[3] = b;
+        }
+        // Round 2 (lane ^ 2): lanes 0, 1 keep p0, p1, lanes 2, 3 keep p2, p3.
+        a = __shfl_xor_sync(0xffffffffu, high ? p[0] : p[2], 2);
+        b = __shfl_xor_sync(0xffffffffu, high ? p[1] : p[3], 2);
+        if (high) {
+            p[0] = a;
+            p[1] = b;
+        } else {
+            p[2] = a;
+            p[3] = b;
+        }
+        if (store) *reinterpret_cast<uint4*>(out) = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+
     Params params_;
 };
+
+// GEMM1 with the gated activation in its epilogue.
+template <typename ElementD>
+using GatedEpilogueArray = RegisterEpilogueArray<ElementD, true>;
 
 }  // namespace sm90
 }  // namespace cuda
