@@ -2,7 +2,7 @@
 //
 // Run:  grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek] [--iters 20]
 //                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles] [--backward] [--gated]
-//                          [--epilogues] [--gather-warps]
+//                          [--epilogues]
 // For each model (H, F, E, k) and token count T: T*k rows are routed uniformly at random (each token picks k
 // distinct experts), giving per-expert row counts; the two expert GEMMs are timed:
 //   up   : [rows, H] x W13[E, 2F, H]^T -> [rows, 2F]      down : [rows, F] x W2[E, H, F]^T -> [rows, H]
@@ -21,12 +21,9 @@
 // rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
 // back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
 // floor (weights hit + A read + h written).
-// --epilogues times each GEMM on the Cooperative tile without a cluster, and each wgrad (with --backward), with
-// every epilogue (GroupedGemmEpilogue: epi-tma32 = CUTLASS's 128x32 subtiles, epi-tma64, epi-tma128, epi-reg = the
-// register store), alternated, two rounds, the second reported.
-// --gather-warps adds, after each up GEMM, GEMM1 gated on the Pingpong 64x256 tile with A's rows gathered from the
-// first T rows of A (pseudo-random tokens) by two producer warps ("up gathered") against one ("one-warp"),
-// alternated as above.
+// --epilogues times each GEMM on the Cooperative tile without a cluster, and (with --backward) each wgrad and each
+// dgrad without a cluster, with every epilogue built for it (GroupedGemmEpilogue: epi-tma32 = CUTLASS's 128x32
+// subtiles, epi-tma128 (not for wgrad), epi-reg = the register store), alternated, two rounds, the second reported.
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -81,7 +78,6 @@ struct Options {
     bool backward = false;
     bool gated = false;
     bool epilogues = false;
-    bool gather_warps = false;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -122,15 +118,13 @@ Options parse(int argc, char** argv) {
             o.gated = true;
         } else if (a == "--epilogues") {
             o.epilogues = true;
-        } else if (a == "--gather-warps") {
-            o.gather_warps = true;
         } else if (a == "--backward") {
             o.backward = true;
         } else {
             std::printf(
                 "usage: grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek]\n"
                 "                          [--iters 20] [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]\n"
-                "                          [--backward] [--gated] [--epilogues] [--gather-warps]\n");
+                "                          [--backward] [--gated] [--epilogues]\n");
             std::exit(a == "--help" ? 0 : 2);
         }
     }
@@ -323,7 +317,6 @@ std::vector<double> time_alternated(const std::vector<std::function<void(size_t)
 
 const std::pair<const char*, switchyard::cuda::GroupedGemmEpilogue> kEpilogues[] = {
     {"epi-tma32", switchyard::cuda::GroupedGemmEpilogue::kTma32},
-    {"epi-tma64", switchyard::cuda::GroupedGemmEpilogue::kTma64},
     {"epi-tma128", switchyard::cuda::GroupedGemmEpilogue::kTma128},
     {"epi-reg", switchyard::cuda::GroupedGemmEpilogue::kRegisters}};
 
@@ -455,53 +448,6 @@ int main(int argc, char** argv) {
                     }
                     rows.push_back(r);
                     print_row(r, ceil.bf16_tflops);
-                    if (o.gather_warps && g.n == 2 * m.ffn) {
-                        // GEMM1 gated on the Pingpong 64x256 tile with A's rows gathered from x (the first T rows
-                        // of A; each row reads a pseudo-random token), two producer warps against one, alternated.
-                        std::vector<int32_t> index(static_cast<size_t>(total));
-                        for (int64_t i = 0; i < total; ++i) {
-                            uint64_t h = static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull + 12345;
-                            h ^= h >> 29;
-                            index[static_cast<size_t>(i)] = static_cast<int32_t>(h % static_cast<uint64_t>(tokens));
-                        }
-                        int32_t* d_index = nullptr;
-                        BENCH_CUDA(cudaMalloc(&d_index, index.size() * 4 + 4));
-                        BENCH_CUDA(cudaMemcpy(d_index, index.data(), index.size() * 4, cudaMemcpyHostToDevice));
-                        std::vector<void*> hs(sets);
-                        for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaMalloc(&hs[s], size_t(total) * m.ffn * 2 + 16));
-                        switchyard::cuda::GroupedGemmArgs gg = args;
-                        gg.gated = true;
-                        gg.activation = switchyard::Activation::kSwiGLU;
-                        gg.tile = switchyard::cuda::GroupedGemmTile::kMedium;  // Pingpong 64x256
-                        gg.a_row_index = d_index;
-                        gg.a_rows = tokens;
-                        const size_t gws_bytes = switchyard::cuda::grouped_gemm_workspace_size(gg);
-                        void* gws = nullptr;
-                        BENCH_CUDA(cudaMalloc(&gws, std::max<size_t>(gws_bytes, 256)));
-                        std::vector<std::function<void(size_t)>> calls;
-                        for (int warps : {2, 1}) {
-                            calls.push_back([&, warps](size_t s) {
-                                switchyard::cuda::GroupedGemmArgs x = gg;
-                                x.a = as[s];
-                                x.b = bs[s];
-                                x.c = hs[s];
-                                x.gather_producer_warps = warps;
-                                switchyard::cuda::grouped_gemm(x, gws, gws_bytes, nullptr);
-                            });
-                        }
-                        const std::vector<double> ms = time_alternated(calls, sets, o);
-                        Row x = r;
-                        x.gemm = "up gathered";
-                        x.kernel = switchyard::cuda::grouped_gemm_kernel_name(gg);
-                        x.ms = ms[0];
-                        x.tflops = 2.0 * total * g.n * g.k / (x.ms * 1e-3) / 1e12;
-                        x.tiles = {{"one-warp", ms[1]}};
-                        rows.push_back(x);
-                        print_row(x, ceil.bf16_tflops);
-                        BENCH_CUDA(cudaFree(gws));
-                        for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaFree(hs[s]));
-                        BENCH_CUDA(cudaFree(d_index));
-                    }
                     if (o.gated && g.n == 2 * m.ffn) {
                         // GEMM1 + SwiGLU: unfused (c then the activation kernel into h) and the gated epilogue
                         // (h directly; b read as interleaved: random weights either way), alternated twice.
@@ -593,20 +539,32 @@ int main(int argc, char** argv) {
                                                         : double(c_bytes) + double(hit) * g.n * g.k * 2 + a_bytes;
                             b.floor_ms =
                                 std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
-                            if (o.epilogues && wgrad) {  // each wgrad epilogue, alternated (two rounds)
+                            if (o.epilogues) {  // each epilogue, alternated (two rounds); dgrad without a cluster
                                 std::vector<std::function<void(size_t)>> calls;
+                                std::vector<const char*> names;
                                 for (const auto& e : kEpilogues) {
+                                    using switchyard::cuda::GroupedGemmEpilogue;
+                                    if (wgrad && e.second == GroupedGemmEpilogue::kTma128) continue;  // not built
+                                    names.push_back(e.first);
                                     calls.push_back([&, e](size_t s) {
                                         switchyard::cuda::GroupedGemmGradArgs x = ga;
                                         x.dc = cs[s];
-                                        x.a = as[s];
-                                        x.db = db;
-                                        x.wgrad_epilogue = e.second;
-                                        switchyard::cuda::grouped_gemm_wgrad(x, gws, gws_bytes, nullptr);
+                                        if (wgrad) {
+                                            x.a = as[s];
+                                            x.db = db;
+                                            x.wgrad_epilogue = e.second;
+                                            switchyard::cuda::grouped_gemm_wgrad(x, gws, gws_bytes, nullptr);
+                                        } else {
+                                            x.b = bs[s];
+                                            x.da = da;
+                                            x.dgrad_tile = switchyard::cuda::GroupedGemmTile::kLargeNoCluster;
+                                            x.dgrad_epilogue = e.second;
+                                            switchyard::cuda::grouped_gemm_dgrad(x, gws, gws_bytes, nullptr);
+                                        }
                                     });
                                 }
                                 const std::vector<double> ms = time_alternated(calls, sets, o);
-                                for (size_t v = 0; v < ms.size(); ++v) b.tiles.emplace_back(kEpilogues[v].first, ms[v]);
+                                for (size_t v = 0; v < ms.size(); ++v) b.tiles.emplace_back(names[v], ms[v]);
                             }
                             if (o.all_tiles) {
                                 for (auto rs : {std::make_pair("raster-m", GemmRaster::kAlongM),

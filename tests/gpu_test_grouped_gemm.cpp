@@ -300,8 +300,8 @@ TEST(GpuGroupedGemm, BothRasterOrders) {
 TEST(GpuGroupedGemm, EveryEpilogueOfTheCooperativeTileWithoutCluster) {
     SKIP_WITHOUT_GPU(DType::kBF16);
     using cuda::GroupedGemmEpilogue;
-    for (GroupedGemmEpilogue e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64,
-                                  GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
+    for (GroupedGemmEpilogue e :
+         {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
         for (bool integer : {true, false}) {
             Case c;
             c.dtype = DType::kBF16;

@@ -67,6 +67,7 @@ struct Case {
     GemmRaster raster = GemmRaster::kAuto;
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
     cuda::GroupedGemmEpilogue wgrad_epilogue = cuda::GroupedGemmEpilogue::kAuto;
+    cuda::GroupedGemmEpilogue dgrad_epilogue = cuda::GroupedGemmEpilogue::kAuto;
     uint32_t seed = 1;
 };
 
@@ -75,6 +76,7 @@ std::string describe(const Case& c) {
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
        << " slack=" << c.slack_rows << (c.integer_inputs ? " integer" : " real") << (c.graph ? " graph" : "")
        << " dgrad_tile=" << static_cast<int>(c.dgrad_tile) << " wgrad_epilogue=" << static_cast<int>(c.wgrad_epilogue)
+       << " dgrad_epilogue=" << static_cast<int>(c.dgrad_epilogue)
        << " seed=" << c.seed << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 16; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 16) os << ",...";
@@ -169,6 +171,7 @@ void run_case(const Case& c) {
     args.raster = c.raster;
     args.dgrad_tile = c.dgrad_tile;
     args.wgrad_epilogue = c.wgrad_epilogue;
+    args.dgrad_epilogue = c.dgrad_epilogue;
     ASSERT_TRUE(cuda::grouped_gemm_grad_supported(args));
     const size_t ws_bytes = cuda::grouped_gemm_grad_workspace_size(args);
     DeviceBuffer d_ws(ws_bytes);
@@ -336,14 +339,15 @@ TEST(GpuGroupedGemmBackward, EveryDgradCluster) {
     }
 }
 
-// bf16 wgrad with each of its epilogues (grouped_gemm.h, GroupedGemmEpilogue): the same values as the reference
-// (bitwise for integer inputs), the whole dB written (N = 264 and K = 520 leave partial tiles on both sides), nothing
-// past it; the register store's 16-byte segments at the tiles' edges included.
-TEST(GpuGroupedGemmBackward, EveryWgradEpilogue) {
+// bf16 wgrad with each of its epilogues (kTma32, kRegisters) and the dgrad without a cluster with each of its
+// (kTma32, kTma128, kRegisters; grouped_gemm.h, GroupedGemmEpilogue): the same values as the reference (bitwise for
+// integer inputs), the whole dB and dA written (N = 264 and K = 520 leave partial tiles on both sides), nothing past
+// them; the register store's 16-byte segments at the tiles' edges included. Combinations not built are refused.
+TEST(GpuGroupedGemmBackward, EveryWgradAndDgradEpilogue) {
     SKIP_WITHOUT_GPU(DType::kBF16);
     using cuda::GroupedGemmEpilogue;
-    for (GroupedGemmEpilogue e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64,
-                                  GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
+    for (GroupedGemmEpilogue e :
+         {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
         for (bool integer : {true, false}) {
             Case c;
             c.dtype = DType::kBF16;
@@ -352,11 +356,25 @@ TEST(GpuGroupedGemmBackward, EveryWgradEpilogue) {
             c.k = 520;
             c.slack_rows = 3;
             c.integer_inputs = integer;
-            c.wgrad_epilogue = e;
+            c.wgrad_epilogue = e == GroupedGemmEpilogue::kTma128 ? GroupedGemmEpilogue::kTma32 : e;
+            c.dgrad_tile = GroupedGemmTile::kLargeNoCluster;
+            c.dgrad_epilogue = e;
             c.seed = 211 + 3 * static_cast<uint32_t>(e) + (integer ? 0 : 1);
             run_case(c);
         }
     }
+    cuda::GroupedGemmGradArgs args;
+    args.num_groups = 2;
+    args.n = 256;
+    args.k = 64;
+    args.max_rows = 16;
+    args.dgrad_tile = GroupedGemmTile::kLarge;
+    args.dgrad_epilogue = GroupedGemmEpilogue::kRegisters;
+    EXPECT_THROW(cuda::grouped_gemm_dgrad_kernel_name(args), Error);
+    args.dgrad_tile = GroupedGemmTile::kAuto;
+    args.dgrad_epilogue = GroupedGemmEpilogue::kAuto;
+    args.wgrad_epilogue = GroupedGemmEpilogue::kTma128;
+    EXPECT_THROW(cuda::grouped_gemm_wgrad_kernel_name(args), Error);
 }
 
 // A tile that is not a dgrad configuration is refused before anything runs.

@@ -63,8 +63,8 @@ void check_sizes(const GroupedGemmArgs& g) {
         SWITCHYARD_CHECK(g.k <= INT_MAX / 2, "grouped_gemm: k=", g.k,
                          " must be below 2^30 with a_row_index (a row's bytes are a 32-bit stride)");
     }
-    SWITCHYARD_CHECK(g.gather_producer_warps >= 0 && g.gather_producer_warps <= 2,
-                     "grouped_gemm: gather_producer_warps=", g.gather_producer_warps, " must be 0 (default), 1 or 2");
+    SWITCHYARD_CHECK(static_cast<int>(g.epilogue) >= 0 && g.epilogue <= GroupedGemmEpilogue::kRegisters,
+                     "grouped_gemm: epilogue=", static_cast<int>(g.epilogue), " is not a GroupedGemmEpilogue");
 }
 
 sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
@@ -112,9 +112,7 @@ const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
     const bool gather = g.a_row_index != nullptr;
     const sm90::GemmOps& coop = gather ? sm90::kBF16GatedGatherCooperative : sm90::kBF16GatedCooperative;
     const sm90::GemmOps& coop_c1 = gather ? sm90::kBF16GatedGatherCooperativeC1 : sm90::kBF16GatedCooperativeC1;
-    const sm90::GemmOps& pingpong = !gather                         ? sm90::kBF16GatedPingpong
-                                    : g.gather_producer_warps == 1 ? sm90::kBF16GatedGatherPingpong1W
-                                                                   : sm90::kBF16GatedGatherPingpong;
+    const sm90::GemmOps& pingpong = gather ? sm90::kBF16GatedGatherPingpong : sm90::kBF16GatedPingpong;
     switch (g.tile) {
         case GroupedGemmTile::kLarge: return coop;
         case GroupedGemmTile::kLargeNoCluster:
@@ -138,21 +136,20 @@ const sm90::GemmOps& gather_ops(const GroupedGemmArgs& g) {
     }
 }
 
-// The plain bf16 Cooperative kernel without a cluster with the epilogue g.epilogue asks for (grouped_gemm.h,
-// GroupedGemmEpilogue); any other kernel takes kAuto only.
+// The plain bf16 Cooperative kernel without a cluster with the epilogue g.epilogue asks for, or kAuto's
+// (grouped_gemm_sm90.h, resolve_epilogue: by the reduction length K); any other kernel takes kAuto only.
 const sm90::GemmOps& with_epilogue(const GroupedGemmArgs& g, const sm90::GemmOps& ops) {
-    if (g.epilogue == GroupedGemmEpilogue::kAuto || g.epilogue == GroupedGemmEpilogue::kTma32) {
-        if (g.epilogue == GroupedGemmEpilogue::kAuto || &ops == &sm90::kBF16CooperativeC1) return ops;
-    } else if (&ops == &sm90::kBF16CooperativeC1) {
-        switch (g.epilogue) {
-            case GroupedGemmEpilogue::kTma64: return sm90::kBF16CooperativeC1Epi64;
+    if (&ops == &sm90::kBF16CooperativeC1) {
+        switch (resolve_epilogue(g.epilogue, g.k)) {
             case GroupedGemmEpilogue::kTma128: return sm90::kBF16CooperativeC1Epi128;
             case GroupedGemmEpilogue::kRegisters: return sm90::kBF16CooperativeC1Reg;
-            default: break;
+            default: return ops;
         }
     }
-    SWITCHYARD_FAIL("grouped_gemm: epilogue=", static_cast<int>(g.epilogue), " is not built for ", ops.name,
-                    " (only the plain bf16 Cooperative kernel without a cluster has the choice)");
+    SWITCHYARD_CHECK(g.epilogue == GroupedGemmEpilogue::kAuto, "grouped_gemm: epilogue=", static_cast<int>(g.epilogue),
+                     " is not built for ", ops.name,
+                     " (only the plain bf16 Cooperative kernel without a cluster has the choice)");
+    return ops;
 }
 
 // The kernel for 16-bit args: the gated epilogue's, the gathered plain one's, or choose_tile's.
@@ -233,7 +230,7 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
     }
     if (args.dtype == DType::kBF16) {
         for (const sm90::GemmOps* ops :
-             {&sm90::kBF16CooperativeC1Epi64, &sm90::kBF16CooperativeC1Epi128, &sm90::kBF16CooperativeC1Reg}) {
+             {&sm90::kBF16CooperativeC1Epi128, &sm90::kBF16CooperativeC1Reg}) {
             bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
         }
     }
@@ -241,7 +238,7 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
         for (const sm90::GemmOps* ops :
              {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1, &sm90::kBF16GatedPingpong,
               &sm90::kBF16GatedGatherCooperative, &sm90::kBF16GatedGatherCooperativeC1,
-              &sm90::kBF16GatedGatherPingpong, &sm90::kBF16GatedGatherPingpong1W}) {
+              &sm90::kBF16GatedGatherPingpong}) {
             bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
         }
     }

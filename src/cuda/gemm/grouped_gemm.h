@@ -36,18 +36,21 @@ enum class GroupedGemmTile : int {
     kLargeNoCluster = 5,  // Cooperative 128x256x64, cluster 1x1x1 (bf16, else kLarge)
 };
 
-// The epilogue of the bf16 Cooperative 128x256 kernels that have the choice (the forward without a cluster, the
-// wgrad): how the accumulator tile reaches memory. kTma32 (CUTLASS's default): staged through shared memory in
-// 128x32 subtiles, each stored by TMA after two named barriers across both consumer warpgroups, while the tensor
-// cores wait; kTma64 / kTma128: larger subtiles, fewer barriers, their shared memory taken from the mainloop's
-// stages; kRegisters: 16-byte stores straight from registers (register_epilogue.cuh), no shared memory, no barriers.
-// kAuto = kTma32. The others exist to be measured (grouped_gemm_bench --epilogues); same values in every case.
+// The epilogue of the bf16 Cooperative 128x256 kernels that have the choice (the forward and the dgrad without a
+// cluster: all three; the wgrad: kTma32 and kRegisters): how the accumulator tile reaches memory. kTma32 (CUTLASS's
+// default): staged through shared memory in 128x32 subtiles, each stored by TMA after two named barriers across
+// both consumer warpgroups, while the tensor cores wait; kTma128: 128x128 subtiles, a quarter of the barriers, their
+// 64 KB of shared memory taken from the mainloop (3 stages instead of 4); kRegisters: 16-byte stores straight from
+// registers (register_epilogue.cuh), no shared memory, no barriers. (128x64 subtiles were measured too, run 45:
+// never the fastest.)
+// kAuto: by the reduction length (forward, dgrad) or the rows per expert (wgrad), measured on an H100
+// (grouped_gemm_sm90.h, resolve_epilogue / resolve_wgrad_epilogue); grouped_gemm_bench --epilogues times every one.
+// Same values in every case.
 enum class GroupedGemmEpilogue : int {
     kAuto = 0,
     kTma32 = 1,
-    kTma64 = 2,
-    kTma128 = 3,
-    kRegisters = 4,
+    kTma128 = 2,
+    kRegisters = 3,
 };
 
 // Tile rasterisation of the persistent CUTLASS scheduler: the order in which consecutive CTAs take the output tiles
@@ -91,9 +94,6 @@ struct GroupedGemmArgs {
     // that the Pingpong 64x128x128 tile runs as Pingpong 128x128x64 (grouped_gemm.cu, gather_ops).
     const int32_t* a_row_index = nullptr;
     int64_t a_rows = 0;
-    // The gathered gated Pingpong kernel's producer warps copying A's rows: 0 (= 2, the default) or 1 (the form
-    // before two, kept for comparison). Other kernels ignore it.
-    int gather_producer_warps = 0;
     // The epilogue where the kernel is the plain bf16 Cooperative 128x256 one without a cluster (kAuto elsewhere;
     // another choice for another kernel is refused).
     GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kAuto;
@@ -141,8 +141,10 @@ struct GroupedGemmGradArgs {
     // grouped_gemm_backward.cu), kLarge (Cooperative 128x256, cluster 2x1), kLargeClusterN (cluster 1x2, bf16) or
     // kLargeNoCluster (no cluster, bf16); others are refused.
     GroupedGemmTile dgrad_tile = GroupedGemmTile::kAuto;
-    // wgrad's epilogue (bf16; fp16 takes kAuto only).
+    // wgrad's epilogue (bf16: kTma32 or kRegisters; fp16 takes kAuto only), and dgrad's where it runs without a
+    // cluster (bf16; with a cluster kAuto only).
     GroupedGemmEpilogue wgrad_epilogue = GroupedGemmEpilogue::kAuto;
+    GroupedGemmEpilogue dgrad_epilogue = GroupedGemmEpilogue::kAuto;
 };
 
 // Workspace bytes for grouped_gemm_dgrad and grouped_gemm_wgrad with these sizes (the larger of the two, so one

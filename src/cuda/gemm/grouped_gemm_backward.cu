@@ -103,12 +103,13 @@ unsigned empty_group_blocks(int64_t units_per_group) {
 
 void check_sizes(const GroupedGemmGradArgs& g) {
     check_gemm_sizes("grouped_gemm gradient", g.dtype, g.num_groups, 65535, g.n, g.k, g.max_rows);
-    const int e = static_cast<int>(g.wgrad_epilogue);
-    SWITCHYARD_CHECK(e >= 0 && e <= static_cast<int>(GroupedGemmEpilogue::kRegisters), "grouped_gemm gradient: "
-                     "wgrad_epilogue=", e, " is not a GroupedGemmEpilogue");
-    SWITCHYARD_CHECK(g.dtype == DType::kBF16 || g.wgrad_epilogue == GroupedGemmEpilogue::kAuto,
-                     "grouped_gemm gradient: wgrad_epilogue other than kAuto is bf16 only (dtype=", to_string(g.dtype),
-                     ")");
+    for (GroupedGemmEpilogue e : {g.wgrad_epilogue, g.dgrad_epilogue}) {
+        SWITCHYARD_CHECK(static_cast<int>(e) >= 0 && e <= GroupedGemmEpilogue::kRegisters,
+                         "grouped_gemm gradient: epilogue=", static_cast<int>(e), " is not a GroupedGemmEpilogue");
+        SWITCHYARD_CHECK(g.dtype == DType::kBF16 || e == GroupedGemmEpilogue::kAuto,
+                         "grouped_gemm gradient: an epilogue other than kAuto is bf16 only (dtype=", to_string(g.dtype),
+                         ")");
+    }
 }
 
 // Checks the workspace and device for a 16-bit call; returns the device facts.
@@ -190,12 +191,13 @@ size_t grouped_gemm_grad_workspace_size(const GroupedGemmGradArgs& args) {
     if (!is_16bit(args.dtype)) return 0;
     const int sm_count = device_facts().sm_count;
     size_t bytes = 0;
-    for (auto e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma64, GroupedGemmEpilogue::kTma128,
-                   GroupedGemmEpilogue::kRegisters}) {
+    for (auto e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kRegisters}) {
         bytes = std::max(bytes, sm90::wgrad_ops_for(args.dtype, e).workspace_size(args.num_groups, sm_count));
     }
     for (auto c : {sm90::DgradConfig::kCluster2x1, sm90::DgradConfig::kCluster1x2, sm90::DgradConfig::kNoCluster}) {
-        bytes = std::max(bytes, sm90::dgrad_ops_for(args.dtype, c).workspace_size(args.num_groups, sm_count));
+        for (auto e : {GroupedGemmEpilogue::kTma32, GroupedGemmEpilogue::kTma128, GroupedGemmEpilogue::kRegisters}) {
+            bytes = std::max(bytes, sm90::dgrad_ops_for(args.dtype, c, e).workspace_size(args.num_groups, sm_count));
+        }
     }
     return bytes;
 }
@@ -223,18 +225,37 @@ sm90::DgradConfig dgrad_config(const GroupedGemmGradArgs& g) {
                     " is not a dgrad configuration (kAuto, kLarge, kLargeClusterN or kLargeNoCluster)");
 }
 
+// dgrad's epilogue: the no-cluster configuration has three (kAuto: grouped_gemm_sm90.h, resolve_epilogue, by its
+// reduction length n), the others CUTLASS's only.
+GroupedGemmEpilogue dgrad_epilogue(const GroupedGemmGradArgs& g, sm90::DgradConfig config) {
+    if (config == sm90::DgradConfig::kNoCluster && g.dtype == DType::kBF16) {
+        return resolve_epilogue(g.dgrad_epilogue, g.n);
+    }
+    SWITCHYARD_CHECK(g.dgrad_epilogue == GroupedGemmEpilogue::kAuto, "grouped_gemm dgrad: dgrad_epilogue=",
+                     static_cast<int>(g.dgrad_epilogue), " needs the bf16 dgrad without a cluster");
+    return GroupedGemmEpilogue::kTma32;
+}
+
+// wgrad's epilogue (kAuto: grouped_gemm_sm90.h, resolve_wgrad_epilogue, by the rows per expert).
+GroupedGemmEpilogue wgrad_epilogue(const GroupedGemmGradArgs& g) {
+    SWITCHYARD_CHECK(g.wgrad_epilogue != GroupedGemmEpilogue::kTma128, "grouped_gemm wgrad: wgrad_epilogue kTma128 "
+                     "is not built (kAuto, kTma32 or kRegisters)");
+    return resolve_wgrad_epilogue(g.wgrad_epilogue, avg_rows_per_group(g));
+}
+
 }  // namespace
 
 const char* grouped_gemm_dgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 dgrad 64x64x16";
-    return sm90::dgrad_ops_for(args.dtype, dgrad_config(args)).name;
+    const sm90::DgradConfig config = dgrad_config(args);
+    return sm90::dgrad_ops_for(args.dtype, config, dgrad_epilogue(args, config)).name;
 }
 
 const char* grouped_gemm_wgrad_kernel_name(const GroupedGemmGradArgs& args) {
     check_sizes(args);
     if (!is_16bit(args.dtype)) return "simt fp32 wgrad 64x64x16";
-    return sm90::wgrad_ops_for(args.dtype, args.wgrad_epilogue).name;
+    return sm90::wgrad_ops_for(args.dtype, wgrad_epilogue(args)).name;
 }
 
 void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -263,10 +284,11 @@ void grouped_gemm_dgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
 
     const DeviceFacts facts = check_grad_16bit_call(args, workspace, workspace_bytes, "grouped_gemm dgrad");
     const sm90::DgradConfig config = dgrad_config(args);  // validates dgrad_tile before anything is enqueued
+    const GroupedGemmEpilogue epilogue = dgrad_epilogue(args, config);  // and dgrad_epilogue
     zero_tail_rows(args.da, args.dtype, args.offsets, args.num_groups, args.k, args.max_rows, facts.sm_count, stream);
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::dgrad_ops_for(args.dtype, config).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::dgrad_ops_for(args.dtype, config, epilogue).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
@@ -305,7 +327,7 @@ void grouped_gemm_wgrad(const GroupedGemmGradArgs& args, void* workspace, size_t
     SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
     GroupedGemmGradArgs a = args;
     a.raster = resolve_raster(args.raster);
-    sm90::wgrad_ops_for(args.dtype, args.wgrad_epilogue).run(a, workspace, workspace_bytes, facts.sm_count, stream);
+    sm90::wgrad_ops_for(args.dtype, wgrad_epilogue(args)).run(a, workspace, workspace_bytes, facts.sm_count, stream);
 }
 
 }  // namespace cuda

@@ -73,10 +73,7 @@ struct CooperativeClusterConfig {
 using CooperativeConfig = CooperativeClusterConfig<2, 1>;
 using CooperativeN2Config = CooperativeClusterConfig<1, 2>;
 using CooperativeC1Config = CooperativeClusterConfig<1, 1>;
-using CooperativeEpi64Config = CooperativeClusterConfig<2, 1, 64>;
-using CooperativeEpi128Config = CooperativeClusterConfig<2, 1, 128>;
 using CooperativeRegConfig = CooperativeClusterConfig<2, 1, kRegisterStoreEpilogue>;
-using CooperativeC1Epi64Config = CooperativeClusterConfig<1, 1, 64>;
 using CooperativeC1Epi128Config = CooperativeClusterConfig<1, 1, 128>;
 using CooperativeC1RegConfig = CooperativeClusterConfig<1, 1, kRegisterStoreEpilogue>;
 
@@ -410,6 +407,3 @@ struct GroupedGemmRunner {
     SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, 2, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
     SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 2, label)
-// The gathered gated GEMM1 with one producer warp copying A's rows (the form before two; kept for comparison).
-#define SWITCHYARD_DEFINE_SM90_GATED_GATHER_1W_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 1, label)

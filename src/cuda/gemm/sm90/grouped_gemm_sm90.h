@@ -61,8 +61,7 @@ extern const GemmOps kBF16Pingpong;     // grouped_gemm_sm90_bf16_pingpong.cu
 extern const GemmOps kBF16Pingpong128;  // grouped_gemm_sm90_bf16_pingpong128.cu
 extern const GemmOps kBF16CooperativeN2;  // grouped_gemm_sm90_bf16_coop_n2.cu
 extern const GemmOps kBF16CooperativeC1;  // grouped_gemm_sm90_bf16_coop_c1.cu
-// kBF16CooperativeC1 with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_coop_c1_{e64,e128,reg}.cu
-extern const GemmOps kBF16CooperativeC1Epi64;
+// kBF16CooperativeC1 with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_coop_c1_{e128,reg}.cu
 extern const GemmOps kBF16CooperativeC1Epi128;
 extern const GemmOps kBF16CooperativeC1Reg;
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
@@ -76,7 +75,6 @@ extern const GemmOps kBF16GatherPingpong128;    // grouped_gemm_sm90_bf16_gather
 extern const GemmOps kBF16GatedGatherCooperative;    // grouped_gemm_sm90_bf16_gated_gather.cu
 extern const GemmOps kBF16GatedGatherCooperativeC1;  // grouped_gemm_sm90_bf16_gated_gather_c1.cu
 extern const GemmOps kBF16GatedGatherPingpong;       // grouped_gemm_sm90_bf16_gated_gather_pp.cu
-extern const GemmOps kBF16GatedGatherPingpong1W;     // grouped_gemm_sm90_bf16_gated_gather_pp_1w.cu (one producer warp)
 extern const GemmOps kF16Cooperative;   // grouped_gemm_sm90_f16.cu
 extern const GemmOps kF16Pingpong;      // grouped_gemm_sm90_f16_pingpong.cu
 
@@ -119,6 +117,29 @@ void check_gemm_sizes(const char* what, DType dtype, int64_t num_groups, int64_t
 // cluster's M extent and runs the rounded-up tiles on zeros, so the 2x1 cluster costs up to one 128-row tile of MMA
 // per expert; where experts are large that is little, and the weight multicast pays for it.
 constexpr int64_t kNoClusterMaxRows = 1024;
+
+// GroupedGemmEpilogue::kAuto resolved (grouped_gemm.h), measured on an H100 (bench/NOTES.md, "Session 13", run 45,
+// every epilogue alternated on the DESIGN.md shapes):
+// - the forward and the dgrad on the Cooperative tile without a cluster: reduction length k (the GEMM's K) up to
+//   kRegisterEpilogueMaxK the register store (Qwen3's GEMMs, K = 768-2048: 4-13% faster than CUTLASS's 128x32
+//   subtiles; the tiles' mainloops are short, so the epilogue's barriers are a large share), longer the 128x128
+//   subtiles (DeepSeek-V3 and Mixtral, K = 4096-14336: 0-4% faster, never slower);
+// - the wgrad (its reduction is the expert's rows): the register store from kRegisterEpilogueMinWgradRows to
+//   kNoClusterMaxRows rows per expert on average (Qwen3 8-18%, DeepSeek-V3 at 512 rows 5-10%, Mixtral at 1024 rows
+//   2-5% faster), CUTLASS's subtiles otherwise (at 128 rows per expert DeepSeek-V3's wgrads write 7.5-15 GB of
+//   dB at ~2 TB/s and the register store was 7-10% slower; at 4096 rows, Mixtral, they tie).
+constexpr int64_t kRegisterEpilogueMaxK = 2048;
+constexpr int64_t kRegisterEpilogueMinWgradRows = 256;
+inline GroupedGemmEpilogue resolve_epilogue(GroupedGemmEpilogue e, int64_t k) {
+    if (e != GroupedGemmEpilogue::kAuto) return e;
+    return k <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma128;
+}
+inline GroupedGemmEpilogue resolve_wgrad_epilogue(GroupedGemmEpilogue e, int64_t avg_rows) {
+    if (e != GroupedGemmEpilogue::kAuto) return e;
+    return avg_rows >= kRegisterEpilogueMinWgradRows && avg_rows <= kNoClusterMaxRows
+               ? GroupedGemmEpilogue::kRegisters
+               : GroupedGemmEpilogue::kTma32;
+}
 
 // GemmRaster::kAuto resolved (grouped_gemm.h says why it is kAlongM).
 inline GemmRaster resolve_raster(GemmRaster r) { return r == GemmRaster::kAuto ? GemmRaster::kAlongM : r; }

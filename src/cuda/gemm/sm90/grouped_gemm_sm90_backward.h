@@ -41,34 +41,35 @@ using GradGemmOps = GemmOpsOf<GroupedGemmGradArgs>;
 extern const GradGemmOps kBF16Dgrad;  // grouped_gemm_sm90_bf16_dgrad.cu
 extern const GradGemmOps kBF16DgradN2;  // grouped_gemm_sm90_bf16_dgrad_n2.cu
 extern const GradGemmOps kBF16DgradC1;  // grouped_gemm_sm90_bf16_dgrad_c1.cu
+// kBF16DgradC1 with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_dgrad_c1_{e128,reg}.cu
+extern const GradGemmOps kBF16DgradC1Epi128;
+extern const GradGemmOps kBF16DgradC1Reg;
 extern const GradGemmOps kF16Dgrad;   // grouped_gemm_sm90_f16_dgrad.cu
 extern const GradGemmOps kBF16Wgrad;  // grouped_gemm_sm90_bf16_wgrad.cu
-// kBF16Wgrad with the other epilogues (GroupedGemmEpilogue): grouped_gemm_sm90_bf16_wgrad_{e64,e128,reg}.cu
-extern const GradGemmOps kBF16WgradEpi64;
-extern const GradGemmOps kBF16WgradEpi128;
+// kBF16Wgrad with the register store (GroupedGemmEpilogue::kRegisters): grouped_gemm_sm90_bf16_wgrad_reg.cu
 extern const GradGemmOps kBF16WgradReg;
 extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 
 // The dgrad configurations of bf16 (fp16 has the 2x1 Cooperative one only).
 enum class DgradConfig : int { kCluster2x1 = 0, kCluster1x2 = 1, kNoCluster = 2 };
 
-inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config) {
+// The no-cluster configuration with the epilogue given (resolved: not kAuto); the others have CUTLASS's only.
+inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config,
+                                        GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kTma32) {
     if (dtype != DType::kBF16) return kF16Dgrad;
     switch (config) {
         case DgradConfig::kCluster1x2: return kBF16DgradN2;
-        case DgradConfig::kNoCluster: return kBF16DgradC1;
+        case DgradConfig::kNoCluster:
+            return epilogue == GroupedGemmEpilogue::kRegisters ? kBF16DgradC1Reg
+                   : epilogue == GroupedGemmEpilogue::kTma128  ? kBF16DgradC1Epi128
+                                                               : kBF16DgradC1;
         default: return kBF16Dgrad;
     }
 }
 
 inline const GradGemmOps& wgrad_ops_for(DType dtype, GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kAuto) {
     if (dtype != DType::kBF16) return kF16Wgrad;
-    switch (epilogue) {
-        case GroupedGemmEpilogue::kTma64: return kBF16WgradEpi64;
-        case GroupedGemmEpilogue::kTma128: return kBF16WgradEpi128;
-        case GroupedGemmEpilogue::kRegisters: return kBF16WgradReg;
-        default: return kBF16Wgrad;
-    }
+    return epilogue == GroupedGemmEpilogue::kRegisters ? kBF16WgradReg : kBF16Wgrad;
 }
 
 }  // namespace sm90
