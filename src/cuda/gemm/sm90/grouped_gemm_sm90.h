@@ -120,7 +120,7 @@ constexpr int64_t kNoClusterMaxRows = 1024;
 
 // GroupedGemmEpilogue::kAuto resolved (grouped_gemm.h), measured on an H100 (bench/NOTES.md, "Session 13", run 45,
 // every epilogue alternated on the DESIGN.md shapes):
-// - the forward and the dgrad on the Cooperative tile without a cluster: reduction length k (the GEMM's K) up to
+// - the forward on the Cooperative tile without a cluster: reduction length k (the GEMM's K) up to
 //   kRegisterEpilogueMaxK the register store (Qwen3's GEMMs, K = 768-2048: 4-13% faster than CUTLASS's 128x32
 //   subtiles; the tiles' mainloops are short, so the epilogue's barriers are a large share), longer the 128x128
 //   subtiles (DeepSeek-V3 and Mixtral, K = 4096-14336: 0-4% faster, never slower);
