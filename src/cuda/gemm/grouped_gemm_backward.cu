@@ -110,6 +110,8 @@ void check_sizes(const GroupedGemmGradArgs& g) {
                          "grouped_gemm gradient: an epilogue other than kAuto is bf16 only (dtype=", to_string(g.dtype),
                          ")");
     }
+    SWITCHYARD_CHECK(g.wgrad_epilogue != GroupedGemmEpilogue::kTma128, "grouped_gemm gradient: wgrad_epilogue kTma128 "
+                     "is not built (kAuto, kTma32 or kRegisters)");
 }
 
 // Checks the workspace and device for a 16-bit call; returns the device facts.
@@ -236,10 +238,9 @@ GroupedGemmEpilogue dgrad_epilogue(const GroupedGemmGradArgs& g, sm90::DgradConf
     return GroupedGemmEpilogue::kTma32;
 }
 
-// wgrad's epilogue (kAuto: grouped_gemm_sm90.h, resolve_wgrad_epilogue, by the rows per expert).
+// wgrad's epilogue (kAuto: grouped_gemm_sm90.h, resolve_wgrad_epilogue, by the rows per expert; check_sizes refused
+// kTma128).
 GroupedGemmEpilogue wgrad_epilogue(const GroupedGemmGradArgs& g) {
-    SWITCHYARD_CHECK(g.wgrad_epilogue != GroupedGemmEpilogue::kTma128, "grouped_gemm wgrad: wgrad_epilogue kTma128 "
-                     "is not built (kAuto, kTma32 or kRegisters)");
     return resolve_wgrad_epilogue(g.wgrad_epilogue, avg_rows_per_group(g));
 }
 
