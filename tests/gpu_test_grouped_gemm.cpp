@@ -112,7 +112,8 @@ std::string describe(const Case& c) {
     std::ostringstream os;
     os << "dtype=" << to_string(c.dtype) << " E=" << c.counts.size() << " n=" << c.n << " k=" << c.k
        << " tile=" << static_cast<int>(c.tile) << " raster=" << static_cast<int>(c.raster)
-       << " epilogue=" << static_cast<int>(c.epilogue) << (c.integer_inputs ? " integer" : " real") << " seed=" << c.seed
+       << " epilogue=" << static_cast<int>(c.epilogue) << (c.integer_inputs ? " integer" : " real")
+       << " seed=" << c.seed
        << " counts=[";
     for (size_t i = 0; i < c.counts.size() && i < 12; ++i) os << (i ? "," : "") << c.counts[i];
     if (c.counts.size() > 12) os << ",...";
