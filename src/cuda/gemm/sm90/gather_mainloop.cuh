@@ -46,9 +46,9 @@ namespace sm90 {
 template <class Policy>
 struct GatherTwoWarpPolicy : Policy {};
 
-// ProducerWarps: 2 (every instantiation), or 1 (warp 0 copies all of A's rows: the form before two warps; run 45
-// timed both side by side, bench/NOTES.md "Session 13": two warps 14-20% faster at 128-256 rows per expert).
-template <class Base, int ProducerWarps = 2>
+// Two producer warps copy A's rows (one warp alone was 14-20% slower at 128-256 rows per expert: bench/NOTES.md,
+// "Session 13", run 45).
+template <class Base>
 struct GatherAMainloop : Base {
     using typename Base::ElementA;
     using typename Base::MainloopPipeline;
@@ -58,10 +58,8 @@ struct GatherAMainloop : Base {
     using typename Base::SmemLayoutB;
     using typename Base::TensorStorage;
     using typename Base::TileShape;
-    static_assert(ProducerWarps == 1 || ProducerWarps == 2, "warp 0 alone, or warp 0 and the auxiliary warp");
-    static constexpr int kProducerWarps = ProducerWarps;
-    using DispatchPolicy = std::conditional_t<ProducerWarps == 2, GatherTwoWarpPolicy<typename Base::DispatchPolicy>,
-                                              typename Base::DispatchPolicy>;
+    static constexpr int kProducerWarps = 2;  // warp 0 and the auxiliary warp
+    using DispatchPolicy = GatherTwoWarpPolicy<typename Base::DispatchPolicy>;
     using BaseArguments = typename Base::Arguments;
     using BaseParams = typename Base::Params;
 
@@ -179,11 +177,9 @@ struct GatherAMainloop : Base {
                                        LoadInputs const& load_inputs, BlockCoord const& blk_coord,
                                        KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t,
                                        TensorStorage& shared_tensors) {
-        if constexpr (kProducerWarps == 2) {
-            auto no_b = [](auto*, int, int) {};
-            load_rows(p, pipeline, smem_pipe_write, load_inputs, static_cast<int>(cute::get<0>(blk_coord)),
-                      k_tile_iter, k_tile_count, lane, 1, shared_tensors, no_b);
-        }
+        auto no_b = [](auto*, int, int) {};
+        load_rows(p, pipeline, smem_pipe_write, load_inputs, static_cast<int>(cute::get<0>(blk_coord)),
+                  k_tile_iter, k_tile_count, lane, 1, shared_tensors, no_b);
     }
 
   private:

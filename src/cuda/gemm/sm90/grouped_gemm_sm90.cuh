@@ -44,21 +44,15 @@ using UnderlyingShape = ProblemShape::UnderlyingProblemShape;
 //
 // The epilogue (EpiN): CUTLASS's TMA-store epilogue stages the tile through shared memory in 128 x EpiN subtiles,
 // each with two named barriers across both consumer warpgroups while the tensor cores wait; EpiN = 0 lets CUTLASS
-// choose (128x32: eight subtiles per 128x256 tile), 64 or 128 take fewer, larger subtiles (and their shared memory
-// from the mainloop's stages). EpiN = kRegisterStoreEpilogue stores the accumulators from registers instead
+// choose (128x32: eight subtiles per 128x256 tile); EpiN = 128 (the one built) takes two, their shared memory from
+// the mainloop's stages. EpiN = kRegisterStoreEpilogue stores the accumulators from registers instead
 // (register_epilogue.cuh: no shared memory, no barriers). GroupedGemmEpilogue (grouped_gemm.h) selects them.
 constexpr int kRegisterStoreEpilogue = -1;
-template <int EpiN>
-struct EpilogueTileOf {
-    using type = cute::Shape<cute::_128, cute::Int<EpiN>>;
-};
-template <>
-struct EpilogueTileOf<0> {
-    using type = cutlass::epilogue::collective::EpilogueTileAuto;
-};
-template <>
-struct EpilogueTileOf<kRegisterStoreEpilogue> {
-    using type = cutlass::epilogue::collective::EpilogueTileAuto;  // unused: no staged subtiles
+
+// What the configs without a choice of epilogue take: CUTLASS's TMA-store epilogue with its own subtile.
+struct CutlassEpilogueDefaults {
+    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
+    static constexpr bool kRegisterStore = false;
 };
 
 template <int ClusterM, int ClusterN, int EpiN = 0>
@@ -67,7 +61,8 @@ struct CooperativeClusterConfig {
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
     using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
     using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::Int<ClusterN>, cute::_1>;
-    using EpilogueTile = typename EpilogueTileOf<EpiN>::type;
+    using EpilogueTile = std::conditional_t<(EpiN > 0), cute::Shape<cute::_128, cute::Int<EpiN>>,
+                                            cutlass::epilogue::collective::EpilogueTileAuto>;
     static constexpr bool kRegisterStore = EpiN == kRegisterStoreEpilogue;
 };
 using CooperativeConfig = CooperativeClusterConfig<2, 1>;
@@ -77,34 +72,28 @@ using CooperativeRegConfig = CooperativeClusterConfig<2, 1, kRegisterStoreEpilog
 using CooperativeC1Epi128Config = CooperativeClusterConfig<1, 1, 128>;
 using CooperativeC1RegConfig = CooperativeClusterConfig<1, 1, kRegisterStoreEpilogue>;
 
-struct PingpongConfig {
+struct PingpongConfig : CutlassEpilogueDefaults {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_64, cute::_128, cute::_128>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-    static constexpr bool kRegisterStore = false;
 };
 
 // Each consumer warpgroup owns a 64x256 tile: the MMA atom and the B-tile width of the Cooperative 128x256 tile,
 // with one warpgroup's epilogue running while the other's mainloop keeps the tensor cores busy (what the gated
 // epilogue's activation math needs: register_epilogue.cuh).
-struct Pingpong64x256Config {
+struct Pingpong64x256Config : CutlassEpilogueDefaults {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_64, cute::_256, cute::_64>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-    static constexpr bool kRegisterStore = false;
 };
 
-struct Pingpong128Config {
+struct Pingpong128Config : CutlassEpilogueDefaults {
     using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
     using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
     using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
     using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-    using EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto;
-    static constexpr bool kRegisterStore = false;
 };
 
 // The epilogue collective of a PtrArrayKernel: CUTLASS's (D = 1.0 * acc rounded once, TMA stores) or, where the
@@ -134,7 +123,7 @@ struct EpilogueOf<Element, Config, LayoutD, void> {
 // memory the epilogue leaves (none for the gated epilogue: one more stage on the Pingpong tile). GatherA: A's rows
 // read through a row index (gather_mainloop.cuh) instead of a contiguous A.
 template <typename Element, typename Config, typename LayoutA_, typename LayoutB_, typename Epilogue_ = void,
-          int GatherA = 0>
+          bool GatherA = false>
 struct PtrArrayKernel {
     using LayoutA = LayoutA_;
     using LayoutB = LayoutB_;
@@ -143,7 +132,7 @@ struct PtrArrayKernel {
     // An epilogue of our own (register_epilogue.cuh: the gated one, or the plain register store) takes its
     // arguments as RegisterEpilogueArray::Arguments; CUTLASS's takes LinearCombination's.
     static constexpr bool kOwnEpilogue = !std::is_void_v<Epilogue_> || Config::kRegisterStore;
-    static constexpr bool kGatherA = GatherA > 0;
+    static constexpr bool kGatherA = GatherA;
 
     using CollectiveEpilogue = typename EpilogueOf<Element, Config, LayoutD, Epilogue_>::type;
 
@@ -153,8 +142,7 @@ struct PtrArrayKernel {
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
             sizeof(typename CollectiveEpilogue::SharedStorage))>,
         typename Config::KernelSchedule>::CollectiveOp;
-    using CollectiveMainloop =
-        std::conditional_t<(GatherA > 0), GatherAMainloop<BuiltMainloop, (GatherA > 0 ? GatherA : 2)>, BuiltMainloop>;
+    using CollectiveMainloop = std::conditional_t<GatherA, GatherAMainloop<BuiltMainloop>, BuiltMainloop>;
 
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -169,9 +157,8 @@ template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
 // The forward GEMM1 with the gated activation in its epilogue (register_epilogue.cuh): the forward's operands, B
-// with interleaved gate/up rows, D = h [rows, N / 2]; with GatherA (its producer warps, 1 or 2), A's rows gathered
-// from x (gather_mainloop.cuh).
-template <typename Element, typename Config, int GatherA = 0>
+// with interleaved gate/up rows, D = h [rows, N / 2]; with GatherA, A's rows gathered from x (gather_mainloop.cuh).
+template <typename Element, typename Config, bool GatherA = false>
 using GatedGroupedGemmKernel =
     PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
                    cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>,
@@ -359,8 +346,8 @@ constexpr int kFillThreads = 128;  // threads per block of the kernels that fill
 
 // The forward (GroupedGemmKernel) or, with kGated, GEMM1 with the gated activation in its epilogue
 // (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation); with kGather, A's
-// rows gathered (kGather producer warps: 1 or 2): g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
-template <typename Element, typename Config, bool kGated = false, int kGather = 0>
+// rows gathered: g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
+template <typename Element, typename Config, bool kGated = false, bool kGather = false>
 struct GroupedGemmRunner {
     using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config, kGather>,
                                  PtrArrayKernel<Element, Config, cutlass::layout::RowMajor,
@@ -379,7 +366,7 @@ struct GroupedGemmRunner {
                 <<<(num_groups + kFillThreads - 1) / kFillThreads, kFillThreads, 0, stream>>>(
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
                     static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
-                    static_cast<int>(kGated ? g.n / 2 : g.n), kGather > 0);
+                    static_cast<int>(kGated ? g.n / 2 : g.n), kGather);
         }, static_cast<int>(g.activation), GatherSource{g.a, g.a_rows, g.k, g.a_row_index, g.offsets});
     }
 };
@@ -400,10 +387,10 @@ struct GroupedGemmRunner {
     }                                                                                                   \
     }
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, 0, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 0, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, 2, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, 2, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, label)

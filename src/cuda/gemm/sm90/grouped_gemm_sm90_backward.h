@@ -54,8 +54,7 @@ extern const GradGemmOps kF16Wgrad;   // grouped_gemm_sm90_f16_wgrad.cu
 enum class DgradConfig : int { kCluster2x1 = 0, kCluster1x2 = 1, kNoCluster = 2 };
 
 // The no-cluster configuration with the epilogue given (resolved: not kAuto); the others have CUTLASS's only.
-inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config,
-                                        GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kTma32) {
+inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config, GroupedGemmEpilogue epilogue) {
     if (dtype != DType::kBF16) return kF16Dgrad;
     switch (config) {
         case DgradConfig::kCluster1x2: return kBF16DgradN2;
@@ -67,7 +66,8 @@ inline const GradGemmOps& dgrad_ops_for(DType dtype, DgradConfig config,
     }
 }
 
-inline const GradGemmOps& wgrad_ops_for(DType dtype, GroupedGemmEpilogue epilogue = GroupedGemmEpilogue::kAuto) {
+// The wgrad with the epilogue given (resolved: kTma32 or kRegisters).
+inline const GradGemmOps& wgrad_ops_for(DType dtype, GroupedGemmEpilogue epilogue) {
     if (dtype != DType::kBF16) return kF16Wgrad;
     return epilogue == GroupedGemmEpilogue::kRegisters ? kBF16WgradReg : kBF16Wgrad;
 }
