@@ -44,7 +44,8 @@ enum class GroupedGemmTile : int {
 // registers (register_epilogue.cuh), no shared memory, no barriers. (128x64 subtiles were measured too, run 45:
 // never the fastest.)
 // kAuto: by the reduction length (forward) or the rows per expert (wgrad), measured on an H100 (grouped_gemm_sm90.h,
-// resolve_epilogue / resolve_wgrad_epilogue); the dgrad's is CUTLASS's until its variants are timed.
+// resolve_epilogue / resolve_dgrad_epilogue / resolve_wgrad_epilogue; the dgrad's by its reduction length, the
+// forward's N).
 // grouped_gemm_bench --epilogues times every one. Same values in every case.
 enum class GroupedGemmEpilogue : int {
     kAuto = 0,

@@ -227,11 +227,11 @@ sm90::DgradConfig dgrad_config(const GroupedGemmGradArgs& g) {
                     " is not a dgrad configuration (kAuto, kLarge, kLargeClusterN or kLargeNoCluster)");
 }
 
-// dgrad's epilogue: the no-cluster configuration has three, the others CUTLASS's only. kAuto stays CUTLASS's until
-// the dgrad's variants are timed (bench/NOTES.md, "Session 13": built after run 45, not yet measured).
+// dgrad's epilogue: the no-cluster configuration has three, the others CUTLASS's only. kAuto: grouped_gemm_sm90.h,
+// resolve_dgrad_epilogue, by the dgrad's reduction length (the forward's N).
 GroupedGemmEpilogue dgrad_epilogue(const GroupedGemmGradArgs& g, sm90::DgradConfig config) {
     if (config == sm90::DgradConfig::kNoCluster && g.dtype == DType::kBF16) {
-        return g.dgrad_epilogue == GroupedGemmEpilogue::kAuto ? GroupedGemmEpilogue::kTma32 : g.dgrad_epilogue;
+        return resolve_dgrad_epilogue(g.dgrad_epilogue, g.n);
     }
     SWITCHYARD_CHECK(g.dgrad_epilogue == GroupedGemmEpilogue::kAuto, "grouped_gemm dgrad: dgrad_epilogue=",
                      static_cast<int>(g.dgrad_epilogue), " needs the bf16 dgrad without a cluster");

@@ -134,6 +134,14 @@ inline GroupedGemmEpilogue resolve_epilogue(GroupedGemmEpilogue e, int64_t k) {
     if (e != GroupedGemmEpilogue::kAuto) return e;
     return k <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma128;
 }
+// - the dgrad without a cluster (its reduction is the forward's N): the register store up to kRegisterEpilogueMaxK,
+//   as the forward (run 46: Qwen3's four dgrads 2-7% faster than CUTLASS's 128x32 subtiles, the 128x128 ones no
+//   faster), CUTLASS's subtiles above (the longer dgrads' timings in that run are not clean: bench/NOTES.md,
+//   "Session 14").
+inline GroupedGemmEpilogue resolve_dgrad_epilogue(GroupedGemmEpilogue e, int64_t reduction) {
+    if (e != GroupedGemmEpilogue::kAuto) return e;
+    return reduction <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma32;
+}
 inline GroupedGemmEpilogue resolve_wgrad_epilogue(GroupedGemmEpilogue e, int64_t avg_rows) {
     if (e != GroupedGemmEpilogue::kAuto) return e;
     return avg_rows >= kRegisterEpilogueMinWgradRows && avg_rows <= kNoClusterMaxRows
