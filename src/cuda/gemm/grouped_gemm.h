@@ -43,9 +43,8 @@ enum class GroupedGemmTile : int {
 // 64 KB of shared memory taken from the mainloop (3 stages instead of 4); kRegisters: 16-byte stores straight from
 // registers (register_epilogue.cuh), no shared memory, no barriers. (128x64 subtiles were measured too, run 45:
 // never the fastest.)
-// kAuto: by the reduction length (forward) or the rows per expert (wgrad), measured on an H100 (grouped_gemm_sm90.h,
-// resolve_epilogue / resolve_dgrad_epilogue / resolve_wgrad_epilogue; the dgrad's by its reduction length, the
-// forward's N).
+// kAuto: by the reduction length (forward and dgrad) or the rows per expert (wgrad), measured on an H100
+// (grouped_gemm_sm90.h: resolve_epilogue, resolve_dgrad_epilogue, resolve_wgrad_epilogue).
 // grouped_gemm_bench --epilogues times every one. Same values in every case.
 enum class GroupedGemmEpilogue : int {
     kAuto = 0,
