@@ -134,13 +134,11 @@ inline GroupedGemmEpilogue resolve_epilogue(GroupedGemmEpilogue e, int64_t k) {
     if (e != GroupedGemmEpilogue::kAuto) return e;
     return k <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma128;
 }
-// - the dgrad without a cluster (its reduction is the forward's N): the register store up to kRegisterEpilogueMaxK,
-//   as the forward (run 46: Qwen3's four dgrads 2-7% faster than CUTLASS's 128x32 subtiles, the 128x128 ones no
-//   faster), CUTLASS's subtiles above (the longer dgrads' timings in that run are not clean: bench/NOTES.md,
-//   "Session 14").
+// - the dgrad without a cluster (its reduction is the forward's N): the forward's rule by its reduction length
+//   (run 46: Qwen3's four dgrads, reduction 768-2048, 2-7% faster with the register store than with CUTLASS's 128x32
+//   subtiles; the longer dgrads of DeepSeek-V3 and Mixtral with the 128x128 subtiles: bench/NOTES.md, "Session 16").
 inline GroupedGemmEpilogue resolve_dgrad_epilogue(GroupedGemmEpilogue e, int64_t reduction) {
-    if (e != GroupedGemmEpilogue::kAuto) return e;
-    return reduction <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma32;
+    return resolve_epilogue(e, reduction);
 }
 inline GroupedGemmEpilogue resolve_wgrad_epilogue(GroupedGemmEpilogue e, int64_t avg_rows) {
     if (e != GroupedGemmEpilogue::kAuto) return e;
