@@ -23,7 +23,8 @@
 // floor (weights hit + A read + h written).
 // --epilogues times each GEMM on the Cooperative tile without a cluster, and (with --backward) each wgrad and each
 // dgrad without a cluster, with every epilogue built for it (GroupedGemmEpilogue: epi-tma32 = CUTLASS's 128x32
-// subtiles, epi-tma128 (not for wgrad), epi-reg = the register store), alternated, two rounds, the second reported.
+// subtiles, epi-tma128 (not for wgrad), epi-reg = the register store), alternated with the automatic choice
+// ("auto": its tile, cluster and epilogue), two rounds, the second reported.
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -430,8 +431,16 @@ int main(int argc, char** argv) {
                         args.raster = switchyard::cuda::GemmRaster::kAuto;
                     }
                     if (o.epilogues && switchyard::cuda::grouped_gemm_supported(args)) {
-                        // The Cooperative tile without a cluster with each epilogue, alternated (two rounds).
+                        // The automatic choice, then the Cooperative tile without a cluster with each epilogue,
+                        // alternated (two rounds).
                         std::vector<std::function<void(size_t)>> calls;
+                        calls.push_back([&](size_t s) {
+                            switchyard::cuda::GroupedGemmArgs x = args;
+                            x.a = as[s];
+                            x.b = bs[s];
+                            x.c = cs[s];
+                            switchyard::cuda::grouped_gemm(x, ws, ws_bytes, nullptr);
+                        });
                         for (const auto& e : kEpilogues) {
                             calls.push_back([&, e](size_t s) {
                                 switchyard::cuda::GroupedGemmArgs x = args;
@@ -444,7 +453,8 @@ int main(int argc, char** argv) {
                             });
                         }
                         const std::vector<double> ms = time_alternated(calls, sets, o);
-                        for (size_t v = 0; v < ms.size(); ++v) r.tiles.emplace_back(kEpilogues[v].first, ms[v]);
+                        r.tiles.emplace_back("auto", ms[0]);
+                        for (size_t v = 1; v < ms.size(); ++v) r.tiles.emplace_back(kEpilogues[v - 1].first, ms[v]);
                     }
                     rows.push_back(r);
                     print_row(r, ceil.bf16_tflops);
@@ -542,6 +552,20 @@ int main(int argc, char** argv) {
                             if (o.epilogues) {  // each epilogue, alternated (two rounds); dgrad without a cluster
                                 std::vector<std::function<void(size_t)>> calls;
                                 std::vector<const char*> names;
+                                names.push_back("auto");  // the automatic tile and epilogue, in the alternation
+                                calls.push_back([&](size_t s) {
+                                    switchyard::cuda::GroupedGemmGradArgs x = ga;
+                                    x.dc = cs[s];
+                                    if (wgrad) {
+                                        x.a = as[s];
+                                        x.db = db;
+                                        switchyard::cuda::grouped_gemm_wgrad(x, gws, gws_bytes, nullptr);
+                                    } else {
+                                        x.b = bs[s];
+                                        x.da = da;
+                                        switchyard::cuda::grouped_gemm_dgrad(x, gws, gws_bytes, nullptr);
+                                    }
+                                });
                                 for (const auto& e : kEpilogues) {
                                     using switchyard::cuda::GroupedGemmEpilogue;
                                     if (wgrad && e.second == GroupedGemmEpilogue::kTma128) continue;  // not built
