@@ -755,12 +755,20 @@ def layer_train_mode(args):
                 rows[impl] = dict(note=note, peak=peak, ms=float("nan"))
                 rows[impl + " dy"] = dict(note=note, peak=peak, ms=float("nan"))
             if steps:  # time the implementations that ran, in alternation
+                # The caching allocator's retries (a failed cudaMalloc, then every cached block released, which
+                # synchronises the device): near the card's memory the alternation of implementations with
+                # different allocations can cause them, and they would show as host time in the steps.
+                retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
                 try:
                     for impl, ms in zip(steps, time_interleaved(list(steps.values()), args.warmup, args.iters)):
                         rows[impl]["ms"] = ms
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as err:  # the run goes on; the rows say why
                     for impl in steps:
                         rows[impl]["note"] = f"timing failed: {str(err).splitlines()[0][:160]}"
+                retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
+                if retries:
+                    for impl in steps:
+                        rows[impl]["note"] += f"; allocator retries while timing (all impls): {retries}"
                 for p_ in (x, *params):
                     p_.grad = None
                 torch.cuda.empty_cache()

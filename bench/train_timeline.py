@@ -84,13 +84,17 @@ def main():
             x.grad = None
             moe(x).float().square().mean().backward()
 
+        retries0 = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         ms = time_cuda(step, warmup=3, iters=10)
         loss_ms = time_cuda(loss_step, warmup=3, iters=10)
+        # a failed cudaMalloc makes the caching allocator release its cached blocks (synchronising) and retry
+        retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
         graph_ms = graph_step_ms(step)
         busy, span, gaps, rows = kernel_timeline(step)
         print(f"\n{m} T={args.tokens}: dy step {ms:.3f} ms, loss step {loss_ms:.3f} ms, graph replay of the dy step "
               f"{graph_ms:.3f} ms (events); under the profiler: kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms, "
-              f"idle in gaps > 2 us between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms")
+              f"idle in gaps > 2 us between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms; allocator retries while "
+              f"the dy and loss steps were timed: {retries}")
         print("  kernel us  idle before us  kernel")
         for us, name, idle in rows:
             print(f"  {us:9.1f}  {idle:13.1f}  {name}")
