@@ -2,7 +2,7 @@
 //
 // Run:  grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek] [--iters 20]
 //                          [--warmup 5] [--seed 1] [--json out.json] [--all-tiles] [--backward] [--gated]
-//                          [--epilogues]
+//                          [--epilogues] [--rounds 2]
 // For each model (H, F, E, k) and token count T: T*k rows are routed uniformly at random (each token picks k
 // distinct experts), giving per-expert row counts; the two expert GEMMs are timed:
 //   up   : [rows, H] x W13[E, 2F, H]^T -> [rows, 2F]      down : [rows, F] x W2[E, H, F]^T -> [rows, H]
@@ -24,7 +24,10 @@
 // --epilogues times each GEMM on the Cooperative tile without a cluster, and (with --backward) each wgrad and each
 // dgrad without a cluster, with every epilogue built for it (GroupedGemmEpilogue: epi-tma32 = CUTLASS's 128x32
 // subtiles, epi-tma128 (not for wgrad), epi-reg = the register store), alternated with the automatic choice
-// ("auto": its tile, cluster and epilogue), two rounds, the second reported.
+// ("auto": its tile, cluster and epilogue), in --rounds rounds (default 2): the first warms every variant on the
+// problem, and each variant's result is the median over the later rounds of its per-round medians (identical
+// kernels read up to 9% apart within one two-round alternation on an H100 at Mixtral's shapes: more rounds for
+// decisions of a few percent).
 // --json writes every row (with the per-expert counts) for bench/compare_torch.py, which times torch._grouped_mm
 // on the identical problems.
 #include <cublas_v2.h>
@@ -79,6 +82,7 @@ struct Options {
     bool backward = false;
     bool gated = false;
     bool epilogues = false;
+    int rounds = 2;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -119,13 +123,15 @@ Options parse(int argc, char** argv) {
             o.gated = true;
         } else if (a == "--epilogues") {
             o.epilogues = true;
+        } else if (a == "--rounds") {
+            o.rounds = std::max(2, std::stoi(next()));
         } else if (a == "--backward") {
             o.backward = true;
         } else {
             std::printf(
                 "usage: grouped_gemm_bench [--tokens 16,256,4096,16384] [--models mixtral,qwen3,deepseek]\n"
                 "                          [--iters 20] [--warmup 5] [--seed 1] [--json out.json] [--all-tiles]\n"
-                "                          [--backward] [--gated] [--epilogues]\n");
+                "                          [--backward] [--gated] [--epilogues] [--rounds 2]\n");
             std::exit(a == "--help" ? 0 : 2);
         }
     }
@@ -305,14 +311,20 @@ double time_grad(switchyard::cuda::GroupedGemmGradArgs g, bool wgrad, const std:
         a_sets.size(), o);
 }
 
-// Times each variant's call in alternation, `rounds` rounds over all of them; returns the last round's medians
-// (the first round warms every variant on this problem: the first one timed on a fresh problem reads slow).
+// Times each variant's call in alternation, o.rounds rounds over all of them; the first round warms every variant
+// on this problem (the first one timed on a fresh problem reads slow). Returns, per variant, the median over the
+// later rounds of that round's median.
 std::vector<double> time_alternated(const std::vector<std::function<void(size_t)>>& calls, size_t sets,
-                                    const Options& o, int rounds = 2) {
-    std::vector<double> ms(calls.size(), 0.0);
-    for (int round = 0; round < rounds; ++round) {
-        for (size_t v = 0; v < calls.size(); ++v) ms[v] = time_calls(calls[v], sets, o);
+                                    const Options& o) {
+    std::vector<std::vector<float>> per_round(calls.size());
+    for (int round = 0; round < o.rounds; ++round) {
+        for (size_t v = 0; v < calls.size(); ++v) {
+            const double ms = time_calls(calls[v], sets, o);
+            if (round > 0) per_round[v].push_back(static_cast<float>(ms));
+        }
     }
+    std::vector<double> ms(calls.size(), 0.0);
+    for (size_t v = 0; v < calls.size(); ++v) ms[v] = median(per_round[v]);
     return ms;
 }
 
@@ -432,7 +444,7 @@ int main(int argc, char** argv) {
                     }
                     if (o.epilogues && switchyard::cuda::grouped_gemm_supported(args)) {
                         // The automatic choice, then the Cooperative tile without a cluster with each epilogue,
-                        // alternated (two rounds).
+                        // alternated (--rounds).
                         std::vector<std::function<void(size_t)>> calls;
                         calls.push_back([&](size_t s) {
                             switchyard::cuda::GroupedGemmArgs x = args;
@@ -549,7 +561,7 @@ int main(int argc, char** argv) {
                                                         : double(c_bytes) + double(hit) * g.n * g.k * 2 + a_bytes;
                             b.floor_ms =
                                 std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
-                            if (o.epilogues) {  // each epilogue, alternated (two rounds); dgrad without a cluster
+                            if (o.epilogues) {  // each epilogue, alternated (--rounds); dgrad without a cluster
                                 std::vector<std::function<void(size_t)>> calls;
                                 std::vector<const char*> names;
                                 names.push_back("auto");  // the automatic tile and epilogue, in the alternation

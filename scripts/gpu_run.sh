@@ -9,7 +9,7 @@
 #        gemmtests: the grouped GEMM GPU tests alone (plain and gated); gemmtiles: grouped_gemm_bench --all-tiles --backward at
 #        T=4096,16384 (what the tile heuristic picks and what every alternative measures); epilogues: grouped_gemm_bench
 #        --backward --epilogues at T=4096,16384 (every epilogue of the Cooperative kernels without a cluster and of
-#        the wgrad, alternated; MODELS, TILE_TOKENS); prefill: issue 11's
+#        the wgrad, alternated with the automatic choice; MODELS, TILE_TOKENS, ROUNDS); prefill: issue 11's
 #        forward table (compare_torch.py --prefill: switchyard.torch.MoE, sort path, vLLM, alternated; VLLM_BEST_OF=10
 #        gives vLLM its best of 10 launch configs);
 #        trainfb: forward + backward at T=16384 (compare_torch.py --train; TRAIN_IMPLS, e.g. sort,switchyard,sy-gather
@@ -118,7 +118,8 @@ if has gemmtiles; then
 fi
 if has epilogues; then
   "$BUILD/bench/grouped_gemm_bench" --backward --epilogues --models "${MODELS:-qwen3,deepseek,mixtral}" \
-    --tokens "${TILE_TOKENS:-4096,16384}" --iters 10 --warmup 3 --json "$OUT/epilogues.json" >"$OUT/epilogues.log" 2>&1
+    --tokens "${TILE_TOKENS:-4096,16384}" --iters 10 --warmup 3 --rounds "${ROUNDS:-2}" --json "$OUT/epilogues.json" \
+    >"$OUT/epilogues.log" 2>&1
   note "epilogues bench: rc=$?"
   grep -E "T=(4096|16384)" "$OUT/epilogues.log" | sed -E 's/ +/ /g' | sed -E 's/sm90 bf16 //' | cut -c1-330
 fi
