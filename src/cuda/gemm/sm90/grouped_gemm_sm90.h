@@ -135,8 +135,9 @@ inline GroupedGemmEpilogue resolve_epilogue(GroupedGemmEpilogue e, int64_t k) {
     return k <= kRegisterEpilogueMaxK ? GroupedGemmEpilogue::kRegisters : GroupedGemmEpilogue::kTma128;
 }
 // - the dgrad without a cluster (its reduction is the forward's N): the forward's rule by its reduction length
-//   (run 46: Qwen3's four dgrads, reduction 768-2048, 2-7% faster with the register store than with CUTLASS's 128x32
-//   subtiles; the longer dgrads of DeepSeek-V3 and Mixtral with the 128x128 subtiles: bench/NOTES.md, "Session 16").
+//   (run 48, alternated: Qwen3's four dgrads, reduction 1536-2048, 6-8% faster with the register store than with
+//   CUTLASS's 128x32 subtiles; the long ones of DeepSeek-V3 and Mixtral, 4096-28672, 0-9% faster with the 128x128
+//   subtiles and never slower: bench/NOTES.md, "Session 16").
 inline GroupedGemmEpilogue resolve_dgrad_epilogue(GroupedGemmEpilogue e, int64_t reduction) {
     return resolve_epilogue(e, reduction);
 }
