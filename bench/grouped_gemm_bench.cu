@@ -328,7 +328,10 @@ std::vector<double> time_alternated(const std::vector<std::function<void(size_t)
     return ms;
 }
 
+// --epilogues' variants: "auto" = the automatic choice (tile, cluster and epilogue as a caller gets them); the others
+// force the Cooperative tile without a cluster (forward, dgrad) with that epilogue.
 const std::pair<const char*, switchyard::cuda::GroupedGemmEpilogue> kEpilogues[] = {
+    {"auto", switchyard::cuda::GroupedGemmEpilogue::kAuto},
     {"epi-tma32", switchyard::cuda::GroupedGemmEpilogue::kTma32},
     {"epi-tma128", switchyard::cuda::GroupedGemmEpilogue::kTma128},
     {"epi-reg", switchyard::cuda::GroupedGemmEpilogue::kRegisters}};
@@ -446,27 +449,21 @@ int main(int argc, char** argv) {
                         // The automatic choice, then the Cooperative tile without a cluster with each epilogue,
                         // alternated (--rounds).
                         std::vector<std::function<void(size_t)>> calls;
-                        calls.push_back([&](size_t s) {
-                            switchyard::cuda::GroupedGemmArgs x = args;
-                            x.a = as[s];
-                            x.b = bs[s];
-                            x.c = cs[s];
-                            switchyard::cuda::grouped_gemm(x, ws, ws_bytes, nullptr);
-                        });
                         for (const auto& e : kEpilogues) {
                             calls.push_back([&, e](size_t s) {
                                 switchyard::cuda::GroupedGemmArgs x = args;
                                 x.a = as[s];
                                 x.b = bs[s];
                                 x.c = cs[s];
-                                x.tile = switchyard::cuda::GroupedGemmTile::kLargeNoCluster;
-                                x.epilogue = e.second;
+                                if (e.second != switchyard::cuda::GroupedGemmEpilogue::kAuto) {
+                                    x.tile = switchyard::cuda::GroupedGemmTile::kLargeNoCluster;
+                                    x.epilogue = e.second;
+                                }
                                 switchyard::cuda::grouped_gemm(x, ws, ws_bytes, nullptr);
                             });
                         }
                         const std::vector<double> ms = time_alternated(calls, sets, o);
-                        r.tiles.emplace_back("auto", ms[0]);
-                        for (size_t v = 1; v < ms.size(); ++v) r.tiles.emplace_back(kEpilogues[v - 1].first, ms[v]);
+                        for (size_t v = 0; v < ms.size(); ++v) r.tiles.emplace_back(kEpilogues[v].first, ms[v]);
                     }
                     rows.push_back(r);
                     print_row(r, ceil.bf16_tflops);
@@ -564,37 +561,26 @@ int main(int argc, char** argv) {
                             if (o.epilogues) {  // each epilogue, alternated (--rounds); dgrad without a cluster
                                 std::vector<std::function<void(size_t)>> calls;
                                 std::vector<const char*> names;
-                                names.push_back("auto");  // the automatic tile and epilogue, in the alternation
-                                calls.push_back([&](size_t s) {
-                                    switchyard::cuda::GroupedGemmGradArgs x = ga;
-                                    x.dc = cs[s];
-                                    if (wgrad) {
-                                        x.a = as[s];
-                                        x.db = db;
-                                        switchyard::cuda::grouped_gemm_wgrad(x, gws, gws_bytes, nullptr);
-                                    } else {
-                                        x.b = bs[s];
-                                        x.da = da;
-                                        switchyard::cuda::grouped_gemm_dgrad(x, gws, gws_bytes, nullptr);
-                                    }
-                                });
                                 for (const auto& e : kEpilogues) {
                                     using switchyard::cuda::GroupedGemmEpilogue;
                                     if (wgrad && e.second == GroupedGemmEpilogue::kTma128) continue;  // not built
+                                    const bool forced = e.second != GroupedGemmEpilogue::kAuto;
                                     names.push_back(e.first);
-                                    calls.push_back([&, e](size_t s) {
+                                    calls.push_back([&, e, forced](size_t s) {
                                         switchyard::cuda::GroupedGemmGradArgs x = ga;
                                         x.dc = cs[s];
                                         if (wgrad) {
                                             x.a = as[s];
                                             x.db = db;
-                                            x.wgrad_epilogue = e.second;
+                                            if (forced) x.wgrad_epilogue = e.second;
                                             switchyard::cuda::grouped_gemm_wgrad(x, gws, gws_bytes, nullptr);
                                         } else {
                                             x.b = bs[s];
                                             x.da = da;
-                                            x.dgrad_tile = switchyard::cuda::GroupedGemmTile::kLargeNoCluster;
-                                            x.dgrad_epilogue = e.second;
+                                            if (forced) {
+                                                x.dgrad_tile = switchyard::cuda::GroupedGemmTile::kLargeNoCluster;
+                                                x.dgrad_epilogue = e.second;
+                                            }
                                             switchyard::cuda::grouped_gemm_dgrad(x, gws, gws_bytes, nullptr);
                                         }
                                     });
