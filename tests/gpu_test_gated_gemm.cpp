@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -323,6 +324,139 @@ TEST(GpuGatedGemm, GatheredAGivesTheGatheredCopysBits) {
     }
     EXPECT_TRUE(testing::all_close(got, want, 2e-2, 2e-2, "h (gathered A) vs the CPU specification", F));
     for (int64_t i = owned * F; i < R * F; ++i) ASSERT_EQ(raw[i], 0) << "the stage zeroes rows past offsets[E]";
+}
+
+// The gated kernels that keep GEMM1's product (GroupedGemmArgs::gate_up_out; the training forward), every tile:
+// h bitwise the same tile's gated kernel without it (the same mainloop and epilogue arithmetic), the interleaved
+// activation kernel on the kept g gives h's bits again (g holds exactly the rounded gate and up the epilogue used),
+// g within bf16 rounding of the plain GEMM and of the CPU specification, rows past offsets[E] of both outputs left
+// poisoned by the kernel, two runs the same bits. F = 72 makes 2F an odd multiple of 16 (the last gate/up pair of a
+// four-chunk step lies past N); groups of 0, 1 and 129 rows leave partial M tiles. Then the public stage: rows past
+// offsets[E] zeroed in g too, and the CUDA refusal of gate_up with row_index.
+TEST(GpuGatedGemm, KeptProductIsTheGemmAndHItsActivation) {
+    if (!sm90()) GTEST_SKIP() << "the gated epilogue needs an sm_90 GPU";
+    const DType bf = DType::kBF16;
+    using Tile = cuda::GroupedGemmTile;
+    struct Shape {
+        int64_t F, K;
+        std::vector<int32_t> counts;
+    };
+    const std::vector<Shape> shapes = {{72, 256, {0, 1, 129, 300, 7}}, {96, 512, random_counts(16, 300, 13)},
+                                       {128, 256, {1500, 1700}}};
+    for (const Shape& sh : shapes) {
+        const int64_t E = static_cast<int64_t>(sh.counts.size()), F = sh.F, K = sh.K, N = 2 * F;
+        std::vector<int32_t> offsets(E + 1, 0);
+        for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + sh.counts[e];
+        const int64_t owned = offsets[E], R = owned + 5;
+        const std::vector<float> a = testing::random_values(R * K, bf, -1.0f, 1.0f, 301 + F);
+        const std::vector<float> w13 = testing::random_values(E * N * K, bf, -0.5f, 0.5f, 302 + F);
+        DeviceBuffer da, dw13, dw13i, doff, dplain, dh_ref, dh, dg, dh_again;
+        testing::upload(da, a, bf);
+        testing::upload(dw13, w13, bf);
+        testing::upload_raw(doff, offsets);
+        dw13i.reset(dw13.bytes());
+        dplain.reset(R * N * 2);
+        dh_ref.reset(R * F * 2);
+        dh.reset(R * F * 2);
+        dg.reset(R * N * 2);
+        dh_again.reset(R * F * 2);
+        interleave_gate_up(dev_ref(dw13, bf, {E, N, K}), dev_ref(dw13i, bf, {E, N, K}));
+        {  // the plain GEMM with the interleaved weights: g's values in its column order
+            const size_t ws = grouped_gemm_workspace_size(Device::kCUDA, bf, E, N, K, R);
+            DeviceBuffer w(ws);
+            grouped_gemm(dev_ref(da, bf, {R, K}), dev_ref(dw13i, bf, {E, N, K}), dev_ref(doff, DType::kI32, {E + 1}),
+                         dev_ref(dplain, bf, {R, N}), w.get(), ws);
+            GPU_CHECK(cudaDeviceSynchronize());
+        }
+        const std::vector<float> plain = testing::download(dplain.get(), owned * N, bf);
+        // The CPU specification of g: grouped_gemm in double, rounded once.
+        const test::HostTensor ha = test::HostTensor::from_floats(a, bf, {R, K});
+        test::HostTensor hw13i(bf, {E, N, K}), hoff(DType::kI32, {E + 1}), hg(bf, {R, N});
+        interleave_gate_up(test::HostTensor::from_floats(w13, bf, {E, N, K}).ref(), hw13i.ref());
+        for (int64_t e = 0; e <= E; ++e) hoff.ptr<int32_t>()[e] = offsets[e];
+        grouped_gemm(ha.ref(), hw13i.ref(), hoff.ref(), hg.ref(), nullptr, 0);
+        std::vector<float> spec(owned * N);
+        for (int64_t i = 0; i < owned * N; ++i) spec[i] = hg.get(i);
+
+        for (Tile tile : {Tile::kAuto, Tile::kLarge, Tile::kLargeNoCluster, Tile::kMedium}) {
+            for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU}) {
+                cuda::GroupedGemmArgs gh = bf16_args(da.get(), dw13i.get(), dh_ref.get(), E, N, K, R,
+                                                     doff.get<int32_t>(), tile, true, act);
+                cuda::GroupedGemmArgs gk = gh;
+                gk.c = dh.get();
+                gk.gate_up_out = dg.get();
+                const std::string name = cuda::grouped_gemm_kernel_name(gk);
+                SCOPED_TRACE("F=" + std::to_string(F) + " " + name + " " + to_string(act));
+                EXPECT_NE(name.find("keeping g"), std::string::npos) << name;
+                const std::string gated_name = cuda::grouped_gemm_kernel_name(gh);
+                EXPECT_EQ(name.rfind(gated_name.substr(0, gated_name.find(',')), 0), 0u)
+                    << "same tile as " << gated_name;
+                const size_t gws = std::max(cuda::grouped_gemm_workspace_size(gh), cuda::grouped_gemm_workspace_size(gk));
+                DeviceBuffer gw(gws);
+                dh_ref.poison();
+                cuda::grouped_gemm(gh, gw.get(), gws, nullptr);
+                GPU_CHECK(cudaGetLastError());
+                std::vector<uint16_t> first_h, first_g;
+                for (int run = 0; run < 2; ++run) {
+                    dh.poison();
+                    dg.poison();
+                    cuda::grouped_gemm(gk, gw.get(), gws, nullptr);
+                    GPU_CHECK(cudaGetLastError());
+                    GPU_CHECK(cudaDeviceSynchronize());
+                    const std::vector<uint16_t> h = testing::download_raw<uint16_t>(dh.get(), R * F);
+                    const std::vector<uint16_t> g = testing::download_raw<uint16_t>(dg.get(), R * N);
+                    if (run == 1) {
+                        EXPECT_TRUE(h == first_h && g == first_g) << "a second run gave other bits";
+                        break;
+                    }
+                    first_h = h;
+                    first_g = g;
+                }
+                const std::vector<uint16_t> want_h = testing::download_raw<uint16_t>(dh_ref.get(), R * F);
+                int64_t differ = 0, first_bad = -1;
+                for (int64_t i = 0; i < owned * F; ++i)
+                    if (first_h[i] != want_h[i] && differ++ == 0) first_bad = i;
+                EXPECT_EQ(differ, 0) << differ << " of " << owned * F << " h elements differ from the gated kernel's; "
+                                     << "first at row " << first_bad / F << " col " << first_bad % F;
+                for (int64_t i = owned * F; i < R * F; ++i) ASSERT_EQ(first_h[i], 0xFFFF) << "h row " << i / F;
+                for (int64_t i = owned * N; i < R * N; ++i) ASSERT_EQ(first_g[i], 0xFFFF) << "g row " << i / N;
+                // h = the interleaved activation of the kept g, bit for bit
+                activation(act, dev_ref(dg, bf, {owned, N}), dev_ref(dh_again, bf, {owned, F}), TensorRef(), nullptr,
+                           /*gate_up_interleaved=*/true);
+                GPU_CHECK(cudaDeviceSynchronize());
+                const std::vector<uint16_t> h_again = testing::download_raw<uint16_t>(dh_again.get(), owned * F);
+                differ = 0;
+                for (int64_t i = 0; i < owned * F; ++i) differ += h_again[i] != first_h[i];
+                EXPECT_EQ(differ, 0) << differ << " h elements differ from the activation of the kept g";
+                std::vector<float> got_g(owned * N);
+                for (int64_t i = 0; i < owned * N; ++i) got_g[i] = bf16_to_float(first_g[i]);
+                EXPECT_TRUE(testing::all_close(got_g, plain, 1e-3, 3e-2, "g vs the plain GEMM", N));
+                EXPECT_TRUE(testing::all_close(got_g, spec, 1e-3, 3e-2, "g vs the CPU specification", N));
+                EXPECT_GT(testing::rms(spec), 1e-2) << "the reference must not be zeros";
+            }
+        }
+        // The public stage: rows past offsets[E] of g zeroed as h's; gate_up with row_index refused on CUDA.
+        const size_t ws = grouped_gemm_gated_workspace_size(Device::kCUDA, bf, E, F, K, R);
+        DeviceBuffer w(ws);
+        GroupedGemmOptions opt;
+        opt.gate_up = dev_ref(dg, bf, {R, N});
+        dg.poison();
+        grouped_gemm_gated(Activation::kSwiGLU, dev_ref(da, bf, {R, K}), dev_ref(dw13i, bf, {E, N, K}),
+                           dev_ref(doff, DType::kI32, {E + 1}), dev_ref(dh, bf, {R, F}), w.get(), ws, nullptr, opt);
+        GPU_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> g = testing::download_raw<uint16_t>(dg.get(), R * N);
+        for (int64_t i = owned * N; i < R * N; ++i) ASSERT_EQ(g[i], 0) << "the stage zeroes g's rows past offsets[E]";
+        DeviceBuffer didx(R * 4);
+        GPU_CHECK(cudaMemset(didx.get(), 0, R * 4));
+        opt.row_index = dev_ref(didx, DType::kI32, {R});
+        test::expect_error(
+            [&] {
+                grouped_gemm_gated(Activation::kSwiGLU, dev_ref(da, bf, {R, K}), dev_ref(dw13i, bf, {E, N, K}),
+                                   dev_ref(doff, DType::kI32, {E + 1}), dev_ref(dh, bf, {R, F}), w.get(), ws, nullptr,
+                                   opt);
+            },
+            {"gate_up", "row_index"});
+    }
 }
 
 // The activation kernels with gate_up_interleaved: the plain kernels on the permuted columns, bit for bit (the

@@ -89,6 +89,69 @@ TEST(GatedGemm, MatchesGroupedGemmThenActivation) {
             for (bool zero_unowned : {true, false}) check_matches_two_steps(dtype, act, zero_unowned);
 }
 
+// options.gate_up: g [R, 2F] receives grouped_gemm(a, w13i)'s bits (the interleaved columns) and h is unchanged, so
+// activation(g, interleaved) gives h again; rows past offsets[E] of g follow zero_unowned_rows as h's do; with
+// row_index too (the CPU builds it) the gathered copy's g.
+void check_keeps_gate_up(DType dtype, bool zero_unowned, bool gathered) {
+    SCOPED_TRACE(std::string(to_string(dtype)) + (zero_unowned ? " zero" : " untouched") +
+                 (gathered ? " gathered" : ""));
+    const int64_t E = 4, F = 40, K = 24, N = 2 * F, R = 23, T = 9;
+    const std::vector<int32_t> offsets = {0, 5, 5, 17, 20};  // an empty group, rows 20..22 owned by nobody
+    const HostTensor x = HostTensor::from_floats(random_uniform(T * K, 31), dtype, {T, K});
+    HostTensor a(dtype, {R, K}), idx(DType::kI32, {R});
+    for (int64_t r = 0; r < R; ++r) {
+        idx.ptr<int32_t>()[r] = static_cast<int32_t>((5 * r + 2) % T);
+        for (int64_t c = 0; c < K; ++c) a.set(r * K + c, x.get(idx.ptr<int32_t>()[r] * K + c));
+    }
+    const HostTensor w13 = HostTensor::from_floats(random_uniform(E * N * K, 32), dtype, {E, N, K});
+    HostTensor off(DType::kI32, {E + 1});
+    for (int64_t i = 0; i <= E; ++i) off.ptr<int32_t>()[i] = offsets[i];
+    HostTensor w13i(dtype, {E, N, K}), want_g(dtype, {R, N}), want_h(dtype, {R, F}), g(dtype, {R, N}),
+        h(dtype, {R, F}), h_again(dtype, {R, F});
+    interleave_gate_up(w13.ref(), w13i.ref());
+    grouped_gemm(a.ref(), w13i.ref(), off.ref(), want_g.ref(), nullptr, 0);
+    grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), off.ref(), want_h.ref(), nullptr, 0);
+    for (int64_t i = 0; i < g.numel(); ++i) g.set(i, 5.0f);
+    for (int64_t i = 0; i < h.numel(); ++i) h.set(i, 7.0f);
+    GroupedGemmOptions opt;
+    opt.zero_unowned_rows = zero_unowned;
+    opt.gate_up = g.ref();
+    if (gathered) opt.row_index = idx.ref();
+    grouped_gemm_gated(Activation::kSwiGLU, (gathered ? x : a).ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0,
+                       nullptr, opt);
+    int64_t nonzero = 0;
+    for (int64_t r = 0; r < R; ++r) {
+        const bool owned = r < offsets[E];
+        for (int64_t n = 0; n < N; ++n) {
+            const int64_t i = r * N + n;
+            if (!owned) {
+                ASSERT_EQ(g.get(i), zero_unowned ? 0.0f : 5.0f) << "unowned row " << r;
+                continue;
+            }
+            ASSERT_EQ(float_bits(g.get(i)), float_bits(want_g.get(i))) << "g r=" << r << " n=" << n;
+            nonzero += g.get(i) != 0.0f;
+        }
+        for (int64_t f = 0; f < F; ++f) {
+            const int64_t i = r * F + f;
+            if (owned) {
+                ASSERT_EQ(float_bits(h.get(i)), float_bits(want_h.get(i))) << "h r=" << r << " f=" << f;
+            } else {
+                ASSERT_EQ(h.get(i), zero_unowned ? 0.0f : 7.0f) << "unowned row " << r;
+            }
+        }
+    }
+    EXPECT_GT(nonzero, offsets[E] * N / 2) << "the comparison must not be between zeros";
+    // h is the interleaved activation of the kept g
+    activation(Activation::kSwiGLU, g.ref(), h_again.ref(), TensorRef(), nullptr, /*gate_up_interleaved=*/true);
+    for (int64_t i = 0; i < offsets[E] * F; ++i) ASSERT_EQ(float_bits(h_again.get(i)), float_bits(h.get(i))) << i;
+}
+
+TEST(GatedGemm, KeepsGemm1sProductWhenAsked) {
+    for (DType dtype : {DType::kF32, DType::kBF16})
+        for (bool zero_unowned : {true, false})
+            for (bool gathered : {false, true}) check_keeps_gate_up(dtype, zero_unowned, gathered);
+}
+
 // options.row_index: x's rows gathered by the stage give the bits of the call on the gathered copy (grouped_gemm_gated
 // and grouped_gemm); an index outside x's rows (negative or past the end) reads zeros; rows past offsets[E] follow
 // zero_unowned_rows.
@@ -210,6 +273,16 @@ TEST(GatedGemm, RefusesWhatItCannotCompute) {
                  {"h shape"});
     expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), TensorRef(), h.ref(), nullptr, 0); },
                  {"offsets are required"});
+    GroupedGemmOptions keep;
+    HostTensor narrow(DType::kF32, {R, F}), g16(DType::kBF16, {R, N});
+    keep.gate_up = narrow.ref();
+    expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0,
+                                          nullptr, keep); },
+                 {"gate_up shape"});
+    keep.gate_up = g16.ref();
+    expect_error([&] { grouped_gemm_gated(Activation::kSwiGLU, a.ref(), w13i.ref(), off.ref(), h.ref(), nullptr, 0,
+                                          nullptr, keep); },
+                 {"gate_up", "dtype"});
     HostTensor w13(DType::kF32, {E, N, K}), small(DType::kF32, {E, N - 16, K});
     expect_error([&] { interleave_gate_up(w13.ref(), small.ref()); }, {"w13i shape"});
     expect_error([&] { interleave_gate_up(w13.ref(), w13.ref()); }, {"out of place"});

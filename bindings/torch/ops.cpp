@@ -282,21 +282,41 @@ at::Tensor grouped_mm_op(const at::Tensor& a_in, const at::Tensor& b_in, const a
 // w13i, offsets) with w13i the interleaved layout of interleave_gate_up_op. row_index (optional, int32 [R], e.g. the
 // plan's row_token): a is x [T, K] and row r of the GEMM reads x[row_index[r]] (stages.h, GroupedGemmOptions), the
 // gather done in GEMM1's loads.
-at::Tensor grouped_mm_gated_op(const at::Tensor& a_in, const at::Tensor& w13i_in, const at::Tensor& offsets_in,
-                               int64_t act, const std::optional<at::Tensor>& row_index_in) {
+// keep: GEMM1's product g [R, 2F] (interleaved columns) returned too (GroupedGemmOptions::gate_up), else undefined.
+std::tuple<at::Tensor, at::Tensor> gated_gemm(const at::Tensor& a_in, const at::Tensor& w13i_in,
+                                              const at::Tensor& offsets_in, int64_t act,
+                                              const std::optional<at::Tensor>& row_index_in, bool keep,
+                                              const char* what) {
+    const at::Tensor a = a_in.contiguous(), w = w13i_in.contiguous(), off = offsets_in.contiguous();
+    TORCH_CHECK(a.dim() == 2 && w.dim() == 3 && w.size(1) % 2 == 0, what, ": a [R, K] and w13i [E, 2F, K] expected, "
+                "got a ", a.sizes(), " w13i ", w.sizes());
+    GroupedGemmOptions opt;
+    at::Tensor ri, g;
+    const int64_t rows = gathered_rows_option(row_index_in, a, &ri, &opt, what);
+    at::Tensor h = at::empty({rows, w.size(1) / 2}, a.options());  // rows past offsets[E]: written as 0
+    if (keep) {
+        g = at::empty({rows, w.size(1)}, a.options());  // as h
+        opt.gate_up = ref(g);
+    }
+    const Workspace ws = workspace_like(a, grouped_gemm_gated_workspace_size(sy_device(a), dtype_of(a), w.size(0),
+                                                                             w.size(1) / 2, w.size(2), rows));
+    grouped_gemm_gated(activation_of(act), ref(a), ref(w), ref(off), ref(h), ws.ptr, ws.bytes, stream_of(a), opt);
+    return {h, g};
+}
+
+at::Tensor grouped_mm_gated_op(const at::Tensor& a, const at::Tensor& w13i, const at::Tensor& offsets, int64_t act,
+                               const std::optional<at::Tensor>& row_index) {
     return guarded([&] {
-        const at::Tensor a = a_in.contiguous(), w = w13i_in.contiguous(), off = offsets_in.contiguous();
-        TORCH_CHECK(a.dim() == 2 && w.dim() == 3 && w.size(1) % 2 == 0, "switchyard.grouped_mm_gated: a [R, K] and "
-                    "w13i [E, 2F, K] expected, got a ", a.sizes(), " w13i ", w.sizes());
-        GroupedGemmOptions opt;
-        at::Tensor ri;
-        const int64_t rows = gathered_rows_option(row_index_in, a, &ri, &opt, "switchyard.grouped_mm_gated");
-        at::Tensor h = at::empty({rows, w.size(1) / 2}, a.options());  // rows past offsets[E]: written as 0
-        const Workspace ws = workspace_like(a, grouped_gemm_gated_workspace_size(sy_device(a), dtype_of(a), w.size(0),
-                                                                                 w.size(1) / 2, w.size(2), rows));
-        grouped_gemm_gated(activation_of(act), ref(a), ref(w), ref(off), ref(h), ws.ptr, ws.bytes, stream_of(a),
-                           opt);
-        return h;
+        return std::get<0>(gated_gemm(a, w13i, offsets, act, row_index, false, "switchyard.grouped_mm_gated"));
+    });
+}
+
+// (h, g): grouped_mm_gated's h and GEMM1's product g [R, 2F] in w13i's interleaved column order, from one kernel on
+// CUDA (the training forward keeps g for the backward).
+std::tuple<at::Tensor, at::Tensor> grouped_mm_gated_keep_op(const at::Tensor& a, const at::Tensor& w13i,
+                                                            const at::Tensor& offsets, int64_t act) {
+    return guarded([&] {
+        return gated_gemm(a, w13i, offsets, act, std::nullopt, true, "switchyard.grouped_mm_gated_keep");
     });
 }
 
@@ -656,6 +676,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.def("grouped_mm_fp8(Tensor a, Tensor b, Tensor b_scale, Tensor? input_scale, Tensor? offsets, int mode) "
           "-> Tensor");
     m.def("grouped_mm_gated(Tensor a, Tensor w13i, Tensor offsets, int activation, Tensor? row_index=None) -> Tensor");
+    m.def("grouped_mm_gated_keep(Tensor a, Tensor w13i, Tensor offsets, int activation) -> (Tensor, Tensor)");
     m.def("interleave_gate_up(Tensor w13, bool inverse) -> Tensor");
     m.def("activation(Tensor g, int activation, bool interleaved=False) -> Tensor");
     m.def("activation_backward(Tensor g, Tensor dh, int activation, bool interleaved=False) -> Tensor");
@@ -699,6 +720,7 @@ TORCH_LIBRARY(switchyard, m) {
     m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_op);                         \
     m.impl("grouped_mm_fp8", &grouped_mm_fp8_op);                             \
     m.impl("grouped_mm_gated", &grouped_mm_gated_op);                         \
+    m.impl("grouped_mm_gated_keep", &grouped_mm_gated_keep_op);               \
     m.impl("interleave_gate_up", &interleave_gate_up_op);                     \
     m.impl("activation", &activation_op);                                     \
     m.impl("activation_backward", &activation_backward_op);                   \

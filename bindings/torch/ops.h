@@ -28,6 +28,8 @@
 //                                          counts, offsets: MoELayer::forward (moe_layer.h), the staged chain in one
 //                                          host call (the fused small-batch path off)
 //   grouped_mm_gated / interleave_gate_up  GEMM1 with the gated activation in its epilogue; w13's interleaved layout
+//   grouped_mm_gated_keep                  a, w13i -> h [R, F], g [R, 2F]: the same kernel storing GEMM1's product
+//                                          too (the training forward, whose backward needs g)
 //   fused_path_supported                   whether moe_fused's CUDA kernels take a layer (stages.h)
 #pragma once
 

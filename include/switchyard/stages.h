@@ -120,6 +120,11 @@ struct GroupedGemmOptions {
     // The result is bitwise that of gather(x, row_index) into [R, K] then the call without it; on CUDA (bf16 only)
     // the gathered copy is never written (the rows go straight from x into the GEMM's shared memory).
     TensorRef row_index;
+    // grouped_gemm_gated only: when defined, g [R, 2F] of h's dtype also receives GEMM1's product, its columns in
+    // w13i's interleaved order (the tensor grouped_gemm(a, w13i) writes, which activation(..., gate_up_interleaved)
+    // and activation_backward take): a training forward keeps g for the backward without a separate activation pass
+    // over it. Rows at and past offsets[E] as h's. CUDA: not with row_index (refused).
+    TensorRef gate_up;
 };
 size_t grouped_gemm_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t n, int64_t k,
                                    int64_t max_rows);
@@ -185,6 +190,7 @@ inline int64_t fp8_blocks(int64_t n) { return (n + kFp8BlockSize - 1) / kFp8Bloc
 // a [R, K], w13i [E, 2F, K] (or [2F, K]), h [R, F], offsets as grouped_gemm; F % 8 == 0. CPU: any float dtypes (the
 // two steps of the specification); CUDA: bf16, sm_90 (the activation in the GEMM's epilogue). Rows at and past
 // offsets[E]: 0 when options.zero_unowned_rows, else untouched. options.row_index: a is x [T, K], gathered (above).
+// options.gate_up: the [R, 2F] product stored too (above).
 size_t grouped_gemm_gated_workspace_size(Device device, DType dtype, int64_t num_groups, int64_t ffn, int64_t k,
                                          int64_t max_rows);
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,

@@ -337,13 +337,22 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
     check_same_device(h, "h", a, "a");
     check_cuda_gemm_dtypes(a, "a", w13i, "w13i");
     check_cuda_gemm_dtypes(a, "a", h, "h");
+    const TensorRef& gate_up = options.gate_up;
+    if (gate_up.defined()) {
+        check_tensor(gate_up, "gate_up", h.dtype, {rows, n});
+        check_same_device(gate_up, "gate_up", a, "a");
+        SWITCHYARD_CHECK(gate_up.data != h.data, "grouped_gemm_gated: gate_up and h must be different tensors");
+        SWITCHYARD_CHECK(a.device == Device::kCPU || !row_index.defined(),
+                         "grouped_gemm_gated: gate_up with row_index is not built on CUDA (gather first)");
+    }
     api::check_backend(a.device, "grouped_gemm_gated");
     check_workspace(workspace, workspace_bytes,
                     grouped_gemm_gated_workspace_size(a.device, a.dtype, groups, n / 2, a.shape[1], rows),
                     "grouped_gemm_gated");
-    SWITCHYARD_DISPATCH(a.device, grouped_gemm_gated(act, a, w13i, offsets, h, options.zero_unowned_rows, row_index),
+    SWITCHYARD_DISPATCH(a.device,
+                        grouped_gemm_gated(act, a, w13i, offsets, h, options.zero_unowned_rows, row_index, gate_up),
                         grouped_gemm_gated(act, a, w13i, offsets, h, workspace, workspace_bytes, stream,
-                                           options.zero_unowned_rows, row_index));
+                                           options.zero_unowned_rows, row_index, gate_up));
 }
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream) {

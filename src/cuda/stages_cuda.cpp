@@ -209,7 +209,11 @@ void run_grouped_gemm(GroupedGemmArgs g, const TensorRef& offsets, int64_t c_col
     if (g.max_rows == 0) return;
     const size_t gemm_bytes = cuda::grouped_gemm_workspace_size(g);
     cuda::grouped_gemm(g, wc.take_bytes(gemm_bytes), gemm_bytes, stream);
-    if (zero_unowned_rows) zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, c_cols, g.max_rows, stream);
+    if (!zero_unowned_rows) return;
+    zero_rows_past_groups(g.c, g.dtype, g.offsets, g.num_groups, c_cols, g.max_rows, stream);
+    if (g.gate_up_out != nullptr) {  // the gated epilogue's kept product, [max_rows, N]
+        zero_rows_past_groups(g.gate_up_out, g.dtype, g.offsets, g.num_groups, g.n, g.max_rows, stream);
+    }
 }
 
 }  // namespace
@@ -235,7 +239,7 @@ size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_
 
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                        bool zero_unowned_rows, const TensorRef& row_index) {
+                        bool zero_unowned_rows, const TensorRef& row_index, const TensorRef& gate_up) {
     DeviceGuard guard(a.device_index);
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1, n = w13i.shape[w13i.rank - 2];
     auto g = sized<GroupedGemmArgs>(a.dtype, groups, n, w13i.shape[w13i.rank - 1], h.shape[0]);
@@ -245,6 +249,7 @@ void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13
     g.a = a.data;
     g.b = w13i.data;
     g.c = h.data;
+    g.gate_up_out = gate_up.defined() ? gate_up.data : nullptr;
     run_grouped_gemm(g, offsets, n / 2, workspace, workspace_bytes, stream, zero_unowned_rows);
 }
 

@@ -47,10 +47,11 @@ void grouped_gemm(const TensorRef& a, const TensorRef& b, const TensorRef& offse
 // GEMM1 with the gated activation in its epilogue (grouped_gemm.h, GroupedGemmArgs::gated); interleave_gate_up:
 // one kernel copying rows.
 size_t grouped_gemm_gated_workspace_size(DType dtype, int64_t num_groups, int64_t ffn, int64_t k, int64_t max_rows);
-// row_index (optional): as grouped_gemm's.
+// row_index (optional): as grouped_gemm's; gate_up (optional, not with row_index): GEMM1's product stored too.
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
                         const TensorRef& h, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-                        bool zero_unowned_rows, const TensorRef& row_index = TensorRef());
+                        bool zero_unowned_rows, const TensorRef& row_index = TensorRef(),
+                        const TensorRef& gate_up = TensorRef());
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse, cudaStream_t stream);
 // FP8 grouped GEMM (stages.h's recipe): quantise a (quantize_rows_fp8), lay the weight scales out for the GEMM, run
 // the blockwise-scaled FP8 GEMM (grouped_gemm.h). Workspace: the one-group offsets, q [R, K] e4m3, the activation

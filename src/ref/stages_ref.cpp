@@ -379,18 +379,22 @@ void activation(Activation act, const TensorRef& g_in, const TensorRef& h, const
 }
 
 void grouped_gemm_gated(Activation act, const TensorRef& a_in, const TensorRef& w13i, const TensorRef& offsets,
-                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index) {
+                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index,
+                        const TensorRef& gate_up) {
     std::vector<char> gathered;
     const TensorRef a = gathered_rows(a_in, row_index, gathered);
     const int64_t rows = a.shape[0], n = w13i.shape[w13i.rank - 2];
-    std::vector<char> gi(static_cast<size_t>(rows * n) * dtype_size(h.dtype));
-    stage::grouped_gemm(a, w13i, offsets, TensorRef(gi.data(), h.dtype, {rows, n}), /*zero_unowned_rows=*/true);
+    std::vector<char> temp;
+    if (!gate_up.defined()) temp.resize(static_cast<size_t>(rows * n) * dtype_size(h.dtype));
+    const TensorRef gi = gate_up.defined() ? gate_up : TensorRef(temp.data(), h.dtype, {rows, n});
+    // a kept g follows h's rule for the rows past offsets[E]; a temporary's are zeroed (the activation skips them)
+    stage::grouped_gemm(a, w13i, offsets, gi, zero_unowned_rows || !gate_up.defined());
     const int32_t* off = offsets.defined() ? offsets.ptr<int32_t>() : nullptr;
     const int64_t groups = w13i.rank == 3 ? w13i.shape[0] : 1;
     int32_t owned = off != nullptr ? off[groups] : static_cast<int32_t>(rows);
     TensorRef num_rows;
     if (!zero_unowned_rows) num_rows = TensorRef(&owned, DType::kI32, {1});
-    stage::activation(act, TensorRef(gi.data(), h.dtype, {rows, n}), h, num_rows, /*gate_up_interleaved=*/true);
+    stage::activation(act, gi, h, num_rows, /*gate_up_interleaved=*/true);
 }
 
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse) {

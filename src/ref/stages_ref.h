@@ -36,10 +36,11 @@ void grouped_gemm_dgrad(const TensorRef& dc, const TensorRef& b, const TensorRef
 void grouped_gemm_wgrad(const TensorRef& dc, const TensorRef& a, const TensorRef& offsets, const TensorRef& db);
 void activation(Activation act, const TensorRef& g, const TensorRef& h, const TensorRef& num_rows,
                 bool gate_up_interleaved = false);
-// grouped_gemm_gated's specification: grouped_gemm into g [R, 2F] of h's dtype, w13 order restored, activation.
-// row_index (optional): as grouped_gemm's.
+// grouped_gemm_gated's specification: grouped_gemm into g [R, 2F] of h's dtype (gate_up when defined, else a
+// temporary), then the activation of its interleaved columns. row_index (optional): as grouped_gemm's.
 void grouped_gemm_gated(Activation act, const TensorRef& a, const TensorRef& w13i, const TensorRef& offsets,
-                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index = TensorRef());
+                        const TensorRef& h, bool zero_unowned_rows, const TensorRef& row_index = TensorRef(),
+                        const TensorRef& gate_up = TensorRef());
 void interleave_gate_up(const TensorRef& w13, const TensorRef& w13i, bool inverse);
 void activation_backward(Activation act, const TensorRef& g, const TensorRef& dh, const TensorRef& dg,
                          bool gate_up_interleaved = false);

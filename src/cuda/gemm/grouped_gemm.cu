@@ -54,6 +54,10 @@ void check_sizes(const GroupedGemmArgs& g) {
                          ")");
         SWITCHYARD_CHECK(is_gated(g.activation), "grouped_gemm: the gated epilogue takes a gated activation (SwiGLU, "
                          "GeGLU), got ", to_string(g.activation));
+        SWITCHYARD_CHECK(g.gate_up_out == nullptr || g.a_row_index == nullptr,
+                         "grouped_gemm: gate_up_out with a gathered A (a_row_index) is not built");
+    } else {
+        SWITCHYARD_CHECK(g.gate_up_out == nullptr, "grouped_gemm: gate_up_out needs the gated epilogue (gated)");
     }
     if (g.a_row_index != nullptr) {
         SWITCHYARD_CHECK(g.dtype == DType::kBF16, "grouped_gemm: a gathered A (a_row_index) is bf16 only (dtype=",
@@ -107,12 +111,19 @@ sm90::TileConfig choose_tile(const GroupedGemmArgs& g) {
 // compute-bound: Pingpong was 16-22% slower on Mixtral, 4-11% at 512-1024 rows per expert).
 constexpr int64_t kGatedPingpongMaxRows = 256;
 
-// With a_row_index, the same tile with A's rows gathered.
+// With a_row_index, the same tile with A's rows gathered; with gate_up_out, the same tile storing g too (the rule
+// measured for h alone: the extra stores lengthen every tile's epilogue alike).
 const sm90::GemmOps& gated_ops(const GroupedGemmArgs& g) {
-    const bool gather = g.a_row_index != nullptr;
-    const sm90::GemmOps& coop = gather ? sm90::kBF16GatedGatherCooperative : sm90::kBF16GatedCooperative;
-    const sm90::GemmOps& coop_c1 = gather ? sm90::kBF16GatedGatherCooperativeC1 : sm90::kBF16GatedCooperativeC1;
-    const sm90::GemmOps& pingpong = gather ? sm90::kBF16GatedGatherPingpong : sm90::kBF16GatedPingpong;
+    const bool gather = g.a_row_index != nullptr, keep = g.gate_up_out != nullptr;
+    const sm90::GemmOps& coop = keep     ? sm90::kBF16GatedKeepCooperative
+                                : gather ? sm90::kBF16GatedGatherCooperative
+                                         : sm90::kBF16GatedCooperative;
+    const sm90::GemmOps& coop_c1 = keep     ? sm90::kBF16GatedKeepCooperativeC1
+                                   : gather ? sm90::kBF16GatedGatherCooperativeC1
+                                            : sm90::kBF16GatedCooperativeC1;
+    const sm90::GemmOps& pingpong = keep     ? sm90::kBF16GatedKeepPingpong
+                                    : gather ? sm90::kBF16GatedGatherPingpong
+                                             : sm90::kBF16GatedPingpong;
     switch (g.tile) {
         case GroupedGemmTile::kLarge: return coop;
         case GroupedGemmTile::kLargeNoCluster:
@@ -238,7 +249,8 @@ size_t grouped_gemm_workspace_size(const GroupedGemmArgs& args) {
         for (const sm90::GemmOps* ops :
              {&sm90::kBF16GatedCooperative, &sm90::kBF16GatedCooperativeC1, &sm90::kBF16GatedPingpong,
               &sm90::kBF16GatedGatherCooperative, &sm90::kBF16GatedGatherCooperativeC1,
-              &sm90::kBF16GatedGatherPingpong}) {
+              &sm90::kBF16GatedGatherPingpong, &sm90::kBF16GatedKeepCooperative,
+              &sm90::kBF16GatedKeepCooperativeC1, &sm90::kBF16GatedKeepPingpong}) {
             bytes = std::max(bytes, ops->workspace_size(args.num_groups, sm_count));
         }
     }
@@ -286,6 +298,10 @@ void grouped_gemm(const GroupedGemmArgs& args, void* workspace, size_t workspace
     SWITCHYARD_CHECK(aligned16(args.a) && aligned16(args.b) && aligned16(args.c),
                      "grouped_gemm: a, b and c must be 16-byte aligned for TMA (a=", args.a, ", b=", args.b,
                      ", c=", args.c, ")");
+    SWITCHYARD_CHECK(aligned16(args.gate_up_out), "grouped_gemm: gate_up_out must be 16-byte aligned (got ",
+                     args.gate_up_out, ")");
+    SWITCHYARD_CHECK(args.gate_up_out == nullptr || args.c != args.gate_up_out,
+                     "grouped_gemm: gate_up_out and c must not alias");
     GroupedGemmArgs a = args;
     a.raster = resolve_raster(args.raster);
     const sm90::GemmOps& ops = ops_of(args);

@@ -87,6 +87,10 @@ struct GroupedGemmArgs {
     // kLargeNoCluster (and kLargeClusterN) Cooperative 128x256 without a cluster.
     bool gated = false;
     Activation activation = Activation::kSwiGLU;
+    // With gated: also store GEMM1's product g [max_rows, N] (the N = 2F interleaved columns, rounded once: the bits
+    // the plain grouped_gemm writes with this b) beside h, for a training forward whose backward needs g (16-byte
+    // aligned; rows past offsets[E] untouched). The gated tiles and heuristic; not with a_row_index (not built).
+    void* gate_up_out = nullptr;
     // A's rows gathered (bf16): a is x [a_rows, K] and the GEMM's row r reads x[a_row_index[r]] (device int32
     // [max_rows], e.g. the routing plan's row_token), so the gathered copy of x is never written. The result is the
     // one grouped_gemm gives with a = the gathered rows; an index outside [0, a_rows) reads a row of zeros. Rows past

@@ -157,11 +157,13 @@ template <typename Element, typename Config>
 using GroupedGemmKernel = PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 
 // The forward GEMM1 with the gated activation in its epilogue (register_epilogue.cuh): the forward's operands, B
-// with interleaved gate/up rows, D = h [rows, N / 2]; with GatherA, A's rows gathered from x (gather_mainloop.cuh).
-template <typename Element, typename Config, bool GatherA = false>
+// with interleaved gate/up rows, D = h [rows, N / 2]; with GatherA, A's rows gathered from x (gather_mainloop.cuh);
+// with KeepInput, GEMM1's product g [rows, N] stored too (the training forward).
+template <typename Element, typename Config, bool GatherA = false, bool KeepInput = false>
 using GatedGroupedGemmKernel =
     PtrArrayKernel<Element, Config, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor,
-                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<GatedEpilogueArray<Element>>,
+                   cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+                       RegisterEpilogueArray<Element, true, KeepInput>>,
                    GatherA>;
 
 // The device arrays the CUTLASS kernel reads, carved from the front of the workspace.
@@ -238,6 +240,13 @@ void set_store_epilogue(EpilogueArguments& e, PtrD ptr_d, StrideD stride_d) {
     e.dD = stride_d;
 }
 
+// What the gated epilogue that keeps its input stores besides h (register_epilogue.cuh, KeepInput): g [rows, N],
+// group e's rows from offsets[e].
+struct KeptInput {
+    void* gate_up = nullptr;
+    const int32_t* offsets = nullptr;
+};
+
 // The gathered A of a GatherA kernel (gather_mainloop.cuh): row r of the grouped problem is x[row_index[r]].
 struct GatherSource {
     const void* x = nullptr;
@@ -257,7 +266,8 @@ struct PtrArrayGemm {
     // epilogue's (K::kOwnEpilogue with the gated form), ignored otherwise.
     static typename K::Arguments make_arguments(const Arrays& arr, int num_groups, int sm_count, int device,
                                                 GemmRaster raster = GemmRaster::kAlongM, int activation = 0,
-                                                const GatherSource& gather = GatherSource()) {
+                                                const GatherSource& gather = GatherSource(),
+                                                const KeptInput& kept = KeptInput()) {
         typename K::Arguments args;
         args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
         args.problem_shape = {num_groups, arr.shapes, nullptr};  // host problem shapes: none
@@ -276,6 +286,8 @@ struct PtrArrayGemm {
             args.epilogue.activation = activation;
             args.epilogue.ptr_D = arr.ptr_d;
             args.epilogue.dD = arr.stride_d;
+            args.epilogue.gate_up = static_cast<Element*>(kept.gate_up);
+            args.epilogue.offsets = kept.offsets;
         } else {
             set_store_epilogue(args.epilogue, arr.ptr_d, arr.stride_d);
         }
@@ -315,7 +327,7 @@ struct PtrArrayGemm {
     template <typename Fill>
     static void run(int64_t num_groups64, GemmRaster raster, void* workspace, size_t workspace_bytes, int sm_count,
                     cudaStream_t stream, const char* what, Fill&& fill, int activation = 0,
-                    const GatherSource& gather = GatherSource()) {
+                    const GatherSource& gather = GatherSource(), const KeptInput& kept = KeptInput()) {
         const int num_groups = static_cast<int>(num_groups64);
         const size_t need = workspace_size(num_groups64, sm_count);
         SWITCHYARD_CHECK(workspace_bytes >= need, what, ": workspace_bytes=", workspace_bytes,
@@ -330,7 +342,7 @@ struct PtrArrayGemm {
         fill(arr);
         SWITCHYARD_GG_CUDA_CHECK(cudaGetLastError());
 
-        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation, gather);
+        auto args = make_arguments(arr, num_groups, sm_count, device, raster, activation, gather, kept);
         cutlass::Status st = K::Kernel::initialize_workspace(args, cutlass_ws, stream);
         SWITCHYARD_CHECK(st == cutlass::Status::kSuccess, what, ": CUTLASS initialize_workspace failed: ",
                          cutlassGetStatusString(st));
@@ -346,10 +358,12 @@ constexpr int kFillThreads = 128;  // threads per block of the kernels that fill
 
 // The forward (GroupedGemmKernel) or, with kGated, GEMM1 with the gated activation in its epilogue
 // (GatedGroupedGemmKernel; g.n = 2F interleaved rows of B, g.c = h [max_rows, F], g.activation); with kGather, A's
-// rows gathered: g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]].
-template <typename Element, typename Config, bool kGated = false, bool kGather = false>
+// rows gathered: g.a is x [g.a_rows, K] and row r reads x[g.a_row_index[r]]; with kKeep (gated), GEMM1's product
+// stored into g.gate_up_out [max_rows, 2F] too.
+template <typename Element, typename Config, bool kGated = false, bool kGather = false, bool kKeep = false>
 struct GroupedGemmRunner {
-    using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config, kGather>,
+    static_assert(kGated || !kKeep, "only the gated epilogue keeps its input");
+    using K = std::conditional_t<kGated, GatedGroupedGemmKernel<Element, Config, kGather, kKeep>,
                                  PtrArrayKernel<Element, Config, cutlass::layout::RowMajor,
                                                 cutlass::layout::ColumnMajor, void, kGather>>;
     using P = PtrArrayGemm<Element, K>;
@@ -367,7 +381,8 @@ struct GroupedGemmRunner {
                     arr, static_cast<const Element*>(g.a), static_cast<const Element*>(g.b),
                     static_cast<Element*>(g.c), g.offsets, num_groups, static_cast<int>(g.n), static_cast<int>(g.k),
                     static_cast<int>(kGated ? g.n / 2 : g.n), kGather);
-        }, static_cast<int>(g.activation), GatherSource{g.a, g.a_rows, g.k, g.a_row_index, g.offsets});
+        }, static_cast<int>(g.activation), GatherSource{g.a, g.a_rows, g.k, g.a_row_index, g.offsets},
+               KeptInput{kKeep ? g.gate_up_out : nullptr, g.offsets});
     }
 };
 
@@ -376,16 +391,18 @@ struct GroupedGemmRunner {
 }  // namespace switchyard
 
 // Defines `const GemmOps <var>` for one (element, config) pair in one translation unit: the plain forward, or
-// (..._GATED_GEMM) GEMM1 with the gated epilogue.
-#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, gather, label)                     \
+// (..._GATED_GEMM) GEMM1 with the gated epilogue, (..._GATED_KEEP_GEMM) that epilogue storing GEMM1's product too.
+#define SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, gated, gather, keep, label)            \
     namespace switchyard {                                                                              \
     namespace cuda {                                                                                    \
     namespace sm90 {                                                                                    \
-    const GemmOps var = {label, &GroupedGemmRunner<element, config, gated, gather>::workspace_size,     \
-                         &GroupedGemmRunner<element, config, gated, gather>::run};                      \
+    const GemmOps var = {label, &GroupedGemmRunner<element, config, gated, gather, keep>::workspace_size, \
+                         &GroupedGemmRunner<element, config, gated, gather, keep>::run};                \
     }                                                                                                   \
     }                                                                                                   \
     }
+#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, gather, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, gated, gather, false, label)
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
     SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
@@ -394,3 +411,5 @@ struct GroupedGemmRunner {
     SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
     SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, label)
+#define SWITCHYARD_DEFINE_SM90_GATED_KEEP_GEMM(var, element, config, label) \
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, true, false, true, label)

@@ -67,6 +67,11 @@ extern const GemmOps kBF16CooperativeC1Reg;
 extern const GemmOps kBF16GatedCooperative;    // grouped_gemm_sm90_bf16_gated.cu (the gated epilogue, cluster 2x1)
 extern const GemmOps kBF16GatedCooperativeC1;  // grouped_gemm_sm90_bf16_gated_c1.cu (the gated epilogue, no cluster)
 extern const GemmOps kBF16GatedPingpong;  // grouped_gemm_sm90_bf16_gated_pp.cu (the gated epilogue, Pingpong 64x256)
+// The three gated kernels storing GEMM1's product g too (GroupedGemmArgs::gate_up_out; the training forward):
+// grouped_gemm_sm90_bf16_gated_keep{,_c1,_pp}.cu
+extern const GemmOps kBF16GatedKeepCooperative;
+extern const GemmOps kBF16GatedKeepCooperativeC1;
+extern const GemmOps kBF16GatedKeepPingpong;
 // With A's rows gathered (GroupedGemmArgs::a_row_index; gather_mainloop.cuh): the plain forward's tiles whose k
 // tile is 64 wide, and the three gated ones.
 extern const GemmOps kBF16GatherCooperative;    // grouped_gemm_sm90_bf16_gather_coop.cu

@@ -6,6 +6,9 @@
 //   RegisterEpilogueArray<E, false>: D = acc rounded once to E (the values of CUTLASS's LinearCombination epilogue
 //     with alpha 1, beta 0), 16 bytes per store: the four lanes of a quad exchange their column pairs (two shuffle
 //     rounds) so that each lane writes 8 adjacent columns of one row.
+//   RegisterEpilogueArray<E, true, true> (GatedKeepEpilogueArray): the gated form that also stores GEMM1's product
+//     g [rows, 2F] (the plain form's 16-byte stores, interleaved columns as the GEMM computes them) beside h: the
+//     training forward, whose backward needs g, without the separate activation pass over g.
 //
 // Layout contract of the gated form. B (w13) holds the gate and up rows interleaved in blocks of 8 (grouped_gemm.h,
 // interleave_gate_up): output column n of the GEMM (a row of B) is a gate column when (n / 8) is even and the up
@@ -36,8 +39,10 @@ namespace switchyard {
 namespace cuda {
 namespace sm90 {
 
-template <typename ElementD_, bool Gated>
+template <typename ElementD_, bool Gated, bool KeepInput = false>
 class RegisterEpilogueArray {
+    static_assert(Gated || !KeepInput, "only the gated form has an input to keep");
+
 public:
     using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
     using DispatchPolicy = EpilogueSchedule;
@@ -69,6 +74,9 @@ public:
         ElementD** ptr_D = nullptr;  // per group: h of its first row
         StrideD dD = nullptr;        // per group: (F, 1, 0)
         int activation = 0;          // switchyard::Activation, gated (kSwiGLU or kGeGLU); unused when !Gated
+        // KeepInput: GEMM1's product g [max_rows, N] row-major (group e's rows from offsets[e]); unused otherwise.
+        ElementD* gate_up = nullptr;
+        const int32_t* offsets = nullptr;
     };
     using Params = Arguments;
 
@@ -87,7 +95,8 @@ public:
     }
     template <class ProblemShape>
     static bool can_implement(ProblemShape const&, Arguments const& args) {
-        return !Gated || is_gated(static_cast<Activation>(args.activation));
+        return (!Gated || is_gated(static_cast<Activation>(args.activation))) &&
+               (!KeepInput || (args.gate_up != nullptr && args.offsets != nullptr));
     }
 
     CUTLASS_HOST_DEVICE explicit RegisterEpilogueArray(Params const& p) : params_(p) {}
@@ -106,7 +115,8 @@ public:
                       "expected the GMMA accumulator value mode (2, 2, V)");
         constexpr int kChunks = size<0, 2>(FrgLayout{});
         static_assert(!Gated || kChunks % 2 == 0, "the MMA atom's N must hold whole gate/up blocks (a multiple of 16)");
-        static_assert(Gated || kChunks % 4 == 0, "the plain store exchanges groups of four 8-column chunks");
+        static_assert((Gated && !KeepInput) || kChunks % 4 == 0,
+                      "the plain store exchanges groups of four 8-column chunks");
         constexpr int kMmaM = size<1>(FrgLayout{});
         constexpr int kMmaN = size<2>(FrgLayout{});
 
@@ -117,6 +127,9 @@ public:
         const auto l_coord = get<3>(blk_coord_mnkl);
         ElementD* d = params_.ptr_D[l_coord];
         const int64_t ldd = get<0>(params_.dD[l_coord]);
+        // KeepInput: g of the group's first row ([rows, N] row-major); one load per tile, cached.
+        ElementD* g = nullptr;
+        if constexpr (KeepInput) g = params_.gate_up + static_cast<int64_t>(params_.offsets[l_coord]) * N;
 
         // Each accumulator's (row, column) in the group's [M, N] problem, partitioned as the accumulators are.
         auto thr_mma = tiled_mma.get_thread_slice(thread_idx);
@@ -125,7 +138,8 @@ public:
         Tensor t_crd = thr_mma.partition_C(tile_crd);  // ((2, 2, V), MMA_M, MMA_N) -> (m, n)
         const bool swiglu = params_.activation == static_cast<int>(Activation::kSwiGLU);
         const int q = thread_idx & 3;  // the lane's place in its quad (lanes 4i..4i+3 share a row)
-        constexpr int kStep = Gated ? 2 : 4;  // chunks per store: a gate/up pair, or four for the quad's transpose
+        // Chunks per step: a gate/up pair, or four for the quad's transpose (KeepInput: g's four, then h's two pairs).
+        constexpr int kStep = Gated && !KeepInput ? 2 : 4;
 
         CUTLASS_PRAGMA_UNROLL
         for (int mm = 0; mm < kMmaM; ++mm) {
@@ -137,7 +151,18 @@ public:
                     for (int v = 0; v < kChunks; v += kStep) {
                         const auto crd = t_crd(make_coord(make_coord(0, r, v), mm, nn));
                         const int row = get<0>(crd), col = get<1>(crd);
-                        if constexpr (Gated) {
+                        if constexpr (KeepInput) {
+                            // g first: every lane of the quad takes part in store_quad's shuffles.
+                            const int seg = col + 6 * q;
+                            store_quad(acc, mm, nn, r, v, q, row < M && seg < N,
+                                       g + row * static_cast<int64_t>(N) + seg);
+                            if (row >= M || col >= N) continue;
+                            // chunks (v, v + 1) hold gate and up of f, (v + 2, v + 3) those of f + 8, which lie
+                            // past N when N is an odd multiple of 16
+                            const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);
+                            store_gated(acc, mm, nn, r, v, swiglu, d + row * ldd + f);
+                            if (col + 16 < N) store_gated(acc, mm, nn, r, v + 2, swiglu, d + row * ldd + f + 8);
+                        } else if constexpr (Gated) {
                             if (row >= M || col >= N) continue;
                             // gate f's column is gate_up_interleaved_row(f, 0) (config.h); f even: col = 16q + 2j
                             const int64_t f = static_cast<int64_t>(col >> 4) * 8 + (col & 7);
@@ -216,6 +241,9 @@ private:
 // GEMM1 with the gated activation in its epilogue.
 template <typename ElementD>
 using GatedEpilogueArray = RegisterEpilogueArray<ElementD, true>;
+// GEMM1 with the gated activation in its epilogue that also stores its product g (the training forward).
+template <typename ElementD>
+using GatedKeepEpilogueArray = RegisterEpilogueArray<ElementD, true, true>;
 
 }  // namespace sm90
 }  // namespace cuda
