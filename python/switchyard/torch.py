@@ -135,6 +135,11 @@ def _grouped_mm_gated_fake(a, w13i, offsets, activation, row_index=None):
     return a.new_empty((rows, w13i.shape[1] // 2))
 
 
+@torch.library.register_fake("switchyard::grouped_mm_gated_keep")
+def _grouped_mm_gated_keep_fake(a, w13i, offsets, activation):
+    return a.new_empty((a.shape[0], w13i.shape[1] // 2)), a.new_empty((a.shape[0], w13i.shape[1]))
+
+
 @torch.library.register_fake("switchyard::interleave_gate_up")
 def _interleave_gate_up_fake(w13, inverse):
     return torch.empty_like(w13)
@@ -344,19 +349,25 @@ def _ggmm_setup(ctx, inputs, output):
     ctx.save_for_backward(x, row_token, slot_row, b, offsets)
 
 
-def _ggmm_backward(ctx, dc):
-    x, row_token, slot_row, b, offsets = ctx.saved_tensors
-    dc = dc.contiguous()
+# The backward of gather + GEMM1 from GEMM1's output gradient dc: (dx or None, db or None) as asked.
+def _gathered_backward(dc, x, row_token, slot_row, b, offsets, need_dx: bool, need_db: bool):
     dx = db = None
     # Weight gradient first, so that the recomputed rows are freed before the input gradient d_xp [T*k, H] is
     # allocated: the two never coexist, which lowers the backward's peak by T*k*H elements. A gradient nobody
     # needs (frozen experts, an input without grad) is not computed.
-    if ctx.needs_input_grad[3]:
+    if need_db:
         xp = _ops.gather(x, row_token, slot_row)  # recomputed: one pass over x, written to its T*k rows
         db = _ops.grouped_mm_wgrad(dc, xp, offsets)
         del xp
-    if ctx.needs_input_grad[0]:
+    if need_dx:
         dx = _ops.gather_backward(_ops.grouped_mm_dgrad(dc, b, offsets), slot_row)
+    return dx, db
+
+
+def _ggmm_backward(ctx, dc):
+    x, row_token, slot_row, b, offsets = ctx.saved_tensors
+    dx, db = _gathered_backward(dc.contiguous(), x, row_token, slot_row, b, offsets, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[3])
     return dx, None, None, db, None, None
 
 
@@ -385,26 +396,73 @@ def _agmm_setup(ctx, inputs, output):
     ctx.interleaved = interleaved
 
 
-def _agmm_backward(ctx, dc):
-    g, b, offsets = ctx.saved_tensors
-    dc = dc.contiguous()
+# The backward of activation + GEMM2 from GEMM2's output gradient dc: (dg or None, db or None) as asked.
+def _activated_backward(dc, g, b, offsets, activation: int, interleaved: bool, need_dg: bool, need_db: bool):
     dg = db = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] and ctx.activation in _GATED_ACTIVATIONS:
+    if need_dg and need_db and activation in _GATED_ACTIVATIONS:
         # one op for the dgrad, the activation's backward and the recomputed h (dh kept in h's memory): dg and h
         # [T*k, 3F] are live together as h and dh + dg were in the steps below.
-        dg, h = _ops.grouped_mm_dgrad_activation(dc, b, offsets, g, ctx.activation, ctx.interleaved)
+        dg, h = _ops.grouped_mm_dgrad_activation(dc, b, offsets, g, activation, interleaved)
         db = _ops.grouped_mm_wgrad(dc, h, offsets)
-        return dg, None, db, None, None
-    if ctx.needs_input_grad[2]:
-        h = _ops.activation(g, ctx.activation, ctx.interleaved)  # recomputed
+        return dg, db
+    if need_db:
+        h = _ops.activation(g, activation, interleaved)  # recomputed
         db = _ops.grouped_mm_wgrad(dc, h, offsets)  # first, so that h is freed before dh is allocated
         del h
-    if ctx.needs_input_grad[0]:
-        dg = _ops.activation_backward(g, _ops.grouped_mm_dgrad(dc, b, offsets), ctx.activation, ctx.interleaved)
+    if need_dg:
+        dg = _ops.activation_backward(g, _ops.grouped_mm_dgrad(dc, b, offsets), activation, interleaved)
+    return dg, db
+
+
+def _agmm_backward(ctx, dc):
+    g, b, offsets = ctx.saved_tensors
+    dg, db = _activated_backward(dc.contiguous(), g, b, offsets, ctx.activation, ctx.interleaved,
+                                 ctx.needs_input_grad[0], ctx.needs_input_grad[2])
     return dg, None, db, None, None
 
 
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)
+
+
+# The expert MLP (gather, GEMM1, gated activation, GEMM2) as one differentiable op for training in the interleaved
+# layout: GEMM1's kernel stores its product g, which the backward needs, and h, GEMM2's input, together
+# (grouped_mm_gated_keep; GroupedGemmOptions::gate_up), so the forward's separate activation pass over g goes away.
+# The values, what is saved (x, g and the weights, as the two ops above together) and the backward are those of
+# _gathered_grouped_mm followed by _activated_grouped_mm. Returns (out, g): g is an output so that the backward can
+# keep it (no gradient flows into it).
+@torch.library.custom_op("switchyard::gated_expert_mlp", mutates_args=())
+def _gated_expert_mlp(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, w13i: torch.Tensor,
+                      w2: torch.Tensor, offsets: torch.Tensor, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xp = _ops.gather(x, row_token, slot_row)
+    h, g = _ops.grouped_mm_gated_keep(xp, w13i, offsets, activation)
+    del xp  # freed before GEMM2's output is allocated: the staged ops' peak (xp and GEMM2's output are one size)
+    return _ops.grouped_mm(h, w2, offsets), g
+
+
+@_gated_expert_mlp.register_fake
+def _gated_expert_mlp_fake(x, row_token, slot_row, w13i, w2, offsets, activation):
+    return x.new_empty((row_token.shape[0], w2.shape[1])), x.new_empty((row_token.shape[0], w13i.shape[1]))
+
+
+def _gemlp_setup(ctx, inputs, output):
+    x, row_token, slot_row, w13i, w2, offsets, activation = inputs
+    ctx.save_for_backward(x, row_token, slot_row, w13i, w2, offsets, output[1])
+    ctx.activation = activation
+
+
+def _gemlp_backward(ctx, d_out, _d_g):
+    x, row_token, slot_row, w13i, w2, offsets, g = ctx.saved_tensors
+    need_dx, need_dw13, need_dw2 = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+    dg, dw2 = _activated_backward(d_out.contiguous(), g, w2, offsets, ctx.activation, True, need_dx or need_dw13,
+                                  need_dw2)
+    del g
+    dx = dw13 = None
+    if dg is not None:
+        dx, dw13 = _gathered_backward(dg, x, row_token, slot_row, w13i, offsets, need_dx, need_dw13)
+    return dx, None, None, dw13, dw2, None, None
+
+
+_gated_expert_mlp.register_autograd(_gemlp_backward, setup_context=_gemlp_setup)
 
 # ---- FP8 weights ---------------------------------------------------------------------------------------------
 
@@ -900,6 +958,10 @@ class MoE(nn.Module):
                             else (_ops.gather(x2, row_token, slot_row), None))
             h = _ops.grouped_mm_gated(a, self.w13, offsets, act, row_index)
             out = _ops.grouped_mm(h, self.w2, offsets)
+        elif self.gate_up_interleaved and kernels_take_dtype and self.gather_in_gemm1 is not True:
+            # training in the interleaved layout: GEMM1 stores g and h in one kernel (the gathered GEMM1 has no
+            # such kernel: gather_in_gemm1=True takes the staged ops below)
+            out, _ = _gated_expert_mlp(x2, row_token, slot_row, self.w13, self.w2, offsets, act)
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets,
                                      self.gather_in_gemm1 is True and kernels_take_dtype)

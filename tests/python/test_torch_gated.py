@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import switchyard.torch as st
+from test_torch_layer_op import _Recorder  # records which switchyard ops a call ran
 
 H, F, E, K, T = 16, 16, 8, 2, 13
 
@@ -167,6 +168,52 @@ def test_interleaved_module_trains_as_the_plain_one(activation):
 
     params = [p.detach().clone().requires_grad_(True) for p in inter.parameters()]
     assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True), *params))
+
+
+def _train_outputs_and_ops(m, x, monkeypatch):
+    """_module_outputs(m, x, train=True) and the names of the switchyard ops it called."""
+    rec = _Recorder(st._ops)
+    monkeypatch.setattr(st, "_ops", rec)
+    try:
+        return _module_outputs(m, x, True), rec.names
+    finally:
+        monkeypatch.setattr(st, "_ops", rec._ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_interleaved_training_keeps_gemm1s_product_from_one_op(activation, dtype, monkeypatch):
+    """Training in the interleaved layout runs the expert MLP as one op (switchyard::gated_expert_mlp): GEMM1's
+    product g, which the backward needs, and h come from one grouped_mm_gated_keep, no separate activation pass. Its y,
+    x.grad and every parameter gradient are the bits of the staged ops (gathered_grouped_mm then activated_grouped_mm,
+    which gather_in_gemm1=True runs; on the CPU its in-GEMM gather is the gathered copy); grouped_mm_gated_keep's h
+    and g are grouped_mm_gated's h and grouped_mm's product with the interleaved weights."""
+    m = make(activation, dtype=dtype).interleave_gate_up_()
+    x = torch.randn(T, H, dtype=dtype)
+    got, names = _train_outputs_and_ops(m, x, monkeypatch)
+    assert "grouped_mm_gated_keep" in names and "activation" not in names, names
+    m.gather_in_gemm1 = True
+    want, staged = _train_outputs_and_ops(m, x, monkeypatch)
+    assert "grouped_mm_gated_keep" not in staged and "activation" in staged, staged
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a is not None and torch.equal(a, b), i
+    assert got[0].float().abs().mean() > 1e-3 and m.w13.grad.float().abs().mean() > 1e-5
+
+    act = st.ACTIVATIONS[activation]
+    a = torch.randn(20, H, dtype=dtype)
+    offsets = torch.tensor([0, 3, 3, 9, 17, 17, 17, 17, 17], dtype=torch.int32)  # rows 17..19 owned by nobody
+    h, g = torch.ops.switchyard.grouped_mm_gated_keep(a, m.w13.detach(), offsets, act)
+    assert torch.equal(h, torch.ops.switchyard.grouped_mm_gated(a, m.w13.detach(), offsets, act))
+    assert torch.equal(g, torch.ops.switchyard.grouped_mm(a, m.w13.detach(), offsets))
+    assert torch.equal(g[17:], torch.zeros_like(g[17:])) and g[:17].abs().mean() > 1e-3
+    torch.library.opcheck(torch.ops.switchyard.grouped_mm_gated_keep.default, (a, m.w13.detach(), offsets, act))
+    slot_row = torch.arange(T * K, dtype=torch.int32).reshape(T, K)  # token t's rows t*K..t*K+K-1
+    rt = torch.arange(T * K, dtype=torch.int32) // K
+    off = torch.tensor([0, 5, 5, 11, 20] + [T * K] * (E - 4), dtype=torch.int32)
+    args = (x, rt, slot_row, m.w13.detach(), m.w2.detach(), off, act)
+    torch.library.opcheck(torch.ops.switchyard.gated_expert_mlp.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_interleave_refuses_what_it_cannot_hold():
