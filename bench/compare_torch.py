@@ -534,6 +534,18 @@ def gated_twin(sy_torch, moe):
     return twin
 
 
+def gated_train_twin(sy_torch, moe):
+    """A training switchyard.torch.MoE on moe's own parameter tensors (router, w13, w2) with its gate_up_interleaved
+    flag set without permuting w13: it runs the interleaved layout's training path (switchyard::gated_expert_mlp, g
+    and h from one GEMM1 kernel) on the same tensors, bytes and FLOPs as moe, but reads w13's rows as interleaved, so
+    its y is another function of the weights and is not compared here (tests/python/test_torch_gated.py checks the
+    op against the staged ops bit for bit). No second copy of the weights or their gradients."""
+    twin = sy_torch.MoE(moe.config, dtype=moe.w13.dtype, device="meta", return_stats=moe.return_stats)
+    twin.gate, twin.w13, twin.w2 = moe.gate, moe.w13, moe.w2
+    twin.gate_up_interleaved = True
+    return twin
+
+
 def prefill_mode(args):
     """Forward of whole layers at prefill sizes (tokens default 4096,16384), eval mode under no_grad:
 
@@ -672,6 +684,9 @@ def layer_train_mode(args):
                  no aux loss, like the peer), CUDA kernels forward and backward;
     sy-gather  : (only when named in --impls) the same module with gather_in_gemm1 on (GEMM1 reads x's rows through
                  the plan; no gathered copy in the forward);
+    sy-gated   : (only when named in --impls) the interleaved layout's training path (gated_train_twin: GEMM1 stores
+                 its product and h in one kernel, no activation pass in the forward) on the same tensors; its y
+                 and gradients are not compared with sort's (w13's rows read as interleaved);
     sort       : layer_sort above, autograd through torch._grouped_mm, on the SAME parameter tensors.
     Each timed call is one fresh step: gradients set to None, forward, backward (the new gradients are allocated
     inside the step, as in training with zero_grad(set_to_none=True)). The implementations are timed in alternation
@@ -683,8 +698,9 @@ def layer_train_mode(args):
     """
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
-    impls = [i for i in args.impls.split(",") if i in ("sort", "switchyard", "sy-gather")] or ["sort", "switchyard"]
-    sy_torch, sy_why = (load_switchyard_torch(args.torch_lib) if {"switchyard", "sy-gather"} & set(impls)
+    impls = ([i for i in args.impls.split(",") if i in ("sort", "switchyard", "sy-gather", "sy-gated")]
+             or ["sort", "switchyard"])
+    sy_torch, sy_why = (load_switchyard_torch(args.torch_lib) if {"switchyard", "sy-gather", "sy-gated"} & set(impls)
                         else (None, None))
     ceiling, copy_tbps = start_table(
         "  (training: forward + backward)",
@@ -695,6 +711,7 @@ def layer_train_mode(args):
         h, f, e, k = MODELS[m]
         moe, params = bench_layer(sy_torch, m, train=True)
         wg, w13, w2 = params
+        twin = gated_train_twin(sy_torch, moe) if moe is not None and "sy-gated" in impls else None
         grad_gb = sum(p_.numel() * p_.element_size() for p_ in params) / 1e9
         for t in tokens:
             x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
@@ -715,7 +732,7 @@ def layer_train_mode(args):
                             moe.gather_in_gemm1 = None  # the default (automatic; in training the separate gather)
 
                     fwd = {"sort": lambda: layer_sort(x, wg, w13, w2, k), "switchyard": lambda: moe(x),
-                           "sy-gather": fwd_gather}[impl]
+                           "sy-gather": fwd_gather, "sy-gated": lambda: twin(x)}[impl]
 
                     def step(fwd=fwd):
                         for p_ in (x, *params):
@@ -740,7 +757,8 @@ def layer_train_mode(args):
                             step()
                         torch.cuda.synchronize()
                         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-                        if args.check and t == min(tokens):  # dw2 of the first 8 experts only (memory)
+                        # dw2 of the first 8 experts only (memory); sy-gated computes another function
+                        if args.check and t == min(tokens) and impl != "sy-gated":
                             y = step().detach().float()
                             check[impl] = (y, x.grad.float(), wg.grad.float(), w2.grad[:8].float())
                         steps[impl] = step
@@ -787,7 +805,7 @@ def layer_train_mode(args):
                       + " ".join(f"{n} {v:.2e}" for n, v in rel.items()), flush=True)
                 next(r for r in reversed(results) if r["impl"] == impl)["check_rel_l2"] = rel
             del x, dy, check
-        del moe, params, wg, w13, w2
+        del moe, twin, params, wg, w13, w2
         torch.cuda.empty_cache()
     return dict(mode="layers-train", device=torch.cuda.get_device_name(), ceiling_tflops=ceiling,
                 copy_tbps=copy_tbps, rows=results)

@@ -19,8 +19,10 @@
 // rasterisations (raster-m / raster-n), and dgrad with each cluster (large = 2x1, large-n2 = 1x2, large-c1 = none).
 // --gated adds, after each up GEMM, GEMM1 followed by the SwiGLU activation two ways, timed in alternation (two
 // rounds each, the second reported): "up+act" (grouped_gemm then the activation kernel, [rows, 2F] stored and read
-// back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly); both share one
-// floor (weights hit + A read + h written).
+// back) and "up gated" (the gated epilogue, GroupedGemmArgs::gated: h [rows, F] stored directly), and "up keep"
+// (the gated epilogue storing GEMM1's product too, GroupedGemmArgs::gate_up_out: the training forward's kernel, to
+// be read against "up+act", which also leaves the product in memory); floors: weights hit + A read + h written,
+// plus the product written for "up keep".
 // --epilogues times each GEMM on the Cooperative tile without a cluster, and (with --backward) each wgrad and each
 // dgrad without a cluster, with every epilogue built for it (GroupedGemmEpilogue: epi-tma32 = CUTLASS's 128x32
 // subtiles, epi-tma128 (not for wgrad), epi-reg = the register store), alternated with the automatic choice
@@ -487,12 +489,14 @@ int main(int argc, char** argv) {
                                                               switchyard::DType::kBF16, cs[s], total,
                                                               d_off + m.experts, m.ffn, hs[s], nullptr);
                         };
-                        auto fused_with = [&](switchyard::cuda::GroupedGemmTile tile) {
-                            return [&, tile](size_t s) {
+                        // keep: the training forward's kernel, GEMM1's product stored into cs[s] beside h
+                        auto fused_with = [&](switchyard::cuda::GroupedGemmTile tile, bool keep) {
+                            return [&, tile, keep](size_t s) {
                                 gated.a = as[s];
                                 gated.b = bs[s];
                                 gated.c = hs[s];
                                 gated.tile = tile;
+                                gated.gate_up_out = keep ? cs[s] : nullptr;
                                 switchyard::cuda::grouped_gemm(gated, gws, gws_bytes, nullptr);
                             };
                         };
@@ -502,31 +506,40 @@ int main(int argc, char** argv) {
                             {"coop-2x1", GroupedGemmTile::kLarge},
                             {"coop-c1", GroupedGemmTile::kLargeNoCluster},
                             {"pingpong-64x256", GroupedGemmTile::kMedium}};
-                        // Alternated: the unfused chain, then every gated kernel, twice over; the second round counts.
+                        // Alternated: the unfused chain, then every gated kernel, then every one keeping g, twice
+                        // over; the second round counts.
                         double t_unfused = 0;
-                        std::vector<double> t_fused(4, 0.0);
+                        std::vector<double> t_fused(4, 0.0), t_keep(4, 0.0);
                         for (int round = 0; round < 2; ++round) {
                             t_unfused = time_calls(unfused, sets, o);
-                            for (int v = 0; v < 4; ++v) t_fused[v] = time_calls(fused_with(variants[v].second), sets, o);
+                            for (int v = 0; v < 4; ++v)
+                                t_fused[v] = time_calls(fused_with(variants[v].second, false), sets, o);
+                            for (int v = 0; v < 4; ++v)
+                                t_keep[v] = time_calls(fused_with(variants[v].second, true), sets, o);
                         }
                         gated.tile = GroupedGemmTile::kAuto;
+                        // Floors: weights hit + A read + h written; "up keep" (the training forward, whose backward
+                        // needs the product) writes g [rows, 2F] too.
                         const double gbytes = double(hit) * g.n * g.k * 2 + double(a_bytes) + double(total) * m.ffn * 2;
-                        const double gfloor =
-                            std::max(flops / (ceil.bf16_tflops * 1e12), gbytes / (ceil.copy_tbps * 1e12)) * 1e3;
-                        for (int fusedrow = 0; fusedrow < 2; ++fusedrow) {
+                        const double kbytes = gbytes + double(total) * g.n * 2;
+                        for (int row = 0; row < 3; ++row) {  // up+act, up gated, up keep
                             Row x = r;
                             x.tiles.clear();
-                            x.gemm = fusedrow ? "up gated" : "up+act";
-                            x.kernel = fusedrow ? switchyard::cuda::grouped_gemm_kernel_name(gated)
-                                                : std::string(r.kernel) + " + activation";
-                            x.ms = fusedrow ? t_fused[0] : t_unfused;
-                            if (fusedrow)
-                                for (int v = 1; v < 4; ++v) x.tiles.emplace_back(variants[v].first, t_fused[v]);
+                            x.gemm = row == 0 ? "up+act" : row == 1 ? "up gated" : "up keep";
+                            gated.gate_up_out = row == 2 ? cs[0] : nullptr;
+                            x.kernel = row ? switchyard::cuda::grouped_gemm_kernel_name(gated)
+                                           : std::string(r.kernel) + " + activation";
+                            const std::vector<double>& t = row == 1 ? t_fused : t_keep;
+                            x.ms = row ? t[0] : t_unfused;
+                            if (row)
+                                for (int v = 1; v < 4; ++v) x.tiles.emplace_back(variants[v].first, t[v]);
                             x.tflops = flops / (x.ms * 1e-3) / 1e12;
-                            x.floor_ms = gfloor;
+                            x.floor_ms = std::max(flops / (ceil.bf16_tflops * 1e12),
+                                                  (row == 2 ? kbytes : gbytes) / (ceil.copy_tbps * 1e12)) * 1e3;
                             rows.push_back(x);
                             print_row(x, ceil.bf16_tflops);
                         }
+                        gated.gate_up_out = nullptr;
                         BENCH_CUDA(cudaFree(gws));
                         for (size_t s = 0; s < sets; ++s) BENCH_CUDA(cudaFree(hs[s]));
                     }

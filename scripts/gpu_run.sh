@@ -141,7 +141,7 @@ if has gatedbench; then
   "$BUILD/bench/grouped_gemm_bench" --gated --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TOKENS:-4096,16384}" \
     --json "$OUT/gatedbench.json" >"$OUT/gatedbench.log" 2>&1
   note "gated bench: rc=$?"
-  grep -E "up\+act|up gated" "$OUT/gatedbench.log" | cut -c1-40,100-280
+  grep -E "up\+act|up gated|up keep" "$OUT/gatedbench.log" | cut -c1-40,100-280
 fi
 if has ncugated; then
   ncu --clock-control none --cache-control all --csv --kernel-name regex:'device_kernel|activation_kernel' \
