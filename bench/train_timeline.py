@@ -15,7 +15,12 @@ Where the step's time goes besides its kernels, each timed with CUDA events (med
               the time the GPU waits for the host's launches (the profiler's kernel sum of one step can read lower
               than the replay: DeepSeek-V3 in run 30, bench/NOTES.md).
 
+With --interleaved the layer runs its interleaved layout's training path (switchyard::gated_expert_mlp: GEMM1 stores
+its product and h in one kernel) on the same random tensors read as interleaved (compare_torch.py's
+gated_train_twin: the same bytes and FLOPs, other values).
+
     python3 bench/train_timeline.py --torch-lib build/bindings/torch/_switchyard_torch.so [--models qwen3] [--tokens N]
+                                    [--interleaved]
 """
 import argparse
 import collections
@@ -24,7 +29,7 @@ import sys
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from compare_torch import MODELS, bench_layer, load_switchyard_torch, time_cuda  # noqa: E402
+from compare_torch import MODELS, bench_layer, gated_train_twin, load_switchyard_torch, time_cuda  # noqa: E402
 from prefill_timeline import kernel_timeline  # noqa: E402
 
 
@@ -63,6 +68,8 @@ def main():
     p.add_argument("--models", default="qwen3,mixtral,deepseek")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleaved", action="store_true",
+                   help="the interleaved layout's training path (GEMM1 keeping its product), on the same tensors")
     args = p.parse_args()
     sy, why = load_switchyard_torch(args.torch_lib)
     if sy is None:
@@ -71,6 +78,8 @@ def main():
     torch.manual_seed(args.seed)
     for m in args.models.split(","):
         moe, _ = bench_layer(sy, m, train=True)
+        if args.interleaved:
+            moe = gated_train_twin(sy, moe)
         x = torch.randn(args.tokens, MODELS[m][0], device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
 
@@ -91,7 +100,8 @@ def main():
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries0
         graph_ms = graph_step_ms(step)
         busy, span, gaps, rows = kernel_timeline(step)
-        print(f"\n{m} T={args.tokens}: dy step {ms:.3f} ms, loss step {loss_ms:.3f} ms, graph replay of the dy step "
+        layout = " (interleaved layout)" if args.interleaved else ""
+        print(f"\n{m} T={args.tokens}{layout}: dy step {ms:.3f} ms, loss step {loss_ms:.3f} ms, graph replay of the dy step "
               f"{graph_ms:.3f} ms (events); under the profiler: kernels {busy / 1e3:.3f} ms, span {span / 1e3:.3f} ms, "
               f"idle in gaps > 2 us between kernels {sum(g for g, _ in gaps) / 1e3:.3f} ms; allocator retries while "
               f"the dy and loss steps were timed: {retries}")

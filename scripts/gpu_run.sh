@@ -19,7 +19,8 @@
 #        timeline: bench/prefill_timeline.py (the module timed per call, in a loop and as a CUDA graph, its kernels);
 #        ceiling: bench/sustained_ceiling.py (dense cuBLAS bf16 at the layers' GEMM shapes, per call and back to back,
 #        with the SM clock and power nvidia-smi reports: the matrix rate the card sustains at those sizes);
-#        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name);
+#        traintimeline: bench/train_timeline.py (one training step's kernels at TRAIN_TOKENS_FB, summed by name;
+#        TIMELINE_INTERLEAVED=1: the interleaved layout's training path);
 #        gatedbench: grouped_gemm_bench --gated (GEMM1 + SwiGLU unfused vs the gated epilogue) at T=4096,16384;
 #        gatherbench: the CLI's layer (interleaved, bf16) with GEMM1 reading x through the plan vs the separate
 #        gather, alternated, two rounds (GATHER_SHAPES, GATHER_TOKENS, GATHER_MODES: default `on off`, `auto` the rule);
@@ -178,7 +179,8 @@ if has ceiling; then
 fi
 if has traintimeline; then
   python3 bench/train_timeline.py --torch-lib "$BUILD/bindings/torch/_switchyard_torch.so" \
-    --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TRAIN_TOKENS_FB:-16384}" >"$OUT/train_timeline.log" 2>&1
+    --models "${MODELS:-qwen3,mixtral,deepseek}" --tokens "${TRAIN_TOKENS_FB:-16384}" \
+    ${TIMELINE_INTERLEAVED:+--interleaved} >"$OUT/train_timeline.log" 2>&1
   note "train timeline: rc=$?"
   grep -E "dy step|graph capture" "$OUT/train_timeline.log"
   grep -A14 "kernels by name" "$OUT/train_timeline.log" | head -60
