@@ -536,8 +536,8 @@ def gated_twin(sy_torch, moe):
 
 def gated_train_twin(sy_torch, moe):
     """A training switchyard.torch.MoE on moe's own parameter tensors (router, w13, w2) with its gate_up_interleaved
-    flag set without permuting w13: it runs the interleaved layout's training path (switchyard::gated_expert_mlp, g
-    and h from one GEMM1 kernel) on the same tensors, bytes and FLOPs as moe, but reads w13's rows as interleaved, so
+    flag set without permuting w13: it runs the interleaved layout's training path (switchyard::gathered_gated_keep:
+    g and h from one GEMM1 kernel) on the same tensors, bytes and FLOPs as moe, but reads w13's rows as interleaved, so
     its y is another function of the weights and is not compared here (tests/python/test_torch_gated.py checks the
     op against the staged ops bit for bit). No second copy of the weights or their gradients."""
     twin = sy_torch.MoE(moe.config, dtype=moe.w13.dtype, device="meta", return_stats=moe.return_stats)

@@ -15,7 +15,7 @@ Where the step's time goes besides its kernels, each timed with CUDA events (med
               the time the GPU waits for the host's launches (the profiler's kernel sum of one step can read lower
               than the replay: DeepSeek-V3 in run 30, bench/NOTES.md).
 
-With --interleaved the layer runs its interleaved layout's training path (switchyard::gated_expert_mlp: GEMM1 stores
+With --interleaved the layer runs its interleaved layout's training path (switchyard::gathered_gated_keep: GEMM1 stores
 its product and h in one kernel) on the same random tensors read as interleaved (compare_torch.py's
 gated_train_twin: the same bytes and FLOPs, other values).
 

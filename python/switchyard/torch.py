@@ -424,45 +424,71 @@ def _agmm_backward(ctx, dc):
 _activated_grouped_mm.register_autograd(_agmm_backward, setup_context=_agmm_setup)
 
 
-# The expert MLP (gather, GEMM1, gated activation, GEMM2) as one differentiable op for training in the interleaved
-# layout: GEMM1's kernel stores its product g, which the backward needs, and h, GEMM2's input, together
+# Training in the interleaved layout: gather + GEMM1 with the product kept, then GEMM2, as two differentiable ops.
+# GEMM1's kernel stores its product g, which the backward needs, and h = act(g), GEMM2's input, together
 # (grouped_mm_gated_keep; GroupedGemmOptions::gate_up), so the forward's separate activation pass over g goes away.
-# The values, what is saved (x, g and the weights, as the two ops above together) and the backward are those of
-# _gathered_grouped_mm followed by _activated_grouped_mm. Returns (out, g): g is an output so that the backward can
-# keep it (no gradient flows into it).
-@torch.library.custom_op("switchyard::gated_expert_mlp", mutates_args=())
-def _gated_expert_mlp(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, w13i: torch.Tensor,
-                      w2: torch.Tensor, offsets: torch.Tensor, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xp = _ops.gather(x, row_token, slot_row)
-    h, g = _ops.grouped_mm_gated_keep(xp, w13i, offsets, activation)
-    del xp  # freed before GEMM2's output is allocated: the staged ops' peak (xp and GEMM2's output are one size)
-    return _ops.grouped_mm(h, w2, offsets), g
+# Values, saved tensors (x and the weights by the first op, g by the second) and backward are those of
+# _gathered_grouped_mm followed by _activated_grouped_mm: h is a non-differentiable cache of act(g) (the second op's
+# backward gives g's whole gradient, through h, and none for h), and two autograd nodes let the engine free g and
+# GEMM2's output gradient before GEMM1's backward runs, as it does for the staged ops.
+@torch.library.custom_op("switchyard::gathered_gated_keep", mutates_args=())
+def _gathered_gated_keep(x: torch.Tensor, row_token: torch.Tensor, slot_row: torch.Tensor, w13i: torch.Tensor,
+                         offsets: torch.Tensor, activation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ops.grouped_mm_gated_keep(_ops.gather(x, row_token, slot_row), w13i, offsets, activation)
 
 
-@_gated_expert_mlp.register_fake
-def _gated_expert_mlp_fake(x, row_token, slot_row, w13i, w2, offsets, activation):
-    return x.new_empty((row_token.shape[0], w2.shape[1])), x.new_empty((row_token.shape[0], w13i.shape[1]))
+@_gathered_gated_keep.register_fake
+def _gathered_gated_keep_fake(x, row_token, slot_row, w13i, offsets, activation):
+    rows = row_token.shape[0]
+    return x.new_empty((rows, w13i.shape[1] // 2)), x.new_empty((rows, w13i.shape[1]))
 
 
-def _gemlp_setup(ctx, inputs, output):
-    x, row_token, slot_row, w13i, w2, offsets, activation = inputs
-    ctx.save_for_backward(x, row_token, slot_row, w13i, w2, offsets, output[1])
+def _ggk_setup(ctx, inputs, output):
+    x, row_token, slot_row, w13i, offsets, _activation = inputs
+    ctx.save_for_backward(x, row_token, slot_row, w13i, offsets)
+    ctx.mark_non_differentiable(output[0])  # h: its gradient reaches g through _gated_down_mm's backward
+    ctx.set_materialize_grads(False)  # no zero-filled [T*k, F] / [T*k, 2F] gradients for unused outputs
+
+
+def _ggk_backward(ctx, _dh, dg):
+    if dg is None:
+        return None, None, None, None, None, None
+    x, row_token, slot_row, w13i, offsets = ctx.saved_tensors
+    dx, dw13 = _gathered_backward(dg.contiguous(), x, row_token, slot_row, w13i, offsets, ctx.needs_input_grad[0],
+                                  ctx.needs_input_grad[3])
+    return dx, None, None, dw13, None, None
+
+
+_gathered_gated_keep.register_autograd(_ggk_backward, setup_context=_ggk_setup)
+
+
+# GEMM2 on h = act(g) given with g (the interleaved layout's g, kept by _gathered_gated_keep): out = grouped_mm(h, w2).
+# The gradient goes to g (dgrad, the activation's backward and h recomputed, as _activated_grouped_mm's) and w2.
+@torch.library.custom_op("switchyard::gated_down_mm", mutates_args=())
+def _gated_down_mm(h: torch.Tensor, g: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
+                   activation: int) -> torch.Tensor:
+    return _ops.grouped_mm(h, w2, offsets)
+
+
+@_gated_down_mm.register_fake
+def _gated_down_mm_fake(h, g, w2, offsets, activation):
+    return h.new_empty((h.shape[0], w2.shape[1]))
+
+
+def _gdm_setup(ctx, inputs, output):
+    _h, g, w2, offsets, activation = inputs
+    ctx.save_for_backward(g, w2, offsets)
     ctx.activation = activation
 
 
-def _gemlp_backward(ctx, d_out, _d_g):
-    x, row_token, slot_row, w13i, w2, offsets, g = ctx.saved_tensors
-    need_dx, need_dw13, need_dw2 = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dg, dw2 = _activated_backward(d_out.contiguous(), g, w2, offsets, ctx.activation, True, need_dx or need_dw13,
-                                  need_dw2)
-    del g
-    dx = dw13 = None
-    if dg is not None:
-        dx, dw13 = _gathered_backward(dg, x, row_token, slot_row, w13i, offsets, need_dx, need_dw13)
-    return dx, None, None, dw13, dw2, None, None
+def _gdm_backward(ctx, d_out):
+    g, w2, offsets = ctx.saved_tensors
+    dg, dw2 = _activated_backward(d_out.contiguous(), g, w2, offsets, ctx.activation, True, ctx.needs_input_grad[1],
+                                  ctx.needs_input_grad[2])
+    return None, dg, dw2, None, None
 
 
-_gated_expert_mlp.register_autograd(_gemlp_backward, setup_context=_gemlp_setup)
+_gated_down_mm.register_autograd(_gdm_backward, setup_context=_gdm_setup)
 
 # ---- FP8 weights ---------------------------------------------------------------------------------------------
 
@@ -741,9 +767,10 @@ class MoE(nn.Module):
         it converts), or back in the plain layout (``enabled=False``). In the interleaved layout a forward that needs
         no gradient runs GEMM1 and the gated activation as one kernel (``switchyard::grouped_mm_gated``: the
         activation in the GEMM's epilogue, the [T*k, 2F] product never written, the same values as the two separate
-        steps; on CUDA bf16 and sm_90). Under autograd the layer runs its usual staged ops on the interleaved
-        columns (the activation and its gradient read them in place), so training works in either layout and
-        ``w13.grad`` comes in the parameter's layout. The small-batch fused path (moe_fused, T <= 64) reads either
+        steps; on CUDA bf16 and sm_90). Under autograd GEMM1's kernel stores its product, which the backward
+        needs, beside h (``switchyard::grouped_mm_gated_keep``: no separate activation pass), and the activation's
+        gradient reads the interleaved columns in place, so training works in either layout and ``w13.grad`` comes in
+        the parameter's layout. The small-batch fused path (moe_fused, T <= 64) reads either
         layout; FP8 modules keep the plain layout. ``state_dict()`` saves, and
         ``load_state_dict()`` takes, the plain layout whatever this module's (the conversion hooks below)."""
         c = self.config
@@ -961,7 +988,9 @@ class MoE(nn.Module):
         elif self.gate_up_interleaved and kernels_take_dtype and self.gather_in_gemm1 is not True:
             # training in the interleaved layout: GEMM1 stores g and h in one kernel (the gathered GEMM1 has no
             # such kernel: gather_in_gemm1=True takes the staged ops below)
-            out, _ = _gated_expert_mlp(x2, row_token, slot_row, self.w13, self.w2, offsets, act)
+            h, g = _gathered_gated_keep(x2, row_token, slot_row, self.w13, offsets, act)
+            out = _gated_down_mm(h, g, self.w2, offsets, act)
+            del h, g  # g lives on in the autograd graph only
         else:
             g = _gathered_grouped_mm(x2, row_token, slot_row, self.w13, offsets,
                                      self.gather_in_gemm1 is True and kernels_take_dtype)

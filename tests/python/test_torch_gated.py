@@ -3,8 +3,9 @@ switchyard::interleave_gate_up) and MoE.interleave_gate_up_.
 
 On the CPU the op is its specification (grouped_mm into h's dtype, then the activation), so the interleaved module
 must give the plain module's bits; on an sm_90 GPU the fused kernel rounds gate and up as the unfused path stores
-them, so there too the bits must match (bf16). Under autograd the interleaved module runs the staged ops on the
-interleaved columns and must train as the plain one. The layout conversion is checked against its definition, and
+them, so there too the bits must match (bf16). Under autograd the interleaved module takes GEMM1's product and h
+from one kernel (grouped_mm_gated_keep), the activation and its gradient reading the interleaved columns in place,
+and must train as the plain one and as its own staged ops. The layout conversion is checked against its definition, and
 the module's state_dict keeps the plain layout both ways.
 """
 import pytest
@@ -182,12 +183,13 @@ def _train_outputs_and_ops(m, x, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
-def test_interleaved_training_keeps_gemm1s_product_from_one_op(activation, dtype, monkeypatch):
-    """Training in the interleaved layout runs the expert MLP as one op (switchyard::gated_expert_mlp): GEMM1's
-    product g, which the backward needs, and h come from one grouped_mm_gated_keep, no separate activation pass. Its y,
-    x.grad and every parameter gradient are the bits of the staged ops (gathered_grouped_mm then activated_grouped_mm,
-    which gather_in_gemm1=True runs; on the CPU its in-GEMM gather is the gathered copy); grouped_mm_gated_keep's h
-    and g are grouped_mm_gated's h and grouped_mm's product with the interleaved weights."""
+def test_interleaved_training_keeps_gemm1s_product_from_one_kernel(activation, dtype, monkeypatch):
+    """Training in the interleaved layout takes GEMM1's product g, which the backward needs, and h from one
+    grouped_mm_gated_keep (switchyard::gathered_gated_keep, then switchyard::gated_down_mm for GEMM2), no separate
+    activation pass. Its y, x.grad and every parameter gradient are the bits of the staged ops (gathered_grouped_mm
+    then activated_grouped_mm, which gather_in_gemm1=True runs; on the CPU its in-GEMM gather is the gathered copy);
+    h is not differentiable (its gradient reaches g through gated_down_mm); grouped_mm_gated_keep's h and g are
+    grouped_mm_gated's h and grouped_mm's product with the interleaved weights."""
     m = make(activation, dtype=dtype).interleave_gate_up_()
     x = torch.randn(T, H, dtype=dtype)
     got, names = _train_outputs_and_ops(m, x, monkeypatch)
@@ -211,8 +213,12 @@ def test_interleaved_training_keeps_gemm1s_product_from_one_op(activation, dtype
     slot_row = torch.arange(T * K, dtype=torch.int32).reshape(T, K)  # token t's rows t*K..t*K+K-1
     rt = torch.arange(T * K, dtype=torch.int32) // K
     off = torch.tensor([0, 5, 5, 11, 20] + [T * K] * (E - 4), dtype=torch.int32)
-    args = (x, rt, slot_row, m.w13.detach(), m.w2.detach(), off, act)
-    torch.library.opcheck(torch.ops.switchyard.gated_expert_mlp.default, args,
+    xg = x.clone().requires_grad_(True)
+    h, g = torch.ops.switchyard.gathered_gated_keep(xg, rt, slot_row, m.w13.detach(), off, act)
+    assert g.requires_grad and not h.requires_grad
+    torch.library.opcheck(torch.ops.switchyard.gathered_gated_keep.default,
+                          (x, rt, slot_row, m.w13.detach(), off, act), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.switchyard.gated_down_mm.default, (h.detach(), g.detach(), m.w2.detach(), off, act),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -267,6 +273,58 @@ def test_interleaved_module_trains_as_the_plain_one_on_cuda():
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(st._plain_gate_up(inter.w13.grad), plain.w13.grad, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(inter.w2.grad, plain.w2.grad, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the gated epilogue needs an sm_90 GPU")
+@pytest.mark.parametrize("act", [0, 1])  # SwiGLU, GeGLU
+def test_grouped_mm_gated_keep_on_cuda(act):
+    """The kernels that keep GEMM1's product, at rows per expert that pick each tile (Pingpong 64x256 up to 256,
+    Cooperative without a cluster to 1024, the 2x1 cluster above): h bitwise grouped_mm_gated's (the same tile without
+    the product) and the interleaved activation of the kept g; g within bf16 rounding of grouped_mm's; rows past
+    offsets[E] zero in both."""
+    torch.manual_seed(21)
+    e, f, k = 8, 192, 256
+    w13i = torch.ops.switchyard.interleave_gate_up(
+        torch.randn(e, 2 * f, k, device="cuda", dtype=torch.bfloat16) / 16, False)
+    for per_expert in (100, 600, 1500):
+        counts = torch.randint(per_expert // 2, per_expert * 3 // 2, (e,))
+        counts[1] = 0
+        offsets = torch.zeros(e + 1, dtype=torch.int32)
+        offsets[1:] = counts.cumsum(0)
+        rows = int(offsets[-1]) + 7
+        offsets = offsets.cuda()
+        a = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        h, g = torch.ops.switchyard.grouped_mm_gated_keep(a, w13i, offsets, act)
+        owned = rows - 7
+        assert torch.equal(h, torch.ops.switchyard.grouped_mm_gated(a, w13i, offsets, act)), per_expert
+        assert torch.equal(torch.ops.switchyard.activation(g, act, True)[:owned], h[:owned]), per_expert
+        want = torch.ops.switchyard.grouped_mm(a, w13i, offsets)
+        torch.testing.assert_close(g.float(), want.float(), rtol=2e-2, atol=1e-3)
+        assert not g[owned:].any() and not h[owned:].any()
+        assert g[:owned].float().abs().mean() > 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the bf16 grouped GEMMs need an sm_90 GPU")
+def test_interleaved_training_on_cuda_keeps_gemm1s_product_and_matches_the_staged_ops(monkeypatch):
+    """On CUDA the interleaved module's training step runs grouped_mm_gated_keep and no activation pass; y and every
+    gradient agree with its staged ops (gather_in_gemm1=True: the gathered plain GEMM1, then the activation) to bf16
+    rounding (other kernels, possibly other tiles)."""
+    torch.manual_seed(10)
+    cfg = st.MoEConfig(hidden_size=256, ffn_size=192, num_experts=16, top_k=4)
+    m = st.MoE(cfg, dtype=torch.bfloat16, device="cuda").interleave_gate_up_()
+    x = torch.randn(1200, 256, device="cuda", dtype=torch.bfloat16)
+    got, names = _train_outputs_and_ops(m, x, monkeypatch)
+    assert "grouped_mm_gated_keep" in names and "activation" not in names, names
+    m.gather_in_gemm1 = True
+    want, staged = _train_outputs_and_ops(m, x, monkeypatch)
+    assert "grouped_mm_gated_keep" not in staged, staged
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3, msg=lambda s, i=i: f"output {i}: {s}")
+    assert got[0].float().abs().mean() > 1e-3
 
 
 @pytest.mark.gpu
