@@ -451,12 +451,8 @@ def _ggk_setup(ctx, inputs, output):
 
 
 def _ggk_backward(ctx, _dh, dg):
-    if dg is None:
-        return None, None, None, None, None, None
-    x, row_token, slot_row, w13i, offsets = ctx.saved_tensors
-    dx, dw13 = _gathered_backward(dg.contiguous(), x, row_token, slot_row, w13i, offsets, ctx.needs_input_grad[0],
-                                  ctx.needs_input_grad[3])
-    return dx, None, None, dw13, None, None
+    # saved tensors and inputs in _gathered_grouped_mm's places: its backward
+    return (None,) * 6 if dg is None else _ggmm_backward(ctx, dg)
 
 
 _gathered_gated_keep.register_autograd(_ggk_backward, setup_context=_ggk_setup)
