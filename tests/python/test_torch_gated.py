@@ -222,6 +222,17 @@ def test_interleaved_training_keeps_gemm1s_product_from_one_kernel(activation, d
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_interleaved_training_under_torch_compile_gives_the_eager_bits():
+    """torch.compile (fullgraph, aot_eager: the traced ops run as they are) traces gathered_gated_keep and
+    gated_down_mm with their fake implementations and autograd: the same y and gradients as eager."""
+    m = make().interleave_gate_up_()
+    x = torch.randn(T, H)
+    want = _module_outputs(m, x, True)
+    got = _module_outputs(torch.compile(m, backend="aot_eager", fullgraph=True), x, True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
+
+
 def test_interleave_refuses_what_it_cannot_hold():
     with pytest.raises(ValueError, match="not gated"):
         make("gelu").interleave_gate_up_()
