@@ -392,24 +392,22 @@ struct GroupedGemmRunner {
 
 // Defines `const GemmOps <var>` for one (element, config) pair in one translation unit: the plain forward, or
 // (..._GATED_GEMM) GEMM1 with the gated epilogue, (..._GATED_KEEP_GEMM) that epilogue storing GEMM1's product too.
-#define SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, gated, gather, keep, label)            \
-    namespace switchyard {                                                                              \
-    namespace cuda {                                                                                    \
-    namespace sm90 {                                                                                    \
+#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, gather, keep, label)               \
+    namespace switchyard {                                                                                \
+    namespace cuda {                                                                                      \
+    namespace sm90 {                                                                                      \
     const GemmOps var = {label, &GroupedGemmRunner<element, config, gated, gather, keep>::workspace_size, \
-                         &GroupedGemmRunner<element, config, gated, gather, keep>::run};                \
-    }                                                                                                   \
-    }                                                                                                   \
+                         &GroupedGemmRunner<element, config, gated, gather, keep>::run};                  \
+    }                                                                                                     \
+    }                                                                                                     \
     }
-#define SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, gated, gather, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, gated, gather, false, label)
 #define SWITCHYARD_DEFINE_SM90_GROUPED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, false, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, false, true, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_GATHER_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, true, false, label)
 #define SWITCHYARD_DEFINE_SM90_GATED_KEEP_GEMM(var, element, config, label) \
-    SWITCHYARD_DEFINE_SM90_GEMM_OPS_KEEP(var, element, config, true, false, true, label)
+    SWITCHYARD_DEFINE_SM90_GEMM_OPS(var, element, config, true, false, true, label)

@@ -1,12 +1,12 @@
 // src/cuda/gemm/sm90/register_epilogue.cuh: CUTLASS sm90 ptr-array epilogues that store the accumulators straight
 // from registers to global memory (no shared-memory staging, no barriers between the consumer warps):
-//   RegisterEpilogueArray<E, true>  (GatedEpilogueArray): applies the gated activation of the expert MLP to GEMM1's
+//   RegisterEpilogueArray<E, true>: applies the gated activation of the expert MLP to GEMM1's
 //     accumulators and stores h = act(gate) * up, so that GEMM1's [rows, 2F] output is never written to memory
 //     (issue 11: the activation kernel and half of GEMM1's stores go away);
 //   RegisterEpilogueArray<E, false>: D = acc rounded once to E (the values of CUTLASS's LinearCombination epilogue
 //     with alpha 1, beta 0), 16 bytes per store: the four lanes of a quad exchange their column pairs (two shuffle
 //     rounds) so that each lane writes 8 adjacent columns of one row.
-//   RegisterEpilogueArray<E, true, true> (GatedKeepEpilogueArray): the gated form that also stores GEMM1's product
+//   RegisterEpilogueArray<E, true, true>: the gated form that also stores GEMM1's product
 //     g [rows, 2F] (the plain form's 16-byte stores, interleaved columns as the GEMM computes them) beside h: the
 //     training forward, whose backward needs g, without the separate activation pass over g.
 //
@@ -237,13 +237,6 @@ private:
 
     Params params_;
 };
-
-// GEMM1 with the gated activation in its epilogue.
-template <typename ElementD>
-using GatedEpilogueArray = RegisterEpilogueArray<ElementD, true>;
-// GEMM1 with the gated activation in its epilogue that also stores its product g (the training forward).
-template <typename ElementD>
-using GatedKeepEpilogueArray = RegisterEpilogueArray<ElementD, true, true>;
 
 }  // namespace sm90
 }  // namespace cuda
